@@ -1,0 +1,19 @@
+"""A2ATS retrieval-based KV cache for Hugging Face transformers.
+
+``import a2ats_hf`` registers the attention implementation ``"a2ats"`` (and its mask) with transformers.
+"""
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import a2ats_attention_forward
+from .cache import A2ATSCache
+from .calibration import calibrate
+from .codebooks import Codebooks
+
+__version__ = "0.1.0"
+
+AttentionInterface.register("a2ats", a2ats_attention_forward)
+AttentionMaskInterface.register("a2ats", sdpa_mask)
+
+__all__ = ["A2ATSCache", "Codebooks", "calibrate", "__version__"]

@@ -1,0 +1,151 @@
+"""`Codebooks`: the per-(layer, KV head) query-aware codebooks of one model, with safetensors + JSON I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "a2ats_config.json"
+WEIGHTS_NAME = "a2ats_codebooks.safetensors"
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def _rope_parameters(config: Any) -> dict:
+    rope = getattr(config, "rope_parameters", None) or {
+        "rope_theta": getattr(config, "rope_theta", None),
+        **(getattr(config, "rope_scaling", None) or {}),
+    }
+    return json.loads(json.dumps(rope, sort_keys=True, default=str))
+
+
+def fingerprint(config: Any) -> dict:
+    """What a codebook depends on in a model config: architecture, shapes and RoPE settings."""
+    heads = config.num_attention_heads
+    return {
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "rope_parameters": _rope_parameters(config),
+    }
+
+
+def check_supported(config: Any) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"A2ATS does not support model_type={config.model_type!r} yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(Llama 2/3.x, SmolLM and other Llama-architecture models)."
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Codebooks:
+    """Codebooks of every (layer, KV head) of one model.
+
+    ``whitener`` is the Cholesky factor L of the normalised query second moment ([layers, kv_heads, D, D]);
+    ``whitened_centroids`` are the k-means centroids c' in the whitened space z = k L ([layers, kv_heads, M, D]).
+    ``centroids`` = c' L^-1 are the same centroids in key space, used to score queries (derived, not stored).
+    """
+
+    whitener: torch.Tensor
+    whitened_centroids: torch.Tensor
+    fingerprint: dict
+    window: int = 64
+    offset: int = 2048
+    sink: int = 8
+    calibration: dict = field(default_factory=dict)
+    centroids: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.whitener = self.whitener.float().contiguous()
+        self.whitened_centroids = self.whitened_centroids.float().contiguous()
+        self.centroids = torch.linalg.solve_triangular(
+            self.whitener.transpose(-1, -2), self.whitened_centroids.transpose(-1, -2), upper=True
+        ).transpose(-1, -2).contiguous()
+
+    @property
+    def n_centroids(self) -> int:
+        return self.whitened_centroids.shape[-2]
+
+    @property
+    def num_layers(self) -> int:
+        return self.whitener.shape[0]
+
+    def config_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "n_centroids": self.n_centroids,
+            "window": self.window,
+            "offset": self.offset,
+            "sink": self.sink,
+            "fingerprint": self.fingerprint,
+            "calibration": self.calibration,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``a2ats_codebooks.safetensors`` and ``a2ats_config.json`` (with the tensors' sha256) to a directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = directory / WEIGHTS_NAME
+        save_file({"whitener": self.whitener, "whitened_centroids": self.whitened_centroids}, str(weights))
+        config = {**self.config_dict(), "sha256": _sha256(weights)}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "Codebooks":
+        """Load codebooks saved by :meth:`save_pretrained` from a local directory (safetensors only, no pickle)."""
+        directory = Path(directory)
+        config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights):
+            if not path.is_file():
+                raise FileNotFoundError(f"No A2ATS codebooks in {directory}: {path.name} is missing.")
+        config = json.loads(config_path.read_text())
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path} has format_version={config.get('format_version')}, this a2ats_hf reads {FORMAT_VERSION}."
+            )
+        if "sha256" in config and _sha256(weights) != config["sha256"]:
+            raise ValueError(f"{weights} does not match the checksum in {config_path.name}: truncated or altered.")
+        tensors = load_file(str(weights))
+        return cls(
+            whitener=tensors["whitener"],
+            whitened_centroids=tensors["whitened_centroids"],
+            fingerprint=config["fingerprint"],
+            window=config["window"],
+            offset=config["offset"],
+            sink=config["sink"],
+            calibration=config.get("calibration", {}),
+        )
+
+    def validate(self, model_config: Any) -> None:
+        """Raise ``ValueError`` naming every field where these codebooks do not match ``model_config``."""
+        check_supported(model_config)
+        expected = fingerprint(model_config)
+        mismatches = [
+            f"{key}: codebooks have {self.fingerprint.get(key)!r}, model has {value!r}"
+            for key, value in expected.items()
+            if self.fingerprint.get(key) != value
+        ]
+        layers, kv_heads, dim = self.whitener.shape[:3]
+        shape = (expected["num_hidden_layers"], expected["num_key_value_heads"], expected["head_dim"])
+        if (layers, kv_heads, dim) != shape:
+            mismatches.append(f"tensor shape (layers, kv_heads, head_dim): codebooks have {(layers, kv_heads, dim)}, model has {shape}")
+        if mismatches:
+            raise ValueError("These A2ATS codebooks were built for another model:\n  " + "\n  ".join(mismatches))

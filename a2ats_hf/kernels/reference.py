@@ -1,0 +1,90 @@
+"""Plain torch references for the A2ATS kernels: top-K selection from a LUT, attention with log-sum-exp, merge.
+
+These define the semantics the fast kernels must reproduce, and are the fallback on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def select_topk(
+    lut: torch.Tensor,
+    codes: torch.Tensor,
+    candidates: torch.Tensor,
+    k: torch.Tensor,
+    budget: str = "query_head",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose far tokens to attend from approximate scores ``lut[h, codes[j]]``.
+
+    Args:
+        lut: [B, Hq, M] scores of every centroid for every query head.
+        codes: [B, Hkv, N] integer codes of the stored keys.
+        candidates: [B, N] bool, the tokens that may be selected (far, not padding).
+        k: [B] long, the per-row budget (already clamped to the number of candidates).
+        budget: "query_head" takes the top ``k`` of every query head and unites them over the KV group;
+            "kv_head" takes one top ``k`` per KV head from the group's summed scores.
+
+    Returns:
+        indices [B, Hkv, K] (ascending token indices, padded with 0) and counts [B, Hkv]. Ties are broken towards
+        the lower token index.
+    """
+    b, hq, m = lut.shape
+    hkv, n = codes.shape[1], codes.shape[2]
+    group = hq // hkv
+    if budget == "kv_head":
+        lut = lut.view(b, hkv, group, m).sum(2)
+    elif budget != "query_head":
+        raise ValueError(f"budget must be 'query_head' or 'kv_head', got {budget!r}")
+    heads = lut.shape[1]
+    code_idx = codes.long().repeat_interleave(heads // hkv, dim=1)  # [B, heads, N]
+    scores = lut.gather(-1, code_idx).masked_fill(~candidates[:, None, :], float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=lut.device).expand_as(order))
+    chosen = (rank < k.view(b, 1, 1)) & candidates[:, None, :]
+    chosen = chosen.view(b, hkv, heads // hkv, n).any(2)
+    counts = chosen.sum(-1)
+    width = int(counts.max()) if counts.numel() else 0
+    indices = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+    return indices.masked_fill(torch.arange(width, device=lut.device) >= counts[..., None], 0), counts
+
+
+def attention_with_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of one query per head, returning output and log-sum-exp (float32 accumulation).
+
+    query [B, Hq, D]; keys/values [B, Hkv, L, D] (query head h reads KV head h // group); valid [B, Hkv, L] bool.
+    Returns out [B, Hq, D] and lse [B, Hq] (``-inf`` and zero output where nothing is valid).
+    """
+    b, hq, d = query.shape
+    hkv, length = keys.shape[1], keys.shape[2]
+    q = query.float().view(b, hkv, hq // hkv, d)
+    logits = torch.einsum("bkgd,bkld->bkgl", q, keys.float()) * scaling
+    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = torch.exp(logits - lse.nan_to_num(neginf=0.0)[..., None])
+    out = torch.einsum("bkgl,bkld->bkgd", weights, values.float())
+    return out.reshape(b, hq, d), lse.reshape(b, hq)
+
+
+def sparse_attention(
+    query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` [B, Hq, D] over the rows ``indices`` [B, Hkv, K] (first ``counts`` valid) of a
+    :class:`~a2ats_hf.store.KVStore`, computed on the CPU. Returns out [B, Hq, D], lse [B, Hq] (float32, CPU)."""
+    indices, counts = indices.cpu(), counts.cpu()
+    keys, values = store.gather(indices)
+    valid = torch.arange(indices.shape[-1]) < counts[..., None]
+    return attention_with_lse(query.cpu(), keys, values, valid, scaling)
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Combine two attentions over disjoint key sets by their log-sum-exps: out [B, H, D], lse [B, H]."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    finite = lse.nan_to_num(neginf=0.0)
+    wa = torch.exp(lse_a - finite)[..., None]
+    wb = torch.exp(lse_b - finite)[..., None]
+    return out_a * wa + out_b * wb

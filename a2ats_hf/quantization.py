@@ -1,0 +1,157 @@
+"""Query-aware vector quantization: whitening from query second moments, batched k-means, encode, LUT.
+
+Everything is batched over a leading "head" axis (one codebook per (layer, KV head)), runs on CPU or CUDA,
+and bounds memory by chunking the point-to-centroid distance matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tqdm.auto import tqdm
+
+# Bytes the [heads, chunk, centroids] float32 distance block may take.
+DISTANCE_BLOCK_BYTES = 256 * 2**20
+
+
+def second_moment(queries: torch.Tensor) -> torch.Tensor:
+    """Sum of outer products ``q^T q`` over tokens: [H, N, D] -> [H, D, D] (float32, to be accumulated)."""
+    q = queries.float()
+    return q.transpose(-1, -2) @ q
+
+
+def whitening(moment: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Cholesky factor L (lower, [H, D, D]) of H / sqrt(mean(H^2)) + eps*I, so (k-c) H (k-c)^T = ||(k-c) L||^2."""
+    m = moment.double()
+    m = 0.5 * (m + m.transpose(-1, -2))
+    m = m / m.pow(2).mean(dim=(-1, -2), keepdim=True).sqrt()
+    m = m + eps * torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    return torch.linalg.cholesky(m).float()
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # [H, M, D]
+    objective: float  # mean squared distance of points to their centroid, averaged over heads
+    iterations: int
+
+
+def _chunk_rows(heads: int, n_centroids: int, n: int) -> int:
+    return max(1, min(n, DISTANCE_BLOCK_BYTES // (4 * heads * n_centroids)))
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid and squared distance for every point: x [H, N, D], centroids [H, M, D] -> ([H, N], [H, N])."""
+    heads, n, _ = x.shape
+    c2 = centroids.pow(2).sum(-1)[:, None, :]
+    codes = torch.empty(heads, n, dtype=torch.long, device=x.device)
+    dist = torch.empty(heads, n, dtype=torch.float32, device=x.device)
+    step = _chunk_rows(heads, centroids.shape[1], n)
+    for i in range(0, n, step):
+        xs = x[:, i : i + step].float()
+        d = torch.baddbmm(c2, xs, centroids.transpose(1, 2), alpha=-2.0)
+        best, idx = d.min(-1)
+        codes[:, i : i + step] = idx
+        dist[:, i : i + step] = (best + xs.pow(2).sum(-1)).clamp_min_(0)
+    return codes, dist
+
+
+def kmeans_plus_plus(x: torch.Tensor, n_centroids: int, generator: torch.Generator, rounds: int = 128) -> torch.Tensor:
+    """k-means++ (D^2 sampling) seeding, batched over heads.
+
+    Centres are drawn in ``rounds`` batches of ``n_centroids / rounds`` (distances refreshed between batches), so
+    seeding costs ``rounds`` passes over the data instead of ``n_centroids``; ``rounds >= n_centroids`` is classic
+    k-means++.
+    """
+    heads, n, d = x.shape
+    per_round = math.ceil(n_centroids / min(rounds, n_centroids))
+    first = torch.randint(n, (heads, 1), generator=generator, device=x.device)
+    chosen = [first]
+    centroids = x.gather(1, first[..., None].expand(heads, 1, d))
+    min_dist = assign(x, centroids)[1]
+    taken = 1
+    while taken < n_centroids:
+        k = min(per_round, n_centroids - taken)
+        weights = min_dist.double() + 1e-30  # all-zero rows (duplicates) still sample
+        idx = torch.multinomial(weights, k, replacement=False, generator=generator)
+        new = x.gather(1, idx[..., None].expand(heads, k, d))
+        min_dist = torch.minimum(min_dist, assign(x, new)[1])
+        chosen.append(idx)
+        taken += k
+    idx = torch.cat(chosen, dim=1)
+    return x.gather(1, idx[..., None].expand(heads, n_centroids, d)).float()
+
+
+def kmeans(
+    x: torch.Tensor,
+    n_centroids: int,
+    max_iters: int = 100,
+    tol: float = 1e-4,
+    seed: int = 0,
+    progress: bool = False,
+) -> KMeansResult:
+    """Lloyd's k-means on x [H, N, D] for all heads at once; deterministic for ``seed``.
+
+    Stops when the relative decrease of the objective falls below ``tol``. Empty clusters are re-seeded at the
+    points farthest from their centroid, so no centroid is left unused.
+    """
+    heads, n, d = x.shape
+    if n < n_centroids:
+        raise ValueError(f"k-means needs at least n_centroids={n_centroids} points per head, got {n}.")
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    x = x.float()
+    centroids = kmeans_plus_plus(x, n_centroids, generator)
+    offsets = (torch.arange(heads, device=x.device) * n_centroids)[:, None]
+    previous = math.inf
+    iterations = 0
+    bar = tqdm(total=max_iters, desc="k-means", disable=not progress)
+    for iterations in range(1, max_iters + 1):
+        codes, dist = assign(x, centroids)
+        objective = dist.mean().item()
+        flat = (codes + offsets).reshape(-1)
+        sums = torch.zeros(heads * n_centroids, d, device=x.device).index_add_(0, flat, x.reshape(-1, d))
+        counts = torch.bincount(flat, minlength=heads * n_centroids).float()[:, None]
+        centroids = (sums / counts.clamp_min(1)).view(heads, n_centroids, d)
+        empty = (counts.view(heads, n_centroids) == 0)
+        if empty.any():
+            _reseed_empty(x, centroids, empty, dist)
+        bar.update(1)
+        bar.set_postfix(objective=f"{objective:.4g}")
+        if previous < math.inf and previous - objective <= tol * previous:
+            break
+        previous = objective
+    bar.close()
+    objective = assign(x, centroids)[1].mean().item()
+    return KMeansResult(centroids, objective, iterations)
+
+
+def _reseed_empty(x: torch.Tensor, centroids: torch.Tensor, empty: torch.Tensor, dist: torch.Tensor) -> None:
+    """Move each empty centroid onto a distinct point among those farthest from their current centroid."""
+    for h in torch.nonzero(empty.any(-1)).flatten().tolist():
+        slots = torch.nonzero(empty[h]).flatten()
+        far = dist[h].topk(len(slots)).indices
+        centroids[h, slots] = x[h, far]
+
+
+def encode(keys: torch.Tensor, whitener: torch.Tensor, whitened_centroids: torch.Tensor) -> torch.Tensor:
+    """Codes of pre-RoPE keys: argmin_m ||k L - c'_m||^2. keys [B, H, T, D] -> [B, H, T] long.
+
+    One batched matmul per head group; ``whitener`` [H, D, D], ``whitened_centroids`` [H, M, D].
+    """
+    b, h, t, d = keys.shape
+    z = keys.float().transpose(0, 1).reshape(h, b * t, d) @ whitener
+    codes = assign(z, whitened_centroids)[0]
+    return codes.view(h, b, t).transpose(0, 1)
+
+
+def lookup_table(queries: torch.Tensor, centroids: torch.Tensor, group: int) -> torch.Tensor:
+    """LUT of approximate scores: queries [B, Hq, D] x centroids [Hkv, M, D] -> [B, Hq, M] (float32).
+
+    Query head h uses the codebook of KV head ``h // group``.
+    """
+    b, hq, d = queries.shape
+    q = queries.float().view(b, hq // group, group, d)
+    return torch.einsum("bkgd,kmd->bkgm", q, centroids.float()).reshape(b, hq, -1)

@@ -1,0 +1,75 @@
+"""RoPE inverse and windowed RoPE, computed with the model's own rotary embedding.
+
+A post-RoPE vector at position p is ``x * cos_p + rotate_half(x) * sin_p``, where ``cos``/``sin`` carry the
+rope type's attention scaling (YaRN's factor, for instance). Using the model's rotary module for ``cos``/``sin``
+means every ``rope_scaling`` transformers implements (llama3, linear, dynamic, yarn) is honoured without
+re-deriving it here. All arithmetic is done in float32.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ([..., T, D]) by ``cos``/``sin`` ([..., T, D], broadcast over heads)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`apply_rope`: each pair is rotated back and divided by the squared scaling ``cos^2 + sin^2``."""
+    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+
+
+def find_rotary_class(attention: nn.Module) -> type[nn.Module]:
+    """The ``*RotaryEmbedding`` class defined beside an attention module's class (e.g. ``LlamaRotaryEmbedding``)."""
+    module = sys.modules[type(attention).__module__]
+    names = [n for n in vars(module) if n.endswith("RotaryEmbedding") and isinstance(getattr(module, n), type)]
+    if not names:
+        raise NotImplementedError(f"No rotary embedding class found beside {type(attention).__name__}.")
+    return getattr(module, min(names, key=len))
+
+
+class RoPE:
+    """The rotations of one model: ``cos``/``sin`` at any positions, their inverse, and windowed RoPE of queries."""
+
+    def __init__(self, rotary: nn.Module):
+        self.rotary = rotary
+
+    @classmethod
+    def for_attention(cls, attention: nn.Module) -> "RoPE":
+        """A private rotary embedding of the model's own class and config, so its dynamic state is not shared."""
+        return cls(find_rotary_class(attention)(attention.config))
+
+    def cos_sin(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``cos``, ``sin`` of shape [B, 1, T, D] for ``position_ids`` [B, T]."""
+        self.rotary.to(device)
+        dummy = torch.empty(0, dtype=torch.float32, device=device)
+        cos, sin = self.rotary(dummy, position_ids.to(device))
+        return cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+
+    def invert(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE version (float32) of post-RoPE ``x`` [B, H, T, D] at ``position_ids`` [B, T]."""
+        cos, sin = self.cos_sin(position_ids, x.device)
+        return invert_rope(x.float(), cos, sin)
+
+    def at(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """RoPE of pre-RoPE ``x`` [B, H, T, D] at one fixed ``position`` for every token (float32)."""
+        position_ids = torch.full(x.shape[:1] + x.shape[2:3], position, dtype=torch.long, device=x.device)
+        cos, sin = self.cos_sin(position_ids, x.device)
+        return apply_rope(x.float(), cos, sin)
+
+    def windowed_query(self, query: torch.Tensor, position_ids: torch.Tensor, offset: int) -> torch.Tensor:
+        """WRoPE query: post-RoPE ``query`` at ``position_ids`` re-rotated as if it sat at position ``offset``.
+
+        Its dot product with a pre-RoPE key equals the true score at relative distance ``offset``.
+        """
+        return self.at(self.invert(query, position_ids), offset)
