@@ -1,0 +1,106 @@
+"""The ``a2ats`` command: ``a2ats calibrate`` builds codebooks, ``a2ats generate`` decodes with them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _load(model_path: str, device: str, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import a2ats_hf  # noqa: F401  (registers "a2ats")
+
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, attn_implementation="a2ats")
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(model_path)
+
+
+def _topk(value: str) -> float | int:
+    return float(value) if any(c in value for c in ".eE") else int(value)
+
+
+def calibrate_command(args: argparse.Namespace) -> None:
+    from .calibration import calibrate
+
+    model, tokenizer = _load(args.model, args.device, args.dtype)
+    texts = (Path(f).read_text(encoding="utf-8") for f in args.text)
+    books = calibrate(
+        model,
+        tokenizer,
+        texts,
+        n_centroids=args.n_centroids,
+        max_tokens=args.max_tokens,
+        chunk_size=args.chunk_size,
+        uuid_tokens=args.uuid_tokens,
+        kmeans_iters=args.kmeans_iters,
+        seed=args.seed,
+    )
+    print(f"codebooks written to {books.save_pretrained(args.out)}")
+
+
+def generate_command(args: argparse.Namespace) -> None:
+    from .cache import A2ATSCache
+    from .codebooks import Codebooks
+
+    model, tokenizer = _load(args.model, args.device, args.dtype)
+    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    messages = [{"role": "user", "content": prompt}]
+    if tokenizer.chat_template and not args.raw:
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks), topk=args.topk, budget=args.budget)
+    out = model.generate(**inputs.to(args.device), past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    memory = cache.memory_footprint()
+    print(
+        f"[a2ats] attended {cache.stats.attended_fraction:.1%} of past tokens per step "
+        f"(far tokens retrieved: {cache.stats.far_fraction:.1%}); cache holds "
+        f"{memory['device_bytes'] / 2**20:.1f} MiB on {args.device}, {memory['cpu_bytes'] / 2**20:.1f} MiB on the CPU",
+        file=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="a2ats", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model", help="model directory or Hub id")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--dtype", default="float32" if not torch.cuda.is_available() else "bfloat16")
+
+    cal = sub.add_parser("calibrate", parents=[common], help="build codebooks from text files")
+    cal.add_argument("--text", nargs="+", required=True, help="UTF-8 text files to calibrate on")
+    cal.add_argument("--out", required=True, help="directory to write the codebooks to")
+    cal.add_argument("--n-centroids", type=int, default=4096)
+    cal.add_argument("--max-tokens", type=int, default=65536)
+    cal.add_argument("--chunk-size", type=int, default=8192)
+    cal.add_argument("--uuid-tokens", type=int, default=16384)
+    cal.add_argument("--kmeans-iters", type=int, default=100)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.set_defaults(func=calibrate_command)
+
+    gen = sub.add_parser("generate", parents=[common], help="answer a prompt with A2ATS decoding")
+    gen.add_argument("--codebooks", required=True, help="directory written by `a2ats calibrate`")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompt-file")
+    gen.add_argument("--topk", type=_topk, default=0.03, help="fraction in (0, 1] or int token budget")
+    gen.add_argument("--budget", choices=["query_head", "kv_head"], default="query_head")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(func=generate_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random Llama with quick codebooks, and the real SmolLM2 with Austen text."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import a2ats_hf  # noqa: F401  (registers "a2ats")
+from a2ats_hf import calibrate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for `calibrate`: one id per character."""
+
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [2 + ord(c) % 250 for c in text]}
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    values = dict(
+        vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1,
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
+def tiny_model(attn: str = "a2ats", **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(**overrides)).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, codebooks) for a tiny random Llama; the codebooks use 64 centroids."""
+    model = tiny_model()
+    text = " ".join(f"token{i % 97} word{i % 13}" for i in range(2000))
+    books = calibrate(model, CharTokenizer(), [text], n_centroids=64, max_tokens=4000, chunk_size=1024,
+                      uuid_tokens=1000, kmeans_iters=15, window=16, sink=4, progress=False)
+    return model, books
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct, float32 on the CPU, "a2ats" attention."""
+    from assets import smollm2_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="a2ats").eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def austen():
+    from assets import austen_novels
+
+    return austen_novels()

@@ -1,0 +1,106 @@
+"""The "a2ats" attention on a tiny random Llama: exactness at topk=1.0, padding, fallbacks, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from a2ats_hf import A2ATSCache, kernels
+from a2ats_hf import attention as attention_module
+
+from conftest import tiny_model
+
+
+def greedy(model, ids, cache, mask=None, new=12):
+    return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False,
+                          pad_token_id=0)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 19, 300])
+@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
+def test_topk_one_reproduces_full_attention(tiny, prompt_len, budget):
+    """topk=1.0 gives the same greedy tokens as sdpa + DynamicCache, for prompts shorter and longer than sink+window."""
+    model, books = tiny
+    ids = torch.randint(2, 256, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    reference = tiny_model("sdpa")
+    expected = greedy(reference, ids, DynamicCache(config=reference.config), new=24)
+    cache = A2ATSCache(books, topk=1.0, budget=budget)
+    assert torch.equal(greedy(model, ids, cache, new=24), expected)
+    if prompt_len == 300:
+        assert cache.stats.far_fraction == 1.0 and cache.stats.attended_fraction == 1.0
+
+
+def test_topk_one_logits_match_sdpa(tiny):
+    """Decode logits at topk=1.0 equal sdpa's to float rounding (the LSE merge is exact)."""
+    model, books = tiny
+    reference = tiny_model("sdpa")
+    ids = torch.randint(2, 256, (2, 200), generator=torch.Generator().manual_seed(1))
+    caches = [A2ATSCache(books, topk=1.0), DynamicCache(config=reference.config)]
+    with torch.no_grad():
+        outs = [m(ids, past_key_values=c).logits for m, c in zip([model, reference], caches)]
+        nxt = outs[1][:, -1:].argmax(-1)
+        steps = [m(nxt, past_key_values=c).logits for m, c in zip([model, reference], caches)]
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.1, 5])
+def test_left_padded_batch_equals_rows_alone(tiny, topk):
+    """Each row of a left-padded batch generates what it generates alone; padding is never selected."""
+    model, books = tiny
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(2, 256, (n,), generator=gen) for n in (260, 120, 37)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    selections = []
+    original = kernels.select_topk
+
+    def spy(lut, codes, candidates, k, budget="query_head"):
+        indices, counts = original(lut, codes, candidates, k, budget)
+        selections.append((indices, counts))
+        return indices, counts
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_module.kernels, "select_topk", spy)
+        batched = greedy(model, ids, A2ATSCache(books, topk=topk), mask)
+    for i, r in enumerate(rows):
+        alone = greedy(model, r[None], A2ATSCache(books, topk=topk))
+        assert torch.equal(batched[i, : alone.shape[1]], alone[0]), f"row {i}"  # a row may stop early at EOS
+    pads = width - torch.tensor([len(r) for r in rows])
+    for indices, counts in selections:
+        used = torch.arange(indices.shape[-1]) < counts[..., None]
+        assert not ((indices < pads[:, None, None]) & used).any()
+
+
+def test_sparse_topk_generates_and_attends_a_fraction(tiny):
+    """At topk=0.03 decoding runs and attends only about the budgeted fraction of far tokens."""
+    model, books = tiny
+    ids = torch.randint(2, 256, (1, 1200), generator=torch.Generator().manual_seed(3))
+    cache = A2ATSCache(books, topk=0.03, budget="kv_head")
+    out = greedy(model, ids, cache)
+    assert out.shape == (1, 12)
+    assert 0.03 <= cache.stats.far_fraction <= 0.04
+
+
+def test_sampling(tiny):
+    """Sampling works through the cache."""
+    model, books = tiny
+    ids = torch.randint(2, 256, (2, 150), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    out = model.generate(ids, past_key_values=A2ATSCache(books, topk=0.05), max_new_tokens=10, do_sample=True,
+                         top_k=20, pad_token_id=0)
+    assert out.shape == (2, 160)
+
+
+def test_without_a2ats_cache_behaves_as_sdpa(tiny):
+    """With use_cache=False or a DynamicCache, "a2ats" is plain sdpa."""
+    model, _ = tiny
+    reference = tiny_model("sdpa")
+    ids = torch.randint(2, 256, (2, 70), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits)
+    assert torch.equal(greedy(model, ids, DynamicCache(config=model.config)),
+                       greedy(reference, ids, DynamicCache(config=reference.config)))

@@ -1,0 +1,107 @@
+"""A2ATSCache: argument checks, reuse rules, reset, memory accounting, wrong codebooks, unsupported models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+from a2ats_hf import A2ATSCache, Codebooks
+
+from conftest import tiny_config, tiny_model
+
+
+def ids_of(batch, length, seed=0):
+    return torch.randint(2, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, ids, cache, new=6):
+    return model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("topk", [0, 0.0, -0.5, 1.5, -3, True, "0.1", None])
+def test_bad_topk_is_rejected(tiny, topk):
+    """topk <= 0, > 1 as a float, a non-positive int or a non-number is refused up front."""
+    with pytest.raises((ValueError, TypeError), match="topk"):
+        A2ATSCache(tiny[1], topk=topk)
+
+
+@pytest.mark.parametrize("kwargs", [{"budget": "layer"}, {"window": 0}, {"sink": -1}])
+def test_bad_options_are_rejected(tiny, kwargs):
+    """Unknown budget rules, an empty window or negative sinks are refused."""
+    with pytest.raises(ValueError):
+        A2ATSCache(tiny[1], **kwargs)
+
+
+def test_reuse_needs_reset(tiny):
+    """A finished cache refuses a new prompt or another batch size until reset(); then it reproduces the first run."""
+    model, books = tiny
+    cache = A2ATSCache(books, topk=0.1)
+    first = generate(model, ids_of(1, 150), cache)
+    with pytest.raises(RuntimeError, match="reset"):
+        generate(model, ids_of(1, 160, seed=1), cache)
+    with pytest.raises(RuntimeError, match="batch"):
+        generate(model, ids_of(2, 150), cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert torch.equal(generate(model, ids_of(1, 150), cache), first)
+
+
+def test_model_usable_with_other_caches_after_a_failure(tiny):
+    """After an A2ATS failure the same model still generates with a DynamicCache, as sdpa does."""
+    model, books = tiny
+    cache = A2ATSCache(books)
+    generate(model, ids_of(1, 100), cache)
+    with pytest.raises(RuntimeError):
+        generate(model, ids_of(1, 100), cache)
+    reference = tiny_model("sdpa")
+    ids = ids_of(1, 80, seed=3)
+    expected = generate(reference, ids, DynamicCache(config=reference.config))
+    assert torch.equal(generate(model, ids, DynamicCache(config=model.config)), expected)
+
+
+def test_memory_footprint(tiny):
+    """Device bytes are codes + sinks + window; CPU bytes are the whole K/V store."""
+    model, books = tiny
+    cache = A2ATSCache(books, topk=0.1, window=16, sink=4)
+    generate(model, ids_of(1, 300), cache, new=5)
+    n = cache.get_seq_length()
+    assert n == 304  # the last token is produced but not yet fed back
+    layers, heads, dim = books.num_layers, 2, 16
+    device = layers * heads * (n * 2 + (16 + 4) * dim * 4 * 2)  # uint16 codes, float32 K and V
+    fp = cache.memory_footprint()
+    assert fp["device_bytes"] == device
+    assert fp["cpu_bytes"] >= layers * heads * n * dim * 4 * 2
+
+
+def test_codes_live_beside_the_window(tiny):
+    """Codes are uint16, one per stored token, on the keys' device."""
+    model, books = tiny
+    cache = A2ATSCache(books)
+    generate(model, ids_of(2, 90), cache, new=3)
+    layer = cache.layers[0]
+    assert layer.codes.dtype == torch.uint16 and layer.codes.shape == (2, 2, cache.get_seq_length())
+    assert int(layer.codes.long().max()) < books.n_centroids
+
+
+def test_codebooks_for_another_model_fail_clearly(tiny):
+    """Codebooks of a 2-layer model on a 3-layer model: the error names the mismatched field."""
+    model, books = tiny
+    other = tiny_model(num_hidden_layers=3)
+    wrong = Codebooks(torch.cat([books.whitener, books.whitener[:1]]),
+                      torch.cat([books.whitened_centroids, books.whitened_centroids[:1]]), books.fingerprint)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        generate(other, ids_of(1, 50), A2ATSCache(wrong))
+    theta = tiny_model(rope_theta=500000.0)
+    with pytest.raises(ValueError, match="rope_parameters"):
+        generate(theta, ids_of(1, 50), A2ATSCache(books))
+
+
+def test_unsupported_architecture(tiny):
+    """A model type outside the supported list raises NotImplementedError naming what is supported."""
+    config = MistralConfig(**{k: v for k, v in tiny_config().to_dict().items() if k in MistralConfig().to_dict()})
+    config.model_type = "mistral"
+    model = MistralForCausalLM(config).eval()
+    model.set_attn_implementation("a2ats")
+    with pytest.raises(NotImplementedError, match="llama"):
+        generate(model, ids_of(1, 40), A2ATSCache(tiny[1]))

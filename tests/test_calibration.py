@@ -1,0 +1,95 @@
+"""calibrate(): hooks collect the right keys, results are deterministic, bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats_hf import A2ATSCache, calibrate
+from a2ats_hf.calibration import attention_modules, token_stream
+from a2ats_hf.quantization import encode
+
+from conftest import CharTokenizer, tiny_model
+
+TEXT = " ".join(f"alpha{i % 31} beta{i % 7}" for i in range(600))
+
+
+def small(model, texts, **kwargs):
+    options = dict(n_centroids=16, max_tokens=1500, chunk_size=500, uuid_tokens=300, kmeans_iters=5, progress=False)
+    return calibrate(model, CharTokenizer(), texts, **{**options, **kwargs})
+
+
+def test_shapes_and_record(tiny):
+    """Codebooks cover every (layer, KV head) and record how they were built."""
+    model, _ = tiny
+    books = small(model, [TEXT])
+    assert books.whitener.shape == (2, 2, 16, 16) and books.whitened_centroids.shape == (2, 2, 16, 16)
+    assert books.calibration["text_tokens"] == 1500 and books.calibration["uuid_tokens"] == 300
+    assert books.calibration["kmeans_iterations"] >= 1
+    books.validate(model.config)
+
+
+def test_deterministic_and_hooks_removed(tiny):
+    """The same seed gives identical codebooks, and calibration leaves no hooks behind."""
+    model, _ = tiny
+    a, b = small(model, [TEXT]), small(model, iter([TEXT]))
+    assert torch.equal(a.whitened_centroids, b.whitened_centroids) and torch.equal(a.whitener, b.whitener)
+    for attn in attention_modules(model):
+        assert not attn.q_proj._forward_hooks and not attn.k_proj._forward_hooks
+
+
+def test_dataset_rows_are_accepted(tiny):
+    """Rows with a "text" field (as a `datasets` dataset yields) work like strings."""
+    model, _ = tiny
+    assert torch.equal(small(model, [{"text": TEXT}]).whitener, small(model, [TEXT]).whitener)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"n_centroids": 1}, "n_centroids"), ({"n_centroids": 70000}, "n_centroids"),
+                                           ({"max_tokens": 5, "uuid_tokens": 0}, "fewer than")])
+def test_bad_arguments(tiny, kwargs, match):
+    """Too few or too many centroids, or too little text, raise ValueError."""
+    with pytest.raises(ValueError, match=match):
+        small(tiny[0], [TEXT], **kwargs)
+
+
+def test_bad_texts(tiny):
+    """Texts that are neither strings nor rows with "text" raise TypeError."""
+    with pytest.raises(TypeError, match="text"):
+        small(tiny[0], [123])
+
+
+def test_token_stream_stops_at_max_tokens():
+    """The stream is cut at max_tokens and does not read further than needed."""
+    def texts():
+        yield "a" * 10
+        yield "b" * 10
+        raise AssertionError("read too far")
+
+    assert len(token_stream(CharTokenizer(), texts(), 15)) == 15
+
+
+def test_cache_codes_match_hooked_pre_rope_keys(tiny):
+    """Codes the cache derives by inverting RoPE equal codes of the k_proj outputs (the keys calibration sees)."""
+    model, books = tiny
+    ids = torch.randint(2, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    keys = {}
+    handles = [a.k_proj.register_forward_hook(lambda m, i, o, idx=a.layer_idx: keys.__setitem__(idx, o))
+               for a in attention_modules(model)]
+    cache = A2ATSCache(books)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    for h in handles:
+        h.remove()
+    for idx, layer in enumerate(cache.layers):
+        pre = keys[idx].view(1, 100, 2, 16).transpose(1, 2)
+        expected = encode(pre, books.whitener[idx], books.whitened_centroids[idx])
+        agree = (layer.codes.long() == expected).float().mean()
+        assert agree > 0.99, f"layer {idx}: {agree:.3f}"
+
+
+def test_unsupported_model_type(tiny):
+    """calibrate refuses architectures it does not support."""
+    model = tiny_model()
+    model.config.model_type = "gpt2"
+    with pytest.raises(NotImplementedError, match="supported"):
+        small(model, [TEXT])
