@@ -7,6 +7,7 @@ and bounds memory by chunking the point-to-centroid distance matrix.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +113,8 @@ def kmeans(
         codes, dist = assign(x, centroids)
         objective = dist.mean().item()
         flat = (codes + offsets).reshape(-1)
-        sums = torch.zeros(heads * n_centroids, d, device=x.device).index_add_(0, flat, x.reshape(-1, d))
+        with _deterministic():  # CUDA's index_add_ otherwise sums in a run-dependent order
+            sums = torch.zeros(heads * n_centroids, d, device=x.device).index_add_(0, flat, x.reshape(-1, d))
         counts = torch.bincount(flat, minlength=heads * n_centroids).float()[:, None]
         centroids = (sums / counts.clamp_min(1)).view(heads, n_centroids, d)
         empty = (counts.view(heads, n_centroids) == 0)
@@ -126,6 +128,16 @@ def kmeans(
     bar.close()
     objective = assign(x, centroids)[1].mean().item()
     return KMeansResult(centroids, objective, iterations)
+
+
+@contextmanager
+def _deterministic():
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def _reseed_empty(x: torch.Tensor, centroids: torch.Tensor, empty: torch.Tensor, dist: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,9 @@ import a2ats_hf  # noqa: F401  (registers "a2ats")
 from a2ats_hf import calibrate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+# The integration tests run on this device; the GPU check sets A2ATS_TEST_DEVICE=cuda.
+DEVICE = torch.device(os.environ.get("A2ATS_TEST_DEVICE", "cpu"))
 
 
 class CharTokenizer:
@@ -34,7 +38,7 @@ def tiny_config(**overrides) -> LlamaConfig:
 
 def tiny_model(attn: str = "a2ats", **overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config(**overrides)).eval()
+    model = LlamaForCausalLM(tiny_config(**overrides)).eval().to(DEVICE)
     model.set_attn_implementation(attn)
     return model
 

@@ -9,11 +9,12 @@ from transformers import DynamicCache
 from a2ats_hf import A2ATSCache, kernels
 from a2ats_hf import attention as attention_module
 
-from conftest import tiny_model
+from conftest import DEVICE, tiny_model
 
 
 def greedy(model, ids, cache, mask=None, new=12):
-    return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False,
+    mask = None if mask is None else mask.to(DEVICE)
+    return model.generate(ids.to(DEVICE), attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False,
                           pad_token_id=0)[:, ids.shape[1]:]
 
 
@@ -35,7 +36,7 @@ def test_topk_one_logits_match_sdpa(tiny):
     """Decode logits at topk=1.0 equal sdpa's to float rounding (the LSE merge is exact)."""
     model, books = tiny
     reference = tiny_model("sdpa")
-    ids = torch.randint(2, 256, (2, 200), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(2, 256, (2, 200), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     caches = [A2ATSCache(books, topk=1.0), DynamicCache(config=reference.config)]
     with torch.no_grad():
         outs = [m(ids, past_key_values=c).logits for m, c in zip([model, reference], caches)]
@@ -71,6 +72,7 @@ def test_left_padded_batch_equals_rows_alone(tiny, topk):
         assert torch.equal(batched[i, : alone.shape[1]], alone[0]), f"row {i}"  # a row may stop early at EOS
     pads = width - torch.tensor([len(r) for r in rows])
     for indices, counts in selections:
+        indices, counts = indices.cpu(), counts.cpu()
         used = torch.arange(indices.shape[-1]) < counts[..., None]
         assert not ((indices < pads[:, None, None]) & used).any()
 
@@ -88,7 +90,7 @@ def test_sparse_topk_generates_and_attends_a_fraction(tiny):
 def test_sampling(tiny):
     """Sampling works through the cache."""
     model, books = tiny
-    ids = torch.randint(2, 256, (2, 150), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(2, 256, (2, 150), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     torch.manual_seed(0)
     out = model.generate(ids, past_key_values=A2ATSCache(books, topk=0.05), max_new_tokens=10, do_sample=True,
                          top_k=20, pad_token_id=0)
@@ -99,7 +101,7 @@ def test_without_a2ats_cache_behaves_as_sdpa(tiny):
     """With use_cache=False or a DynamicCache, "a2ats" is plain sdpa."""
     model, _ = tiny
     reference = tiny_model("sdpa")
-    ids = torch.randint(2, 256, (2, 70), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(2, 256, (2, 70), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits)
     assert torch.equal(greedy(model, ids, DynamicCache(config=model.config)),

@@ -8,11 +8,11 @@ from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from a2ats_hf import A2ATSCache, Codebooks
 
-from conftest import tiny_config, tiny_model
+from conftest import DEVICE, tiny_config, tiny_model
 
 
 def ids_of(batch, length, seed=0):
-    return torch.randint(2, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(2, 256, (batch, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def generate(model, ids, cache, new=6):
@@ -101,7 +101,7 @@ def test_unsupported_architecture(tiny):
     """A model type outside the supported list raises NotImplementedError naming what is supported."""
     config = MistralConfig(**{k: v for k, v in tiny_config().to_dict().items() if k in MistralConfig().to_dict()})
     config.model_type = "mistral"
-    model = MistralForCausalLM(config).eval()
+    model = MistralForCausalLM(config).eval().to(DEVICE)
     model.set_attn_implementation("a2ats")
     with pytest.raises(NotImplementedError, match="llama"):
         generate(model, ids_of(1, 40), A2ATSCache(tiny[1]))

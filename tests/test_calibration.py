@@ -9,7 +9,7 @@ from a2ats_hf import A2ATSCache, calibrate
 from a2ats_hf.calibration import attention_modules, token_stream
 from a2ats_hf.quantization import encode
 
-from conftest import CharTokenizer, tiny_model
+from conftest import DEVICE, CharTokenizer, tiny_model
 
 TEXT = " ".join(f"alpha{i % 31} beta{i % 7}" for i in range(600))
 
@@ -71,7 +71,7 @@ def test_token_stream_stops_at_max_tokens():
 def test_cache_codes_match_hooked_pre_rope_keys(tiny):
     """Codes the cache derives by inverting RoPE equal codes of the k_proj outputs (the keys calibration sees)."""
     model, books = tiny
-    ids = torch.randint(2, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, 256, (1, 100), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     keys = {}
     handles = [a.k_proj.register_forward_hook(lambda m, i, o, idx=a.layer_idx: keys.__setitem__(idx, o))
                for a in attention_modules(model)]
@@ -82,7 +82,7 @@ def test_cache_codes_match_hooked_pre_rope_keys(tiny):
         h.remove()
     for idx, layer in enumerate(cache.layers):
         pre = keys[idx].view(1, 100, 2, 16).transpose(1, 2)
-        expected = encode(pre, books.whitener[idx], books.whitened_centroids[idx])
+        expected = encode(pre, books.whitener[idx].to(DEVICE), books.whitened_centroids[idx].to(DEVICE))
         agree = (layer.codes.long() == expected).float().mean()
         assert agree > 0.99, f"layer {idx}: {agree:.3f}"
 

@@ -1,0 +1,91 @@
+"""CUDA check of the reference path on a SmolLM2-shaped random-weight Llama (bf16): calibration on the GPU,
+exactness at topk=1.0 against sdpa + DynamicCache, a left-padded batch, and a rough per-step time.
+
+Run on the GPU box:  PYTHONPATH=. python3 bench/cuda_check.py   (writes bench/results/cuda-check-<gpu>.json)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import a2ats_hf  # noqa: F401
+from a2ats_hf import A2ATSCache, calibrate
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)
+
+
+class IdTokenizer:
+    """Text of space-separated integers -> those token ids (lets calibration run on random ids)."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(t) % SMOLLM2["vocab_size"] for t in text.split()]}
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).to(device, torch.bfloat16).eval()
+    model.set_attn_implementation("a2ats")
+    gen = torch.Generator().manual_seed(0)
+    texts = [" ".join(map(str, torch.randint(1, 49152, (8192,), generator=gen).tolist())) for _ in range(8)]
+    torch.cuda.reset_peak_memory_stats()
+    books, calib_s = timed(lambda: calibrate(model, IdTokenizer(), texts, n_centroids=4096, max_tokens=65536,
+                                              uuid_tokens=0, kmeans_iters=100, progress=False))
+    results = {"gpu": torch.cuda.get_device_name(), "calibration_s": round(calib_s, 1),
+               "calibration_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               "kmeans_iterations": books.calibration["kmeans_iterations"]}
+
+    lengths = (6000, 4100)
+    ids = torch.zeros(2, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, -n:] = torch.randint(1, 49152, (n,), generator=gen)
+        mask[i, -n:] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    new = 32
+
+    def run(cache, attn):
+        model.set_attn_implementation(attn)
+        return timed(lambda: model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new,
+                                            do_sample=False, pad_token_id=0, output_scores=True,
+                                            return_dict_in_generate=True))
+
+    ref, ref_s = run(DynamicCache(config=model.config), "sdpa")
+    rows = []
+    for topk in (1.0, 0.03):
+        cache = A2ATSCache(books, topk=topk)
+        out, secs = run(cache, "a2ats")
+        agree = (out.sequences == ref.sequences)[:, -new:].float().mean().item()
+        first = (out.scores[0].float() - ref.scores[0].float()).abs().max().item()
+        rows.append({"topk": topk, "token_agreement": agree, "first_logit_maxdiff": first, "seconds": round(secs, 2),
+                     "far_fraction": round(cache.stats.far_fraction, 4), **cache.memory_footprint()})
+    results.update({"sdpa_seconds": round(ref_s, 2), "a2ats": rows})
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    name = re.search(r"[A-Z]\d{2,3}", torch.cuda.get_device_name()).group().lower()
+    (out_dir / f"cuda-check-{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"cuda-check-{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
