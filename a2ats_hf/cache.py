@@ -127,6 +127,8 @@ class A2ATSLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    get_max_cache_shape = get_max_length  # the abstract name in older transformers 5.x (5.4)
+
     def reset(self) -> None:
         self.is_initialized = False
         for name in ("store", "codes", "window_keys", "window_values", "sink_keys", "sink_values"):
