@@ -1,0 +1,173 @@
+"""Accuracy of A2ATS on SmolLM2-135M-Instruct and a held-out Austen novel.
+
+Codebooks are calibrated on three novels; windows of 4K and 8K tokens come from a fourth. For each window the
+last 512 tokens are predicted one decode step at a time (teacher forcing) and we report their perplexity for
+full attention, A2ATS at several budgets and both budget rules, and sinks + window alone; the recall of each
+query head's exact top-K far tokens by A2ATS's selection; the softmax mass the attended tokens cover; and the
+fraction of far tokens attended per KV head.
+
+    python bench/accuracy.py                       # CPU, builds (and caches) 4096-centroid codebooks
+    python bench/accuracy.py --device cuda         # same on a GPU
+Writes bench/results/accuracy-smollm2.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import a2ats_hf.attention as attention_module  # noqa: E402
+from a2ats_hf import A2ATSCache, Codebooks, calibrate  # noqa: E402
+from a2ats_hf.quantization import lookup_table  # noqa: E402
+from assets import austen_novels, cache_dir, smollm2_path  # noqa: E402
+
+CALIBRATION_NOVELS = ("Emma", "Pride & Prejudice", "Mansfield Park")
+HELD_OUT = "Persuasion"
+TAIL = 512
+
+
+class WindowOnly(A2ATSCache):
+    """Sinks + window only (StreamingLLM): no far token is retrieved."""
+
+    def budget_for(self, n_far: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(n_far)
+
+
+class FidelityProbe:
+    """Wraps decode_attention to measure, every ``every`` steps, recall of the exact per-head top-K and the
+    exact softmax mass covered by what A2ATS attends."""
+
+    def __init__(self, every: int):
+        self.every, self.calls, self.recall, self.mass = every, 0, [], []
+        self.original = attention_module.decode_attention
+
+    def __enter__(self):
+        attention_module.decode_attention = self
+        return self
+
+    def __exit__(self, *exc):
+        attention_module.decode_attention = self.original
+
+    def __call__(self, layer, query, position_ids, valid, scaling):
+        if self.calls % self.every == 0:
+            self.measure(layer, query, position_ids, valid, scaling)
+        self.calls += 1
+        return self.original(layer, query, position_ids, valid, scaling)
+
+    @torch.no_grad()
+    def measure(self, layer, query, position_ids, valid, scaling):
+        cache, n = layer.cache, layer.store.length
+        keys = layer.store.to_tensors()[0].float().to(query.device)  # [B, Hkv, N, D]
+        b, hq, d = query.shape
+        hkv = keys.shape[1]
+        group = hq // hkv
+        logits = torch.einsum("bkgd,bknd->bkgn", query.float().view(b, hkv, group, d), keys).reshape(b, hq, n) * scaling
+        cols = torch.arange(n, device=query.device)
+        far = valid & (cols < n - cache.window) & (cols - layer.first_token[:, None] >= cache.sink)
+        k = int(cache.budget_for(far.sum(-1)).max())
+        if k == 0:
+            return
+        exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
+        wrope = cache.rope.windowed_query(query[:, :, None], position_ids[:, -1:].expand(b, 1), cache.codebooks.offset)
+        lut = lookup_table(wrope[:, :, 0], layer.centroids, group)
+        if cache.budget == "kv_head":
+            lut = lut.view(b, hkv, group, -1).sum(2).repeat_interleave(group, dim=1)
+        approx = lut.gather(-1, layer.codes.long().repeat_interleave(group, dim=1))
+        chosen = approx.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
+        hit = torch.zeros(b, hq, n, dtype=torch.bool, device=query.device).scatter_(-1, chosen, True)
+        self.recall.append(hit.gather(-1, exact).float().mean().item())
+        attended = hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1) | (valid & ~far)[:, None]
+        probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1)
+        self.mass.append((probs * attended).sum(-1).mean().item())
+
+
+def tail_nll(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """NLL of the last TAIL tokens of ``ids`` [1, L]: prefill all but them, then one decode step per token."""
+    with torch.no_grad():
+        logits = [model(ids[:, :-TAIL], past_key_values=cache).logits[:, -1]]
+        for t in range(ids.shape[1] - TAIL, ids.shape[1] - 1):
+            logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
+    logits = torch.cat(logits).float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, -TAIL:], reduction="none")
+
+
+def build_codebooks(model, tokenizer, novels, args) -> Codebooks:
+    path = Path(args.codebooks or cache_dir() / f"codebooks/smollm2-bench-{args.n_centroids}")
+    if (path / "a2ats_config.json").is_file():
+        return Codebooks.from_pretrained(path)
+    books = calibrate(model, tokenizer, [novels[t] for t in CALIBRATION_NOVELS], n_centroids=args.n_centroids,
+                      max_tokens=args.max_tokens, uuid_tokens=args.uuid_tokens, kmeans_iters=args.kmeans_iters)
+    books.save_pretrained(path)
+    return books
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--codebooks", help="directory of existing codebooks (default: build and cache them)")
+    parser.add_argument("--n-centroids", type=int, default=4096)
+    parser.add_argument("--max-tokens", type=int, default=65536)
+    parser.add_argument("--uuid-tokens", type=int, default=16384)
+    parser.add_argument("--kmeans-iters", type=int, default=100)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--windows", type=int, default=2, help="held-out windows per context length")
+    parser.add_argument("--probe-every", type=int, default=16, help="measure recall every N layer-steps")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "accuracy-smollm2.json"))
+    args = parser.parse_args()
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="a2ats")
+    model = model.to(args.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    novels = austen_novels()
+    started = time.perf_counter()
+    books = build_codebooks(model, tokenizer, novels, args)
+    held_out = tokenizer(novels[HELD_OUT], return_tensors="pt")["input_ids"]
+
+    methods = {
+        "full attention": lambda: DynamicCache(config=model.config),
+        "sinks + window": lambda: WindowOnly(books, topk=1),
+        **{f"A2ATS {p:.0%}": (lambda p=p: A2ATSCache(books, topk=p)) for p in (0.01, 0.03, 0.05)},
+        "A2ATS 3% kv_head": lambda: A2ATSCache(books, topk=0.03, budget="kv_head"),
+    }
+    rows = []
+    for context in args.contexts:
+        starts = torch.linspace(0, held_out.shape[1] - context, args.windows).long().tolist()
+        for name, make in methods.items():
+            nll, probe, far = [], FidelityProbe(args.probe_every), []
+            with probe:
+                for s in starts:
+                    cache = make()
+                    nll.append(tail_nll(model, held_out[:, s : s + context].to(args.device), cache))
+                    if isinstance(cache, A2ATSCache):
+                        far.append(cache.stats.far_fraction)
+            row = {"context": context, "method": name, "perplexity": math.exp(torch.cat(nll).mean().item())}
+            if probe.recall:
+                row.update(recall=sum(probe.recall) / len(probe.recall), mass=sum(probe.mass) / len(probe.mass))
+            if far:
+                row["far_fraction_per_kv_head"] = sum(far) / len(far)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "device": args.device,
+              "calibration": books.calibration, "n_centroids": books.n_centroids, "calibrated_on": CALIBRATION_NOVELS,
+              "held_out": HELD_OUT, "windows_per_context": args.windows, "tail_tokens": TAIL,
+              "seconds": round(time.perf_counter() - started, 1), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'context':>8} {'method':<18} {'ppl':>7} {'recall':>7} {'mass':>6} {'far%':>6}")
+    for r in rows:
+        print(f"{r['context']:>8} {r['method']:<18} {r['perplexity']:7.2f} {r.get('recall', float('nan')):7.3f} "
+              f"{r.get('mass', float('nan')):6.3f} {100 * r.get('far_fraction_per_kv_head', float('nan')):6.2f}")
+
+
+if __name__ == "__main__":
+    main()
