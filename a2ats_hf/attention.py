@@ -52,6 +52,14 @@ def a2ats_attention_forward(
     return out.to(query.dtype)[:, None], None
 
 
+def far_candidates(layer: A2ATSLayer, valid: torch.Tensor) -> torch.Tensor:
+    """[B, N] bool: tokens eligible for retrieval (valid, outside each row's sinks and the window)."""
+    n = layer.store.length
+    cols = torch.arange(n, device=valid.device)
+    real = cols[None] - layer.first_token[:, None]  # index among each row's real tokens
+    return valid & (cols < n - layer.cache.window) & (real >= layer.cache.sink)
+
+
 def decode_attention(
     layer: A2ATSLayer, query: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -60,10 +68,7 @@ def decode_attention(
     query [B, Hq, D] post-RoPE; valid [B, N] key validity. Returns [B, Hq, D] (float32).
     """
     cache, n = layer.cache, layer.store.length
-    cols = torch.arange(n, device=query.device)
-    real = cols[None] - layer.first_token[:, None]  # index among each row's real tokens
-    in_window = cols >= n - cache.window
-    far = valid & ~in_window & (real >= cache.sink)
+    far = far_candidates(layer, valid)
 
     sink_cols = layer.first_token[:, None] + torch.arange(cache.sink, device=query.device)
     sink_valid = (sink_cols < n - cache.window) & valid.gather(1, sink_cols.clamp(max=n - 1))

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -32,7 +32,6 @@ from assets import austen_novels, cache_dir, smollm2_path  # noqa: E402
 
 CALIBRATION_NOVELS = ("Emma", "Pride & Prejudice", "Mansfield Park")
 HELD_OUT = "Persuasion"
-TAIL = 512
 
 
 class WindowOnly(A2ATSCache):
@@ -71,11 +70,19 @@ class FidelityProbe:
         hkv = keys.shape[1]
         group = hq // hkv
         logits = torch.einsum("bkgd,bknd->bkgn", query.float().view(b, hkv, group, d), keys).reshape(b, hq, n) * scaling
-        cols = torch.arange(n, device=query.device)
-        far = valid & (cols < n - cache.window) & (cols - layer.first_token[:, None] >= cache.sink)
+        far = attention_module.far_candidates(layer, valid)
+        attended = (valid & ~far)[:, None].expand(b, hq, n)
         k = int(cache.budget_for(far.sum(-1)).max())
-        if k == 0:
-            return
+        if k > 0:
+            attended = attended | self.selection(layer, query, position_ids, far, logits, k)
+        probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1)
+        self.mass.append((probs * attended).sum(-1).mean().item())
+
+    def selection(self, layer, query, position_ids, far, logits, k):
+        """Record the recall of each head's exact top-k by its A2ATS top-k; return the attended far tokens."""
+        cache, (b, hq, n) = layer.cache, logits.shape
+        hkv = layer.codes.shape[1]
+        group = hq // hkv
         exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
         wrope = cache.rope.windowed_query(query[:, :, None], position_ids[:, -1:].expand(b, 1), cache.codebooks.offset)
         lut = lookup_table(wrope[:, :, 0], layer.centroids, group)
@@ -85,19 +92,22 @@ class FidelityProbe:
         chosen = approx.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
         hit = torch.zeros(b, hq, n, dtype=torch.bool, device=query.device).scatter_(-1, chosen, True)
         self.recall.append(hit.gather(-1, exact).float().mean().item())
-        attended = hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1) | (valid & ~far)[:, None]
-        probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1)
-        self.mass.append((probs * attended).sum(-1).mean().item())
+        return hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1)
 
 
-def tail_nll(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """NLL of the last TAIL tokens of ``ids`` [1, L]: prefill all but them, then one decode step per token."""
+def tail_nll(model, ids: torch.Tensor, cache, tail: int) -> torch.Tensor:
+    """NLL of the last ``tail`` tokens of ``ids`` [1, L]: prefill all but them, then one decode step per token.
+
+    Without a cache (full attention), one exact forward pass gives the same logits."""
     with torch.no_grad():
-        logits = [model(ids[:, :-TAIL], past_key_values=cache).logits[:, -1]]
-        for t in range(ids.shape[1] - TAIL, ids.shape[1] - 1):
+        if cache is None:
+            logits = model(ids).logits[0, -tail - 1 : -1].float()
+            return torch.nn.functional.cross_entropy(logits, ids[0, -tail:], reduction="none")
+        logits = [model(ids[:, :-tail], past_key_values=cache).logits[:, -1]]
+        for t in range(ids.shape[1] - tail, ids.shape[1] - 1):
             logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
     logits = torch.cat(logits).float()
-    return torch.nn.functional.cross_entropy(logits, ids[0, -TAIL:], reduction="none")
+    return torch.nn.functional.cross_entropy(logits, ids[0, -tail:], reduction="none")
 
 
 def build_codebooks(model, tokenizer, novels, args) -> Codebooks:
@@ -105,7 +115,8 @@ def build_codebooks(model, tokenizer, novels, args) -> Codebooks:
     if (path / "a2ats_config.json").is_file():
         return Codebooks.from_pretrained(path)
     books = calibrate(model, tokenizer, [novels[t] for t in CALIBRATION_NOVELS], n_centroids=args.n_centroids,
-                      max_tokens=args.max_tokens, uuid_tokens=args.uuid_tokens, kmeans_iters=args.kmeans_iters)
+                      max_tokens=args.max_tokens, uuid_tokens=args.uuid_tokens, kmeans_iters=args.kmeans_iters,
+                      chunk_size=args.chunk_size)
     books.save_pretrained(path)
     return books
 
@@ -118,8 +129,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=65536)
     parser.add_argument("--uuid-tokens", type=int, default=16384)
     parser.add_argument("--kmeans-iters", type=int, default=100)
+    parser.add_argument("--chunk-size", type=int, default=8192, help="calibration forward chunk")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--windows", type=int, default=2, help="held-out windows per context length")
+    parser.add_argument("--tail", type=int, default=512, help="tokens scored at the end of each window")
     parser.add_argument("--probe-every", type=int, default=16, help="measure recall every N layer-steps")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "accuracy-smollm2.json"))
     args = parser.parse_args()
@@ -134,7 +147,7 @@ def main() -> None:
     held_out = tokenizer(novels[HELD_OUT], return_tensors="pt")["input_ids"]
 
     methods = {
-        "full attention": lambda: DynamicCache(config=model.config),
+        "full attention": lambda: None,
         "sinks + window": lambda: WindowOnly(books, topk=1),
         **{f"A2ATS {p:.0%}": (lambda p=p: A2ATSCache(books, topk=p)) for p in (0.01, 0.03, 0.05)},
         "A2ATS 3% kv_head": lambda: A2ATSCache(books, topk=0.03, budget="kv_head"),
@@ -147,7 +160,7 @@ def main() -> None:
             with probe:
                 for s in starts:
                     cache = make()
-                    nll.append(tail_nll(model, held_out[:, s : s + context].to(args.device), cache))
+                    nll.append(tail_nll(model, held_out[:, s : s + context].to(args.device), cache, args.tail))
                     if isinstance(cache, A2ATSCache):
                         far.append(cache.stats.far_fraction)
             row = {"context": context, "method": name, "perplexity": math.exp(torch.cat(nll).mean().item())}
@@ -159,7 +172,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "device": args.device,
               "calibration": books.calibration, "n_centroids": books.n_centroids, "calibrated_on": CALIBRATION_NOVELS,
-              "held_out": HELD_OUT, "windows_per_context": args.windows, "tail_tokens": TAIL,
+              "held_out": HELD_OUT, "windows_per_context": args.windows, "tail_tokens": args.tail,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -17,7 +17,7 @@ from assets import austen_novels, cache_dir, smollm2_path
 
 NEEDLE = "The secret code of the Elliot family safe is 7341."
 QUESTION = "What is the secret code of the Elliot family safe?"
-CALIBRATION = dict(n_centroids=1024, max_tokens=32768, uuid_tokens=8192, kmeans_iters=20)
+CALIBRATION = dict(n_centroids=1024, max_tokens=32768, uuid_tokens=8192, chunk_size=2048, kmeans_iters=20)
 
 
 def codebooks(model, tokenizer, novels) -> Codebooks:
