@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2, help="held-out windows per context length")
     parser.add_argument("--tail", type=int, default=512, help="tokens scored at the end of each window")
     parser.add_argument("--probe-every", type=int, default=16, help="measure recall every N layer-steps")
+    parser.add_argument("--calibrate-only", action="store_true", help="build and cache the codebooks, then stop")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "accuracy-smollm2.json"))
     args = parser.parse_args()
 
@@ -144,6 +145,9 @@ def main() -> None:
     novels = austen_novels()
     started = time.perf_counter()
     books = build_codebooks(model, tokenizer, novels, args)
+    print(f"codebooks: {books.n_centroids} centroids, calibration {books.calibration}")
+    if args.calibrate_only:
+        return
     held_out = tokenizer(novels[HELD_OUT], return_tensors="pt")["input_ids"]
 
     methods = {
