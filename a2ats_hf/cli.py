@@ -20,7 +20,14 @@ def _load(model_path: str, device: str, dtype: str):
 
 
 def _topk(value: str) -> float | int:
-    return float(value) if any(c in value for c in ".eE") else int(value)
+    from .cache import check_topk
+
+    try:
+        topk = float(value) if any(c in value for c in ".eE") else int(value)
+        check_topk(topk)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return topk
 
 
 def calibrate_command(args: argparse.Namespace) -> None:

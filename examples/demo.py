@@ -43,7 +43,8 @@ def prompt_ids(tokenizer, novel: str, tokens: int = 6000, depth: float = 0.6) ->
 def answer(model, tokenizer, ids, cache) -> tuple[str, float]:
     start = time.perf_counter()
     out = model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), time.perf_counter() - start
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return text.split("\n")[0], time.perf_counter() - start
 
 
 def main() -> None:

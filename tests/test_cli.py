@@ -1,0 +1,46 @@
+"""The `a2ats` command line: calibrate then generate, on a tiny random Llama with SmolLM2's tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from a2ats_hf import Codebooks
+from a2ats_hf.cli import main
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from assets import smollm2_path
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config(vocab_size=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_calibrate_then_generate(model_dir, tmp_path, capsys):
+    """`a2ats calibrate` writes loadable codebooks; `a2ats generate` answers and reports what it attended."""
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60)
+    out = tmp_path / "books"
+    main(["calibrate", str(model_dir), "--text", str(text), "--out", str(out), "--n-centroids", "16",
+          "--max-tokens", "1500", "--uuid-tokens", "300", "--kmeans-iters", "3", "--device", "cpu"])
+    assert Codebooks.from_pretrained(out).n_centroids == 16
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("A long letter. " * 80)
+    main(["generate", str(model_dir), "--codebooks", str(out), "--prompt-file", str(prompt), "--topk", "0.1",
+          "--max-new-tokens", "4", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "attended" in err and "MiB" in err
+
+
+def test_generate_rejects_bad_topk(model_dir):
+    """A topk of 0 is refused with a clear message."""
+    with pytest.raises(SystemExit):
+        main(["generate", str(model_dir), "--codebooks", "missing", "--prompt", "hi", "--topk", "0"])

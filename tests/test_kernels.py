@@ -1,0 +1,106 @@
+"""Reference kernels against brute-force loops: top-K selection, attention with LSE, sparse attention, merge."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from a2ats_hf import kernels
+from a2ats_hf.store import KVStore
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def brute_select(lut, codes, candidates, k, budget):
+    """Python loops: per head, the top-k candidates by score (ties -> lower index), united per KV head."""
+    b, hq, _ = lut.shape
+    hkv, n = codes.shape[1:]
+    group = hq // hkv
+    sets = [[set() for _ in range(hkv)] for _ in range(b)]
+    for row in range(b):
+        for kv in range(hkv):
+            heads = [lut[row, kv * group + g] for g in range(group)]
+            tables = [sum(heads)] if budget == "kv_head" else heads
+            for table in tables:
+                cand = [j for j in range(n) if candidates[row, j]]
+                cand.sort(key=lambda j: (-table[codes[row, kv, j]].item(), j))
+                sets[row][kv] |= set(cand[: int(k[row])])
+    return sets
+
+
+@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
+@pytest.mark.parametrize("centroids", [3, 50])  # 3 centroids: many ties
+def test_select_topk_matches_brute_force(budget, centroids):
+    """Same selected sets, ascending indices, zero padding and counts as the brute-force reference."""
+    b, hq, hkv, n = 3, 6, 2, 67
+    lut = torch.randn(b, hq, centroids, generator=gen(0))
+    codes = torch.randint(0, centroids, (b, hkv, n), generator=gen(1)).to(torch.uint16)
+    candidates = torch.rand(b, n, generator=gen(2)) > 0.3
+    k = torch.stack([torch.tensor(0), candidates[1].sum(), torch.tensor(5)])
+    indices, counts = kernels.select_topk(lut, codes, candidates, k, budget)
+    expected = brute_select(lut, codes.long(), candidates, k, budget)
+    for row in range(b):
+        for kv in range(hkv):
+            count = int(counts[row, kv])
+            got = indices[row, kv, :count].tolist()
+            assert got == sorted(expected[row][kv]), (row, kv)
+            assert (indices[row, kv, count:] == 0).all()
+
+
+def test_select_topk_rejects_unknown_budget():
+    with pytest.raises(ValueError, match="budget"):
+        kernels.select_topk(torch.zeros(1, 2, 3), torch.zeros(1, 1, 4, dtype=torch.long), torch.ones(1, 4, dtype=bool),
+                            torch.tensor([1]), "layer")
+
+
+def dense_reference(query, keys, values, valid, scaling):
+    b, hq, d = query.shape
+    hkv = keys.shape[1]
+    out = torch.zeros(b, hq, d, dtype=torch.float64)
+    lse = torch.full((b, hq), -math.inf, dtype=torch.float64)
+    for row in range(b):
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            mask = valid[row, kv]
+            if mask.any():
+                s = (keys[row, kv][mask].double() @ query[row, h].double()) * scaling
+                lse[row, h] = torch.logsumexp(s, 0)
+                out[row, h] = torch.softmax(s, 0) @ values[row, kv][mask].double()
+    return out, lse
+
+
+def test_attention_with_lse_matches_dense_softmax():
+    """Output and log-sum-exp equal a float64 loop, including a row with no valid key (lse -inf, output 0)."""
+    q = torch.randn(2, 9, 24, generator=gen(3))
+    k, v = torch.randn(2, 3, 31, 24, generator=gen(4)), torch.randn(2, 3, 31, 24, generator=gen(5))
+    valid = torch.rand(2, 3, 31, generator=gen(6)) > 0.4
+    valid[1, 2] = False
+    out, lse = kernels.attention_with_lse(q, k, v, valid, 0.2)
+    ref_out, ref_lse = dense_reference(q, k, v, valid, 0.2)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_attention_over_the_store_and_merge():
+    """Sparse attention over store rows, merged with the rest by LSE, equals attention over everything."""
+    b, hq, hkv, n, d = 2, 4, 2, 23, 16
+    keys, values = torch.randn(b, hkv, n, d, generator=gen(7)), torch.randn(b, hkv, n, d, generator=gen(8))
+    store = KVStore(b, hkv, d, torch.float32, block_size=6)
+    store.append(keys, values)
+    q = torch.randn(b, hq, d, generator=gen(9))
+    chosen = torch.rand(b, hkv, n, generator=gen(10)) > 0.5
+    chosen[0, 1] = False  # one head retrieves nothing
+    counts = chosen.sum(-1)
+    indices = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[..., : int(counts.max())]
+    far_out, far_lse = kernels.sparse_attention(q, store, indices, counts, 0.25)
+    ref_out, ref_lse = dense_reference(q, keys, values, chosen, 0.25)
+    torch.testing.assert_close(far_out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(far_lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    near_out, near_lse = kernels.attention_with_lse(q, keys, values, ~chosen, 0.25)
+    merged = kernels.merge_attention(near_out, near_lse, far_out, far_lse)
+    full_out, _ = dense_reference(q, keys, values, torch.ones_like(chosen), 0.25)
+    torch.testing.assert_close(merged.double(), full_out, atol=1e-5, rtol=1e-5)
