@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from a2ats_hf import A2ATSCache, Codebooks, calibrate
-from assets import cache_dir
+from a2ats_hf import A2ATSCache
 from demo import codebooks as demo_codebooks
 from demo import prompt_ids
 
@@ -16,14 +15,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def books(smollm2, austen):
-    """Small codebooks (256 centroids) from two novels, cached after the first build."""
-    path = cache_dir() / "codebooks" / "smollm2-test-256"
-    if not (path / "a2ats_config.json").is_file():
-        model, tokenizer = smollm2
-        texts = [austen["Emma"], austen["Pride & Prejudice"]]
-        calibrate(model, tokenizer, texts, n_centroids=256, max_tokens=16384, chunk_size=2048, uuid_tokens=2048,
-                  kmeans_iters=15, progress=False).save_pretrained(path)
-    return Codebooks.from_pretrained(path)
+    """The demo's codebooks (1024 centroids from three novels, Persuasion held out), built once and cached."""
+    model, tokenizer = smollm2
+    return demo_codebooks(model, tokenizer, austen)
 
 
 def generate(model, ids, cache, mask=None, new=16):
@@ -57,13 +51,13 @@ def test_left_padded_batch_equals_rows_alone(smollm2, books, austen):
         assert torch.equal(together[i, : alone.shape[1]], alone[0])
 
 
-def test_sparse_retrieval_finds_the_needle(smollm2, austen):
+def test_sparse_retrieval_finds_the_needle(smollm2, books, austen):
     """At topk=0.03 (the demo's 1024-centroid codebooks), the fact buried at 60% of a 6K-token prompt is
     retrieved, as full attention retrieves it."""
     model, tokenizer = smollm2
     ids = prompt_ids(tokenizer, austen["Persuasion"], tokens=6000, depth=0.6)
     full = tokenizer.decode(generate(model, ids, DynamicCache(config=model.config))[0])
-    cache = A2ATSCache(demo_codebooks(model, tokenizer, austen), topk=0.03)
+    cache = A2ATSCache(books, topk=0.03)
     sparse = tokenizer.decode(generate(model, ids, cache)[0])
     assert "7341" in full
     assert "7341" in sparse
