@@ -169,7 +169,9 @@ def main() -> None:
                         far.append(cache.stats.far_fraction)
             row = {"context": context, "method": name, "perplexity": math.exp(torch.cat(nll).mean().item())}
             if probe.recall:
-                row.update(recall=sum(probe.recall) / len(probe.recall), mass=sum(probe.mass) / len(probe.mass))
+                row["recall"] = sum(probe.recall) / len(probe.recall)
+            if probe.mass:
+                row["mass"] = sum(probe.mass) / len(probe.mass)
             if far:
                 row["far_fraction_per_kv_head"] = sum(far) / len(far)
             rows.append(row)
