@@ -123,15 +123,21 @@ def _read_lazyload(rdb: Path) -> dict[str, list[str]]:
     return vectors
 
 
+def _paragraphs(lines: list[str]) -> str:
+    """R's wrapped lines (an empty line between paragraphs) as prose: one line per paragraph, blank lines between."""
+    paragraphs = "\n".join(lines).split("\n\n")
+    return "\n\n".join(" ".join(p.split("\n")).strip() for p in paragraphs if p.strip())
+
+
 def _extract_austen(out: Path) -> None:
-    """One ``<slug>.txt`` per novel: R's lines joined by newlines (its empty lines separate paragraphs)."""
+    """One ``<slug>.txt`` per novel, as prose paragraphs."""
     print(f"Fetching {DEB} into {out.parent / 'austen'} (once) ...")
     with tempfile.TemporaryDirectory() as work:
         deb = _download_deb(Path(work))
         subprocess.run(["dpkg-deb", "-x", str(deb), work], check=True)
         vectors = _read_lazyload(Path(work) / RDB)
     for slug in NOVELS:
-        (out / f"{slug}.txt").write_text("\n".join(vectors[slug]), encoding="utf-8")
+        (out / f"{slug}.txt").write_text(_paragraphs(vectors[slug]), encoding="utf-8")
 
 
 def austen_novels() -> dict[str, str]:
