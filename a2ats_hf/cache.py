@@ -176,6 +176,23 @@ class A2ATSCache(Cache):
         self.stats = AttendedStats()
         super().__init__(layers=[A2ATSLayer(self, i) for i in range(codebooks.num_layers)])
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str,
+        topk: float | int = 0.03,
+        window: int | None = None,
+        sink: int | None = None,
+        budget: str = "query_head",
+        **hub_kwargs,
+    ) -> "A2ATSCache":
+        """A cache with the codebooks stored next to a model (``a2ats/`` in its folder or Hub repository).
+
+        ``hub_kwargs`` (subfolder, revision, cache_dir, local_files_only, token) go to ``Codebooks.from_pretrained``.
+        """
+        books = Codebooks.from_pretrained(model_id_or_path, **hub_kwargs)
+        return cls(books, topk=topk, window=window, sink=sink, budget=budget)
+
     def bind(self, attention: nn.Module) -> RoPE:
         """Check the codebooks against the model on first use and build its RoPE helper."""
         if self.rope is None:

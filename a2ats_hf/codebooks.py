@@ -109,9 +109,23 @@ class Codebooks:
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "Codebooks":
-        """Load codebooks saved by :meth:`save_pretrained` from a local directory (safetensors only, no pickle)."""
-        directory = Path(directory)
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | Path,
+        subfolder: str = "a2ats",
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> "Codebooks":
+        """Load codebooks from a local directory or a Hub repository's ``subfolder`` (safetensors only, no pickle).
+
+        Hub files are resolved and cached by huggingface_hub, honouring revisions, tokens, ``HF_HOME`` and
+        ``HF_HUB_OFFLINE``; the tensors are checked against the checksum in the config.
+        """
+        from .hub_utils import resolve
+
+        directory = resolve(repo_id_or_path, subfolder, revision, cache_dir, local_files_only, token)
         config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights):
             if not path.is_file():
@@ -123,7 +137,10 @@ class Codebooks:
             )
         if "sha256" in config and _sha256(weights) != config["sha256"]:
             raise ValueError(f"{weights} does not match the checksum in {config_path.name}: truncated or altered.")
-        tensors = load_file(str(weights))
+        try:
+            tensors = load_file(str(weights))
+        except Exception as error:  # safetensors refuses anything else, pickles included
+            raise ValueError(f"{weights} is not a valid safetensors file: {error}") from None
         return cls(
             whitener=tensors["whitener"],
             whitened_centroids=tensors["whitened_centroids"],
@@ -133,6 +150,21 @@ class Codebooks:
             sink=config["sink"],
             calibration=config.get("calibration", {}),
         )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        subfolder: str = "a2ats",
+        revision: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Upload these codebooks (tensors, config, a README) into ``repo_id/subfolder`` in one commit."""
+        from .hub_utils import push_to_hub
+
+        return push_to_hub(self, repo_id, subfolder, revision, private, token, commit_message, create_pr)
 
     def validate(self, model_config: Any) -> None:
         """Raise ``ValueError`` naming every field where these codebooks do not match ``model_config``."""
