@@ -144,6 +144,7 @@ def calibrate(
     result = kmeans(z, n_centroids, max_iters=kmeans_iters, tol=tol, seed=seed, progress=progress)
     calibration = {
         "model": getattr(model.config, "_name_or_path", ""),
+        "model_revision": getattr(model.config, "_commit_hash", None),
         "text_tokens": int(len(ids) - min(uuid_tokens, len(ids))),
         "uuid_tokens": int(uuid_tokens),
         "kmeans_iterations": result.iterations,

@@ -1,4 +1,5 @@
-"""The ``a2ats`` command: ``a2ats calibrate`` builds codebooks, ``a2ats generate`` decodes with them."""
+"""The ``a2ats`` command: ``calibrate`` builds codebooks (and can push them to the Hub), ``download`` fetches
+them, ``generate`` decodes with them."""
 
 from __future__ import annotations
 
@@ -46,7 +47,18 @@ def calibrate_command(args: argparse.Namespace) -> None:
         kmeans_iters=args.kmeans_iters,
         seed=args.seed,
     )
-    print(f"codebooks written to {books.save_pretrained(args.out)}")
+    books.calibration["data"] = [Path(f).name for f in args.text]
+    if args.out:
+        print(f"codebooks written to {books.save_pretrained(args.out)}")
+    if args.push_to_hub:
+        commit = books.push_to_hub(args.push_to_hub)
+        print(f"codebooks pushed to {args.push_to_hub}/a2ats: {getattr(commit, 'commit_url', commit)}")
+
+
+def download_command(args: argparse.Namespace) -> None:
+    from .hub_utils import resolve
+
+    print(resolve(args.repo, subfolder=args.subfolder, revision=args.revision))
 
 
 def generate_command(args: argparse.Namespace) -> None:
@@ -60,7 +72,7 @@ def generate_command(args: argparse.Namespace) -> None:
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
-    cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks), topk=args.topk, budget=args.budget)
+    cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget)
     out = model.generate(**inputs.to(args.device), past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     memory = cache.memory_footprint()
@@ -82,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", parents=[common], help="build codebooks from text files")
     cal.add_argument("--text", nargs="+", required=True, help="UTF-8 text files to calibrate on")
-    cal.add_argument("--out", required=True, help="directory to write the codebooks to")
+    cal.add_argument("--out", help="directory to write the codebooks to")
+    cal.add_argument("--push-to-hub", metavar="REPO", help="upload the codebooks into REPO/a2ats (one commit)")
     cal.add_argument("--n-centroids", type=int, default=4096)
     cal.add_argument("--max-tokens", type=int, default=65536)
     cal.add_argument("--chunk-size", type=int, default=8192)
@@ -91,8 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=int, default=0)
     cal.set_defaults(func=calibrate_command)
 
+    down = sub.add_parser("download", help="fetch a repository's codebooks into the Hugging Face cache")
+    down.add_argument("repo")
+    down.add_argument("--subfolder", default="a2ats")
+    down.add_argument("--revision")
+    down.set_defaults(func=download_command)
+
     gen = sub.add_parser("generate", parents=[common], help="answer a prompt with A2ATS decoding")
-    gen.add_argument("--codebooks", required=True, help="directory written by `a2ats calibrate`")
+    gen.add_argument("--codebooks", help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--prompt-file")
@@ -105,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "calibrate" and not (args.out or args.push_to_hub):
+        parser.error("calibrate needs --out DIR and/or --push-to-hub REPO")
     args.func(args)
 
 

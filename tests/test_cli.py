@@ -44,3 +44,26 @@ def test_generate_rejects_bad_topk(model_dir):
     """A topk of 0 is refused with a clear message."""
     with pytest.raises(SystemExit):
         main(["generate", str(model_dir), "--codebooks", "missing", "--prompt", "hi", "--topk", "0"])
+
+
+def test_calibrate_push_to_hub_and_download(model_dir, tmp_path, monkeypatch, capsys):
+    """`--push-to-hub` uploads through HfApi in one commit; `a2ats download` resolves from the Hub cache offline."""
+    from huggingface_hub import HfApi, constants
+
+    from test_hub_utils import populate_hub_cache
+
+    commits = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, ops, **kw: commits.append((repo_id, ops)))
+    text = tmp_path / "text.txt"
+    text.write_text("Emma Woodhouse, handsome, clever, and rich, with a comfortable home. " * 40)
+    main(["calibrate", str(model_dir), "--text", str(text), "--push-to-hub", "org/tiny", "--out", str(tmp_path / "b"),
+          "--n-centroids", "16", "--max-tokens", "1000", "--uuid-tokens", "200", "--kmeans-iters", "2"])
+    assert commits[0][0] == "org/tiny" and len(commits[0][1]) == 3
+    assert Codebooks.from_pretrained(tmp_path / "b").calibration["data"] == ["text.txt"]
+    populate_hub_cache(tmp_path / "hub", "org/tiny", tmp_path / "b")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    capsys.readouterr()
+    main(["download", "org/tiny"])
+    assert capsys.readouterr().out.strip().endswith("a2ats")
