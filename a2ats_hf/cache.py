@@ -196,7 +196,7 @@ class A2ATSCache(Cache):
     def bind(self, attention: nn.Module) -> RoPE:
         """Check the codebooks against the model on first use and build its RoPE helper."""
         if self.rope is None:
-            self.codebooks.validate(attention.config)
+            self.codebooks.validate(attention.config, attention if attention.layer_idx == 0 else None)
             self.rope = RoPE.for_attention(attention)
         return self.rope
 

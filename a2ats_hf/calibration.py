@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .codebooks import Codebooks, check_supported, fingerprint
+from .codebooks import Codebooks, check_supported, fingerprint, weights_signature
 from .quantization import kmeans, second_moment, whitening
 from .rope import RoPE
 
@@ -137,6 +137,7 @@ def calibrate(
             collector.filled += piece.shape[1]
     finally:
         collector.remove()
+    first_attention = collector.attentions[0]
     n_layers, hkv, n, d = collector.keys.shape
     whitener = whitening(collector.moments.view(n_layers * hkv, d, d))
     z = collector.keys.view(n_layers * hkv, n, d) @ whitener
@@ -156,7 +157,7 @@ def calibrate(
     return Codebooks(
         whitener=whitener.view(n_layers, hkv, d, d).cpu(),
         whitened_centroids=result.centroids.view(n_layers, hkv, n_centroids, d).cpu(),
-        fingerprint=fingerprint(model.config),
+        fingerprint={**fingerprint(model.config), "weights_signature": weights_signature(first_attention)},
         window=window,
         offset=offset,
         sink=sink,

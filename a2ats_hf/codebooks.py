@@ -38,6 +38,15 @@ def fingerprint(config: Any) -> dict:
     }
 
 
+def weights_signature(attention: Any) -> float | None:
+    """Frobenius norm of an attention layer's k_proj weight: tells a revision or fine-tune of the same architecture
+    apart, and survives dtype changes (None for packed, quantized weights)."""
+    weight = getattr(getattr(attention, "k_proj", None), "weight", None)
+    if weight is None or not weight.is_floating_point():
+        return None
+    return float(weight.detach().double().norm())
+
+
 def check_supported(config: Any) -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
@@ -166,8 +175,11 @@ class Codebooks:
 
         return push_to_hub(self, repo_id, subfolder, revision, private, token, commit_message, create_pr)
 
-    def validate(self, model_config: Any) -> None:
-        """Raise ``ValueError`` naming every field where these codebooks do not match ``model_config``."""
+    def validate(self, model_config: Any, attention: Any = None) -> None:
+        """Raise ``ValueError`` naming every field where these codebooks do not match ``model_config``.
+
+        Given the model's first attention module, also compare its weights with those calibrated on.
+        """
         check_supported(model_config)
         expected = fingerprint(model_config)
         mismatches = [
@@ -175,6 +187,12 @@ class Codebooks:
             for key, value in expected.items()
             if self.fingerprint.get(key) != value
         ]
+        recorded, actual = self.fingerprint.get("weights_signature"), attention and weights_signature(attention)
+        if recorded and actual and abs(recorded - actual) > 1e-3 * recorded:
+            mismatches.append(
+                f"weights_signature (layer-0 k_proj norm): codebooks have {recorded:.6g}, model has {actual:.6g} "
+                "(another revision or fine-tune)"
+            )
         layers, kv_heads, dim = self.whitener.shape[:3]
         shape = (expected["num_hidden_layers"], expected["num_key_value_heads"], expected["head_dim"])
         if (layers, kv_heads, dim) != shape:

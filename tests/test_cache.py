@@ -105,3 +105,14 @@ def test_unsupported_architecture(tiny):
     model.set_attn_implementation("a2ats")
     with pytest.raises(NotImplementedError, match="llama"):
         generate(model, ids_of(1, 40), A2ATSCache(tiny[1]))
+
+
+def test_codebooks_of_other_weights_fail_clearly(tiny):
+    """Same architecture, other weights (another revision or a fine-tune): the error says so."""
+    _, books = tiny
+    tuned = tiny_model()
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.k_proj.weight.mul_(1.1)
+    with pytest.raises(ValueError, match="weights_signature"):
+        generate(tuned, ids_of(1, 50), A2ATSCache(books))
+    assert books.fingerprint["weights_signature"] > 0
