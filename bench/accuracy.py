@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2, help="held-out windows per context length")
     parser.add_argument("--tail", type=int, default=512, help="tokens scored at the end of each window")
     parser.add_argument("--probe-every", type=int, default=16, help="measure recall every N layer-steps")
+    parser.add_argument("--methods", nargs="+", help="run only these methods (names as in the table)")
     parser.add_argument("--calibrate-only", action="store_true", help="build and cache the codebooks, then stop")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "accuracy-smollm2.json"))
     args = parser.parse_args()
@@ -156,6 +157,8 @@ def main() -> None:
         **{f"A2ATS {p:.0%}": (lambda p=p: A2ATSCache(books, topk=p)) for p in (0.01, 0.03, 0.05)},
         "A2ATS 3% kv_head": lambda: A2ATSCache(books, topk=0.03, budget="kv_head"),
     }
+    if args.methods:
+        methods = {name: make for name, make in methods.items() if name in args.methods}
     rows = []
     for context in args.contexts:
         starts = torch.linspace(0, held_out.shape[1] - context, args.windows).long().tolist()
