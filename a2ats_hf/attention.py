@@ -30,45 +30,67 @@ def a2ats_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Exact sdpa attention when no A2ATSCache is in use or for a prompt; A2ATS retrieval for one decode token."""
+    """Exact sdpa attention when no A2ATSCache is in use or for a prompt (or a chunk of one, attending every
+    earlier token); A2ATS retrieval for one decode token."""
     layer: A2ATSLayer | None = getattr(key, "a2ats_layer", None)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    cache = layer.cache
-    rope = cache.bind(module)
+    rope = layer.cache.bind(module)
     batch, _, length, _ = query.shape
+    n = layer.store.length
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
-        start = layer.store.length - length
-        position_ids = torch.arange(start, start + length, device=query.device)[None]
+        position_ids = torch.arange(n - length, n, device=query.device)[None]
     layer.append_codes(key, position_ids, rope)
     scaling = module.scaling if scaling is None else scaling
-    if length > 1 or layer.store.length == 1:  # a prompt: exact attention over it
-        layer.set_first_tokens(key_validity(attention_mask, batch, layer.store.length, query.device))
+    valid = key_validity(attention_mask, batch, n, query.device)
+    if length > 1 or n == 1:
+        if n > length:  # a later chunk: earlier tokens' K/V come back from the CPU for this layer only
+            past_keys, past_values = layer.store.to_tensors(end=n - length)
+            key = torch.cat([past_keys.to(key.device, non_blocking=True), key], dim=2)
+            value = torch.cat([past_values.to(value.device, non_blocking=True), value], dim=2)
+        layer.set_first_tokens(valid, key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    layer.write_sinks(layer.store.length - 1, layer.store.length)
-    valid = key_validity(attention_mask, batch, layer.store.length, query.device)
-    out = decode_attention(layer, query[:, :, 0], position_ids, valid, scaling)
+    out = decode_attention(layer, query[:, :, 0], key, value, position_ids, valid, scaling)
     return out.to(query.dtype)[:, None], None
 
 
-def far_candidates(layer: A2ATSLayer, valid: torch.Tensor) -> torch.Tensor:
-    """[B, N] bool: tokens eligible for retrieval (valid, outside each row's sinks and the window)."""
-    n = layer.store.length
-    cols = torch.arange(n, device=valid.device)
-    real = cols[None] - layer.first_token[:, None]  # index among each row's real tokens
-    return valid & (cols < n - layer.cache.window) & (real >= layer.cache.sink)
-
-
 def decode_attention(
-    layer: A2ATSLayer, query: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, scaling: float
+    layer: A2ATSLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position_ids: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
 ) -> torch.Tensor:
     """One decode token: exact attention over sinks + window on the device, top-K far tokens from the CPU store.
 
-    query [B, Hq, D] post-RoPE; valid [B, N] key validity. Returns [B, Hq, D] (float32).
+    query [B, Hq, D] post-RoPE; key/value [B, Hkv, 1, D] the new token's; valid [B, N] key validity. The device
+    selects the far tokens and hands their indices to the CPU, then attends its sinks and window while the CPU
+    attends the selected rows; the two are merged by log-sum-exp. Returns [B, Hq, D] (float32).
     """
     cache, n = layer.cache, layer.store.length
-    far = far_candidates(layer, valid)
+    far = layer.far_candidates(valid)
+    layer.advance(key, value, far)
+    n_far = far.sum(-1)
+    k_max = cache.budget_for(max(n - cache.window - cache.sink, 0))  # a host-side bound, so nothing waits here
+
+    if k_max > 0:
+        hkv = layer.codes.shape[1]
+        wrope = cache.rope.windowed_query(
+            query[:, :, None], position_ids[:, -1:].expand(query.shape[0], 1), cache.codebooks.offset
+        )
+        lut = lookup_table(wrope[:, :, 0], layer.centroids, query.shape[1] // hkv)
+        indices, counts = kernels.select_topk(
+            lut, layer.codes, far, cache.budget_for(n_far), cache.budget, histogram=layer.histogram, k_max=k_max
+        )
+        if query.is_cuda:  # hand the selection to the CPU without stalling the queue behind it
+            indices, counts, cpu_query = (t.to("cpu", non_blocking=True) for t in (indices, counts, query))
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            cpu_query = query
 
     sink_cols = layer.first_token[:, None] + torch.arange(cache.sink, device=query.device)
     sink_valid = (sink_cols < n - cache.window) & valid.gather(1, sink_cols.clamp(max=n - 1))
@@ -78,23 +100,18 @@ def decode_attention(
     hkv = local_keys.shape[1]
     out, lse = kernels.attention_with_lse(query, local_keys, local_values, local_valid[:, None].expand(-1, hkv, -1), scaling)
 
-    n_far = far.sum(-1)
-    k = cache.budget_for(n_far)
-    selected = 0
-    if int(k.max()) > 0:
-        rope = cache.rope
-        wrope = rope.windowed_query(query[:, :, None], position_ids[:, -1:].expand(query.shape[0], 1), cache.codebooks.offset)
-        group = query.shape[1] // hkv
-        lut = lookup_table(wrope[:, :, 0], layer.centroids, group)
-        indices, counts = kernels.select_topk(lut, layer.codes, far, k, cache.budget)
-        far_out, far_lse = kernels.sparse_attention(query, layer.store, indices, counts, scaling)
-        out = kernels.merge_attention(out, lse, far_out.to(out.device), far_lse.to(lse.device))
-        selected = int(counts.sum())
+    selected = torch.zeros((), dtype=torch.long, device=query.device)
+    if k_max > 0:
+        if query.is_cuda:
+            ready.synchronize()  # the GPU goes on with the window attention meanwhile
+        far_out, far_lse = kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling)
+        out = kernels.merge_attention(
+            out, lse, far_out.to(out.device, non_blocking=True), far_lse.to(lse.device, non_blocking=True)
+        )
+        selected = counts.sum()
 
-    stats = cache.stats
-    stats.steps += layer.layer_idx == 0
-    stats.far_selected += selected
-    stats.far_tokens += int(n_far.sum()) * hkv
-    stats.attended += selected + int(local_valid.sum()) * hkv
-    stats.past_tokens += int(valid.sum()) * hkv
+    cache.stats.steps += layer.layer_idx == 0
+    cache.stats.add(
+        selected.to(query.device), n_far.sum() * hkv, selected.to(query.device) + local_valid.sum() * hkv, valid.sum() * hkv
+    )
     return out

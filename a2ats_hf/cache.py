@@ -3,6 +3,7 @@ K/V in CPU memory."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,9 +11,10 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .codebooks import Codebooks
+from .kernels import code_histogram
 from .quantization import encode
 from .rope import RoPE
-from .store import KVStore
+from .store import KVStore, check_memory, kv_bytes
 
 BUDGETS = ("query_head", "kv_head")
 
@@ -26,15 +28,26 @@ def check_topk(topk: float | int) -> None:
         raise ValueError(f"topk as a fraction must lie in (0, 1], got {topk}")
 
 
-@dataclass
 class AttendedStats:
-    """Running totals over decode steps, summed over layers, rows and KV heads."""
+    """Running totals over decode steps, summed over layers, rows and KV heads.
 
-    steps: int = 0
-    far_selected: int = 0
-    far_tokens: int = 0
-    attended: int = 0
-    past_tokens: int = 0
+    Kept as one small device tensor so that decoding never waits on the GPU for bookkeeping; read on access.
+    """
+
+    FIELDS = ("far_selected", "far_tokens", "attended", "past_tokens")
+
+    def __init__(self):
+        self.steps = 0
+        self.totals: torch.Tensor | None = None
+
+    def add(self, far_selected: torch.Tensor, far_tokens: torch.Tensor, attended: torch.Tensor, past: torch.Tensor):
+        step = torch.stack([far_selected, far_tokens, attended, past]).to(torch.long)
+        self.totals = step if self.totals is None else self.totals + step.to(self.totals.device)
+
+    def __getattr__(self, name: str) -> int:
+        if name in AttendedStats.FIELDS:
+            return 0 if self.totals is None else int(self.totals[AttendedStats.FIELDS.index(name)])
+        raise AttributeError(name)
 
     @property
     def far_fraction(self) -> float:
@@ -60,7 +73,8 @@ class A2ATSLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         self.store = KVStore(b, h, d, key_states.dtype)
-        self.codes = torch.empty(b, h, 0, dtype=torch.uint16, device=self.device)
+        self.code_buffer = torch.empty(b, h, 0, dtype=torch.uint16, device=self.device)
+        self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, kept up to date
         self.window_keys = self.window_values = key_states[:, :, :0]
         self.sink_keys = torch.zeros(b, h, self.cache.sink, d, dtype=self.dtype, device=self.device)
         self.sink_values = torch.zeros_like(self.sink_keys)
@@ -72,18 +86,18 @@ class A2ATSLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store new post-RoPE K/V and return them, tagged so the "a2ats" attention finds this layer."""
+        """Store new post-RoPE K/V and return them, tagged so the "a2ats" attention finds this layer.
+
+        Several tokens at once are a prompt, or a chunk of one, or a continuation of the conversation.
+        """
         if not self.is_initialized:
+            if self.layer_idx == 0:
+                self.cache.check_memory(key_states)
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[0] != self.store.shape[0]:
             raise RuntimeError(
                 f"This A2ATSCache holds a batch of {self.store.shape[0]} rows but got {key_states.shape[0]}; "
                 "call cache.reset() or create a new A2ATSCache for a new batch."
-            )
-        elif key_states.shape[-2] > 1:
-            raise RuntimeError(
-                f"This A2ATSCache already holds {self.store.length} tokens and cannot take a new {key_states.shape[-2]}"
-                "-token prompt (continuing a finished generation); call cache.reset() or create a new A2ATSCache."
             )
         self.store.append(key_states, value_states)
         w = self.cache.window
@@ -94,29 +108,53 @@ class A2ATSLayer(CacheLayerMixin):
 
     # The "a2ats" attention calls the methods below, which need positions and padding that `update` does not see.
 
+    @property
+    def codes(self) -> torch.Tensor:
+        """[B, Hkv, N] uint16 codes of every stored key (a view of a buffer grown by doubling)."""
+        return self.code_buffer[:, :, : self.store.length]
+
     def append_codes(self, keys: torch.Tensor, position_ids: torch.Tensor, rope: RoPE) -> None:
-        """Encode new post-RoPE keys [B, Hkv, T, D] at ``position_ids`` [B, T] and append their codes."""
+        """Encode new post-RoPE keys [B, Hkv, T, D] at ``position_ids`` [B, T] into the last T code slots."""
+        n, t = self.store.length, keys.shape[-2]
+        if n > self.code_buffer.shape[-1]:
+            grown = torch.empty(*self.code_buffer.shape[:2], max(n, 2 * self.code_buffer.shape[-1]),
+                                dtype=torch.uint16, device=self.device)
+            grown[:, :, : n - t] = self.code_buffer[:, :, : n - t]
+            self.code_buffer = grown
         pre = rope.invert(keys, position_ids.expand(keys.shape[0], -1))
-        codes = encode(pre, self.whitener, self.whitened_centroids).to(torch.uint16)
-        self.codes = torch.cat([self.codes, codes], dim=-1)
+        self.code_buffer[:, :, n - t : n] = encode(pre, self.whitener, self.whitened_centroids).to(torch.uint16)
 
-    def set_first_tokens(self, valid: torch.Tensor) -> None:
-        """Record each row's first real column from the prefill's key validity [B, N] and fill the sinks."""
+    def set_first_tokens(self, valid: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """After a prompt: each row's first real column from the key validity [B, N], its sinks from all the
+        layer's keys and values [B, Hkv, N, D] on the device, and the far candidates' code histogram."""
         self.first_token = valid.long().argmax(-1)
-        self.write_sinks(0, self.store.length)
+        cols = (self.first_token[:, None] + torch.arange(self.cache.sink, device=self.device)).clamp(max=valid.shape[1] - 1)
+        index = cols[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        self.sink_keys = keys.gather(2, index).to(self.dtype)
+        self.sink_values = values.gather(2, index).to(self.dtype)
+        self.histogram = code_histogram(self.codes, self.far_candidates(valid), self.centroids.shape[1])
 
-    def write_sinks(self, start: int, end: int) -> None:
-        """Copy columns [start, end) that fall among each row's first ``sink`` real tokens into the sink slots."""
-        if self.cache.sink == 0:
-            return
-        cols = self.first_token[:, None] + torch.arange(self.cache.sink, device=self.device)  # [B, S]
-        inside = (cols >= start) & (cols < end)
-        if not inside.any():
-            return
-        keys, values = self.store.gather(cols.clamp(max=end - 1).cpu()[:, None, :].expand(-1, self.store.shape[1], -1))
-        mask = inside[:, None, :, None]
-        self.sink_keys = torch.where(mask, keys.to(self.device), self.sink_keys)
-        self.sink_values = torch.where(mask, values.to(self.device), self.sink_values)
+    def far_candidates(self, valid: torch.Tensor) -> torch.Tensor:
+        """[B, N] bool: tokens eligible for retrieval (valid, outside each row's sinks and the window)."""
+        n = self.store.length
+        cols = torch.arange(n, device=valid.device)
+        real = cols[None] - self.first_token[:, None]  # index among each row's real tokens
+        return valid & (cols < n - self.cache.window) & (real >= self.cache.sink)
+
+    def advance(self, keys: torch.Tensor, values: torch.Tensor, far: torch.Tensor) -> None:
+        """After one decoded token [B, Hkv, 1, D]: fill sink slots of rows still within their first ``sink`` tokens,
+        and count the token that just left the window into the histogram if it is a candidate (``far`` [B, N])."""
+        n, sink = self.store.length, self.cache.sink
+        slot = n - 1 - self.first_token  # [B]
+        inside = (slot < sink)[:, None, None, None]
+        if sink:
+            onehot = (torch.arange(sink, device=self.device) == slot[:, None])[:, None, :, None]
+            self.sink_keys = torch.where(inside & onehot, keys.to(self.dtype), self.sink_keys)
+            self.sink_values = torch.where(inside & onehot, values.to(self.dtype), self.sink_values)
+        col = n - 1 - self.cache.window
+        if col >= 0:
+            code = self.code_buffer[:, :, col : col + 1].long()
+            self.histogram.scatter_add_(-1, code, far[:, None, col : col + 1].expand_as(code).to(torch.int32))
 
     def get_seq_length(self) -> int:
         return self.store.length if self.is_initialized else 0
@@ -131,7 +169,7 @@ class A2ATSLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.is_initialized = False
-        for name in ("store", "codes", "window_keys", "window_values", "sink_keys", "sink_values"):
+        for name in ("store", "code_buffer", "histogram", "window_keys", "window_values", "sink_keys", "sink_values"):
             self.__dict__.pop(name, None)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -141,7 +179,8 @@ class A2ATSLayer(CacheLayerMixin):
         """(device bytes, CPU bytes) held by this layer."""
         if not self.is_initialized:
             return 0, 0
-        tensors = (self.codes, self.window_keys, self.window_values, self.sink_keys, self.sink_values)
+        tensors = (self.code_buffer, self.window_keys, self.window_values, self.sink_keys, self.sink_values)
+        tensors += () if self.histogram is None else (self.histogram,)
         return sum(t.numel() * t.element_size() for t in tensors), self.store.nbytes
 
 
@@ -154,6 +193,8 @@ class A2ATSCache(Cache):
         window: most recent tokens always attended exactly (default: the codebooks' window).
         sink: first tokens always attended exactly (default: the codebooks' sink).
         budget: "query_head" (top-K per query head, united over the KV group, as in the paper) or "kv_head".
+        max_length: the longest sequence (prompt + new tokens) expected; when given, a batch whose K/V cannot fit
+            in CPU memory fails at the first forward instead of midway through generation.
     """
 
     def __init__(
@@ -163,6 +204,7 @@ class A2ATSCache(Cache):
         window: int | None = None,
         sink: int | None = None,
         budget: str = "query_head",
+        max_length: int | None = None,
     ):
         check_topk(topk)
         if budget not in BUDGETS:
@@ -172,6 +214,7 @@ class A2ATSCache(Cache):
         self.sink = codebooks.sink if sink is None else sink
         if self.window < 1 or self.sink < 0:
             raise ValueError(f"window must be >= 1 and sink >= 0, got window={self.window}, sink={self.sink}")
+        self.max_length = max_length
         self.rope: RoPE | None = None
         self.stats = AttendedStats()
         super().__init__(layers=[A2ATSLayer(self, i) for i in range(codebooks.num_layers)])
@@ -184,6 +227,7 @@ class A2ATSCache(Cache):
         window: int | None = None,
         sink: int | None = None,
         budget: str = "query_head",
+        max_length: int | None = None,
         **hub_kwargs,
     ) -> "A2ATSCache":
         """A cache with the codebooks stored next to a model (``a2ats/`` in its folder or Hub repository).
@@ -191,7 +235,7 @@ class A2ATSCache(Cache):
         ``hub_kwargs`` (subfolder, revision, cache_dir, local_files_only, token) go to ``Codebooks.from_pretrained``.
         """
         books = Codebooks.from_pretrained(model_id_or_path, **hub_kwargs)
-        return cls(books, topk=topk, window=window, sink=sink, budget=budget)
+        return cls(books, topk=topk, window=window, sink=sink, budget=budget, max_length=max_length)
 
     def bind(self, attention: nn.Module) -> RoPE:
         """Check the codebooks against the model on first use and build its RoPE helper."""
@@ -200,8 +244,18 @@ class A2ATSCache(Cache):
             self.rope = RoPE.for_attention(attention)
         return self.rope
 
-    def budget_for(self, n_far: torch.Tensor) -> torch.Tensor:
-        """Tokens to retrieve per row from its number of far tokens."""
+    def check_memory(self, key_states: torch.Tensor) -> None:
+        """Before the first layer allocates: fail if every layer's K/V for the prompt (or ``max_length``) would
+        not fit in CPU memory."""
+        b, h, t, d = key_states.shape
+        tokens = max(t, self.max_length or 0)
+        needed = len(self.layers) * kv_bytes(b, h, d, key_states.dtype, tokens)
+        check_memory(needed, f"The K/V of {len(self.layers)} layers x batch {b} x {tokens} tokens")
+
+    def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
+        """Tokens to retrieve per row from its number of far tokens (a tensor [B], or one int on the host)."""
+        if isinstance(n_far, int):
+            return min(math.ceil(n_far * self.topk), n_far) if isinstance(self.topk, float) else min(n_far, self.topk)
         if isinstance(self.topk, float):
             return torch.ceil(n_far.double() * self.topk).long().clamp(max=n_far)
         return n_far.clamp(max=self.topk)

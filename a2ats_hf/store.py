@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+
 import torch
+
+
+def available_memory() -> int | None:
+    """Bytes of CPU memory available to new allocations (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed: int, what: str) -> None:
+    """Raise MemoryError naming ``what`` when ``needed`` bytes exceed the CPU memory available."""
+    free = available_memory()
+    if free is not None and needed > free:
+        raise MemoryError(
+            f"{what} needs {needed / 2**30:.2f} GiB of CPU memory but only {free / 2**30:.2f} GiB is available; "
+            "use a smaller batch or context, or a machine with more memory."
+        )
+
+
+BLOCK_SIZE = 4096
+
+
+def kv_bytes(batch: int, heads: int, head_dim: int, dtype: torch.dtype, tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    """CPU bytes of one layer's keys and values for ``tokens`` tokens, allocated in whole blocks."""
+    return 2 * math.ceil(tokens / block_size) * block_size * batch * heads * head_dim * dtype.itemsize
 
 
 class KVStore:
     """Keys and values [B, H, N, D] kept as a list of [B, H, block_size, D] blocks on the CPU.
 
     Appending fills the last block and adds new ones as needed, so what is stored is never copied again.
-    Blocks are pinned when CUDA is available, ready for asynchronous transfers.
+    Blocks are pinned when CUDA is available, so appends from the GPU are asynchronous copies.
     """
 
-    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, block_size: int = 4096):
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, block_size: int = BLOCK_SIZE):
         self.shape = (batch, heads, block_size, head_dim)
         self.dtype = dtype
         self.block_size = block_size
@@ -20,27 +56,42 @@ class KVStore:
         self.key_blocks: list[torch.Tensor] = []
         self.value_blocks: list[torch.Tensor] = []
         self.length = 0
+        self.pending = False  # an asynchronous append may still be in flight
+
+    def wait(self) -> None:
+        """Block until asynchronous appends have landed (before reading blocks on the CPU)."""
+        if self.pending:
+            torch.cuda.synchronize()
+            self.pending = False
 
     def _new_block(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append [B, H, T, D] keys and values (from any device)."""
+        """Append [B, H, T, D] keys and values; copies from a GPU are asynchronous (on the current stream)."""
         t, done = keys.shape[-2], 0
+        blocks = math.ceil((self.length + t) / self.block_size) - len(self.key_blocks)
+        if blocks > 0:
+            b, h, _, d = self.shape
+            needed = kv_bytes(b, h, d, self.dtype, blocks * self.block_size, self.block_size)
+            check_memory(needed, f"Storing {t} more tokens of K/V (batch {b}, {h} KV heads)")
         while done < t:
             offset = self.length % self.block_size
             if offset == 0:
                 self.key_blocks.append(self._new_block())
                 self.value_blocks.append(self._new_block())
             n = min(t - done, self.block_size - offset)
-            self.key_blocks[-1][:, :, offset : offset + n].copy_(keys[:, :, done : done + n])
-            self.value_blocks[-1][:, :, offset : offset + n].copy_(values[:, :, done : done + n])
+            self.key_blocks[-1][:, :, offset : offset + n].copy_(keys[:, :, done : done + n], non_blocking=self.pin)
+            self.value_blocks[-1][:, :, offset : offset + n].copy_(values[:, :, done : done + n], non_blocking=self.pin)
             done += n
             self.length += n
+        self.pending |= self.pin and keys.is_cuda
 
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``indices`` [B, H, K] (CPU, long, each < length) of every (row, head) -> keys, values [B, H, K, D]."""
+        """Rows ``indices`` [B, H, K] (CPU, each < length) of every (row, head) -> keys, values [B, H, K, D]."""
+        self.wait()
         b, h, k = indices.shape
+        indices = indices.long()
         keys = torch.empty(b, h, k, self.shape[-1], dtype=self.dtype)
         values = torch.empty_like(keys)
         block, offset = indices // self.block_size, indices % self.block_size
@@ -52,10 +103,13 @@ class KVStore:
             values[sel] = self.value_blocks[j][rows[sel], heads[sel], offset[sel]]
         return keys, values
 
-    def to_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All stored keys and values as two contiguous [B, H, N, D] tensors (a copy)."""
-        keys = torch.cat(self.key_blocks, dim=2)[:, :, : self.length]
-        values = torch.cat(self.value_blocks, dim=2)[:, :, : self.length]
+    def to_tensors(self, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored keys and values of columns [0, end) (default: all) as two [B, H, end, D] tensors (a copy)."""
+        self.wait()
+        end = self.length if end is None else end
+        blocks = -(-end // self.block_size)
+        keys = torch.cat(self.key_blocks[:blocks], dim=2)[:, :, :end]
+        values = torch.cat(self.value_blocks[:blocks], dim=2)[:, :, :end]
         return keys, values
 
     @property

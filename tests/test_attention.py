@@ -59,8 +59,8 @@ def test_left_padded_batch_equals_rows_alone(tiny, topk):
     selections = []
     original = kernels.select_topk
 
-    def spy(lut, codes, candidates, k, budget="query_head"):
-        indices, counts = original(lut, codes, candidates, k, budget)
+    def spy(lut, codes, candidates, k, budget="query_head", **kwargs):
+        indices, counts = original(lut, codes, candidates, k, budget, **kwargs)
         selections.append((indices, counts))
         return indices, counts
 

@@ -34,17 +34,57 @@ def test_bad_options_are_rejected(tiny, kwargs):
 
 
 def test_reuse_needs_reset(tiny):
-    """A finished cache refuses a new prompt or another batch size until reset(); then it reproduces the first run."""
+    """A finished cache refuses another batch size until reset(); then it reproduces the first run."""
     model, books = tiny
     cache = A2ATSCache(books, topk=0.1)
     first = generate(model, ids_of(1, 150), cache)
-    with pytest.raises(RuntimeError, match="reset"):
-        generate(model, ids_of(1, 160, seed=1), cache)
     with pytest.raises(RuntimeError, match="batch"):
         generate(model, ids_of(2, 150), cache)
     cache.reset()
     assert cache.get_seq_length() == 0
     assert torch.equal(generate(model, ids_of(1, 150), cache), first)
+
+
+def test_conversation_continues_like_dynamic_cache(tiny):
+    """A second turn (several new tokens into a filled cache) attends every earlier token exactly: at topk=1.0 both
+    turns match sdpa with a DynamicCache."""
+    model, books = tiny
+    reference = tiny_model("sdpa")
+    outputs = []
+    for m, cache in ((model, A2ATSCache(books, topk=1.0)), (reference, DynamicCache(config=reference.config))):
+        first = generate(m, ids_of(1, 150), cache)
+        second = generate(m, torch.cat([first, ids_of(1, 40, seed=5)], dim=1), cache)
+        outputs.append(second)
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.1])
+def test_chunked_prefill_equals_one_shot(tiny, topk):
+    """transformers' prefill_chunk_size: a left-padded batch prefilled in chunks (the short row's first chunk is all
+    padding) generates what a one-shot prefill generates."""
+    model, books = tiny
+    ids = ids_of(2, 300, seed=7)
+    mask = torch.ones_like(ids)
+    mask[1, :120] = 0
+    ids[1, :120] = 0
+
+    def run(chunk):
+        return model.generate(ids, attention_mask=mask, past_key_values=A2ATSCache(books, topk=topk), max_new_tokens=8,
+                              do_sample=False, pad_token_id=0, prefill_chunk_size=chunk)
+
+    assert torch.equal(run(64), run(None))
+
+
+def test_cpu_memory_is_checked_before_allocating(tiny, monkeypatch):
+    """A batch whose K/V would not fit in CPU memory fails at once with the bytes needed and available."""
+    from a2ats_hf import store
+
+    model, books = tiny
+    monkeypatch.setattr(store, "available_memory", lambda: 2**20)
+    cache = A2ATSCache(books, max_length=100_000)
+    with pytest.raises(MemoryError, match=r"needs \d+\.\d+ GiB of CPU memory but only 0\.00 GiB"):
+        generate(model, ids_of(1, 50), cache)
+    assert not cache.layers[1].is_initialized
 
 
 def test_model_usable_with_other_caches_after_a_failure(tiny):
@@ -53,7 +93,7 @@ def test_model_usable_with_other_caches_after_a_failure(tiny):
     cache = A2ATSCache(books)
     generate(model, ids_of(1, 100), cache)
     with pytest.raises(RuntimeError):
-        generate(model, ids_of(1, 100), cache)
+        generate(model, ids_of(2, 100), cache)
     reference = tiny_model("sdpa")
     ids = ids_of(1, 80, seed=3)
     expected = generate(reference, ids, DynamicCache(config=reference.config))
@@ -61,14 +101,17 @@ def test_model_usable_with_other_caches_after_a_failure(tiny):
 
 
 def test_memory_footprint(tiny):
-    """Device bytes are codes + sinks + window; CPU bytes are the whole K/V store."""
+    """Device bytes are codes (a buffer grown by doubling) + their histogram + sinks + window; CPU bytes are the
+    whole K/V store."""
     model, books = tiny
     cache = A2ATSCache(books, topk=0.1, window=16, sink=4)
     generate(model, ids_of(1, 300), cache, new=5)
     n = cache.get_seq_length()
     assert n == 304  # the last token is produced but not yet fed back
     layers, heads, dim = books.num_layers, 2, 16
-    device = layers * heads * (n * 2 + (16 + 4) * dim * 4 * 2)  # uint16 codes, float32 K and V
+    capacity = 600  # 300 prompt codes, doubled at the first decode step
+    assert cache.layers[0].code_buffer.shape[-1] == capacity
+    device = layers * heads * (capacity * 2 + books.n_centroids * 4 + (16 + 4) * dim * 4 * 2)  # uint16, int32, float32
     fp = cache.memory_footprint()
     assert fp["device_bytes"] == device
     assert fp["cpu_bytes"] >= layers * heads * n * dim * 4 * 2

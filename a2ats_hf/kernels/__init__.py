@@ -1,9 +1,43 @@
 """Kernels behind A2ATS decode: top-K selection over codes, sparse attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
-exported here, so faster implementations slot in behind the same signatures.
+exported here, which pick the fast implementation where it applies (Triton top-K for codes on a GPU, the C++
+CPU kernel for sparse attention) and the reference otherwise.
 """
 
-from .reference import attention_with_lse, merge_attention, select_topk, sparse_attention
+from __future__ import annotations
 
-__all__ = ["attention_with_lse", "merge_attention", "select_topk", "sparse_attention"]
+import importlib.util
+
+import torch
+
+from . import reference
+from .cpu_attention import sparse_attention
+from .reference import attention_with_lse, code_histogram, merge_attention
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def select_topk(
+    lut: torch.Tensor,
+    codes: torch.Tensor,
+    candidates: torch.Tensor,
+    k: torch.Tensor,
+    budget: str = "query_head",
+    histogram: torch.Tensor | None = None,
+    k_max: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K far tokens per (row, KV head) from LUT scores; see :func:`.reference.select_topk` for the contract.
+
+    On a GPU with Triton, the fused kernel runs (``histogram`` of the candidates' codes and a host-side bound
+    ``k_max`` on ``k`` spare it a pass over the codes and a device sync); indices may then be int32 and padded
+    wider than the largest count.
+    """
+    if codes.is_cuda and HAS_TRITON:
+        from .triton_topk import select_topk as triton_select_topk
+
+        return triton_select_topk(lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max)
+    return reference.select_topk(lut, codes, candidates, k, budget)
+
+
+__all__ = ["attention_with_lse", "code_histogram", "merge_attention", "select_topk", "sparse_attention"]

@@ -49,6 +49,14 @@ def select_topk(
     return indices.masked_fill(torch.arange(width, device=lut.device) >= counts[..., None], 0), counts
 
 
+def code_histogram(codes: torch.Tensor, candidates: torch.Tensor, m: int) -> torch.Tensor:
+    """[B, Hkv, M] int32: how many candidate tokens of each (row, KV head) carry each code."""
+    b, hkv, _ = codes.shape
+    hist = torch.zeros(b, hkv, m, dtype=torch.int32, device=codes.device)
+    weights = candidates[:, None, :].expand(b, hkv, -1).to(torch.int32)
+    return hist.scatter_add_(-1, codes.long(), weights)
+
+
 def attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
