@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (set before they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import a2ats_hf  # noqa: F401  (registers "a2ats")

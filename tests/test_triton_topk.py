@@ -1,0 +1,91 @@
+"""The Triton top-K kernel against the torch reference: same selected sets and counts, on random inputs of awkward
+sizes (under TRITON_INTERPRET=1 without a GPU) and on real SmolLM2 queries and codes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats_hf import A2ATSCache
+from a2ats_hf import attention as attention_module
+from a2ats_hf.kernels import code_histogram, reference, triton_topk
+
+from conftest import DEVICE
+
+pytestmark = pytest.mark.skipif(
+    DEVICE.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"),
+    reason="needs a GPU or TRITON_INTERPRET=1 (conftest sets it without a GPU)",
+)
+KERNEL_DEVICE = DEVICE if DEVICE.type == "cuda" else torch.device("cpu")
+
+
+def assert_same_selection(lut, codes, candidates, k, budget, **kwargs):
+    expected, expected_counts = reference.select_topk(lut, codes, candidates, k, budget)
+    got, counts = triton_topk.select_topk(lut, codes, candidates, k, budget, **kwargs)
+    assert got.dtype == torch.int32 and counts.dtype == torch.int32
+    assert torch.equal(counts.cpu().long(), expected_counts.cpu().long())
+    width = torch.arange(got.shape[-1], device=got.device)
+    assert (got.masked_fill(width >= counts[..., None], 0) == got).all(), "entries past the count must be 0"
+    for row in range(codes.shape[0]):
+        for head in range(codes.shape[1]):
+            n = int(counts[row, head])
+            assert torch.equal(got[row, head, :n].cpu().long(), expected[row, head, :n].cpu().long()), (row, head)
+
+
+@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
+@pytest.mark.parametrize(
+    "b, hq, hkv, n, m",
+    [(3, 6, 2, 67, 3), (2, 9, 3, 700, 50), (1, 4, 4, 130, 1000), (2, 12, 2, 333, 17)],
+    ids=["many-ties", "group3", "mha-big-M", "group6"],
+)
+def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
+    """Random LUTs (with repeated values), codes and candidate masks; k from 0 to every candidate; several blocks."""
+    g = torch.Generator().manual_seed(n + m)
+    lut = torch.randn(b, hq, m, generator=g)
+    lut[:, :, ::5] = lut[:, :, :1]  # equal scores across centroids
+    codes = torch.randint(0, m, (b, hkv, n), generator=g).to(torch.uint16)
+    candidates = torch.rand(b, n, generator=g) > 0.3
+    k = torch.randint(0, int(candidates.sum(-1).min()) + 1, (b,), generator=g)
+    k[0] = candidates[0].sum()
+    if b > 1:
+        k[1] = 0
+    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+    assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, block_n=64)
+
+
+def test_codes_view_histogram_and_k_bound():
+    """A view of a longer code buffer, a given histogram and a host bound k_max give the same selection."""
+    g = torch.Generator().manual_seed(1)
+    buffer = torch.randint(0, 40, (2, 2, 300), generator=g).to(torch.uint16).to(KERNEL_DEVICE)
+    codes = buffer[:, :, :211]
+    candidates = (torch.rand(2, 211, generator=g) > 0.2).to(KERNEL_DEVICE)
+    lut = torch.randn(2, 4, 40, generator=g).to(KERNEL_DEVICE)
+    k = torch.tensor([9, 30], device=KERNEL_DEVICE)
+    hist = code_histogram(codes, candidates, 40)
+    assert_same_selection(lut, codes, candidates, k, "query_head", histogram=hist, k_max=30, block_n=64)
+
+
+@pytest.mark.slow
+def test_matches_reference_on_smollm2(smollm2, austen):
+    """Real LUTs, codes and candidates captured from SmolLM2 decoding Persuasion (a 1.2K-token prompt, all layers of
+    the first two decode steps): the kernel selects exactly what the reference selects."""
+    from demo import codebooks as demo_codebooks
+
+    model, tokenizer = smollm2
+    books = demo_codebooks(model, tokenizer, austen)
+    ids = tokenizer(austen["Persuasion"][50000:56000], return_tensors="pt")["input_ids"].to(DEVICE)
+    captured = []
+    original = attention_module.kernels.select_topk
+
+    def spy(lut, codes, candidates, k, budget="query_head", **kwargs):
+        captured.append((lut, codes.clone(), candidates, k, kwargs["histogram"].clone()))
+        return original(lut, codes, candidates, k, budget, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_module.kernels, "select_topk", spy)
+        model.to(DEVICE).generate(ids, past_key_values=A2ATSCache(books, topk=0.03), max_new_tokens=3, do_sample=False)
+    assert len(captured) == 2 * model.config.num_hidden_layers
+    for lut, codes, candidates, k, hist in captured[:: 7 if DEVICE.type == "cpu" else 1]:  # interpreter is slow
+        to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+        assert torch.equal(hist, code_histogram(codes, candidates, lut.shape[-1])), "incremental histogram drifted"
+        assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", histogram=to(hist))
