@@ -1,0 +1,270 @@
+"""Micro-benchmarks of the fast offloaded path, each beside its physical bound and the baseline a user would pick.
+
+1. Top-K scoring (Triton) over uint16 codes: GB/s over the bytes it must read vs HBM bandwidth measured here;
+   beside it, scores by ``gather`` + ``torch.topk`` (what one would write in torch).
+2. CPU sparse attention (C++), 3% of N rows per (row, KV head), head dim 128, bf16 store: GB/s over the bytes it
+   gathers vs the CPU copy bandwidth measured here (all cores); beside it, the torch reference and
+   ``index_select`` + matmul on a contiguous tensor.
+3. One decode step of one Llama-3.1-8B-shaped layer (32 query / 8 KV heads, head dim 128, 4096 centroids), its time
+   split by phase (each phase timed alone, with syncs) and the real overlapped step; beside it, sdpa over the full
+   K/V on the GPU (DynamicCache) and the offloaded-cache way (copy the layer's K/V to the GPU, then sdpa).
+
+Run on the GPU box:  PYTHONPATH=. python3 bench/kernels.py [--quick]   (writes bench/results/kernels-<gpu>.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# This file's name would shadow the Hub `kernels` package that transformers probes for: drop bench/ from the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
+
+from a2ats_hf import A2ATSCache, Codebooks, attention, kernels  # noqa: E402
+from a2ats_hf.codebooks import fingerprint  # noqa: E402
+from a2ats_hf.kernels import code_histogram, cpu_attention, reference  # noqa: E402
+from a2ats_hf.rope import RoPE  # noqa: E402
+from a2ats_hf.store import KVStore  # noqa: E402
+
+HKV, GROUP, D, M = 8, 4, 128, 4096
+LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_hidden_layers=1,
+                      rope_theta=500000.0, max_position_embeddings=1 << 20)
+
+
+def cuda_time(fn, reps: int = 20) -> float:
+    """Mean seconds per call on the GPU (after a warm-up call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps / 1e3
+
+
+def wall_time(fn, reps: int = 5) -> float:
+    """Median wall seconds per call (after a warm-up call), syncing the GPU if one is used."""
+    fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def bandwidths() -> dict:
+    """HBM copy, CPU copy (all cores) and pinned PCIe bandwidth, GB/s (copy = read + write bytes)."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    hbm = 2 * x.numel() / cuda_time(lambda: x.clone(), 10) / 1e9
+    c = torch.ones(2**31, dtype=torch.uint8)
+    out = torch.empty_like(c)
+    cpu = 2 * c.numel() / wall_time(lambda: out.copy_(c), 5) / 1e9
+    p = torch.ones(2**29, dtype=torch.uint8, pin_memory=True)
+    h2d = p.numel() / cuda_time(lambda: x[: p.numel()].copy_(p, non_blocking=True), 10) / 1e9
+    return {"hbm_gbs": round(hbm), "cpu_copy_gbs": round(cpu, 1), "pcie_h2d_gbs": round(h2d, 1),
+            "cpu_threads": torch.get_num_threads()}
+
+
+def bench_topk(n: int, b: int, hbm: float) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(n + b)
+    codes = torch.randint(0, M, (b, HKV, n), device="cuda", generator=g, dtype=torch.int32).to(torch.uint16)
+    cand = torch.ones(b, n, dtype=torch.bool, device="cuda")
+    cand[:, -64:] = False
+    lut = torch.randn(b, HKV * GROUP, M, device="cuda", generator=g)
+    k = torch.full((b,), int(0.03 * (n - 64)), device="cuda")
+    hist = code_histogram(codes, cand, M)
+    k_max = int(k[0])
+    fast = cuda_time(lambda: kernels.select_topk(lut, codes, cand, k, histogram=hist, k_max=k_max))
+
+    def torch_topk():
+        scores = lut.view(b, HKV, GROUP, M).gather(-1, codes.long()[:, :, None].expand(-1, -1, GROUP, -1))
+        return scores.masked_fill(~cand[:, None, None], float("-inf")).topk(k_max, dim=-1)
+
+    baseline = cuda_time(torch_topk, 5)
+    must_read = codes.numel() * 2 + cand.numel() + lut.numel() * 4 + hist.numel() * 4
+    return {"n": n, "batch": b, "mb_read": round(must_read / 1e6, 1), "triton_us": round(fast * 1e6, 1),
+            "triton_gbs": round(must_read / fast / 1e9), "pct_hbm": round(100 * must_read / fast / 1e9 / hbm, 1),
+            "bound_us": round(must_read / hbm / 1e3, 1), "torch_topk_us": round(baseline * 1e6, 1)}
+
+
+def random_store(b: int, n: int, dtype=torch.bfloat16) -> KVStore:
+    store = KVStore(b, HKV, D, dtype)
+    store.pin = False  # the CPU kernel does not care; pinning 30 GiB would only slow the set-up
+    chunk = torch.empty(b, HKV, store.block_size, D, dtype=dtype)
+    for start in range(0, n, store.block_size):
+        t = min(store.block_size, n - start)
+        chunk.normal_()
+        store.append(chunk[:, :, :t], chunk[:, :, :t])
+    return store
+
+
+def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool) -> dict:
+    store = random_store(b, n)
+    g = torch.Generator().manual_seed(n)
+    k = int(0.03 * n)
+    indices = torch.rand(b, HKV, n, generator=g).argsort(-1)[..., :k].sort(-1).values.to(torch.int32)
+    counts = torch.full((b, HKV), k, dtype=torch.int32)
+    query = torch.randn(b, HKV * GROUP, D, generator=g)
+    gathered = 2 * b * HKV * k * D * 2  # K and V rows, bf16
+    fast = wall_time(lambda: cpu_attention.sparse_attention(query, store, indices, counts, D**-0.5), 5)
+    row = {"n": n, "batch": b, "mb_gathered": round(gathered / 1e6, 1), "cpp_ms": round(fast * 1e3, 2),
+           "cpp_gbs": round(gathered / fast / 1e9, 1), "pct_cpu_bw": round(100 * gathered / fast / 1e9 / cpu_bw, 1),
+           "bound_ms": round(gathered / cpu_bw / 1e6, 2)}
+    if baselines:
+        row["reference_ms"] = round(1e3 * wall_time(
+            lambda: reference.sparse_attention(query, store, indices, counts, D**-0.5), 2), 2)
+        keys, values = store.to_tensors()
+        flat_k, flat_v = keys.reshape(-1, D), values.reshape(-1, D)
+        offsets = (torch.arange(b * HKV) * n).view(b, HKV, 1)
+
+        def index_select_matmul():
+            flat = (indices.long() + offsets).reshape(-1)
+            kk = flat_k.index_select(0, flat).view(b, HKV, k, D).float()
+            vv = flat_v.index_select(0, flat).view(b, HKV, k, D).float()
+            q = query.view(b, HKV, GROUP, D)
+            w = torch.softmax(q @ kk.transpose(-1, -2) * D**-0.5, -1)
+            return w @ vv
+
+        row["index_select_ms"] = round(1e3 * wall_time(index_select_matmul, 3), 2)
+    del store
+    return row
+
+
+@contextmanager
+def phase_timers(totals: dict):
+    """Wrap the decode step's phases with synced timers (serialises them: the split, not the overlapped time)."""
+    targets = [(attention.kernels, "select_topk", "top-K"), (attention.kernels, "sparse_attention", "CPU attention"),
+               (attention.kernels, "attention_with_lse", "GPU window attention"),
+               (attention.kernels, "merge_attention", "merge"), (attention, "lookup_table", "LUT")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+
+    def timed(fn, label):
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+            return out
+        return wrapper
+
+    for (obj, name, fn), (_, _, label) in zip(saved, targets):
+        setattr(obj, name, timed(fn, label))
+    try:
+        yield
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
+def decode_layer(n: int, b: int) -> dict:
+    """One layer's decode step over an N-token random cache, against sdpa on the GPU and the offloaded way."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    whitener = torch.eye(D, device="cuda").expand(1, HKV, D, D).contiguous()
+    books = Codebooks(whitener.cpu(), torch.randn(1, HKV, M, D, generator=g, device="cuda").cpu(), fingerprint(LLAMA8B))
+    cache = A2ATSCache(books, topk=0.03)
+    cache.rope = RoPE(LlamaRotaryEmbedding(LLAMA8B))
+    layer = cache.layers[0]
+    store = random_store(b, n)
+    new = torch.randn(b, HKV, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    layer.lazy_initialization(new, new)
+    layer.store = store
+    store.pin = True  # new tokens arrive by asynchronous copies as in real decoding
+    layer.code_buffer = torch.randint(0, M, (b, HKV, 2 * n), device="cuda", generator=g, dtype=torch.int32).to(torch.uint16)
+    layer.window_keys = layer.window_values = torch.randn(b, HKV, cache.window, D, device="cuda", dtype=torch.bfloat16)
+    layer.set_first_tokens(torch.ones(b, n, dtype=torch.bool, device="cuda"), layer.window_keys, layer.window_values)
+    layer.histogram = code_histogram(layer.codes, layer.far_candidates(torch.ones(b, n, dtype=torch.bool, device="cuda")), M)
+    query = torch.randn(b, HKV * GROUP, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def step():
+        layer.update(new, new)
+        pos = torch.full((1, 1), layer.store.length - 1, device="cuda")
+        layer.append_codes(new, pos, cache.rope)
+        valid = torch.ones(b, layer.store.length, dtype=torch.bool, device="cuda")
+        return attention.decode_attention(layer, query[:, :, 0], new, new, pos, valid, D**-0.5)
+
+    step_s = wall_time(step, 10)
+    split: dict = {}
+    with phase_timers(split):
+        reps = 5
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+        serial = (time.perf_counter() - t) / reps
+    split = {k: round(v / reps * 1e3, 3) for k, v in split.items()}
+    split["encode, transfers, bookkeeping"] = round(serial * 1e3 - sum(split.values()), 3)
+
+    keys = torch.randn(b, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    full = cuda_time(lambda: F.scaled_dot_product_attention(query, keys, keys, enable_gqa=True), 20)
+    host = keys.cpu().pin_memory()
+    staging = torch.empty_like(keys)
+
+    def offloaded():  # the layer's K and V come over PCIe, then sdpa
+        staging.copy_(host, non_blocking=True)
+        staging.copy_(host, non_blocking=True)
+        return F.scaled_dot_product_attention(query, staging, staging, enable_gqa=True)
+
+    off = cuda_time(offloaded, 5)
+    del keys, host, staging, store
+    return {"n": n, "batch": b, "a2ats_ms": round(step_s * 1e3, 3), "serial_ms": round(serial * 1e3, 3),
+            "overlap_ms": round((serial - step_s) * 1e3, 3), "split_ms": split,
+            "gpu_sdpa_ms": round(full * 1e3, 3), "offloaded_ms": round(off * 1e3, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cpu_attention.extension()  # build once, outside the timings
+    bw = bandwidths()
+    print(bw, flush=True)
+    lengths = [32768] if args.quick else [32768, 131072, 524288]
+    batches = [1, 4] if args.quick else [1, 4, 16]
+    results = {"gpu": torch.cuda.get_device_name(), "bandwidth": bw, "topk": [], "cpu_attention": [], "decode_layer": []}
+    for n in lengths:
+        for b in batches:
+            results["topk"].append(bench_topk(n, b, bw["hbm_gbs"]))
+            print(results["topk"][-1], flush=True)
+    for n in lengths:
+        for b in batches:
+            results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"], baselines=n * b <= 131072 * 4))
+            print(results["cpu_attention"][-1], flush=True)
+    for n in [32768] if args.quick else [32768, 131072]:
+        for b in [1, 4]:
+            results["decode_layer"].append(decode_layer(n, b))
+            print(results["decode_layer"][-1], flush=True)
+    name = re.sub(r"[^a-z0-9]+", "-", results["gpu"].lower()).strip("-")
+    out = Path(__file__).parent / "results" / f"kernels-{name}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}\n")
+    print("| top-K N | batch | MB read | Triton us | GB/s | % HBM | torch topk us |")
+    for r in results["topk"]:
+        print(f"| {r['n']} | {r['batch']} | {r['mb_read']} | {r['triton_us']} | {r['triton_gbs']} | {r['pct_hbm']} | {r['torch_topk_us']} |")
+    print("| CPU attn N | batch | MB gathered | C++ ms | GB/s | % CPU bw | reference ms | index_select ms |")
+    for r in results["cpu_attention"]:
+        print(f"| {r['n']} | {r['batch']} | {r['mb_gathered']} | {r['cpp_ms']} | {r['cpp_gbs']} | {r['pct_cpu_bw']} | "
+              f"{r.get('reference_ms', '-')} | {r.get('index_select_ms', '-')} |")
+    print("| layer step N | batch | A2ATS ms | serial ms | GPU sdpa ms | offloaded ms | split |")
+    for r in results["decode_layer"]:
+        print(f"| {r['n']} | {r['batch']} | {r['a2ats_ms']} | {r['serial_ms']} | {r['gpu_sdpa_ms']} | {r['offloaded_ms']} | {r['split_ms']} |")
+
+
+if __name__ == "__main__":
+    main()
