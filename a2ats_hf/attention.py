@@ -36,6 +36,8 @@ def a2ats_attention_forward(
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     rope = layer.cache.bind(module)
+    if layer.layer_idx == 0:
+        rope.new_step()
     batch, _, length, _ = query.shape
     n = layer.store.length
     position_ids = kwargs.get("position_ids")

@@ -43,6 +43,11 @@ class RoPE:
 
     def __init__(self, rotary: nn.Module):
         self.rotary = rotary
+        self.memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def new_step(self) -> None:
+        """Forget the ``cos``/``sin`` kept for the previous forward pass (layers of one pass share them)."""
+        self.memo.clear()
 
     @classmethod
     def for_attention(cls, attention: nn.Module) -> "RoPE":
@@ -50,7 +55,14 @@ class RoPE:
         return cls(find_rotary_class(attention)(attention.config))
 
     def cos_sin(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 ``cos``, ``sin`` of shape [B, 1, T, D] for ``position_ids`` [B, T]."""
+        """float32 ``cos``, ``sin`` of shape [B, 1, T, D] for ``position_ids`` [B, T], computed once per forward
+        pass for the same positions (every layer of a pass sees the same ``position_ids`` storage)."""
+        key = (position_ids.data_ptr(), position_ids.shape, position_ids.stride(), str(device))
+        if key not in self.memo:
+            self.memo[key] = self._compute(position_ids, device)
+        return self.memo[key]
+
+    def _compute(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         self.rotary.to(device)
         dummy = torch.empty(0, dtype=torch.float32, device=device)
         cos, sin = self.rotary(dummy, position_ids.to(device))
@@ -63,8 +75,11 @@ class RoPE:
 
     def at(self, x: torch.Tensor, position: int) -> torch.Tensor:
         """RoPE of pre-RoPE ``x`` [B, H, T, D] at one fixed ``position`` for every token (float32)."""
-        position_ids = torch.full(x.shape[:1] + x.shape[2:3], position, dtype=torch.long, device=x.device)
-        cos, sin = self.cos_sin(position_ids, x.device)
+        key = ("at", position, x.shape[0], x.shape[2], str(x.device))
+        if key not in self.memo:
+            position_ids = torch.full(x.shape[:1] + x.shape[2:3], position, dtype=torch.long, device=x.device)
+            self.memo[key] = self._compute(position_ids, x.device)
+        cos, sin = self.memo[key]
         return apply_rope(x.float(), cos, sin)
 
     def windowed_query(self, query: torch.Tensor, position_ids: torch.Tensor, offset: int) -> torch.Tensor:

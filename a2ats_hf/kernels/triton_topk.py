@@ -1,11 +1,12 @@
-"""Triton top-K selection over codes: one program per (row, KV head), the codes read once.
+"""Triton top-K selection over codes, exact and parallel over (row, KV head, segment of tokens).
 
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
-histogram of the candidates' codes and the LUT alone: a 32-step bisection on the scores' order-preserving
-integer keys, weighted by the histogram, without touching the codes. One scan of the codes then keeps every
-candidate scoring above that threshold and, among those equal to it, the lowest token indices until K, unites
-the selections of the KV group's query heads and writes the chosen indices compacted and ascending. The result
-equals :func:`a2ats_hf.kernels.reference.select_topk` exactly.
+histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
+order-preserving integer keys, 4 bits per round, weighted by the histogram (one program per head). Then three
+passes over segments of the codes, each fully parallel: count each head's ties with the threshold per segment;
+count the tokens the KV group unites per segment (a tie is taken while fewer than the head's remaining budget of
+ties precede it, so ties go to the lowest token indices); write the chosen indices compacted and ascending at
+each segment's offset. The result equals :func:`a2ats_hf.kernels.reference.select_topk` exactly.
 """
 
 from __future__ import annotations
@@ -26,62 +27,82 @@ def _order_key(values):
 
 
 @triton.jit
-def _select_kernel(
-    lut_ptr, codes_ptr, cand_ptr, hist_ptr, k_ptr, out_ptr, count_ptr,
-    n, m, stride_cb, stride_ch, stride_mb, out_width,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, thr_ptr, need_ptr, m, HEADS: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    """Per (row, head): the k-th largest score's key ``thr`` and how many tokens scoring exactly it to take."""
     pid = tl.program_id(0)
-    row = pid // HKV
-    kvh = pid % HKV
+    row = pid // HEADS
+    kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
     k = tl.load(k_ptr + row).to(tl.int32)
-    g = tl.arange(0, G_PAD)
-    g_ok = g < G
-    lut_rows = lut_ptr + (pid * G + g).to(tl.int64) * m  # [G_PAD]: this KV head's query heads (or its summed head)
-    hist_row = hist_ptr + pid.to(tl.int64) * m
-
-    # threshold[g]: the largest key T with #{candidates with key >= T} >= k, i.e. the k-th largest score.
-    threshold = tl.zeros([G_PAD], dtype=tl.uint32)
-    for i in range(32):
-        trial = threshold | (tl.full([G_PAD], 1, dtype=tl.uint32) << (31 - i))
-        above = tl.zeros([G_PAD], dtype=tl.int32)
+    digit = tl.arange(0, 16).to(tl.uint32)
+    thr = tl.zeros([1], dtype=tl.uint32)
+    for r in range(8):  # 4 bits per round, from the top: keep the largest prefix with >= k candidates at or above
+        trial = thr | (digit << (28 - 4 * r))  # [16]
+        above = tl.zeros([16], dtype=tl.int32)
         for m0 in range(0, m, BLOCK_M):
             cols = m0 + tl.arange(0, BLOCK_M)
-            c_ok = cols < m
-            count = tl.load(hist_row + cols, mask=c_ok, other=0)
-            vals = tl.load(lut_rows[:, None] + cols[None, :], mask=g_ok[:, None] & c_ok[None, :], other=0.0)
-            above += tl.sum(tl.where(_order_key(vals) >= trial[:, None], count[None, :], 0), axis=1)
-        threshold = tl.where(above >= k, trial, threshold)
-    greater = tl.zeros([G_PAD], dtype=tl.int32)
+            ok = cols < m
+            count = tl.load(hist_ptr + kv.to(tl.int64) * m + cols, mask=ok, other=0)
+            key = _order_key(tl.load(lut_ptr + pid.to(tl.int64) * m + cols, mask=ok, other=0.0))
+            above += tl.sum(tl.where(key[None, :] >= trial[:, None], count[None, :], 0), axis=1)
+        best = tl.sum((above >= k).to(tl.int32), axis=0) - 1  # `above` falls with the digit
+        thr = thr | (best.to(tl.uint32) << (28 - 4 * r))
+    greater = tl.zeros([1], dtype=tl.int32)
     for m0 in range(0, m, BLOCK_M):
         cols = m0 + tl.arange(0, BLOCK_M)
-        c_ok = cols < m
-        count = tl.load(hist_row + cols, mask=c_ok, other=0)
-        vals = tl.load(lut_rows[:, None] + cols[None, :], mask=g_ok[:, None] & c_ok[None, :], other=0.0)
-        greater += tl.sum(tl.where(_order_key(vals) > threshold[:, None], count[None, :], 0), axis=1)
-    need = k - greater  # how many of the tokens scoring exactly the threshold each head still takes
-    active = g_ok & ((g * 0 + k) > 0)
+        ok = cols < m
+        count = tl.load(hist_ptr + kv.to(tl.int64) * m + cols, mask=ok, other=0)
+        key = _order_key(tl.load(lut_ptr + pid.to(tl.int64) * m + cols, mask=ok, other=0.0))
+        greater += tl.sum(tl.where(key > thr, count, 0), axis=0)
+    tl.store(thr_ptr + pid + tl.arange(0, 1), thr.to(tl.int32, bitcast=True))
+    tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
 
-    ties_seen = tl.zeros([G_PAD], dtype=tl.int32)
-    total = tl.zeros([1], dtype=tl.int32)
-    codes_row = codes_ptr + row.to(tl.int64) * stride_cb + kvh.to(tl.int64) * stride_ch
-    out_row = out_ptr + pid.to(tl.int64) * out_width
-    for n0 in range(0, n, BLOCK_N):
-        tokens = n0 + tl.arange(0, BLOCK_N)
-        t_ok = tokens < n
-        code = tl.load(codes_row + tokens, mask=t_ok, other=0).to(tl.int32)
-        cand = (tl.load(cand_ptr + row.to(tl.int64) * stride_mb + tokens, mask=t_ok, other=0) != 0) & t_ok
-        live = active[:, None] & cand[None, :]
-        key = _order_key(tl.load(lut_rows[:, None] + code[None, :], mask=live, other=0.0))
-        tie = (live & (key == threshold[:, None])).to(tl.int32)
-        rank = tl.cumsum(tie, axis=1) - tie + ties_seen[:, None]
-        chosen = live & ((key > threshold[:, None]) | ((tie != 0) & (rank < need[:, None])))
-        ties_seen += tl.sum(tie, axis=1)
-        union = tl.max(chosen.to(tl.int32), axis=0)  # [BLOCK_N]
-        slot = tl.cumsum(union, axis=0) - union + tl.sum(total, axis=0)
-        tl.store(out_row + slot, tokens, mask=union != 0)
-        total += tl.sum(union, axis=0)
-    tl.store(count_ptr + pid + tl.arange(0, 1), total)
+
+@triton.jit
+def _scan_kernel(
+    lut_ptr, codes_ptr, cand_ptr, k_ptr, thr_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
+    n, m, stride_cb, stride_ch, stride_mb, out_width, segments,
+    PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program (pair, segment). PHASE 0 counts ties per head, 1 counts the united choice, 2 writes indices."""
+    pair = tl.program_id(0)
+    seg = tl.program_id(1)
+    row = pair // HKV
+    g = tl.arange(0, G_PAD)
+    g_ok = g < G
+    heads = pair * G + g
+    k = tl.load(k_ptr + row).to(tl.int32)
+    thr = tl.load(thr_ptr + heads, mask=g_ok, other=0).to(tl.uint32, bitcast=True)
+    need = tl.load(need_ptr + heads, mask=g_ok, other=0)
+    active = g_ok & ((g * 0 + k) > 0)
+    lut_rows = lut_ptr + heads.to(tl.int64) * m
+
+    tokens = seg * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_ok = tokens < n
+    code = tl.load(codes_ptr + row.to(tl.int64) * stride_cb + (pair % HKV).to(tl.int64) * stride_ch + tokens,
+                   mask=t_ok, other=0).to(tl.int32)
+    cand = (tl.load(cand_ptr + row.to(tl.int64) * stride_mb + tokens, mask=t_ok, other=0) != 0) & t_ok
+    live = active[:, None] & cand[None, :]
+    key = _order_key(tl.load(lut_rows[:, None] + code[None, :], mask=live, other=0.0))
+    tie = (live & (key == thr[:, None])).to(tl.int32)
+    if PHASE == 0:
+        tl.store(ties_ptr + (pair * segments + seg) * G_PAD + g, tl.sum(tie, axis=1))
+    else:
+        s = tl.arange(0, S_PAD)
+        before = s < seg
+        earlier = tl.load(ties_ptr + (pair * segments + s[:, None]) * G_PAD + g[None, :], mask=before[:, None], other=0)
+        rank = tl.cumsum(tie, axis=1) - tie + tl.sum(earlier, axis=0)[:, None]
+        chosen = live & ((key > thr[:, None]) | ((tie != 0) & (rank < need[:, None])))
+        union = tl.max(chosen.to(tl.int32), axis=0)
+        if PHASE == 1:
+            tl.store(union_ptr + pair * segments + seg, tl.sum(union, axis=0))
+        else:
+            counts = tl.load(union_ptr + pair * segments + s, mask=s < segments, other=0)
+            slot = tl.cumsum(union, axis=0) - union + tl.sum(tl.where(before, counts, 0), axis=0)
+            tl.store(out_ptr + pair.to(tl.int64) * out_width + slot, tokens, mask=union != 0)
+            if seg == 0:
+                tl.store(count_ptr + pair, tl.sum(counts, axis=0))
 
 
 def select_topk(
@@ -92,7 +113,7 @@ def select_topk(
     budget: str = "query_head",
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
-    block_n: int = 1024,
+    block_n: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv].
@@ -119,11 +140,20 @@ def select_topk(
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     cand = candidates.to(torch.uint8)
-    _select_kernel[(b * hkv,)](
-        lut, codes, cand, histogram.to(torch.int32).contiguous(), k.contiguous(), indices, counts,
-        n, m, codes.stride(0), codes.stride(1), cand.stride(0), width,
-        HKV=hkv, G=group, G_PAD=triton.next_power_of_2(group), BLOCK_M=min(triton.next_power_of_2(m), 1024),
-        BLOCK_N=block_n,
-    )
+    heads = lut.shape[1]
+    thr = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
+    need = torch.empty_like(thr)
+    _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), thr, need, m,
+                                    HEADS=heads, GROUP=group, BLOCK_M=min(triton.next_power_of_2(m), 2048), num_warps=8)
+    segments = triton.cdiv(n, block_n)
+    g_pad = triton.next_power_of_2(group)
+    ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
+    union = torch.empty(b * hkv, segments, dtype=torch.int32, device=codes.device)
+    for phase in range(3):
+        _scan_kernel[(b * hkv, segments)](
+            lut, codes, cand, k, thr, need, ties, union, indices, counts,
+            n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
+            PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
+        )
     return indices, counts
 
