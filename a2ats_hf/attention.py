@@ -102,7 +102,7 @@ def decode_attention(
     hkv = local_keys.shape[1]
     out, lse = kernels.attention_with_lse(query, local_keys, local_values, local_valid[:, None].expand(-1, hkv, -1), scaling)
 
-    selected = torch.zeros((), dtype=torch.long, device=query.device)
+    selected = 0
     if k_max > 0:
         if query.is_cuda:
             ready.synchronize()  # the GPU goes on with the window attention meanwhile
@@ -110,10 +110,8 @@ def decode_attention(
         out = kernels.merge_attention(
             out, lse, far_out.to(out.device, non_blocking=True), far_lse.to(lse.device, non_blocking=True)
         )
-        selected = counts.sum()
+        selected = int(counts.sum())  # on the host already
 
     cache.stats.steps += layer.layer_idx == 0
-    cache.stats.add(
-        selected.to(query.device), n_far.sum() * hkv, selected.to(query.device) + local_valid.sum() * hkv, valid.sum() * hkv
-    )
+    cache.stats.add(selected, n_far.sum() * hkv, local_valid.sum() * hkv, valid.sum() * hkv)
     return out

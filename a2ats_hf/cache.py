@@ -31,23 +31,34 @@ def check_topk(topk: float | int) -> None:
 class AttendedStats:
     """Running totals over decode steps, summed over layers, rows and KV heads.
 
-    Kept as one small device tensor so that decoding never waits on the GPU for bookkeeping; read on access.
+    Counts known on the device stay there (one small tensor), so decoding never waits on the GPU for bookkeeping;
+    they are read on access.
     """
-
-    FIELDS = ("far_selected", "far_tokens", "attended", "past_tokens")
 
     def __init__(self):
         self.steps = 0
-        self.totals: torch.Tensor | None = None
+        self.far_selected = 0  # counted on the host, from the selection the CPU receives anyway
+        self.device_totals: torch.Tensor | None = None  # far tokens, attended on the device, past tokens
 
-    def add(self, far_selected: torch.Tensor, far_tokens: torch.Tensor, attended: torch.Tensor, past: torch.Tensor):
-        step = torch.stack([far_selected, far_tokens, attended, past]).to(torch.long)
-        self.totals = step if self.totals is None else self.totals + step.to(self.totals.device)
+    def add(self, far_selected: int, far_tokens: torch.Tensor, local: torch.Tensor, past: torch.Tensor) -> None:
+        self.far_selected += far_selected
+        step = torch.stack([far_tokens, local, past]).to(torch.long)
+        self.device_totals = step if self.device_totals is None else self.device_totals + step
 
-    def __getattr__(self, name: str) -> int:
-        if name in AttendedStats.FIELDS:
-            return 0 if self.totals is None else int(self.totals[AttendedStats.FIELDS.index(name)])
-        raise AttributeError(name)
+    def _totals(self) -> list[int]:
+        return [0, 0, 0] if self.device_totals is None else self.device_totals.tolist()
+
+    @property
+    def far_tokens(self) -> int:
+        return self._totals()[0]
+
+    @property
+    def attended(self) -> int:
+        return self.far_selected + self._totals()[1]
+
+    @property
+    def past_tokens(self) -> int:
+        return self._totals()[2]
 
     @property
     def far_fraction(self) -> float:

@@ -230,7 +230,10 @@ def decode_layer(n: int, b: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    parser.add_argument("--parts", default="topk,cpu,decode", help="comma-separated subset of topk,cpu,decode")
+    parser.add_argument("--out", type=Path, help="results file (default: bench/results/kernels-<gpu>.json)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.manual_seed(0)
     cpu_attention.extension()  # build once, outside the timings
     bw = bandwidths()
@@ -238,20 +241,20 @@ def main() -> None:
     lengths = [32768] if args.quick else [32768, 131072, 524288]
     batches = [1, 4] if args.quick else [1, 4, 16]
     results = {"gpu": torch.cuda.get_device_name(), "bandwidth": bw, "topk": [], "cpu_attention": [], "decode_layer": []}
-    for n in lengths:
+    for n in lengths if "topk" in parts else []:
         for b in batches:
             results["topk"].append(bench_topk(n, b, bw["hbm_gbs"]))
             print(results["topk"][-1], flush=True)
-    for n in lengths:
+    for n in lengths if "cpu" in parts else []:
         for b in batches:
             results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"], baselines=n * b <= 131072 * 4))
             print(results["cpu_attention"][-1], flush=True)
-    for n in [32768] if args.quick else [32768, 131072]:
+    for n in ([32768] if args.quick else [32768, 131072]) if "decode" in parts else []:
         for b in [1, 4]:
             results["decode_layer"].append(decode_layer(n, b))
             print(results["decode_layer"][-1], flush=True)
     name = re.sub(r"[^a-z0-9]+", "-", results["gpu"].lower()).strip("-")
-    out = Path(__file__).parent / "results" / f"kernels-{name}{'-quick' if args.quick else ''}.json"
+    out = args.out or Path(__file__).parent / "results" / f"kernels-{name}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n")
     print("| top-K N | batch | MB read | Triton us | GB/s | % HBM | torch topk us |")

@@ -58,7 +58,7 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, thr_ptr, need_ptr, m, HEADS: tl.
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "out_width", "segments"])  # they change every decode step
 def _scan_kernel(
     lut_ptr, codes_ptr, cand_ptr, k_ptr, thr_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
     n, m, stride_cb, stride_ch, stride_mb, out_width, segments,
@@ -92,8 +92,16 @@ def _scan_kernel(
         s = tl.arange(0, S_PAD)
         before = s < seg
         earlier = tl.load(ties_ptr + (pair * segments + s[:, None]) * G_PAD + g[None, :], mask=before[:, None], other=0)
-        rank = tl.cumsum(tie, axis=1) - tie + tl.sum(earlier, axis=0)[:, None]
-        chosen = live & ((key > thr[:, None]) | ((tie != 0) & (rank < need[:, None])))
+        offset = tl.sum(earlier, axis=0)  # [G_PAD] ties of each head in earlier segments
+        here = tl.sum(tie, axis=1)
+        # Ties are all taken while the head's budget lasts past this segment, none once it ran out before it;
+        # only the segment where it runs out ranks them (a scan over the tile).
+        take_ties = tie != 0
+        if tl.max(((offset < need) & (offset + here > need)).to(tl.int32), axis=0) > 0:
+            take_ties = take_ties & ((tl.cumsum(tie, axis=1) - tie + offset[:, None]) < need[:, None])
+        else:
+            take_ties = take_ties & (offset < need)[:, None]
+        chosen = live & ((key > thr[:, None]) | take_ties)
         union = tl.max(chosen.to(tl.int32), axis=0)
         if PHASE == 1:
             tl.store(union_ptr + pair * segments + seg, tl.sum(union, axis=0))
@@ -154,6 +162,7 @@ def select_topk(
             lut, codes, cand, k, thr, need, ties, union, indices, counts,
             n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
+            num_warps=8,
         )
     return indices, counts
 
