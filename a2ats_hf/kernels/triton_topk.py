@@ -58,14 +58,15 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, thr_ptr, need_ptr, m, HEADS: tl.
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
 
 
-@triton.jit(do_not_specialize=["n", "out_width", "segments"])  # they change every decode step
+@triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
 def _scan_kernel(
     lut_ptr, codes_ptr, cand_ptr, k_ptr, thr_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
     n, m, stride_cb, stride_ch, stride_mb, out_width, segments,
     PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
 ):
-    """Program (pair, segment). PHASE 0 counts ties per head, 1 counts the united choice, 2 writes indices."""
+    """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
+    choice, 2 writes the chosen indices."""
     pair = tl.program_id(0)
     seg = tl.program_id(1)
     row = pair // HKV
@@ -77,40 +78,47 @@ def _scan_kernel(
     need = tl.load(need_ptr + heads, mask=g_ok, other=0)
     active = g_ok & ((g * 0 + k) > 0)
     lut_rows = lut_ptr + heads.to(tl.int64) * m
+    codes_row = codes_ptr + row.to(tl.int64) * stride_cb + (pair % HKV).to(tl.int64) * stride_ch
+    cand_row = cand_ptr + row.to(tl.int64) * stride_mb
 
-    tokens = seg * BLOCK_N + tl.arange(0, BLOCK_N)
-    t_ok = tokens < n
-    code = tl.load(codes_ptr + row.to(tl.int64) * stride_cb + (pair % HKV).to(tl.int64) * stride_ch + tokens,
-                   mask=t_ok, other=0).to(tl.int32)
-    cand = (tl.load(cand_ptr + row.to(tl.int64) * stride_mb + tokens, mask=t_ok, other=0) != 0) & t_ok
-    live = active[:, None] & cand[None, :]
-    key = _order_key(tl.load(lut_rows[:, None] + code[None, :], mask=live, other=0.0))
-    tie = (live & (key == thr[:, None])).to(tl.int32)
-    if PHASE == 0:
-        tl.store(ties_ptr + (pair * segments + seg) * G_PAD + g, tl.sum(tie, axis=1))
-    else:
-        s = tl.arange(0, S_PAD)
-        before = s < seg
+    s = tl.arange(0, S_PAD)
+    before = s < seg
+    ties_seen = tl.zeros([G_PAD], dtype=tl.int32)
+    chosen_before = tl.sum(tl.zeros([1], dtype=tl.int32), axis=0)
+    if PHASE > 0:  # ties of each head in the earlier segments
         earlier = tl.load(ties_ptr + (pair * segments + s[:, None]) * G_PAD + g[None, :], mask=before[:, None], other=0)
-        offset = tl.sum(earlier, axis=0)  # [G_PAD] ties of each head in earlier segments
+        ties_seen += tl.sum(earlier, axis=0)
+    if PHASE == 2:  # where this segment's indices start
+        chosen_before += tl.sum(tl.load(union_ptr + pair * segments + s, mask=before, other=0), axis=0)
+    for i in range(BLOCKS):
+        tokens = (seg * BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        t_ok = tokens < n
+        code = tl.load(codes_row + tokens, mask=t_ok, other=0).to(tl.int32)
+        cand = (tl.load(cand_row + tokens, mask=t_ok, other=0) != 0) & t_ok
+        live = active[:, None] & cand[None, :]
+        key = _order_key(tl.load(lut_rows[:, None] + code[None, :], mask=live, other=0.0))
+        tie = (live & (key == thr[:, None])).to(tl.int32)
         here = tl.sum(tie, axis=1)
-        # Ties are all taken while the head's budget lasts past this segment, none once it ran out before it;
-        # only the segment where it runs out ranks them (a scan over the tile).
-        take_ties = tie != 0
-        if tl.max(((offset < need) & (offset + here > need)).to(tl.int32), axis=0) > 0:
-            take_ties = take_ties & ((tl.cumsum(tie, axis=1) - tie + offset[:, None]) < need[:, None])
-        else:
-            take_ties = take_ties & (offset < need)[:, None]
-        chosen = live & ((key > thr[:, None]) | take_ties)
-        union = tl.max(chosen.to(tl.int32), axis=0)
-        if PHASE == 1:
-            tl.store(union_ptr + pair * segments + seg, tl.sum(union, axis=0))
-        else:
-            counts = tl.load(union_ptr + pair * segments + s, mask=s < segments, other=0)
-            slot = tl.cumsum(union, axis=0) - union + tl.sum(tl.where(before, counts, 0), axis=0)
-            tl.store(out_ptr + pair.to(tl.int64) * out_width + slot, tokens, mask=union != 0)
-            if seg == 0:
-                tl.store(count_ptr + pair, tl.sum(counts, axis=0))
+        if PHASE > 0:
+            # Ties are all taken while the head's budget lasts past this block, none once it ran out before it;
+            # only the block where it runs out ranks them (a scan over the tile).
+            take_ties = tie != 0
+            if tl.max(((ties_seen < need) & (ties_seen + here > need)).to(tl.int32), axis=0) > 0:
+                take_ties = take_ties & ((tl.cumsum(tie, axis=1) - tie + ties_seen[:, None]) < need[:, None])
+            else:
+                take_ties = take_ties & (ties_seen < need)[:, None]
+            union = tl.max((live & ((key > thr[:, None]) | take_ties)).to(tl.int32), axis=0)
+            if PHASE == 2:
+                slot = tl.cumsum(union, axis=0) - union + chosen_before
+                tl.store(out_ptr + pair.to(tl.int64) * out_width + slot, tokens, mask=union != 0)
+            chosen_before += tl.sum(union, axis=0)
+        ties_seen += here
+    if PHASE == 0:
+        tl.store(ties_ptr + (pair * segments + seg) * G_PAD + g, ties_seen)
+    elif PHASE == 1:
+        tl.store(union_ptr + pair * segments + seg, chosen_before)
+    elif seg == segments - 1:
+        tl.store(count_ptr + pair, chosen_before)
 
 
 def select_topk(
@@ -121,7 +129,7 @@ def select_topk(
     budget: str = "query_head",
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
-    block_n: int = 2048,
+    block_n: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv].
@@ -153,7 +161,8 @@ def select_topk(
     need = torch.empty_like(thr)
     _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), thr, need, m,
                                     HEADS=heads, GROUP=group, BLOCK_M=min(triton.next_power_of_2(m), 2048), num_warps=8)
-    segments = triton.cdiv(n, block_n)
+    blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
+    segments = triton.cdiv(n, block_n * blocks)
     g_pad = triton.next_power_of_2(group)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
     union = torch.empty(b * hkv, segments, dtype=torch.int32, device=codes.device)
@@ -162,7 +171,7 @@ def select_topk(
             lut, codes, cand, k, thr, need, ties, union, indices, counts,
             n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
-            num_warps=8,
+            BLOCKS=blocks,
         )
     return indices, counts
 
