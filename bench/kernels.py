@@ -95,10 +95,18 @@ def bench_topk(n: int, b: int, hbm: float) -> dict:
         return scores.masked_fill(~cand[:, None, None], float("-inf")).topk(k_max, dim=-1)
 
     baseline = cuda_time(torch_topk, 5)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            kernels.select_topk(lut, codes, cand, k, histogram=hist, k_max=k_max)
+        torch.cuda.synchronize()
+    device_us = {}  # GPU time per call by kernel: where the time goes when it is not the launches
+    for event in prof.key_averages():
+        name = "threshold" if "threshold" in event.key else "scan (3 passes)" if "scan" in event.key else "other"
+        device_us[name] = round(device_us.get(name, 0.0) + event.device_time_total / 5, 1)
     must_read = codes.numel() * 2 + cand.numel() + lut.numel() * 4 + hist.numel() * 4
     return {"n": n, "batch": b, "mb_read": round(must_read / 1e6, 1), "triton_us": round(fast * 1e6, 1),
             "triton_gbs": round(must_read / fast / 1e9), "pct_hbm": round(100 * must_read / fast / 1e9 / hbm, 1),
-            "bound_us": round(must_read / hbm / 1e3, 1), "torch_topk_us": round(baseline * 1e6, 1)}
+            "bound_us": round(must_read / hbm / 1e3, 1), "torch_topk_us": round(baseline * 1e6, 1), "device_us": device_us}
 
 
 def random_store(b: int, n: int, dtype=torch.bfloat16) -> KVStore:
@@ -257,9 +265,10 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"kernels-{name}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n")
-    print("| top-K N | batch | MB read | Triton us | GB/s | % HBM | torch topk us |")
+    print("| top-K N | batch | MB read | Triton us | GB/s | % HBM | torch topk us | GPU us by kernel |")
     for r in results["topk"]:
-        print(f"| {r['n']} | {r['batch']} | {r['mb_read']} | {r['triton_us']} | {r['triton_gbs']} | {r['pct_hbm']} | {r['torch_topk_us']} |")
+        print(f"| {r['n']} | {r['batch']} | {r['mb_read']} | {r['triton_us']} | {r['triton_gbs']} | {r['pct_hbm']} | "
+              f"{r['torch_topk_us']} | {r['device_us']} |")
     print("| CPU attn N | batch | MB gathered | C++ ms | GB/s | % CPU bw | reference ms | index_select ms |")
     for r in results["cpu_attention"]:
         print(f"| {r['n']} | {r['batch']} | {r['mb_gathered']} | {r['cpp_ms']} | {r['cpp_gbs']} | {r['pct_cpu_bw']} | "
