@@ -2,11 +2,13 @@
 
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
-order-preserving integer keys, 4 bits per round, weighted by the histogram (one program per head). Then three
-passes over segments of the codes, each fully parallel: count each head's ties with the threshold per segment;
-count the tokens the KV group unites per segment (a tie is taken while fewer than the head's remaining budget of
-ties precede it, so ties go to the lowest token indices); write the chosen indices compacted and ascending at
-each segment's offset. The result equals :func:`a2ats_hf.kernels.reference.select_topk` exactly.
+order-preserving integer keys, 4 bits per round, weighted by the histogram (one program per head), which also
+classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
+bytes side by side). Then three passes over segments of the codes, each fully parallel and reading one small
+class entry per token: count each head's ties per segment; count the tokens the KV group unites per segment (a tie
+is taken while fewer than the head's remaining budget of ties precede it, so ties go to the lowest token indices);
+write the chosen indices compacted and ascending at each segment's offset. The result equals
+:func:`a2ats_hf.kernels.reference.select_topk` exactly.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ def _order_key(values):
 
 
 @triton.jit
-def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, thr_ptr, need_ptr, m, HEADS: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
-    """Per (row, head): the k-th largest score's key ``thr`` and how many tokens scoring exactly it to take."""
+def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, m, HEADS: tl.constexpr, GROUP: tl.constexpr,
+                      G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per (row, head): the k-th largest score, how many tokens scoring exactly it to take, and each centroid's
+    class for this head (2: above the threshold, 1: equal, 0: below) in byte ``head % GROUP`` of its
+    [G_PAD]-byte entry, so the scan reads one small entry per token instead of the group's float scores."""
     pid = tl.program_id(0)
     row = pid // HEADS
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
@@ -54,13 +58,14 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, thr_ptr, need_ptr, m, HEADS: tl.
         count = tl.load(hist_ptr + kv.to(tl.int64) * m + cols, mask=ok, other=0)
         key = _order_key(tl.load(lut_ptr + pid.to(tl.int64) * m + cols, mask=ok, other=0.0))
         greater += tl.sum(tl.where(key > thr, count, 0), axis=0)
-    tl.store(thr_ptr + pid + tl.arange(0, 1), thr.to(tl.int32, bitcast=True))
+        category = tl.where(key > thr, 2, tl.where(key == thr, 1, 0)).to(tl.uint8)
+        tl.store(class_ptr + (kv.to(tl.int64) * m + cols) * G_PAD + (pid % HEADS) % GROUP, category, mask=ok)
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
 def _scan_kernel(
-    lut_ptr, codes_ptr, cand_ptr, k_ptr, thr_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
+    class_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
     n, m, stride_cb, stride_ch, stride_mb, out_width, segments,
     PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
@@ -74,10 +79,9 @@ def _scan_kernel(
     g_ok = g < G
     heads = pair * G + g
     k = tl.load(k_ptr + row).to(tl.int32)
-    thr = tl.load(thr_ptr + heads, mask=g_ok, other=0).to(tl.uint32, bitcast=True)
     need = tl.load(need_ptr + heads, mask=g_ok, other=0)
     active = g_ok & ((g * 0 + k) > 0)
-    lut_rows = lut_ptr + heads.to(tl.int64) * m
+    class_rows = class_ptr + pair.to(tl.int64) * m * G_PAD + g
     codes_row = codes_ptr + row.to(tl.int64) * stride_cb + (pair % HKV).to(tl.int64) * stride_ch
     cand_row = cand_ptr + row.to(tl.int64) * stride_mb
 
@@ -96,8 +100,8 @@ def _scan_kernel(
         code = tl.load(codes_row + tokens, mask=t_ok, other=0).to(tl.int32)
         cand = (tl.load(cand_row + tokens, mask=t_ok, other=0) != 0) & t_ok
         live = active[:, None] & cand[None, :]
-        key = _order_key(tl.load(lut_rows[:, None] + code[None, :], mask=live, other=0.0))
-        tie = (live & (key == thr[:, None])).to(tl.int32)
+        category = tl.load(class_rows[:, None] + code[None, :] * G_PAD, mask=live, other=0)
+        tie = (category == 1).to(tl.int32)
         here = tl.sum(tie, axis=1)
         if PHASE > 0:
             # Ties are all taken while the head's budget lasts past this block, none once it ran out before it;
@@ -107,7 +111,7 @@ def _scan_kernel(
                 take_ties = take_ties & ((tl.cumsum(tie, axis=1) - tie + ties_seen[:, None]) < need[:, None])
             else:
                 take_ties = take_ties & (ties_seen < need)[:, None]
-            union = tl.max((live & ((key > thr[:, None]) | take_ties)).to(tl.int32), axis=0)
+            union = tl.max(((category == 2) | take_ties).to(tl.int32), axis=0)
             if PHASE == 2:
                 slot = tl.cumsum(union, axis=0) - union + chosen_before
                 tl.store(out_ptr + pair.to(tl.int64) * out_width + slot, tokens, mask=union != 0)
@@ -157,18 +161,19 @@ def select_topk(
         codes = codes.contiguous()
     cand = candidates.to(torch.uint8)
     heads = lut.shape[1]
-    thr = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
-    need = torch.empty_like(thr)
-    _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), thr, need, m,
-                                    HEADS=heads, GROUP=group, BLOCK_M=min(triton.next_power_of_2(m), 2048), num_warps=8)
+    g_pad = triton.next_power_of_2(group)
+    need = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
+    classes = torch.zeros(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)
+    _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), need, classes, m,
+                                    HEADS=heads, GROUP=group, G_PAD=g_pad, BLOCK_M=min(triton.next_power_of_2(m), 2048),
+                                    num_warps=8)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
-    g_pad = triton.next_power_of_2(group)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
     union = torch.empty(b * hkv, segments, dtype=torch.int32, device=codes.device)
     for phase in range(3):
         _scan_kernel[(b * hkv, segments)](
-            lut, codes, cand, k, thr, need, ties, union, indices, counts,
+            classes, codes, cand, k, need, ties, union, indices, counts,
             n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
             BLOCKS=blocks,
