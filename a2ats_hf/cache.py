@@ -93,6 +93,7 @@ class A2ATSLayer(CacheLayerMixin):
         books = self.cache.codebooks
         self.whitener = books.whitener[self.layer_idx].to(self.device)
         self.whitened_centroids = books.whitened_centroids[self.layer_idx].to(self.device)
+        self.centroid_norms = self.whitened_centroids.pow(2).sum(-1)[:, None, :]
         self.centroids = books.centroids[self.layer_idx].to(self.device)
         self.is_initialized = True
 
@@ -133,7 +134,8 @@ class A2ATSLayer(CacheLayerMixin):
             grown[:, :, : n - t] = self.code_buffer[:, :, : n - t]
             self.code_buffer = grown
         pre = rope.invert(keys, position_ids.expand(keys.shape[0], -1))
-        self.code_buffer[:, :, n - t : n] = encode(pre, self.whitener, self.whitened_centroids).to(torch.uint16)
+        codes = encode(pre, self.whitener, self.whitened_centroids, self.centroid_norms)
+        self.code_buffer[:, :, n - t : n] = codes.to(torch.uint16)
 
     def set_first_tokens(self, valid: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """After a prompt: each row's first real column from the key validity [B, N], its sinks from all the

@@ -44,19 +44,25 @@ def _chunk_rows(heads: int, n_centroids: int, n: int) -> int:
     return max(1, min(n, DISTANCE_BLOCK_BYTES // (4 * heads * n_centroids)))
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid and squared distance for every point: x [H, N, D], centroids [H, M, D] -> ([H, N], [H, N])."""
+def assign(
+    x: torch.Tensor, centroids: torch.Tensor, norms: torch.Tensor | None = None, distances: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Nearest centroid and squared distance for every point: x [H, N, D], centroids [H, M, D] -> ([H, N], [H, N]).
+
+    ``norms`` [H, 1, M] (the centroids' squared norms) may be precomputed; ``distances=False`` skips them.
+    """
     heads, n, _ = x.shape
-    c2 = centroids.pow(2).sum(-1)[:, None, :]
+    c2 = centroids.pow(2).sum(-1)[:, None, :] if norms is None else norms
     codes = torch.empty(heads, n, dtype=torch.long, device=x.device)
-    dist = torch.empty(heads, n, dtype=torch.float32, device=x.device)
+    dist = torch.empty(heads, n, dtype=torch.float32, device=x.device) if distances else None
     step = _chunk_rows(heads, centroids.shape[1], n)
     for i in range(0, n, step):
         xs = x[:, i : i + step].float()
         d = torch.baddbmm(c2, xs, centroids.transpose(1, 2), alpha=-2.0)
         best, idx = d.min(-1)
         codes[:, i : i + step] = idx
-        dist[:, i : i + step] = (best + xs.pow(2).sum(-1)).clamp_min_(0)
+        if distances:
+            dist[:, i : i + step] = (best + xs.pow(2).sum(-1)).clamp_min_(0)
     return codes, dist
 
 
@@ -148,14 +154,17 @@ def _reseed_empty(x: torch.Tensor, centroids: torch.Tensor, empty: torch.Tensor,
         centroids[h, slots] = x[h, far]
 
 
-def encode(keys: torch.Tensor, whitener: torch.Tensor, whitened_centroids: torch.Tensor) -> torch.Tensor:
+def encode(
+    keys: torch.Tensor, whitener: torch.Tensor, whitened_centroids: torch.Tensor, norms: torch.Tensor | None = None
+) -> torch.Tensor:
     """Codes of pre-RoPE keys: argmin_m ||k L - c'_m||^2. keys [B, H, T, D] -> [B, H, T] long.
 
-    One batched matmul per head group; ``whitener`` [H, D, D], ``whitened_centroids`` [H, M, D].
+    One batched matmul per head group; ``whitener`` [H, D, D], ``whitened_centroids`` [H, M, D], ``norms``
+    [H, 1, M] their squared norms if precomputed (a cache encodes one token per step).
     """
     b, h, t, d = keys.shape
     z = keys.float().transpose(0, 1).reshape(h, b * t, d) @ whitener
-    codes = assign(z, whitened_centroids)[0]
+    codes = assign(z, whitened_centroids, norms, distances=False)[0]
     return codes.view(h, b, t).transpose(0, 1)
 
 

@@ -178,7 +178,7 @@ def phase_timers(totals: dict):
             setattr(obj, name, fn)
 
 
-def decode_layer(n: int, b: int) -> dict:
+def decode_layer(n: int, b: int, profile: bool = False) -> dict:
     """One layer's decode step over an N-token random cache, against sdpa on the GPU and the offloaded way."""
     g = torch.Generator(device="cuda").manual_seed(0)
     whitener = torch.eye(D, device="cuda").expand(1, HKV, D, D).contiguous()
@@ -216,6 +216,15 @@ def decode_layer(n: int, b: int) -> dict:
         torch.cuda.synchronize()
         serial = (time.perf_counter() - t) / reps
     split = {k: round(v / reps * 1e3, 3) for k, v in split.items()}
+    host_ops = None
+    if profile:  # where the host time of a step goes, by PyTorch operation
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        table = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:20]
+        host_ops = {e.key: [e.count // 5, round(e.self_cpu_time_total / 5 / 1e3, 3)] for e in table}
+        print("host ms per step by op (calls, self ms):", json.dumps(host_ops, indent=0), flush=True)
     split["encode, transfers, bookkeeping"] = round(serial * 1e3 - sum(split.values()), 3)
 
     keys = torch.randn(b, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -232,13 +241,14 @@ def decode_layer(n: int, b: int) -> dict:
     del keys, host, staging, store
     return {"n": n, "batch": b, "a2ats_ms": round(step_s * 1e3, 3), "serial_ms": round(serial * 1e3, 3),
             "overlap_ms": round((serial - step_s) * 1e3, 3), "split_ms": split,
-            "gpu_sdpa_ms": round(full * 1e3, 3), "offloaded_ms": round(off * 1e3, 3)}
+            "gpu_sdpa_ms": round(full * 1e3, 3), "offloaded_ms": round(off * 1e3, 3), "host_ops": host_ops}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     parser.add_argument("--parts", default="topk,cpu,decode", help="comma-separated subset of topk,cpu,decode")
+    parser.add_argument("--profile", action="store_true", help="profile the host side of the first decode step")
     parser.add_argument("--out", type=Path, help="results file (default: bench/results/kernels-<gpu>.json)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -259,7 +269,7 @@ def main() -> None:
             print(results["cpu_attention"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "decode" in parts else []:
         for b in [1, 4]:
-            results["decode_layer"].append(decode_layer(n, b))
+            results["decode_layer"].append(decode_layer(n, b, profile=args.profile and not results["decode_layer"]))
             print(results["decode_layer"][-1], flush=True)
     name = re.sub(r"[^a-z0-9]+", "-", results["gpu"].lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"kernels-{name}{'-quick' if args.quick else ''}.json"

@@ -35,8 +35,9 @@ def assert_same_selection(lut, codes, candidates, k, budget, **kwargs):
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
 @pytest.mark.parametrize(
     "b, hq, hkv, n, m",
-    [(3, 6, 2, 67, 3), (2, 9, 3, 700, 50), (1, 4, 4, 130, 1000), (2, 12, 2, 333, 17), (1, 2, 1, 9000, 7)],
-    ids=["many-ties", "group3", "mha-big-M", "group6", "segments-of-2-blocks"],
+    [(3, 6, 2, 67, 3), (2, 9, 3, 700, 50), (1, 4, 4, 130, 1000), (2, 12, 2, 333, 17), (1, 12, 1, 150, 9),
+     (1, 2, 1, 9000, 7)],
+    ids=["many-ties", "group3", "mha-big-M", "group6", "group12-bytes", "segments-of-2-blocks"],
 )
 def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
     """Random LUTs (with repeated values), codes and candidate masks; k from 0 to every candidate; several blocks."""

@@ -29,6 +29,16 @@ def _order_key(values):
 
 
 @triton.jit
+def _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0, m, BLOCK_M: tl.constexpr):
+    """Centroids [m0, m0 + BLOCK_M) of one head: their columns, validity, candidate counts and score keys."""
+    cols = m0 + tl.arange(0, BLOCK_M)
+    ok = cols < m
+    count = tl.load(hist_ptr + kv.to(tl.int64) * m + cols, mask=ok, other=0)
+    key = _order_key(tl.load(lut_ptr + pid.to(tl.int64) * m + cols, mask=ok, other=0.0))
+    return cols, ok, count, key
+
+
+@triton.jit
 def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, m, HEADS: tl.constexpr, GROUP: tl.constexpr,
                       G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """Per (row, head): the k-th largest score, how many tokens scoring exactly it to take, and each centroid's
@@ -44,19 +54,13 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, m, HEADS: t
         trial = thr | (digit << (28 - 4 * r))  # [16]
         above = tl.zeros([16], dtype=tl.int32)
         for m0 in range(0, m, BLOCK_M):
-            cols = m0 + tl.arange(0, BLOCK_M)
-            ok = cols < m
-            count = tl.load(hist_ptr + kv.to(tl.int64) * m + cols, mask=ok, other=0)
-            key = _order_key(tl.load(lut_ptr + pid.to(tl.int64) * m + cols, mask=ok, other=0.0))
+            cols, ok, count, key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0, m, BLOCK_M)
             above += tl.sum(tl.where(key[None, :] >= trial[:, None], count[None, :], 0), axis=1)
         best = tl.sum((above >= k).to(tl.int32), axis=0) - 1  # `above` falls with the digit
         thr = thr | (best.to(tl.uint32) << (28 - 4 * r))
     greater = tl.zeros([1], dtype=tl.int32)
     for m0 in range(0, m, BLOCK_M):
-        cols = m0 + tl.arange(0, BLOCK_M)
-        ok = cols < m
-        count = tl.load(hist_ptr + kv.to(tl.int64) * m + cols, mask=ok, other=0)
-        key = _order_key(tl.load(lut_ptr + pid.to(tl.int64) * m + cols, mask=ok, other=0.0))
+        cols, ok, count, key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0, m, BLOCK_M)
         greater += tl.sum(tl.where(key > thr, count, 0), axis=0)
         category = tl.where(key > thr, 2, tl.where(key == thr, 1, 0)).to(tl.uint8)
         tl.store(class_ptr + (kv.to(tl.int64) * m + cols) * G_PAD + (pid % HEADS) % GROUP, category, mask=ok)
@@ -68,7 +72,7 @@ def _scan_kernel(
     class_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
     n, m, stride_cb, stride_ch, stride_mb, out_width, segments,
     PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr,
 ):
     """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
     choice, 2 writes the chosen indices."""
@@ -81,7 +85,10 @@ def _scan_kernel(
     k = tl.load(k_ptr + row).to(tl.int32)
     need = tl.load(need_ptr + heads, mask=g_ok, other=0)
     active = g_ok & ((g * 0 + k) > 0)
-    class_rows = class_ptr + pair.to(tl.int64) * m * G_PAD + g
+    if WORDS:
+        class_rows = class_ptr + pair.to(tl.int64) * m
+    else:
+        class_rows = class_ptr + pair.to(tl.int64) * m * G_PAD
     codes_row = codes_ptr + row.to(tl.int64) * stride_cb + (pair % HKV).to(tl.int64) * stride_ch
     cand_row = cand_ptr + row.to(tl.int64) * stride_mb
 
@@ -100,7 +107,11 @@ def _scan_kernel(
         code = tl.load(codes_row + tokens, mask=t_ok, other=0).to(tl.int32)
         cand = (tl.load(cand_row + tokens, mask=t_ok, other=0) != 0) & t_ok
         live = active[:, None] & cand[None, :]
-        category = tl.load(class_rows[:, None] + code[None, :] * G_PAD, mask=live, other=0)
+        if WORDS:  # the group's class bytes as one word per token
+            word = tl.load(class_rows + code, mask=cand & ((tokens * 0 + k) > 0), other=0)
+            category = tl.where(live, (word[None, :] >> (8 * g[:, None]).to(word.dtype)) & 0xFF, 0)
+        else:
+            category = tl.load(class_rows + code[None, :] * G_PAD + g[:, None], mask=live, other=0)
         tie = (category == 1).to(tl.int32)
         here = tl.sum(tie, axis=1)
         if PHASE > 0:
@@ -171,12 +182,14 @@ def select_topk(
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
     union = torch.empty(b * hkv, segments, dtype=torch.int32, device=codes.device)
+    word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(g_pad)
+    entries = classes.view(word).view(b * hkv, m) if word else classes
     for phase in range(3):
         _scan_kernel[(b * hkv, segments)](
-            classes, codes, cand, k, need, ties, union, indices, counts,
+            entries, codes, cand, k, need, ties, union, indices, counts,
             n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
-            BLOCKS=blocks,
+            BLOCKS=blocks, WORDS=word is not None,
         )
     return indices, counts
 
