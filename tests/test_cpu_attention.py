@@ -1,5 +1,6 @@
 """The C++ CPU sparse attention against the torch reference: float32, bfloat16 and float16 stores, awkward sizes,
-selections spanning several blocks and several of the kernel's 256-row chunks, empty selections."""
+selections spanning several blocks and several of the kernel's 256-row chunks, empty selections, and both the
+register-tiled loops (groups of 1, 2, 4, 8 with a head dimension divisible by 8) and the generic ones."""
 
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ def test_fallback_can_be_forced(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("b, hq, hkv, n, d, block", [(2, 9, 3, 1301, 64, 500), (1, 4, 1, 700, 24, 4096), (3, 8, 8, 90, 128, 7)])
+@pytest.mark.parametrize(
+    "b, hq, hkv, n, d, block",
+    [(2, 9, 3, 1301, 64, 500), (1, 4, 1, 700, 24, 4096), (3, 8, 8, 90, 128, 7), (1, 16, 2, 600, 64, 128),
+     (2, 4, 2, 77, 40, 33), (1, 8, 2, 300, 20, 64)],
+    ids=["group3", "group4-d24", "group1", "group8", "group2-d40", "group4-d20-untiled"],
+)
 def test_matches_reference(dtype, b, hq, hkv, n, d, block):
     g = torch.Generator().manual_seed(n)
     store = KVStore(b, hkv, d, dtype, block_size=block)
