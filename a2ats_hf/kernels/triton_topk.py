@@ -4,10 +4,12 @@ Scores take only ``M`` distinct values per head (one per centroid), so the K-th 
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
 order-preserving integer keys, 4 bits per round, weighted by the histogram (one program per head), which also
 classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
-bytes side by side). Then three passes over segments of the codes, each fully parallel and reading one small
-class entry per token: count each head's ties per segment; count the tokens the KV group unites per segment (a tie
+bytes side by side in one word). Then three passes over segments of the codes, each fully parallel and reading
+one word per token: count each head's ties per segment; count the tokens the KV group unites per segment (a tie
 is taken while fewer than the head's remaining budget of ties precede it, so ties go to the lowest token indices);
-write the chosen indices compacted and ascending at each segment's offset. The result equals
+write the chosen indices compacted and ascending at each segment's offset. For groups of up to 4 heads the words
+are counted with bit operations (one 16-bit counter per head in a 64-bit lane) and unpacked to a [group, block]
+tile only in the block where a head's budget runs out. The result equals
 :func:`a2ats_hf.kernels.reference.select_topk` exactly.
 """
 
@@ -72,7 +74,7 @@ def _scan_kernel(
     class_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
     n, m, stride_cb, stride_ch, stride_mb, out_width, segments,
     PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr, HEAD_BYTES: tl.constexpr,
 ):
     """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
     choice, 2 writes the chosen indices."""
@@ -106,23 +108,35 @@ def _scan_kernel(
         t_ok = tokens < n
         code = tl.load(codes_row + tokens, mask=t_ok, other=0).to(tl.int32)
         cand = (tl.load(cand_row + tokens, mask=t_ok, other=0) != 0) & t_ok
-        live = active[:, None] & cand[None, :]
-        if WORDS:  # the group's class bytes as one word per token
-            word = tl.load(class_rows + code, mask=cand & ((tokens * 0 + k) > 0), other=0)
-            category = tl.where(live, (word[None, :] >> (8 * g[:, None]).to(word.dtype)) & 0xFF, 0)
+        if PACKED:  # byte g of the token's word is head g's class; counted without unpacking to a tile
+            word = tl.load(class_rows + code, mask=cand & ((tokens * 0 + k) > 0), other=0).to(tl.int64) & HEAD_BYTES
+            tie_bits = word & 0x01010101
+            lanes = (tie_bits & 1) | (((tie_bits >> 8) & 1) << 16)  # one 16-bit counter per head
+            lanes |= (((tie_bits >> 16) & 1) << 32) | (((tie_bits >> 24) & 1) << 48)
+            here = ((tl.sum(lanes, axis=0) >> (16 * g).to(tl.int64)) & 0xFFFF).to(tl.int32)
         else:
-            category = tl.load(class_rows + code[None, :] * G_PAD + g[:, None], mask=live, other=0)
-        tie = (category == 1).to(tl.int32)
-        here = tl.sum(tie, axis=1)
+            live = active[:, None] & cand[None, :]
+            if WORDS:  # the group's class bytes as one word per token
+                word = tl.load(class_rows + code, mask=cand & ((tokens * 0 + k) > 0), other=0)
+                category = tl.where(live, (word[None, :] >> (8 * g[:, None]).to(word.dtype)) & 0xFF, 0)
+            else:
+                category = tl.load(class_rows + code[None, :] * G_PAD + g[:, None], mask=live, other=0)
+            here = tl.sum((category == 1).to(tl.int32), axis=1)
         if PHASE > 0:
             # Ties are all taken while the head's budget lasts past this block, none once it ran out before it;
-            # only the block where it runs out ranks them (a scan over the tile).
-            take_ties = tie != 0
+            # only the block where it runs out ranks them (a scan over a [group, block] tile).
             if tl.max(((ties_seen < need) & (ties_seen + here > need)).to(tl.int32), axis=0) > 0:
-                take_ties = take_ties & ((tl.cumsum(tie, axis=1) - tie + ties_seen[:, None]) < need[:, None])
+                if PACKED:
+                    category = tl.where(active[:, None], (word[None, :] >> (8 * g[:, None]).to(tl.int64)) & 0xFF, 0)
+                tie = (category == 1).to(tl.int32)
+                take_ties = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie + ties_seen[:, None]) < need[:, None])
+                union = tl.max(((category == 2) | take_ties).to(tl.int32), axis=0)
+            elif PACKED:
+                byte = tl.full([G_PAD], 1, tl.int64) << (8 * g).to(tl.int64)
+                taken = tl.sum(tl.where(g_ok & (ties_seen < need), byte, 0), axis=0)  # heads whose ties are all in
+                union = (((word & 0x02020202) != 0) | ((tie_bits & taken) != 0)).to(tl.int32)
             else:
-                take_ties = take_ties & (ties_seen < need)[:, None]
-            union = tl.max(((category == 2) | take_ties).to(tl.int32), axis=0)
+                union = tl.max(((category == 2) | ((category == 1) & (ties_seen < need)[:, None])).to(tl.int32), axis=0)
             if PHASE == 2:
                 slot = tl.cumsum(union, axis=0) - union + chosen_before
                 tl.store(out_ptr + pair.to(tl.int64) * out_width + slot, tokens, mask=union != 0)
@@ -189,7 +203,7 @@ def select_topk(
             entries, codes, cand, k, need, ties, union, indices, counts,
             n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
-            BLOCKS=blocks, WORDS=word is not None,
+            BLOCKS=blocks, WORDS=word is not None, PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1,
         )
     return indices, counts
 
