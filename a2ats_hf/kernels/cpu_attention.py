@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,16 +34,20 @@ def _machine_tag() -> str:
 
 
 @functools.cache
-def extension():
+def extension() -> object | None:
     """The compiled kernel module, or None where it cannot be built (the torch reference is used then)."""
     if os.environ.get("A2ATS_CPU_KERNEL", "").lower() == "torch":
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
+        name = f"a2ats_cpu_{_machine_tag()}"
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+        if not any(root.glob(f"*/{name}/{name}*.so")):
+            print("a2ats: building the CPU attention kernel (once per machine, about a minute)...", file=sys.stderr)
         flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
         return load(
-            name=f"a2ats_cpu_{_machine_tag()}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, unsupported platform
