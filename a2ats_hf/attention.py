@@ -94,8 +94,12 @@ def decode_attention(
         else:
             cpu_query = query
 
-    sink_cols = layer.first_token[:, None] + torch.arange(cache.sink, device=query.device)
-    sink_valid = (sink_cols < n - cache.window) & valid.gather(1, sink_cols.clamp(max=n - 1))
+    sink_valid = layer.sink_valid
+    if sink_valid is None:
+        sink_cols = layer.first_token[:, None] + torch.arange(cache.sink, device=query.device)
+        sink_valid = (sink_cols < n - cache.window) & valid.gather(1, sink_cols.clamp(max=n - 1))
+        if layer.last_first_token + cache.sink - 1 < n - cache.window:  # every sink is far now, for good
+            layer.sink_valid = sink_valid
     local_keys = torch.cat([layer.sink_keys, layer.window_keys], dim=2)
     local_values = torch.cat([layer.sink_values, layer.window_values], dim=2)
     local_valid = torch.cat([sink_valid, valid[:, -layer.window_keys.shape[2] :]], dim=1)
@@ -113,5 +117,5 @@ def decode_attention(
         selected = int(counts.sum())  # on the host already
 
     cache.stats.steps += layer.layer_idx == 0
-    cache.stats.add(selected, n_far.sum() * hkv, local_valid.sum() * hkv, valid.sum() * hkv)
+    cache.stats.add(selected, torch.stack([n_far.sum(), local_valid.sum(), valid.sum()]), hkv)
     return out

@@ -37,16 +37,18 @@ class AttendedStats:
 
     def __init__(self):
         self.steps = 0
+        self.heads = 1  # KV heads per layer: the device totals are per KV head
         self.far_selected = 0  # counted on the host, from the selection the CPU receives anyway
         self.device_totals: torch.Tensor | None = None  # far tokens, attended on the device, past tokens
 
-    def add(self, far_selected: int, far_tokens: torch.Tensor, local: torch.Tensor, past: torch.Tensor) -> None:
+    def add(self, far_selected: int, per_head: torch.Tensor, heads: int) -> None:
+        """One layer's step: tokens selected (all KV heads), and [far tokens, locally attended, past] per KV head."""
         self.far_selected += far_selected
-        step = torch.stack([far_tokens, local, past]).to(torch.long)
-        self.device_totals = step if self.device_totals is None else self.device_totals + step
+        self.heads = heads
+        self.device_totals = per_head if self.device_totals is None else self.device_totals + per_head
 
     def _totals(self) -> list[int]:
-        return [0, 0, 0] if self.device_totals is None else self.device_totals.tolist()
+        return [0, 0, 0] if self.device_totals is None else [int(t) * self.heads for t in self.device_totals.tolist()]
 
     @property
     def far_tokens(self) -> int:
@@ -141,6 +143,8 @@ class A2ATSLayer(CacheLayerMixin):
         """After a prompt: each row's first real column from the key validity [B, N], its sinks from all the
         layer's keys and values [B, Hkv, N, D] on the device, and the far candidates' code histogram."""
         self.first_token = valid.long().argmax(-1)
+        self.last_first_token = int(self.first_token.max())  # on the host: when every row's sinks are complete
+        self.sink_valid: torch.Tensor | None = None  # validity of the sink slots, kept once it can no longer change
         cols = (self.first_token[:, None] + torch.arange(self.cache.sink, device=self.device)).clamp(max=valid.shape[1] - 1)
         index = cols[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         self.sink_keys = keys.gather(2, index).to(self.dtype)
@@ -158,9 +162,9 @@ class A2ATSLayer(CacheLayerMixin):
         """After one decoded token [B, Hkv, 1, D]: fill sink slots of rows still within their first ``sink`` tokens,
         and count the token that just left the window into the histogram if it is a candidate (``far`` [B, N])."""
         n, sink = self.store.length, self.cache.sink
-        slot = n - 1 - self.first_token  # [B]
-        inside = (slot < sink)[:, None, None, None]
-        if sink:
+        if n - 1 < self.last_first_token + sink:  # some row's sinks are still filling
+            slot = n - 1 - self.first_token  # [B]
+            inside = (slot < sink)[:, None, None, None]
             onehot = (torch.arange(sink, device=self.device) == slot[:, None])[:, None, :, None]
             self.sink_keys = torch.where(inside & onehot, keys.to(self.dtype), self.sink_keys)
             self.sink_values = torch.where(inside & onehot, values.to(self.dtype), self.sink_values)
