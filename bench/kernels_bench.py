@@ -9,7 +9,7 @@
    split by phase (each phase timed alone, with syncs) and the real overlapped step; beside it, sdpa over the full
    K/V on the GPU (DynamicCache) and the offloaded-cache way (copy the layer's K/V to the GPU, then sdpa).
 
-Run on the GPU box:  PYTHONPATH=. python3 bench/kernels.py [--quick]   (writes bench/results/kernels-<gpu>.json)
+Run on the GPU box:  PYTHONPATH=. python3 bench/kernels_bench.py [--quick]   (writes bench/results/kernels-<gpu>.json)
 """
 
 from __future__ import annotations
@@ -17,24 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-# This file's name would shadow the Hub `kernels` package that transformers probes for: drop bench/ from the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import LlamaConfig  # noqa: E402
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
-
-from a2ats_hf import A2ATSCache, Codebooks, attention, kernels  # noqa: E402
-from a2ats_hf.codebooks import fingerprint  # noqa: E402
-from a2ats_hf.kernels import code_histogram, cpu_attention, reference  # noqa: E402
-from a2ats_hf.rope import RoPE  # noqa: E402
-from a2ats_hf.store import KVStore  # noqa: E402
+from a2ats_hf import A2ATSCache, Codebooks, attention, kernels
+from a2ats_hf.codebooks import fingerprint
+from a2ats_hf.kernels import code_histogram, cpu_attention, reference
+from a2ats_hf.rope import RoPE
+from a2ats_hf.store import KVStore
 
 HKV, GROUP, D, M = 8, 4, 128, 4096
 LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_hidden_layers=1,
