@@ -184,11 +184,11 @@ def select_topk(
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
-    cand = candidates.to(torch.uint8)
+    cand = candidates if candidates.stride(-1) == 1 else candidates.contiguous()  # bool, read as such
     heads = lut.shape[1]
     g_pad = triton.next_power_of_2(group)
     need = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
-    classes = torch.zeros(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)
+    classes = torch.empty(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)  # padding bytes: masked
     _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), need, classes, m,
                                     HEADS=heads, GROUP=group, G_PAD=g_pad, BLOCK_M=min(triton.next_power_of_2(m), 2048),
                                     num_warps=8)
