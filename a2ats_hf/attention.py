@@ -72,14 +72,13 @@ def decode_attention(
     selects the far tokens and hands their indices to the CPU, then attends its sinks and window while the CPU
     attends the selected rows; the two are merged by log-sum-exp. Returns [B, Hq, D] (float32).
     """
-    cache, n = layer.cache, layer.store.length
+    cache, n, hkv = layer.cache, layer.store.length, key.shape[1]
     far = layer.far_candidates(valid)
     layer.advance(key, value, far)
     n_far = far.sum(-1)
     k_max = cache.budget_for(max(n - cache.window - cache.sink, 0))  # a host-side bound, so nothing waits here
 
     if k_max > 0:
-        hkv = layer.codes.shape[1]
         wrope = cache.rope.windowed_query(
             query[:, :, None], position_ids[:, -1:].expand(query.shape[0], 1), cache.codebooks.offset
         )
@@ -94,16 +93,9 @@ def decode_attention(
         else:
             cpu_query = query
 
-    sink_valid = layer.sink_valid
-    if sink_valid is None:
-        sink_cols = layer.first_token[:, None] + torch.arange(cache.sink, device=query.device)
-        sink_valid = (sink_cols < n - cache.window) & valid.gather(1, sink_cols.clamp(max=n - 1))
-        if layer.last_first_token + cache.sink - 1 < n - cache.window:  # every sink is far now, for good
-            layer.sink_valid = sink_valid
     local_keys = torch.cat([layer.sink_keys, layer.window_keys], dim=2)
     local_values = torch.cat([layer.sink_values, layer.window_values], dim=2)
-    local_valid = torch.cat([sink_valid, valid[:, -layer.window_keys.shape[2] :]], dim=1)
-    hkv = local_keys.shape[1]
+    local_valid = torch.cat([layer.sink_validity(valid), valid[:, -layer.window_keys.shape[2] :]], dim=1)
     out, lse = kernels.attention_with_lse(query, local_keys, local_values, local_valid[:, None].expand(-1, hkv, -1), scaling)
 
     selected = 0

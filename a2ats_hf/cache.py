@@ -158,6 +158,18 @@ class A2ATSLayer(CacheLayerMixin):
         real = cols[None] - self.first_token[:, None]  # index among each row's real tokens
         return valid & (cols < n - self.cache.window) & (real >= self.cache.sink)
 
+    def sink_validity(self, valid: torch.Tensor) -> torch.Tensor:
+        """[B, sink] bool: which sink slots hold a real token outside the window (``valid`` [B, N]); kept once every
+        row's sinks have left the window, after which it cannot change."""
+        if self.sink_valid is not None:
+            return self.sink_valid
+        n, window, sink = self.store.length, self.cache.window, self.cache.sink
+        cols = self.first_token[:, None] + torch.arange(sink, device=valid.device)
+        sink_valid = (cols < n - window) & valid.gather(1, cols.clamp(max=n - 1))
+        if self.last_first_token + sink - 1 < n - window:
+            self.sink_valid = sink_valid
+        return sink_valid
+
     def advance(self, keys: torch.Tensor, values: torch.Tensor, far: torch.Tensor) -> None:
         """After one decoded token [B, Hkv, 1, D]: fill sink slots of rows still within their first ``sink`` tokens,
         and count the token that just left the window into the histogram if it is a candidate (``far`` [B, N])."""

@@ -190,7 +190,6 @@ def decode_layer(n: int, b: int, profile: bool = False) -> dict:
     layer.code_buffer = torch.randint(0, M, (b, HKV, 2 * n), device="cuda", generator=g, dtype=torch.int32).to(torch.uint16)
     layer.window_keys = layer.window_values = torch.randn(b, HKV, cache.window, D, device="cuda", dtype=torch.bfloat16)
     layer.set_first_tokens(torch.ones(b, n, dtype=torch.bool, device="cuda"), layer.window_keys, layer.window_values)
-    layer.histogram = code_histogram(layer.codes, layer.far_candidates(torch.ones(b, n, dtype=torch.bool, device="cuda")), M)
     query = torch.randn(b, HKV * GROUP, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
 
     def step():
