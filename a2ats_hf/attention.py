@@ -36,7 +36,7 @@ def a2ats_attention_forward(
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     rope = layer.cache.bind(module)
-    if layer.layer_idx == 0:
+    if layer.first:
         rope.new_step()
     batch, _, length, _ = query.shape
     n = layer.store.length
@@ -108,6 +108,6 @@ def decode_attention(
         )
         selected = int(counts.sum())  # on the host already
 
-    cache.stats.steps += layer.layer_idx == 0
+    cache.stats.steps += layer.first
     cache.stats.add(selected, torch.stack([n_far.sum(), local_valid.sum(), valid.sum()]), hkv)
     return out

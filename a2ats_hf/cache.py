@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .codebooks import Codebooks
 from .kernels import code_histogram
@@ -42,10 +42,14 @@ class AttendedStats:
         self.device_totals: torch.Tensor | None = None  # far tokens, attended on the device, past tokens
 
     def add(self, far_selected: int, per_head: torch.Tensor, heads: int) -> None:
-        """One layer's step: tokens selected (all KV heads), and [far tokens, locally attended, past] per KV head."""
+        """One layer's step: tokens selected (all KV heads), and [far tokens, locally attended, past] per KV head
+        (layers on other devices add theirs to the first layer's device)."""
         self.far_selected += far_selected
         self.heads = heads
-        self.device_totals = per_head if self.device_totals is None else self.device_totals + per_head
+        if self.device_totals is None:
+            self.device_totals = per_head
+        else:
+            self.device_totals += per_head.to(self.device_totals.device, non_blocking=True)
 
     def _totals(self) -> list[int]:
         return [0, 0, 0] if self.device_totals is None else [int(t) * self.heads for t in self.device_totals.tolist()]
@@ -74,13 +78,14 @@ class AttendedStats:
 
 
 class A2ATSLayer(CacheLayerMixin):
-    """One layer: full K/V in a CPU :class:`KVStore`, codes [B, Hkv, N] and sinks + window K/V on the device."""
+    """One layer: full K/V in a CPU :class:`KVStore`, codes [B, Hkv, N] and sinks + window K/V on the layer's
+    device. ``book`` indexes the layer's codebook; ``first`` marks the first layer A2ATS serves in a pass."""
 
     is_sliding = False
 
-    def __init__(self, cache: "A2ATSCache", layer_idx: int):
+    def __init__(self, cache: "A2ATSCache", layer_idx: int, book: int):
         super().__init__()
-        self.cache, self.layer_idx = cache, layer_idx
+        self.cache, self.layer_idx, self.book, self.first = cache, layer_idx, book, book == 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -93,10 +98,10 @@ class A2ATSLayer(CacheLayerMixin):
         self.sink_values = torch.zeros_like(self.sink_keys)
         self.first_token = torch.zeros(b, dtype=torch.long, device=self.device)  # column of each row's first real token
         books = self.cache.codebooks
-        self.whitener = books.whitener[self.layer_idx].to(self.device)
-        self.whitened_centroids = books.whitened_centroids[self.layer_idx].to(self.device)
+        self.whitener = books.whitener[self.book].to(self.device)
+        self.whitened_centroids = books.whitened_centroids[self.book].to(self.device)
         self.centroid_norms = self.whitened_centroids.pow(2).sum(-1)[:, None, :]
-        self.centroids = books.centroids[self.layer_idx].to(self.device)
+        self.centroids = books.centroids[self.book].to(self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -105,7 +110,7 @@ class A2ATSLayer(CacheLayerMixin):
         Several tokens at once are a prompt, or a chunk of one, or a continuation of the conversation.
         """
         if not self.is_initialized:
-            if self.layer_idx == 0:
+            if self.first:
                 self.cache.check_memory(key_states)
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[0] != self.store.shape[0]:
@@ -246,7 +251,14 @@ class A2ATSCache(Cache):
         self.max_length = max_length
         self.rope: RoPE | None = None
         self.stats = AttendedStats()
-        super().__init__(layers=[A2ATSLayer(self, i) for i in range(codebooks.num_layers)])
+        served = {idx: book for book, idx in enumerate(codebooks.layers)}
+        n_layers = codebooks.fingerprint.get("num_hidden_layers", codebooks.num_layers)
+        window = codebooks.fingerprint.get("sliding_window")
+        super().__init__(layers=[
+            A2ATSLayer(self, idx, served[idx]) if idx in served else DynamicSlidingWindowLayer(sliding_window=window)
+            for idx in range(n_layers)
+        ])
+        self.a2ats_layers = [layer for layer in self.layers if isinstance(layer, A2ATSLayer)]
 
     @classmethod
     def from_pretrained(
@@ -269,7 +281,7 @@ class A2ATSCache(Cache):
     def bind(self, attention: nn.Module) -> RoPE:
         """Check the codebooks against the model on first use and build its RoPE helper."""
         if self.rope is None:
-            self.codebooks.validate(attention.config, attention if attention.layer_idx == 0 else None)
+            self.codebooks.validate(attention.config, attention)  # the first layer A2ATS serves
             self.rope = RoPE.for_attention(attention)
         return self.rope
 
@@ -278,8 +290,8 @@ class A2ATSCache(Cache):
         not fit in CPU memory."""
         b, h, t, d = key_states.shape
         tokens = max(t, self.max_length or 0)
-        needed = len(self.layers) * kv_bytes(b, h, d, key_states.dtype, tokens)
-        check_memory(needed, f"The K/V of {len(self.layers)} layers x batch {b} x {tokens} tokens")
+        layers = len(self.a2ats_layers)
+        check_memory(layers * kv_bytes(b, h, d, key_states.dtype, tokens), f"The K/V of {layers} layers x batch {b} x {tokens} tokens")
 
     def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
         """Tokens to retrieve per row from its number of far tokens (a tensor [B], or one int on the host)."""
@@ -296,5 +308,5 @@ class A2ATSCache(Cache):
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes held on the device (codes, sinks, window) and on the CPU (full K/V)."""
-        device, cpu = map(sum, zip(*(layer.nbytes() for layer in self.layers)))
+        device, cpu = map(sum, zip(*(layer.nbytes() for layer in self.a2ats_layers)))
         return {"device_bytes": device, "cpu_bytes": cpu}

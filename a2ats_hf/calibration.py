@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .codebooks import Codebooks, check_supported, fingerprint, weights_signature
 from .quantization import kmeans, second_moment, whitening
@@ -18,8 +19,9 @@ from .rope import RoPE
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's self-attention modules in layer order (modules with ``layer_idx``, ``q_proj`` and ``k_proj``)."""
-    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj") and hasattr(m, "k_proj")]
+    """The model's self-attention modules in layer order (modules with a ``layer_idx`` and a ``config``)."""
+    found = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config")
+             and type(m).__name__.endswith("Attention")]
     return sorted(found, key=lambda m: m.layer_idx)
 
 
@@ -50,49 +52,47 @@ def uuid_texts(seed: int) -> Iterator[str]:
         yield " ".join(str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(64))
 
 
+_collector: "_Collector | None" = None  # the calibration in progress, seen by the recording attention
+
+
+def recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """The "a2ats_calibration" attention: exact sdpa that also hands the post-RoPE query and key to the
+    calibration in progress, so keys come from the model's own modules whatever their projection layout."""
+    if _collector is not None:
+        _collector.record(module, query, key, kwargs.get("position_ids"))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 class _Collector:
-    """Forward hooks on q_proj/k_proj of every layer: keys [layers, Hkv, N, D] and query second moments."""
+    """Pre-RoPE keys [layers, Hkv, N, D] and second moments of windowed-RoPE queries of the retrieval layers."""
 
     def __init__(self, model: nn.Module, total_tokens: int, offset: int):
-        self.attentions = attention_modules(model)
         cfg = fingerprint(model.config)
+        self.layers = {idx: i for i, idx in enumerate(cfg["a2ats_layers"])}
+        self.attentions = {m.layer_idx: m for m in attention_modules(model)}
         self.hkv, self.dim = cfg["num_key_value_heads"], cfg["head_dim"]
         self.group = cfg["num_attention_heads"] // self.hkv
         device = next(model.parameters()).device
-        n_layers = len(self.attentions)
-        self.keys = torch.empty(n_layers, self.hkv, total_tokens, self.dim, dtype=torch.float32, device=device)
-        self.moments = torch.zeros(n_layers, self.hkv, self.dim, self.dim, dtype=torch.float64, device=device)
-        self.query_count = 0
+        self.keys = torch.empty(len(self.layers), self.hkv, total_tokens, self.dim, dtype=torch.float32, device=device)
+        self.moments = torch.zeros(len(self.layers), self.hkv, self.dim, self.dim, dtype=torch.float64, device=device)
         self.filled = 0
-        self.rope = RoPE.for_attention(self.attentions[0])
+        self.rope_layer = cfg["a2ats_layers"][0]
+        self.rope = RoPE.for_attention(self.attentions[self.rope_layer])
         self.offset = offset
-        self.handles = []
-        for i, attn in enumerate(self.attentions):
-            self.handles.append(attn.k_proj.register_forward_hook(self._key_hook(i)))
-            self.handles.append(attn.q_proj.register_forward_hook(self._query_hook(i)))
 
-    def _heads(self, out: torch.Tensor) -> torch.Tensor:
-        b, t, _ = out.shape
-        return out.view(b, t, -1, self.dim).transpose(1, 2)  # [B, H, T, D]
-
-    def _key_hook(self, i: int):
-        def hook(module, args, out):
-            k = self._heads(out)[0].float()  # batch of one
-            self.keys[i, :, self.filled : self.filled + k.shape[1]] = k
-
-        return hook
-
-    def _query_hook(self, i: int):
-        def hook(module, args, out):
-            q = self.rope.at(self._heads(out), self.offset)[0]  # [Hq, T, D]
-            q = q.reshape(self.hkv, self.group * q.shape[1], self.dim)
-            self.moments[i] += second_moment(q).double()
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+    def record(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None):
+        i = self.layers.get(module.layer_idx)
+        if i is None:  # a sliding-window layer
+            return
+        t = key.shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(t, device=key.device)[None]
+        keys = self.rope.invert(key[:1], position_ids[:1])[0]  # batch of one: [Hkv, T, D]
+        self.keys[i, :, self.filled : self.filled + t] = keys.to(self.keys.device)
+        q = self.rope.windowed_query(query[:1], position_ids[:1], self.offset)[0]  # [Hq, T, D]
+        q = q.reshape(self.hkv, self.group * t, self.dim)
+        self.moments[i] += second_moment(q).double().to(self.moments.device)
 
 
 @torch.no_grad()
@@ -114,9 +114,10 @@ def calibrate(
 ) -> Codebooks:
     """Build query-aware codebooks for ``model`` from calibration ``texts`` (+ ``uuid_tokens`` of random UUIDs).
 
-    Runs the texts through the model in ``chunk_size`` pieces, recording pre-RoPE keys and the second moment of
-    windowed-RoPE queries (position ``offset``) per (layer, KV head) with forward hooks, then whitens the keys by
-    the moments' Cholesky factor and runs batched k-means with ``n_centroids`` centroids.
+    Runs the texts through the model in ``chunk_size`` pieces with the "a2ats_calibration" attention, recording
+    pre-RoPE keys and the second moment of windowed-RoPE queries (position ``offset``) per (layer, KV head) of the
+    layers A2ATS serves, then whitens the keys by the moments' Cholesky factor and runs batched k-means with
+    ``n_centroids`` centroids.
     """
     check_supported(model.config)
     if n_centroids < 2 or n_centroids > 65536:
@@ -127,17 +128,23 @@ def calibrate(
         ids = torch.cat([ids, token_stream(tokenizer, uuid_texts(seed), uuid_tokens)])
     if len(ids) < n_centroids:
         raise ValueError(f"calibration has {len(ids)} tokens, fewer than n_centroids={n_centroids}; pass more text")
+    global _collector
     device = next(model.parameters()).device
     collector = _Collector(model, len(ids), offset)
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("a2ats_calibration")
+    _collector = collector
     try:
         chunks = range(0, len(ids), chunk_size)
         for start in tqdm(chunks, desc="calibration forward", disable=not progress):
             piece = ids[start : start + chunk_size][None].to(device)
+            collector.rope.new_step()
             model.base_model(input_ids=piece, use_cache=False)
             collector.filled += piece.shape[1]
     finally:
-        collector.remove()
-    first_attention = collector.attentions[0]
+        _collector = None
+        model.set_attn_implementation(implementation)
+    first_attention = collector.attentions[collector.rope_layer]
     n_layers, hkv, n, d = collector.keys.shape
     whitener = whitening(collector.moments.view(n_layers * hkv, d, d))
     z = collector.keys.view(n_layers * hkv, n, d) @ whitener

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .families import family_of
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "a2ats_config.json"
 WEIGHTS_NAME = "a2ats_codebooks.safetensors"
-SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 def _rope_parameters(config: Any) -> dict:
@@ -26,7 +27,9 @@ def _rope_parameters(config: Any) -> dict:
 
 
 def fingerprint(config: Any) -> dict:
-    """What a codebook depends on in a model config: architecture, shapes and RoPE settings."""
+    """What a codebook depends on in a model config: architecture, shapes, RoPE settings, and which layers A2ATS
+    serves (the others, sliding-window layers, keep an exact cache of ``sliding_window`` tokens)."""
+    family = family_of(config)
     heads = config.num_attention_heads
     return {
         "model_type": config.model_type,
@@ -35,24 +38,23 @@ def fingerprint(config: Any) -> dict:
         "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
         "rope_parameters": _rope_parameters(config),
+        "a2ats_layers": family.retrieval_layers(config),
+        "sliding_window": family.sliding_window(config),
     }
 
 
 def weights_signature(attention: Any) -> float | None:
-    """Frobenius norm of an attention layer's k_proj weight: tells a revision or fine-tune of the same architecture
-    apart, and survives dtype changes (None for packed, quantized weights)."""
-    weight = getattr(getattr(attention, "k_proj", None), "weight", None)
-    if weight is None or not weight.is_floating_point():
+    """Frobenius norm of an attention layer's key projection weight: tells a revision or fine-tune of the same
+    architecture apart, and survives dtype changes (None for packed, quantized weights)."""
+    weight = family_of(attention.config).key_weight(attention)
+    if weight is None or not weight.is_floating_point() or weight.is_meta:
         return None
     return float(weight.detach().double().norm())
 
 
 def check_supported(config: Any) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"A2ATS does not support model_type={config.model_type!r} yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "(Llama 2/3.x, SmolLM and other Llama-architecture models)."
-        )
+    """NotImplementedError (or ValueError) naming what is unsupported about ``config``."""
+    family_of(config)
 
 
 def _sha256(path: Path) -> str:
@@ -94,7 +96,13 @@ class Codebooks:
 
     @property
     def num_layers(self) -> int:
+        """Layers with a codebook: those A2ATS serves."""
         return self.whitener.shape[0]
+
+    @property
+    def layers(self) -> list[int]:
+        """Model layer index of each codebook (every layer, in codebooks that predate sliding-window support)."""
+        return self.fingerprint.get("a2ats_layers") or list(range(self.num_layers))
 
     def config_dict(self) -> dict:
         return {
@@ -178,23 +186,24 @@ class Codebooks:
     def validate(self, model_config: Any, attention: Any = None) -> None:
         """Raise ``ValueError`` naming every field where these codebooks do not match ``model_config``.
 
-        Given the model's first attention module, also compare its weights with those calibrated on.
+        Given the attention module of the first layer A2ATS serves, also compare its weights with those calibrated
+        on.
         """
-        check_supported(model_config)
         expected = fingerprint(model_config)
+        recorded_fp = {"a2ats_layers": self.layers, "sliding_window": None, **self.fingerprint}
         mismatches = [
-            f"{key}: codebooks have {self.fingerprint.get(key)!r}, model has {value!r}"
+            f"{key}: codebooks have {recorded_fp.get(key)!r}, model has {value!r}"
             for key, value in expected.items()
-            if self.fingerprint.get(key) != value
+            if recorded_fp.get(key) != value
         ]
         recorded, actual = self.fingerprint.get("weights_signature"), attention and weights_signature(attention)
         if recorded and actual and abs(recorded - actual) > 1e-3 * recorded:
             mismatches.append(
-                f"weights_signature (layer-0 k_proj norm): codebooks have {recorded:.6g}, model has {actual:.6g} "
+                f"weights_signature (key projection norm): codebooks have {recorded:.6g}, model has {actual:.6g} "
                 "(another revision or fine-tune)"
             )
         layers, kv_heads, dim = self.whitener.shape[:3]
-        shape = (expected["num_hidden_layers"], expected["num_key_value_heads"], expected["head_dim"])
+        shape = (len(expected["a2ats_layers"]), expected["num_key_value_heads"], expected["head_dim"])
         if (layers, kv_heads, dim) != shape:
             mismatches.append(f"tensor shape (layers, kv_heads, head_dim): codebooks have {(layers, kv_heads, dim)}, model has {shape}")
         if mismatches:

@@ -2,12 +2,14 @@
 
 A post-RoPE vector at position p is ``x * cos_p + rotate_half(x) * sin_p``, where ``cos``/``sin`` carry the
 rope type's attention scaling (YaRN's factor, for instance). Using the model's rotary module for ``cos``/``sin``
-means every ``rope_scaling`` transformers implements (llama3, linear, dynamic, yarn) is honoured without
-re-deriving it here. All arithmetic is done in float32.
+means every ``rope_scaling`` transformers implements (llama3, linear, dynamic, yarn, longrope) is honoured without
+re-deriving it here. Where ``cos`` is narrower than the head (partial rotary dimensions), only the leading
+dimensions rotate, as in transformers. All arithmetic is done in float32.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -19,11 +21,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _partial(rotate):
+    """Apply ``rotate`` to the leading ``cos.shape[-1]`` dimensions of ``x`` and pass the others through."""
+
+    def wrapped(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        dim = cos.shape[-1]
+        if dim == x.shape[-1]:
+            return rotate(x, cos, sin)
+        return torch.cat([rotate(x[..., :dim], cos, sin), x[..., dim:]], dim=-1)
+
+    wrapped.__doc__ = rotate.__doc__
+    return wrapped
+
+
+@_partial
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ([..., T, D]) by ``cos``/``sin`` ([..., T, D], broadcast over heads)."""
+    """Rotate ``x`` ([..., T, D]) by ``cos``/``sin`` ([..., T, D'], broadcast over heads; D' <= D)."""
     return x * cos + rotate_half(x) * sin
 
 
+@_partial
 def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Undo :func:`apply_rope`: each pair is rotated back and divided by the squared scaling ``cos^2 + sin^2``."""
     return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
@@ -39,10 +56,15 @@ def find_rotary_class(attention: nn.Module) -> type[nn.Module]:
 
 
 class RoPE:
-    """The rotations of one model: ``cos``/``sin`` at any positions, their inverse, and windowed RoPE of queries."""
+    """The rotations of one model: ``cos``/``sin`` at any positions, their inverse, and windowed RoPE of queries.
 
-    def __init__(self, rotary: nn.Module):
-        self.rotary = rotary
+    ``kwargs`` go to the rotary module's forward (Gemma 3's layer type). The module is copied once per device, so
+    layers spread over devices do not move it back and forth.
+    """
+
+    def __init__(self, rotary: nn.Module, **kwargs):
+        self.rotary, self.kwargs = rotary, kwargs
+        self.on_device: dict[str, nn.Module] = {}
         self.memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def new_step(self) -> None:
@@ -52,7 +74,10 @@ class RoPE:
     @classmethod
     def for_attention(cls, attention: nn.Module) -> "RoPE":
         """A private rotary embedding of the model's own class and config, so its dynamic state is not shared."""
-        return cls(find_rotary_class(attention)(attention.config))
+        from .families import family_of
+
+        config = attention.config
+        return cls(find_rotary_class(attention)(config), **family_of(config).rope_kwargs(config))
 
     def cos_sin(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``cos``, ``sin`` of shape [B, 1, T, D] for ``position_ids`` [B, T], computed once per forward
@@ -63,9 +88,10 @@ class RoPE:
         return self.memo[key]
 
     def _compute(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        self.rotary.to(device)
+        if str(device) not in self.on_device:
+            self.on_device[str(device)] = copy.deepcopy(self.rotary).to(device)
         dummy = torch.empty(0, dtype=torch.float32, device=device)
-        cos, sin = self.rotary(dummy, position_ids.to(device))
+        cos, sin = self.on_device[str(device)](dummy, position_ids.to(device), **self.kwargs)
         return cos.float().unsqueeze(1), sin.float().unsqueeze(1)
 
     def invert(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -73,12 +99,16 @@ class RoPE:
         cos, sin = self.cos_sin(position_ids, x.device)
         return invert_rope(x.float(), cos, sin)
 
-    def at(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        """RoPE of pre-RoPE ``x`` [B, H, T, D] at one fixed ``position`` for every token (float32)."""
-        key = ("at", position, x.shape[0], x.shape[2], str(x.device))
+    def at(self, x: torch.Tensor, position: int, position_ids: torch.Tensor) -> torch.Tensor:
+        """RoPE of pre-RoPE ``x`` [B, H, T, D] at one fixed ``position`` for every token (float32), with the
+        frequencies the model uses at ``position_ids`` [B, T] (longrope switches them with the sequence length):
+        the rotary module sees those positions beside ``position``."""
+        key = ("at", position, position_ids.data_ptr(), position_ids.shape, str(x.device))
         if key not in self.memo:
-            position_ids = torch.full(x.shape[:1] + x.shape[2:3], position, dtype=torch.long, device=x.device)
-            self.memo[key] = self._compute(position_ids, x.device)
+            b, t = position_ids.shape
+            fixed = torch.full((b, 1), position, dtype=torch.long, device=x.device)
+            cos, sin = self._compute(torch.cat([fixed, position_ids.to(x.device)], dim=1), x.device)
+            self.memo[key] = cos[:, :, :1], sin[:, :, :1]
         cos, sin = self.memo[key]
         return apply_rope(x.float(), cos, sin)
 
@@ -87,4 +117,4 @@ class RoPE:
 
         Its dot product with a pre-RoPE key equals the true score at relative distance ``offset``.
         """
-        return self.at(self.invert(query, position_ids), offset)
+        return self.at(self.invert(query, position_ids), offset, position_ids)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from a2ats_hf import A2ATSCache, Codebooks
 
@@ -142,11 +142,11 @@ def test_codebooks_for_another_model_fail_clearly(tiny):
 
 def test_unsupported_architecture(tiny):
     """A model type outside the supported list raises NotImplementedError naming what is supported."""
-    config = MistralConfig(**{k: v for k, v in tiny_config().to_dict().items() if k in MistralConfig().to_dict()})
-    config.model_type = "mistral"
-    model = MistralForCausalLM(config).eval().to(DEVICE)
+    config = GPTNeoXConfig(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=6, max_position_embeddings=4096)
+    model = GPTNeoXForCausalLM(config).eval().to(DEVICE)
     model.set_attn_implementation("a2ats")
-    with pytest.raises(NotImplementedError, match="llama"):
+    with pytest.raises(NotImplementedError, match="gpt_neox.*supported: Llama-style"):
         generate(model, ids_of(1, 40), A2ATSCache(tiny[1]))
 
 

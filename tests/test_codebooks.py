@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, MistralConfig
+from transformers import Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, MistralConfig
 
 from a2ats_hf import Codebooks
 from a2ats_hf.codebooks import CONFIG_NAME, WEIGHTS_NAME, fingerprint
@@ -64,9 +64,24 @@ def test_validate_lists_every_mismatch():
 
 
 def test_validate_rejects_unsupported_architectures():
-    """Another model type raises NotImplementedError listing what is supported."""
-    with pytest.raises(NotImplementedError, match="llama"):
-        books_for(config()).validate(MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2))
+    """Another model type raises NotImplementedError listing what is supported; a supported one with other shapes
+    names the mismatching fields."""
+    with pytest.raises(NotImplementedError, match="supported: Llama-style"):
+        books_for(config()).validate(GPTNeoXConfig(hidden_size=64, num_attention_heads=4))
+    with pytest.raises(ValueError, match="model_type: codebooks have 'llama', model has 'mistral'"):
+        books_for(config()).validate(MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                   sliding_window=None))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, sliding_window=256),
+    lambda: Gemma3TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             attn_logit_softcapping=50.0),
+], ids=["sliding-window-everywhere", "softcapping"])
+def test_configurations_a2ats_cannot_serve(make):
+    """A model whose every layer slides, or one with attention logit soft-capping, is refused with the reason."""
+    with pytest.raises((ValueError, NotImplementedError), match="sliding window of 256|soft-capping"):
+        fingerprint(make())
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

@@ -1,0 +1,21 @@
+"""Phi-3 / 3.5 / 4-mini: one fused qkv projection, longrope (its rotation switches with the sequence length) and,
+on Phi-4-mini, partial rotary dimensions; both are handled by :mod:`a2ats_hf.rope`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import Family
+
+
+class Phi3(Family):
+    def key_weight(self, attention: Any) -> torch.Tensor | None:
+        """The key rows of the fused ``qkv_proj`` weight: [queries | keys | values]."""
+        config = attention.config
+        q_rows = config.num_attention_heads * attention.head_dim
+        return attention.qkv_proj.weight[q_rows : q_rows + config.num_key_value_heads * attention.head_dim]
+
+
+PHI3 = Phi3(name="Phi-3", model_types=("phi3",))
