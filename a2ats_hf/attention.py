@@ -8,6 +8,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import kernels
 from .cache import A2ATSLayer
+from .families import family_of
 from .quantization import lookup_table
 
 
@@ -52,6 +53,8 @@ def a2ats_attention_forward(
             key = torch.cat([past_keys.to(key.device, non_blocking=True), key], dim=2)
             value = torch.cat([past_values.to(value.device, non_blocking=True), value], dim=2)
         layer.set_first_tokens(valid, key, value)
+        if layer.first and n == length:
+            family_of(module.config).check_prompt(module.config, n)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     out = decode_attention(layer, query[:, :, 0], key, value, position_ids, valid, scaling)
     return out.to(query.dtype)[:, None], None

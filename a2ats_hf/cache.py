@@ -278,6 +278,11 @@ class A2ATSCache(Cache):
         books = Codebooks.from_pretrained(model_id_or_path, **hub_kwargs)
         return cls(books, topk=topk, window=window, sink=sink, budget=budget, max_length=max_length)
 
+    def __bool__(self) -> bool:
+        """Empty until the first forward: Phi-3's generation drops a non-empty cache (to recompute it) when a
+        sequence first crosses its longrope switch, and checks for one by truth value."""
+        return self.get_seq_length() > 0
+
     def bind(self, attention: nn.Module) -> RoPE:
         """Check the codebooks against the model on first use and build its RoPE helper."""
         if self.rope is None:

@@ -1,10 +1,12 @@
 """RoPE inverse and windowed RoPE, computed with the model's own rotary embedding.
 
 A post-RoPE vector at position p is ``x * cos_p + rotate_half(x) * sin_p``, where ``cos``/``sin`` carry the
-rope type's attention scaling (YaRN's factor, for instance). Using the model's rotary module for ``cos``/``sin``
-means every ``rope_scaling`` transformers implements (llama3, linear, dynamic, yarn, longrope) is honoured without
-re-deriving it here. Where ``cos`` is narrower than the head (partial rotary dimensions), only the leading
-dimensions rotate, as in transformers. All arithmetic is done in float32.
+rope type's attention scaling s (YaRN's and longrope's factor). Using the model's rotary module for ``cos``/``sin``
+means every RoPE type transformers implements (llama3, linear, dynamic, yarn, longrope) is honoured without
+re-deriving it here. Undoing RoPE turns back the angle only and leaves s on the rotated dimensions, and the
+windowed-RoPE rotation turns by the angle only, so a windowed query's score against an un-rotated key equals the
+true score at that distance, also where only the leading dimensions rotate (partial rotary, as in transformers).
+All arithmetic is done in float32.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @_partial
 def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`apply_rope`: each pair is rotated back and divided by the squared scaling ``cos^2 + sin^2``."""
-    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+    """Turn :func:`apply_rope`'s angle back: each pair is rotated back and divided by the scaling once,
+    ``sqrt(cos^2 + sin^2)``, so the scaling stays on it."""
+    return (x * cos - rotate_half(x) * sin) / torch.sqrt(cos * cos + sin * sin)
 
 
 def find_rotary_class(attention: nn.Module) -> type[nn.Module]:
@@ -95,20 +98,22 @@ class RoPE:
         return cos.float().unsqueeze(1), sin.float().unsqueeze(1)
 
     def invert(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Pre-RoPE version (float32) of post-RoPE ``x`` [B, H, T, D] at ``position_ids`` [B, T]."""
+        """Un-rotated version (float32) of post-RoPE ``x`` [B, H, T, D] at ``position_ids`` [B, T]."""
         cos, sin = self.cos_sin(position_ids, x.device)
         return invert_rope(x.float(), cos, sin)
 
     def at(self, x: torch.Tensor, position: int, position_ids: torch.Tensor) -> torch.Tensor:
-        """RoPE of pre-RoPE ``x`` [B, H, T, D] at one fixed ``position`` for every token (float32), with the
-        frequencies the model uses at ``position_ids`` [B, T] (longrope switches them with the sequence length):
-        the rotary module sees those positions beside ``position``."""
+        """Un-rotated ``x`` [B, H, T, D] turned by the angle of one fixed ``position`` for every token (float32),
+        with the frequencies the model uses at ``position_ids`` [B, T] (longrope switches them with the sequence
+        length: the rotary module sees those positions beside ``position``)."""
         key = ("at", position, position_ids.data_ptr(), position_ids.shape, str(x.device))
         if key not in self.memo:
             b, t = position_ids.shape
             fixed = torch.full((b, 1), position, dtype=torch.long, device=x.device)
             cos, sin = self._compute(torch.cat([fixed, position_ids.to(x.device)], dim=1), x.device)
-            self.memo[key] = cos[:, :, :1], sin[:, :, :1]
+            cos, sin = cos[:, :, :1], sin[:, :, :1]
+            scale = torch.sqrt(cos * cos + sin * sin)
+            self.memo[key] = cos / scale, sin / scale
         cos, sin = self.memo[key]
         return apply_rope(x.float(), cos, sin)
 

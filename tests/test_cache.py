@@ -159,3 +159,25 @@ def test_codebooks_of_other_weights_fail_clearly(tiny):
     with pytest.raises(ValueError, match="weights_signature"):
         generate(tuned, ids_of(1, 50), A2ATSCache(books))
     assert books.fingerprint["weights_signature"] > 0
+
+
+def test_layers_spread_over_devices_by_accelerate(tiny, tmp_path):
+    """A model dispatched by accelerate over a device map (layer 1 on the CPU beside a GPU, or here offloaded to
+    disk and brought in by accelerate's hooks) decodes at topk=1.0 exactly like sdpa + DynamicCache, with each
+    layer's codes and window on its own layer's device."""
+    from transformers import AutoModelForCausalLM
+
+    model, books = tiny
+    model.save_pretrained(tmp_path / "model")
+    first, second = (DEVICE, "cpu") if DEVICE.type == "cuda" else ("cpu", "disk")
+    device_map = {"model.embed_tokens": first, "model.rotary_emb": first, "model.layers.0": first,
+                  "model.layers.1": second, "model.norm": second, "lm_head": second}
+    split = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map, attn_implementation="a2ats",
+                                                 offload_folder=tmp_path / "offload").eval()
+    assert split.hf_device_map["model.layers.1"] == second
+    ids = ids_of(2, 90)
+    expected = generate(tiny_model("sdpa"), ids, DynamicCache())
+    cache = A2ATSCache(books, topk=1.0)
+    assert torch.equal(generate(split, ids.to(first), cache).to(expected.device), expected)
+    assert cache.layers[0].codes.device.type == torch.device(first).type
+    assert cache.layers[1].codes.device.type == "cpu" and cache.layers[1].window_keys.device.type == "cpu"

@@ -31,30 +31,31 @@ def positions(batch: int, length: int) -> torch.Tensor:
 
 
 def test_invert_is_the_inverse_of_apply():
-    """invert_rope(apply_rope(x)) == x for any cos/sin with a common scale per pair."""
+    """invert_rope(apply_rope(x)) turns the angle back and keeps the common scale of each pair once."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 7, 64, generator=gen, dtype=torch.float64)
     angle = torch.rand(2, 1, 7, 32, generator=gen, dtype=torch.float64) * 100
     scale = 1.3
     cos, sin = (torch.cat([f(angle)] * 2, -1) * scale for f in (torch.cos, torch.sin))
-    torch.testing.assert_close(invert_rope(apply_rope(x, cos, sin), cos, sin), x)
+    torch.testing.assert_close(invert_rope(apply_rope(x, cos, sin), cos, sin), x * scale)
 
 
 @pytest.mark.parametrize("kind", ROPE_TYPES)
 def test_invert_undoes_the_model_rotation(kind):
-    """Un-rotating keys rotated by transformers' apply_rotary_pos_emb gives the pre-RoPE keys back."""
+    """Un-rotating keys rotated by transformers' apply_rotary_pos_emb gives the pre-RoPE keys back, times the rope
+    type's attention scaling (1 but for yarn)."""
     ours, theirs = rope_for(kind)
     gen = torch.Generator().manual_seed(1)
     k = torch.randn(3, 2, 257, 48, generator=gen)
     pos = positions(3, 257)
     cos, sin = theirs(k, pos)
     _, k_post = apply_rotary_pos_emb(k, k, cos, sin)
-    torch.testing.assert_close(ours.invert(k_post, pos), k, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.invert(k_post, pos), k * theirs.attention_scaling, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ROPE_TYPES)
 def test_windowed_query_scores_like_distance_b(kind):
-    """q~ . k_pre equals the true post-RoPE score of a key exactly b tokens back (up to the rope's scaling^2)."""
+    """q~ . (un-rotated key) equals the true post-RoPE score of a key exactly b tokens back."""
     ours, theirs = rope_for(kind)
     gen = torch.Generator().manual_seed(2)
     b = 100
@@ -66,7 +67,7 @@ def test_windowed_query_scores_like_distance_b(kind):
     _, k_post = apply_rotary_pos_emb(k, k, cos_k, sin_k)
     true = (q_post * k_post).sum(-1)
     wrope = ours.windowed_query(q_post, q_pos, b)
-    approx = (wrope * k).sum(-1) * theirs.attention_scaling  # q~ carries one factor of the scaling, k_pre none
+    approx = (wrope * ours.invert(k_post, q_pos - b)).sum(-1)  # each side carries one factor of the scaling
     torch.testing.assert_close(approx, true, atol=1e-4, rtol=1e-4)
 
 

@@ -45,6 +45,9 @@ class Family:
         """The key projection's weight (for the weights signature), None where it is not a plain tensor."""
         return getattr(getattr(attention, "k_proj", None), "weight", None)
 
+    def check_prompt(self, config: Any, length: int) -> None:
+        """Warn about what a prompt of ``length`` tokens will meet later in generation."""
+
     def check(self, config: Any) -> None:
         """Raise for configurations A2ATS cannot serve exactly."""
         if getattr(config, "attn_logit_softcapping", None):
