@@ -92,7 +92,7 @@ def decode_attention(
         if query.is_cuda:  # hand the selection to the CPU without stalling the queue behind it
             indices, counts, cpu_query = (t.to("cpu", non_blocking=True) for t in (indices, counts, query))
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(query.device))  # the layer's GPU, which need not be the current one
         else:
             cpu_query = query
 

@@ -56,19 +56,19 @@ class KVStore:
         self.key_blocks: list[torch.Tensor] = []
         self.value_blocks: list[torch.Tensor] = []
         self.length = 0
-        self.pending = False  # an asynchronous append may still be in flight
+        self.pending: torch.device | None = None  # the GPU an asynchronous append may still be in flight from
 
     def wait(self) -> None:
         """Block until asynchronous appends have landed (before reading blocks on the CPU)."""
-        if self.pending:
-            torch.cuda.synchronize()
-            self.pending = False
+        if self.pending is not None:
+            torch.cuda.synchronize(self.pending)
+            self.pending = None
 
     def _new_block(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append [B, H, T, D] keys and values; copies from a GPU are asynchronous (on the current stream)."""
+        """Append [B, H, T, D] keys and values; copies from a GPU are asynchronous (on its current stream)."""
         t, done = keys.shape[-2], 0
         blocks = math.ceil((self.length + t) / self.block_size) - len(self.key_blocks)
         if blocks > 0:
@@ -85,7 +85,8 @@ class KVStore:
             self.value_blocks[-1][:, :, offset : offset + n].copy_(values[:, :, done : done + n], non_blocking=self.pin)
             done += n
             self.length += n
-        self.pending |= self.pin and keys.is_cuda
+        if self.pin and keys.is_cuda:
+            self.pending = keys.device
 
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``indices`` [B, H, K] (CPU, each < length) of every (row, head) -> keys, values [B, H, K, D]."""

@@ -36,7 +36,8 @@ def select_topk(
     if codes.is_cuda and HAS_TRITON:
         from .triton_topk import select_topk as triton_select_topk
 
-        return triton_select_topk(lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max)
+        with torch.cuda.device(codes.device):  # Triton launches on the current GPU; a layer may sit on another
+            return triton_select_topk(lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max)
     return reference.select_topk(lut, codes, candidates, k, budget)
 
 

@@ -1,0 +1,149 @@
+"""Llama-3.1-8B's architecture (random bf16 weights) on one GPU and split over two by accelerate's balanced "auto"
+map: A2ATS at topk=1.0 against full attention's greedy tokens, then decode throughput at 64K and 128K context,
+A2ATS (topk=0.03) beside full attention (sdpa + DynamicCache) on the same GPUs, batch 1.
+
+Codebooks are random (4096 centroids per layer and KV head): speed does not depend on them, and topk=1.0 attends
+every token whatever they are. Decode time per token is taken between consecutive logits (after a sync), so the
+prefill is timed apart.
+
+Run on a box with two GPUs (NVLink multicast off):
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. python bench/multi_gpu.py
+(writes bench/results/multi-gpu-<gpu>.json and prints a table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor
+
+from a2ats_hf import A2ATSCache, Codebooks
+from a2ats_hf.codebooks import fingerprint
+from a2ats_hf.kernels import cpu_attention
+
+LLAMA31_8B = LlamaConfig(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, vocab_size=128256, max_position_embeddings=131072 + 64, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
+
+
+def build(gpus: list[int]) -> AutoModelForCausalLM:
+    """Random-weight model on ``gpus`` (one: all of it there; two: accelerate's balanced map over both)."""
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(LLAMA31_8B, dtype=torch.bfloat16)
+    if len(gpus) == 1:
+        device_map = {"": gpus[0]}
+    else:
+        layers = ["LlamaDecoderLayer"]
+        memory = get_balanced_memory(model, max_memory={g: "120GiB" for g in gpus}, no_split_module_classes=layers,
+                                     dtype=torch.bfloat16)
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=layers,
+                                           dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        device = next(d for prefix, d in sorted(device_map.items(), key=lambda kv: -len(kv[0]))
+                      if name == prefix or name.startswith(prefix + ".") or prefix == "")
+        value = torch.empty(param.shape, dtype=torch.bfloat16, device=device)
+        value.fill_(1.0) if param.dim() == 1 else value.normal_(0.0, 0.02)  # norms at 1, matrices small
+        set_module_tensor_to_device(model, name, device, value=value)
+    return dispatch_model(model, device_map).eval()
+
+
+def random_codebooks(seed: int = 0, centroids: int = 4096) -> Codebooks:
+    g = torch.Generator().manual_seed(seed)
+    layers, hkv, d = LLAMA31_8B.num_hidden_layers, LLAMA31_8B.num_key_value_heads, LLAMA31_8B.head_dim
+    return Codebooks(torch.eye(d).expand(layers, hkv, d, d).clone(),
+                     torch.randn(layers, hkv, centroids, d, generator=g) * 0.3, fingerprint(LLAMA31_8B))
+
+
+class Clock(LogitsProcessor):
+    """The time at each new token's logits (after a device sync)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def run(model, ids: torch.Tensor, cache, attention: str, new_tokens: int) -> dict:
+    model.set_attn_implementation(attention)
+    clock = Clock()
+    for gpu in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(gpu)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, logits_processor=[clock])
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    decode = sorted(steps)[len(steps) // 2] if steps else float("nan")
+    result = {"prefill_s": round(clock.times[0] - start, 2), "decode_ms": round(decode * 1e3, 1),
+              "tokens_per_s": round(ids.shape[0] / decode, 2),
+              "peak_gpu_gib": [round(torch.cuda.max_memory_allocated(g) / 2**30, 1) for g in range(torch.cuda.device_count())]}
+    if isinstance(cache, A2ATSCache):
+        result["cpu_kv_gib"] = round(cache.memory_footprint()["cpu_bytes"] / 2**30, 1)
+        result["far_fraction"] = round(cache.stats.far_fraction, 3)
+    return {"tokens": out[0, ids.shape[1]:].tolist(), **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[65536, 131072])
+    parser.add_argument("--new-tokens", type=int, default=9, help="decode steps timed per run (+1 after prefill)")
+    parser.add_argument("--check-context", type=int, default=4096)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    cpu_attention.extension()  # built outside the timings
+    books = random_codebooks()
+    gpus = list(range(min(2, torch.cuda.device_count())))
+    results = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "runs": []}
+    for setup in ([gpus[:1], gpus] if len(gpus) > 1 else [gpus]):
+        model = build(setup)
+        device_map = getattr(model, "hf_device_map", {"": setup[0]})
+        first = torch.device("cuda", setup[0])
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(LLAMA31_8B.vocab_size, (1, args.check_context), generator=g).to(first)
+        full = run(model, ids, DynamicCache(), "sdpa", 16)
+        exact = run(model, ids, A2ATSCache(books, topk=1.0), "a2ats", 16)
+        check = {"gpus": len(setup), "context": args.check_context,
+                 "same_greedy_tokens": sum(a == b for a, b in zip(full["tokens"], exact["tokens"])), "of": 16,
+                 "layers_per_gpu": {str(d): sum(1 for k, v in device_map.items() if v == d and ".layers." in k)
+                                    for d in setup}}
+        print(check, flush=True)
+        results.setdefault("checks", []).append(check)
+        for n in args.contexts:
+            ids = torch.randint(LLAMA31_8B.vocab_size, (1, n), generator=g).to(first)
+            for method, cache, attention in (("sdpa + DynamicCache", DynamicCache(), "sdpa"),
+                                             ("A2ATS topk=0.03", A2ATSCache(books, topk=0.03), "a2ats")):
+                row = {"gpus": len(setup), "context": n, "method": method,
+                       **run(model, ids, cache, attention, args.new_tokens + 1)}
+                row.pop("tokens")
+                print(row, flush=True)
+                results["runs"].append(row)
+                del cache
+                torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
+    name = re.sub(r"[^a-z0-9]+", "-", results["gpu"].lower()).strip("-")
+    out = args.out or Path(__file__).parent / "results" / f"multi-gpu-{name}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}\n\n| GPUs | context | method | decode ms/token | tokens/s | prefill s | peak GPU GiB | CPU K/V GiB |")
+    for r in results["runs"]:
+        print(f"| {r['gpus']} | {r['context'] // 1024}K | {r['method']} | {r['decode_ms']} | {r['tokens_per_s']} | "
+              f"{r['prefill_s']} | {r['peak_gpu_gib']} | {r.get('cpu_kv_gib', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
