@@ -9,7 +9,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from . import kernels
 from .cache import A2ATSLayer
 from .families import family_of
-from .quantization import lookup_table
 
 
 def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -81,13 +80,12 @@ def decode_attention(
     n_far = far.sum(-1)
     k_max = cache.budget_for(max(n - cache.window - cache.sink, 0))  # a host-side bound, so nothing waits here
 
+    if not cache.scorer.retrieves:
+        k_max = 0
     if k_max > 0:
-        wrope = cache.rope.windowed_query(
-            query[:, :, None], position_ids[:, -1:].expand(query.shape[0], 1), cache.codebooks.offset
-        )
-        lut = lookup_table(wrope[:, :, 0], layer.centroids, query.shape[1] // hkv)
+        lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling)
         indices, counts = kernels.select_topk(
-            lut, layer.codes, far, cache.budget_for(n_far), cache.budget, histogram=layer.histogram, k_max=k_max
+            lut, codes, far, cache.budget_for(n_far), cache.budget, histogram=histogram, k_max=k_max
         )
         if query.is_cuda:  # hand the selection to the CPU without stalling the queue behind it
             indices, counts, cpu_query = (t.to("cpu", non_blocking=True) for t in (indices, counts, query))

@@ -14,6 +14,7 @@ from .codebooks import Codebooks
 from .kernels import code_histogram
 from .quantization import encode
 from .rope import RoPE
+from .scoring import Scorer, scorer_of
 from .store import KVStore, check_memory, kv_bytes
 
 BUDGETS = ("query_head", "kv_head")
@@ -227,6 +228,9 @@ class A2ATSCache(Cache):
         window: most recent tokens always attended exactly (default: the codebooks' window).
         sink: first tokens always attended exactly (default: the codebooks' sink).
         budget: "query_head" (top-K per query head, united over the KV group, as in the paper) or "kv_head".
+        scoring: how far tokens are scored before the top-K: "wrope" (A2ATS) or, as baselines for evaluation,
+            "oracle" (exact logits), "quest" (page bounds), "random", "window" (none retrieved); or a
+            :class:`~a2ats_hf.scoring.Scorer`.
         max_length: the longest sequence (prompt + new tokens) expected; when given, a batch whose K/V cannot fit
             in CPU memory fails at the first forward instead of midway through generation.
     """
@@ -239,8 +243,10 @@ class A2ATSCache(Cache):
         sink: int | None = None,
         budget: str = "query_head",
         max_length: int | None = None,
+        scoring: str | Scorer = "wrope",
     ):
         check_topk(topk)
+        self.scorer = scorer_of(scoring)
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         self.codebooks, self.topk, self.budget = codebooks, topk, budget
@@ -269,6 +275,7 @@ class A2ATSCache(Cache):
         sink: int | None = None,
         budget: str = "query_head",
         max_length: int | None = None,
+        scoring: str | Scorer = "wrope",
         **hub_kwargs,
     ) -> "A2ATSCache":
         """A cache with the codebooks stored next to a model (``a2ats/`` in its folder or Hub repository).
@@ -276,7 +283,7 @@ class A2ATSCache(Cache):
         ``hub_kwargs`` (subfolder, revision, cache_dir, local_files_only, token) go to ``Codebooks.from_pretrained``.
         """
         books = Codebooks.from_pretrained(model_id_or_path, **hub_kwargs)
-        return cls(books, topk=topk, window=window, sink=sink, budget=budget, max_length=max_length)
+        return cls(books, topk=topk, window=window, sink=sink, budget=budget, max_length=max_length, scoring=scoring)
 
     def __bool__(self) -> bool:
         """Empty until the first forward: Phi-3's generation drops a non-empty cache (to recompute it) when a

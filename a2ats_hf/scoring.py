@@ -1,0 +1,130 @@
+"""How a decode step scores the far tokens before the top-K: A2ATS's windowed-RoPE lookup table, and the
+baselines the evaluation suite compares it with, behind one interface.
+
+Every scorer returns a score table ``lut`` [B, Hq, M] and each stored token's entry in it ``codes`` [B, Hkv, N]
+(token j of KV head h scores ``lut[:, q, codes[:, h, j]]`` for the query heads q of h), so one top-K kernel
+(:func:`a2ats_hf.kernels.select_topk`, its budget rules and tie-breaking) serves them all. A2ATS's table has one
+column per centroid; the exact oracle's and random selection's one per token; Quest's one per page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .quantization import lookup_table
+
+if TYPE_CHECKING:
+    from .cache import A2ATSLayer
+
+
+@dataclass
+class Scorer:
+    """Scores of a step's far tokens. ``retrieves`` False: nothing is retrieved (sinks + window alone)."""
+
+    name = "base"
+    retrieves = True
+
+    def scores(self, layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, scaling: float):
+        """(lut [B, Hq, M], codes [B, Hkv, N], histogram [B, Hkv, M] of the far candidates' codes or None)."""
+        raise NotImplementedError
+
+
+def token_codes(layer: "A2ATSLayer", page: int = 1) -> torch.Tensor:
+    """[B, Hkv, N] int32: each stored token's own column (``page`` 1) or its page's."""
+    b, h, _ = layer.codes.shape
+    n = layer.store.length
+    return (torch.arange(n, device=layer.device, dtype=torch.int32) // page).expand(b, h, n)
+
+
+def stored_keys(layer: "A2ATSLayer", device: torch.device) -> torch.Tensor:
+    """All stored (post-RoPE) keys [B, Hkv, N, D] in float32 on ``device`` (a copy: for evaluation, not serving)."""
+    return layer.store.to_tensors()[0].to(device).float()
+
+
+@dataclass
+class WindowedRoPE(Scorer):
+    """A2ATS: the query rotated to the codebooks' offset b scores every centroid; tokens score by their code."""
+
+    name = "wrope"
+
+    def scores(self, layer, query, position_ids, scaling):
+        cache = layer.cache
+        b, hq, _ = query.shape
+        wrope = cache.rope.windowed_query(query[:, :, None], position_ids[:, -1:].expand(b, 1), cache.codebooks.offset)
+        lut = lookup_table(wrope[:, :, 0], layer.centroids, hq // layer.codes.shape[1])
+        return lut, layer.codes, layer.histogram
+
+
+@dataclass
+class Exact(Scorer):
+    """The oracle: exact attention logits against every stored key (the true top-K)."""
+
+    name = "oracle"
+
+    def scores(self, layer, query, position_ids, scaling):
+        keys = stored_keys(layer, query.device)
+        b, hkv, n, d = keys.shape
+        q = query.float().view(b, hkv, -1, d)
+        lut = torch.einsum("bkgd,bknd->bkgn", q, keys).reshape(b, -1, n) * scaling
+        return lut, token_codes(layer), None
+
+
+@dataclass
+class Quest(Scorer):
+    """Quest (Tang et al., 2024): per page of ``page`` tokens, an upper bound of q.k from the page's elementwise key
+    minimum and maximum, ``sum_d max(q_d min_d, q_d max_d)``; a page's tokens share its score."""
+
+    page: int = 16
+    name = "quest"
+
+    def scores(self, layer, query, position_ids, scaling):
+        keys = stored_keys(layer, query.device)
+        b, hkv, n, d = keys.shape
+        pages = -(-n // self.page)
+        padded = torch.nn.functional.pad(keys, (0, 0, 0, pages * self.page - n), mode="replicate")
+        paged = padded.view(b, hkv, pages, self.page, d)
+        low, high = paged.amin(3), paged.amax(3)  # [B, Hkv, P, D]
+        q = query.float().view(b, hkv, -1, 1, d)
+        bound = torch.maximum(q * low[:, :, None], q * high[:, :, None]).sum(-1)  # [B, Hkv, G, P]
+        return bound.reshape(b, -1, pages), token_codes(layer, self.page), None
+
+
+@dataclass
+class Random(Scorer):
+    """Uniformly random selection among the far tokens (seeded)."""
+
+    seed: int = 0
+    name = "random"
+
+    def __post_init__(self):
+        self.generator: torch.Generator | None = None
+
+    def scores(self, layer, query, position_ids, scaling):
+        if self.generator is None or self.generator.device != query.device:
+            self.generator = torch.Generator(device=query.device).manual_seed(self.seed)
+        b, hq, _ = query.shape
+        lut = torch.rand(b, hq, layer.store.length, generator=self.generator, device=query.device)
+        return lut, token_codes(layer), None
+
+
+@dataclass
+class WindowOnly(Scorer):
+    """Sinks + window alone (StreamingLLM): no far token is retrieved."""
+
+    name = "window"
+    retrieves = False
+
+
+SCORERS = {cls.name: cls for cls in (WindowedRoPE, Exact, Quest, Random, WindowOnly)}
+
+
+def scorer_of(scoring: str | Scorer) -> Scorer:
+    """A scorer from its name ("wrope", "oracle", "quest", "random", "window") or itself."""
+    if isinstance(scoring, Scorer):
+        return scoring
+    if scoring not in SCORERS:
+        raise ValueError(f"scoring must be one of {sorted(SCORERS)} or a Scorer, got {scoring!r}")
+    return SCORERS[scoring]()

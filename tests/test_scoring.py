@@ -1,0 +1,74 @@
+"""Scorers behind the cache: each baseline selects what its definition says, and all decode through one top-K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats_hf import A2ATSCache
+from a2ats_hf.scoring import SCORERS, Quest, scorer_of
+
+from conftest import DEVICE
+
+
+def ids_of(length, seed=0):
+    return torch.randint(2, 256, (1, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def decode(model, books, scoring, topk=0.1, length=200, new=4):
+    cache = A2ATSCache(books, topk=topk, scoring=scoring)
+    with torch.no_grad():
+        out = model.generate(ids_of(length), past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False)
+    return out, cache
+
+
+@pytest.mark.parametrize("scoring", sorted(SCORERS))
+def test_every_scorer_decodes(tiny, scoring):
+    """Every scorer generates; the window-only one retrieves nothing, the others about topk per query head."""
+    model, books = tiny
+    out, cache = decode(model, books, scoring)
+    assert out.shape[1] == 204
+    if scoring == "window":
+        assert cache.stats.far_selected == 0
+    else:
+        assert 0.1 <= cache.stats.far_fraction <= 0.3 + 0.02  # 3 query heads per KV head, united
+
+
+def test_oracle_at_full_budget_and_exact_top1(tiny):
+    """The oracle at topk=1.0 attends every far token: it decodes exactly like A2ATS at topk=1.0."""
+    model, books = tiny
+    full, _ = decode(model, books, "wrope", topk=1.0)
+    oracle, _ = decode(model, books, "oracle", topk=1.0)
+    assert torch.equal(full, oracle)
+
+
+def test_quest_bound_is_an_upper_bound():
+    """Quest's page score bounds every q.k in the page from above, and is reached by a page of one key."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 8), torch.randn(1, 1, 40, 8)
+
+    class Layer:  # what Quest reads from a layer
+        device = torch.device("cpu")
+        codes = torch.zeros(1, 1, 40, dtype=torch.int32)
+
+        class store:
+            length = 40
+
+            @staticmethod
+            def to_tensors():
+                return k, k
+
+    for page in (1, 16):
+        lut, codes, _ = Quest(page=page).scores(Layer, q, None, 1.0)
+        exact = torch.einsum("bhd,bnd->bhn", q, k[:, 0])
+        per_token = lut.gather(-1, codes.long().expand(1, 2, 40))
+        assert (per_token >= exact - 1e-5).all()
+        if page == 1:
+            assert torch.allclose(per_token, exact, atol=1e-5)
+
+
+def test_unknown_scoring_is_refused(tiny):
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        A2ATSCache(tiny[1], scoring="best")
+    assert scorer_of("quest").page == 16
