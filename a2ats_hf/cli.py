@@ -1,5 +1,5 @@
 """The ``a2ats`` command: ``calibrate`` builds codebooks (and can push them to the Hub), ``download`` fetches
-them, ``generate`` decodes with them."""
+them, ``generate`` decodes with them, ``eval`` runs the evaluation suite."""
 
 from __future__ import annotations
 
@@ -84,6 +84,27 @@ def generate_command(args: argparse.Namespace) -> None:
     )
 
 
+def eval_command(args: argparse.Namespace) -> None:
+    import json
+
+    from .codebooks import Codebooks
+    from .evaluation import evaluate
+    from .evaluation.suite import Method
+
+    model, tokenizer = _load(args.model, args.device, args.dtype)
+    books = Codebooks.from_pretrained(args.codebooks or args.model)
+    methods = [Method()] + [Method(s, t, b) for s in args.scoring for t in args.topk for b in args.budget
+                            if s != "window"] + ([Method("window")] if "window" in args.scoring else [])
+    haystack = "\n".join(Path(f).read_text(encoding="utf-8") for f in args.haystack)
+    result = evaluate(model, tokenizer, books, haystack, methods, args.tasks, args.lengths, args.depths,
+                      range(args.samples))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    for key, value in sorted(result["summary"]["mean"].items()):
+        relative = result["summary"]["relative_to_full"].get(key)
+        print(f"{key}: {value:.3f}" + (f" ({relative:.0%} of full)" if relative is not None else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="a2ats", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=generate_command)
+
+    from .evaluation.tasks import TASKS
+    from .scoring import SCORERS
+
+    ev = sub.add_parser("eval", parents=[common], help="RULER-style retrieval tasks: full attention vs A2ATS and baselines")
+    ev.add_argument("--haystack", nargs="+", required=True, help="UTF-8 prose files the needles hide in")
+    ev.add_argument("--codebooks", help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
+    ev.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    ev.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192])
+    ev.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
+    ev.add_argument("--samples", type=int, default=1, help="seeds per (task, length, depth)")
+    ev.add_argument("--scoring", nargs="+", choices=sorted(SCORERS), default=["wrope", "oracle", "quest", "random", "window"])
+    ev.add_argument("--topk", nargs="+", type=_topk, default=[0.03])
+    ev.add_argument("--budget", nargs="+", choices=["query_head", "kv_head"], default=["query_head"])
+    ev.add_argument("--out", help="JSON file for every answer and the summary")
+    ev.set_defaults(func=eval_command)
     return parser
 
 

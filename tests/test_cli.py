@@ -40,6 +40,22 @@ def test_calibrate_then_generate(model_dir, tmp_path, capsys):
     assert "attended" in err and "MiB" in err
 
 
+def test_eval_runs_the_suite(model_dir, tmp_path, capsys):
+    """`a2ats eval` answers the tasks with full attention and the chosen scorers and writes every answer."""
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60)
+    books = tmp_path / "books"
+    main(["calibrate", str(model_dir), "--text", str(text), "--out", str(books), "--n-centroids", "16",
+          "--max-tokens", "1500", "--uuid-tokens", "300", "--kmeans-iters", "3", "--device", "cpu"])
+    out = tmp_path / "eval.json"
+    main(["eval", str(model_dir), "--codebooks", str(books), "--haystack", str(text), "--tasks", "niah_number",
+          "--lengths", "600", "--depths", "0.5", "--scoring", "wrope", "window", "--topk", "0.1", "--device", "cpu",
+          "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "full | 600: " in printed and "wrope 0.1 | 600: " in printed and "window | 600" in printed
+    assert len(__import__("json").loads(out.read_text())["records"]) == 3
+
+
 def test_generate_rejects_bad_topk(model_dir):
     """A topk of 0 is refused with a clear message."""
     with pytest.raises(SystemExit):
