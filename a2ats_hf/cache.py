@@ -120,9 +120,9 @@ class A2ATSLayer(CacheLayerMixin):
                 "call cache.reset() or create a new A2ATSCache for a new batch."
             )
         self.store.append(key_states, value_states)
-        w = self.cache.window
-        self.window_keys = torch.cat([self.window_keys, key_states], dim=-2)[:, :, -w:]
-        self.window_values = torch.cat([self.window_values, value_states], dim=-2)[:, :, -w:]
+        w = self.cache.window  # the window is copied out (contiguous), not a view keeping the whole prompt alive
+        self.window_keys = torch.cat([self.window_keys, key_states], dim=-2)[:, :, -w:].contiguous()
+        self.window_values = torch.cat([self.window_values, value_states], dim=-2)[:, :, -w:].contiguous()
         key_states.a2ats_layer = value_states.a2ats_layer = self
         return key_states, value_states
 

@@ -27,18 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import a2ats_hf.attention as attention_module  # noqa: E402
 from a2ats_hf import A2ATSCache, Codebooks, calibrate  # noqa: E402
-from a2ats_hf.quantization import lookup_table  # noqa: E402
 from assets import austen_novels, cache_dir, smollm2_path  # noqa: E402
 
 CALIBRATION_NOVELS = ("Emma", "Pride & Prejudice", "Mansfield Park")
 HELD_OUT = "Persuasion"
-
-
-class WindowOnly(A2ATSCache):
-    """Sinks + window only (StreamingLLM): no far token is retrieved."""
-
-    def budget_for(self, n_far: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(n_far)
 
 
 class FidelityProbe:
@@ -56,11 +48,11 @@ class FidelityProbe:
     def __exit__(self, *exc):
         attention_module.decode_attention = self.original
 
-    def __call__(self, layer, query, position_ids, valid, scaling):
+    def __call__(self, layer, query, key, value, position_ids, valid, scaling):
         if self.calls % self.every == 0:
             self.measure(layer, query, position_ids, valid, scaling)
         self.calls += 1
-        return self.original(layer, query, position_ids, valid, scaling)
+        return self.original(layer, query, key, value, position_ids, valid, scaling)
 
     @torch.no_grad()
     def measure(self, layer, query, position_ids, valid, scaling):
@@ -70,25 +62,24 @@ class FidelityProbe:
         hkv = keys.shape[1]
         group = hq // hkv
         logits = torch.einsum("bkgd,bknd->bkgn", query.float().view(b, hkv, group, d), keys).reshape(b, hq, n) * scaling
-        far = attention_module.far_candidates(layer, valid)
+        far = layer.far_candidates(valid)
         attended = (valid & ~far)[:, None].expand(b, hq, n)
-        k = int(cache.budget_for(far.sum(-1)).max())
+        k = int(cache.budget_for(far.sum(-1)).max()) if cache.scorer.retrieves else 0
         if k > 0:
             attended = attended | self.selection(layer, query, position_ids, far, logits, k)
         probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1)
         self.mass.append((probs * attended).sum(-1).mean().item())
 
     def selection(self, layer, query, position_ids, far, logits, k):
-        """Record the recall of each head's exact top-k by its A2ATS top-k; return the attended far tokens."""
+        """Record the recall of each head's exact top-k by the cache scorer's top-k; return the attended far tokens."""
         cache, (b, hq, n) = layer.cache, logits.shape
         hkv = layer.codes.shape[1]
         group = hq // hkv
         exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
-        wrope = cache.rope.windowed_query(query[:, :, None], position_ids[:, -1:].expand(b, 1), cache.codebooks.offset)
-        lut = lookup_table(wrope[:, :, 0], layer.centroids, group)
+        lut, codes, _ = cache.scorer.scores(layer, query, position_ids, 1.0)
         if cache.budget == "kv_head":
             lut = lut.view(b, hkv, group, -1).sum(2).repeat_interleave(group, dim=1)
-        approx = lut.gather(-1, layer.codes.long().repeat_interleave(group, dim=1))
+        approx = lut.gather(-1, codes.long().repeat_interleave(group, dim=1))
         chosen = approx.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
         hit = torch.zeros(b, hq, n, dtype=torch.bool, device=query.device).scatter_(-1, chosen, True)
         self.recall.append(hit.gather(-1, exact).float().mean().item())
@@ -153,7 +144,7 @@ def main() -> None:
 
     methods = {
         "full attention": lambda: None,
-        "sinks + window": lambda: WindowOnly(books, topk=1),
+        "sinks + window": lambda: A2ATSCache(books, scoring="window"),
         **{f"A2ATS {p:.0%}": (lambda p=p: A2ATSCache(books, topk=p)) for p in (0.01, 0.03, 0.05)},
         "A2ATS 3% kv_head": lambda: A2ATSCache(books, topk=0.03, budget="kv_head"),
     }

@@ -115,6 +115,19 @@ def test_memory_footprint(tiny):
     fp = cache.memory_footprint()
     assert fp["device_bytes"] == device
     assert fp["cpu_bytes"] >= layers * heads * n * dim * 4 * 2
+    for layer in cache.layers:  # no view keeps the prompt's K/V alive on the device
+        for t in (layer.window_keys, layer.window_values, layer.sink_keys):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_prompt_keys_are_not_kept_on_the_device(tiny):
+    """Right after a long prompt, the window holds its own copy: the prompt's K/V live only in the CPU store."""
+    model, books = tiny
+    cache = A2ATSCache(books, window=16, sink=4)
+    with torch.no_grad():
+        model(ids_of(1, 500), past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.window_keys.shape[2] == 16 and layer.window_keys.untyped_storage().nbytes() == 16 * 2 * 16 * 4
 
 
 def test_codes_live_beside_the_window(tiny):
