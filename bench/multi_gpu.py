@@ -120,7 +120,7 @@ def main() -> None:
         check = {"gpus": len(setup), "context": args.check_context,
                  "same_greedy_tokens": sum(a == b for a, b in zip(full["tokens"], exact["tokens"])), "of": 16,
                  "layers_per_gpu": {str(d): sum(1 for k, v in device_map.items() if v == d and ".layers." in k)
-                                    for d in setup}}
+                                    for d in setup} if len(setup) > 1 else {str(setup[0]): LLAMA31_8B.num_hidden_layers}}
         print(check, flush=True)
         results.setdefault("checks", []).append(check)
         for n in args.contexts:
