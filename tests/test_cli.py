@@ -24,13 +24,19 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def test_calibrate_then_generate(model_dir, tmp_path, capsys):
-    """`a2ats calibrate` writes loadable codebooks; `a2ats generate` answers and reports what it attended."""
+def calibrated(model_dir, tmp_path):
+    """`a2ats calibrate` on a text file: (the text file, the codebooks directory)."""
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60)
     out = tmp_path / "books"
     main(["calibrate", str(model_dir), "--text", str(text), "--out", str(out), "--n-centroids", "16",
           "--max-tokens", "1500", "--uuid-tokens", "300", "--kmeans-iters", "3", "--device", "cpu"])
+    return text, out
+
+
+def test_calibrate_then_generate(model_dir, tmp_path, capsys):
+    """`a2ats calibrate` writes loadable codebooks; `a2ats generate` answers and reports what it attended."""
+    _, out = calibrated(model_dir, tmp_path)
     assert Codebooks.from_pretrained(out).n_centroids == 16
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("A long letter. " * 80)
@@ -42,11 +48,7 @@ def test_calibrate_then_generate(model_dir, tmp_path, capsys):
 
 def test_eval_runs_the_suite(model_dir, tmp_path, capsys):
     """`a2ats eval` answers the tasks with full attention and the chosen scorers and writes every answer."""
-    text = tmp_path / "text.txt"
-    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60)
-    books = tmp_path / "books"
-    main(["calibrate", str(model_dir), "--text", str(text), "--out", str(books), "--n-centroids", "16",
-          "--max-tokens", "1500", "--uuid-tokens", "300", "--kmeans-iters", "3", "--device", "cpu"])
+    text, books = calibrated(model_dir, tmp_path)
     out = tmp_path / "eval.json"
     main(["eval", str(model_dir), "--codebooks", str(books), "--haystack", str(text), "--tasks", "niah_number",
           "--lengths", "600", "--depths", "0.5", "--scoring", "wrope", "window", "--topk", "0.1", "--device", "cpu",
