@@ -147,7 +147,9 @@ def calibrate(
     first_attention = collector.attentions[collector.rope_layer]
     n_layers, hkv, n, d = collector.keys.shape
     whitener = whitening(collector.moments.view(n_layers * hkv, d, d))
-    z = collector.keys.view(n_layers * hkv, n, d) @ whitener
+    z = collector.keys.view(n_layers * hkv, n, d)
+    for i in range(len(z)):  # whitened in place, one head at a time: the keys are the largest buffer
+        z[i] = z[i] @ whitener[i]
     del collector
     result = kmeans(z, n_centroids, max_iters=kmeans_iters, tol=tol, seed=seed, progress=progress)
     calibration = {

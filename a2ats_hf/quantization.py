@@ -55,14 +55,14 @@ def assign(
     c2 = centroids.pow(2).sum(-1)[:, None, :] if norms is None else norms
     codes = torch.empty(heads, n, dtype=torch.long, device=x.device)
     dist = torch.empty(heads, n, dtype=torch.float32, device=x.device) if distances else None
-    step = _chunk_rows(heads, centroids.shape[1], n)
+    step = _chunk_rows(heads, max(centroids.shape[1], x.shape[-1]), n)  # few centroids: rows of x bound the block
     for i in range(0, n, step):
         xs = x[:, i : i + step].float()
         d = torch.baddbmm(c2, xs, centroids.transpose(1, 2), alpha=-2.0)
         best, idx = d.min(-1)
         codes[:, i : i + step] = idx
         if distances:
-            dist[:, i : i + step] = (best + xs.pow(2).sum(-1)).clamp_min_(0)
+            dist[:, i : i + step] = (best + torch.linalg.vector_norm(xs, dim=-1).square()).clamp_min_(0)
     return codes, dist
 
 
@@ -118,10 +118,13 @@ def kmeans(
     for iterations in range(1, max_iters + 1):
         codes, dist = assign(x, centroids)
         objective = dist.mean().item()
-        flat = (codes + offsets).reshape(-1)
-        with _deterministic():  # CUDA's index_add_ otherwise sums in a run-dependent order
-            sums = torch.zeros(heads * n_centroids, d, device=x.device).index_add_(0, flat, x.reshape(-1, d))
-        counts = torch.bincount(flat, minlength=heads * n_centroids).float()[:, None]
+        flat = codes + offsets
+        sums = torch.zeros(heads * n_centroids, d, device=x.device)
+        step = max(1, DISTANCE_BLOCK_BYTES // (4 * heads * d))
+        with _deterministic():  # CUDA's index_add_ otherwise sums in a run-dependent order; its deterministic
+            for i in range(0, n, step):  # form copies what it adds, so it adds a block of rows at a time
+                sums.index_add_(0, flat[:, i : i + step].reshape(-1), x[:, i : i + step].reshape(-1, d))
+        counts = torch.bincount(flat.reshape(-1), minlength=heads * n_centroids).float()[:, None]
         centroids = (sums / counts.clamp_min(1)).view(heads, n_centroids, d)
         empty = (counts.view(heads, n_centroids) == 0)
         if empty.any():

@@ -1,0 +1,73 @@
+"""Codebook construction at Llama-3.1-8B's scale on one GPU: 32 layers x 8 KV heads, head dim 128, 4096 centroids,
+80K calibration tokens per head, on a random-weight model (the cost does not depend on the weights). Reports wall
+time (forward passes and k-means), peak GPU memory, k-means iterations and the final objective, against the goal of
+under 5 minutes and 20 GB.
+
+    PYTHONPATH=. python bench/calibration_cost.py      (GPU; writes bench/results/calibration-cost-<gpu>.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+
+import a2ats_hf  # noqa: F401  (registers the recording attention)
+from a2ats_hf import calibrate
+from multi_gpu import LLAMA31_8B, build
+
+
+class WordTokenizer:
+    """Enough of a tokenizer for a random-weight model: one id per word."""
+
+    eos_token_id = 2
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [3 + hash(w) % (LLAMA31_8B.vocab_size - 3) for w in text.split()]}
+
+
+def texts(seed: int = 0):
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(50000)]
+    while True:
+        yield " ".join(rng.choice(words) for _ in range(4096))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=80 * 1024, help="calibration tokens (text + UUID)")
+    parser.add_argument("--n-centroids", type=int, default=4096)
+    parser.add_argument("--kmeans-iters", type=int, default=100)
+    parser.add_argument("--chunk-size", type=int, default=8192, help="tokens per calibration forward pass")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    model = build([0])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    weights = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    books = calibrate(model, WordTokenizer(), texts(), n_centroids=args.n_centroids, max_tokens=args.tokens * 4 // 5,
+                      uuid_tokens=args.tokens // 5, kmeans_iters=args.kmeans_iters, chunk_size=args.chunk_size,
+                      progress=False)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated()
+    result = {"gpu": torch.cuda.get_device_name(), "layers_x_kv_heads": list(books.whitener.shape[:2]),
+              "tokens": args.tokens, "n_centroids": args.n_centroids, "chunk_size": args.chunk_size,
+              "seconds": round(seconds, 1),
+              "peak_gpu_gib": round(peak / 2**30, 1), "peak_gpu_gib_without_weights": round((peak - weights) / 2**30, 1),
+              "kmeans_iterations": books.calibration["kmeans_iterations"],
+              "kmeans_objective": books.calibration["kmeans_objective"]}
+    name = re.sub(r"[^a-z0-9]+", "-", result["gpu"].lower()).strip("-")
+    out = args.out or Path(__file__).parent / "results" / f"calibration-cost-{name}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
