@@ -25,65 +25,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import a2ats_hf.attention as attention_module  # noqa: E402
 from a2ats_hf import A2ATSCache, Codebooks, calibrate  # noqa: E402
+from a2ats_hf.evaluation.fidelity import FidelityProbe  # noqa: E402
 from assets import austen_novels, cache_dir, smollm2_path  # noqa: E402
 
 CALIBRATION_NOVELS = ("Emma", "Pride & Prejudice", "Mansfield Park")
 HELD_OUT = "Persuasion"
-
-
-class FidelityProbe:
-    """Wraps decode_attention to measure, every ``every`` steps, recall of the exact per-head top-K and the
-    exact softmax mass covered by what A2ATS attends."""
-
-    def __init__(self, every: int):
-        self.every, self.calls, self.recall, self.mass = every, 0, [], []
-        self.original = attention_module.decode_attention
-
-    def __enter__(self):
-        attention_module.decode_attention = self
-        return self
-
-    def __exit__(self, *exc):
-        attention_module.decode_attention = self.original
-
-    def __call__(self, layer, query, key, value, position_ids, valid, scaling):
-        if self.calls % self.every == 0:
-            self.measure(layer, query, position_ids, valid, scaling)
-        self.calls += 1
-        return self.original(layer, query, key, value, position_ids, valid, scaling)
-
-    @torch.no_grad()
-    def measure(self, layer, query, position_ids, valid, scaling):
-        cache, n = layer.cache, layer.store.length
-        keys = layer.store.to_tensors()[0].float().to(query.device)  # [B, Hkv, N, D]
-        b, hq, d = query.shape
-        hkv = keys.shape[1]
-        group = hq // hkv
-        logits = torch.einsum("bkgd,bknd->bkgn", query.float().view(b, hkv, group, d), keys).reshape(b, hq, n) * scaling
-        far = layer.far_candidates(valid)
-        attended = (valid & ~far)[:, None].expand(b, hq, n)
-        k = int(cache.budget_for(far.sum(-1)).max()) if cache.scorer.retrieves else 0
-        if k > 0:
-            attended = attended | self.selection(layer, query, position_ids, far, logits, k)
-        probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1)
-        self.mass.append((probs * attended).sum(-1).mean().item())
-
-    def selection(self, layer, query, position_ids, far, logits, k):
-        """Record the recall of each head's exact top-k by the cache scorer's top-k; return the attended far tokens."""
-        cache, (b, hq, n) = layer.cache, logits.shape
-        hkv = layer.codes.shape[1]
-        group = hq // hkv
-        exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
-        lut, codes, _ = cache.scorer.scores(layer, query, position_ids, 1.0)
-        if cache.budget == "kv_head":
-            lut = lut.view(b, hkv, group, -1).sum(2).repeat_interleave(group, dim=1)
-        approx = lut.gather(-1, codes.long().repeat_interleave(group, dim=1))
-        chosen = approx.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
-        hit = torch.zeros(b, hq, n, dtype=torch.bool, device=query.device).scatter_(-1, chosen, True)
-        self.recall.append(hit.gather(-1, exact).float().mean().item())
-        return hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1)
 
 
 def tail_nll(model, ids: torch.Tensor, cache, tail: int) -> torch.Tensor:
@@ -162,10 +109,11 @@ def main() -> None:
                     if isinstance(cache, A2ATSCache):
                         far.append(cache.stats.far_fraction)
             row = {"context": context, "method": name, "perplexity": math.exp(torch.cat(nll).mean().item())}
-            if probe.recall:
-                row["recall"] = sum(probe.recall) / len(probe.recall)
-            if probe.mass:
-                row["mass"] = sum(probe.mass) / len(probe.mass)
+            fidelity = probe.summary()
+            for metric in ("recall", "mass", "output_error"):
+                if metric in fidelity:
+                    row[metric] = fidelity[metric]["mean"]
+                    row[f"{metric}_per_layer"] = fidelity[metric]["per_layer"]
             if far:
                 row["far_fraction_per_kv_head"] = sum(far) / len(far)
             rows.append(row)
@@ -176,10 +124,11 @@ def main() -> None:
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'context':>8} {'method':<18} {'ppl':>7} {'recall':>7} {'mass':>6} {'far%':>6}")
+    print(f"\n{'context':>8} {'method':<18} {'ppl':>7} {'recall':>7} {'mass':>6} {'out err':>7} {'far%':>6}")
     for r in rows:
         print(f"{r['context']:>8} {r['method']:<18} {r['perplexity']:7.2f} {r.get('recall', float('nan')):7.3f} "
-              f"{r.get('mass', float('nan')):6.3f} {100 * r.get('far_fraction_per_kv_head', float('nan')):6.2f}")
+              f"{r.get('mass', float('nan')):6.3f} {r.get('output_error', float('nan')):7.3f} "
+              f"{100 * r.get('far_fraction_per_kv_head', float('nan')):6.2f}")
 
 
 if __name__ == "__main__":

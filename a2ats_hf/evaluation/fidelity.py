@@ -1,0 +1,87 @@
+"""Attention fidelity per layer: how close a cache's decode attention is to full attention, measured in place.
+
+While a :class:`FidelityProbe` is active, every ``every``-th decode attention call of an :class:`A2ATSCache` is
+also computed exactly over every stored token, and the probe records, per layer: the recall of each query head's
+exact top-K far tokens (K = the step's budget) by the scorer's top-K, the exact softmax mass of the tokens attended
+(sinks + window + retrieved), and the relative error of the attention output, ``||o - o_full|| / ||o_full||``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .. import attention as attention_module
+from ..kernels import reference
+
+
+class FidelityProbe:
+    """Context manager wrapping the cache's decode attention; ``summary()`` gives the per-layer means."""
+
+    def __init__(self, every: int = 1):
+        self.every, self.calls = every, 0
+        self.values: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.original = attention_module.decode_attention
+
+    def __enter__(self) -> "FidelityProbe":
+        attention_module.decode_attention = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        attention_module.decode_attention = self.original
+
+    def __call__(self, layer, query, key, value, position_ids, valid, scaling):
+        measure = self.calls % self.every == 0
+        self.calls += 1
+        if measure:
+            exact = self.exact(layer, query, position_ids, valid, scaling)
+        out = self.original(layer, query, key, value, position_ids, valid, scaling)
+        if measure:
+            error = (out.float() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)
+            self.values["output_error"][layer.layer_idx].append(error.mean().item())
+        return out
+
+    @torch.no_grad()
+    def exact(self, layer, query, position_ids, valid, scaling) -> torch.Tensor:
+        """Record recall and mass for this call; return full attention's output [B, Hq, D] (float32)."""
+        cache, n = layer.cache, layer.store.length
+        keys, values = (t.float().to(query.device) for t in layer.store.to_tensors())  # [B, Hkv, N, D]
+        b, hq, d = query.shape
+        hkv = keys.shape[1]
+        group = hq // hkv
+        q = query.float().view(b, hkv, group, d)
+        logits = torch.einsum("bkgd,bknd->bkgn", q, keys).reshape(b, hq, n) * scaling
+        far = layer.far_candidates(valid)
+        attended = (valid & ~far)[:, None].expand(b, hq, n)
+        k = int(cache.budget_for(far.sum(-1)).max()) if cache.scorer.retrieves else 0
+        if k > 0:
+            attended = attended | self.selection(layer, query, position_ids, far, logits, k)
+        probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1)
+        self.values["mass"][layer.layer_idx].append((probs * attended).sum(-1).mean().item())
+        out, _ = reference.attention_with_lse(query, keys, values, valid[:, None].expand(b, hkv, n), scaling)
+        return out
+
+    def selection(self, layer, query, position_ids, far, logits, k) -> torch.Tensor:
+        """Record the recall of each query head's exact top-k by the scorer's top-k; return what is attended far
+        [B, Hq, N] (the KV group's union, or the KV head's pick under ``budget="kv_head"``)."""
+        cache, (b, hq, n) = layer.cache, logits.shape
+        hkv = layer.codes.shape[1]
+        group = hq // hkv
+        exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
+        lut, codes, _ = cache.scorer.scores(layer, query, position_ids, 1.0)
+        if cache.budget == "kv_head":
+            lut = lut.view(b, hkv, group, -1).sum(2).repeat_interleave(group, dim=1)
+        approx = lut.gather(-1, codes.long().repeat_interleave(group, dim=1))
+        chosen = approx.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
+        hit = torch.zeros(b, hq, n, dtype=torch.bool, device=query.device).scatter_(-1, chosen, True)
+        self.values["recall"][layer.layer_idx].append(hit.gather(-1, exact).float().mean().item())
+        return hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1)
+
+    def summary(self) -> dict:
+        """{metric: {"mean": over layers, "per_layer": {layer: mean}}} for recall, mass and output_error."""
+        result = {}
+        for metric, layers in self.values.items():
+            per_layer = {idx: sum(v) / len(v) for idx, v in sorted(layers.items())}
+            result[metric] = {"mean": sum(per_layer.values()) / len(per_layer), "per_layer": per_layer}
+        return result
