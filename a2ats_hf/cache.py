@@ -270,20 +270,20 @@ class A2ATSCache(Cache):
     def from_pretrained(
         cls,
         model_id_or_path: str,
-        topk: float | int = 0.03,
-        window: int | None = None,
-        sink: int | None = None,
-        budget: str = "query_head",
-        max_length: int | None = None,
-        scoring: str | Scorer = "wrope",
-        **hub_kwargs,
+        subfolder: str = "a2ats",
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        **cache_kwargs,
     ) -> "A2ATSCache":
         """A cache with the codebooks stored next to a model (``a2ats/`` in its folder or Hub repository).
 
-        ``hub_kwargs`` (subfolder, revision, cache_dir, local_files_only, token) go to ``Codebooks.from_pretrained``.
+        The Hub arguments go to ``Codebooks.from_pretrained``; ``cache_kwargs`` (topk, window, sink, budget,
+        max_length, scoring) to the constructor.
         """
-        books = Codebooks.from_pretrained(model_id_or_path, **hub_kwargs)
-        return cls(books, topk=topk, window=window, sink=sink, budget=budget, max_length=max_length, scoring=scoring)
+        books = Codebooks.from_pretrained(model_id_or_path, subfolder, revision, cache_dir, local_files_only, token)
+        return cls(books, **cache_kwargs)
 
     def __bool__(self) -> bool:
         """Empty until the first forward: Phi-3's generation drops a non-empty cache (to recompute it) when a
