@@ -120,7 +120,7 @@ def kmeans(
         objective = dist.mean().item()
         flat = codes + offsets
         sums = torch.zeros(heads * n_centroids, d, device=x.device)
-        step = max(1, DISTANCE_BLOCK_BYTES // (4 * heads * d))
+        step = _chunk_rows(heads, d, n)
         with _deterministic():  # CUDA's index_add_ otherwise sums in a run-dependent order; its deterministic
             for i in range(0, n, step):  # form copies what it adds, so it adds a block of rows at a time
                 sums.index_add_(0, flat[:, i : i + step].reshape(-1), x[:, i : i + step].reshape(-1, d))
