@@ -31,6 +31,11 @@ class CharTokenizer:
         return {"input_ids": [2 + ord(c) % 250 for c in text]}
 
 
+def ids_of(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Seeded random token ids [batch, length] on the test device."""
+    return torch.randint(2, 256, (batch, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
 def tiny_config(**overrides) -> LlamaConfig:
     values = dict(
         vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,

@@ -8,11 +8,7 @@ from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from a2ats_hf import A2ATSCache, Codebooks
 
-from conftest import DEVICE, tiny_config, tiny_model
-
-
-def ids_of(batch, length, seed=0):
-    return torch.randint(2, 256, (batch, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+from conftest import DEVICE, ids_of, tiny_config, tiny_model
 
 
 def generate(model, ids, cache, new=6):

@@ -30,12 +30,14 @@ def test_shapes_and_record(tiny):
 
 
 def test_deterministic_and_hooks_removed(tiny):
-    """The same seed gives identical codebooks, and calibration leaves no hooks behind."""
+    """The same seed gives identical codebooks, and calibration leaves no hooks behind and gives the model its
+    attention implementation back (it runs with the recording one)."""
     model, _ = tiny
     a, b = small(model, [TEXT]), small(model, iter([TEXT]))
     assert torch.equal(a.whitened_centroids, b.whitened_centroids) and torch.equal(a.whitener, b.whitener)
     for attn in attention_modules(model):
         assert not attn.q_proj._forward_hooks and not attn.k_proj._forward_hooks
+    assert model.config._attn_implementation == "a2ats"
 
 
 def test_dataset_rows_are_accepted(tiny):

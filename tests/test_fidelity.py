@@ -7,11 +7,11 @@ import torch
 from a2ats_hf import A2ATSCache
 from a2ats_hf.evaluation.fidelity import FidelityProbe
 
-from conftest import DEVICE
+from conftest import ids_of
 
 
 def probe_run(model, books, **cache_kwargs) -> dict:
-    ids = torch.randint(2, 256, (1, 300), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ids = ids_of(1, 300)
     with FidelityProbe(every=1) as probe, torch.no_grad():
         model.generate(ids, past_key_values=A2ATSCache(books, **cache_kwargs), max_new_tokens=4, min_new_tokens=4,
                        do_sample=False)

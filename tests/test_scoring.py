@@ -8,17 +8,13 @@ import torch
 from a2ats_hf import A2ATSCache
 from a2ats_hf.scoring import SCORERS, Quest, scorer_of
 
-from conftest import DEVICE
-
-
-def ids_of(length, seed=0):
-    return torch.randint(2, 256, (1, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+from conftest import ids_of
 
 
 def decode(model, books, scoring, topk=0.1, length=200, new=4):
     cache = A2ATSCache(books, topk=topk, scoring=scoring)
     with torch.no_grad():
-        out = model.generate(ids_of(length), past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+        out = model.generate(ids_of(1, length), past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
                              do_sample=False)
     return out, cache
 
