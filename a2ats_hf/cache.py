@@ -141,8 +141,9 @@ class A2ATSLayer(CacheLayerMixin):
                                 dtype=torch.uint16, device=self.device)
             grown[:, :, : n - t] = self.code_buffer[:, :, : n - t]
             self.code_buffer = grown
-        pre = rope.invert(keys, position_ids.expand(keys.shape[0], -1))
-        codes = encode(pre, self.whitener, self.whitened_centroids, self.centroid_norms)
+        if self.cache.codebooks.keys == "pre_rope":
+            keys = rope.invert(keys, position_ids.expand(keys.shape[0], -1))
+        codes = encode(keys, self.whitener, self.whitened_centroids, self.centroid_norms)
         self.code_buffer[:, :, n - t : n] = codes.to(torch.uint16)
 
     def set_first_tokens(self, valid: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -229,7 +230,8 @@ class A2ATSCache(Cache):
         sink: first tokens always attended exactly (default: the codebooks' sink).
         budget: "query_head" (top-K per query head, united over the KV group, as in the paper) or "kv_head".
         scoring: how far tokens are scored before the top-K: "wrope" (A2ATS) or, as baselines for evaluation,
-            "oracle" (exact logits), "quest" (page bounds), "random", "window" (none retrieved); or a
+            "oracle" (exact logits), "quest" (page bounds), "random", "window" (none retrieved), "postrope" (needs
+            codebooks calibrated with ``keys="post_rope"``); or a
             :class:`~a2ats_hf.scoring.Scorer`.
         max_length: the longest sequence (prompt + new tokens) expected; when given, a batch whose K/V cannot fit
             in CPU memory fails at the first forward instead of midway through generation.
@@ -247,6 +249,9 @@ class A2ATSCache(Cache):
     ):
         check_topk(topk)
         self.scorer = scorer_of(scoring)
+        if self.scorer.keys not in (None, codebooks.keys):
+            raise ValueError(f'scoring="{self.scorer.name}" reads codes of {self.scorer.keys} keys, but these '
+                             f'codebooks quantize {codebooks.keys} keys')
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         self.codebooks, self.topk, self.budget = codebooks, topk, budget

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .codebooks import Codebooks, check_supported, fingerprint, weights_signature
+from .codebooks import KEYS, Codebooks, check_supported, fingerprint, weights_signature
 from .quantization import kmeans, second_moment, whitening
 from .rope import RoPE
 
@@ -65,9 +65,10 @@ def recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 
 
 class _Collector:
-    """Pre-RoPE keys [layers, Hkv, N, D] and second moments of windowed-RoPE queries of the retrieval layers."""
+    """Keys [layers, Hkv, N, D] and query second moments of the retrieval layers: pre-RoPE keys and windowed-RoPE
+    queries, or (``keys="post_rope"``) both as the model rotated them."""
 
-    def __init__(self, model: nn.Module, total_tokens: int, offset: int):
+    def __init__(self, model: nn.Module, total_tokens: int, offset: int, keys: str):
         cfg = fingerprint(model.config)
         self.layers = {idx: i for i, idx in enumerate(cfg["a2ats_layers"])}
         self.attentions = {m.layer_idx: m for m in attention_modules(model)}
@@ -79,7 +80,7 @@ class _Collector:
         self.filled = 0
         self.rope_layer = cfg["a2ats_layers"][0]
         self.rope = RoPE.for_attention(self.attentions[self.rope_layer])
-        self.offset = offset
+        self.offset, self.post_rope = offset, keys == "post_rope"
 
     def record(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None):
         i = self.layers.get(module.layer_idx)
@@ -88,9 +89,12 @@ class _Collector:
         t = key.shape[2]
         if position_ids is None:
             position_ids = torch.arange(t, device=key.device)[None]
-        keys = self.rope.invert(key[:1], position_ids[:1])[0]  # batch of one: [Hkv, T, D]
+        if self.post_rope:
+            keys, q = key[0], query[0]
+        else:
+            keys = self.rope.invert(key[:1], position_ids[:1])[0]  # batch of one: [Hkv, T, D]
+            q = self.rope.windowed_query(query[:1], position_ids[:1], self.offset)[0]  # [Hq, T, D]
         self.keys[i, :, self.filled : self.filled + t] = keys.to(self.keys.device)
-        q = self.rope.windowed_query(query[:1], position_ids[:1], self.offset)[0]  # [Hq, T, D]
         q = q.reshape(self.hkv, self.group * t, self.dim)
         self.moments[i] += second_moment(q).double().to(self.moments.device)
 
@@ -110,6 +114,8 @@ def calibrate(
     window: int = 64,
     offset: int = 2048,
     sink: int = 8,
+    query_aware: bool = True,
+    keys: str = "pre_rope",
     progress: bool = True,
 ) -> Codebooks:
     """Build query-aware codebooks for ``model`` from calibration ``texts`` (+ ``uuid_tokens`` of random UUIDs).
@@ -118,8 +124,13 @@ def calibrate(
     pre-RoPE keys and the second moment of windowed-RoPE queries (position ``offset``) per (layer, KV head) of the
     layers A2ATS serves, then whitens the keys by the moments' Cholesky factor and runs batched k-means with
     ``n_centroids`` centroids.
+
+    Ablations, for the evaluation suite: ``query_aware=False`` is plain k-means on the keys (no whitening);
+    ``keys="post_rope"`` quantizes the keys as the model rotated them, weighted by the true queries' moments.
     """
     check_supported(model.config)
+    if keys not in KEYS:
+        raise ValueError(f"keys must be one of {KEYS}, got {keys!r}")
     if n_centroids < 2 or n_centroids > 65536:
         raise ValueError(f"n_centroids must lie in [2, 65536] (codes are uint16), got {n_centroids}")
     started = time.perf_counter()
@@ -130,7 +141,7 @@ def calibrate(
         raise ValueError(f"calibration has {len(ids)} tokens, fewer than n_centroids={n_centroids}; pass more text")
     global _collector
     device = next(model.parameters()).device
-    collector = _Collector(model, len(ids), offset)
+    collector = _Collector(model, len(ids), offset, keys)
     implementation = model.config._attn_implementation
     model.set_attn_implementation("a2ats_calibration")
     _collector = collector
@@ -146,6 +157,8 @@ def calibrate(
         model.set_attn_implementation(implementation)
     first_attention = collector.attentions[collector.rope_layer]
     n_layers, hkv, n, d = collector.keys.shape
+    if not query_aware:  # identity moments: the whitener is a multiple of I, k-means runs on the keys themselves
+        collector.moments.copy_(torch.eye(d, dtype=torch.float64))
     whitener = whitening(collector.moments.view(n_layers * hkv, d, d))
     z = collector.keys.view(n_layers * hkv, n, d)
     for i in range(len(z)):  # whitened in place, one head at a time: the keys are the largest buffer
@@ -160,6 +173,7 @@ def calibrate(
         "kmeans_iterations": result.iterations,
         "kmeans_objective": result.objective,
         "seed": seed,
+        "query_aware": query_aware,
         "seconds": round(time.perf_counter() - started, 2),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -171,4 +185,5 @@ def calibrate(
         offset=offset,
         sink=sink,
         calibration=calibration,
+        keys=keys,
     )

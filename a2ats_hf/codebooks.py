@@ -16,6 +16,7 @@ from .families import family_of
 FORMAT_VERSION = 1
 CONFIG_NAME = "a2ats_config.json"
 WEIGHTS_NAME = "a2ats_codebooks.safetensors"
+KEYS = ("pre_rope", "post_rope")
 
 
 def _rope_parameters(config: Any) -> dict:
@@ -72,6 +73,8 @@ class Codebooks:
     ``whitener`` is the Cholesky factor L of the normalised query second moment ([layers, kv_heads, D, D]);
     ``whitened_centroids`` are the k-means centroids c' in the whitened space z = k L ([layers, kv_heads, M, D]).
     ``centroids`` = c' L^-1 are the same centroids in key space, used to score queries (derived, not stored).
+    ``keys`` says what was quantized: "pre_rope" (A2ATS: keys with RoPE undone, scored by windowed-RoPE queries) or
+    "post_rope" (the keys as the model rotates them, scored by the true query; an ablation for evaluation).
     """
 
     whitener: torch.Tensor
@@ -81,9 +84,12 @@ class Codebooks:
     offset: int = 2048
     sink: int = 8
     calibration: dict = field(default_factory=dict)
+    keys: str = "pre_rope"
     centroids: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.keys not in KEYS:
+            raise ValueError(f"keys must be one of {KEYS}, got {self.keys!r}")
         self.whitener = self.whitener.float().contiguous()
         self.whitened_centroids = self.whitened_centroids.float().contiguous()
         self.centroids = torch.linalg.solve_triangular(
@@ -111,6 +117,7 @@ class Codebooks:
             "window": self.window,
             "offset": self.offset,
             "sink": self.sink,
+            "keys": self.keys,
             "fingerprint": self.fingerprint,
             "calibration": self.calibration,
         }
@@ -166,6 +173,7 @@ class Codebooks:
             offset=config["offset"],
             sink=config["sink"],
             calibration=config.get("calibration", {}),
+            keys=config.get("keys", "pre_rope"),
         )
 
     def push_to_hub(

@@ -22,10 +22,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Scorer:
-    """Scores of a step's far tokens. ``retrieves`` False: nothing is retrieved (sinks + window alone)."""
+    """Scores of a step's far tokens. ``retrieves`` False: nothing is retrieved (sinks + window alone); ``keys``:
+    the codebooks' kind the scorer reads codes of (None: it reads no codes)."""
 
     name = "base"
     retrieves = True
+    keys = None  # type: str | None
 
     def scores(self, layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, scaling: float):
         """(lut [B, Hq, M], codes [B, Hkv, N], histogram [B, Hkv, M] of the far candidates' codes or None)."""
@@ -39,9 +41,15 @@ def token_codes(layer: "A2ATSLayer", page: int = 1) -> torch.Tensor:
     return (torch.arange(n, device=layer.device, dtype=torch.int32) // page).expand(b, h, n)
 
 
-def stored_keys(layer: "A2ATSLayer", device: torch.device) -> torch.Tensor:
-    """All stored (post-RoPE) keys [B, Hkv, N, D] in float32 on ``device`` (a copy: for evaluation, not serving)."""
-    return layer.store.to_tensors()[0].to(device).float()
+def stored_keys(layer: "A2ATSLayer", device: torch.device, mirror: dict) -> torch.Tensor:
+    """All stored (post-RoPE) keys [B, Hkv, N, D] in float32 on ``device``: a copy for evaluation, not serving,
+    kept per layer in ``mirror`` and extended by the columns stored since the last call."""
+    n, have = layer.store.length, mirror.get(layer)
+    done = 0 if have is None or have.shape[2] > n else have.shape[2]
+    if done < n:
+        new = layer.store.to_tensors(start=done)[0].to(device).float()
+        mirror[layer] = have = new if done == 0 else torch.cat([have, new], dim=2)
+    return have
 
 
 @dataclass
@@ -49,6 +57,7 @@ class WindowedRoPE(Scorer):
     """A2ATS: the query rotated to the codebooks' offset b scores every centroid; tokens score by their code."""
 
     name = "wrope"
+    keys = "pre_rope"
 
     def scores(self, layer, query, position_ids, scaling):
         cache = layer.cache
@@ -59,13 +68,28 @@ class WindowedRoPE(Scorer):
 
 
 @dataclass
+class PostRoPE(Scorer):
+    """Ablation: codebooks of post-RoPE keys (each code holds its token's position), scored by the true query."""
+
+    name = "postrope"
+    keys = "post_rope"
+
+    def scores(self, layer, query, position_ids, scaling):
+        lut = lookup_table(query, layer.centroids, query.shape[1] // layer.codes.shape[1])
+        return lut, layer.codes, layer.histogram
+
+
+@dataclass
 class Exact(Scorer):
     """The oracle: exact attention logits against every stored key (the true top-K)."""
 
     name = "oracle"
 
+    def __post_init__(self):
+        self.mirror: dict = {}
+
     def scores(self, layer, query, position_ids, scaling):
-        keys = stored_keys(layer, query.device)
+        keys = stored_keys(layer, query.device, self.mirror)
         b, hkv, n, d = keys.shape
         q = query.float().view(b, hkv, -1, d)
         lut = torch.einsum("bkgd,bknd->bkgn", q, keys).reshape(b, -1, n) * scaling
@@ -80,8 +104,11 @@ class Quest(Scorer):
     page: int = 16
     name = "quest"
 
+    def __post_init__(self):
+        self.mirror: dict = {}
+
     def scores(self, layer, query, position_ids, scaling):
-        keys = stored_keys(layer, query.device)
+        keys = stored_keys(layer, query.device, self.mirror)
         b, hkv, n, d = keys.shape
         pages = -(-n // self.page)
         padded = torch.nn.functional.pad(keys, (0, 0, 0, pages * self.page - n), mode="replicate")
@@ -118,11 +145,11 @@ class WindowOnly(Scorer):
     retrieves = False
 
 
-SCORERS = {cls.name: cls for cls in (WindowedRoPE, Exact, Quest, Random, WindowOnly)}
+SCORERS = {cls.name: cls for cls in (WindowedRoPE, PostRoPE, Exact, Quest, Random, WindowOnly)}
 
 
 def scorer_of(scoring: str | Scorer) -> Scorer:
-    """A scorer from its name ("wrope", "oracle", "quest", "random", "window") or itself."""
+    """A scorer from its name ("wrope", "postrope", "oracle", "quest", "random", "window") or itself."""
     if isinstance(scoring, Scorer):
         return scoring
     if scoring not in SCORERS:

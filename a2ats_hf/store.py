@@ -104,13 +104,15 @@ class KVStore:
             values[sel] = self.value_blocks[j][rows[sel], heads[sel], offset[sel]]
         return keys, values
 
-    def to_tensors(self, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored keys and values of columns [0, end) (default: all) as two [B, H, end, D] tensors (a copy)."""
+    def to_tensors(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored keys and values of columns [start, end) (default: all) as two [B, H, end - start, D] tensors (a
+        copy of the blocks they span only)."""
         self.wait()
         end = self.length if end is None else end
-        blocks = -(-end // self.block_size)
-        keys = torch.cat(self.key_blocks[:blocks], dim=2)[:, :, :end]
-        values = torch.cat(self.value_blocks[:blocks], dim=2)[:, :, :end]
+        first, last = start // self.block_size, -(-end // self.block_size)
+        skip = first * self.block_size
+        keys = torch.cat(self.key_blocks[first:last], dim=2)[:, :, start - skip : end - skip]
+        values = torch.cat(self.value_blocks[first:last], dim=2)[:, :, start - skip : end - skip]
         return keys, values
 
     @property

@@ -1,10 +1,15 @@
-"""The evaluation suite on SmolLM2-135M-Instruct: RULER-style tasks hidden in the held-out *Persuasion*, answered by
-full attention, A2ATS and the baselines (exact top-K oracle, Quest, random, sinks + window) at the same budget.
+"""The evaluation suite on SmolLM2-135M-Instruct and the Austen novels: RULER-style tasks hidden in the held-out
+*Persuasion*, perplexity of its last 512 tokens of held-out windows, and attention fidelity per layer, for full
+attention, A2ATS (both budget rules), the baselines (exact top-K oracle, Quest, random, sinks + window) at every
+budget, and the ablations at 3% (plain k-means, post-RoPE keys, 256 / 4096 centroids, window and offset b).
 
-Codebooks: the demo's (1024 centroids, calibrated on Emma, Pride & Prejudice and Mansfield Park; built once).
+Codebooks are calibrated on Emma, Pride & Prejudice and Mansfield Park with the demo's settings (1024 centroids
+unless the variant says otherwise), built once per variant into the asset cache.
 
-    python bench/evaluation.py [--lengths 4096 8192] [--depths 0.25 0.75] [--topk 0.03] [--device cuda]
-Writes bench/results/ruler-smollm2.json and prints a table (score per task and method; mean over tasks).
+    python bench/evaluation.py --device cuda        # the whole suite (the README's tables and figures)
+    python bench/evaluation.py --lengths 4096 --topk 0.03 --no-ablations --samples 1   # a quicker cut
+Results accumulate in bench/results/accuracy-smollm2.json: a rerun skips what that file already holds, so an
+interrupted run resumes. `python bench/report.py` turns the file into the README's tables and docs/figures.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,41 +25,124 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from a2ats_hf.evaluation import TASKS, evaluate  # noqa: E402
-from a2ats_hf.evaluation.suite import Method  # noqa: E402
-from assets import austen_novels, smollm2_path  # noqa: E402
-from demo import codebooks  # noqa: E402
+from a2ats_hf import Codebooks, calibrate  # noqa: E402
+from a2ats_hf.evaluation import TASKS, Method, evaluate, evaluate_perplexity  # noqa: E402
+from a2ats_hf.evaluation.suite import summarize  # noqa: E402
+from assets import austen_novels, cache_dir, smollm2_path  # noqa: E402
+from demo import CALIBRATION  # noqa: E402
+
+CALIBRATION_NOVELS = ("Emma", "Pride & Prejudice", "Mansfield Park")
+HELD_OUT = "Persuasion"
+VARIANTS = {  # codebook variant -> calibrate() arguments beyond the demo's
+    "default": {},
+    "plain k-means": {"query_aware": False},
+    "post-RoPE keys": {"keys": "post_rope"},
+    "256 centroids": {"n_centroids": 256},
+    "4096 centroids": {"n_centroids": 4096},
+}
+
+
+def codebook_variants(model, tokenizer, novels, names) -> dict[str, Codebooks]:
+    """The named variants' codebooks, calibrated once and cached."""
+    books = {}
+    for name in names:
+        overrides = VARIANTS[name]
+        path = cache_dir() / "codebooks" / ("smollm2-demo" if name == "default" else f"smollm2-{name.replace(' ', '-')}")
+        if not (path / "a2ats_config.json").is_file():
+            print(f"calibrating the {name} codebooks into {path} ...", flush=True)
+            texts = [novels[t] for t in CALIBRATION_NOVELS]
+            calibrate(model, tokenizer, texts, **{**CALIBRATION, **overrides}).save_pretrained(path)
+        books[name] = Codebooks.from_pretrained(path)
+    return books
+
+
+def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> list[Method]:
+    """Full attention and sinks + window; the 3% methods first (the README's table), then the other budgets."""
+    ordered = sorted(budgets, key=lambda t: (t != 0.03, t))
+    methods = [Method(), Method("window")]
+    for topk in ordered:
+        methods += [Method(s, topk) for s in scorers] + [Method("wrope", topk, "kv_head")] * ("wrope" in scorers)
+        if ablations and topk == 0.03:
+            methods += [Method("wrope", topk, codebooks=v) for v in VARIANTS if v not in ("default", "post-RoPE keys")]
+            methods += [Method("postrope", topk, codebooks="post-RoPE keys")]
+            methods += [Method("wrope", topk, window=w) for w in (32, 128, 256)]
+            methods += [Method("wrope", topk, offset=b) for b in (0, 512, 8192)]
+    return methods
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--topk", type=float, nargs="+", default=[0.03])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--topk", type=float, nargs="+", default=[0.01, 0.02, 0.03, 0.05, 0.1])
     parser.add_argument("--scoring", nargs="+", default=["wrope", "oracle", "quest", "random"])
+    parser.add_argument("--no-ablations", dest="ablations", action="store_false")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.125, 0.375, 0.625, 0.875])
+    parser.add_argument("--samples", type=int, default=2, help="seeds per (task, length, depth)")
+    parser.add_argument("--windows", type=int, default=4, help="held-out windows per length for perplexity")
+    parser.add_argument("--tail", type=int, default=512)
+    parser.add_argument("--probe-every", type=int, default=8, help="fidelity measured every N decode attention calls")
+    parser.add_argument("--suites", nargs="+", choices=["ruler", "perplexity"], default=["ruler", "perplexity"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ruler-smollm2.json")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--shard", type=int, nargs=2, metavar=("K", "N"), default=(0, 1),
+                        help="run every N-th method from the K-th (parallel processes, each with its own --out)")
+    parser.add_argument("--calibrate-only", action="store_true", help="build the codebooks the methods need, then stop")
+    parser.add_argument("--merge", type=Path, nargs="+", help="combine these result files into --out, then stop")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "accuracy-smollm2.json")
     args = parser.parse_args()
+
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        merged = {**parts[0], "ruler": [r for p in parts for r in p["ruler"]],
+                  "perplexity": [r for p in parts for r in p["perplexity"]]}
+        merged["summary"] = summarize(merged["ruler"])
+        args.out.write_text(json.dumps(merged, indent=1) + "\n")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 throughout, as on the CPU
     path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="a2ats").eval()
-    model.to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="a2ats")
+    model = model.to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     novels = austen_novels()
-    books = codebooks(model, tokenizer, novels)
-    methods = [Method()] + [Method(s, t) for t in args.topk for s in args.scoring] + [Method("window")]
-    result = evaluate(model, tokenizer, books, novels["Persuasion"], methods, args.tasks, args.lengths, args.depths)
-    result["codebooks"] = books.config_dict()
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out} ({result['seconds']} s)\n")
-    per_task = result["summary"]["per_task"]
+    methods = methods_for(args.topk, args.scoring, args.ablations)
+    books = codebook_variants(model, tokenizer, novels, sorted({m.codebooks for m in methods}))
+    if args.calibrate_only:
+        return
+    methods = methods[args.shard[0] :: args.shard[1]]
+    held_out = tokenizer(novels[HELD_OUT], return_tensors="pt")["input_ids"]
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {"ruler": [], "perplexity": []}
+    result.update(model="SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", calibrated_on=CALIBRATION_NOVELS,
+                  held_out=HELD_OUT, codebooks={n: b.config_dict() for n, b in books.items()},
+                  settings={k: v for k, v in vars(args).items() if k not in ("out", "shard", "merge", "threads")},
+                  device=torch.cuda.get_device_name(args.device) if "cuda" in args.device else "cpu")
+
+    def save() -> None:
+        result["summary"] = summarize(result["ruler"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
     for length in args.lengths:
-        print(f"| {length // 1024}K | " + " | ".join(args.tasks) + " | mean | vs full |")
-        for m in methods:
-            scores = [per_task.get(f"{m.name} | {t} | {length}", float("nan")) for t in args.tasks]
-            key = f"{m.name} | {length}"
-            print(f"| {m.name} | " + " | ".join(f"{s:.2f}" for s in scores) +
-                  f" | {result['summary']['mean'][key]:.3f} | {result['summary']['relative_to_full'].get(key, float('nan')):.0%} |")
+        for method in methods:
+            started = time.perf_counter()
+            if "ruler" in args.suites and not any(r["method"] == method.name and r["length"] == length
+                                                  for r in result["ruler"]):
+                result["ruler"] += evaluate(model, tokenizer, books, novels[HELD_OUT], [method], args.tasks, [length],
+                                            args.depths, range(args.samples), batch_size=8, progress=False)["records"]
+                save()
+            if "perplexity" in args.suites and not any(r["method"] == method.name and r["length"] == length
+                                                       for r in result["perplexity"]):
+                result["perplexity"] += evaluate_perplexity(model, books, held_out, [method], [length], args.windows,
+                                                            args.tail, args.probe_every, progress=False)
+                save()
+            mean = result["summary"]["mean"].get(f"{method.name} | {length}", float("nan")) if "summary" in result else 0
+            ppl = next((r for r in result["perplexity"] if r["method"] == method.name and r["length"] == length), {})
+            print(f"{length:>5} {method.name:<40} ruler {mean:.3f}  ppl {ppl.get('perplexity', float('nan')):7.2f}  "
+                  f"recall {ppl.get('recall', float('nan')):.3f}  mass {ppl.get('mass', float('nan')):.3f}  "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

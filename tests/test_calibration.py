@@ -40,6 +40,33 @@ def test_deterministic_and_hooks_removed(tiny):
     assert model.config._attn_implementation == "a2ats"
 
 
+def test_plain_kmeans_ablation(tiny):
+    """query_aware=False: the whitener is a multiple of the identity, so k-means ran on the keys themselves."""
+    books = small(tiny[0], [TEXT], query_aware=False)
+    eye = torch.eye(16).expand_as(books.whitener)
+    scale = books.whitener[..., :1, :1]
+    assert torch.allclose(books.whitener, scale * eye, atol=1e-6) and not books.calibration["query_aware"]
+    assert small(tiny[0], [TEXT]).calibration["query_aware"]
+
+
+def test_post_rope_ablation_quantizes_rotated_keys(tiny):
+    """keys="post_rope": a cache encodes the keys as rotated (no RoPE undone), and its codes are the codebooks'
+    nearest centroids of those keys."""
+    model, _ = tiny
+    books = small(model, [TEXT], keys="post_rope")
+    assert books.keys == "post_rope"
+    cache = A2ATSCache(books, scoring="postrope")
+    ids = torch.tensor([[ord(c) % 256 for c in TEXT[:90]]], device=DEVICE)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    layer = cache.layers[1]
+    keys = layer.store.to_tensors()[0].to(DEVICE)
+    expected = encode(keys, books.whitener[1].to(DEVICE), books.whitened_centroids[1].to(DEVICE))
+    assert torch.equal(layer.codes.long(), expected)
+    with pytest.raises(ValueError, match="keys"):
+        small(model, [TEXT], keys="rotated")
+
+
 def test_dataset_rows_are_accepted(tiny):
     """Rows with a "text" field (as a `datasets` dataset yields) work like strings."""
     model, _ = tiny

@@ -34,6 +34,10 @@ def test_round_trip_is_bit_exact(tmp_path):
     for name in ("whitener", "whitened_centroids", "centroids"):
         assert torch.equal(getattr(loaded, name), getattr(books, name)), name
     assert loaded.config_dict() == books.config_dict()
+    post = books_for(config())
+    post.keys = "post_rope"
+    post.save_pretrained(tmp_path / "post")
+    assert Codebooks.from_pretrained(tmp_path / "post").keys == "post_rope"
 
 
 def test_centroids_are_mapped_back_to_key_space():

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from a2ats_hf.evaluation import TASKS, evaluate, make_sample, score
-from a2ats_hf.evaluation.suite import Method, fitted_prompt
+import torch
 
-from conftest import CharTokenizer
+from a2ats_hf.evaluation import TASKS, Method, evaluate, evaluate_perplexity, make_sample, score, tail_nll
+from a2ats_hf.evaluation.suite import fitted_prompt
+
+from conftest import CharTokenizer, ids_of
 
 PROSE = " ".join(f"Sentence {i} tells of Anne and the captain at Kellynch." for i in range(400))
 
@@ -45,14 +47,61 @@ def test_prompts_fit_the_length():
         assert 2500 <= len(prompt) <= 3000, (task, len(prompt))
 
 
+def test_method_names_and_ablations(tiny):
+    """Names tell the variant apart; window and offset b reach the cache; codebooks are picked by name."""
+    _, books = tiny
+    method = Method("wrope", 0.05, "kv_head", codebooks="other", window=32, offset=512)
+    assert method.name == "wrope 0.05 (kv_head, other, window 32, b 512)"
+    cache = method.cache({"default": None, "other": books})
+    assert cache.window == 32 and cache.codebooks.offset == 512 and books.offset != 512
+    assert cache.budget == "kv_head" and cache.topk == 0.05
+    assert Method().name == "full" and Method("window").name == "window"
+
+
 def test_smoke_run_of_the_suite(tiny):
-    """Every method answers every prompt; the summary has a mean per method and the ratio to full attention."""
+    """Every method answers every prompt, the prompts of a task batched (left-padded) as they are alone; the summary
+    has a mean per method and the ratio to full attention."""
     model, books = tiny
     tokenizer = CharTokenizer()
     tokenizer.decode = lambda ids, **_: "".join(chr(i % 128) for i in ids)
+    tokenizer.pad_token_id = 0
     methods = [Method(), Method("wrope", 0.1), Method("oracle", 0.1), Method("window")]
-    result = evaluate(model, tokenizer, books, PROSE, methods, ["niah_number", "variable_tracking"], lengths=[600],
-                      depths=[0.5], progress=False)
-    assert len(result["records"]) == 2 * len(methods)
+    tasks = ["niah_number", "variable_tracking"]
+    result = evaluate(model, tokenizer, books, PROSE, methods, tasks, lengths=[600], depths=[0.2, 0.8],
+                      batch_size=2, progress=False)
+    assert len(result["records"]) == 2 * 2 * len(methods)
     assert set(result["summary"]["mean"]) == {f"{m.name} | 600" for m in methods}
     assert result["summary"]["relative_to_full"].get("full | 600") in (1.0, None)
+    alone = evaluate(model, tokenizer, books, PROSE, methods[1:2], tasks[:1], lengths=[600], depths=[0.2, 0.8],
+                     batch_size=1, progress=False)
+    batched = [r for r in result["records"] if r["method"] == methods[1].name and r["task"] == tasks[0]]
+    assert [r["answer"] for r in alone["records"]] == [r["answer"] for r in batched]
+
+
+def test_tail_nll_decodes_exactly_at_full_budget(tiny):
+    """Teacher-forced decode through A2ATS at topk=1.0 gives full attention's NLL; at 0.1 it is close, not equal."""
+    model, books = tiny
+    ids = ids_of(2, 160, seed=4)
+    full = tail_nll(model, ids, None, 32)
+    exact = tail_nll(model, ids, Method("wrope", 1.0).cache(books), 32)
+    sparse = tail_nll(model, ids, Method("wrope", 0.1).cache(books), 32)
+    assert full.shape == (2, 32)
+    torch.testing.assert_close(exact, full, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(sparse, full, atol=1e-4)
+
+
+def test_smoke_run_of_perplexity(tiny):
+    """A row per (length, method) with perplexity; A2ATS rows carry fidelity per layer, exact at topk=1.0."""
+    model, books = tiny
+    ids = ids_of(1, 700, seed=5)
+    methods = [Method(), Method("wrope", 1.0), Method("wrope", 0.1), Method("window")]
+    rows = evaluate_perplexity(model, books, ids, methods, lengths=[300], windows=2, tail=24, probe_every=1,
+                               progress=False)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {m.name for m in methods}
+    assert abs(by["wrope 1"]["perplexity"] - by["full"]["perplexity"]) < 1e-3 * by["full"]["perplexity"]
+    assert by["wrope 1"]["recall"] == 1.0 and by["wrope 1"]["mass"] > 0.999 and by["wrope 1"]["output_error"] < 1e-4
+    assert 0 < by["wrope 0.1"]["recall"] < 1 and set(by["wrope 0.1"]["recall_per_layer"]) == {0, 1}
+    assert "recall" not in by["window"] and by["window"]["mass"] < by["wrope 1"]["mass"]
+    with pytest.raises(ValueError, match="fewer than"):
+        evaluate_perplexity(model, books, ids, methods, lengths=[800], progress=False)

@@ -5,10 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats_hf import A2ATSCache
+from a2ats_hf import A2ATSCache, calibrate
 from a2ats_hf.scoring import SCORERS, Quest, scorer_of
 
-from conftest import ids_of
+from conftest import CharTokenizer, ids_of
+
+
+@pytest.fixture(scope="module")
+def books_of(tiny):
+    """The codebooks each scorer reads: post-RoPE ones for the "postrope" ablation, the tiny model's otherwise."""
+    model, books = tiny
+    text = " ".join(f"token{i % 97} word{i % 13}" for i in range(2000))
+    post = calibrate(model, CharTokenizer(), [text], n_centroids=32, max_tokens=4000, chunk_size=1024,
+                     uuid_tokens=1000, kmeans_iters=15, window=16, sink=4, keys="post_rope", progress=False)
+    return lambda scoring: post if scorer_of(scoring).keys == "post_rope" else books
 
 
 def decode(model, books, scoring, topk=0.1, length=200, new=4):
@@ -20,23 +30,24 @@ def decode(model, books, scoring, topk=0.1, length=200, new=4):
 
 
 @pytest.mark.parametrize("scoring", sorted(SCORERS))
-def test_every_scorer_decodes(tiny, scoring):
-    """Every scorer generates; the window-only one retrieves nothing, the others about topk per query head."""
+def test_every_scorer_decodes(tiny, books_of, scoring):
+    """Every scorer generates; the window-only one retrieves nothing, the others about topk per query head; at
+    topk=1.0 each decodes exactly as full attention over every token does (A2ATS at 1.0)."""
     model, books = tiny
-    out, cache = decode(model, books, scoring)
+    out, cache = decode(model, books_of(scoring), scoring)
     assert out.shape[1] == 204
     if scoring == "window":
         assert cache.stats.far_selected == 0
     else:
         assert 0.1 <= cache.stats.far_fraction <= 0.3 + 0.02  # 3 query heads per KV head, united
+        assert torch.equal(decode(model, books_of(scoring), scoring, topk=1.0)[0], decode(model, books, "wrope", 1.0)[0])
 
 
-def test_oracle_at_full_budget_and_exact_top1(tiny):
-    """The oracle at topk=1.0 attends every far token: it decodes exactly like A2ATS at topk=1.0."""
-    model, books = tiny
-    full, _ = decode(model, books, "wrope", topk=1.0)
-    oracle, _ = decode(model, books, "oracle", topk=1.0)
-    assert torch.equal(full, oracle)
+def test_scorers_refuse_codebooks_of_the_other_kind(tiny, books_of):
+    with pytest.raises(ValueError, match="post_rope"):
+        A2ATSCache(tiny[1], scoring="postrope")
+    with pytest.raises(ValueError, match="pre_rope"):
+        A2ATSCache(books_of("postrope"), scoring="wrope")
 
 
 def test_quest_bound_is_an_upper_bound():
@@ -52,8 +63,8 @@ def test_quest_bound_is_an_upper_bound():
             length = 40
 
             @staticmethod
-            def to_tensors():
-                return k, k
+            def to_tensors(start=0):
+                return k[:, :, start:], k[:, :, start:]
 
     for page in (1, 16):
         lut, codes, _ = Quest(page=page).scores(Layer, q, None, 1.0)

@@ -26,4 +26,7 @@ def test_append_and_gather_across_blocks():
     assert torch.equal(gv, full_v.gather(2, indices[..., None].expand(-1, -1, -1, 8)))
     tk, tv = store.to_tensors()
     assert torch.equal(tk, full_k) and torch.equal(tv, full_v)
+    for start, end in ((0, 5), (4, 6), (5, 13), (7, 11), (12, 13)):  # spans within and across blocks
+        tk, tv = store.to_tensors(start, end)
+        assert torch.equal(tk, full_k[:, :, start:end]) and torch.equal(tv, full_v[:, :, start:end])
     assert store.nbytes == 2 * 3 * (3 * 2 * 5 * 8 * 4)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from ..cache import A2ATSCache
 from ..codebooks import Codebooks
@@ -24,23 +24,32 @@ ANSWER_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "variable_trackin
 
 @dataclass(frozen=True)
 class Method:
-    """Full attention (``scoring`` None) or A2ATSCache with a scorer and a budget."""
+    """Full attention (``scoring`` None) or A2ATSCache with a scorer and a budget. ``codebooks`` names which of
+    the runner's codebooks it uses; ``window`` and ``offset`` (b) override theirs: the ablations."""
 
     scoring: str | None = None
     topk: float = 0.03
     budget: str = "query_head"
+    codebooks: str = "default"
+    window: int | None = None
+    offset: int | None = None
 
     @property
     def name(self) -> str:
         if self.scoring is None:
             return "full"
-        rule = "" if self.budget == "query_head" else f", {self.budget}"
-        return self.scoring if self.scoring == "window" else f"{self.scoring} {self.topk:g}{rule}"
+        tags = [self.budget] * (self.budget != "query_head") + [self.codebooks] * (self.codebooks != "default")
+        tags += [f"window {self.window}"] * (self.window is not None) + [f"b {self.offset}"] * (self.offset is not None)
+        name = self.scoring if self.scoring == "window" else f"{self.scoring} {self.topk:g}"
+        return f"{name} ({', '.join(tags)})" if tags else name
 
-    def cache(self, codebooks: Codebooks):
+    def cache(self, codebooks: Codebooks | Mapping[str, Codebooks]) -> Cache:
         if self.scoring is None:
             return DynamicCache()
-        return A2ATSCache(codebooks, topk=self.topk, budget=self.budget, scoring=self.scoring)
+        books = codebooks if isinstance(codebooks, Codebooks) else codebooks[self.codebooks]
+        if self.offset is not None:
+            books = replace(books, offset=self.offset)
+        return A2ATSCache(books, topk=self.topk, budget=self.budget, scoring=self.scoring, window=self.window)
 
 
 def prompt_text(tokenizer, sample: Sample) -> str:
@@ -66,36 +75,52 @@ def fitted_prompt(tokenizer, haystack_ids: list[int], task: str, length: int, de
     return sample, ids
 
 
+def left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [B, max length] of token lists padded on the left."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 @torch.no_grad()
 def evaluate(
     model,
     tokenizer,
-    codebooks: Codebooks,
+    codebooks: Codebooks | Mapping[str, Codebooks],
     haystack: str,
     methods: Iterable[Method],
     tasks: Iterable[str],
     lengths: Iterable[int] = (4096,),
     depths: Iterable[float] = (0.1, 0.5, 0.9),
     seeds: Iterable[int] = (0,),
+    batch_size: int = 8,
     progress: bool = True,
 ) -> dict:
     """Answer every prompt with every method; return the per-prompt records and the mean score per method, task
-    and length (and over tasks)."""
+    and length (and over tasks).
+
+    The prompts of one (task, length) are answered in left-padded batches of ``batch_size``: every method keeps
+    each row as it would alone (A2ATS budgets are per row, padding is never attended).
+    """
     methods, device = list(methods), next(model.parameters()).device
     haystack_ids = tokenizer(haystack, add_special_tokens=False)["input_ids"]
-    prompts = [(t, n, d, s) for n in lengths for t in tasks for d in depths for s in seeds]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    variants = [(d, s) for d in depths for s in seeds]
+    groups = [(t, n, variants[i : i + batch_size]) for n in lengths for t in tasks
+              for i in range(0, len(variants), batch_size)]
     records, started = [], time.perf_counter()
-    for task, length, depth, seed in tqdm(prompts, desc="evaluation", disable=not progress):
-        sample, ids = fitted_prompt(tokenizer, haystack_ids, task, length, depth, seed)
-        ids = torch.tensor([ids], device=device)
+    for task, length, batch in tqdm(groups, desc="evaluation", disable=not progress):
+        prompts = [fitted_prompt(tokenizer, haystack_ids, task, length, d, s) for d, s in batch]
+        ids, mask = left_padded([p[1] for p in prompts], pad, device)
         for method in methods:
-            cache = method.cache(codebooks)
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=ANSWER_TOKENS.get(task, 32),
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
-            answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            records.append({"task": task, "length": length, "prompt_tokens": ids.shape[1], "depth": depth,
-                            "seed": seed, "method": method.name, "score": score(sample, answer), "answer": answer,
-                            "expected": sample.expected})
+            out = model.generate(ids, attention_mask=mask, past_key_values=method.cache(codebooks),
+                                 max_new_tokens=ANSWER_TOKENS.get(task, 32), do_sample=False, pad_token_id=pad)
+            for (depth, seed), (sample, prompt), row in zip(batch, prompts, out[:, ids.shape[1]:]):
+                answer = tokenizer.decode(row, skip_special_tokens=True)
+                records.append({"task": task, "length": length, "prompt_tokens": len(prompt), "depth": depth,
+                                "seed": seed, "method": method.name, "score": score(sample, answer),
+                                "answer": answer, "expected": sample.expected})
     return {"records": records, "summary": summarize(records), "seconds": round(time.perf_counter() - started, 1),
             "methods": [asdict(m) | {"name": m.name} for m in methods]}
 
