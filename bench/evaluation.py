@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="held-out windows per length for perplexity")
     parser.add_argument("--tail", type=int, default=512)
     parser.add_argument("--probe-every", type=int, default=8, help="fidelity measured every N decode attention calls")
+    parser.add_argument("--batch-size", type=int, default=16, help="RULER prompts answered together")
+    parser.add_argument("--prefill-chunk", type=int, default=1024, help="RULER prompts are prefilled in chunks")
+    parser.add_argument("--methods", nargs="+", help="run only these methods (names as printed)")
     parser.add_argument("--suites", nargs="+", choices=["ruler", "perplexity"], default=["ruler", "perplexity"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
@@ -94,8 +97,13 @@ def main() -> None:
 
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
-        merged = {**parts[0], "ruler": [r for p in parts for r in p["ruler"]],
-                  "perplexity": [r for p in parts for r in p["perplexity"]]}
+        merged = {**parts[0]}
+        for suite in ("ruler", "perplexity"):  # a (method, length) another part already holds is not taken twice
+            merged[suite], seen = [], set()
+            for part in parts:
+                found = {(r["method"], r["length"]) for r in part[suite]} - seen
+                merged[suite] += [r for r in part[suite] if (r["method"], r["length"]) in found]
+                seen |= found
         merged["summary"] = summarize(merged["ruler"])
         args.out.write_text(json.dumps(merged, indent=1) + "\n")
         return
@@ -111,12 +119,12 @@ def main() -> None:
     books = codebook_variants(model, tokenizer, novels, sorted({m.codebooks for m in methods}))
     if args.calibrate_only:
         return
-    methods = methods[args.shard[0] :: args.shard[1]]
+    methods = [m for m in methods if not args.methods or m.name in args.methods][args.shard[0] :: args.shard[1]]
     held_out = tokenizer(novels[HELD_OUT], return_tensors="pt")["input_ids"]
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"ruler": [], "perplexity": []}
     result.update(model="SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", calibrated_on=CALIBRATION_NOVELS,
                   held_out=HELD_OUT, codebooks={n: b.config_dict() for n, b in books.items()},
-                  settings={k: v for k, v in vars(args).items() if k not in ("out", "shard", "merge", "threads")},
+                  settings={k: v for k, v in vars(args).items() if k not in ("out", "shard", "merge", "threads", "methods")},
                   device=torch.cuda.get_device_name(args.device) if "cuda" in args.device else "cpu")
 
     def save() -> None:
@@ -130,7 +138,8 @@ def main() -> None:
             if "ruler" in args.suites and not any(r["method"] == method.name and r["length"] == length
                                                   for r in result["ruler"]):
                 result["ruler"] += evaluate(model, tokenizer, books, novels[HELD_OUT], [method], args.tasks, [length],
-                                            args.depths, range(args.samples), batch_size=8, progress=False)["records"]
+                                            args.depths, range(args.samples), args.batch_size, args.prefill_chunk,
+                                            progress=False)["records"]
                 save()
             if "perplexity" in args.suites and not any(r["method"] == method.name and r["length"] == length
                                                        for r in result["perplexity"]):

@@ -68,7 +68,7 @@ def test_smoke_run_of_the_suite(tiny):
     methods = [Method(), Method("wrope", 0.1), Method("oracle", 0.1), Method("window")]
     tasks = ["niah_number", "variable_tracking"]
     result = evaluate(model, tokenizer, books, PROSE, methods, tasks, lengths=[600], depths=[0.2, 0.8],
-                      batch_size=2, progress=False)
+                      batch_size=3, prefill_chunk_size=256, progress=False)
     assert len(result["records"]) == 2 * 2 * len(methods)
     assert set(result["summary"]["mean"]) == {f"{m.name} | 600" for m in methods}
     assert result["summary"]["relative_to_full"].get("full | 600") in (1.0, None)

@@ -95,29 +95,33 @@ def evaluate(
     depths: Iterable[float] = (0.1, 0.5, 0.9),
     seeds: Iterable[int] = (0,),
     batch_size: int = 8,
+    prefill_chunk_size: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Answer every prompt with every method; return the per-prompt records and the mean score per method, task
     and length (and over tasks).
 
-    The prompts of one (task, length) are answered in left-padded batches of ``batch_size``: every method keeps
-    each row as it would alone (A2ATS budgets are per row, padding is never attended).
+    Prompts of one length are answered in left-padded batches of ``batch_size`` (tasks mixed, each answer cut at
+    its task's length): every method keeps each row as it would alone (A2ATS budgets are per row, padding is never
+    attended). ``prefill_chunk_size`` bounds the prompt's activations (transformers' chunked prefill).
     """
     methods, device = list(methods), next(model.parameters()).device
     haystack_ids = tokenizer(haystack, add_special_tokens=False)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    variants = [(d, s) for d in depths for s in seeds]
-    groups = [(t, n, variants[i : i + batch_size]) for n in lengths for t in tasks
-              for i in range(0, len(variants), batch_size)]
+    prompts = [(t, n, d, s) for n in lengths for t in tasks for d in depths for s in seeds]
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     records, started = [], time.perf_counter()
-    for task, length, batch in tqdm(groups, desc="evaluation", disable=not progress):
-        prompts = [fitted_prompt(tokenizer, haystack_ids, task, length, d, s) for d, s in batch]
-        ids, mask = left_padded([p[1] for p in prompts], pad, device)
+    for batch in tqdm(batches, desc="evaluation", disable=not progress):
+        fitted = [fitted_prompt(tokenizer, haystack_ids, t, n, d, s) for t, n, d, s in batch]
+        limits = [ANSWER_TOKENS.get(t, 32) for t, *_ in batch]
+        ids, mask = left_padded([f[1] for f in fitted], pad, device)
         for method in methods:
             out = model.generate(ids, attention_mask=mask, past_key_values=method.cache(codebooks),
-                                 max_new_tokens=ANSWER_TOKENS.get(task, 32), do_sample=False, pad_token_id=pad)
-            for (depth, seed), (sample, prompt), row in zip(batch, prompts, out[:, ids.shape[1]:]):
-                answer = tokenizer.decode(row, skip_special_tokens=True)
+                                 max_new_tokens=max(limits), do_sample=False, pad_token_id=pad,
+                                 prefill_chunk_size=prefill_chunk_size)
+            for (task, length, depth, seed), (sample, prompt), limit, row in zip(batch, fitted, limits,
+                                                                                 out[:, ids.shape[1] :]):
+                answer = tokenizer.decode(row[:limit], skip_special_tokens=True)
                 records.append({"task": task, "length": length, "prompt_tokens": len(prompt), "depth": depth,
                                 "seed": seed, "method": method.name, "score": score(sample, answer),
                                 "answer": answer, "expected": sample.expected})
