@@ -4,6 +4,7 @@ K/V in CPU memory."""
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -80,13 +81,17 @@ class AttendedStats:
 
 class A2ATSLayer(CacheLayerMixin):
     """One layer: full K/V in a CPU :class:`KVStore`, codes [B, Hkv, N] and sinks + window K/V on the layer's
-    device. ``book`` indexes the layer's codebook; ``first`` marks the first layer A2ATS serves in a pass."""
+    device. ``book`` indexes the layer's codebook; ``first`` marks the first layer A2ATS serves in a pass.
+
+    The layer sees its cache through a weak proxy: a strong back-reference would make every cache a reference
+    cycle, whose (pinned, possibly many GiB) CPU store lives on after the cache is dropped, until Python's cycle
+    collector happens to run."""
 
     is_sliding = False
 
     def __init__(self, cache: "A2ATSCache", layer_idx: int, book: int):
         super().__init__()
-        self.cache, self.layer_idx, self.book, self.first = cache, layer_idx, book, book == 0
+        self.cache, self.layer_idx, self.book, self.first = weakref.proxy(cache), layer_idx, book, book == 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

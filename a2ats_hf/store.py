@@ -109,10 +109,10 @@ class KVStore:
         copy of the blocks they span only)."""
         self.wait()
         end = self.length if end is None else end
-        first, last = start // self.block_size, -(-end // self.block_size)
-        skip = first * self.block_size
-        keys = torch.cat(self.key_blocks[first:last], dim=2)[:, :, start - skip : end - skip]
-        values = torch.cat(self.value_blocks[first:last], dim=2)[:, :, start - skip : end - skip]
+        spans = [(j, max(start - j * self.block_size, 0), min(end - j * self.block_size, self.block_size))
+                 for j in range(start // self.block_size, -(-end // self.block_size))]
+        keys = torch.cat([self.key_blocks[j][:, :, lo:hi] for j, lo, hi in spans], dim=2)
+        values = torch.cat([self.value_blocks[j][:, :, lo:hi] for j, lo, hi in spans], dim=2)
         return keys, values
 
     @property
