@@ -59,8 +59,8 @@ def test_method_names_and_ablations(tiny):
 
 
 def test_smoke_run_of_the_suite(tiny):
-    """Every method answers every prompt, the prompts of a task batched (left-padded) as they are alone; the summary
-    has a mean per method and the ratio to full attention."""
+    """Every method answers every prompt; prompts batched across tasks (left-padded, prefilled in chunks) are
+    answered as they are alone; the summary has a mean per method and the ratio to full attention."""
     model, books = tiny
     tokenizer = CharTokenizer()
     tokenizer.decode = lambda ids, **_: "".join(chr(i % 128) for i in ids)
