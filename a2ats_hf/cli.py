@@ -88,8 +88,7 @@ def eval_command(args: argparse.Namespace) -> None:
     import json
 
     from .codebooks import Codebooks
-    from .evaluation import evaluate
-    from .evaluation.suite import Method
+    from .evaluation import Method, evaluate, evaluate_perplexity
 
     model, tokenizer = _load(args.model, args.device, args.dtype)
     books = Codebooks.from_pretrained(args.codebooks or args.model)
@@ -97,12 +96,19 @@ def eval_command(args: argparse.Namespace) -> None:
                             if s != "window"] + ([Method("window")] if "window" in args.scoring else [])
     haystack = "\n".join(Path(f).read_text(encoding="utf-8") for f in args.haystack)
     result = evaluate(model, tokenizer, books, haystack, methods, args.tasks, args.lengths, args.depths,
-                      range(args.samples))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+                      range(args.samples), args.batch_size)
     for key, value in sorted(result["summary"]["mean"].items()):
         relative = result["summary"]["relative_to_full"].get(key)
         print(f"{key}: {value:.3f}" + (f" ({relative:.0%} of full)" if relative is not None else ""))
+    if args.perplexity:
+        text = "\n".join(Path(f).read_text(encoding="utf-8") for f in args.perplexity)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        result["perplexity"] = evaluate_perplexity(model, books, ids, methods, args.lengths, args.windows, args.tail)
+        for row in result["perplexity"]:
+            fidelity = "".join(f", {m} {row[m]:.3f}" for m in ("recall", "mass", "output_error") if m in row)
+            print(f"{row['method']} | {row['length']}: perplexity {row['perplexity']:.2f}{fidelity}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.tasks import TASKS
     from .scoring import SCORERS
 
-    ev = sub.add_parser("eval", parents=[common], help="RULER-style retrieval tasks: full attention vs A2ATS and baselines")
+    ev = sub.add_parser("eval", parents=[common], help="RULER-style retrieval tasks (and perplexity with attention fidelity): full attention vs A2ATS and baselines")
     ev.add_argument("--haystack", nargs="+", required=True, help="UTF-8 prose files the needles hide in")
     ev.add_argument("--codebooks", help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
     ev.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
@@ -155,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scoring", nargs="+", choices=sorted(SCORERS), default=["wrope", "oracle", "quest", "random", "window"])
     ev.add_argument("--topk", nargs="+", type=_topk, default=[0.03])
     ev.add_argument("--budget", nargs="+", choices=["query_head", "kv_head"], default=["query_head"])
+    ev.add_argument("--batch-size", type=int, default=8, help="prompts answered together")
+    ev.add_argument("--perplexity", nargs="+", metavar="FILE",
+                    help="held-out UTF-8 text: also the perplexity of the last --tail tokens of windows of each length, "
+                         "with the recall, attention mass and output error of every method against full attention")
+    ev.add_argument("--windows", type=int, default=2, help="windows of each length for --perplexity")
+    ev.add_argument("--tail", type=int, default=512, help="tokens predicted at the end of each window")
     ev.add_argument("--out", help="JSON file for every answer and the summary")
     ev.set_defaults(func=eval_command)
     return parser

@@ -47,15 +47,18 @@ def test_calibrate_then_generate(model_dir, tmp_path, capsys):
 
 
 def test_eval_runs_the_suite(model_dir, tmp_path, capsys):
-    """`a2ats eval` answers the tasks with full attention and the chosen scorers and writes every answer."""
+    """`a2ats eval` answers the tasks with full attention and the chosen scorers, measures perplexity and fidelity on
+    held-out text, and writes every answer and row."""
     text, books = calibrated(model_dir, tmp_path)
     out = tmp_path / "eval.json"
     main(["eval", str(model_dir), "--codebooks", str(books), "--haystack", str(text), "--tasks", "niah_number",
           "--lengths", "600", "--depths", "0.5", "--scoring", "wrope", "window", "--topk", "0.1", "--device", "cpu",
-          "--out", str(out)])
+          "--perplexity", str(text), "--tail", "8", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "full | 600: " in printed and "wrope 0.1 | 600: " in printed and "window | 600" in printed
-    assert len(__import__("json").loads(out.read_text())["records"]) == 3
+    assert "wrope 0.1 | 600: perplexity" in printed and "recall" in printed
+    result = __import__("json").loads(out.read_text())
+    assert len(result["records"]) == 3 and len(result["perplexity"]) == 3
 
 
 def test_generate_rejects_bad_topk(model_dir):
