@@ -73,6 +73,23 @@ def fidelity_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def budget_table(rows: list[dict], length: int) -> str:
+    """Scorers (rows) x budgets (columns) at ``length``: "perplexity / recall / mass" per cell."""
+    cells, budgets = defaultdict(dict), set()
+    for r in rows:
+        parsed = parse(r["method"])
+        if r["length"] == length and parsed and parsed[2] in ("", "kv_head"):
+            scoring, topk, tags = parsed
+            label = LABELS.get(scoring, scoring) + (", per KV head" if tags else "")
+            cells[label][topk] = f"{r['perplexity']:.1f} / {r['recall']:.2f} / {r['mass']:.3f}"
+            budgets.add(topk)
+    budgets = sorted(budgets)
+    out = [f"| {length // 1024}K: perplexity / recall / mass | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |",
+           "|---" * (len(budgets) + 1) + "|"]
+    out += [f"| {label} | " + " | ".join(by.get(b, "-") for b in budgets) + " |" for label, by in cells.items()]
+    return "\n".join(out)
+
+
 def plot(ax, lines: dict, reference: dict[str, float], ylabel: str, title: str) -> None:
     for label, points in lines.items():
         ax.plot(*zip(*points), marker="o", label=label, linestyle="--" if "per KV head" in label else "-")
@@ -134,7 +151,8 @@ def main() -> None:
         print(ruler_tables(suite))
         print(fidelity_table(suite["perplexity"]), "\n")
     if fidelity:
-        print(fidelity_table(fidelity["perplexity"]))
+        for length in sorted({r["length"] for r in fidelity["perplexity"]}):
+            print(budget_table(fidelity["perplexity"], length), "\n")
     if budgets and "ruler" not in budgets:  # files from before the suite kept its records under "records"
         budgets["ruler"] = budgets["records"]
     for path in figures(budgets, fidelity and fidelity["perplexity"]):
