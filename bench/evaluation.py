@@ -115,11 +115,11 @@ def main() -> None:
     model = model.to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     novels = austen_novels()
-    methods = methods_for(args.topk, args.scoring, args.ablations)
+    methods = [m for m in methods_for(args.topk, args.scoring, args.ablations) if not args.methods or m.name in args.methods]
     books = codebook_variants(model, tokenizer, novels, sorted({m.codebooks for m in methods}))
     if args.calibrate_only:
         return
-    methods = [m for m in methods if not args.methods or m.name in args.methods][args.shard[0] :: args.shard[1]]
+    methods = methods[args.shard[0] :: args.shard[1]]
     held_out = tokenizer(novels[HELD_OUT], return_tensors="pt")["input_ids"]
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"ruler": [], "perplexity": []}
     result.update(model="SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", calibrated_on=CALIBRATION_NOVELS,
