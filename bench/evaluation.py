@@ -132,22 +132,24 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
+    def held(suite: str, method: Method, length: int) -> dict | None:
+        """The first record the results already hold for (method, length) in ``suite``."""
+        return next((r for r in result[suite] if r["method"] == method.name and r["length"] == length), None)
+
     for length in args.lengths:
         for method in methods:
             started = time.perf_counter()
-            if "ruler" in args.suites and not any(r["method"] == method.name and r["length"] == length
-                                                  for r in result["ruler"]):
+            if "ruler" in args.suites and not held("ruler", method, length):
                 result["ruler"] += evaluate(model, tokenizer, books, novels[HELD_OUT], [method], args.tasks, [length],
                                             args.depths, range(args.samples), args.batch_size, args.prefill_chunk,
                                             progress=False)["records"]
                 save()
-            if "perplexity" in args.suites and not any(r["method"] == method.name and r["length"] == length
-                                                       for r in result["perplexity"]):
+            if "perplexity" in args.suites and not held("perplexity", method, length):
                 result["perplexity"] += evaluate_perplexity(model, books, held_out, [method], [length], args.windows,
                                                             args.tail, args.probe_every, progress=False)
                 save()
             mean = result["summary"]["mean"].get(f"{method.name} | {length}", float("nan")) if "summary" in result else 0
-            ppl = next((r for r in result["perplexity"] if r["method"] == method.name and r["length"] == length), {})
+            ppl = held("perplexity", method, length) or {}
             print(f"{length:>5} {method.name:<40} ruler {mean:.3f}  ppl {ppl.get('perplexity', float('nan')):7.2f}  "
                   f"recall {ppl.get('recall', float('nan')):.3f}  mass {ppl.get('mass', float('nan')):.3f}  "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
