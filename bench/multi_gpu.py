@@ -17,6 +17,7 @@ import argparse
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -36,23 +37,22 @@ LLAMA31_8B = LlamaConfig(
 )
 
 
-def build(gpus: list[int]) -> AutoModelForCausalLM:
+def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16) -> AutoModelForCausalLM:
     """Random-weight model on ``gpus`` (one: all of it there; two: accelerate's balanced map over both)."""
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(LLAMA31_8B, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(LLAMA31_8B, dtype=dtype)
     if len(gpus) == 1:
         device_map = {"": gpus[0]}
     else:
         layers = ["LlamaDecoderLayer"]
         memory = get_balanced_memory(model, max_memory={g: "120GiB" for g in gpus}, no_split_module_classes=layers,
-                                     dtype=torch.bfloat16)
-        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=layers,
-                                           dtype=torch.bfloat16)
+                                     dtype=dtype)
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=layers, dtype=dtype)
     torch.manual_seed(0)
     for name, param in model.named_parameters():
         device = next(d for prefix, d in sorted(device_map.items(), key=lambda kv: -len(kv[0]))
                       if name == prefix or name.startswith(prefix + ".") or prefix == "")
-        value = torch.empty(param.shape, dtype=torch.bfloat16, device=device)
+        value = torch.empty(param.shape, dtype=dtype, device=device)
         value.fill_(1.0) if param.dim() == 1 else value.normal_(0.0, 0.02)  # norms at 1, matrices small
         set_module_tensor_to_device(model, name, device, value=value)
     return dispatch_model(model, device_map).eval()
@@ -78,6 +78,7 @@ class Clock(LogitsProcessor):
 
 
 def run(model, ids: torch.Tensor, cache, attention: str, new_tokens: int) -> dict:
+    """Greedy generation timed per token; the result keeps the new tokens and each step's logits."""
     model.set_attn_implementation(attention)
     clock = Clock()
     for gpu in range(torch.cuda.device_count()):
@@ -86,7 +87,8 @@ def run(model, ids: torch.Tensor, cache, attention: str, new_tokens: int) -> dic
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, logits_processor=[clock])
+                             do_sample=False, logits_processor=[clock], return_dict_in_generate=True,
+                             output_logits=True)
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     decode = sorted(steps)[len(steps) // 2] if steps else float("nan")
     result = {"prefill_s": round(clock.times[0] - start, 2), "decode_ms": round(decode * 1e3, 1),
@@ -95,12 +97,36 @@ def run(model, ids: torch.Tensor, cache, attention: str, new_tokens: int) -> dic
     if isinstance(cache, A2ATSCache):
         result["cpu_kv_gib"] = round(cache.memory_footprint()["cpu_bytes"] / 2**30, 1)
         result["far_fraction"] = round(cache.stats.far_fraction, 3)
-    return {"tokens": out[0, ids.shape[1]:].tolist(), **result}
+    return {"tokens": out.sequences[0, ids.shape[1]:].tolist(), "logits": [x[0].float().cpu() for x in out.logits],
+            **result}
+
+
+def check(gpus: list[int], dtype: torch.dtype, books: Codebooks, context: int, new_tokens: int = 16) -> dict:
+    """A2ATS at topk=1.0 against sdpa's greedy tokens, with the logits' largest difference while the two agree and,
+    where they part, sdpa's margin between its top two tokens (a near-tie the arithmetic's rounding can flip)."""
+    model = build(gpus, dtype)
+    ids = torch.randint(LLAMA31_8B.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(torch.device("cuda", gpus[0]))
+    full = run(model, ids, DynamicCache(), "sdpa", new_tokens)
+    exact = run(model, ids, A2ATSCache(books, topk=1.0), "a2ats", new_tokens)
+    same = next((i for i, (a, b) in enumerate(zip(full["tokens"], exact["tokens"])) if a != b), new_tokens)
+    steps = min(same + 1, new_tokens)  # the steps fed the same tokens: logits comparable
+    diff = max((a - b).abs().max().item() for a, b in zip(full["logits"][:steps], exact["logits"][:steps]))
+    result = {"gpus": len(gpus), "dtype": str(dtype).removeprefix("torch."), "context": context,
+              "same_greedy_tokens": same, "of": new_tokens, "max_logit_diff": round(diff, 5),
+              "logit_std": round(full["logits"][0].std().item(), 4),
+              "layers_per_gpu": dict(Counter(str(layer.self_attn.q_proj.weight.device) for layer in model.model.layers))}
+    if same < new_tokens:
+        top2 = full["logits"][same].topk(2).values
+        result["sdpa_top2_margin_where_they_part"] = round((top2[0] - top2[1]).item(), 5)
+    del model
+    torch.cuda.empty_cache()
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[65536, 131072])
+    parser.add_argument("--contexts", type=int, nargs="*", default=[65536, 131072], help="none: the checks alone")
     parser.add_argument("--new-tokens", type=int, default=9, help="decode steps timed per run (+1 after prefill)")
     parser.add_argument("--check-context", type=int, default=4096)
     parser.add_argument("--out", type=Path)
@@ -108,28 +134,22 @@ def main() -> None:
     cpu_attention.extension()  # built outside the timings
     books = random_codebooks()
     gpus = list(range(min(2, torch.cuda.device_count())))
-    results = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "runs": []}
+    results = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "checks": [], "runs": []}
     for setup in ([gpus[:1], gpus] if len(gpus) > 1 else [gpus]):
+        for dtype in (torch.float32, torch.bfloat16):
+            results["checks"].append(check(setup, dtype, books, args.check_context))
+            print(results["checks"][-1], flush=True)
+        if not args.contexts:
+            continue
         model = build(setup)
-        device_map = getattr(model, "hf_device_map", {"": setup[0]})
-        first = torch.device("cuda", setup[0])
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(LLAMA31_8B.vocab_size, (1, args.check_context), generator=g).to(first)
-        full = run(model, ids, DynamicCache(), "sdpa", 16)
-        exact = run(model, ids, A2ATSCache(books, topk=1.0), "a2ats", 16)
-        check = {"gpus": len(setup), "context": args.check_context,
-                 "same_greedy_tokens": sum(a == b for a, b in zip(full["tokens"], exact["tokens"])), "of": 16,
-                 "layers_per_gpu": {str(d): sum(1 for k, v in device_map.items() if v == d and ".layers." in k)
-                                    for d in setup} if len(setup) > 1 else {str(setup[0]): LLAMA31_8B.num_hidden_layers}}
-        print(check, flush=True)
-        results.setdefault("checks", []).append(check)
         for n in args.contexts:
-            ids = torch.randint(LLAMA31_8B.vocab_size, (1, n), generator=g).to(first)
+            ids = torch.randint(LLAMA31_8B.vocab_size, (1, n), generator=g).to(torch.device("cuda", setup[0]))
             for method, cache, attention in (("sdpa + DynamicCache", DynamicCache(), "sdpa"),
                                              ("A2ATS topk=0.03", A2ATSCache(books, topk=0.03), "a2ats")):
                 row = {"gpus": len(setup), "context": n, "method": method,
                        **run(model, ids, cache, attention, args.new_tokens + 1)}
-                row.pop("tokens")
+                del row["tokens"], row["logits"]
                 print(row, flush=True)
                 results["runs"].append(row)
                 del cache
