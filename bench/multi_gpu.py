@@ -1,6 +1,6 @@
-"""Llama-3.1-8B's architecture (random bf16 weights) on one GPU and split over two by accelerate's balanced "auto"
-map: A2ATS at topk=1.0 against full attention's greedy tokens, then decode throughput at 64K and 128K context,
-A2ATS (topk=0.03) beside full attention (sdpa + DynamicCache) on the same GPUs, batch 1.
+"""Llama-3.1-8B's architecture (random weights) on one GPU and split over two by accelerate's balanced "auto"
+map: A2ATS at topk=1.0 against full attention's greedy tokens (float32 and bf16), then decode throughput at 64K and
+128K context, A2ATS (topk=0.03) beside full attention (sdpa + DynamicCache) on the same GPUs, batch 1, bf16.
 
 Codebooks are random (4096 centroids per layer and KV head): speed does not depend on them, and topk=1.0 attends
 every token whatever they are. Decode time per token is taken between consecutive logits (after a sync), so the
@@ -8,7 +8,7 @@ prefill is timed apart.
 
 Run on a box with two GPUs (NVLink multicast off):
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. python bench/multi_gpu.py
-(writes bench/results/multi-gpu-<gpu>.json and prints a table).
+(writes bench/results/multi-gpu-<gpu>.json and prints a table; `--contexts` with no value runs the checks alone).
 """
 
 from __future__ import annotations
