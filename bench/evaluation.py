@@ -97,6 +97,9 @@ def main() -> None:
 
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
+        for part in parts:  # each record keeps the device it ran on
+            for record in part["ruler"] + part["perplexity"]:
+                record.setdefault("device", part["device"])
         merged = {**parts[0]}
         for suite in ("ruler", "perplexity"):  # a (method, length) another part already holds is not taken twice
             merged[suite], seen = [], set()

@@ -1,6 +1,6 @@
 """Tables and figures from the evaluation suite's result files (written by bench/evaluation.py).
 
-    python bench/report.py [RESULTS.json ...]     # default: the files the README quotes
+    python bench/report.py [--suite RESULTS.json] [--fidelity RESULTS.json ...]   # default: the README's files
 Prints markdown tables (RULER-style score per task and method at 3%, with the mean relative to full attention;
 perplexity and attention fidelity per method) and draws accuracy and fidelity against budget into docs/figures.
 """
@@ -24,6 +24,7 @@ FIGURES = ROOT / "docs" / "figures"
 NAME = re.compile(r"^(?P<scoring>\w+) (?P<topk>[\d.]+)(?: \((?P<tags>.*)\))?$")
 LABELS = {"wrope": "A2ATS (windowed RoPE)", "oracle": "exact top-K (oracle)", "quest": "Quest (16-token pages)",
           "random": "random", "postrope": "post-RoPE codebooks"}
+COLORS = {label: f"C{i}" for i, label in enumerate([*LABELS.values(), LABELS["wrope"] + ", per KV head"])}
 
 
 def parse(method: str) -> tuple[str, float, str] | None:
@@ -32,32 +33,64 @@ def parse(method: str) -> tuple[str, float, str] | None:
     return (m["scoring"], float(m["topk"]), m["tags"] or "") if m else None
 
 
+def line(method: str) -> tuple[str, float] | None:
+    """(line label, topk) of a method on the budget curves (no ablation tags; the two budget rules apart)."""
+    parsed = parse(method)
+    if not parsed or parsed[2] not in ("", "kv_head"):
+        return None
+    scoring, topk, tags = parsed
+    return LABELS.get(scoring, scoring) + (", per KV head" if tags else ""), topk
+
+
 def curves(values: dict[str, float]) -> dict[str, list[tuple[float, float]]]:
-    """{line label: [(budget %, value)]} for every method without ablation tags (budget rules kept apart)."""
+    """{line label: [(budget %, value)]} for the methods on the budget curves."""
     lines = defaultdict(list)
     for method, value in values.items():
-        parsed = parse(method)
-        if parsed and parsed[2] in ("", "kv_head"):
-            scoring, topk, tags = parsed
-            label = LABELS.get(scoring, scoring) + (", per KV head" if tags else "")
-            lines[label].append((100 * topk, value))
+        if found := line(method):
+            lines[found[0]].append((100 * found[1], value))
     return {label: sorted(points) for label, points in lines.items() if len(points) > 1}
 
 
+def budget_table(cells: dict[str, str], title: str) -> str:
+    """Scorers (rows) x budgets (columns) of per-method cells."""
+    grid, budgets = defaultdict(dict), set()
+    for method, cell in cells.items():
+        if found := line(method):
+            grid[found[0]][found[1]] = cell
+            budgets.add(found[1])
+    budgets = sorted(budgets)
+    out = [f"| {title} | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    out += [f"| {label} | " + " | ".join(by.get(b, "-") for b in budgets) + " |" for label, by in grid.items()]
+    return "\n".join(out)
+
+
+def paired_stderr(records: list[dict], method: str, length: int) -> float:
+    """Standard error of the method's mean score minus full attention's, over the prompts both answered."""
+    key = lambda r: (r["task"], r["depth"], r["seed"])  # noqa: E731
+    full = {key(r): r["score"] for r in records if r["method"] == "full" and r["length"] == length}
+    d = [r["score"] - full[key(r)] for r in records if r["method"] == method and r["length"] == length and key(r) in full]
+    mean = sum(d) / len(d)
+    return (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
+
+
 def ruler_tables(result: dict) -> str:
-    """Per length: score per task for each method at 3% (and full, window), mean, and mean relative to full."""
+    """Per length: score per task for each method at 3% (and full, window), mean, mean relative to full, and the
+    standard error of the difference from full (paired over prompts)."""
     per_task, mean, relative = (result["summary"][k] for k in ("per_task", "mean", "relative_to_full"))
     tasks = sorted({r["task"] for r in result["ruler"]})
     out = []
     for length in sorted({r["length"] for r in result["ruler"]}):
         names = [m for m in dict.fromkeys(r["method"] for r in result["ruler"] if r["length"] == length)
                  if parse(m) is None or parse(m)[1] == 0.03]
-        out.append(f"| {length // 1024}K, 3% | " + " | ".join(t.replace("_", " ") for t in tasks) + " | mean | vs full |")
-        out.append("|---" * (len(tasks) + 3) + "|")
+        out.append(f"| {length // 1024}K, 3% | " + " | ".join(t.replace("_", " ") for t in tasks)
+                   + " | mean | vs full | ± s.e. |")
+        out.append("|---" * (len(tasks) + 4) + "|")
         for m in sorted(names, key=lambda m: -mean[f"{m} | {length}"]):
             cells = [per_task.get(f"{m} | {t} | {length}") for t in tasks]
+            full = mean[f"full | {length}"]
+            se = "-" if m == "full" else f"{paired_stderr(result['ruler'], m, length) / full:.0%}"
             out.append(f"| {m} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
-                       + f" | {mean[f'{m} | {length}']:.3f} | {relative.get(f'{m} | {length}', float('nan')):.0%} |")
+                       + f" | {mean[f'{m} | {length}']:.3f} | {relative.get(f'{m} | {length}', float('nan')):.0%} | {se} |")
         out.append("")
     return "\n".join(out)
 
@@ -73,26 +106,10 @@ def fidelity_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def budget_table(rows: list[dict], length: int) -> str:
-    """Scorers (rows) x budgets (columns) at ``length``: "perplexity / recall / mass" per cell."""
-    cells, budgets = defaultdict(dict), set()
-    for r in rows:
-        parsed = parse(r["method"])
-        if r["length"] == length and parsed and parsed[2] in ("", "kv_head"):
-            scoring, topk, tags = parsed
-            label = LABELS.get(scoring, scoring) + (", per KV head" if tags else "")
-            cells[label][topk] = f"{r['perplexity']:.1f} / {r['recall']:.2f} / {r['mass']:.3f}"
-            budgets.add(topk)
-    budgets = sorted(budgets)
-    out = [f"| {length // 1024}K: perplexity / recall / mass | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |",
-           "|---" * (len(budgets) + 1) + "|"]
-    out += [f"| {label} | " + " | ".join(by.get(b, "-") for b in budgets) + " |" for label, by in cells.items()]
-    return "\n".join(out)
-
-
 def plot(ax, lines: dict, reference: dict[str, float], ylabel: str, title: str) -> None:
     for label, points in lines.items():
-        ax.plot(*zip(*points), marker="o", label=label, linestyle="--" if "per KV head" in label else "-")
+        ax.plot(*zip(*points), marker="o", label=label, linestyle="--" if "per KV head" in label else "-",
+                color=COLORS.get(label))
     for label, value in reference.items():
         ax.axhline(value, color="grey", linestyle=":" if label.startswith("sinks") else "-", linewidth=1, label=label)
     ax.set_xscale("log")
@@ -103,59 +120,72 @@ def plot(ax, lines: dict, reference: dict[str, float], ylabel: str, title: str) 
     ax.grid(alpha=0.3)
 
 
-def figures(ruler: dict | None, fidelity: list[dict] | None) -> list[Path]:
+def save(fig, ax, name: str) -> Path:
+    """Write ``fig`` into docs/figures with ``ax``'s legend below the panels (where it hides no line)."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1 if len(fig.axes) <= 2 else 0.05, 1, 1))
+    fig.savefig(FIGURES / name, dpi=150)
+    plt.close(fig)
+    return FIGURES / name
+
+
+def figures(ruler: dict | None, fidelity: list[dict]) -> list[Path]:
+    """RULER score relative to full attention against budget (one panel per length), and recall of the exact top-K
+    and attention mass against budget (one row of panels per length)."""
     FIGURES.mkdir(parents=True, exist_ok=True)
     written = []
     if ruler:
-        length = min(r["length"] for r in ruler["ruler"])
-        relative = {k.split(" | ")[0]: v for k, v in ruler["summary"]["relative_to_full"].items()
-                    if k.endswith(f"| {length}")}
-        lines = curves(relative)
-        if lines:
-            tasks = {r["task"] for r in ruler["ruler"]}
+        lengths = sorted({r["length"] for r in ruler["ruler"]})
+        fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
+        for ax, length in zip(axes[0], lengths):
+            relative = {k.split(" | ")[0]: v for k, v in ruler["summary"]["relative_to_full"].items()
+                        if k.endswith(f"| {length}")}
             prompts = len([r for r in ruler["ruler"] if r["method"] == "full" and r["length"] == length])
-            fig, ax = plt.subplots(figsize=(5.5, 3.8))
-            plot(ax, lines, {"full attention": 1.0, "sinks + window": relative.get("window", 0.0)},
+            tasks = len({r["task"] for r in ruler["ruler"]})
+            plot(ax, curves(relative), {"full attention": 1.0, "sinks + window": relative.get("window", 0.0)},
                  "RULER-style score / full attention's",
-                 f"SmolLM2-135M, {length // 1024}K prompts ({len(tasks)} tasks, {prompts} prompts)")
-            ax.legend(fontsize=7)
-            written.append(FIGURES / "accuracy-vs-budget.png")
-            fig.tight_layout(), fig.savefig(written[-1], dpi=150), plt.close(fig)
-    if fidelity:
-        length = min(r["length"] for r in fidelity)
-        rows = {r["method"]: r for r in fidelity if r["length"] == length}
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for ax, metric, ylabel in zip(axes, ("recall", "mass"), ("recall of the exact top-K", "attention mass covered")):
-            lines = curves({m: r[metric] for m, r in rows.items() if metric in r})
-            reference = {"sinks + window": rows["window"][metric]} if metric in rows.get("window", {}) else {}
-            if metric == "recall":
-                reference = {}  # sinks + window retrieve nothing
-            plot(ax, lines, reference, ylabel, f"SmolLM2-135M, {length // 1024}K windows of Persuasion")
-        axes[1].legend(fontsize=7)
-        written.append(FIGURES / "fidelity-vs-budget.png")
-        fig.tight_layout(), fig.savefig(written[-1], dpi=150), plt.close(fig)
+                 f"SmolLM2-135M, {length // 1024}K prompts ({tasks} tasks, {prompts} prompts)")
+        written.append(save(fig, axes[0][0], "accuracy-vs-budget.png"))
+    lengths = sorted({r["length"] for r in fidelity})
+    if lengths:
+        fig, axes = plt.subplots(len(lengths), 2, figsize=(10, 3.8 * len(lengths)), squeeze=False)
+        for row, length in zip(axes, lengths):
+            rows = {r["method"]: r for r in fidelity if r["length"] == length}
+            for ax, metric, ylabel in zip(row, ("recall", "mass"), ("recall of the exact top-K", "attention mass covered")):
+                reference = {"sinks + window": rows["window"]["mass"]} if metric == "mass" and "window" in rows else {}
+                plot(ax, curves({m: r[metric] for m, r in rows.items() if metric in r}), reference, ylabel,
+                     f"SmolLM2-135M, {length // 1024}K windows of Persuasion "
+                     f"({', '.join(sorted({r['device'] for r in rows.values()}))})")
+        written.append(save(fig, axes[0][1], "fidelity-vs-budget.png"))
     return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", type=Path, default=RESULTS / "accuracy-smollm2.json", help="RULER + perplexity")
-    parser.add_argument("--budgets", type=Path, default=RESULTS / "ruler-smollm2-budgets.json",
-                        help="RULER at several budgets (the accuracy figure)")
-    parser.add_argument("--fidelity", type=Path, default=RESULTS / "fidelity-smollm2-cpu.json",
-                        help="perplexity and fidelity at several budgets (the fidelity figure)")
+    parser.add_argument("--fidelity", type=Path, nargs="*", default=[RESULTS / "fidelity-smollm2-cpu.json"],
+                        help="perplexity and fidelity runs that take precedence over the suite's at their lengths")
     args = parser.parse_args()
-    load = lambda p: json.loads(p.read_text()) if p.is_file() else None  # noqa: E731
-    suite, budgets, fidelity = load(args.suite), load(args.budgets), load(args.fidelity)
-    if suite:
-        print(ruler_tables(suite))
-        print(fidelity_table(suite["perplexity"]), "\n")
-    if fidelity:
-        for length in sorted({r["length"] for r in fidelity["perplexity"]}):
-            print(budget_table(fidelity["perplexity"], length), "\n")
-    if budgets and "ruler" not in budgets:  # files from before the suite kept its records under "records"
-        budgets["ruler"] = budgets["records"]
-    for path in figures(budgets, fidelity and fidelity["perplexity"]):
+    suite = json.loads(args.suite.read_text())
+    fidelity = []
+    for path in args.fidelity:  # each file's rows, marked with the device they ran on
+        part = json.loads(path.read_text())
+        fidelity += [{**r, "device": part["device"]} for r in part["perplexity"]]
+    covered = {r["length"] for r in fidelity}
+    fidelity += [{"device": suite["device"], **r} for r in suite["perplexity"] if r["length"] not in covered]
+    print(ruler_tables(suite))
+    lengths = sorted({r["length"] for r in suite["ruler"]})
+    for length in lengths:
+        relative = {k.split(" | ")[0]: v for k, v in suite["summary"]["relative_to_full"].items() if k.endswith(f"| {length}")}
+        mean = {k.split(" | ")[0]: v for k, v in suite["summary"]["mean"].items() if k.endswith(f"| {length}")}
+        print(budget_table({m: f"{mean[m]:.3f} ({relative[m]:.0%})" for m in relative},
+                           f"{length // 1024}K: RULER mean (vs full)"), "\n")
+    print(fidelity_table(suite["perplexity"]), "\n")
+    for length in sorted({r["length"] for r in fidelity}):
+        cells = {r["method"]: f"{r['perplexity']:.1f} / {r['recall']:.2f} / {r['mass']:.3f}"
+                 for r in fidelity if r["length"] == length and "recall" in r}
+        print(budget_table(cells, f"{length // 1024}K: perplexity / recall / mass"), "\n")
+    for path in figures(suite, fidelity):
         print(f"wrote {path.relative_to(ROOT)}")
 
 
