@@ -102,18 +102,22 @@ class RoPE:
         cos, sin = self.cos_sin(position_ids, x.device)
         return invert_rope(x.float(), cos, sin)
 
+    def turns(self, positions: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angle-only ``cos``, ``sin`` [B, 1, P, D'] of the rotations to ``positions`` [P], with the frequencies the
+        model uses at ``position_ids`` [B, T] (longrope switches them with the sequence length: the rotary module
+        sees those positions beside ``positions``)."""
+        b, p = position_ids.shape[0], positions.shape[0]
+        device = positions.device
+        cos, sin = self._compute(torch.cat([positions.expand(b, p), position_ids.to(device)], dim=1), device)
+        cos, sin = cos[:, :, :p], sin[:, :, :p]
+        scale = torch.sqrt(cos * cos + sin * sin)
+        return cos / scale, sin / scale
+
     def at(self, x: torch.Tensor, position: int, position_ids: torch.Tensor) -> torch.Tensor:
-        """Un-rotated ``x`` [B, H, T, D] turned by the angle of one fixed ``position`` for every token (float32),
-        with the frequencies the model uses at ``position_ids`` [B, T] (longrope switches them with the sequence
-        length: the rotary module sees those positions beside ``position``)."""
+        """Un-rotated ``x`` [B, H, T, D] turned by the angle of one fixed ``position`` for every token (float32)."""
         key = ("at", position, position_ids.data_ptr(), position_ids.shape, str(x.device))
         if key not in self.memo:
-            b, t = position_ids.shape
-            fixed = torch.full((b, 1), position, dtype=torch.long, device=x.device)
-            cos, sin = self._compute(torch.cat([fixed, position_ids.to(x.device)], dim=1), x.device)
-            cos, sin = cos[:, :, :1], sin[:, :, :1]
-            scale = torch.sqrt(cos * cos + sin * sin)
-            self.memo[key] = cos / scale, sin / scale
+            self.memo[key] = self.turns(torch.tensor([position], device=x.device), position_ids)
         cos, sin = self.memo[key]
         return apply_rope(x.float(), cos, sin)
 

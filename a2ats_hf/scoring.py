@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .quantization import lookup_table
+from .rope import apply_rope
 
 if TYPE_CHECKING:
     from .cache import A2ATSLayer
@@ -65,6 +66,62 @@ class WindowedRoPE(Scorer):
         wrope = cache.rope.windowed_query(query[:, :, None], position_ids[:, -1:].expand(b, 1), cache.codebooks.offset)
         lut = lookup_table(wrope[:, :, 0], layer.centroids, hq // layer.codes.shape[1])
         return lut, layer.codes, layer.histogram
+
+
+def distance_buckets(distance: torch.Tensor, window: int, per_octave: int) -> torch.Tensor:
+    """Bucket of each distance: ``per_octave`` buckets per doubling of the distance from the window's edge on
+    (distances inside the window share the first)."""
+    octaves = torch.log2(distance.clamp(min=window).float() / window)
+    return (octaves * per_octave + 1e-6).floor().long()
+
+
+@dataclass
+class DistanceBuckets(Scorer):
+    """Distance-aware A2ATS: the far tokens fall into distance buckets growing geometrically from the window's edge,
+    each bucket scores every centroid with the query turned by the bucket's ``rotation`` ("mean": the mean of its
+    distances' rotations, so a token's score is its expected score over the bucket and the pairs that turn fast
+    within it fade; "center": the rotation to its geometric centre), and a token scores its bucket's entry for its
+    code. Codes stay pre-RoPE and position-free; the table grows with the bucket count, not with N."""
+
+    per_octave: int = 1
+    rotation: str = "mean"
+    name = "distance"
+    keys = "pre_rope"
+
+    def __post_init__(self):
+        if self.per_octave < 1 or self.rotation not in ("mean", "center"):
+            raise ValueError(f'per_octave must be >= 1 and rotation "mean" or "center", got {self.per_octave}, '
+                             f'{self.rotation!r}')
+
+    def turns(self, layer: "A2ATSLayer", position_ids: torch.Tensor, device: torch.device):
+        """(cos, sin [B, 1, buckets, D'], bucket of each stored column [N]), shared by the layers of a pass."""
+        rope, n = layer.cache.rope, layer.store.length
+        key = ("distance", self.per_octave, self.rotation, n, position_ids.data_ptr(), str(device))
+        if key not in rope.memo:
+            distance = torch.arange(n - 1, -1, -1, device=device)  # column j sits n - 1 - j tokens back
+            bucket = distance_buckets(distance, layer.cache.window, self.per_octave)
+            count = int(bucket.max()) + 1
+            if self.rotation == "mean":
+                cos, sin = rope.turns(distance, position_ids)  # [B, 1, N, D']
+                sums = torch.zeros(*cos.shape[:2], count, cos.shape[-1], device=device)
+                size = torch.bincount(bucket, minlength=count).clamp(min=1)[:, None]
+                cos, sin = (sums.index_add(2, bucket, t) / size for t in (cos, sin))
+            else:
+                low = layer.cache.window * 2.0 ** (torch.arange(count, device=device) / self.per_octave)
+                center = (low * 2.0 ** (0.5 / self.per_octave)).round().long().clamp(max=max(n - 1, 0))
+                cos, sin = rope.turns(center, position_ids)
+            rope.memo[key] = cos, sin, bucket
+        return rope.memo[key]
+
+    def scores(self, layer, query, position_ids, scaling):
+        cos, sin, bucket = self.turns(layer, position_ids, query.device)
+        b, hq, d = query.shape
+        count, m, hkv = cos.shape[2], layer.centroids.shape[1], layer.codes.shape[1]
+        unrotated = layer.cache.rope.invert(query[:, :, None], position_ids[:, -1:])  # [B, Hq, 1, D]
+        turned = apply_rope(unrotated, cos, sin)  # [B, Hq, buckets, D]
+        lut = lookup_table(turned.reshape(b, hq * count, d), layer.centroids, hq * count // hkv)
+        codes = (bucket.to(torch.int32) * m) + layer.codes.to(torch.int32)  # each token's (bucket, code) column
+        return lut.view(b, hq, count * m), codes, None
 
 
 @dataclass
@@ -145,11 +202,11 @@ class WindowOnly(Scorer):
     retrieves = False
 
 
-SCORERS = {cls.name: cls for cls in (WindowedRoPE, PostRoPE, Exact, Quest, Random, WindowOnly)}
+SCORERS = {cls.name: cls for cls in (WindowedRoPE, DistanceBuckets, PostRoPE, Exact, Quest, Random, WindowOnly)}
 
 
 def scorer_of(scoring: str | Scorer) -> Scorer:
-    """A scorer from its name ("wrope", "postrope", "oracle", "quest", "random", "window") or itself."""
+    """A scorer from its name ("wrope", "distance", "postrope", "oracle", "quest", "random", "window") or itself."""
     if isinstance(scoring, Scorer):
         return scoring
     if scoring not in SCORERS:

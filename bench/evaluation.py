@@ -67,6 +67,9 @@ def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> li
             methods += [Method("postrope", topk, codebooks="post-RoPE keys")]
             methods += [Method("wrope", topk, window=w) for w in (32, 128, 256)]
             methods += [Method("wrope", topk, offset=b) for b in (0, 512, 8192)]
+        if "distance" in scorers and topk == 0.03:
+            methods += [Method("distance", topk, options=(("per_octave", k),)) for k in (2, 4)]
+            methods += [Method("distance", topk, options=(("rotation", "center"),))]
     return methods
 
 
@@ -74,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--topk", type=float, nargs="+", default=[0.01, 0.02, 0.03, 0.05, 0.1])
-    parser.add_argument("--scoring", nargs="+", default=["wrope", "oracle", "quest", "random"])
+    parser.add_argument("--scoring", nargs="+", default=["wrope", "distance", "oracle", "quest", "random"])
     parser.add_argument("--no-ablations", dest="ablations", action="store_false")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--depths", type=float, nargs="+", default=[0.125, 0.375, 0.625, 0.875])

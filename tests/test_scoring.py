@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from a2ats_hf import A2ATSCache, calibrate
-from a2ats_hf.scoring import SCORERS, Quest, scorer_of
+from a2ats_hf.scoring import SCORERS, DistanceBuckets, Quest, distance_buckets, scorer_of
 
 from conftest import CharTokenizer, ids_of
 
@@ -73,6 +73,29 @@ def test_quest_bound_is_an_upper_bound():
         assert (per_token >= exact - 1e-5).all()
         if page == 1:
             assert torch.allclose(per_token, exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_octave", [1, 3])
+def test_distance_scores_are_expected_true_scores_over_their_bucket(tiny, per_octave):
+    """A token's distance-aware score is the mean, over its bucket's distances, of the true post-RoPE score of the
+    query against its centroid at that distance (windowed RoPE's score at offset = distance)."""
+    model, books = tiny
+    _, cache = decode(model, books, "distance")
+    layer, n = cache.a2ats_layers[1], cache.a2ats_layers[1].store.length
+    torch.manual_seed(0)
+    query = torch.randn(1, model.config.num_attention_heads, model.config.head_dim)
+    position_ids = torch.tensor([[n - 1]])
+    lut, codes, _ = DistanceBuckets(per_octave=per_octave).scores(layer, query, position_ids, 1.0)
+    group = query.shape[1] // layer.codes.shape[1]
+    score = lut.gather(-1, codes.long().repeat_interleave(group, 1))  # [1, Hq, N]
+    bucket = distance_buckets(torch.arange(n - 1, -1, -1), cache.window, per_octave)
+    centroids = layer.centroids.repeat_interleave(group, 0)  # [Hq, M, D]
+    for j in (0, n // 3, n - cache.window - 1):
+        distances = [n - 1 - i for i in range(n) if bucket[i] == bucket[j]]
+        true = torch.stack([cache.rope.windowed_query(query[:, :, None], position_ids, d)[0, :, 0] for d in distances])
+        centroid = centroids[torch.arange(query.shape[1]), layer.codes[0].long().repeat_interleave(group, 0)[:, j]]
+        assert torch.allclose(score[0, :, j], (true * centroid).sum(-1).mean(0), atol=1e-4)
+    assert len(set(bucket.tolist())) == 1 + int(per_octave * torch.log2(torch.tensor((n - 1) / cache.window)))
 
 
 def test_unknown_scoring_is_refused(tiny):

@@ -17,6 +17,7 @@ from transformers import Cache, DynamicCache
 
 from ..cache import A2ATSCache
 from ..codebooks import Codebooks
+from ..scoring import SCORERS
 from .tasks import Sample, make_sample, score
 
 ANSWER_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "variable_tracking": 48, "common_words": 96}
@@ -25,7 +26,8 @@ ANSWER_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "variable_trackin
 @dataclass(frozen=True)
 class Method:
     """Full attention (``scoring`` None) or A2ATSCache with a scorer and a budget. ``codebooks`` names which of
-    the runner's codebooks it uses; ``window`` and ``offset`` (b) override theirs: the ablations."""
+    the runner's codebooks it uses; ``window`` and ``offset`` (b) override theirs: the ablations. ``options`` are
+    the scorer's own settings, as (name, value) pairs (e.g. ``(("per_octave", 2),)`` for "distance")."""
 
     scoring: str | None = None
     topk: float = 0.03
@@ -33,6 +35,7 @@ class Method:
     codebooks: str = "default"
     window: int | None = None
     offset: int | None = None
+    options: tuple[tuple[str, object], ...] = ()
 
     @property
     def name(self) -> str:
@@ -40,6 +43,7 @@ class Method:
             return "full"
         tags = [self.budget] * (self.budget != "query_head") + [self.codebooks] * (self.codebooks != "default")
         tags += [f"window {self.window}"] * (self.window is not None) + [f"b {self.offset}"] * (self.offset is not None)
+        tags += [f"{key.replace('_', ' ')} {value}" for key, value in self.options]
         name = self.scoring if self.scoring == "window" else f"{self.scoring} {self.topk:g}"
         return f"{name} ({', '.join(tags)})" if tags else name
 
@@ -49,7 +53,8 @@ class Method:
         books = codebooks if isinstance(codebooks, Codebooks) else codebooks[self.codebooks]
         if self.offset is not None:
             books = replace(books, offset=self.offset)
-        return A2ATSCache(books, topk=self.topk, budget=self.budget, scoring=self.scoring, window=self.window)
+        scoring = SCORERS[self.scoring](**dict(self.options)) if self.options else self.scoring
+        return A2ATSCache(books, topk=self.topk, budget=self.budget, scoring=scoring, window=self.window)
 
 
 def prompt_text(tokenizer, sample: Sample) -> str:
