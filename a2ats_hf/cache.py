@@ -234,10 +234,10 @@ class A2ATSCache(Cache):
         window: most recent tokens always attended exactly (default: the codebooks' window).
         sink: first tokens always attended exactly (default: the codebooks' sink).
         budget: "query_head" (top-K per query head, united over the KV group, as in the paper) or "kv_head".
-        scoring: how far tokens are scored before the top-K: "wrope" (A2ATS) or, as baselines for evaluation,
-            "oracle" (exact logits), "quest" (page bounds), "random", "window" (none retrieved), "postrope" (needs
-            codebooks calibrated with ``keys="post_rope"``); or a
-            :class:`~a2ats_hf.scoring.Scorer`.
+        scoring: how far tokens are scored before the top-K: "wrope" (A2ATS), "distance" (A2ATS with
+            distance-bucketed tables, same codebooks) or, as baselines for evaluation, "oracle" (exact logits),
+            "quest" (page bounds), "random", "window" (none retrieved), "postrope" (needs codebooks calibrated with
+            ``keys="post_rope"``); or a :class:`~a2ats_hf.scoring.Scorer` (e.g. ``DistanceBuckets(per_octave=2)``).
         max_length: the longest sequence (prompt + new tokens) expected; when given, a batch whose K/V cannot fit
             in CPU memory fails at the first forward instead of midway through generation.
     """

@@ -15,7 +15,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .codebooks import KEYS, Codebooks, check_supported, fingerprint, weights_signature
 from .quantization import kmeans, second_moment, whitening
-from .rope import RoPE
+from .rope import RoPE, apply_rope
+from .scoring import bucket_turns
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -66,9 +67,11 @@ def recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 
 class _Collector:
     """Keys [layers, Hkv, N, D] and query second moments of the retrieval layers: pre-RoPE keys and windowed-RoPE
-    queries, or (``keys="post_rope"``) both as the model rotated them."""
+    queries, or (``keys="post_rope"``) both as the model rotated them, or (``queries="distance"``) pre-RoPE keys and
+    the queries turned by each distance bucket's rotation, each bucket weighted by the attention mass it carries."""
 
-    def __init__(self, model: nn.Module, total_tokens: int, offset: int, keys: str):
+    def __init__(self, model: nn.Module, total_tokens: int, offset: int, keys: str, queries: str, window: int,
+                 sink: int):
         cfg = fingerprint(model.config)
         self.layers = {idx: i for i, idx in enumerate(cfg["a2ats_layers"])}
         self.attentions = {m.layer_idx: m for m in attention_modules(model)}
@@ -81,6 +84,7 @@ class _Collector:
         self.rope_layer = cfg["a2ats_layers"][0]
         self.rope = RoPE.for_attention(self.attentions[self.rope_layer])
         self.offset, self.post_rope = offset, keys == "post_rope"
+        self.distance, self.window, self.sink = queries == "distance", window, sink
 
     def record(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None):
         i = self.layers.get(module.layer_idx)
@@ -91,12 +95,42 @@ class _Collector:
             position_ids = torch.arange(t, device=key.device)[None]
         if self.post_rope:
             keys, q = key[0], query[0]
-        else:
+        elif self.distance:
             keys = self.rope.invert(key[:1], position_ids[:1])[0]  # batch of one: [Hkv, T, D]
+            q = self.distance_queries(query[:1], key[:1], position_ids[:1])
+        else:
+            keys = self.rope.invert(key[:1], position_ids[:1])[0]
             q = self.rope.windowed_query(query[:1], position_ids[:1], self.offset)[0]  # [Hq, T, D]
         self.keys[i, :, self.filled : self.filled + t] = keys.to(self.keys.device)
-        q = q.reshape(self.hkv, self.group * t, self.dim)
+        q = q.reshape(self.hkv, -1, self.dim)
         self.moments[i] += second_moment(q).double().to(self.moments.device)
+
+    def bucket_mass(self, query: torch.Tensor, key: torch.Tensor, bucket: torch.Tensor, probes: int = 64) -> torch.Tensor:
+        """[Hkv, buckets]: each distance bucket's share of the retrievable attention mass (beyond the sinks and the
+        window) of the KV head's queries, measured on the chunk's last ``probes`` post-RoPE queries."""
+        t = key.shape[2]
+        last = query[0, :, -probes:].float()  # [Hq, P, D]
+        logits = last @ key[0].float().repeat_interleave(self.group, 0).transpose(1, 2) / self.dim**0.5  # [Hq, P, T]
+        columns = torch.arange(t, device=key.device)
+        gap = columns[t - last.shape[1] :, None] - columns[None]  # each key's distance from each probe
+        far = (gap >= self.window) & (columns >= self.sink)[None]
+        probs = logits.masked_fill(gap < 0, float("-inf")).softmax(-1) * far
+        mass = torch.zeros(probs.shape[0], int(bucket.max()) + 1, device=key.device)
+        mass.index_add_(1, bucket[gap.clamp(min=0)].flatten(), probs.flatten(1))
+        mass = mass.view(self.hkv, self.group, -1).sum(1)
+        return mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    def distance_queries(self, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """[Hkv, G * buckets * T, D]: the chunk's pre-RoPE queries turned by each distance bucket's mean rotation
+        and scaled by the square root of the bucket's :meth:`bucket_mass`, so their second moment weighs the
+        buckets as attention does."""
+        t = key.shape[2]
+        cos, sin, bucket = bucket_turns(self.rope, torch.arange(t, device=key.device), position_ids, self.window)
+        weight = self.bucket_mass(query, key, bucket)
+        unrotated = self.rope.invert(query, position_ids)[0]  # [Hq, T, D]
+        turned = apply_rope(unrotated[:, None], cos[0, :, :, None], sin[0, :, :, None])  # [Hq, buckets, T, D]
+        turned = turned.view(self.hkv, self.group, -1, t, self.dim) * weight.sqrt()[:, None, :, None, None]
+        return turned.reshape(self.hkv, -1, self.dim)
 
 
 @torch.no_grad()
@@ -116,6 +150,7 @@ def calibrate(
     sink: int = 8,
     query_aware: bool = True,
     keys: str = "pre_rope",
+    queries: str = "wrope",
     progress: bool = True,
 ) -> Codebooks:
     """Build query-aware codebooks for ``model`` from calibration ``texts`` (+ ``uuid_tokens`` of random UUIDs).
@@ -127,10 +162,14 @@ def calibrate(
 
     Ablations, for the evaluation suite: ``query_aware=False`` is plain k-means on the keys (no whitening);
     ``keys="post_rope"`` quantizes the keys as the model rotated them, weighted by the true queries' moments.
+    ``queries="distance"`` weighs the error by the queries the "distance" scorer uses: turned by each distance
+    bucket's mean rotation, each bucket weighted by the attention mass it carries in the calibration text.
     """
     check_supported(model.config)
     if keys not in KEYS:
         raise ValueError(f"keys must be one of {KEYS}, got {keys!r}")
+    if queries not in ("wrope", "distance") or (queries == "distance" and keys != "pre_rope"):
+        raise ValueError(f'queries must be "wrope" or "distance" (with keys="pre_rope"), got {queries!r}')
     if n_centroids < 2 or n_centroids > 65536:
         raise ValueError(f"n_centroids must lie in [2, 65536] (codes are uint16), got {n_centroids}")
     started = time.perf_counter()
@@ -141,7 +180,7 @@ def calibrate(
         raise ValueError(f"calibration has {len(ids)} tokens, fewer than n_centroids={n_centroids}; pass more text")
     global _collector
     device = next(model.parameters()).device
-    collector = _Collector(model, len(ids), offset, keys)
+    collector = _Collector(model, len(ids), offset, keys, queries, window, sink)
     implementation = model.config._attn_implementation
     model.set_attn_implementation("a2ats_calibration")
     _collector = collector
@@ -174,6 +213,7 @@ def calibrate(
         "kmeans_objective": result.objective,
         "seed": seed,
         "query_aware": query_aware,
+        "queries": queries,
         "seconds": round(time.perf_counter() - started, 2),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

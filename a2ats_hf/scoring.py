@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .quantization import lookup_table
-from .rope import apply_rope
+from .rope import RoPE, apply_rope
 
 if TYPE_CHECKING:
     from .cache import A2ATSLayer
@@ -75,6 +75,24 @@ def distance_buckets(distance: torch.Tensor, window: int, per_octave: int) -> to
     return (octaves * per_octave + 1e-6).floor().long()
 
 
+def bucket_turns(rope: RoPE, distance: torch.Tensor, position_ids: torch.Tensor, window: int, per_octave: int = 1,
+                 rotation: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cos, sin [B, 1, buckets, D'], bucket of each distance): the rotation standing for each distance bucket,
+    the mean of its ``distance``s' rotations or the rotation to its geometric centre."""
+    bucket = distance_buckets(distance, window, per_octave)
+    count = int(bucket.max()) + 1
+    if rotation == "mean":
+        cos, sin = rope.turns(distance, position_ids)  # [B, 1, N, D']
+        sums = torch.zeros(*cos.shape[:2], count, cos.shape[-1], device=distance.device)
+        size = torch.bincount(bucket, minlength=count).clamp(min=1)[:, None]
+        cos, sin = (sums.index_add(2, bucket, t) / size for t in (cos, sin))
+    else:
+        low = window * 2.0 ** (torch.arange(count, device=distance.device) / per_octave)
+        center = (low * 2.0 ** (0.5 / per_octave)).round().long().clamp(max=int(distance.max()))
+        cos, sin = rope.turns(center, position_ids)
+    return cos, sin, bucket
+
+
 @dataclass
 class DistanceBuckets(Scorer):
     """Distance-aware A2ATS: the far tokens fall into distance buckets growing geometrically from the window's edge,
@@ -99,18 +117,8 @@ class DistanceBuckets(Scorer):
         key = ("distance", self.per_octave, self.rotation, n, position_ids.data_ptr(), str(device))
         if key not in rope.memo:
             distance = torch.arange(n - 1, -1, -1, device=device)  # column j sits n - 1 - j tokens back
-            bucket = distance_buckets(distance, layer.cache.window, self.per_octave)
-            count = int(bucket.max()) + 1
-            if self.rotation == "mean":
-                cos, sin = rope.turns(distance, position_ids)  # [B, 1, N, D']
-                sums = torch.zeros(*cos.shape[:2], count, cos.shape[-1], device=device)
-                size = torch.bincount(bucket, minlength=count).clamp(min=1)[:, None]
-                cos, sin = (sums.index_add(2, bucket, t) / size for t in (cos, sin))
-            else:
-                low = layer.cache.window * 2.0 ** (torch.arange(count, device=device) / self.per_octave)
-                center = (low * 2.0 ** (0.5 / self.per_octave)).round().long().clamp(max=max(n - 1, 0))
-                cos, sin = rope.turns(center, position_ids)
-            rope.memo[key] = cos, sin, bucket
+            rope.memo[key] = bucket_turns(rope, distance, position_ids, layer.cache.window, self.per_octave,
+                                          self.rotation)
         return rope.memo[key]
 
     def scores(self, layer, query, position_ids, scaling):

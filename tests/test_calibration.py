@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from a2ats_hf import A2ATSCache, calibrate
-from a2ats_hf.calibration import attention_modules, token_stream
+from a2ats_hf.calibration import _Collector, attention_modules, token_stream
 from a2ats_hf.quantization import encode
 
 from conftest import DEVICE, CharTokenizer, tiny_model
@@ -65,6 +65,40 @@ def test_post_rope_ablation_quantizes_rotated_keys(tiny):
     assert torch.equal(layer.codes.long(), expected)
     with pytest.raises(ValueError, match="keys"):
         small(model, [TEXT], keys="rotated")
+
+
+def test_distance_buckets_weighed_by_attention_mass(tiny):
+    """queries="distance": with all attention on one key 86-149 tokens back from the last 64 queries (window 16),
+    buckets 2 and 3 ([64, 128), [128, 256)) carry all the weight, 42 and 22 probes' worth; the other buckets'
+    turned queries vanish."""
+    model, _ = tiny
+    cfg = model.config
+    collector = _Collector(model, 300, 2048, "pre_rope", "distance", window=16, sink=4)
+    t, d, hkv = 300, cfg.head_dim, cfg.num_key_value_heads
+    key = torch.zeros(1, hkv, t, d, device=DEVICE)
+    key[..., 150, :] = 10.0
+    query = torch.ones(1, cfg.num_attention_heads, t, d, device=DEVICE)
+    bucket = torch.arange(t, device=DEVICE).clamp(min=16).div(16).log2().floor().long()
+    expected = torch.tensor([0, 0, 42 / 64, 22 / 64, 0], device=DEVICE).expand(hkv, 5)
+    assert torch.allclose(collector.bucket_mass(query, key, bucket), expected, atol=1e-5)
+    turned = collector.distance_queries(query, key, torch.arange(t, device=DEVICE)[None])
+    norms = turned.view(hkv, -1, 5, t, d).pow(2).sum(dim=(1, 3, 4)).sqrt()
+    assert (norms[:, [0, 1, 4]] < 1e-3).all() and (norms[:, [2, 3]] > 1).all()
+
+
+def test_distance_codebooks(tiny):
+    """queries="distance" builds pre-RoPE codebooks the "distance" scorer decodes with; other key kinds refuse."""
+    model, _ = tiny
+    books = small(model, [TEXT], queries="distance")
+    assert books.calibration["queries"] == "distance" and books.keys == "pre_rope"
+    assert not torch.allclose(books.whitener, small(model, [TEXT]).whitener)
+    cache = A2ATSCache(books, topk=0.2, scoring="distance")
+    ids = torch.tensor([[ord(c) % 256 for c in TEXT[:300]]], device=DEVICE)
+    with torch.no_grad():
+        model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert cache.stats.far_selected > 0
+    with pytest.raises(ValueError, match="queries"):
+        small(model, [TEXT], queries="distance", keys="post_rope")
 
 
 def test_dataset_rows_are_accepted(tiny):
