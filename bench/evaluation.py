@@ -1,7 +1,9 @@
 """The evaluation suite on SmolLM2-135M-Instruct and the Austen novels: RULER-style tasks hidden in the held-out
 *Persuasion*, perplexity of its last 512 tokens of held-out windows, and attention fidelity per layer, for full
-attention, A2ATS (both budget rules), the baselines (exact top-K oracle, Quest, random, sinks + window) at every
-budget, and the ablations at 3% (plain k-means, post-RoPE keys, 256 / 4096 centroids, window and offset b).
+attention, A2ATS (both budget rules, windowed-RoPE and distance-bucketed scoring), the baselines (exact top-K
+oracle, Quest, random, sinks + window) at every budget, and the ablations at 3% (plain k-means, post-RoPE keys,
+256 / 4096 centroids, window and offset b; for distance scoring: buckets per octave, centre rotation, codebooks
+weighted by the distance queries, window).
 
 Codebooks are calibrated on Emma, Pride & Prejudice and Mansfield Park with the demo's settings (1024 centroids
 unless the variant says otherwise), built once per variant into the asset cache.
@@ -39,6 +41,7 @@ VARIANTS = {  # codebook variant -> calibrate() arguments beyond the demo's
     "post-RoPE keys": {"keys": "post_rope"},
     "256 centroids": {"n_centroids": 256},
     "4096 centroids": {"n_centroids": 4096},
+    "distance moments": {"queries": "distance"},
 }
 
 
@@ -63,13 +66,16 @@ def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> li
     for topk in ordered:
         methods += [Method(s, topk) for s in scorers] + [Method("wrope", topk, "kv_head")] * ("wrope" in scorers)
         if ablations and topk == 0.03:
-            methods += [Method("wrope", topk, codebooks=v) for v in VARIANTS if v not in ("default", "post-RoPE keys")]
+            methods += [Method("wrope", topk, codebooks=v) for v in VARIANTS
+                        if v not in ("default", "post-RoPE keys", "distance moments")]
             methods += [Method("postrope", topk, codebooks="post-RoPE keys")]
             methods += [Method("wrope", topk, window=w) for w in (32, 128, 256)]
             methods += [Method("wrope", topk, offset=b) for b in (0, 512, 8192)]
-        if "distance" in scorers and topk == 0.03:
+        if ablations and "distance" in scorers and topk == 0.03:
             methods += [Method("distance", topk, options=(("per_octave", k),)) for k in (2, 4)]
             methods += [Method("distance", topk, options=(("rotation", "center"),))]
+            methods += [Method("distance", topk, codebooks=v) for v in ("distance moments", "plain k-means")]
+            methods += [Method("distance", topk, window=w) for w in (128, 256)]
     return methods
 
 

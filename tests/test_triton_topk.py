@@ -10,7 +10,7 @@ from a2ats_hf import A2ATSCache
 from a2ats_hf import attention as attention_module
 from a2ats_hf.kernels import code_histogram, reference, triton_topk
 
-from conftest import DEVICE
+from conftest import DEVICE, ids_of
 
 pytestmark = pytest.mark.skipif(
     DEVICE.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"),
@@ -66,6 +66,32 @@ def test_codes_view_histogram_and_k_bound():
     assert_same_selection(lut, codes, candidates, k, "query_head", histogram=hist, k_max=30, block_n=64)
 
 
+def capture_selections(model, cache, ids) -> list[tuple]:
+    """(lut, codes, candidates, k, histogram) of every top-K call while ``model`` generates 2 tokens after ``ids``."""
+    captured = []
+    original = attention_module.kernels.select_topk
+
+    def spy(lut, codes, candidates, k, budget="query_head", **kwargs):
+        hist = kwargs.get("histogram")
+        captured.append((lut, codes.clone(), candidates, k, None if hist is None else hist.clone()))
+        return original(lut, codes, candidates, k, budget, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_module.kernels, "select_topk", spy)
+        model.to(DEVICE).generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    return captured
+
+
+def test_matches_reference_on_distance_scores(tiny):
+    """The distance scorer's tables (bucket x centroid columns, int32 codes, no kept histogram) select the same."""
+    model, books = tiny
+    captured = capture_selections(model, A2ATSCache(books, topk=0.1, scoring="distance"), ids_of(1, 600))
+    for lut, codes, candidates, k, _ in captured:
+        assert codes.dtype == torch.int32 and lut.shape[-1] > books.whitened_centroids.shape[2]
+        to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+        assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head")
+
+
 @pytest.mark.slow
 def test_matches_reference_on_smollm2(smollm2, austen):
     """Real LUTs, codes and candidates captured from SmolLM2 decoding Persuasion (a 1.2K-token prompt, all layers of
@@ -75,16 +101,7 @@ def test_matches_reference_on_smollm2(smollm2, austen):
     model, tokenizer = smollm2
     books = demo_codebooks(model, tokenizer, austen)
     ids = tokenizer(austen["Persuasion"][50000:56000], return_tensors="pt")["input_ids"].to(DEVICE)
-    captured = []
-    original = attention_module.kernels.select_topk
-
-    def spy(lut, codes, candidates, k, budget="query_head", **kwargs):
-        captured.append((lut, codes.clone(), candidates, k, kwargs["histogram"].clone()))
-        return original(lut, codes, candidates, k, budget, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention_module.kernels, "select_topk", spy)
-        model.to(DEVICE).generate(ids, past_key_values=A2ATSCache(books, topk=0.03), max_new_tokens=3, do_sample=False)
+    captured = capture_selections(model, A2ATSCache(books, topk=0.03), ids)
     assert len(captured) == 2 * model.config.num_hidden_layers
     for lut, codes, candidates, k, hist in captured[:: 7 if DEVICE.type == "cpu" else 1]:  # interpreter is slow
         to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
