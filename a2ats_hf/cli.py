@@ -46,6 +46,7 @@ def calibrate_command(args: argparse.Namespace) -> None:
         uuid_tokens=args.uuid_tokens,
         kmeans_iters=args.kmeans_iters,
         seed=args.seed,
+        queries=args.queries,
     )
     books.calibration["data"] = [Path(f).name for f in args.text]
     if args.out:
@@ -72,7 +73,8 @@ def generate_command(args: argparse.Namespace) -> None:
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
-    cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget)
+    cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget,
+                        scoring=args.scoring)
     out = model.generate(**inputs.to(args.device), past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     memory = cache.memory_footprint()
@@ -129,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--uuid-tokens", type=int, default=16384)
     cal.add_argument("--kmeans-iters", type=int, default=100)
     cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--queries", choices=["wrope", "distance"], default="wrope",
+                     help='queries weighting the error: windowed RoPE (default) or those of scoring="distance"')
     cal.set_defaults(func=calibrate_command)
 
     down = sub.add_parser("download", help="fetch a repository's codebooks into the Hugging Face cache")
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file")
     gen.add_argument("--topk", type=_topk, default=0.03, help="fraction in (0, 1] or int token budget")
     gen.add_argument("--budget", choices=["query_head", "kv_head"], default="query_head")
+    gen.add_argument("--scoring", choices=["wrope", "distance"], default="wrope", help="how far tokens are scored")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=generate_command)
@@ -158,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192])
     ev.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
     ev.add_argument("--samples", type=int, default=1, help="seeds per (task, length, depth)")
-    ev.add_argument("--scoring", nargs="+", choices=sorted(SCORERS), default=["wrope", "oracle", "quest", "random", "window"])
+    ev.add_argument("--scoring", nargs="+", choices=sorted(SCORERS), default=["wrope", "distance", "oracle", "quest", "random", "window"])
     ev.add_argument("--topk", nargs="+", type=_topk, default=[0.03])
     ev.add_argument("--budget", nargs="+", choices=["query_head", "kv_head"], default=["query_head"])
     ev.add_argument("--batch-size", type=int, default=8, help="prompts answered together")

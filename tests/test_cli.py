@@ -24,24 +24,27 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def calibrated(model_dir, tmp_path):
+def calibrated(model_dir, tmp_path, *extra: str):
     """`a2ats calibrate` on a text file: (the text file, the codebooks directory)."""
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60)
     out = tmp_path / "books"
     main(["calibrate", str(model_dir), "--text", str(text), "--out", str(out), "--n-centroids", "16",
-          "--max-tokens", "1500", "--uuid-tokens", "300", "--kmeans-iters", "3", "--device", "cpu"])
+          "--max-tokens", "1500", "--uuid-tokens", "300", "--kmeans-iters", "3", "--device", "cpu", *extra])
     return text, out
 
 
-def test_calibrate_then_generate(model_dir, tmp_path, capsys):
-    """`a2ats calibrate` writes loadable codebooks; `a2ats generate` answers and reports what it attended."""
-    _, out = calibrated(model_dir, tmp_path)
+@pytest.mark.parametrize("queries", ["wrope", "distance"])
+def test_calibrate_then_generate(model_dir, tmp_path, capsys, queries):
+    """`a2ats calibrate` writes loadable codebooks (for either scorer); `a2ats generate` answers with that scorer
+    and reports what it attended."""
+    _, out = calibrated(model_dir, tmp_path, "--queries", queries)
     assert Codebooks.from_pretrained(out).n_centroids == 16
+    assert Codebooks.from_pretrained(out).calibration["queries"] == queries
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("A long letter. " * 80)
     main(["generate", str(model_dir), "--codebooks", str(out), "--prompt-file", str(prompt), "--topk", "0.1",
-          "--max-new-tokens", "4", "--device", "cpu"])
+          "--max-new-tokens", "4", "--device", "cpu", "--scoring", queries])
     err = capsys.readouterr().err
     assert "attended" in err and "MiB" in err
 
@@ -52,13 +55,14 @@ def test_eval_runs_the_suite(model_dir, tmp_path, capsys):
     text, books = calibrated(model_dir, tmp_path)
     out = tmp_path / "eval.json"
     main(["eval", str(model_dir), "--codebooks", str(books), "--haystack", str(text), "--tasks", "niah_number",
-          "--lengths", "600", "--depths", "0.5", "--scoring", "wrope", "window", "--topk", "0.1", "--device", "cpu",
+          "--lengths", "600", "--depths", "0.5", "--scoring", "wrope", "distance", "window", "--topk", "0.1", "--device", "cpu",
           "--perplexity", str(text), "--tail", "8", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "full | 600: " in printed and "wrope 0.1 | 600: " in printed and "window | 600" in printed
     assert "wrope 0.1 | 600: perplexity" in printed and "recall" in printed
     result = __import__("json").loads(out.read_text())
-    assert len(result["records"]) == 3 and len(result["perplexity"]) == 3
+    assert len(result["records"]) == 4 and len(result["perplexity"]) == 4
+    assert "distance 0.1 | 600: " in printed
 
 
 def test_generate_rejects_bad_topk(model_dir):
