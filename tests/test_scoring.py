@@ -101,4 +101,7 @@ def test_distance_scores_are_expected_true_scores_over_their_bucket(tiny, per_oc
 def test_unknown_scoring_is_refused(tiny):
     with pytest.raises(ValueError, match="scoring must be one of"):
         A2ATSCache(tiny[1], scoring="best")
+    for bad in ({"per_octave": 0}, {"rotation": "median"}):
+        with pytest.raises(ValueError, match="per_octave"):
+            DistanceBuckets(**bad)
     assert scorer_of("quest").page == 16
