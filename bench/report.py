@@ -183,6 +183,8 @@ def main() -> None:
         print(budget_table({m: f"{mean[m]:.3f} ({relative[m]:.0%})" for m in relative},
                            f"{length // 1024}K: RULER mean (vs full)"), "\n")
     print(fidelity_table(suite["perplexity"]), "\n")
+    if covered:  # the fidelity files' own 3% rows (their ablations)
+        print(fidelity_table([r for r in fidelity if r["length"] in covered]), "\n")
     for length in sorted({r["length"] for r in fidelity}):
         cells = {r["method"]: f"{r['perplexity']:.1f} / {r['recall']:.2f} / {r['mass']:.3f}"
                  for r in fidelity if r["length"] == length and "recall" in r}
