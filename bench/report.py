@@ -48,7 +48,7 @@ def curves(values: dict[str, float]) -> dict[str, list[tuple[float, float]]]:
     for method, value in values.items():
         if found := line(method):
             lines[found[0]].append((100 * found[1], value))
-    return {label: sorted(points) for label, points in lines.items() if len(points) > 1}
+    return {label: sorted(points) for label, points in lines.items()}
 
 
 def budget_table(cells: dict[str, str], title: str) -> str:
@@ -122,6 +122,11 @@ def plot(ax, lines: dict, reference: dict[str, float], ylabel: str, title: str) 
     ax.grid(alpha=0.3)
 
 
+def short(device: str) -> str:
+    """A device's name without vendor and memory ("NVIDIA H100 80GB HBM3" -> "H100")."""
+    return re.sub(r"NVIDIA | \d+GB.*", "", device)
+
+
 def save(fig, ax, name: str) -> Path:
     """Write ``fig`` into docs/figures with ``ax``'s legend below the panels (where it hides no line)."""
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
@@ -157,7 +162,7 @@ def figures(ruler: dict | None, fidelity: list[dict]) -> list[Path]:
                 reference = {"sinks + window": rows["window"]["mass"]} if metric == "mass" and "window" in rows else {}
                 plot(ax, curves({m: r[metric] for m, r in rows.items() if metric in r}), reference, ylabel,
                      f"SmolLM2-135M, {length // 1024}K windows of Persuasion "
-                     f"({', '.join(sorted({r['device'] for r in rows.values()}))})")
+                     f"({', '.join(sorted({short(r['device']) for r in rows.values()}))})")
         written.append(save(fig, axes[0][1], "fidelity-vs-budget.png"))
     return written
 
