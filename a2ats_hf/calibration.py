@@ -95,12 +95,12 @@ class _Collector:
             position_ids = torch.arange(t, device=key.device)[None]
         if self.post_rope:
             keys, q = key[0], query[0]
-        elif self.distance:
-            keys = self.rope.invert(key[:1], position_ids[:1])[0]  # batch of one: [Hkv, T, D]
-            q = self.distance_queries(query[:1], key[:1], position_ids[:1])
         else:
-            keys = self.rope.invert(key[:1], position_ids[:1])[0]
-            q = self.rope.windowed_query(query[:1], position_ids[:1], self.offset)[0]  # [Hq, T, D]
+            keys = self.rope.invert(key[:1], position_ids[:1])[0]  # batch of one: [Hkv, T, D]
+            if self.distance:
+                q = self.distance_queries(query[:1], key[:1], position_ids[:1])
+            else:
+                q = self.rope.windowed_query(query[:1], position_ids[:1], self.offset)[0]  # [Hq, T, D]
         self.keys[i, :, self.filled : self.filled + t] = keys.to(self.keys.device)
         q = q.reshape(self.hkv, -1, self.dim)
         self.moments[i] += second_moment(q).double().to(self.moments.device)
@@ -125,7 +125,7 @@ class _Collector:
         and scaled by the square root of the bucket's :meth:`bucket_mass`, so their second moment weighs the
         buckets as attention does."""
         t = key.shape[2]
-        cos, sin, bucket = bucket_turns(self.rope, torch.arange(t, device=key.device), position_ids, self.window)
+        cos, sin, bucket = bucket_turns(self.rope, t - 1, position_ids, self.window, device=key.device)
         weight = self.bucket_mass(query, key, bucket)
         unrotated = self.rope.invert(query, position_ids)[0]  # [Hq, T, D]
         turned = apply_rope(unrotated[:, None], cos[0, :, :, None], sin[0, :, :, None])  # [Hq, buckets, T, D]

@@ -75,20 +75,24 @@ def distance_buckets(distance: torch.Tensor, window: int, per_octave: int) -> to
     return (octaves * per_octave + 1e-6).floor().long()
 
 
-def bucket_turns(rope: RoPE, distance: torch.Tensor, position_ids: torch.Tensor, window: int, per_octave: int = 1,
-                 rotation: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cos, sin [B, 1, buckets, D'], bucket of each distance): the rotation standing for each distance bucket,
-    the mean of its ``distance``s' rotations or the rotation to its geometric centre."""
-    bucket = distance_buckets(distance, window, per_octave)
-    count = int(bucket.max()) + 1
+def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: int, per_octave: int = 1,
+                 rotation: str = "mean", device: torch.device | None = None):
+    """(cos, sin [B, 1, buckets, D'], bucket of each distance 0..``longest`` [longest + 1]) on ``device`` (default:
+    ``position_ids``'): the rotation standing for each distance bucket, the mean of its distances' rotations or the
+    rotation to its geometric centre. The bucket count comes from ``longest`` on the host, so nothing waits on the
+    device."""
+    device = device or position_ids.device
+    distance = torch.arange(longest + 1, device=device)
+    count = int(distance_buckets(torch.tensor([longest]), window, per_octave)) + 1
+    bucket = distance_buckets(distance, window, per_octave).clamp(max=count - 1)
     if rotation == "mean":
         cos, sin = rope.turns(distance, position_ids)  # [B, 1, N, D']
-        sums = torch.zeros(*cos.shape[:2], count, cos.shape[-1], device=distance.device)
+        sums = torch.zeros(*cos.shape[:2], count, cos.shape[-1], device=device)
         size = torch.bincount(bucket, minlength=count).clamp(min=1)[:, None]
         cos, sin = (sums.index_add(2, bucket, t) / size for t in (cos, sin))
     else:
-        low = window * 2.0 ** (torch.arange(count, device=distance.device) / per_octave)
-        center = (low * 2.0 ** (0.5 / per_octave)).round().long().clamp(max=int(distance.max()))
+        low = window * 2.0 ** (torch.arange(count, device=device) / per_octave)
+        center = (low * 2.0 ** (0.5 / per_octave)).round().long().clamp(max=longest)
         cos, sin = rope.turns(center, position_ids)
     return cos, sin, bucket
 
@@ -112,23 +116,24 @@ class DistanceBuckets(Scorer):
                              f'{self.rotation!r}')
 
     def turns(self, layer: "A2ATSLayer", position_ids: torch.Tensor, device: torch.device):
-        """(cos, sin [B, 1, buckets, D'], bucket of each stored column [N]), shared by the layers of a pass."""
-        rope, n = layer.cache.rope, layer.store.length
-        key = ("distance", self.per_octave, self.rotation, n, position_ids.data_ptr(), str(device))
+        """(cos, sin [B, 1, buckets, D'], each stored column's first LUT column [N] int32), once per pass: the
+        layers of a pass share them (their codebooks have the same number of centroids)."""
+        rope, n, m = layer.cache.rope, layer.store.length, layer.centroids.shape[1]
+        key = ("distance", self.per_octave, self.rotation, n, m, position_ids.data_ptr(), str(device))
         if key not in rope.memo:
-            distance = torch.arange(n - 1, -1, -1, device=device)  # column j sits n - 1 - j tokens back
-            rope.memo[key] = bucket_turns(rope, distance, position_ids, layer.cache.window, self.per_octave,
-                                          self.rotation)
+            cos, sin, bucket = bucket_turns(rope, n - 1, position_ids, layer.cache.window, self.per_octave,
+                                            self.rotation, device)
+            rope.memo[key] = cos, sin, (bucket.flip(0) * m).to(torch.int32)  # column j sits n - 1 - j tokens back
         return rope.memo[key]
 
     def scores(self, layer, query, position_ids, scaling):
-        cos, sin, bucket = self.turns(layer, position_ids, query.device)
+        cos, sin, first_column = self.turns(layer, position_ids, query.device)
         b, hq, d = query.shape
         count, m, hkv = cos.shape[2], layer.centroids.shape[1], layer.codes.shape[1]
         unrotated = layer.cache.rope.invert(query[:, :, None], position_ids[:, -1:])  # [B, Hq, 1, D]
         turned = apply_rope(unrotated, cos, sin)  # [B, Hq, buckets, D]
         lut = lookup_table(turned.reshape(b, hq * count, d), layer.centroids, hq * count // hkv)
-        codes = (bucket.to(torch.int32) * m) + layer.codes.to(torch.int32)  # each token's (bucket, code) column
+        codes = first_column + layer.codes.to(torch.int32)  # each token's (bucket, code) column
         return lut.view(b, hq, count * m), codes, None
 
 
