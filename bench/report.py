@@ -33,6 +33,11 @@ def parse(method: str) -> tuple[str, float, str] | None:
     return (m["scoring"], float(m["topk"]), m["tags"] or "") if m else None
 
 
+def at_length(table: dict[str, float], length: int) -> dict[str, float]:
+    """A summary table's ("method | length" keyed) entries at ``length``, keyed by method."""
+    return {k.split(" | ")[0]: v for k, v in table.items() if k.endswith(f"| {length}")}
+
+
 def line(method: str) -> tuple[str, float] | None:
     """(line label, topk) of a method on the budget curves (no ablation tags; the two budget rules apart)."""
     parsed = parse(method)
@@ -136,23 +141,20 @@ def save(fig, ax, name: str) -> Path:
     return FIGURES / name
 
 
-def figures(ruler: dict | None, fidelity: list[dict]) -> list[Path]:
+def figures(suite: dict, fidelity: list[dict]) -> list[Path]:
     """RULER score relative to full attention against budget (one panel per length), and recall of the exact top-K
     and attention mass against budget (one row of panels per length)."""
     FIGURES.mkdir(parents=True, exist_ok=True)
-    written = []
-    if ruler:
-        lengths = sorted({r["length"] for r in ruler["ruler"]})
-        fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
-        for ax, length in zip(axes[0], lengths):
-            relative = {k.split(" | ")[0]: v for k, v in ruler["summary"]["relative_to_full"].items()
-                        if k.endswith(f"| {length}")}
-            prompts = len([r for r in ruler["ruler"] if r["method"] == "full" and r["length"] == length])
-            tasks = len({r["task"] for r in ruler["ruler"]})
-            plot(ax, curves(relative), {"full attention": 1.0, "sinks + window": relative.get("window", 0.0)},
-                 "RULER-style score / full attention's",
-                 f"SmolLM2-135M, {length // 1024}K prompts ({tasks} tasks, {prompts} prompts)")
-        written.append(save(fig, axes[0][0], "accuracy-vs-budget.png"))
+    lengths = sorted({r["length"] for r in suite["ruler"]})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        relative = at_length(suite["summary"]["relative_to_full"], length)
+        prompts = len([r for r in suite["ruler"] if r["method"] == "full" and r["length"] == length])
+        tasks = len({r["task"] for r in suite["ruler"]})
+        plot(ax, curves(relative), {"full attention": 1.0, "sinks + window": relative.get("window", 0.0)},
+             "RULER-style score / full attention's",
+             f"SmolLM2-135M, {length // 1024}K prompts ({tasks} tasks, {prompts} prompts)")
+    written = [save(fig, axes[0][0], "accuracy-vs-budget.png")]
     lengths = sorted({r["length"] for r in fidelity})
     if lengths:
         fig, axes = plt.subplots(len(lengths), 2, figsize=(10, 3.8 * len(lengths)), squeeze=False)
@@ -177,14 +179,13 @@ def main() -> None:
     fidelity = []
     for path in args.fidelity:  # each file's rows, marked with the device they ran on
         part = json.loads(path.read_text())
-        fidelity += [{**r, "device": part["device"]} for r in part["perplexity"]]
+        fidelity += [{"device": part["device"], **r} for r in part["perplexity"]]
     covered = {r["length"] for r in fidelity}
     fidelity += [{"device": suite["device"], **r} for r in suite["perplexity"] if r["length"] not in covered]
     print(ruler_tables(suite))
-    lengths = sorted({r["length"] for r in suite["ruler"]})
-    for length in lengths:
-        relative = {k.split(" | ")[0]: v for k, v in suite["summary"]["relative_to_full"].items() if k.endswith(f"| {length}")}
-        mean = {k.split(" | ")[0]: v for k, v in suite["summary"]["mean"].items() if k.endswith(f"| {length}")}
+    for length in sorted({r["length"] for r in suite["ruler"]}):
+        relative = at_length(suite["summary"]["relative_to_full"], length)
+        mean = at_length(suite["summary"]["mean"], length)
         print(budget_table({m: f"{mean[m]:.3f} ({relative[m]:.0%})" for m in relative},
                            f"{length // 1024}K: RULER mean (vs full)"), "\n")
     print(fidelity_table(suite["perplexity"]), "\n")
