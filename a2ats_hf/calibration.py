@@ -105,7 +105,8 @@ class _Collector:
         q = q.reshape(self.hkv, -1, self.dim)
         self.moments[i] += second_moment(q).double().to(self.moments.device)
 
-    def bucket_mass(self, query: torch.Tensor, key: torch.Tensor, bucket: torch.Tensor, probes: int = 64) -> torch.Tensor:
+    def bucket_mass(self, query: torch.Tensor, key: torch.Tensor, bucket: torch.Tensor,
+                    probes: int = 64) -> torch.Tensor:
         """[Hkv, buckets]: each distance bucket's share of the retrievable attention mass (beyond the sinks and the
         window) of the KV head's queries, measured on the chunk's last ``probes`` post-RoPE queries."""
         t = key.shape[2]

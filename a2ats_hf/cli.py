@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192])
     ev.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
     ev.add_argument("--samples", type=int, default=1, help="seeds per (task, length, depth)")
-    ev.add_argument("--scoring", nargs="+", choices=sorted(SCORERS), default=["wrope", "distance", "oracle", "quest", "random", "window"])
+    ev.add_argument("--scoring", nargs="+", choices=sorted(SCORERS),
+                    default=["wrope", "distance", "oracle", "quest", "random", "window"])
     ev.add_argument("--topk", nargs="+", type=_topk, default=[0.03])
     ev.add_argument("--budget", nargs="+", choices=["query_head", "kv_head"], default=["query_head"])
     ev.add_argument("--batch-size", type=int, default=8, help="prompts answered together")

@@ -127,7 +127,8 @@ def main() -> None:
     model = model.to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     novels = austen_novels()
-    methods = [m for m in methods_for(args.topk, args.scoring, args.ablations) if not args.methods or m.name in args.methods]
+    methods = [m for m in methods_for(args.topk, args.scoring, args.ablations)
+               if not args.methods or m.name in args.methods]
     books = codebook_variants(model, tokenizer, novels, sorted({m.codebooks for m in methods}))
     if args.calibrate_only:
         return

@@ -115,7 +115,8 @@ def check(gpus: list[int], dtype: torch.dtype, books: Codebooks, context: int, n
     result = {"gpus": len(gpus), "dtype": str(dtype).removeprefix("torch."), "context": context,
               "same_greedy_tokens": same, "of": new_tokens, "max_logit_diff": round(diff, 5),
               "logit_std": round(full["logits"][0].std().item(), 4),
-              "layers_per_gpu": dict(Counter(str(layer.self_attn.q_proj.weight.device) for layer in model.model.layers))}
+              "layers_per_gpu": dict(Counter(str(layer.self_attn.q_proj.weight.device)
+                                             for layer in model.model.layers))}
     if same < new_tokens:
         top2 = full["logits"][same].topk(2).values
         result["sdpa_top2_margin_where_they_part"] = round((top2[0] - top2[1]).item(), 5)

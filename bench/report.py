@@ -73,7 +73,8 @@ def paired_stderr(records: list[dict], method: str, length: int) -> float:
     """Standard error of the method's mean score minus full attention's, over the prompts both answered."""
     key = lambda r: (r["task"], r["depth"], r["seed"])  # noqa: E731
     full = {key(r): r["score"] for r in records if r["method"] == "full" and r["length"] == length}
-    d = [r["score"] - full[key(r)] for r in records if r["method"] == method and r["length"] == length and key(r) in full]
+    d = [r["score"] - full[key(r)] for r in records
+         if r["method"] == method and r["length"] == length and key(r) in full]
     mean = sum(d) / len(d)
     return (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
 
@@ -94,8 +95,9 @@ def ruler_tables(result: dict) -> str:
             cells = [per_task.get(f"{m} | {t} | {length}") for t in tasks]
             full = mean[f"full | {length}"]
             se = "-" if m == "full" else f"{paired_stderr(result['ruler'], m, length) / full:.0%}"
+            vs_full = relative.get(f"{m} | {length}", float("nan"))
             out.append(f"| {m} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
-                       + f" | {mean[f'{m} | {length}']:.3f} | {relative.get(f'{m} | {length}', float('nan')):.0%} | {se} |")
+                       + f" | {mean[f'{m} | {length}']:.3f} | {vs_full:.0%} | {se} |")
         out.append("")
     return "\n".join(out)
 
@@ -160,7 +162,8 @@ def figures(suite: dict, fidelity: list[dict]) -> list[Path]:
         fig, axes = plt.subplots(len(lengths), 2, figsize=(10, 3.8 * len(lengths)), squeeze=False)
         for row, length in zip(axes, lengths):
             rows = {r["method"]: r for r in fidelity if r["length"] == length}
-            for ax, metric, ylabel in zip(row, ("recall", "mass"), ("recall of the exact top-K", "attention mass covered")):
+            for ax, metric, ylabel in zip(row, ("recall", "mass"),
+                                          ("recall of the exact top-K", "attention mass covered")):
                 reference = {"sinks + window": rows["window"]["mass"]} if metric == "mass" and "window" in rows else {}
                 plot(ax, curves({m: r[metric] for m, r in rows.items() if metric in r}), reference, ylabel,
                      f"SmolLM2-135M, {length // 1024}K windows of Persuasion "

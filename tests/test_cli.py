@@ -55,8 +55,8 @@ def test_eval_runs_the_suite(model_dir, tmp_path, capsys):
     text, books = calibrated(model_dir, tmp_path)
     out = tmp_path / "eval.json"
     main(["eval", str(model_dir), "--codebooks", str(books), "--haystack", str(text), "--tasks", "niah_number",
-          "--lengths", "600", "--depths", "0.5", "--scoring", "wrope", "distance", "window", "--topk", "0.1", "--device", "cpu",
-          "--perplexity", str(text), "--tail", "8", "--out", str(out)])
+          "--lengths", "600", "--depths", "0.5", "--scoring", "wrope", "distance", "window", "--topk", "0.1",
+          "--device", "cpu", "--perplexity", str(text), "--tail", "8", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "full | 600: " in printed and "wrope 0.1 | 600: " in printed and "window | 600" in printed
     assert "wrope 0.1 | 600: perplexity" in printed and "recall" in printed

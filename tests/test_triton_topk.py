@@ -67,7 +67,8 @@ def test_codes_view_histogram_and_k_bound():
 
 
 def capture_selections(model, cache, ids) -> list[tuple]:
-    """(lut, codes, candidates, k, histogram) of every top-K call while ``model`` generates 2 tokens after ``ids``."""
+    """(lut, codes, candidates, k, histogram) of every top-K call while ``model`` generates 3 tokens after ``ids``
+    (2 decode steps)."""
     captured = []
     original = attention_module.kernels.select_topk
 
