@@ -4,13 +4,15 @@ Scores take only ``M`` distinct values per head (one per centroid), so the K-th 
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
 order-preserving integer keys, 4 bits per round, weighted by the histogram (one program per head), which also
 classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
-bytes side by side in one word). Then three passes over segments of the codes, each fully parallel and reading
-one word per token: count each head's ties per segment; count the tokens the KV group unites per segment (a tie
-is taken while fewer than the head's remaining budget of ties precede it, so ties go to the lowest token indices);
-write the chosen indices compacted and ascending at each segment's offset. For groups of up to 4 heads the words
-are counted with bit operations (one 16-bit counter per head in a 64-bit lane) and unpacked to a [group, block]
-tile only in the block where a head's budget runs out. The result equals
-:func:`a2ats_hf.kernels.reference.select_topk` exactly.
+bytes side by side in one word), and ORs the classes over the KV group into 2 bits per centroid (above / tied for
+some head). Then three passes over segments of the codes, each fully parallel: a token looks up its 2 bits (a
+table of 1 KB per 4096 centroids, so a warp's lookups touch at most 8 cache lines where the class words could
+touch 32) and only a token tied for some head reads its class word. The passes count each head's ties per segment;
+count the tokens the KV group unites per segment (a tie is taken while fewer than the head's remaining budget of
+ties precede it, so ties go to the lowest token indices); write the chosen indices compacted and ascending at each
+segment's offset. For groups of up to 4 heads the words are counted with bit operations (one 16-bit counter per
+head in a 64-bit lane) and unpacked to a [group, block] tile only in the block where a head's budget runs out.
+The result equals :func:`a2ats_hf.kernels.reference.select_topk` exactly.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ def _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0, m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, m, HEADS: tl.constexpr, GROUP: tl.constexpr,
-                      G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, m, HEADS: tl.constexpr,
+                      GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """Per (row, head): the k-th largest score, how many tokens scoring exactly it to take, and each centroid's
     class for this head (2: above the threshold, 1: equal, 0: below) in byte ``head % GROUP`` of its
-    [G_PAD]-byte entry, so the scan reads one small entry per token instead of the group's float scores."""
+    [G_PAD]-byte entry, so the scan reads one small entry per token instead of the group's float scores. The
+    classes are also OR-ed over the KV group into a 2-bit summary per centroid (16 to an int32 word): the scan
+    looks up that 1 KB-per-4096-centroids table first, whose lookups touch 8x fewer cache lines."""
     pid = tl.program_id(0)
     row = pid // HEADS
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
@@ -64,14 +68,18 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, m, HEADS: t
     for m0 in range(0, m, BLOCK_M):
         cols, ok, count, key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0, m, BLOCK_M)
         greater += tl.sum(tl.where(key > thr, count, 0), axis=0)
-        category = tl.where(key > thr, 2, tl.where(key == thr, 1, 0)).to(tl.uint8)
-        tl.store(class_ptr + (kv.to(tl.int64) * m + cols) * G_PAD + (pid % HEADS) % GROUP, category, mask=ok)
+        category = tl.where(ok, tl.where(key > thr, 2, tl.where(key == thr, 1, 0)), 0)
+        entry = (kv.to(tl.int64) * m + cols) * G_PAD + (pid % HEADS) % GROUP
+        tl.store(class_ptr + entry, category.to(tl.uint8), mask=ok)
+        packed = tl.sum(tl.reshape(category << (2 * (cols % 16)), [BLOCK_M // 16, 16]), axis=1)
+        words = m0 // 16 + tl.arange(0, BLOCK_M // 16)
+        tl.atomic_or(summary_ptr + kv.to(tl.int64) * tl.cdiv(m, 16) + words, packed, mask=words * 16 < m)
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
 def _scan_kernel(
-    class_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
+    class_ptr, summary_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
     n, m, stride_cb, stride_ch, stride_mb, out_width, segments,
     PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr, HEAD_BYTES: tl.constexpr,
@@ -91,6 +99,7 @@ def _scan_kernel(
         class_rows = class_ptr + pair.to(tl.int64) * m
     else:
         class_rows = class_ptr + pair.to(tl.int64) * m * G_PAD
+    summary_row = summary_ptr + pair.to(tl.int64) * tl.cdiv(m, 16)
     codes_row = codes_ptr + row.to(tl.int64) * stride_cb + (pair % HKV).to(tl.int64) * stride_ch
     cand_row = cand_ptr + row.to(tl.int64) * stride_mb
 
@@ -108,16 +117,21 @@ def _scan_kernel(
         t_ok = tokens < n
         code = tl.load(codes_row + tokens, mask=t_ok, other=0).to(tl.int32)
         cand = (tl.load(cand_row + tokens, mask=t_ok, other=0) != 0) & t_ok
+        if WORDS:  # the summary first; the group's class word only for tokens tied for some head, others stand
+            # for it with byte 0 (2: above for some head, so united; 0: below for every head)
+            looked = cand & ((tokens * 0 + k) > 0)
+            flags = (tl.load(summary_row + (code >> 4), mask=looked, other=0) >> ((code & 15) * 2)) & 3
+            word = tl.load(class_rows + code, mask=looked & ((flags & 1) != 0), other=0).to(tl.int64)
+            word = tl.where((flags & 1) != 0, word, flags & 2)
         if PACKED:  # byte g of the token's word is head g's class; counted without unpacking to a tile
-            word = tl.load(class_rows + code, mask=cand & ((tokens * 0 + k) > 0), other=0).to(tl.int64) & HEAD_BYTES
+            word = word & HEAD_BYTES
             tie_bits = word & 0x01010101
             lanes = (tie_bits & 1) | (((tie_bits >> 8) & 1) << 16)  # one 16-bit counter per head
             lanes |= (((tie_bits >> 16) & 1) << 32) | (((tie_bits >> 24) & 1) << 48)
             here = ((tl.sum(lanes, axis=0) >> (16 * g).to(tl.int64)) & 0xFFFF).to(tl.int32)
         else:
             live = active[:, None] & cand[None, :]
-            if WORDS:  # the group's class bytes as one word per token
-                word = tl.load(class_rows + code, mask=cand & ((tokens * 0 + k) > 0), other=0)
+            if WORDS:
                 category = tl.where(live, (word[None, :] >> (8 * g[:, None]).to(word.dtype)) & 0xFF, 0)
             else:
                 category = tl.load(class_rows + code[None, :] * G_PAD + g[:, None], mask=live, other=0)
@@ -189,9 +203,10 @@ def select_topk(
     g_pad = triton.next_power_of_2(group)
     need = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
     classes = torch.empty(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)  # padding bytes: masked
-    _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), need, classes, m,
-                                    HEADS=heads, GROUP=group, G_PAD=g_pad, BLOCK_M=min(triton.next_power_of_2(m), 2048),
-                                    num_warps=8)
+    summary = torch.zeros(b * hkv, triton.cdiv(m, 16), dtype=torch.int32, device=codes.device)
+    _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), need, classes, summary,
+                                    m, HEADS=heads, GROUP=group, G_PAD=g_pad,
+                                    BLOCK_M=min(max(triton.next_power_of_2(m), 16), 2048), num_warps=8)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
@@ -200,7 +215,7 @@ def select_topk(
     entries = classes.view(word).view(b * hkv, m) if word else classes
     for phase in range(3):
         _scan_kernel[(b * hkv, segments)](
-            entries, codes, cand, k, need, ties, union, indices, counts,
+            entries, summary, codes, cand, k, need, ties, union, indices, counts,
             n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
             BLOCKS=blocks, WORDS=word is not None, PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1,
