@@ -8,7 +8,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import a2ats_attention_forward
-from .cache import A2ATSCache
+from .cache import A2ATSCache, cache_argument
 from .calibration import calibrate, recording_attention
 from .codebooks import Codebooks
 
@@ -19,4 +19,4 @@ AttentionMaskInterface.register("a2ats", sdpa_mask)
 AttentionInterface.register("a2ats_calibration", recording_attention)  # used by `calibrate` while it runs
 AttentionMaskInterface.register("a2ats_calibration", sdpa_mask)
 
-__all__ = ["A2ATSCache", "Codebooks", "calibrate", "__version__"]
+__all__ = ["A2ATSCache", "Codebooks", "cache_argument", "calibrate", "__version__"]

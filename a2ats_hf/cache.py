@@ -3,6 +3,7 @@ K/V in CPU memory."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ from .scoring import Scorer, scorer_of
 from .store import KVStore, check_memory, kv_bytes
 
 BUDGETS = ("query_head", "kv_head")
+
+
+def cache_argument(model: nn.Module, cache: Cache) -> dict[str, Cache]:
+    """``{name: cache}`` to pass to ``model(...)`` or ``model.generate(...)`` under the name the model takes:
+    transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes: from forward in 5.40)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def check_topk(topk: float | int) -> None:

@@ -63,7 +63,7 @@ def download_command(args: argparse.Namespace) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> None:
-    from .cache import A2ATSCache
+    from .cache import A2ATSCache, cache_argument
     from .codebooks import Codebooks
 
     model, tokenizer = _load(args.model, args.device, args.dtype)
@@ -75,7 +75,8 @@ def generate_command(args: argparse.Namespace) -> None:
         inputs = tokenizer(prompt, return_tensors="pt")
     cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget,
                         scoring=args.scoring)
-    out = model.generate(**inputs.to(args.device), past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+    out = model.generate(**inputs.to(args.device), **cache_argument(model, cache), max_new_tokens=args.max_new_tokens,
+                         do_sample=False)
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     memory = cache.memory_footprint()
     print(

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import a2ats_hf  # noqa: F401
-from a2ats_hf import A2ATSCache, calibrate
+from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.kernels import cpu_attention
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -65,7 +65,7 @@ def main() -> None:
 
     def run(cache, attn):
         model.set_attn_implementation(attn)
-        return timed(lambda: model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new,
+        return timed(lambda: model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=new,
                                             do_sample=False, pad_token_id=0, output_scores=True,
                                             return_dict_in_generate=True))
 

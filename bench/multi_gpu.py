@@ -25,7 +25,7 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor
 
-from a2ats_hf import A2ATSCache, Codebooks
+from a2ats_hf import A2ATSCache, cache_argument, Codebooks
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import cpu_attention
 
@@ -86,7 +86,7 @@ def run(model, ids: torch.Tensor, cache, attention: str, new_tokens: int) -> dic
     torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        out = model.generate(ids, **cache_argument(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, logits_processor=[clock], return_dict_in_generate=True,
                              output_logits=True)
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]

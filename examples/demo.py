@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from a2ats_hf import A2ATSCache, Codebooks, calibrate
+from a2ats_hf import A2ATSCache, cache_argument, Codebooks, calibrate
 from assets import austen_novels, cache_dir, smollm2_path
 
 NEEDLE = "The secret code of the Elliot family safe is 7341."
@@ -42,7 +42,7 @@ def prompt_ids(tokenizer, novel: str, tokens: int = 6000, depth: float = 0.6) ->
 
 def answer(model, tokenizer, ids, cache) -> tuple[str, float]:
     start = time.perf_counter()
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    out = model.generate(ids, **cache_argument(model, cache), max_new_tokens=24, do_sample=False)
     text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     return text.split("\n")[0], time.perf_counter() - start
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from a2ats_hf import A2ATSCache, kernels
+from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf import attention as attention_module
 
 from conftest import DEVICE, tiny_model
@@ -14,8 +14,8 @@ from conftest import DEVICE, tiny_model
 
 def greedy(model, ids, cache, mask=None, new=12):
     mask = None if mask is None else mask.to(DEVICE)
-    return model.generate(ids.to(DEVICE), attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False,
-                          pad_token_id=0)[:, ids.shape[1]:]
+    return model.generate(ids.to(DEVICE), attention_mask=mask, **cache_argument(model, cache), max_new_tokens=new,
+                          do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
 
 
 @pytest.mark.parametrize("prompt_len", [1, 5, 19, 300])
@@ -39,9 +39,9 @@ def test_topk_one_logits_match_sdpa(tiny):
     ids = torch.randint(2, 256, (2, 200), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     caches = [A2ATSCache(books, topk=1.0), DynamicCache(config=reference.config)]
     with torch.no_grad():
-        outs = [m(ids, past_key_values=c).logits for m, c in zip([model, reference], caches)]
+        outs = [m(ids, **cache_argument(m, c)).logits for m, c in zip([model, reference], caches)]
         nxt = outs[1][:, -1:].argmax(-1)
-        steps = [m(nxt, past_key_values=c).logits for m, c in zip([model, reference], caches)]
+        steps = [m(nxt, **cache_argument(m, c)).logits for m, c in zip([model, reference], caches)]
     torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-4)
 
 
@@ -92,7 +92,7 @@ def test_sampling(tiny):
     model, books = tiny
     ids = torch.randint(2, 256, (2, 150), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     torch.manual_seed(0)
-    out = model.generate(ids, past_key_values=A2ATSCache(books, topk=0.05), max_new_tokens=10, do_sample=True,
+    out = model.generate(ids, **cache_argument(model, A2ATSCache(books, topk=0.05)), max_new_tokens=10, do_sample=True,
                          top_k=20, pad_token_id=0)
     assert out.shape == (2, 160)
 

@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import gc
+import inspect
+import warnings
 import weakref
 
 import pytest
 import torch
 from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from a2ats_hf import A2ATSCache, Codebooks
+from a2ats_hf import A2ATSCache, Codebooks, cache_argument
 
 from conftest import DEVICE, ids_of, tiny_config, tiny_model
 
 
 def generate(model, ids, cache, new=6):
-    return model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return model.generate(ids, **cache_argument(model, cache), max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+def test_cache_argument_uses_the_models_name_for_the_cache(tiny):
+    """Under the name the model's forward takes (``cache`` in newer transformers, ``past_key_values`` before), so
+    generation neither warns about the old name nor rejects the new one."""
+    model, books = tiny
+    cache = A2ATSCache(books)
+    ((name, value),) = cache_argument(model, cache).items()
+    assert value is cache and name in inspect.signature(model.forward).parameters
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        generate(model, ids_of(1, 40), cache, new=2)
+    assert cache.get_seq_length() == 41
 
 
 @pytest.mark.parametrize("topk", [0, 0.0, -0.5, 1.5, -3, True, "0.1", None])
@@ -68,7 +83,8 @@ def test_chunked_prefill_equals_one_shot(tiny, topk):
     ids[1, :120] = 0
 
     def run(chunk):
-        return model.generate(ids, attention_mask=mask, past_key_values=A2ATSCache(books, topk=topk), max_new_tokens=8,
+        cache = A2ATSCache(books, topk=topk)
+        return model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=8,
                               do_sample=False, pad_token_id=0, prefill_chunk_size=chunk)
 
     assert torch.equal(run(64), run(None))
@@ -124,7 +140,7 @@ def test_prompt_keys_are_not_kept_on_the_device(tiny):
     model, books = tiny
     cache = A2ATSCache(books, window=16, sink=4)
     with torch.no_grad():
-        model(ids_of(1, 500), past_key_values=cache)
+        model(ids_of(1, 500), **cache_argument(model, cache))
     layer = cache.layers[0]
     assert layer.window_keys.shape[2] == 16 and layer.window_keys.untyped_storage().nbytes() == 16 * 2 * 16 * 4
 

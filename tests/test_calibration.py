@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats_hf import A2ATSCache, calibrate
+from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.calibration import _Collector, attention_modules, token_stream
 from a2ats_hf.quantization import encode
 
@@ -58,7 +58,7 @@ def test_post_rope_ablation_quantizes_rotated_keys(tiny):
     cache = A2ATSCache(books, scoring="postrope")
     ids = torch.tensor([[ord(c) % 256 for c in TEXT[:90]]], device=DEVICE)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_argument(model, cache))
     layer = cache.layers[1]
     keys = layer.store.to_tensors()[0].to(DEVICE)
     expected = encode(keys, books.whitener[1].to(DEVICE), books.whitened_centroids[1].to(DEVICE))
@@ -95,7 +95,7 @@ def test_distance_codebooks(tiny):
     cache = A2ATSCache(books, topk=0.2, scoring="distance")
     ids = torch.tensor([[ord(c) % 256 for c in TEXT[:300]]], device=DEVICE)
     with torch.no_grad():
-        model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        model.generate(ids, **cache_argument(model, cache), max_new_tokens=3, do_sample=False)
     assert cache.stats.far_selected > 0
     with pytest.raises(ValueError, match="queries"):
         small(model, [TEXT], queries="distance", keys="post_rope")
@@ -141,7 +141,7 @@ def test_cache_codes_match_hooked_pre_rope_keys(tiny):
                for a in attention_modules(model)]
     cache = A2ATSCache(books)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_argument(model, cache))
     for h in handles:
         h.remove()
     for idx, layer in enumerate(cache.layers):

@@ -51,7 +51,7 @@ def test_matches_reference_on_smollm2(smollm2, austen):
     """Real queries and offloaded K/V from SmolLM2 decoding Persuasion at topk=0.05: every layer's call agrees."""
     from demo import codebooks as demo_codebooks
 
-    from a2ats_hf import A2ATSCache
+    from a2ats_hf import A2ATSCache, cache_argument
     from a2ats_hf import attention as attention_module
 
     model, tokenizer = smollm2
@@ -69,5 +69,5 @@ def test_matches_reference_on_smollm2(smollm2, austen):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention_module.kernels, "sparse_attention", spy)
-        model.generate(ids, past_key_values=A2ATSCache(books, topk=0.05), max_new_tokens=3, do_sample=False)
+        model.generate(ids, **cache_argument(model, A2ATSCache(books, topk=0.05)), max_new_tokens=3, do_sample=False)
     assert len(checked) == 2 * model.config.num_hidden_layers and min(checked) > 0

@@ -19,7 +19,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from a2ats_hf import A2ATSCache, calibrate
+from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.calibration import attention_modules
 from a2ats_hf.families import family_of
 from a2ats_hf.rope import RoPE
@@ -65,7 +65,7 @@ def family(request):
 
 def greedy(model, ids, cache, new_tokens=8):
     with torch.no_grad():
-        return model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+        return model.generate(ids, **cache_argument(model, cache), max_new_tokens=new_tokens, do_sample=False,
                               min_new_tokens=new_tokens)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from a2ats_hf import A2ATSCache
+from a2ats_hf import A2ATSCache, cache_argument
 from a2ats_hf.evaluation.fidelity import FidelityProbe
 
 from conftest import ids_of
@@ -13,8 +13,8 @@ from conftest import ids_of
 def probe_run(model, books, **cache_kwargs) -> dict:
     ids = ids_of(1, 300)
     with FidelityProbe(every=1) as probe, torch.no_grad():
-        model.generate(ids, past_key_values=A2ATSCache(books, **cache_kwargs), max_new_tokens=4, min_new_tokens=4,
-                       do_sample=False)
+        cache = A2ATSCache(books, **cache_kwargs)
+        model.generate(ids, **cache_argument(model, cache), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     return probe.summary()
 
 

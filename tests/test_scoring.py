@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats_hf import A2ATSCache, calibrate
+from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.scoring import SCORERS, DistanceBuckets, Quest, distance_buckets, scorer_of
 
 from conftest import CharTokenizer, ids_of
@@ -24,7 +24,7 @@ def books_of(tiny):
 def decode(model, books, scoring, topk=0.1, length=200, new=4):
     cache = A2ATSCache(books, topk=topk, scoring=scoring)
     with torch.no_grad():
-        out = model.generate(ids_of(1, length), past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+        out = model.generate(ids_of(1, length), **cache_argument(model, cache), max_new_tokens=new, min_new_tokens=new,
                              do_sample=False)
     return out, cache
 

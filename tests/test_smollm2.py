@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from a2ats_hf import A2ATSCache
+from a2ats_hf import A2ATSCache, cache_argument
 from demo import codebooks as demo_codebooks
 from demo import prompt_ids
 
@@ -21,7 +21,7 @@ def books(smollm2, austen):
 
 
 def generate(model, ids, cache, mask=None, new=16):
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=new, do_sample=False)
     return out[:, ids.shape[1]:]
 
 

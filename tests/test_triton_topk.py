@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats_hf import A2ATSCache
+from a2ats_hf import A2ATSCache, cache_argument
 from a2ats_hf import attention as attention_module
 from a2ats_hf.kernels import code_histogram, reference, triton_topk
 
@@ -79,7 +79,7 @@ def capture_selections(model, cache, ids) -> list[tuple]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention_module.kernels, "select_topk", spy)
-        model.to(DEVICE).generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        model.to(DEVICE).generate(ids, **cache_argument(model, cache), max_new_tokens=3, do_sample=False)
     return captured
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import A2ATSCache
+from ..cache import A2ATSCache, cache_argument
 from ..codebooks import Codebooks
 from .fidelity import FidelityProbe
 from .suite import Method
@@ -27,9 +27,9 @@ def tail_nll(model, ids: torch.Tensor, cache, tail: int) -> torch.Tensor:
     if cache is None:
         logits = model(ids, logits_to_keep=tail + 1).logits[:, :-1]
     else:
-        steps = [model(ids[:, :-tail], past_key_values=cache, logits_to_keep=1).logits[:, -1]]
+        steps = [model(ids[:, :-tail], **cache_argument(model, cache), logits_to_keep=1).logits[:, -1]]
         for t in range(ids.shape[1] - tail, ids.shape[1] - 1):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
+            steps.append(model(ids[:, t : t + 1], **cache_argument(model, cache)).logits[:, -1])
         logits = torch.stack(steps, dim=1)
     return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, -tail:], reduction="none")
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache
 
-from ..cache import A2ATSCache
+from ..cache import A2ATSCache, cache_argument
 from ..codebooks import Codebooks
 from ..scoring import SCORERS
 from .tasks import Sample, make_sample, score
@@ -121,7 +121,7 @@ def evaluate(
         limits = [ANSWER_TOKENS.get(t, 32) for t, *_ in batch]
         ids, mask = left_padded([f[1] for f in fitted], pad, device)
         for method in methods:
-            out = model.generate(ids, attention_mask=mask, past_key_values=method.cache(codebooks),
+            out = model.generate(ids, attention_mask=mask, **cache_argument(model, method.cache(codebooks)),
                                  max_new_tokens=max(limits), do_sample=False, pad_token_id=pad,
                                  prefill_chunk_size=prefill_chunk_size)
             for (task, length, depth, seed), (sample, prompt), limit, row in zip(batch, fitted, limits,
