@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -45,18 +47,47 @@ def a2ats_attention_forward(
         position_ids = torch.arange(n - length, n, device=query.device)[None]
     layer.append_codes(key, position_ids, rope)
     scaling = module.scaling if scaling is None else scaling
-    valid = key_validity(attention_mask, batch, n, query.device)
-    if length > 1 or n == 1:
-        if n > length:  # a later chunk: earlier tokens' K/V come back from the CPU for this layer only
-            past_keys, past_values = layer.store.to_tensors(end=n - length)
-            key = torch.cat([past_keys.to(key.device, non_blocking=True), key], dim=2)
-            value = torch.cat([past_values.to(value.device, non_blocking=True), value], dim=2)
-        layer.set_first_tokens(valid, key, value)
-        if layer.first and n == length:
-            family_of(module.config).check_prompt(module.config, n)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    out = decode_attention(layer, query[:, :, 0], key, value, position_ids, valid, scaling)
-    return out.to(query.dtype)[:, None], None
+    if length == 1 and n > 1:
+        masks = step_masks(layer, attention_mask)
+        out = decode_attention(layer, query[:, :, 0], key, value, position_ids, masks, scaling)
+        return out.to(query.dtype)[:, None], None
+    if n > length:  # a later chunk: earlier tokens' K/V come back from the CPU for this layer only
+        past_keys, past_values = layer.store.to_tensors(end=n - length)
+        key = torch.cat([past_keys.to(key.device, non_blocking=True), key], dim=2)
+        value = torch.cat([past_values.to(value.device, non_blocking=True), value], dim=2)
+    layer.set_first_tokens(key_validity(attention_mask, batch, n, query.device), key, value)
+    if layer.first and n == length:
+        family_of(module.config).check_prompt(module.config, n)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+@dataclass
+class StepMasks:
+    """What every layer of one decode pass shares (the same keys are valid, sinks and window, at every layer), so
+    the first layer computes it: ``valid`` [B, N] keys the token may see, ``far`` [B, N] retrieval candidates,
+    ``budget`` [B] tokens to retrieve per row, ``local_valid`` [B, sink + window] and ``totals`` [3] (far
+    candidates, locally attended and past tokens, summed over rows) for the cache's statistics."""
+
+    valid: torch.Tensor
+    far: torch.Tensor
+    budget: torch.Tensor
+    local_valid: torch.Tensor
+    totals: torch.Tensor
+
+
+def step_masks(layer: A2ATSLayer, attention_mask: torch.Tensor | None) -> StepMasks:
+    """The pass's :class:`StepMasks` for one decode token, computed once per pass and device."""
+    cache, n, device = layer.cache, layer.store.length, layer.device
+
+    def compute() -> StepMasks:
+        valid = key_validity(attention_mask, layer.store.shape[0], n, device)
+        far = layer.far_candidates(valid)
+        n_far = far.sum(-1)
+        local_valid = torch.cat([layer.sink_validity(valid), valid[:, -layer.window_keys.shape[2] :]], dim=1)
+        totals = torch.stack([n_far.sum(), local_valid.sum(), valid.sum()])
+        return StepMasks(valid, far, cache.budget_for(n_far), local_valid, totals)
+
+    return cache.rope.memo(("masks", attention_mask, n, device), compute)
 
 
 def decode_attention(
@@ -65,19 +96,18 @@ def decode_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     position_ids: torch.Tensor,
-    valid: torch.Tensor,
+    masks: StepMasks,
     scaling: float,
 ) -> torch.Tensor:
     """One decode token: exact attention over sinks + window on the device, top-K far tokens from the CPU store.
 
-    query [B, Hq, D] post-RoPE; key/value [B, Hkv, 1, D] the new token's; valid [B, N] key validity. The device
-    selects the far tokens and hands their indices to the CPU, then attends its sinks and window while the CPU
-    attends the selected rows; the two are merged by log-sum-exp. Returns [B, Hq, D] (float32).
+    query [B, Hq, D] post-RoPE; key/value [B, Hkv, 1, D] the new token's; ``masks`` the pass's key validity,
+    candidates and budget. The device selects the far tokens and hands their indices to the CPU, then attends its
+    sinks and window while the CPU attends the selected rows; the two are merged by log-sum-exp. Returns
+    [B, Hq, D] (float32).
     """
     cache, n, hkv = layer.cache, layer.store.length, key.shape[1]
-    far = layer.far_candidates(valid)
-    layer.advance(key, value, far)
-    n_far = far.sum(-1)
+    layer.advance(key, value, masks.far)
     k_max = cache.budget_for(max(n - cache.window - cache.sink, 0))  # a host-side bound, so nothing waits here
 
     if not cache.scorer.retrieves:
@@ -85,7 +115,7 @@ def decode_attention(
     if k_max > 0:
         lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling)
         indices, counts = kernels.select_topk(
-            lut, codes, far, cache.budget_for(n_far), cache.budget, histogram=histogram, k_max=k_max
+            lut, codes, masks.far, masks.budget, cache.budget, histogram=histogram, k_max=k_max
         )
         if query.is_cuda:  # hand the selection to the CPU without stalling the queue behind it
             indices, counts, cpu_query = (t.to("cpu", non_blocking=True) for t in (indices, counts, query))
@@ -96,8 +126,8 @@ def decode_attention(
 
     local_keys = torch.cat([layer.sink_keys, layer.window_keys], dim=2)
     local_values = torch.cat([layer.sink_values, layer.window_values], dim=2)
-    local_valid = torch.cat([layer.sink_validity(valid), valid[:, -layer.window_keys.shape[2] :]], dim=1)
-    out, lse = kernels.attention_with_lse(query, local_keys, local_values, local_valid[:, None].expand(-1, hkv, -1), scaling)
+    out, lse = kernels.attention_with_lse(query, local_keys, local_values, masks.local_valid[:, None].expand(-1, hkv, -1),
+                                          scaling)
 
     selected = 0
     if k_max > 0:
@@ -110,5 +140,5 @@ def decode_attention(
         selected = int(counts.sum())  # on the host already
 
     cache.stats.steps += layer.first
-    cache.stats.add(selected, torch.stack([n_far.sum(), local_valid.sum(), valid.sum()]), hkv)
+    cache.stats.add(selected, masks.totals, hkv)
     return out

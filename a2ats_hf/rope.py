@@ -17,6 +17,8 @@ import sys
 import torch
 from torch import nn
 
+from .memo import PassMemo
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -42,11 +44,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-@_partial
+def inverse(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``, ``sin`` of the rotation that turns :func:`apply_rope`'s angle back and divides each pair by the
+    scaling once, ``sqrt(cos^2 + sin^2)``, so the scaling stays on it."""
+    scale = torch.sqrt(cos * cos + sin * sin)
+    return cos / scale, -sin / scale
+
+
+def compose(first: tuple[torch.Tensor, torch.Tensor], then: tuple[torch.Tensor, torch.Tensor]):
+    """``cos``, ``sin`` of the rotation ``first`` followed by ``then`` (the pairs multiply as complex numbers)."""
+    (c1, s1), (c2, s2) = first, then
+    return c1 * c2 - s1 * s2, c1 * s2 + s1 * c2
+
+
 def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Turn :func:`apply_rope`'s angle back: each pair is rotated back and divided by the scaling once,
-    ``sqrt(cos^2 + sin^2)``, so the scaling stays on it."""
-    return (x * cos - rotate_half(x) * sin) / torch.sqrt(cos * cos + sin * sin)
+    """Undo :func:`apply_rope`'s angle, keeping its scaling once (see :func:`inverse`)."""
+    return apply_rope(x, *inverse(cos, sin))
 
 
 def find_rotary_class(attention: nn.Module) -> type[nn.Module]:
@@ -68,10 +81,10 @@ class RoPE:
     def __init__(self, rotary: nn.Module, **kwargs):
         self.rotary, self.kwargs = rotary, kwargs
         self.on_device: dict[str, nn.Module] = {}
-        self.memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.memo = PassMemo()  # the pass's memo, shared by its layers (rotations, masks, distance tables)
 
     def new_step(self) -> None:
-        """Forget the ``cos``/``sin`` kept for the previous forward pass (layers of one pass share them)."""
+        """Forget what the previous forward pass kept."""
         self.memo.clear()
 
     @classmethod
@@ -85,10 +98,7 @@ class RoPE:
     def cos_sin(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``cos``, ``sin`` of shape [B, 1, T, D] for ``position_ids`` [B, T], computed once per forward
         pass for the same positions (every layer of a pass sees the same ``position_ids`` storage)."""
-        key = (position_ids.data_ptr(), position_ids.shape, position_ids.stride(), str(device))
-        if key not in self.memo:
-            self.memo[key] = self._compute(position_ids, device)
-        return self.memo[key]
+        return self.memo(("cos_sin", position_ids, device), lambda: self._compute(position_ids, device))
 
     def _compute(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if str(device) not in self.on_device:
@@ -99,8 +109,8 @@ class RoPE:
 
     def invert(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Un-rotated version (float32) of post-RoPE ``x`` [B, H, T, D] at ``position_ids`` [B, T]."""
-        cos, sin = self.cos_sin(position_ids, x.device)
-        return invert_rope(x.float(), cos, sin)
+        rotation = self.memo(("invert", position_ids, x.device), lambda: inverse(*self.cos_sin(position_ids, x.device)))
+        return apply_rope(x.float(), *rotation)
 
     def turns(self, positions: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Angle-only ``cos``, ``sin`` [B, 1, P, D'] of the rotations to ``positions`` [P], with the frequencies the
@@ -113,17 +123,14 @@ class RoPE:
         scale = torch.sqrt(cos * cos + sin * sin)
         return cos / scale, sin / scale
 
-    def at(self, x: torch.Tensor, position: int, position_ids: torch.Tensor) -> torch.Tensor:
-        """Un-rotated ``x`` [B, H, T, D] turned by the angle of one fixed ``position`` for every token (float32)."""
-        key = ("at", position, position_ids.data_ptr(), position_ids.shape, str(x.device))
-        if key not in self.memo:
-            self.memo[key] = self.turns(torch.tensor([position], device=x.device), position_ids)
-        cos, sin = self.memo[key]
-        return apply_rope(x.float(), cos, sin)
-
     def windowed_query(self, query: torch.Tensor, position_ids: torch.Tensor, offset: int) -> torch.Tensor:
-        """WRoPE query: post-RoPE ``query`` at ``position_ids`` re-rotated as if it sat at position ``offset``.
+        """WRoPE query: post-RoPE ``query`` at ``position_ids`` re-rotated as if it sat at position ``offset``, in one
+        rotation (the inverse at ``position_ids`` composed with the angle to ``offset``, kept for the pass).
 
         Its dot product with a pre-RoPE key equals the true score at relative distance ``offset``.
         """
-        return self.at(self.invert(query, position_ids), offset, position_ids)
+        def rotation():
+            turn = self.turns(torch.tensor([offset], device=query.device), position_ids)
+            return compose(inverse(*self.cos_sin(position_ids, query.device)), turn)
+
+        return apply_rope(query.float(), *self.memo(("wrope", offset, position_ids, query.device), rotation))

@@ -119,12 +119,13 @@ class DistanceBuckets(Scorer):
         """(cos, sin [B, 1, buckets, D'], each stored column's first LUT column [N] int32), once per pass: the
         layers of a pass share them (their codebooks have the same number of centroids)."""
         rope, n, m = layer.cache.rope, layer.store.length, layer.centroids.shape[1]
-        key = ("distance", self.per_octave, self.rotation, n, m, position_ids.data_ptr(), str(device))
-        if key not in rope.memo:
+
+        def compute():
             cos, sin, bucket = bucket_turns(rope, n - 1, position_ids, layer.cache.window, self.per_octave,
                                             self.rotation, device)
-            rope.memo[key] = cos, sin, (bucket.flip(0) * m).to(torch.int32)  # column j sits n - 1 - j tokens back
-        return rope.memo[key]
+            return cos, sin, (bucket.flip(0) * m).to(torch.int32)  # column j sits n - 1 - j tokens back
+
+        return rope.memo(("distance", self.per_octave, self.rotation, n, m, position_ids, device), compute)
 
     def scores(self, layer, query, position_ids, scaling):
         cos, sin, first_column = self.turns(layer, position_ids, query.device)

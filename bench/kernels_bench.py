@@ -205,8 +205,7 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope") 
         layer.update(new, new)
         pos = torch.full((1, 1), layer.store.length - 1, device="cuda")
         layer.append_codes(new, pos, cache.rope)
-        valid = torch.ones(b, layer.store.length, dtype=torch.bool, device="cuda")
-        return attention.decode_attention(layer, query[:, :, 0], new, new, pos, valid, D**-0.5)
+        return attention.decode_attention(layer, query[:, :, 0], new, new, pos, attention.step_masks(layer, None), D**-0.5)
 
     step_s = wall_time(step, 10)
     split: dict = {}

@@ -31,19 +31,19 @@ class FidelityProbe:
     def __exit__(self, *exc) -> None:
         attention_module.decode_attention = self.original
 
-    def __call__(self, layer, query, key, value, position_ids, valid, scaling):
+    def __call__(self, layer, query, key, value, position_ids, masks, scaling):
         measure = self.calls % self.every == 0
         self.calls += 1
         if measure:
-            exact = self.exact(layer, query, position_ids, valid, scaling)
-        out = self.original(layer, query, key, value, position_ids, valid, scaling)
+            exact = self.exact(layer, query, position_ids, masks, scaling)
+        out = self.original(layer, query, key, value, position_ids, masks, scaling)
         if measure:
             error = (out.float() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)
             self.values["output_error"][layer.layer_idx].append(error.mean().item())
         return out
 
     @torch.no_grad()
-    def exact(self, layer, query, position_ids, valid, scaling) -> torch.Tensor:
+    def exact(self, layer, query, position_ids, masks, scaling) -> torch.Tensor:
         """Record recall and mass for this call; return full attention's output [B, Hq, D] (float32)."""
         cache, n = layer.cache, layer.store.length
         keys, values = (t.float().to(query.device) for t in layer.store.to_tensors())  # [B, Hkv, N, D]
@@ -52,7 +52,7 @@ class FidelityProbe:
         group = hq // hkv
         q = query.float().view(b, hkv, group, d)
         logits = torch.einsum("bkgd,bknd->bkgn", q, keys).reshape(b, hq, n) * scaling
-        far = layer.far_candidates(valid)
+        valid, far = masks.valid, masks.far
         attended = (valid & ~far)[:, None].expand(b, hq, n)
         k = int(cache.budget_for(far.sum(-1)).max()) if cache.scorer.retrieves else 0
         if k > 0:
