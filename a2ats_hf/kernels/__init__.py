@@ -1,8 +1,8 @@
 """Kernels behind A2ATS decode: top-K selection over codes, sparse attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
-exported here, which pick the fast implementation where it applies (Triton top-K for codes on a GPU, the C++
-CPU kernel for sparse attention) and the reference otherwise.
+exported here, which pick the fast implementation where it applies (Triton top-K, window attention and merge on a
+GPU, the C++ CPU kernel for sparse attention) and the reference otherwise.
 """
 
 from __future__ import annotations
@@ -13,9 +13,35 @@ import torch
 
 from . import reference
 from .cpu_attention import sparse_attention
-from .reference import attention_with_lse, code_histogram, merge_attention
+from .reference import code_histogram
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def attention_with_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp (the sinks + window part of a decode step); see
+    :func:`.reference.attention_with_lse`. One Triton launch on a GPU, the torch reference elsewhere."""
+    if query.is_cuda and HAS_TRITON:
+        from .triton_attention import attention_with_lse as triton_attention_with_lse
+
+        with torch.cuda.device(query.device):
+            return triton_attention_with_lse(query, keys, values, valid, scaling)
+    return reference.attention_with_lse(query, keys, values, valid, scaling)
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Two attentions over disjoint key sets merged by their log-sum-exps; see :func:`.reference.merge_attention`.
+    One Triton launch on a GPU, the torch reference elsewhere."""
+    if out_a.is_cuda and HAS_TRITON:
+        from .triton_attention import merge_attention as triton_merge_attention
+
+        with torch.cuda.device(out_a.device):
+            return triton_merge_attention(out_a, lse_a, out_b, lse_b)
+    return reference.merge_attention(out_a, lse_a, out_b, lse_b)
 
 
 def select_topk(
