@@ -83,7 +83,7 @@ def step_masks(layer: A2ATSLayer, attention_mask: torch.Tensor | None) -> StepMa
         valid = key_validity(attention_mask, layer.store.shape[0], n, device)
         far = layer.far_candidates(valid)
         n_far = far.sum(-1)
-        local_valid = torch.cat([layer.sink_validity(valid), valid[:, -layer.window_keys.shape[2] :]], dim=1)
+        local_valid = layer.local_validity(valid)
         totals = torch.stack([n_far.sum(), local_valid.sum(), valid.sum()])
         return StepMasks(valid, far, cache.budget_for(n_far), local_valid, totals)
 
@@ -124,10 +124,8 @@ def decode_attention(
         else:
             cpu_query = query
 
-    local_keys = torch.cat([layer.sink_keys, layer.window_keys], dim=2)
-    local_values = torch.cat([layer.sink_values, layer.window_values], dim=2)
-    out, lse = kernels.attention_with_lse(query, local_keys, local_values, masks.local_valid[:, None].expand(-1, hkv, -1),
-                                          scaling)
+    local_valid = masks.local_valid[:, None].expand(-1, hkv, -1)
+    out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, local_valid, scaling)
 
     selected = 0
     if k_max > 0:

@@ -91,6 +91,10 @@ class A2ATSLayer(CacheLayerMixin):
     """One layer: full K/V in a CPU :class:`KVStore`, codes [B, Hkv, N] and sinks + window K/V on the layer's
     device. ``book`` indexes the layer's codebook; ``first`` marks the first layer A2ATS serves in a pass.
 
+    The sinks and the window share one buffer per K and V, ``local_keys`` [B, Hkv, sink + window, D]: slots
+    ``[0, sink)`` hold each row's first tokens, slot ``sink + c % window`` the token of column ``c`` among the last
+    ``window`` (a ring, so a new token is one copy; attention does not depend on the order of its keys).
+
     The layer sees its cache through a weak proxy: a strong back-reference would make every cache a reference
     cycle, whose (pinned, possibly many GiB) CPU store lives on after the cache is dropped, until Python's cycle
     collector happens to run."""
@@ -107,9 +111,8 @@ class A2ATSLayer(CacheLayerMixin):
         self.store = KVStore(b, h, d, key_states.dtype)
         self.code_buffer = torch.empty(b, h, 0, dtype=torch.uint16, device=self.device)
         self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, kept up to date
-        self.window_keys = self.window_values = key_states[:, :, :0]
-        self.sink_keys = torch.zeros(b, h, self.cache.sink, d, dtype=self.dtype, device=self.device)
-        self.sink_values = torch.zeros_like(self.sink_keys)
+        self.local_keys = torch.zeros(b, h, self.cache.sink + self.cache.window, d, dtype=self.dtype, device=self.device)
+        self.local_values = torch.zeros_like(self.local_keys)
         self.first_token = torch.zeros(b, dtype=torch.long, device=self.device)  # column of each row's first real token
         books = self.cache.codebooks
         self.whitener = books.whitener[self.book].to(self.device)
@@ -133,9 +136,16 @@ class A2ATSLayer(CacheLayerMixin):
                 "call cache.reset() or create a new A2ATSCache for a new batch."
             )
         self.store.append(key_states, value_states)
-        w = self.cache.window  # the window is copied out (contiguous), not a view keeping the whole prompt alive
-        self.window_keys = torch.cat([self.window_keys, key_states], dim=-2)[:, :, -w:].contiguous()
-        self.window_values = torch.cat([self.window_values, value_states], dim=-2)[:, :, -w:].contiguous()
+        n, t, sink, window = self.store.length, key_states.shape[-2], self.cache.sink, self.cache.window
+        last = min(t, window)  # copied into the ring: no view keeps the whole prompt alive on the device
+        if last == 1:
+            slot = sink + (n - 1) % window
+            self.local_keys[:, :, slot : slot + 1] = key_states[:, :, -1:]
+            self.local_values[:, :, slot : slot + 1] = value_states[:, :, -1:]
+        else:
+            slots = sink + torch.arange(n - last, n, device=self.device) % window
+            self.local_keys.index_copy_(2, slots, key_states[:, :, -last:].to(self.dtype))
+            self.local_values.index_copy_(2, slots, value_states[:, :, -last:].to(self.dtype))
         key_states.a2ats_layer = value_states.a2ats_layer = self
         return key_states, value_states
 
@@ -167,8 +177,8 @@ class A2ATSLayer(CacheLayerMixin):
         self.sink_valid: torch.Tensor | None = None  # validity of the sink slots, kept once it can no longer change
         cols = (self.first_token[:, None] + torch.arange(self.cache.sink, device=self.device)).clamp(max=valid.shape[1] - 1)
         index = cols[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
-        self.sink_keys = keys.gather(2, index).to(self.dtype)
-        self.sink_values = values.gather(2, index).to(self.dtype)
+        self.local_keys[:, :, : self.cache.sink] = keys.gather(2, index)
+        self.local_values[:, :, : self.cache.sink] = values.gather(2, index)
         self.histogram = code_histogram(self.codes, self.far_candidates(valid), self.centroids.shape[1])
 
     def far_candidates(self, valid: torch.Tensor) -> torch.Tensor:
@@ -190,6 +200,15 @@ class A2ATSLayer(CacheLayerMixin):
             self.sink_valid = sink_valid
         return sink_valid
 
+    def local_validity(self, valid: torch.Tensor) -> torch.Tensor:
+        """[B, sink + window] bool: which local slots hold a token the query may see (``valid`` [B, N]): the sinks
+        outside the window, and the column each ring slot holds (none yet where fewer tokens have come)."""
+        n, window = self.store.length, self.cache.window
+        slots = torch.arange(window, device=valid.device)
+        cols = (n - 1) - (n - 1 - slots) % window
+        ring_valid = valid.gather(1, cols.clamp(min=0).expand(valid.shape[0], -1)) & (cols >= 0)
+        return torch.cat([self.sink_validity(valid), ring_valid], dim=1)
+
     def advance(self, keys: torch.Tensor, values: torch.Tensor, far: torch.Tensor) -> None:
         """After one decoded token [B, Hkv, 1, D]: fill sink slots of rows still within their first ``sink`` tokens,
         and count the token that just left the window into the histogram if it is a candidate (``far`` [B, N])."""
@@ -198,8 +217,9 @@ class A2ATSLayer(CacheLayerMixin):
             slot = n - 1 - self.first_token  # [B]
             inside = (slot < sink)[:, None, None, None]
             onehot = (torch.arange(sink, device=self.device) == slot[:, None])[:, None, :, None]
-            self.sink_keys = torch.where(inside & onehot, keys.to(self.dtype), self.sink_keys)
-            self.sink_values = torch.where(inside & onehot, values.to(self.dtype), self.sink_values)
+            sink_keys, sink_values = self.local_keys[:, :, :sink], self.local_values[:, :, :sink]
+            sink_keys.copy_(torch.where(inside & onehot, keys.to(self.dtype), sink_keys))
+            sink_values.copy_(torch.where(inside & onehot, values.to(self.dtype), sink_values))
         col = n - 1 - self.cache.window
         if col >= 0:
             code = self.code_buffer[:, :, col : col + 1].long()
@@ -218,7 +238,7 @@ class A2ATSLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.is_initialized = False
-        for name in ("store", "code_buffer", "histogram", "window_keys", "window_values", "sink_keys", "sink_values"):
+        for name in ("store", "code_buffer", "histogram", "local_keys", "local_values"):
             self.__dict__.pop(name, None)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -228,7 +248,7 @@ class A2ATSLayer(CacheLayerMixin):
         """(device bytes, CPU bytes) held by this layer."""
         if not self.is_initialized:
             return 0, 0
-        tensors = (self.code_buffer, self.window_keys, self.window_values, self.sink_keys, self.sink_values)
+        tensors = (self.code_buffer, self.local_keys, self.local_values)
         tensors += () if self.histogram is None else (self.histogram,)
         return sum(t.numel() * t.element_size() for t in tensors), self.store.nbytes
 

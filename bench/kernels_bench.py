@@ -196,8 +196,9 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope") 
     layer.store = store
     store.pin = True  # new tokens arrive by asynchronous copies as in real decoding
     layer.code_buffer = torch.randint(0, M, (b, HKV, 2 * n), device="cuda", generator=g, dtype=torch.int32).to(torch.uint16)
-    layer.window_keys = layer.window_values = torch.randn(b, HKV, cache.window, D, device="cuda", dtype=torch.bfloat16)
-    layer.set_first_tokens(torch.ones(b, n, dtype=torch.bool, device="cuda"), layer.window_keys, layer.window_values)
+    layer.local_keys.normal_(), layer.local_values.normal_()
+    local = torch.randn(b, HKV, cache.sink, D, device="cuda", dtype=torch.bfloat16)  # the first tokens: the sinks
+    layer.set_first_tokens(torch.ones(b, n, dtype=torch.bool, device="cuda"), local, local)
     query = torch.randn(b, HKV * GROUP, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
 
     def step():

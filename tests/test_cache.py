@@ -126,23 +126,24 @@ def test_memory_footprint(tiny):
     layers, heads, dim = books.num_layers, 2, 16
     capacity = 600  # 300 prompt codes, doubled at the first decode step
     assert cache.layers[0].code_buffer.shape[-1] == capacity
-    device = layers * heads * (capacity * 2 + books.n_centroids * 4 + (16 + 4) * dim * 4 * 2)  # uint16, int32, float32
+    device = layers * heads * (capacity * 2 + books.n_centroids * 4 + (4 + 16) * dim * 4 * 2)  # uint16, int32, float32
     fp = cache.memory_footprint()
     assert fp["device_bytes"] == device
     assert fp["cpu_bytes"] >= layers * heads * n * dim * 4 * 2
     for layer in cache.layers:  # no view keeps the prompt's K/V alive on the device
-        for t in (layer.window_keys, layer.window_values, layer.sink_keys):
+        for t in (layer.local_keys, layer.local_values):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def test_prompt_keys_are_not_kept_on_the_device(tiny):
-    """Right after a long prompt, the window holds its own copy: the prompt's K/V live only in the CPU store."""
+    """Right after a long prompt, sinks and window hold their own copy: the prompt's K/V live only in the CPU
+    store."""
     model, books = tiny
     cache = A2ATSCache(books, window=16, sink=4)
     with torch.no_grad():
         model(ids_of(1, 500), **cache_argument(model, cache))
     layer = cache.layers[0]
-    assert layer.window_keys.shape[2] == 16 and layer.window_keys.untyped_storage().nbytes() == 16 * 2 * 16 * 4
+    assert layer.local_keys.shape[2] == 4 + 16 and layer.local_keys.untyped_storage().nbytes() == 20 * 2 * 16 * 4
 
 
 @pytest.mark.parametrize("scoring", ["wrope", "oracle"])
@@ -226,4 +227,4 @@ def test_layers_spread_over_devices_by_accelerate(tiny, tmp_path):
     for layer, module in zip(cache.layers, split.model.layers):
         hook = getattr(module, "_hf_hook", None)
         runs_on = torch.device(getattr(hook, "execution_device", None) or next(module.parameters()).device)
-        assert layer.codes.device.type == layer.window_keys.device.type == runs_on.type
+        assert layer.codes.device.type == layer.local_keys.device.type == runs_on.type
