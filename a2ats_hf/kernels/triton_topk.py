@@ -194,7 +194,9 @@ def select_topk(
     if k_max is None:
         k_max = int(k.max()) if k.numel() else 0
     width = max(1, min(group * k_max, n))
-    indices = torch.zeros(b, hkv, width, dtype=torch.int32, device=codes.device)
+    words = triton.cdiv(m, 16)  # the summary's int32 words per pair; zeroed with the indices in one fill
+    zeroed = torch.zeros(b * hkv * (width + words), dtype=torch.int32, device=codes.device)
+    indices, summary = zeroed[: b * hkv * width].view(b, hkv, width), zeroed[b * hkv * width :].view(b * hkv, words)
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
@@ -203,7 +205,6 @@ def select_topk(
     g_pad = triton.next_power_of_2(group)
     need = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
     classes = torch.empty(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)  # padding bytes: masked
-    summary = torch.zeros(b * hkv, triton.cdiv(m, 16), dtype=torch.int32, device=codes.device)
     _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), need, classes, summary,
                                     m, HEADS=heads, GROUP=group, G_PAD=g_pad,
                                     BLOCK_M=min(max(triton.next_power_of_2(m), 16), 2048), num_warps=8)
