@@ -113,7 +113,7 @@ def decode_attention(
     if not cache.scorer.retrieves:
         k_max = 0
     if k_max > 0:
-        lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling)
+        lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling, masks.far)
         indices, counts = kernels.select_topk(
             lut, codes, masks.far, masks.budget, cache.budget, histogram=histogram, k_max=k_max
         )

@@ -248,7 +248,7 @@ class A2ATSLayer(CacheLayerMixin):
         """(device bytes, CPU bytes) held by this layer."""
         if not self.is_initialized:
             return 0, 0
-        tensors = (self.code_buffer, self.local_keys, self.local_values)
+        tensors = (self.code_buffer, self.local_keys, self.local_values) + self.cache.scorer.held(self)
         tensors += () if self.histogram is None else (self.histogram,)
         return sum(t.numel() * t.element_size() for t in tensors), self.store.nbytes
 

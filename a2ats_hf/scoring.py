@@ -9,11 +9,13 @@ column per centroid; the exact oracle's and random selection's one per token; Qu
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from .kernels import code_histogram
 from .quantization import lookup_table
 from .rope import RoPE, apply_rope
 
@@ -30,9 +32,15 @@ class Scorer:
     retrieves = True
     keys = None  # type: str | None
 
-    def scores(self, layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, scaling: float):
-        """(lut [B, Hq, M], codes [B, Hkv, N], histogram [B, Hkv, M] of the far candidates' codes or None)."""
+    def scores(self, layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, scaling: float,
+               far: torch.Tensor):
+        """(lut [B, Hq, M], codes [B, Hkv, N], histogram [B, Hkv, M] of the far candidates' codes or None);
+        ``far`` [B, N] marks this step's candidates."""
         raise NotImplementedError
+
+    def held(self, layer: "A2ATSLayer") -> tuple[torch.Tensor, ...]:
+        """Device tensors the scorer keeps for ``layer`` (counted by ``A2ATSCache.memory_footprint``)."""
+        return ()
 
 
 def token_codes(layer: "A2ATSLayer", page: int = 1) -> torch.Tensor:
@@ -42,15 +50,25 @@ def token_codes(layer: "A2ATSLayer", page: int = 1) -> torch.Tensor:
     return (torch.arange(n, device=layer.device, dtype=torch.int32) // page).expand(b, h, n)
 
 
-def stored_keys(layer: "A2ATSLayer", device: torch.device, mirror: dict) -> torch.Tensor:
-    """All stored (post-RoPE) keys [B, Hkv, N, D] in float32 on ``device``: a copy for evaluation, not serving,
-    kept per layer in ``mirror`` and extended by the columns stored since the last call."""
-    n, have = layer.store.length, mirror.get(layer)
-    done = 0 if have is None or have.shape[2] > n else have.shape[2]
-    if done < n:
-        new = layer.store.to_tensors(start=done)[0].to(device).float()
-        mirror[layer] = have = new if done == 0 else torch.cat([have, new], dim=2)
-    return have
+@dataclass
+class KeyMirror(Scorer):
+    """A baseline that reads every stored (post-RoPE) key: it keeps a float32 copy per layer on the device, extended
+    by the columns stored since its last call (for evaluation, not serving)."""
+
+    def __post_init__(self):
+        self.mirror: dict = {}
+
+    def stored_keys(self, layer: "A2ATSLayer", device: torch.device) -> torch.Tensor:
+        """All stored keys [B, Hkv, N, D], float32 on ``device``."""
+        n, have = layer.store.length, self.mirror.get(layer)
+        done = 0 if have is None or have.shape[2] > n else have.shape[2]
+        if done < n:
+            new = layer.store.to_tensors(start=done)[0].to(device).float()
+            self.mirror[layer] = have = new if done == 0 else torch.cat([have, new], dim=2)
+        return have
+
+    def held(self, layer):
+        return tuple(t for t in [self.mirror.get(layer)] if t is not None)
 
 
 @dataclass
@@ -60,7 +78,7 @@ class WindowedRoPE(Scorer):
     name = "wrope"
     keys = "pre_rope"
 
-    def scores(self, layer, query, position_ids, scaling):
+    def scores(self, layer, query, position_ids, scaling, far):
         cache = layer.cache
         b, hq, _ = query.shape
         wrope = cache.rope.windowed_query(query[:, :, None], position_ids[:, -1:].expand(b, 1), cache.codebooks.offset)
@@ -98,12 +116,25 @@ def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: i
 
 
 @dataclass
+class BucketColumns:
+    """One layer's (bucket, code) column of every stored token, in a buffer grown by doubling, and the histogram of
+    the far candidates' columns [B, Hkv, buckets * M], as of ``length`` stored tokens."""
+
+    length: int
+    buffer: torch.Tensor
+    histogram: torch.Tensor
+
+
+@dataclass
 class DistanceBuckets(Scorer):
     """Distance-aware A2ATS: the far tokens fall into distance buckets growing geometrically from the window's edge,
     each bucket scores every centroid with the query turned by the bucket's ``rotation`` ("mean": the mean of its
     distances' rotations, so a token's score is its expected score over the bucket and the pairs that turn fast
     within it fade; "center": the rotation to its geometric centre), and a token scores its bucket's entry for its
-    code. Codes stay pre-RoPE and position-free; the table grows with the bucket count, not with N."""
+    code. Codes stay pre-RoPE and position-free; the table grows with the bucket count, not with N.
+
+    Each layer's (bucket, code) columns and their histogram move on by one token per decode step (one token crosses
+    each bucket edge; one leaves the window) instead of being rebuilt over all N."""
 
     per_octave: int = 1
     rotation: str = "mean"
@@ -114,28 +145,64 @@ class DistanceBuckets(Scorer):
         if self.per_octave < 1 or self.rotation not in ("mean", "center"):
             raise ValueError(f'per_octave must be >= 1 and rotation "mean" or "center", got {self.per_octave}, '
                              f'{self.rotation!r}')
+        self.state = weakref.WeakKeyDictionary()  # a layer's KVStore -> BucketColumns: a new prompt's store starts
+        # afresh, and the columns go with the store
 
     def turns(self, layer: "A2ATSLayer", position_ids: torch.Tensor, device: torch.device):
-        """(cos, sin [B, 1, buckets, D'], each stored column's first LUT column [N] int32), once per pass: the
-        layers of a pass share them (their codebooks have the same number of centroids)."""
+        """(cos, sin [B, 1, buckets, D'], each stored column's first LUT column [N] int32, the first distance of
+        buckets 1, 2, ... [buckets - 1]), once per pass: the layers of a pass share them (their codebooks have the
+        same number of centroids)."""
         rope, n, m = layer.cache.rope, layer.store.length, layer.centroids.shape[1]
 
         def compute():
             cos, sin, bucket = bucket_turns(rope, n - 1, position_ids, layer.cache.window, self.per_octave,
                                             self.rotation, device)
-            return cos, sin, (bucket.flip(0) * m).to(torch.int32)  # column j sits n - 1 - j tokens back
+            starts = torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
+            return cos, sin, (bucket.flip(0) * m).to(torch.int32), starts  # column j sits n - 1 - j tokens back
 
         return rope.memo(("distance", self.per_octave, self.rotation, n, m, position_ids, device), compute)
 
-    def scores(self, layer, query, position_ids, scaling):
-        cos, sin, first_column = self.turns(layer, position_ids, query.device)
+    def columns(self, layer: "A2ATSLayer", far: torch.Tensor, first_column: torch.Tensor, starts: torch.Tensor,
+                width: int) -> BucketColumns:
+        """The layer's :class:`BucketColumns` at its current length: moved on from the last step's, or rebuilt
+        (after a prompt, or when a bucket appears)."""
+        n, m = layer.store.length, layer.centroids.shape[1]
+        state = self.state.get(layer.store)
+        if state is not None and state.length == n and state.histogram.shape[-1] == width:
+            return state
+        if state is None or state.length != n - 1 or state.histogram.shape[-1] != width or state.buffer.shape[-1] < n:
+            buffer = torch.empty(*layer.codes.shape[:2], 2 * n, dtype=torch.int32, device=far.device)
+            buffer[:, :, :n] = first_column + layer.codes.to(torch.int32)
+            state = self.state[layer.store] = BucketColumns(n, buffer, code_histogram(buffer[:, :, :n], far, width))
+            return state
+        columns = state.buffer
+        columns[:, :, n - 1] = layer.codes[:, :, n - 1].to(torch.int32)  # the new token, in the first bucket
+        moved = (n - 1) - starts  # the tokens that reach each later bucket's first distance now
+        old = columns.index_select(2, moved)
+        columns.index_copy_(2, moved, old + m)
+        weight = far.index_select(1, moved)[:, None].expand_as(old).to(torch.int32)
+        index, weights = [old, old + m], [-weight, weight]
+        left = n - 1 - layer.cache.window  # the token that just left the window becomes a candidate
+        if left >= 0:
+            index.append(columns[:, :, left : left + 1])
+            weights.append(far[:, None, left : left + 1].expand(-1, old.shape[1], -1).to(torch.int32))
+        state.histogram.scatter_add_(-1, torch.cat(index, dim=-1).long(), torch.cat(weights, dim=-1))
+        state.length = n
+        return state
+
+    def scores(self, layer, query, position_ids, scaling, far):
+        cos, sin, first_column, starts = self.turns(layer, position_ids, query.device)
         b, hq, d = query.shape
         count, m, hkv = cos.shape[2], layer.centroids.shape[1], layer.codes.shape[1]
         unrotated = layer.cache.rope.invert(query[:, :, None], position_ids[:, -1:])  # [B, Hq, 1, D]
         turned = apply_rope(unrotated, cos, sin)  # [B, Hq, buckets, D]
         lut = lookup_table(turned.reshape(b, hq * count, d), layer.centroids, hq * count // hkv)
-        codes = first_column + layer.codes.to(torch.int32)  # each token's (bucket, code) column
-        return lut.view(b, hq, count * m), codes, None
+        state = self.columns(layer, far, first_column, starts, count * m)
+        return lut.view(b, hq, count * m), state.buffer[:, :, : state.length], state.histogram
+
+    def held(self, layer):
+        state = self.state.get(layer.store)
+        return () if state is None else (state.buffer, state.histogram)
 
 
 @dataclass
@@ -145,22 +212,19 @@ class PostRoPE(Scorer):
     name = "postrope"
     keys = "post_rope"
 
-    def scores(self, layer, query, position_ids, scaling):
+    def scores(self, layer, query, position_ids, scaling, far):
         lut = lookup_table(query, layer.centroids, query.shape[1] // layer.codes.shape[1])
         return lut, layer.codes, layer.histogram
 
 
 @dataclass
-class Exact(Scorer):
+class Exact(KeyMirror):
     """The oracle: exact attention logits against every stored key (the true top-K)."""
 
     name = "oracle"
 
-    def __post_init__(self):
-        self.mirror: dict = {}
-
-    def scores(self, layer, query, position_ids, scaling):
-        keys = stored_keys(layer, query.device, self.mirror)
+    def scores(self, layer, query, position_ids, scaling, far):
+        keys = self.stored_keys(layer, query.device)
         b, hkv, n, d = keys.shape
         q = query.float().view(b, hkv, -1, d)
         lut = torch.einsum("bkgd,bknd->bkgn", q, keys).reshape(b, -1, n) * scaling
@@ -168,18 +232,15 @@ class Exact(Scorer):
 
 
 @dataclass
-class Quest(Scorer):
+class Quest(KeyMirror):
     """Quest (Tang et al., 2024): per page of ``page`` tokens, an upper bound of q.k from the page's elementwise key
     minimum and maximum, ``sum_d max(q_d min_d, q_d max_d)``; a page's tokens share its score."""
 
     page: int = 16
     name = "quest"
 
-    def __post_init__(self):
-        self.mirror: dict = {}
-
-    def scores(self, layer, query, position_ids, scaling):
-        keys = stored_keys(layer, query.device, self.mirror)
+    def scores(self, layer, query, position_ids, scaling, far):
+        keys = self.stored_keys(layer, query.device)
         b, hkv, n, d = keys.shape
         pages = -(-n // self.page)
         padded = torch.nn.functional.pad(keys, (0, 0, 0, pages * self.page - n), mode="replicate")
@@ -200,7 +261,7 @@ class Random(Scorer):
     def __post_init__(self):
         self.generator: torch.Generator | None = None
 
-    def scores(self, layer, query, position_ids, scaling):
+    def scores(self, layer, query, position_ids, scaling, far):
         if self.generator is None or self.generator.device != query.device:
             self.generator = torch.Generator(device=query.device).manual_seed(self.seed)
         b, hq, _ = query.shape

@@ -135,6 +135,18 @@ def test_memory_footprint(tiny):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
+def test_memory_footprint_counts_what_the_scorer_keeps(tiny):
+    """The distance scorer's (bucket, code) columns and histogram, and the oracle's key copy, are device memory too."""
+    model, books = tiny
+    device_bytes = {}
+    for scoring in ("wrope", "distance", "oracle"):
+        cache = A2ATSCache(books, topk=0.1, scoring=scoring)
+        generate(model, ids_of(1, 200), cache, new=3)
+        device_bytes[scoring] = cache.memory_footprint()["device_bytes"]
+        held = sum(t.numel() * t.element_size() for layer in cache.a2ats_layers for t in cache.scorer.held(layer))
+        assert device_bytes[scoring] - device_bytes["wrope"] == held and (held > 0) == (scoring != "wrope")
+
+
 def test_prompt_keys_are_not_kept_on_the_device(tiny):
     """Right after a long prompt, sinks and window hold their own copy: the prompt's K/V live only in the CPU
     store."""
@@ -146,7 +158,7 @@ def test_prompt_keys_are_not_kept_on_the_device(tiny):
     assert layer.local_keys.shape[2] == 4 + 16 and layer.local_keys.untyped_storage().nbytes() == 20 * 2 * 16 * 4
 
 
-@pytest.mark.parametrize("scoring", ["wrope", "oracle"])
+@pytest.mark.parametrize("scoring", ["wrope", "oracle", "distance"])
 def test_dropped_cache_frees_its_store_at_once(tiny, scoring):
     """No reference cycle holds a dropped cache: its CPU store (GiBs in real use) is freed without the cycle
     collector, after generation and with a scorer that keeps state per layer."""

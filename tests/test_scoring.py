@@ -67,7 +67,7 @@ def test_quest_bound_is_an_upper_bound():
                 return k[:, :, start:], k[:, :, start:]
 
     for page in (1, 16):
-        lut, codes, _ = Quest(page=page).scores(Layer, q, None, 1.0)
+        lut, codes, _ = Quest(page=page).scores(Layer, q, None, 1.0, None)
         exact = torch.einsum("bhd,bnd->bhn", q, k[:, 0])
         per_token = lut.gather(-1, codes.long().expand(1, 2, 40))
         assert (per_token >= exact - 1e-5).all()
@@ -85,7 +85,8 @@ def test_distance_scores_are_expected_true_scores_over_their_bucket(tiny, per_oc
     torch.manual_seed(0)
     query = torch.randn(1, model.config.num_attention_heads, model.config.head_dim)
     position_ids = torch.tensor([[n - 1]])
-    lut, codes, _ = DistanceBuckets(per_octave=per_octave).scores(layer, query, position_ids, 1.0)
+    far = layer.far_candidates(torch.ones(1, n, dtype=torch.bool))
+    lut, codes, _ = DistanceBuckets(per_octave=per_octave).scores(layer, query, position_ids, 1.0, far)
     group = query.shape[1] // layer.codes.shape[1]
     score = lut.gather(-1, codes.long().repeat_interleave(group, 1))  # [1, Hq, N]
     bucket = distance_buckets(torch.arange(n - 1, -1, -1), cache.window, per_octave)
@@ -105,3 +106,38 @@ def test_unknown_scoring_is_refused(tiny):
         with pytest.raises(ValueError, match="per_octave"):
             DistanceBuckets(**bad)
     assert scorer_of("quest").page == 16
+
+
+@pytest.mark.parametrize("per_octave", [1, 2])
+def test_distance_columns_move_on_exactly(tiny, monkeypatch, per_octave):
+    """Decode steps move each layer's (bucket, code) columns and their candidates' histogram on by one token, and
+    they equal a rebuild over every token at every step, across a new bucket's first step (window 16: buckets start
+    at 32, 64, 128 ... tokens back) and with a padded row; rebuilt only after the prompt and when a bucket appears."""
+    from a2ats_hf import scoring as scoring_module
+
+    model, books = tiny
+    scorer = DistanceBuckets(per_octave=per_octave)
+    rebuilds, checked = [], []
+    histogram = scoring_module.code_histogram
+    monkeypatch.setattr(scoring_module, "code_histogram", lambda *a: rebuilds.append(1) or histogram(*a))
+    original = scorer.scores
+
+    def scores(layer, query, position_ids, scaling, far):
+        lut, columns, hist = original(layer, query, position_ids, scaling, far)
+        first_column = scorer.turns(layer, position_ids, query.device)[2]
+        expected = first_column + layer.codes.to(torch.int32)
+        assert torch.equal(columns, expected) and torch.equal(hist, histogram(expected, far, lut.shape[-1]))
+        checked.append(layer.store.length)
+        return lut, columns, hist
+
+    monkeypatch.setattr(scorer, "scores", scores)
+    ids, mask = ids_of(2, 100), torch.ones(2, 100, dtype=torch.long)
+    mask[1, :7] = 0  # left padding
+    cache = A2ATSCache(books, topk=0.1, scoring=scorer)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=40, min_new_tokens=40,
+                       do_sample=False, pad_token_id=0)
+    layers = len(cache.a2ats_layers)
+    assert len(checked) == 39 * layers and min(checked) <= 128 < max(checked)  # column 127 reaches bucket "128"
+    appeared = len({int(distance_buckets(torch.tensor([n - 1]), 16, per_octave)) for n in set(checked)}) - 1
+    assert len(rebuilds) == layers * (1 + appeared)
