@@ -103,12 +103,13 @@ def bench_topk(n: int, b: int, hbm: float) -> dict:
         torch.cuda.synchronize()
     device_us = {}  # GPU time per call by kernel (scans by pass, in launch order): where the time goes
     kernels_run = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    for i, event in enumerate(e for e in sorted(kernels_run, key=lambda e: e.time_range.start) if "scan" in e.name):
-        device_us[f"scan pass {i % 3}"] = round(device_us.get(f"scan pass {i % 3}", 0.0) + event.time_range.elapsed_us() / 5, 1)
-    for event in kernels_run:
-        if "scan" not in event.name:
+    scans = 0
+    for event in sorted(kernels_run, key=lambda e: e.time_range.start):
+        if "scan" in event.name:
+            name, scans = f"scan pass {scans % 3}", scans + 1
+        else:
             name = "threshold" if "threshold" in event.name else "other"
-            device_us[name] = round(device_us.get(name, 0.0) + event.time_range.elapsed_us() / 5, 1)
+        device_us[name] = round(device_us.get(name, 0.0) + event.time_range.elapsed_us() / 5, 1)
     must_read = codes.numel() * 2 + cand.numel() + lut.numel() * 4 + hist.numel() * 4
     return {"n": n, "batch": b, "mb_read": round(must_read / 1e6, 1), "triton_us": round(fast * 1e6, 1),
             "triton_gbs": round(must_read / fast / 1e9), "pct_hbm": round(100 * must_read / fast / 1e9 / hbm, 1),
