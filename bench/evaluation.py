@@ -76,6 +76,9 @@ def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> li
             methods += [Method("distance", topk, options=(("rotation", "center"),))]
             methods += [Method("distance", topk, codebooks=v) for v in ("distance moments", "plain k-means")]
             methods += [Method("distance", topk, window=w) for w in (128, 256)]
+        if ablations and topk == 0.03:  # wider windows at the same tokens attended per step
+            methods += [Method(s, topk, window=w, same_total=True) for s in scorers if s in ("wrope", "distance")
+                        for w in (128, 256)]
     return methods
 
 

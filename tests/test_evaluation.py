@@ -58,6 +58,22 @@ def test_method_names_and_ablations(tiny):
     assert Method().name == "full" and Method("window").name == "window"
 
 
+def test_same_total_window_attends_as_many_tokens(tiny):
+    """A wider window "at the same total" takes its extra tokens out of the far budget: each step attends as many
+    tokens as the codebooks' window (16) does at the same topk, one top-K per KV head."""
+    from a2ats_hf import cache_argument
+
+    model, books = tiny
+    attended = {}
+    for method in (Method("wrope", 0.2, "kv_head"), Method("wrope", 0.2, "kv_head", window=32, same_total=True)):
+        cache = method.cache(books)
+        model.generate(ids_of(2, 300), **cache_argument(model, cache), max_new_tokens=4, do_sample=False)
+        attended[method.name] = (cache.stats.attended, cache.stats.far_selected)
+    (base, base_far), (wide, wide_far) = attended.values()
+    assert "window 32, same total" in list(attended)[1]
+    assert wide == base and 0 < wide_far < base_far
+
+
 def test_smoke_run_of_the_suite(tiny):
     """Every method answers every prompt; prompts batched across tasks (left-padded, prefilled in chunks) are
     answered as they are alone; the summary has a mean per method and the ratio to full attention."""

@@ -23,11 +23,23 @@ from .tasks import Sample, make_sample, score
 ANSWER_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "variable_tracking": 48, "common_words": 96}
 
 
+class SameTotalCache(A2ATSCache):
+    """Ablation: a window wider than the codebooks' takes its extra tokens out of the far budget, so a step attends
+    as many tokens as the codebooks' window would at the same ``topk`` (none retrieved where the window alone holds
+    more)."""
+
+    def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
+        extra = self.window - self.codebooks.window
+        base = super().budget_for(n_far + extra)  # what the narrower window would retrieve from its far tokens
+        return max(base - extra, 0) if isinstance(base, int) else (base - extra).clamp(min=0)
+
+
 @dataclass(frozen=True)
 class Method:
     """Full attention (``scoring`` None) or A2ATSCache with a scorer and a budget. ``codebooks`` names which of
-    the runner's codebooks it uses; ``window`` and ``offset`` (b) override theirs: the ablations. ``options`` are
-    the scorer's own settings, as (name, value) pairs (e.g. ``(("per_octave", 2),)`` for "distance")."""
+    the runner's codebooks it uses; ``window`` and ``offset`` (b) override theirs: the ablations (``same_total``:
+    the window's extra tokens come out of the far budget). ``options`` are the scorer's own settings, as (name,
+    value) pairs (e.g. ``(("per_octave", 2),)`` for "distance")."""
 
     scoring: str | None = None
     topk: float = 0.03
@@ -36,13 +48,15 @@ class Method:
     window: int | None = None
     offset: int | None = None
     options: tuple[tuple[str, object], ...] = ()
+    same_total: bool = False
 
     @property
     def name(self) -> str:
         if self.scoring is None:
             return "full"
         tags = [self.budget] * (self.budget != "query_head") + [self.codebooks] * (self.codebooks != "default")
-        tags += [f"window {self.window}"] * (self.window is not None) + [f"b {self.offset}"] * (self.offset is not None)
+        tags += [f"window {self.window}"] * (self.window is not None) + ["same total"] * self.same_total
+        tags += [f"b {self.offset}"] * (self.offset is not None)
         tags += [f"{key.replace('_', ' ')} {value}" for key, value in self.options]
         name = self.scoring if self.scoring == "window" else f"{self.scoring} {self.topk:g}"
         return f"{name} ({', '.join(tags)})" if tags else name
@@ -54,7 +68,8 @@ class Method:
         if self.offset is not None:
             books = replace(books, offset=self.offset)
         scoring = SCORERS[self.scoring](**dict(self.options)) if self.options else self.scoring
-        return A2ATSCache(books, topk=self.topk, budget=self.budget, scoring=scoring, window=self.window)
+        cache = SameTotalCache if self.same_total else A2ATSCache
+        return cache(books, topk=self.topk, budget=self.budget, scoring=scoring, window=self.window)
 
 
 def prompt_text(tokenizer, sample: Sample) -> str:
