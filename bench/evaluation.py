@@ -79,6 +79,7 @@ def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> li
         if ablations and topk == 0.03:  # wider windows at the same tokens attended per step
             methods += [Method(s, topk, window=w, same_total=True) for s in scorers if s in ("wrope", "distance")
                         for w in (128, 256)]
+            methods += [Method("distance", topk, sink=k) for k in (0, 32) if "distance" in scorers]
     return methods
 
 

@@ -50,10 +50,10 @@ def test_prompts_fit_the_length():
 def test_method_names_and_ablations(tiny):
     """Names tell the variant apart; window and offset b reach the cache; codebooks are picked by name."""
     _, books = tiny
-    method = Method("wrope", 0.05, "kv_head", codebooks="other", window=32, offset=512)
-    assert method.name == "wrope 0.05 (kv_head, other, window 32, b 512)"
+    method = Method("wrope", 0.05, "kv_head", codebooks="other", window=32, offset=512, sink=2)
+    assert method.name == "wrope 0.05 (kv_head, other, window 32, sinks 2, b 512)"
     cache = method.cache({"default": None, "other": books})
-    assert cache.window == 32 and cache.codebooks.offset == 512 and books.offset != 512
+    assert cache.window == 32 and cache.sink == 2 and cache.codebooks.offset == 512 and books.offset != 512
     assert cache.budget == "kv_head" and cache.topk == 0.05
     assert Method().name == "full" and Method("window").name == "window"
 

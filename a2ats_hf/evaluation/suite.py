@@ -37,9 +37,9 @@ class SameTotalCache(A2ATSCache):
 @dataclass(frozen=True)
 class Method:
     """Full attention (``scoring`` None) or A2ATSCache with a scorer and a budget. ``codebooks`` names which of
-    the runner's codebooks it uses; ``window`` and ``offset`` (b) override theirs: the ablations (``same_total``:
-    the window's extra tokens come out of the far budget). ``options`` are the scorer's own settings, as (name,
-    value) pairs (e.g. ``(("per_octave", 2),)`` for "distance")."""
+    the runner's codebooks it uses; ``window``, ``sink`` and ``offset`` (b) override theirs: the ablations
+    (``same_total``: the window's extra tokens come out of the far budget). ``options`` are the scorer's own
+    settings, as (name, value) pairs (e.g. ``(("per_octave", 2),)`` for "distance")."""
 
     scoring: str | None = None
     topk: float = 0.03
@@ -49,6 +49,7 @@ class Method:
     offset: int | None = None
     options: tuple[tuple[str, object], ...] = ()
     same_total: bool = False
+    sink: int | None = None
 
     @property
     def name(self) -> str:
@@ -56,7 +57,7 @@ class Method:
             return "full"
         tags = [self.budget] * (self.budget != "query_head") + [self.codebooks] * (self.codebooks != "default")
         tags += [f"window {self.window}"] * (self.window is not None) + ["same total"] * self.same_total
-        tags += [f"b {self.offset}"] * (self.offset is not None)
+        tags += [f"sinks {self.sink}"] * (self.sink is not None) + [f"b {self.offset}"] * (self.offset is not None)
         tags += [f"{key.replace('_', ' ')} {value}" for key, value in self.options]
         name = self.scoring if self.scoring == "window" else f"{self.scoring} {self.topk:g}"
         return f"{name} ({', '.join(tags)})" if tags else name
@@ -69,7 +70,7 @@ class Method:
             books = replace(books, offset=self.offset)
         scoring = SCORERS[self.scoring](**dict(self.options)) if self.options else self.scoring
         cache = SameTotalCache if self.same_total else A2ATSCache
-        return cache(books, topk=self.topk, budget=self.budget, scoring=scoring, window=self.window)
+        return cache(books, topk=self.topk, budget=self.budget, scoring=scoring, window=self.window, sink=self.sink)
 
 
 def prompt_text(tokenizer, sample: Sample) -> str:
