@@ -57,11 +57,6 @@ def compose(first: tuple[torch.Tensor, torch.Tensor], then: tuple[torch.Tensor, 
     return c1 * c2 - s1 * s2, c1 * s2 + s1 * c2
 
 
-def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`apply_rope`'s angle, keeping its scaling once (see :func:`inverse`)."""
-    return apply_rope(x, *inverse(cos, sin))
-
-
 def find_rotary_class(attention: nn.Module) -> type[nn.Module]:
     """The ``*RotaryEmbedding`` class defined beside an attention module's class (e.g. ``LlamaRotaryEmbedding``)."""
     module = sys.modules[type(attention).__module__]

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from a2ats_hf.rope import RoPE, apply_rope, invert_rope
+from a2ats_hf.rope import RoPE, apply_rope, compose, inverse
 
 ROPE_TYPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -31,13 +31,16 @@ def positions(batch: int, length: int) -> torch.Tensor:
 
 
 def test_invert_is_the_inverse_of_apply():
-    """invert_rope(apply_rope(x)) turns the angle back and keeps the common scale of each pair once."""
+    """Rotating by ``inverse(cos, sin)`` after ``apply_rope`` turns the angle back and keeps the common scale of each
+    pair once; ``compose`` of two rotations is the one rotation doing both."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 7, 64, generator=gen, dtype=torch.float64)
     angle = torch.rand(2, 1, 7, 32, generator=gen, dtype=torch.float64) * 100
     scale = 1.3
     cos, sin = (torch.cat([f(angle)] * 2, -1) * scale for f in (torch.cos, torch.sin))
-    torch.testing.assert_close(invert_rope(apply_rope(x, cos, sin), cos, sin), x * scale)
+    torch.testing.assert_close(apply_rope(apply_rope(x, cos, sin), *inverse(cos, sin)), x * scale)
+    turn = (torch.cos(angle / 3).repeat(1, 1, 1, 2), torch.sin(angle / 3).repeat(1, 1, 1, 2))
+    torch.testing.assert_close(apply_rope(x, *compose((cos, sin), turn)), apply_rope(apply_rope(x, cos, sin), *turn))
 
 
 @pytest.mark.parametrize("kind", ROPE_TYPES)
