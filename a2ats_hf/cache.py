@@ -57,7 +57,7 @@ class AttendedStats:
         self.far_selected += far_selected
         self.heads = heads
         if self.device_totals is None:
-            self.device_totals = per_head
+            self.device_totals = per_head.clone()  # the layers of a pass add the same (shared) tensor
         else:
             self.device_totals += per_head.to(self.device_totals.device, non_blocking=True)
 

@@ -109,7 +109,8 @@ def fidelity_table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["length"], r["method"] != "full", r.get("mass", 0))):
         cells = [f"{r[k]:.3f}" if k in r else "-" for k in ("recall", "mass", "output_error")]
-        attended = f"{100 * r['attended_fraction']:.1f}%" if "attended_fraction" in r else "100%"
+        attended = f"{100 * r['attended_fraction']:.1f}%" if "attended_fraction" in r else "-"
+        attended = "100%" if r["method"] == "full" else attended
         out.append(f"| {r['length'] // 1024}K | {r['method']} | {r['perplexity']:.2f} | " + " | ".join(cells)
                    + f" | {attended} |")
     return "\n".join(out)

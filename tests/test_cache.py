@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from a2ats_hf import A2ATSCache, Codebooks, cache_argument
+from a2ats_hf.cache import AttendedStats
 
 from conftest import DEVICE, ids_of, tiny_config, tiny_model
 
@@ -133,6 +134,16 @@ def test_memory_footprint(tiny):
     for layer in cache.layers:  # no view keeps the prompt's K/V alive on the device
         for t in (layer.local_keys, layer.local_values):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_stats_add_without_aliasing_what_they_are_given():
+    """Every layer of a pass adds the pass's one totals tensor: the running sum must not be that tensor."""
+    stats = AttendedStats()
+    per_head = torch.tensor([10, 2, 12])
+    for _ in range(3):
+        stats.add(1, per_head, heads=2)
+    assert per_head.tolist() == [10, 2, 12]
+    assert (stats.far_tokens, stats.attended, stats.past_tokens) == (60, 3 + 12, 72)
 
 
 def test_memory_footprint_counts_what_the_scorer_keeps(tiny):
