@@ -149,30 +149,29 @@ class DistanceBuckets(Scorer):
         # afresh, and the columns go with the store
 
     def turns(self, layer: "A2ATSLayer", position_ids: torch.Tensor, device: torch.device):
-        """(cos, sin [B, 1, buckets, D'], each stored column's first LUT column [N] int32, the first distance of
-        buckets 1, 2, ... [buckets - 1]), once per pass: the layers of a pass share them (their codebooks have the
-        same number of centroids)."""
-        rope, n, m = layer.cache.rope, layer.store.length, layer.centroids.shape[1]
+        """(cos, sin [B, 1, buckets, D'], bucket of each distance 0..N-1 [N], the first distance of buckets 1, 2, ...
+        [buckets - 1]), once per pass: the layers of a pass share them."""
+        rope, n = layer.cache.rope, layer.store.length
 
         def compute():
             cos, sin, bucket = bucket_turns(rope, n - 1, position_ids, layer.cache.window, self.per_octave,
                                             self.rotation, device)
-            starts = torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
-            return cos, sin, (bucket.flip(0) * m).to(torch.int32), starts  # column j sits n - 1 - j tokens back
+            return cos, sin, bucket, torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
 
-        return rope.memo(("distance", self.per_octave, self.rotation, n, m, position_ids, device), compute)
+        return rope.memo(("distance", self.per_octave, self.rotation, n, position_ids, device), compute)
 
-    def columns(self, layer: "A2ATSLayer", far: torch.Tensor, first_column: torch.Tensor, starts: torch.Tensor,
+    def columns(self, layer: "A2ATSLayer", far: torch.Tensor, bucket: torch.Tensor, starts: torch.Tensor,
                 width: int) -> BucketColumns:
         """The layer's :class:`BucketColumns` at its current length: moved on from the last step's, or rebuilt
         (after a prompt, or when a bucket appears)."""
         n, m = layer.store.length, layer.centroids.shape[1]
         state = self.state.get(layer.store)
-        if state is not None and state.length == n and state.histogram.shape[-1] == width:
+        current = state is not None and state.histogram.shape[-1] == width
+        if current and state.length == n:
             return state
-        if state is None or state.length != n - 1 or state.histogram.shape[-1] != width or state.buffer.shape[-1] < n:
+        if not current or state.length != n - 1 or state.buffer.shape[-1] < n:
             buffer = torch.empty(*layer.codes.shape[:2], 2 * n, dtype=torch.int32, device=far.device)
-            buffer[:, :, :n] = first_column + layer.codes.to(torch.int32)
+            buffer[:, :, :n] = bucket.flip(0) * m + layer.codes.to(torch.int32)  # column j sits n - 1 - j back
             state = self.state[layer.store] = BucketColumns(n, buffer, code_histogram(buffer[:, :, :n], far, width))
             return state
         columns = state.buffer
@@ -191,13 +190,13 @@ class DistanceBuckets(Scorer):
         return state
 
     def scores(self, layer, query, position_ids, scaling, far):
-        cos, sin, first_column, starts = self.turns(layer, position_ids, query.device)
+        cos, sin, bucket, starts = self.turns(layer, position_ids, query.device)
         b, hq, d = query.shape
         count, m, hkv = cos.shape[2], layer.centroids.shape[1], layer.codes.shape[1]
         unrotated = layer.cache.rope.invert(query[:, :, None], position_ids[:, -1:])  # [B, Hq, 1, D]
         turned = apply_rope(unrotated, cos, sin)  # [B, Hq, buckets, D]
         lut = lookup_table(turned.reshape(b, hq * count, d), layer.centroids, hq * count // hkv)
-        state = self.columns(layer, far, first_column, starts, count * m)
+        state = self.columns(layer, far, bucket, starts, count * m)
         return lut.view(b, hq, count * m), state.buffer[:, :, : state.length], state.histogram
 
     def held(self, layer):

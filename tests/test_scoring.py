@@ -124,8 +124,8 @@ def test_distance_columns_move_on_exactly(tiny, monkeypatch, per_octave):
 
     def scores(layer, query, position_ids, scaling, far):
         lut, columns, hist = original(layer, query, position_ids, scaling, far)
-        first_column = scorer.turns(layer, position_ids, query.device)[2]
-        expected = first_column + layer.codes.to(torch.int32)
+        bucket = scorer.turns(layer, position_ids, query.device)[2]  # of each distance; column j is n - 1 - j back
+        expected = (bucket.flip(0) * layer.centroids.shape[1]).to(torch.int32) + layer.codes.to(torch.int32)
         assert torch.equal(columns, expected) and torch.equal(hist, histogram(expected, far, lut.shape[-1]))
         checked.append(layer.store.length)
         return lut, columns, hist

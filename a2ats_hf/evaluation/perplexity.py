@@ -27,9 +27,10 @@ def tail_nll(model, ids: torch.Tensor, cache, tail: int) -> torch.Tensor:
     if cache is None:
         logits = model(ids, logits_to_keep=tail + 1).logits[:, :-1]
     else:
-        steps = [model(ids[:, :-tail], **cache_argument(model, cache), logits_to_keep=1).logits[:, -1]]
+        past = cache_argument(model, cache)  # once: it reads the model's signature
+        steps = [model(ids[:, :-tail], **past, logits_to_keep=1).logits[:, -1]]
         for t in range(ids.shape[1] - tail, ids.shape[1] - 1):
-            steps.append(model(ids[:, t : t + 1], **cache_argument(model, cache)).logits[:, -1])
+            steps.append(model(ids[:, t : t + 1], **past).logits[:, -1])
         logits = torch.stack(steps, dim=1)
     return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, -tail:], reduction="none")
 
