@@ -11,6 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from . import kernels
 from .cache import A2ATSLayer
 from .families import family_of
+from .store import DeviceKVStore
 
 
 def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -99,7 +100,8 @@ def decode_attention(
     masks: StepMasks,
     scaling: float,
 ) -> torch.Tensor:
-    """One decode token: exact attention over sinks + window on the device, top-K far tokens from the CPU store.
+    """One decode token: exact attention over sinks + window on the device, top-K far tokens from the store (on the
+    CPU, or on the device with ``offload="none"``).
 
     query [B, Hq, D] post-RoPE; key/value [B, Hkv, 1, D] the new token's; ``masks`` the pass's key validity,
     candidates and budget. The device selects the far tokens and hands their indices to the CPU, then attends its
@@ -107,6 +109,7 @@ def decode_attention(
     [B, Hq, D] (float32).
     """
     cache, n, hkv = layer.cache, layer.store.length, key.shape[1]
+    resident = isinstance(layer.store, DeviceKVStore)  # offload="none": the selected rows are attended here
     layer.advance(key, value, masks.far)
     k_max = cache.budget_for(max(n - cache.window - cache.sink, 0))  # a host-side bound, so nothing waits here
 
@@ -117,7 +120,7 @@ def decode_attention(
         indices, counts = kernels.select_topk(
             lut, codes, masks.far, masks.budget, cache.budget, histogram=histogram, k_max=k_max
         )
-        if query.is_cuda:  # hand the selection to the CPU without stalling the queue behind it
+        if query.is_cuda and not resident:  # hand the selection to the CPU without stalling the queue behind it
             indices, counts, cpu_query = (t.to("cpu", non_blocking=True) for t in (indices, counts, query))
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(query.device))  # the layer's GPU, which need not be the current one
@@ -125,17 +128,21 @@ def decode_attention(
             cpu_query = query
 
     local_valid = masks.local_valid[:, None].expand(-1, hkv, -1)
-    out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, local_valid, scaling)
-
-    selected = 0
-    if k_max > 0:
-        if query.is_cuda:
-            ready.synchronize()  # the GPU goes on with the window attention meanwhile
-        far_out, far_lse = kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling)
-        out = kernels.merge_attention(
-            out, lse, far_out.to(out.device, non_blocking=True), far_lse.to(lse.device, non_blocking=True)
-        )
-        selected = int(counts.sum())  # on the host already
+    if resident:
+        far = kernels.FarRows(layer.store, indices, counts) if k_max > 0 else None
+        out, _ = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, local_valid, scaling, far)
+        selected = counts.sum() if k_max > 0 else 0  # stays on the device
+    else:
+        out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, local_valid, scaling)
+        selected = 0
+        if k_max > 0:
+            if query.is_cuda:
+                ready.synchronize()  # the GPU goes on with the window attention meanwhile
+            far_out, far_lse = kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling)
+            out = kernels.merge_attention(
+                out, lse, far_out.to(out.device, non_blocking=True), far_lse.to(lse.device, non_blocking=True)
+            )
+            selected = int(counts.sum())  # on the host already
 
     cache.stats.steps += layer.first
     cache.stats.add(selected, masks.totals, hkv)

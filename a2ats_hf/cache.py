@@ -1,5 +1,5 @@
 """`A2ATSCache`: a transformers `Cache` whose layers keep codes and a local window on the device and the full
-K/V in CPU memory."""
+K/V in CPU memory (or, with ``offload="none"``, on the device too)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from .kernels import code_histogram
 from .quantization import encode
 from .rope import RoPE
 from .scoring import Scorer, scorer_of
-from .store import KVStore, check_memory, kv_bytes
+from .store import BLOCK_SIZE, DeviceKVStore, KVStore, check_memory, kv_bytes
 
 BUDGETS = ("query_head", "kv_head")
+OFFLOADS = ("cpu", "none")
 
 
 def cache_argument(model: nn.Module, cache: Cache) -> dict[str, Cache]:
@@ -48,13 +49,15 @@ class AttendedStats:
     def __init__(self):
         self.steps = 0
         self.heads = 1  # KV heads per layer: the device totals are per KV head
-        self.far_selected = 0  # counted on the host, from the selection the CPU receives anyway
+        self.far_selected: int | torch.Tensor = 0  # on the host where the CPU received the selection anyway
         self.device_totals: torch.Tensor | None = None  # far tokens, attended on the device, past tokens
 
-    def add(self, far_selected: int, per_head: torch.Tensor, heads: int) -> None:
+    def add(self, far_selected: int | torch.Tensor, per_head: torch.Tensor, heads: int) -> None:
         """One layer's step: tokens selected (all KV heads), and [far tokens, locally attended, past] per KV head
         (layers on other devices add theirs to the first layer's device)."""
-        self.far_selected += far_selected
+        if isinstance(far_selected, torch.Tensor) and isinstance(self.far_selected, torch.Tensor):
+            far_selected = far_selected.to(self.far_selected.device, non_blocking=True)
+        self.far_selected = self.far_selected + far_selected
         self.heads = heads
         if self.device_totals is None:
             self.device_totals = per_head.clone()  # the layers of a pass add the same (shared) tensor
@@ -70,7 +73,7 @@ class AttendedStats:
 
     @property
     def attended(self) -> int:
-        return self.far_selected + self._totals()[1]
+        return int(self.far_selected) + self._totals()[1]
 
     @property
     def past_tokens(self) -> int:
@@ -79,7 +82,7 @@ class AttendedStats:
     @property
     def far_fraction(self) -> float:
         """Mean fraction of far tokens retrieved per KV head."""
-        return self.far_selected / max(self.far_tokens, 1)
+        return int(self.far_selected) / max(self.far_tokens, 1)
 
     @property
     def attended_fraction(self) -> float:
@@ -88,8 +91,8 @@ class AttendedStats:
 
 
 class A2ATSLayer(CacheLayerMixin):
-    """One layer: full K/V in a CPU :class:`KVStore`, codes [B, Hkv, N] and sinks + window K/V on the layer's
-    device. ``book`` indexes the layer's codebook; ``first`` marks the first layer A2ATS serves in a pass.
+    """One layer: full K/V in a CPU :class:`KVStore` (or a :class:`DeviceKVStore` when nothing is offloaded), codes
+    [B, Hkv, N] and sinks + window K/V on the layer's device. ``book`` indexes the layer's codebook; ``first`` marks the first layer A2ATS serves in a pass.
 
     The sinks and the window share one buffer per K and V, ``local_keys`` [B, Hkv, sink + window, D]: slots
     ``[0, sink)`` hold each row's first tokens, slot ``sink + c % window`` the token of column ``c`` among the last
@@ -108,7 +111,11 @@ class A2ATSLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        self.store = KVStore(b, h, d, key_states.dtype)
+        if self.cache.offload == "none":
+            capacity = max(key_states.shape[2], self.cache.max_length or 0)
+            self.store = DeviceKVStore(b, h, d, key_states.dtype, self.device, capacity)
+        else:
+            self.store = KVStore(b, h, d, key_states.dtype)
         self.code_buffer = torch.empty(b, h, 0, dtype=torch.uint16, device=self.device)
         self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, kept up to date
         self.local_keys = torch.zeros(b, h, self.cache.sink + self.cache.window, d, dtype=self.dtype, device=self.device)
@@ -250,7 +257,10 @@ class A2ATSLayer(CacheLayerMixin):
             return 0, 0
         tensors = (self.code_buffer, self.local_keys, self.local_values) + self.cache.scorer.held(self)
         tensors += () if self.histogram is None else (self.histogram,)
-        return sum(t.numel() * t.element_size() for t in tensors), self.store.nbytes
+        device = sum(t.numel() * t.element_size() for t in tensors)
+        if isinstance(self.store, DeviceKVStore):
+            return device + self.store.nbytes, 0
+        return device, self.store.nbytes
 
 
 class A2ATSCache(Cache):
@@ -267,7 +277,11 @@ class A2ATSCache(Cache):
             "quest" (page bounds), "random", "window" (none retrieved), "postrope" (needs codebooks calibrated with
             ``keys="post_rope"``); or a :class:`~a2ats_hf.scoring.Scorer` (e.g. ``DistanceBuckets(per_octave=2)``).
         max_length: the longest sequence (prompt + new tokens) expected; when given, a batch whose K/V cannot fit
-            in CPU memory fails at the first forward instead of midway through generation.
+            fails at the first forward instead of midway through generation (and ``offload="none"`` allocates
+            its buffers whole).
+        offload: where the full K/V lives: "cpu" (the paper's layout: CPU memory, the selected rows attended
+            there) or "none" (the layer's device; the selected rows are attended there, so decoding reads a few
+            percent of the K/V instead of all of it).
     """
 
     def __init__(
@@ -279,8 +293,12 @@ class A2ATSCache(Cache):
         budget: str = "query_head",
         max_length: int | None = None,
         scoring: str | Scorer = "wrope",
+        offload: str = "cpu",
     ):
         check_topk(topk)
+        if offload not in OFFLOADS:
+            raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
+        self.offload = offload
         self.scorer = scorer_of(scoring)
         if self.scorer.keys not in (None, codebooks.keys):
             raise ValueError(f'scoring="{self.scorer.name}" reads codes of {self.scorer.keys} keys, but these '
@@ -318,7 +336,7 @@ class A2ATSCache(Cache):
         """A cache with the codebooks stored next to a model (``a2ats/`` in its folder or Hub repository).
 
         The Hub arguments go to ``Codebooks.from_pretrained``; ``cache_kwargs`` (topk, window, sink, budget,
-        max_length, scoring) to the constructor.
+        max_length, scoring, offload) to the constructor.
         """
         books = Codebooks.from_pretrained(model_id_or_path, subfolder, revision, cache_dir, local_files_only, token)
         return cls(books, **cache_kwargs)
@@ -337,11 +355,13 @@ class A2ATSCache(Cache):
 
     def check_memory(self, key_states: torch.Tensor) -> None:
         """Before the first layer allocates: fail if every layer's K/V for the prompt (or ``max_length``) would
-        not fit in CPU memory."""
+        not fit where it is kept (CPU memory, or the device's with ``offload="none"``)."""
         b, h, t, d = key_states.shape
         tokens = max(t, self.max_length or 0)
         layers = len(self.a2ats_layers)
-        check_memory(layers * kv_bytes(b, h, d, key_states.dtype, tokens), f"The K/V of {layers} layers x batch {b} x {tokens} tokens")
+        device = key_states.device if self.offload == "none" else None
+        needed = layers * kv_bytes(b, h, d, key_states.dtype, tokens, 1 if device else BLOCK_SIZE)
+        check_memory(needed, f"The K/V of {layers} layers x batch {b} x {tokens} tokens", device)
 
     def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
         """Tokens to retrieve per row from its number of far tokens (a tensor [B], or one int on the host)."""
@@ -357,6 +377,7 @@ class A2ATSCache(Cache):
         self.stats = AttendedStats()
 
     def memory_footprint(self) -> dict[str, int]:
-        """Bytes held on the device (codes, sinks, window) and on the CPU (full K/V)."""
+        """Bytes held on the device (codes, sinks, window; the full K/V with ``offload="none"``) and on the CPU
+        (the full K/V)."""
         device, cpu = map(sum, zip(*(layer.nbytes() for layer in self.a2ats_layers)))
         return {"device_bytes": device, "cpu_bytes": cpu}

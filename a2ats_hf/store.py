@@ -1,4 +1,5 @@
-"""`KVStore`: the full post-RoPE K/V of one layer in CPU memory, grown in fixed blocks (never re-copied)."""
+"""Where one layer's full post-RoPE K/V lives: `KVStore` in CPU memory, grown in fixed blocks (never re-copied),
+or `DeviceKVStore` in one buffer on the GPU (``A2ATSCache(offload="none")``)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ def available_memory() -> int | None:
         return None
 
 
-def check_memory(needed: int, what: str) -> None:
-    """Raise MemoryError naming ``what`` when ``needed`` bytes exceed the CPU memory available."""
-    free = available_memory()
+def check_memory(needed: int, what: str, device: torch.device | None = None) -> None:
+    """Raise MemoryError naming ``what`` when ``needed`` bytes exceed the memory available on ``device`` (CPU
+    memory by default, else the GPU's free memory)."""
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    free = torch.cuda.mem_get_info(device)[0] if on_gpu else available_memory()
     if free is not None and needed > free:
+        where = f"memory on {device}" if on_gpu else "CPU memory"
+        hint = 'use offload="cpu", a smaller batch or context' if on_gpu else "use a smaller batch or context, or a machine with more memory"
         raise MemoryError(
-            f"{what} needs {needed / 2**30:.2f} GiB of CPU memory but only {free / 2**30:.2f} GiB is available; "
-            "use a smaller batch or context, or a machine with more memory."
+            f"{what} needs {needed / 2**30:.2f} GiB of {where} but only {free / 2**30:.2f} GiB is available; {hint}."
         )
 
 
@@ -56,6 +60,7 @@ class KVStore:
         self.key_blocks: list[torch.Tensor] = []
         self.value_blocks: list[torch.Tensor] = []
         self.length = 0
+        self.device = torch.device("cpu")
         self.pending: torch.device | None = None  # the GPU an asynchronous append may still be in flight from
 
     def wait(self) -> None:
@@ -118,3 +123,52 @@ class KVStore:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.key_blocks + self.value_blocks)
+
+
+class DeviceKVStore:
+    """Keys and values [B, H, N, D] in one buffer each on the layer's device, for GPU-resident decoding: the same
+    interface as :class:`KVStore`, and the GPU's sparse attention reads rows straight from ``keys`` / ``values``.
+
+    The buffer grows by half its size (a re-copy, amortised over many appends); a cache given ``max_length``
+    allocates it whole at the prompt, so it never grows.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 capacity: int = 0):
+        self.shape = (batch, heads, BLOCK_SIZE, head_dim)
+        self.dtype, self.device, self.length = dtype, torch.device(device), 0
+        self.keys = torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+
+    def wait(self) -> None:
+        """Nothing to wait for: appends are ordered on the device's stream."""
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append [B, H, T, D] keys and values, growing the buffers when full."""
+        n, t = self.length, keys.shape[-2]
+        if n + t > self.keys.shape[2]:
+            b, h, _, d = self.shape
+            size = max(n + t, self.keys.shape[2] * 3 // 2)
+            check_memory(kv_bytes(b, h, d, self.dtype, size, 1), f"Growing the K/V buffer to {size} tokens "
+                         f"(batch {b}, {h} KV heads)", self.device)
+            for name in ("keys", "values"):
+                grown = torch.empty(b, h, size, d, dtype=self.dtype, device=self.device)
+                grown[:, :, :n] = getattr(self, name)[:, :, :n]
+                setattr(self, name, grown)
+        self.keys[:, :, n : n + t] = keys
+        self.values[:, :, n : n + t] = values
+        self.length = n + t
+
+    def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``indices`` [B, H, K] (each < length) of every (row, head) -> keys, values [B, H, K, D]."""
+        index = indices.long().to(self.device)[..., None].expand(-1, -1, -1, self.shape[-1])
+        return self.keys.gather(2, index), self.values.gather(2, index)
+
+    def to_tensors(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored keys and values of columns [start, end) (default: all): views of the buffers."""
+        end = self.length if end is None else end
+        return self.keys[:, :, start:end], self.values[:, :, start:end]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()

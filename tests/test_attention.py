@@ -91,6 +91,30 @@ def test_left_padded_batch_equals_rows_alone(tiny, topk):
         assert not ((indices < pads[:, None, None]) & used).any()
 
 
+@pytest.mark.parametrize("topk", [1.0, 0.1])
+def test_resident_kv_equals_offloaded(tiny, topk):
+    """offload="none" (K/V on the device, the selected rows attended there) decodes a left-padded batch as the CPU
+    store does: the same selections, logits equal to float rounding, the same statistics."""
+    model, books = tiny
+    ids, mask = ids_of(2, 260), torch.ones(2, 260, dtype=torch.long)
+    ids[1, :70], mask[1, :70] = 0, 0
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    logits, stats = {}, {}
+    for offload in ("cpu", "none"):
+        cache = A2ATSCache(books, topk=topk, offload=offload)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **cache_argument(model, cache))
+            steps = []
+            for token in range(5, 10):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                out = model(torch.full((2, 1), token, device=DEVICE), attention_mask=mask, **cache_argument(model, cache))
+                steps.append(out.logits)
+            mask = mask[:, :260]
+        logits[offload], stats[offload] = torch.cat(steps, 1), (cache.stats.far_fraction, cache.stats.attended)
+    torch.testing.assert_close(logits["none"], logits["cpu"], atol=1e-5, rtol=1e-4)
+    assert stats["none"] == stats["cpu"] and 0 < stats["cpu"][0] <= 1
+
+
 def test_sparse_topk_generates_and_attends_a_fraction(tiny):
     """At topk=0.03 decoding runs and attends only about the budgeted fraction of far tokens."""
     model, books = tiny

@@ -41,9 +41,9 @@ def test_bad_topk_is_rejected(tiny, topk):
         A2ATSCache(tiny[1], topk=topk)
 
 
-@pytest.mark.parametrize("kwargs", [{"budget": "layer"}, {"window": 0}, {"sink": -1}])
+@pytest.mark.parametrize("kwargs", [{"budget": "layer"}, {"window": 0}, {"sink": -1}, {"offload": "disk"}])
 def test_bad_options_are_rejected(tiny, kwargs):
-    """Unknown budget rules, an empty window or negative sinks are refused."""
+    """Unknown budget rules or offload modes, an empty window or negative sinks are refused."""
     with pytest.raises(ValueError):
         A2ATSCache(tiny[1], **kwargs)
 
@@ -103,6 +103,24 @@ def test_cpu_memory_is_checked_before_allocating(tiny, monkeypatch):
     assert not cache.layers[1].is_initialized
 
 
+def test_resident_memory_is_checked_where_it_lives(tiny, monkeypatch):
+    """With offload="none" the whole K/V is checked against the device's memory (the CPU's for a CPU model) and a
+    given max_length allocates each layer's buffer whole, so it never grows."""
+    from a2ats_hf import store
+
+    model, books = tiny
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(store, "available_memory", lambda: 2**20)
+    else:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**30))
+    with pytest.raises(MemoryError, match=r"needs \d+\.\d+ GiB of (CPU memory|memory on cuda)"):
+        generate(model, ids_of(1, 50), A2ATSCache(books, max_length=100_000, offload="none"))
+    monkeypatch.undo()
+    cache = A2ATSCache(books, max_length=80, offload="none")
+    generate(model, ids_of(1, 50), cache, new=5)
+    assert all(layer.store.keys.shape[2] == 80 for layer in cache.a2ats_layers)
+
+
 def test_model_usable_with_other_caches_after_a_failure(tiny):
     """After an A2ATS failure the same model still generates with a DynamicCache, as sdpa does."""
     model, books = tiny
@@ -134,6 +152,18 @@ def test_memory_footprint(tiny):
     for layer in cache.layers:  # no view keeps the prompt's K/V alive on the device
         for t in (layer.local_keys, layer.local_values):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_memory_footprint_without_offload(tiny):
+    """offload="none": the K/V buffers count as device bytes, nothing on the CPU."""
+    model, books = tiny
+    footprints = {}
+    for offload in ("cpu", "none"):
+        cache = A2ATSCache(books, topk=0.1, offload=offload)
+        generate(model, ids_of(1, 300), cache, new=5)
+        footprints[offload] = cache.memory_footprint()
+    stored = sum(layer.store.nbytes for layer in cache.a2ats_layers)
+    assert footprints["none"] == {"device_bytes": footprints["cpu"]["device_bytes"] + stored, "cpu_bytes": 0}
 
 
 def test_stats_add_without_aliasing_what_they_are_given():

@@ -71,3 +71,20 @@ def test_matches_reference_on_smollm2(smollm2, austen):
         mp.setattr(attention_module.kernels, "sparse_attention", spy)
         model.generate(ids, **cache_argument(model, A2ATSCache(books, topk=0.05)), max_new_tokens=3, do_sample=False)
     assert len(checked) == 2 * model.config.num_hidden_layers and min(checked) > 0
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    """An interrupted build's lock would make every later build wait forever: an old one goes (with a warning), a
+    fresh one (a build in progress) stays."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_attention._clear_stale_lock(tmp_path)
+    assert lock.exists()
+    old = time.time() - cpu_attention.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="interrupted build"):
+        cpu_attention._clear_stale_lock(tmp_path)
+    assert not lock.exists()

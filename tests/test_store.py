@@ -1,25 +1,33 @@
-"""KVStore: appends across block boundaries without re-copying; gather equals indexing the whole K/V."""
+"""KVStore and DeviceKVStore: appends in pieces (across KVStore's blocks without re-copying, growing
+DeviceKVStore's buffer); gather and to_tensors equal indexing the whole K/V."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from a2ats_hf.store import KVStore
+from a2ats_hf.store import DeviceKVStore, KVStore
+
+STORES = {
+    "cpu-blocks": lambda: KVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, block_size=5),
+    "device-buffer": lambda: DeviceKVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, device="cpu", capacity=2),
+}
 
 
-def test_append_and_gather_across_blocks():
-    """Pieces of 1, 3, 7 and 2 tokens in blocks of 5: gather and to_tensors match the concatenation."""
+@pytest.mark.parametrize("kind", STORES)
+def test_append_and_gather(kind):
+    """Pieces of 1, 3, 7 and 2 tokens: gather and to_tensors match the concatenation."""
     gen = torch.Generator().manual_seed(0)
-    store = KVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, block_size=5)
+    store = STORES[kind]()
     keys, values = [], []
     for t in (1, 3, 7, 2):
         k, v = torch.randn(3, 2, t, 8, generator=gen), torch.randn(3, 2, t, 8, generator=gen)
-        first_block = store.key_blocks[0] if store.key_blocks else None
+        first_block = store.key_blocks[0] if getattr(store, "key_blocks", None) else None
         store.append(k, v)
-        assert first_block is None or store.key_blocks[0] is first_block  # nothing re-allocated
+        assert first_block is None or store.key_blocks[0] is first_block  # blocks are never re-allocated
         keys.append(k), values.append(v)
     full_k, full_v = torch.cat(keys, 2), torch.cat(values, 2)
-    assert store.length == 13 and len(store.key_blocks) == 3
+    assert store.length == 13
     indices = torch.randint(0, 13, (3, 2, 9), generator=gen)
     gk, gv = store.gather(indices)
     assert torch.equal(gk, full_k.gather(2, indices[..., None].expand(-1, -1, -1, 8)))
@@ -29,4 +37,23 @@ def test_append_and_gather_across_blocks():
     for start, end in ((0, 5), (4, 6), (5, 13), (7, 11), (12, 13)):  # spans within and across blocks
         tk, tv = store.to_tensors(start, end)
         assert torch.equal(tk, full_k[:, :, start:end]) and torch.equal(tv, full_v[:, :, start:end])
-    assert store.nbytes == 2 * 3 * (3 * 2 * 5 * 8 * 4)
+
+
+def test_sizes():
+    """KVStore holds whole blocks; DeviceKVStore its buffer, grown by half its size when an append overflows."""
+    blocks = STORES["cpu-blocks"]()
+    buffer = STORES["device-buffer"]()
+    for store in (blocks, buffer):
+        store.append(torch.zeros(3, 2, 13, 8), torch.zeros(3, 2, 13, 8))
+    assert len(blocks.key_blocks) == 3 and blocks.nbytes == 2 * 3 * (3 * 2 * 5 * 8 * 4)
+    assert buffer.keys.shape[2] == 13 and buffer.nbytes == 2 * (3 * 2 * 13 * 8 * 4)
+    buffer.append(torch.zeros(3, 2, 1, 8), torch.zeros(3, 2, 1, 8))
+    assert buffer.keys.shape[2] == 19
+
+
+def test_device_store_checks_gpu_memory(monkeypatch):
+    """A buffer that cannot fit fails before allocating, saying how much it needs and has."""
+    store = DeviceKVStore(batch=1, heads=1, head_dim=8, dtype=torch.float32, device="cpu")
+    monkeypatch.setattr("a2ats_hf.store.available_memory", lambda: 100)
+    with pytest.raises(MemoryError, match=r"needs 0\.00 GiB of CPU memory"):
+        store.append(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8))

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from a2ats_hf.kernels import reference, triton_attention
+from a2ats_hf.kernels.reference import FarRows
+from a2ats_hf.store import DeviceKVStore
 
 from conftest import DEVICE
 
@@ -51,3 +53,42 @@ def test_merge_matches_reference():
     merged = triton_attention.merge_attention(to(out_a), to(lse_a), to(out_b), to(lse_b))
     torch.testing.assert_close(merged.cpu(), reference.merge_attention(out_a, lse_a, out_b, lse_b), atol=1e-6, rtol=1e-5)
     assert merged[2, 2].abs().max() == 0
+
+
+@pytest.mark.parametrize("b, hq, hkv, d, stored, width, dtype", [(2, 6, 2, 16, 900, 700, torch.float32),
+                                                                  (1, 9, 3, 64, 300, 40, torch.bfloat16)],
+                         ids=["three-splits", "smollm2-shape-one-split"])
+def test_local_and_far_attention_matches_reference(b, hq, hkv, d, stored, width, dtype):
+    """Sinks + window and far rows of a device store in one launch (split over programs, then combined): equal to
+    the reference, with a pair that selected nothing, a row whose local keys are all masked, and full lists."""
+    g = torch.Generator().manual_seed(stored)
+    store = DeviceKVStore(b, hkv, d, dtype, KERNEL_DEVICE)
+    store.append(*(torch.randn(2, b, hkv, stored, d, generator=g).to(dtype).to(KERNEL_DEVICE)))
+    indices = torch.stack([torch.randperm(stored, generator=g)[:width].sort().values for _ in range(b * hkv)])
+    indices = indices.view(b, hkv, width).to(torch.int32)
+    counts = torch.randint(1, width + 1, (b, hkv), generator=g, dtype=torch.int32)
+    counts[0, 0], counts[-1, -1] = 0, width
+    query = torch.randn(b, hq, d, generator=g).to(dtype)
+    keys, values = torch.randn(2, b, hkv, 37, d, generator=g).to(dtype)
+    valid = (torch.rand(b, 37, generator=g) > 0.3)[:, None].expand(b, hkv, 37).clone()
+    valid[-1] = False
+    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+    far = FarRows(store, to(indices), to(counts))
+    out, lse = triton_attention.attention_with_lse(to(query), to(keys), to(values), to(valid), d**-0.5, far)
+    expected_out, expected_lse = reference.local_and_far_attention(query, keys, values, valid, d**-0.5, far)
+    torch.testing.assert_close(out.cpu(), expected_out.cpu(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.cpu(), expected_lse.cpu(), atol=2e-5, rtol=1e-5)
+
+
+def test_combine_matches_logsumexp():
+    """Five partial attentions (some empty) combined equal the softmax-weighted sum, lse their logsumexp."""
+    g = torch.Generator().manual_seed(1)
+    parts, parts_lse = torch.randn(5, 2, 3, 24, generator=g), torch.randn(5, 2, 3, generator=g) * 3
+    parts_lse[1:, 0, 0] = float("-inf")  # one part only
+    parts_lse[:, 1, 2] = float("-inf")  # nothing at all
+    parts[:, 1, 2] = 0.0
+    out, lse = triton_attention.combine(parts.to(KERNEL_DEVICE), parts_lse.to(KERNEL_DEVICE))
+    expected_lse = torch.logsumexp(parts_lse, 0)
+    weights = torch.exp(parts_lse - expected_lse.nan_to_num(neginf=0.0)).nan_to_num()
+    torch.testing.assert_close(lse.cpu(), expected_lse)
+    torch.testing.assert_close(out.cpu(), (parts * weights[..., None]).sum(0), atol=1e-6, rtol=1e-5)

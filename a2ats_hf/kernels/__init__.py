@@ -13,21 +13,25 @@ import torch
 
 from . import reference
 from .cpu_attention import sparse_attention
-from .reference import code_histogram
+from .reference import FarRows, code_histogram
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def attention_with_lse(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scaling: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scaling: float,
+    far: FarRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with its log-sum-exp (the sinks + window part of a decode step); see
-    :func:`.reference.attention_with_lse`. One Triton launch on a GPU, the torch reference elsewhere."""
+    """Attention with its log-sum-exp over the sinks + window (see :func:`.reference.attention_with_lse`) and,
+    where the K/V stays on the device, the selected ``far`` rows too (:func:`.reference.local_and_far_attention`).
+    One Triton launch on a GPU (two when the far rows are split over programs), the torch reference elsewhere."""
     if query.is_cuda and HAS_TRITON:
         from .triton_attention import attention_with_lse as triton_attention_with_lse
 
         with torch.cuda.device(query.device):
-            return triton_attention_with_lse(query, keys, values, valid, scaling)
+            return triton_attention_with_lse(query, keys, values, valid, scaling, far)
+    if far is not None:
+        return reference.local_and_far_attention(query, keys, values, valid, scaling, far)
     return reference.attention_with_lse(query, keys, values, valid, scaling)
 
 
@@ -67,4 +71,4 @@ def select_topk(
     return reference.select_topk(lut, codes, candidates, k, budget)
 
 
-__all__ = ["attention_with_lse", "code_histogram", "merge_attention", "select_topk", "sparse_attention"]
+__all__ = ["FarRows", "attention_with_lse", "code_histogram", "merge_attention", "select_topk", "sparse_attention"]

@@ -14,6 +14,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,22 @@ def _machine_tag() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags} {torch.__version__}".encode()).hexdigest()[:10]
 
 
+STALE_LOCK_S = 600  # a build takes about a minute; a lock this old was left by a build that was killed
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """torch's extension builder waits forever on the lock file of a build that was interrupted (Ctrl-C, a
+    killed process); remove one old enough that no build can still hold it."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"removing {lock}, left {age / 60:.0f} minutes ago by an interrupted build of the CPU kernel")
+        lock.unlink(missing_ok=True)
+
+
 @functools.cache
 def extension() -> object | None:
     """The compiled kernel module, or None where it cannot be built (the torch reference is used then)."""
@@ -43,6 +60,7 @@ def extension() -> object | None:
 
         name = f"a2ats_cpu_{_machine_tag()}"
         root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+        _clear_stale_lock(root / name)
         if not any(root.glob(f"*/{name}/{name}*.so")):
             print("a2ats: building the CPU attention kernel (once per machine, about a minute)...", file=sys.stderr)
         flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])

@@ -5,6 +5,8 @@ These define the semantics the fast kernels must reproduce, and are the fallback
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -80,11 +82,33 @@ def sparse_attention(
     query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` [B, Hq, D] over the rows ``indices`` [B, Hkv, K] (first ``counts`` valid) of a
-    :class:`~a2ats_hf.store.KVStore`, computed on the CPU. Returns out [B, Hq, D], lse [B, Hq] (float32, CPU)."""
-    indices, counts = indices.cpu(), counts.cpu()
+    :class:`~a2ats_hf.store.KVStore` or :class:`~a2ats_hf.store.DeviceKVStore`, computed where the store lives.
+    Returns out [B, Hq, D], lse [B, Hq] (float32)."""
+    device = store.device
+    indices, counts = indices.to(device), counts.to(device)
     keys, values = store.gather(indices)
-    valid = torch.arange(indices.shape[-1]) < counts[..., None]
-    return attention_with_lse(query.cpu(), keys, values, valid, scaling)
+    valid = torch.arange(indices.shape[-1], device=device) < counts[..., None]
+    return attention_with_lse(query.to(device), keys, values, valid, scaling)
+
+
+@dataclass
+class FarRows:
+    """Far tokens to attend besides the local ones, where the K/V stays on the device: rows ``indices`` [B, Hkv, K]
+    (the first ``counts`` [B, Hkv] of each list) of a :class:`~a2ats_hf.store.DeviceKVStore`."""
+
+    store: object
+    indices: torch.Tensor
+    counts: torch.Tensor
+
+
+def local_and_far_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scaling: float, far: FarRows
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the local keys (as :func:`attention_with_lse`) and the far rows together: out [B, Hq, D],
+    lse [B, Hq]."""
+    out, lse = attention_with_lse(query, keys, values, valid, scaling)
+    far_out, far_lse = sparse_attention(query, far.store, far.indices, far.counts, scaling)
+    return merge_attention(out, lse, far_out, far_lse), torch.logaddexp(lse, far_lse)
 
 
 def merge_attention(

@@ -1,0 +1,204 @@
+"""Decode throughput of Llama-3.1-8B's architecture (random bf16 weights) at long contexts: A2ATS against what a
+user of transformers would run instead, side by side on one GPU.
+
+For each context: full attention (sdpa + DynamicCache) at the largest batch whose K/V fits on the GPU; transformers'
+offloaded cache (DynamicCache(offloading=True): each layer's K/V comes over PCIe every step) at that batch; A2ATS at
+topk=0.03 under both budget rules with the K/V on the GPU (offload="none", at full attention's batch) and in CPU
+memory (offload="cpu", at the largest batch CPU memory holds). Every cache is filled with N random tokens per row
+as a prefill would leave it (decode speed does not depend on the values, and a 128K prefill per method would cost
+more device time than all the decoding), then decodes ``--steps`` tokens after ``--warmup``; tokens/s is the batch
+over the median step. A2ATS's codebooks are random (4096 centroids per layer and KV head) for the same reason.
+The split of an A2ATS step comes from a few more steps with each phase timed alone (synced, so not overlapped).
+
+    PYTHONPATH=. python bench/throughput.py [--contexts 32768 65536 131072] [--out FILE]
+
+writes bench/results/throughput-<gpu>.json (after every run, so an interrupted run keeps what it measured) and
+prints a table; ``--tiny`` runs a small model on whatever device there is (a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+from a2ats_hf import A2ATSCache, Codebooks, cache_argument
+from a2ats_hf.codebooks import fingerprint
+from a2ats_hf.kernels import cpu_attention
+from a2ats_hf.store import available_memory
+from kernels_bench import phase_timers
+from multi_gpu import LLAMA31_8B, build
+
+TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=32, vocab_size=1000, max_position_embeddings=8192)
+
+
+def kv_bytes_per_row(config, n: int) -> int:
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * n * config.head_dim * 2  # bf16
+
+
+def codebooks_for(config, centroids: int) -> Codebooks:
+    g = torch.Generator().manual_seed(0)
+    layers, hkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    return Codebooks(torch.eye(d).expand(layers, hkv, d, d).clone(),
+                     torch.randn(layers, hkv, centroids, d, generator=g) * 0.3, fingerprint(config))
+
+
+def fill(model, cache, batch: int, n: int) -> None:
+    """Every layer's cache as a prefill of N tokens per row leaves it, from random post-RoPE K/V."""
+    config, device = model.config, model.device
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, config.num_key_value_heads, n, config.head_dim)
+    positions = torch.arange(n, device=device)[None]
+    valid = torch.ones(batch, n, dtype=torch.bool, device=device)
+    for idx, block in enumerate(model.model.layers):
+        keys, values = (torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+        keys, values = cache.update(keys, values, idx)
+        if isinstance(cache, A2ATSCache):  # what the "a2ats" attention does after storing a prompt's K/V
+            layer = cache.layers[idx]
+            rope = cache.bind(block.self_attn)
+            if layer.first:
+                rope.new_step()
+            layer.append_codes(keys, positions, rope)
+            layer.set_first_tokens(valid, keys, values)
+        del keys, values
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_steps: int) -> dict:
+    """Median seconds per decode step over ``steps`` after ``warmup``, and (for A2ATS) the split of a step."""
+    device = model.device
+    token = torch.full((batch, 1), 7, device=device)
+    kwargs = cache_argument(model, cache)
+
+    def step():
+        with torch.no_grad():
+            model(token, use_cache=True, **kwargs)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    result = {"step_ms": round(1e3 * sorted(times)[len(times) // 2], 2), "steps": steps}
+    if isinstance(cache, A2ATSCache) and device.type == "cuda" and split_steps:
+        split: dict = {}
+        sync(device)
+        start = time.perf_counter()
+        with phase_timers(split):
+            for _ in range(split_steps):
+                step()
+        serial = (time.perf_counter() - start) / split_steps
+        result["split_ms"] = {k: round(1e3 * v / split_steps, 2) for k, v in split.items()}
+        result["split_ms"]["rest (model, encode, transfers, small ops)"] = round(1e3 * serial - sum(result["split_ms"].values()), 2)
+        result["far_fraction"] = round(cache.stats.far_fraction, 4)
+    return result
+
+
+def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cpu_before = available_memory() or 0
+    start = time.perf_counter()
+    cache = make_cache()
+    fill(model, cache, batch, n)
+    sync(device)
+    row = {"context": n, "method": method, "batch": batch, "fill_s": round(time.perf_counter() - start, 1)}
+    steps = args.steps if "offloaded" not in method else max(4, args.steps // 4)  # ~1 s a step at the largest batch
+    row.update(decode(model, cache, batch, n, steps, args.warmup, args.split_steps))
+    row["tokens_per_s"] = round(batch * 1e3 / row["step_ms"], 2)
+    if device.type == "cuda":
+        row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+    row["cpu_gib"] = round(max(cpu_before - (available_memory() or 0), 0) / 2**30, 1)
+    del cache
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 65536, 32768])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--split-steps", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--cpu-fraction", type=float, default=0.8, help="share of available CPU memory offload may use")
+    parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
+    parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny:
+        config = TINY
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="a2ats").to(device).eval()
+    else:
+        config, model = LLAMA31_8B, build([0])
+        model.set_attn_implementation("a2ats")
+    cpu_attention.extension()  # built outside the timings
+    books = codebooks_for(config, 64 if args.tiny else 4096)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results = {"gpu": gpu, "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
+               "cpu_available_gib": round((available_memory() or 0) / 2**30, 1), "runs": []}
+    name = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    out = args.out or Path(__file__).parent / "results" / f"throughput-{name}{'-tiny' if args.tiny else ''}.json"
+    for n in args.contexts:
+        per_row = kv_bytes_per_row(config, n)
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            reserve = 4 * 2**30 + 3 * per_row // config.num_hidden_layers  # activations; DynamicCache's cat per layer
+            full_batch = max(0, min(args.max_batch, (free - reserve) // per_row))
+        else:
+            full_batch = 2
+        cpu_batch = max(1, min(args.max_batch, int(args.cpu_fraction * (available_memory() or 0)) // per_row))
+        methods = [("full attention (sdpa + DynamicCache)", lambda: DynamicCache(config=config), full_batch, "sdpa"),
+                   ("offloaded (DynamicCache offloading=True)",
+                    lambda: DynamicCache(config=config, offloading=True), full_batch, "sdpa")]
+        for offload, batch in (("none", full_batch), ("cpu", cpu_batch)):
+            for budget in ("query_head", "kv_head"):
+                methods.append((f"A2ATS offload={offload} {budget}",
+                                lambda o=offload, b=budget: A2ATSCache(books, topk=0.03, budget=b, offload=o), batch, "a2ats"))
+        for method, make_cache, batch, attention in methods:
+            if (args.methods and method not in args.methods) or batch < 1 or (device.type == "cpu" and "offloaded" in method):
+                continue
+            model.set_attn_implementation(attention)
+            try:
+                row = measure(model, method, make_cache, batch, n, args)
+            except (torch.OutOfMemoryError, MemoryError) as error:
+                row = {"context": n, "method": method, "batch": batch, "error": str(error)[:300]}
+                gc.collect()
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+            print(json.dumps(row), flush=True)
+            results["runs"].append(row)
+            out.write_text(json.dumps(results, indent=1))
+    full = {r["context"]: r for r in results["runs"] if r["method"].startswith("full") and "tokens_per_s" in r}
+    print(f"\nwrote {out}\n\n| context | method | batch | ms/step | tokens/s | vs full attention | peak GPU GiB | CPU GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        if "tokens_per_s" not in r:
+            print(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | - | - | - | - | {r['error'][:60]} |")
+            continue
+        ratio = r["tokens_per_s"] / full[r["context"]]["tokens_per_s"] if r["context"] in full else math.nan
+        print(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {r['step_ms']} | {r['tokens_per_s']} | "
+              f"{ratio:.2f}x | {r.get('peak_gpu_gib', '-')} | {r['cpu_gib']} |")
+
+
+if __name__ == "__main__":
+    main()
