@@ -129,8 +129,9 @@ class DeviceKVStore:
     """Keys and values [B, H, N, D] in one buffer each on the layer's device, for GPU-resident decoding: the same
     interface as :class:`KVStore`, and the GPU's sparse attention reads rows straight from ``keys`` / ``values``.
 
-    The buffer grows by half its size (a re-copy, amortised over many appends); a cache given ``max_length``
-    allocates it whole at the prompt, so it never grows.
+    The buffer grows by whole blocks of 4096 tokens (a re-copy of one layer's K/V, ~1 ms for a GiB, once every
+    4096 decode steps), never by a factor: a long context's K/V fills most of the GPU, and growing every layer by
+    half would not fit. A cache given ``max_length`` allocates it whole at the prompt, so it never grows.
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -148,7 +149,7 @@ class DeviceKVStore:
         n, t = self.length, keys.shape[-2]
         if n + t > self.keys.shape[2]:
             b, h, _, d = self.shape
-            size = max(n + t, self.keys.shape[2] * 3 // 2)
+            size = math.ceil((n + t) / BLOCK_SIZE) * BLOCK_SIZE
             check_memory(kv_bytes(b, h, d, self.dtype, size, 1), f"Growing the K/V buffer to {size} tokens "
                          f"(batch {b}, {h} KV heads)", self.device)
             for name in ("keys", "values"):

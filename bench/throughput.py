@@ -126,11 +126,15 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
     if device.type == "cuda":
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
     row["cpu_gib"] = round(max(cpu_before - (available_memory() or 0), 0) / 2**30, 1)
-    del cache
+    return row
+
+
+def release(device: torch.device) -> None:
+    """Give back what a finished run held: GPU blocks and the pinned host blocks torch caches."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
+        torch._C._host_emptyCache()
 
 
 def main() -> None:
@@ -159,6 +163,7 @@ def main() -> None:
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1), "runs": []}
     name = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"throughput-{name}{'-tiny' if args.tiny else ''}.json"
+    steps_total = args.warmup + args.steps + args.split_steps + 1
     for n in args.contexts:
         per_row = kv_bytes_per_row(config, n)
         if device.type == "cuda":
@@ -174,7 +179,8 @@ def main() -> None:
         for offload, batch in (("none", full_batch), ("cpu", cpu_batch)):
             for budget in ("query_head", "kv_head"):
                 methods.append((f"A2ATS offload={offload} {budget}",
-                                lambda o=offload, b=budget: A2ATSCache(books, topk=0.03, budget=b, offload=o), batch, "a2ats"))
+                                lambda o=offload, b=budget: A2ATSCache(books, topk=0.03, budget=b, offload=o,
+                                                                       max_length=n + steps_total), batch, "a2ats"))
         for method, make_cache, batch, attention in methods:
             if (args.methods and method not in args.methods) or batch < 1 or (device.type == "cpu" and "offloaded" in method):
                 continue
@@ -183,8 +189,7 @@ def main() -> None:
                 row = measure(model, method, make_cache, batch, n, args)
             except (torch.OutOfMemoryError, MemoryError) as error:
                 row = {"context": n, "method": method, "batch": batch, "error": str(error)[:300]}
-                gc.collect()
-                torch.cuda.empty_cache() if device.type == "cuda" else None
+            release(device)
             print(json.dumps(row), flush=True)
             results["runs"].append(row)
             out.write_text(json.dumps(results, indent=1))

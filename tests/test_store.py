@@ -40,15 +40,18 @@ def test_append_and_gather(kind):
 
 
 def test_sizes():
-    """KVStore holds whole blocks; DeviceKVStore its buffer, grown by half its size when an append overflows."""
+    """KVStore holds whole blocks; DeviceKVStore its buffer: as allocated while appends fit (a cache's max_length),
+    else grown to whole blocks of 4096 tokens."""
     blocks = STORES["cpu-blocks"]()
-    buffer = STORES["device-buffer"]()
-    for store in (blocks, buffer):
-        store.append(torch.zeros(3, 2, 13, 8), torch.zeros(3, 2, 13, 8))
+    blocks.append(torch.zeros(3, 2, 13, 8), torch.zeros(3, 2, 13, 8))
     assert len(blocks.key_blocks) == 3 and blocks.nbytes == 2 * 3 * (3 * 2 * 5 * 8 * 4)
-    assert buffer.keys.shape[2] == 13 and buffer.nbytes == 2 * (3 * 2 * 13 * 8 * 4)
-    buffer.append(torch.zeros(3, 2, 1, 8), torch.zeros(3, 2, 1, 8))
-    assert buffer.keys.shape[2] == 19
+    buffer = DeviceKVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, device="cpu", capacity=14)
+    for t in (13, 1):
+        buffer.append(torch.zeros(3, 2, t, 8), torch.zeros(3, 2, t, 8))
+        assert buffer.keys.shape[2] == 14 and buffer.nbytes == 2 * (3 * 2 * 14 * 8 * 4)
+    buffer.append(torch.ones(3, 2, 1, 8), torch.ones(3, 2, 1, 8))
+    assert buffer.keys.shape[2] == 4096 and buffer.length == 15
+    assert buffer.to_tensors(13)[0].tolist() == torch.cat([torch.zeros(3, 2, 1, 8), torch.ones(3, 2, 1, 8)], 2).tolist()
 
 
 def test_device_store_checks_gpu_memory(monkeypatch):
