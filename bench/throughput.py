@@ -137,6 +137,37 @@ def release(device: torch.device) -> None:
         torch._C._host_emptyCache()
 
 
+def plot(results: dict, path: Path) -> None:
+    """Tokens/s against context, one line per method (the best batch each method ran at a context)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best: dict = {}
+    for r in results["runs"]:
+        if "tokens_per_s" in r:
+            key = (r["method"], r["context"])
+            best[key] = max(best.get(key, r), r, key=lambda x: x["tokens_per_s"])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in dict.fromkeys(m for m, _ in best):
+        rows = sorted((r for (m, _), r in best.items() if m == method), key=lambda r: r["context"])
+        ax.plot([r["context"] // 1024 for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=method)
+        for r in rows:
+            ax.annotate(f"b={r['batch']}", (r["context"] // 1024, r["tokens_per_s"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 3))
+    ax.set(xscale="log", yscale="log", xlabel="context (K tokens)", ylabel="decode tokens/s (whole batch)",
+           )
+    ax.set_title(f"{results['model']}, {results['gpu']}", fontsize=9)
+    ax.minorticks_off()
+    ax.set_xticks([32, 64, 128], ["32K", "64K", "128K"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 65536, 32768])
@@ -144,11 +175,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--split-steps", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, help="one batch for every method (default: each method's largest)")
     parser.add_argument("--cpu-fraction", type=float, default=0.8, help="share of available CPU memory offload may use")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path, nargs=2, metavar=("RESULTS", "PNG"), help="only draw the figure")
     args = parser.parse_args()
+    if args.plot:
+        return plot(json.loads(args.plot[0].read_text()), args.plot[1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
         config = TINY
@@ -173,6 +208,8 @@ def main() -> None:
         else:
             full_batch = 2
         cpu_batch = max(1, min(args.max_batch, int(args.cpu_fraction * (available_memory() or 0)) // per_row))
+        if args.batch:
+            full_batch = cpu_batch = args.batch
         methods = [("full attention (sdpa + DynamicCache)", lambda: DynamicCache(config=config), full_batch, "sdpa"),
                    ("offloaded (DynamicCache offloading=True)",
                     lambda: DynamicCache(config=config, offloading=True), full_batch, "sdpa")]
