@@ -1,5 +1,5 @@
 """`A2ATSCache`: a transformers `Cache` whose layers keep codes and a local window on the device and the full
-K/V in CPU memory (or, with ``offload="none"``, on the device too)."""
+K/V in CPU memory (or, with ``offload="none"``, on the device too; ``"auto"``: on the device while it fits)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .scoring import Scorer, scorer_of
 from .store import BLOCK_SIZE, DeviceKVStore, KVStore, check_memory, kv_bytes
 
 BUDGETS = ("query_head", "kv_head")
-OFFLOADS = ("cpu", "none")
+OFFLOADS = ("cpu", "none", "auto")
 
 
 def cache_argument(model: nn.Module, cache: Cache) -> dict[str, Cache]:
@@ -111,11 +111,7 @@ class A2ATSLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        if self.cache.offload == "none":
-            capacity = max(key_states.shape[2], self.cache.max_length or 0)
-            self.store = DeviceKVStore(b, h, d, key_states.dtype, self.device, capacity)
-        else:
-            self.store = KVStore(b, h, d, key_states.dtype)
+        self.store = self.cache.new_store(key_states)
         self.code_buffer = torch.empty(b, h, 0, dtype=torch.uint16, device=self.device)
         self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, kept up to date
         self.local_keys = torch.zeros(b, h, self.cache.sink + self.cache.window, d, dtype=self.dtype, device=self.device)
@@ -280,8 +276,11 @@ class A2ATSCache(Cache):
             fails at the first forward instead of midway through generation (and ``offload="none"`` allocates
             its buffers whole).
         offload: where the full K/V lives: "cpu" (the paper's layout: CPU memory, the selected rows attended
-            there) or "none" (the layer's device; the selected rows are attended there, so decoding reads a few
-            percent of the K/V instead of all of it).
+            there), "none" (the layer's device; the selected rows are attended there, so decoding reads a few
+            percent of the K/V instead of all of it) or "auto" (layer by layer, on the device while the layers so
+            far fit in ``gpu_kv_budget``, in CPU memory beyond).
+        gpu_kv_budget: bytes of device memory the K/V may take with ``offload="auto"`` (default: 90% of what is
+            free when the first layer stores its prompt, less 2 GiB for activations; 0 on a CPU).
     """
 
     def __init__(
@@ -294,11 +293,16 @@ class A2ATSCache(Cache):
         max_length: int | None = None,
         scoring: str | Scorer = "wrope",
         offload: str = "cpu",
+        gpu_kv_budget: int | None = None,
     ):
         check_topk(topk)
         if offload not in OFFLOADS:
             raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
-        self.offload = offload
+        if gpu_kv_budget is not None and (offload != "auto" or gpu_kv_budget < 0):
+            raise ValueError(f'gpu_kv_budget must be a number of bytes >= 0 with offload="auto", got '
+                             f"{gpu_kv_budget!r} with offload={offload!r}")
+        self.offload, self.gpu_kv_budget = offload, gpu_kv_budget
+        self.gpu_kv_left: int | None = None  # what "auto" may still place on the device, set by the first layer
         self.scorer = scorer_of(scoring)
         if self.scorer.keys not in (None, codebooks.keys):
             raise ValueError(f'scoring="{self.scorer.name}" reads codes of {self.scorer.keys} keys, but these '
@@ -336,7 +340,7 @@ class A2ATSCache(Cache):
         """A cache with the codebooks stored next to a model (``a2ats/`` in its folder or Hub repository).
 
         The Hub arguments go to ``Codebooks.from_pretrained``; ``cache_kwargs`` (topk, window, sink, budget,
-        max_length, scoring, offload) to the constructor.
+        max_length, scoring, offload, gpu_kv_budget) to the constructor.
         """
         books = Codebooks.from_pretrained(model_id_or_path, subfolder, revision, cache_dir, local_files_only, token)
         return cls(books, **cache_kwargs)
@@ -360,8 +364,36 @@ class A2ATSCache(Cache):
         tokens = max(t, self.max_length or 0)
         layers = len(self.a2ats_layers)
         device = key_states.device if self.offload == "none" else None
+        if self.offload == "auto":  # the layers beyond the device budget go to CPU memory
+            layers -= min(layers, self.device_budget(key_states.device) // kv_bytes(b, h, d, key_states.dtype, tokens, 1))
         needed = layers * kv_bytes(b, h, d, key_states.dtype, tokens, 1 if device else BLOCK_SIZE)
         check_memory(needed, f"The K/V of {layers} layers x batch {b} x {tokens} tokens", device)
+
+    def device_budget(self, device: torch.device) -> int:
+        """Bytes of K/V that offload="auto" may still place on the device (fixed by the first layer)."""
+        if self.gpu_kv_left is None:
+            if self.gpu_kv_budget is not None:
+                self.gpu_kv_left = self.gpu_kv_budget
+            elif device.type == "cuda":
+                self.gpu_kv_left = max(int(0.9 * torch.cuda.mem_get_info(device)[0]) - 2 * 2**30, 0)
+            else:
+                self.gpu_kv_left = 0  # a CPU model: CPU memory is where "offloading" leads anyway
+        return self.gpu_kv_left
+
+    def new_store(self, key_states: torch.Tensor) -> KVStore | DeviceKVStore:
+        """Where a layer keeps its K/V, from its prompt's keys [B, Hkv, T, D]: the device (room for ``max_length``
+        or the prompt) under offload="none", or under "auto" while the budget lasts; CPU memory otherwise."""
+        b, h, t, d = key_states.shape
+        device, dtype = key_states.device, key_states.dtype
+        capacity = max(t, self.max_length or 0)
+        resident = self.offload == "none"
+        if self.offload == "auto":
+            need = kv_bytes(b, h, d, dtype, capacity, 1)
+            resident = need <= self.device_budget(device)
+            self.gpu_kv_left -= need if resident else 0
+        if resident:
+            return DeviceKVStore(b, h, d, dtype, device, capacity)
+        return KVStore(b, h, d, dtype)
 
     def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
         """Tokens to retrieve per row from its number of far tokens (a tensor [B], or one int on the host)."""
@@ -375,9 +407,10 @@ class A2ATSCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.stats = AttendedStats()
+        self.gpu_kv_left = None
 
     def memory_footprint(self) -> dict[str, int]:
-        """Bytes held on the device (codes, sinks, window; the full K/V with ``offload="none"``) and on the CPU
+        """Bytes held on the device (codes, sinks, window; the full K/V of layers kept there) and on the CPU
         (the full K/V)."""
         device, cpu = map(sum, zip(*(layer.nbytes() for layer in self.a2ats_layers)))
         return {"device_bytes": device, "cpu_bytes": cpu}

@@ -3,8 +3,9 @@ user of transformers would run instead, side by side on one GPU.
 
 For each context: full attention (sdpa + DynamicCache) at the largest batch whose K/V fits on the GPU; transformers'
 offloaded cache (DynamicCache(offloading=True): each layer's K/V comes over PCIe every step) at that batch; A2ATS at
-topk=0.03 under both budget rules with the K/V on the GPU (offload="none", at full attention's batch) and in CPU
-memory (offload="cpu", at the largest batch CPU memory holds). Every cache is filled with N random tokens per row
+topk=0.03 under both budget rules with the K/V on the GPU (offload="none", at full attention's batch), in CPU
+memory (offload="cpu", at the largest batch CPU memory holds) and split layer by layer between them
+(offload="auto", at that batch). Every cache is filled with N random tokens per row
 as a prefill would leave it (decode speed does not depend on the values, and a 128K prefill per method would cost
 more device time than all the decoding), then decodes ``--steps`` tokens after ``--warmup``; tokens/s is the batch
 over the median step. A2ATS's codebooks are random (4096 centroids per layer and KV head) for the same reason.
@@ -213,7 +214,7 @@ def main() -> None:
         methods = [("full attention (sdpa + DynamicCache)", lambda: DynamicCache(config=config), full_batch, "sdpa"),
                    ("offloaded (DynamicCache offloading=True)",
                     lambda: DynamicCache(config=config, offloading=True), full_batch, "sdpa")]
-        for offload, batch in (("none", full_batch), ("cpu", cpu_batch)):
+        for offload, batch in (("none", full_batch), ("cpu", cpu_batch), ("auto", cpu_batch)):
             for budget in ("query_head", "kv_head"):
                 methods.append((f"A2ATS offload={offload} {budget}",
                                 lambda o=offload, b=budget: A2ATSCache(books, topk=0.03, budget=b, offload=o,

@@ -41,9 +41,11 @@ def test_bad_topk_is_rejected(tiny, topk):
         A2ATSCache(tiny[1], topk=topk)
 
 
-@pytest.mark.parametrize("kwargs", [{"budget": "layer"}, {"window": 0}, {"sink": -1}, {"offload": "disk"}])
+@pytest.mark.parametrize("kwargs", [{"budget": "layer"}, {"window": 0}, {"sink": -1}, {"offload": "disk"},
+                                    {"gpu_kv_budget": 2**30}, {"offload": "auto", "gpu_kv_budget": -1}])
 def test_bad_options_are_rejected(tiny, kwargs):
-    """Unknown budget rules or offload modes, an empty window or negative sinks are refused."""
+    """Unknown budget rules or offload modes, an empty window, negative sinks, a device budget without
+    offload="auto" or below zero are refused."""
     with pytest.raises(ValueError):
         A2ATSCache(tiny[1], **kwargs)
 
@@ -164,6 +166,42 @@ def test_memory_footprint_without_offload(tiny):
         footprints[offload] = cache.memory_footprint()
     stored = sum(layer.store.nbytes for layer in cache.a2ats_layers)
     assert footprints["none"] == {"device_bytes": footprints["cpu"]["device_bytes"] + stored, "cpu_bytes": 0}
+
+
+def test_auto_keeps_layers_on_the_device_while_the_budget_lasts(tiny):
+    """offload="auto" with room for one layer's K/V: the first keeps it on the device, the others in CPU memory,
+    and decoding equals offload="cpu"'s; without a budget on a CPU model everything goes to CPU memory."""
+    from a2ats_hf.store import DeviceKVStore, KVStore, kv_bytes
+
+    model, books = tiny
+    ids = ids_of(1, 200)
+    layer_bytes = kv_bytes(1, 2, 16, torch.float32, 200, 1)
+    logits = {}
+    for offload, budget in (("cpu", None), ("auto", layer_bytes + 1)):
+        cache = A2ATSCache(books, topk=0.1, offload=offload, gpu_kv_budget=budget)
+        with torch.no_grad():
+            model(ids.to(DEVICE), **cache_argument(model, cache))
+            logits[offload] = torch.cat([model(torch.full((1, 1), t, device=DEVICE), **cache_argument(model, cache)).logits
+                                         for t in range(5, 9)], 1)
+    kinds = [type(layer.store) for layer in cache.a2ats_layers]
+    assert len(kinds) > 1 and kinds[0] is DeviceKVStore and set(kinds[1:]) == {KVStore}
+    assert cache.memory_footprint()["cpu_bytes"] == sum(layer.store.nbytes for layer in cache.a2ats_layers[1:])
+    torch.testing.assert_close(logits["auto"], logits["cpu"], atol=1e-5, rtol=1e-4)
+    if DEVICE.type == "cpu":
+        cache = A2ATSCache(books, offload="auto")
+        generate(model, ids, cache, new=2)
+        assert all(isinstance(layer.store, KVStore) for layer in cache.a2ats_layers)
+
+
+def test_auto_checks_cpu_memory_for_the_layers_it_offloads(tiny, monkeypatch):
+    """Before allocating, offload="auto" counts against CPU memory only the layers beyond the device budget."""
+    from a2ats_hf import store
+
+    model, books = tiny
+    monkeypatch.setattr(store, "available_memory", lambda: 2**20)
+    layer_bytes = store.kv_bytes(1, 2, 16, torch.float32, 100_000, 1)
+    with pytest.raises(MemoryError, match=f"The K/V of {len(books.layers) - 1} layers"):
+        generate(model, ids_of(1, 50), A2ATSCache(books, max_length=100_000, offload="auto", gpu_kv_budget=layer_bytes))
 
 
 def test_stats_add_without_aliasing_what_they_are_given():
