@@ -113,6 +113,13 @@ def decode_attention(
     layer.advance(key, value, masks.far)
     k_max = cache.budget_for(max(n - cache.window - cache.sink, 0))  # a host-side bound, so nothing waits here
 
+    if resident and n < cache.dense_below:  # too short for retrieval to pay: every token, exactly, on the device
+        valid = masks.valid[:, None].expand(-1, hkv, -1)
+        out, _ = kernels.attention_with_lse(query, layer.store.keys[:, :, :n], layer.store.values[:, :, :n], valid,
+                                            scaling)
+        cache.stats.steps += layer.first
+        cache.stats.add(masks.totals[0] * hkv, masks.totals, hkv)  # every far token attended
+        return out
     if not cache.scorer.retrieves:
         k_max = 0
     if k_max > 0:

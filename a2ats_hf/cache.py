@@ -281,6 +281,9 @@ class A2ATSCache(Cache):
             far fit in ``gpu_kv_budget``, in CPU memory beyond).
         gpu_kv_budget: bytes of device memory the K/V may take with ``offload="auto"`` (default: 90% of what is
             free when the first layer stores its prompt, less 2 GiB for activations; 0 on a CPU).
+        dense_below: a layer whose K/V is on the device attends every token exactly while its rows hold fewer
+            than this many tokens (one attention over the stored K/V), where selecting a few percent would cost
+            more than it saves; 0 retrieves always. The CPU store always retrieves.
     """
 
     def __init__(
@@ -294,6 +297,7 @@ class A2ATSCache(Cache):
         scoring: str | Scorer = "wrope",
         offload: str = "cpu",
         gpu_kv_budget: int | None = None,
+        dense_below: int = 4096,
     ):
         check_topk(topk)
         if offload not in OFFLOADS:
@@ -301,7 +305,9 @@ class A2ATSCache(Cache):
         if gpu_kv_budget is not None and (offload != "auto" or gpu_kv_budget < 0):
             raise ValueError(f'gpu_kv_budget must be a number of bytes >= 0 with offload="auto", got '
                              f"{gpu_kv_budget!r} with offload={offload!r}")
-        self.offload, self.gpu_kv_budget = offload, gpu_kv_budget
+        if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
+            raise ValueError(f"dense_below must be an int >= 0 (tokens), got {dense_below!r}")
+        self.offload, self.gpu_kv_budget, self.dense_below = offload, gpu_kv_budget, dense_below
         self.gpu_kv_left: int | None = None  # what "auto" may still place on the device, set by the first layer
         self.scorer = scorer_of(scoring)
         if self.scorer.keys not in (None, codebooks.keys):
@@ -340,7 +346,7 @@ class A2ATSCache(Cache):
         """A cache with the codebooks stored next to a model (``a2ats/`` in its folder or Hub repository).
 
         The Hub arguments go to ``Codebooks.from_pretrained``; ``cache_kwargs`` (topk, window, sink, budget,
-        max_length, scoring, offload, gpu_kv_budget) to the constructor.
+        max_length, scoring, offload, gpu_kv_budget, dense_below) to the constructor.
         """
         books = Codebooks.from_pretrained(model_id_or_path, subfolder, revision, cache_dir, local_files_only, token)
         return cls(books, **cache_kwargs)

@@ -101,7 +101,7 @@ def test_resident_kv_equals_offloaded(tiny, topk):
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
     logits, stats = {}, {}
     for offload in ("cpu", "none"):
-        cache = A2ATSCache(books, topk=topk, offload=offload)
+        cache = A2ATSCache(books, topk=topk, offload=offload, dense_below=0)
         with torch.no_grad():
             model(ids, attention_mask=mask, **cache_argument(model, cache))
             steps = []
@@ -113,6 +113,24 @@ def test_resident_kv_equals_offloaded(tiny, topk):
         logits[offload], stats[offload] = torch.cat(steps, 1), (cache.stats.far_fraction, cache.stats.attended)
     torch.testing.assert_close(logits["none"], logits["cpu"], atol=1e-5, rtol=1e-4)
     assert stats["none"] == stats["cpu"] and 0 < stats["cpu"][0] <= 1
+
+
+def test_short_resident_context_attends_everything(tiny):
+    """A K/V on the device shorter than dense_below is attended whole (logits as sdpa's, every far token counted
+    attended) even at a small topk; past it, retrieval resumes."""
+    model, books = tiny
+    reference = tiny_model("sdpa")
+    ids = torch.randint(2, 256, (2, 200), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    caches = [A2ATSCache(books, topk=0.03, offload="none", dense_below=203), DynamicCache(config=reference.config)]
+    with torch.no_grad():
+        outs = [m(ids, **cache_argument(m, c)).logits for m, c in zip([model, reference], caches)]
+        nxt = outs[1][:, -1:].argmax(-1)
+        for step in range(4):  # 201, 202 tokens: dense; 203, 204: retrieval
+            logits = [m(nxt, **cache_argument(m, c)).logits for m, c in zip([model, reference], caches)]
+            if step == 1:
+                torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-4)
+                assert caches[0].stats.far_fraction == 1.0 and caches[0].stats.attended_fraction == 1.0
+    assert caches[0].stats.far_fraction < 0.8
 
 
 def test_sparse_topk_generates_and_attends_a_fraction(tiny):

@@ -42,10 +42,11 @@ def test_bad_topk_is_rejected(tiny, topk):
 
 
 @pytest.mark.parametrize("kwargs", [{"budget": "layer"}, {"window": 0}, {"sink": -1}, {"offload": "disk"},
-                                    {"gpu_kv_budget": 2**30}, {"offload": "auto", "gpu_kv_budget": -1}])
+                                    {"gpu_kv_budget": 2**30}, {"offload": "auto", "gpu_kv_budget": -1},
+                                    {"dense_below": -1}, {"dense_below": 0.5}])
 def test_bad_options_are_rejected(tiny, kwargs):
     """Unknown budget rules or offload modes, an empty window, negative sinks, a device budget without
-    offload="auto" or below zero are refused."""
+    offload="auto" or below zero, a dense threshold that is not a token count are refused."""
     with pytest.raises(ValueError):
         A2ATSCache(tiny[1], **kwargs)
 
@@ -178,7 +179,7 @@ def test_auto_keeps_layers_on_the_device_while_the_budget_lasts(tiny):
     layer_bytes = kv_bytes(1, 2, 16, torch.float32, 200, 1)
     logits = {}
     for offload, budget in (("cpu", None), ("auto", layer_bytes + 1)):
-        cache = A2ATSCache(books, topk=0.1, offload=offload, gpu_kv_budget=budget)
+        cache = A2ATSCache(books, topk=0.1, offload=offload, gpu_kv_budget=budget, dense_below=0)
         with torch.no_grad():
             model(ids.to(DEVICE), **cache_argument(model, cache))
             logits[offload] = torch.cat([model(torch.full((1, 1), t, device=DEVICE), **cache_argument(model, cache)).logits

@@ -23,8 +23,8 @@ KERNEL_DEVICE = DEVICE if DEVICE.type == "cuda" else torch.device("cpu")
 @pytest.mark.parametrize(
     "b, hq, hkv, length, d, dtype",
     [(2, 6, 2, 37, 16, torch.float32), (1, 9, 3, 72, 64, torch.bfloat16), (3, 4, 4, 5, 80, torch.float32),
-     (1, 12, 1, 100, 24, torch.float16)],
-    ids=["group3", "smollm2-shape-bf16", "mha-d80", "group12-fp16"],
+     (1, 12, 1, 100, 24, torch.float16), (2, 4, 2, 700, 32, torch.float32)],
+    ids=["group3", "smollm2-shape-bf16", "mha-d80", "group12-fp16", "long-split-over-programs"],
 )
 def test_attention_with_lse_matches_reference(b, hq, hkv, length, d, dtype):
     g = torch.Generator().manual_seed(length + d)

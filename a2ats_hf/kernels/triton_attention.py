@@ -102,12 +102,13 @@ def attention_with_lse(
     if far is None:
         far_keys = far_values = keys
         indices = counts = valid  # not read
-        splits = 1
+        width = 0
     else:
         far_keys, far_values = far.store.keys, far.store.values
         indices, counts = far.indices, far.counts.to(torch.int32).contiguous()
-        splits = _split_count(b * hkv, length + indices.shape[-1], query.device)
-    per_split = triton.cdiv(triton.cdiv(length + (0 if far is None else indices.shape[-1]), splits), block) * block
+        width = indices.shape[-1]
+    splits = _split_count(b * hkv, length + width, query.device)
+    per_split = triton.cdiv(triton.cdiv(length + width, splits), block) * block
     parts = torch.empty(splits, b, hq, d, dtype=torch.float32, device=query.device)
     parts_lse = torch.empty(splits, b, hq, dtype=torch.float32, device=query.device)
     _attention_lse_kernel[(b * hkv, splits)](
