@@ -1,13 +1,16 @@
-"""Kernels behind A2ATS decode: top-K selection over codes, sparse attention over the CPU store, LSE merge.
+"""Kernels behind A2ATS decode: top-K selection over codes, attention with log-sum-exp over the local window (and,
+where the K/V stays on the GPU, the selected rows), sparse attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
-exported here, which pick the fast implementation where it applies (Triton top-K, window attention and merge on a
-GPU, the C++ CPU kernel for sparse attention) and the reference otherwise.
+exported here, which pick the fast implementation where it applies (Triton top-K, attention and merge on a GPU, the
+C++ CPU kernel for sparse attention) and the reference otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from typing import Callable
 
 import torch
 
@@ -18,21 +21,27 @@ from .reference import FarRows, code_histogram
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def _dispatch(tensor: torch.Tensor, module: str, name: str, fallback: Callable, *args, **kwargs):
+    """``module.name(*args)`` in Triton on ``tensor``'s GPU (Triton launches on the current GPU, and a layer may sit
+    on another), else ``fallback(*args)``."""
+    if tensor.is_cuda and HAS_TRITON:
+        with torch.cuda.device(tensor.device):
+            return getattr(importlib.import_module(f".{module}", __name__), name)(*args, **kwargs)
+    return fallback(*args, **kwargs)
+
+
 def attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scaling: float,
     far: FarRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with its log-sum-exp over the sinks + window (see :func:`.reference.attention_with_lse`) and,
     where the K/V stays on the device, the selected ``far`` rows too (:func:`.reference.local_and_far_attention`).
-    One Triton launch on a GPU (two when the far rows are split over programs), the torch reference elsewhere."""
-    if query.is_cuda and HAS_TRITON:
-        from .triton_attention import attention_with_lse as triton_attention_with_lse
-
-        with torch.cuda.device(query.device):
-            return triton_attention_with_lse(query, keys, values, valid, scaling, far)
-    if far is not None:
-        return reference.local_and_far_attention(query, keys, values, valid, scaling, far)
-    return reference.attention_with_lse(query, keys, values, valid, scaling)
+    One Triton launch on a GPU (two when the keys are split over programs), the torch reference elsewhere."""
+    if far is None:
+        return _dispatch(query, "triton_attention", "attention_with_lse", reference.attention_with_lse, query, keys,
+                         values, valid, scaling)
+    return _dispatch(query, "triton_attention", "attention_with_lse", reference.local_and_far_attention, query, keys,
+                     values, valid, scaling, far)
 
 
 def merge_attention(
@@ -40,12 +49,7 @@ def merge_attention(
 ) -> torch.Tensor:
     """Two attentions over disjoint key sets merged by their log-sum-exps; see :func:`.reference.merge_attention`.
     One Triton launch on a GPU, the torch reference elsewhere."""
-    if out_a.is_cuda and HAS_TRITON:
-        from .triton_attention import merge_attention as triton_merge_attention
-
-        with torch.cuda.device(out_a.device):
-            return triton_merge_attention(out_a, lse_a, out_b, lse_b)
-    return reference.merge_attention(out_a, lse_a, out_b, lse_b)
+    return _dispatch(out_a, "triton_attention", "merge_attention", reference.merge_attention, out_a, lse_a, out_b, lse_b)
 
 
 def select_topk(
@@ -63,12 +67,8 @@ def select_topk(
     ``k_max`` on ``k`` spare it a pass over the codes and a device sync); indices may then be int32 and padded
     wider than the largest count.
     """
-    if codes.is_cuda and HAS_TRITON:
-        from .triton_topk import select_topk as triton_select_topk
-
-        with torch.cuda.device(codes.device):  # Triton launches on the current GPU; a layer may sit on another
-            return triton_select_topk(lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max)
-    return reference.select_topk(lut, codes, candidates, k, budget)
+    return _dispatch(codes, "triton_topk", "select_topk", reference.select_topk, lut, codes, candidates, k, budget,
+                     histogram=histogram, k_max=k_max)
 
 
 __all__ = ["FarRows", "attention_with_lse", "code_histogram", "merge_attention", "select_topk", "sparse_attention"]
