@@ -109,11 +109,12 @@ def decode_attention(
     [B, Hq, D] (float32).
     """
     cache, n, hkv = layer.cache, layer.store.length, key.shape[1]
-    resident = isinstance(layer.store, DeviceKVStore)  # offload="none": the selected rows are attended here
+    resident = isinstance(layer.store, DeviceKVStore)  # the K/V is on the device: the selected rows are attended here
     layer.advance(key, value, masks.far)
     k_max = cache.budget_for(max(n - cache.window - cache.sink, 0))  # a host-side bound, so nothing waits here
 
-    if resident and n < cache.dense_below:  # too short for retrieval to pay: every token, exactly, on the device
+    if resident and n < cache.dense_below and cache.scorer.retrieves:
+        # too short for retrieval to pay: every token, exactly, on the device (the window-only baseline stays so)
         valid = masks.valid[:, None].expand(-1, hkv, -1)
         out, _ = kernels.attention_with_lse(query, layer.store.keys[:, :, :n], layer.store.values[:, :, :n], valid,
                                             scaling)
