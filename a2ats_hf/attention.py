@@ -100,58 +100,72 @@ def decode_attention(
     masks: StepMasks,
     scaling: float,
 ) -> torch.Tensor:
-    """One decode token: exact attention over sinks + window on the device, top-K far tokens from the store (on the
-    CPU, or on the device with ``offload="none"``).
+    """One decode token: exact attention over sinks + window on the device, and over the top-K far tokens where the
+    store keeps them (the CPU, or the device with ``offload="none"``); a device store shorter than the cache's
+    ``dense_below`` is attended whole instead.
 
     query [B, Hq, D] post-RoPE; key/value [B, Hkv, 1, D] the new token's; ``masks`` the pass's key validity,
-    candidates and budget. The device selects the far tokens and hands their indices to the CPU, then attends its
-    sinks and window while the CPU attends the selected rows; the two are merged by log-sum-exp. Returns
-    [B, Hq, D] (float32).
+    candidates and budget. Returns [B, Hq, D] (float32).
     """
-    cache, n, hkv = layer.cache, layer.store.length, key.shape[1]
-    resident = isinstance(layer.store, DeviceKVStore)  # the K/V is on the device: the selected rows are attended here
+    cache, hkv = layer.cache, key.shape[1]
     layer.advance(key, value, masks.far)
-    k_max = cache.budget_for(max(n - cache.window - cache.sink, 0))  # a host-side bound, so nothing waits here
-
-    if resident and n < cache.dense_below and cache.scorer.retrieves:
-        # too short for retrieval to pay: every token, exactly, on the device (the window-only baseline stays so)
+    if not isinstance(layer.store, DeviceKVStore):
+        out, selected = _offloaded(layer, query, position_ids, masks, scaling)
+    elif layer.store.length < cache.dense_below and cache.scorer.retrieves:  # too short for retrieval to pay
         valid = masks.valid[:, None].expand(-1, hkv, -1)
+        n = layer.store.length
         out, _ = kernels.attention_with_lse(query, layer.store.keys[:, :, :n], layer.store.values[:, :, :n], valid,
                                             scaling)
-        cache.stats.steps += layer.first
-        cache.stats.add(masks.totals[0] * hkv, masks.totals, hkv)  # every far token attended
-        return out
-    if not cache.scorer.retrieves:
-        k_max = 0
-    if k_max > 0:
-        lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling, masks.far)
-        indices, counts = kernels.select_topk(
-            lut, codes, masks.far, masks.budget, cache.budget, histogram=histogram, k_max=k_max
-        )
-        if query.is_cuda and not resident:  # hand the selection to the CPU without stalling the queue behind it
-            indices, counts, cpu_query = (t.to("cpu", non_blocking=True) for t in (indices, counts, query))
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(query.device))  # the layer's GPU, which need not be the current one
-        else:
-            cpu_query = query
-
-    local_valid = masks.local_valid[:, None].expand(-1, hkv, -1)
-    if resident:
-        far = kernels.FarRows(layer.store, indices, counts) if k_max > 0 else None
-        out, _ = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, local_valid, scaling, far)
-        selected = counts.sum() if k_max > 0 else 0  # stays on the device
+        selected = masks.totals[0] * hkv  # every far token
     else:
-        out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, local_valid, scaling)
-        selected = 0
-        if k_max > 0:
-            if query.is_cuda:
-                ready.synchronize()  # the GPU goes on with the window attention meanwhile
-            far_out, far_lse = kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling)
-            out = kernels.merge_attention(
-                out, lse, far_out.to(out.device, non_blocking=True), far_lse.to(lse.device, non_blocking=True)
-            )
-            selected = int(counts.sum())  # on the host already
-
+        selection = _select(layer, query, position_ids, masks, scaling)
+        far = None if selection is None else kernels.FarRows(layer.store, *selection)
+        out, _ = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
+                                            scaling, far)
+        selected = 0 if selection is None else selection[1].sum()  # stays on the device
     cache.stats.steps += layer.first
     cache.stats.add(selected, masks.totals, hkv)
     return out
+
+
+def _local_valid(layer: A2ATSLayer, masks: StepMasks) -> torch.Tensor:
+    """[B, Hkv, sink + window]: the pass's local validity for each KV head (an expanded view)."""
+    return masks.local_valid[:, None].expand(-1, layer.store.shape[1], -1)
+
+
+def _select(
+    layer: A2ATSLayer, query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The far tokens to attend, (indices [B, Hkv, K], counts [B, Hkv]) on the device, or None where there is
+    nothing to retrieve (a short context, or a scorer that retrieves nothing)."""
+    cache = layer.cache
+    k_max = cache.budget_for(max(layer.store.length - cache.window - cache.sink, 0))  # host-side: nothing waits
+    if k_max == 0 or not cache.scorer.retrieves:
+        return None
+    lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling, masks.far)
+    return kernels.select_topk(lut, codes, masks.far, masks.budget, cache.budget, histogram=histogram, k_max=k_max)
+
+
+def _offloaded(
+    layer: A2ATSLayer, query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
+) -> tuple[torch.Tensor, int]:
+    """The paper's layout: the device selects the far tokens and hands their indices to the CPU, then attends its
+    sinks and window while the CPU attends the selected rows of its store; the two merge by log-sum-exp. Returns
+    the output and the number of tokens selected (on the host)."""
+    selection = _select(layer, query, position_ids, masks, scaling)
+    if selection is not None:
+        indices, counts, cpu_query = selection[0], selection[1], query
+        if query.is_cuda:  # hand the selection to the CPU without stalling the queue behind it
+            indices, counts, cpu_query = (t.to("cpu", non_blocking=True) for t in (indices, counts, query))
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(query.device))  # the layer's GPU, which need not be the current one
+    out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
+                                          scaling)
+    if selection is None:
+        return out, 0
+    if query.is_cuda:
+        ready.synchronize()  # the GPU goes on with the window attention meanwhile
+    far_out, far_lse = kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling)
+    out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
+                                  far_lse.to(lse.device, non_blocking=True))
+    return out, int(counts.sum())  # on the host already
