@@ -113,7 +113,7 @@ class A2ATSLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         self.store = self.cache.new_store(key_states)
         self.code_buffer = torch.empty(b, h, 0, dtype=torch.uint16, device=self.device)
-        self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, kept up to date
+        self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, for scorers reading it
         self.local_keys = torch.zeros(b, h, self.cache.sink + self.cache.window, d, dtype=self.dtype, device=self.device)
         self.local_values = torch.zeros_like(self.local_keys)
         self.first_token = torch.zeros(b, dtype=torch.long, device=self.device)  # column of each row's first real token
@@ -174,7 +174,8 @@ class A2ATSLayer(CacheLayerMixin):
 
     def set_first_tokens(self, valid: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """After a prompt: each row's first real column from the key validity [B, N], its sinks from all the
-        layer's keys and values [B, Hkv, N, D] on the device, and the far candidates' code histogram."""
+        layer's keys and values [B, Hkv, N, D] on the device, and (for a scorer that reads it) the far candidates'
+        code histogram."""
         self.first_token = valid.long().argmax(-1)
         self.last_first_token = int(self.first_token.max())  # on the host: when every row's sinks are complete
         self.sink_valid: torch.Tensor | None = None  # validity of the sink slots, kept once it can no longer change
@@ -182,7 +183,8 @@ class A2ATSLayer(CacheLayerMixin):
         index = cols[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         self.local_keys[:, :, : self.cache.sink] = keys.gather(2, index)
         self.local_values[:, :, : self.cache.sink] = values.gather(2, index)
-        self.histogram = code_histogram(self.codes, self.far_candidates(valid), self.centroids.shape[1])
+        if self.cache.scorer.reads_code_histogram:
+            self.histogram = code_histogram(self.codes, self.far_candidates(valid), self.centroids.shape[1])
 
     def far_candidates(self, valid: torch.Tensor) -> torch.Tensor:
         """[B, N] bool: tokens eligible for retrieval (valid, outside each row's sinks and the window)."""
@@ -214,7 +216,8 @@ class A2ATSLayer(CacheLayerMixin):
 
     def advance(self, keys: torch.Tensor, values: torch.Tensor, far: torch.Tensor) -> None:
         """After one decoded token [B, Hkv, 1, D]: fill sink slots of rows still within their first ``sink`` tokens,
-        and count the token that just left the window into the histogram if it is a candidate (``far`` [B, N])."""
+        and count the token that just left the window into the code histogram (where one is kept) if it is a
+        candidate (``far`` [B, N])."""
         n, sink = self.store.length, self.cache.sink
         if n - 1 < self.last_first_token + sink:  # some row's sinks are still filling
             slot = n - 1 - self.first_token  # [B]
@@ -224,7 +227,7 @@ class A2ATSLayer(CacheLayerMixin):
             sink_keys.copy_(torch.where(inside & onehot, keys.to(self.dtype), sink_keys))
             sink_values.copy_(torch.where(inside & onehot, values.to(self.dtype), sink_values))
         col = n - 1 - self.cache.window
-        if col >= 0:
+        if col >= 0 and self.histogram is not None:
             code = self.code_buffer[:, :, col : col + 1].long()
             self.histogram.scatter_add_(-1, code, far[:, None, col : col + 1].expand_as(code).to(torch.int32))
 

@@ -26,11 +26,13 @@ if TYPE_CHECKING:
 @dataclass
 class Scorer:
     """Scores of a step's far tokens. ``retrieves`` False: nothing is retrieved (sinks + window alone); ``keys``:
-    the codebooks' kind the scorer reads codes of (None: it reads no codes)."""
+    the codebooks' kind the scorer reads codes of (None: it reads no codes); ``reads_code_histogram``: it hands the
+    top-K the layer's histogram of the candidates' codes, which the layer then keeps up to date."""
 
     name = "base"
     retrieves = True
     keys = None  # type: str | None
+    reads_code_histogram = False
 
     def scores(self, layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, scaling: float,
                far: torch.Tensor):
@@ -77,6 +79,7 @@ class WindowedRoPE(Scorer):
 
     name = "wrope"
     keys = "pre_rope"
+    reads_code_histogram = True
 
     def scores(self, layer, query, position_ids, scaling, far):
         cache = layer.cache
@@ -210,6 +213,7 @@ class PostRoPE(Scorer):
 
     name = "postrope"
     keys = "post_rope"
+    reads_code_histogram = True
 
     def scores(self, layer, query, position_ids, scaling, far):
         lut = lookup_table(query, layer.centroids, query.shape[1] // layer.codes.shape[1])

@@ -216,15 +216,18 @@ def test_stats_add_without_aliasing_what_they_are_given():
 
 
 def test_memory_footprint_counts_what_the_scorer_keeps(tiny):
-    """The distance scorer's (bucket, code) columns and histogram, and the oracle's key copy, are device memory too."""
+    """The distance scorer's (bucket, code) columns and histogram, and the oracle's key copy, are device memory too;
+    the layer's code histogram is kept only for a scorer that reads it (windowed RoPE)."""
     model, books = tiny
-    device_bytes = {}
+    device_bytes, histograms = {}, {}
     for scoring in ("wrope", "distance", "oracle"):
         cache = A2ATSCache(books, topk=0.1, scoring=scoring)
         generate(model, ids_of(1, 200), cache, new=3)
         device_bytes[scoring] = cache.memory_footprint()["device_bytes"]
+        histograms[scoring] = sum(0 if layer.histogram is None else layer.histogram.nbytes for layer in cache.a2ats_layers)
         held = sum(t.numel() * t.element_size() for layer in cache.a2ats_layers for t in cache.scorer.held(layer))
-        assert device_bytes[scoring] - device_bytes["wrope"] == held and (held > 0) == (scoring != "wrope")
+        assert (held > 0) == (scoring != "wrope") and (histograms[scoring] > 0) == (scoring == "wrope")
+        assert device_bytes[scoring] - device_bytes["wrope"] == held + histograms[scoring] - histograms["wrope"]
 
 
 def test_prompt_keys_are_not_kept_on_the_device(tiny):
