@@ -31,7 +31,7 @@ from a2ats_hf import scoring as scorers
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference
 from a2ats_hf.rope import RoPE
-from a2ats_hf.store import KVStore
+from a2ats_hf.store import DeviceKVStore, KVStore
 
 HKV, GROUP, D, M = 8, 4, 128, 4096
 LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_hidden_layers=1,
@@ -186,20 +186,25 @@ def phase_timers(totals: dict):
             setattr(obj, name, fn)
 
 
-def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope") -> dict:
-    """One layer's decode step over an N-token random cache, against sdpa on the GPU and the offloaded way. The
-    step is a pass of its own, so a per-pass cost (the distance scorer's bucket rotations) is charged to it whole."""
+def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", offload: str = "cpu") -> dict:
+    """One layer's decode step over an N-token random cache (K/V in CPU memory, or on the GPU with offload="none"),
+    against sdpa on the GPU and the offloaded way. The step is a pass of its own, so a per-pass cost (the distance
+    scorer's bucket rotations) is charged to it whole."""
     g = torch.Generator(device="cuda").manual_seed(0)
     whitener = torch.eye(D, device="cuda").expand(1, HKV, D, D).contiguous()
     books = Codebooks(whitener.cpu(), torch.randn(1, HKV, M, D, generator=g, device="cuda").cpu(), fingerprint(LLAMA8B))
-    cache = A2ATSCache(books, topk=0.03, scoring=scoring)
+    cache = A2ATSCache(books, topk=0.03, scoring=scoring, offload=offload, dense_below=0)
     cache.rope = RoPE(LlamaRotaryEmbedding(LLAMA8B))
     layer = cache.layers[0]
-    store = random_store(b, n)
     new = torch.randn(b, HKV, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
     layer.lazy_initialization(new, new)
+    if offload == "none":
+        store = DeviceKVStore(b, HKV, D, torch.bfloat16, "cuda", 2 * n)
+        store.append(*(torch.randn(2, b, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g)))
+    else:
+        store = random_store(b, n)
+        store.pin = True  # new tokens arrive by asynchronous copies as in real decoding
     layer.store = store
-    store.pin = True  # new tokens arrive by asynchronous copies as in real decoding
     layer.code_buffer = torch.randint(0, M, (b, HKV, 2 * n), device="cuda", generator=g, dtype=torch.int32).to(torch.uint16)
     layer.local_keys.normal_(), layer.local_values.normal_()
     local = torch.randn(b, HKV, cache.sink, D, device="cuda", dtype=torch.bfloat16)  # the first tokens: the sinks
@@ -247,7 +252,7 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope") 
 
     off = cuda_time(offloaded, 5)
     del keys, host, staging, store
-    return {"n": n, "batch": b, "scoring": scoring, "a2ats_ms": round(step_s * 1e3, 3), "serial_ms": round(serial * 1e3, 3),
+    return {"n": n, "batch": b, "scoring": scoring, "offload": offload, "a2ats_ms": round(step_s * 1e3, 3), "serial_ms": round(serial * 1e3, 3),
             "overlap_ms": round((serial - step_s) * 1e3, 3), "split_ms": split,
             "gpu_sdpa_ms": round(full * 1e3, 3), "offloaded_ms": round(off * 1e3, 3), "host_ops": host_ops}
 
@@ -257,6 +262,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     parser.add_argument("--parts", default="topk,cpu,decode", help="comma-separated subset of topk,cpu,decode")
     parser.add_argument("--scoring", default="wrope", help="comma-separated scorers for the decode step")
+    parser.add_argument("--offload", default="cpu", help="comma-separated offload modes for the decode step (cpu,none)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of the first decode step")
     parser.add_argument("--out", type=Path, help="results file (default: bench/results/kernels-<gpu>.json)")
     args = parser.parse_args()
@@ -279,9 +285,10 @@ def main() -> None:
     for n in ([32768] if args.quick else [32768, 131072]) if "decode" in parts else []:
         for b in [1, 4]:
             for scoring in args.scoring.split(","):
-                results["decode_layer"].append(
-                    decode_layer(n, b, profile=args.profile and not results["decode_layer"], scoring=scoring))
-                print(results["decode_layer"][-1], flush=True)
+                for offload in args.offload.split(","):
+                    results["decode_layer"].append(decode_layer(
+                        n, b, profile=args.profile and not results["decode_layer"], scoring=scoring, offload=offload))
+                    print(results["decode_layer"][-1], flush=True)
     name = re.sub(r"[^a-z0-9]+", "-", results["gpu"].lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"kernels-{name}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps(results, indent=1))
@@ -294,9 +301,9 @@ def main() -> None:
     for r in results["cpu_attention"]:
         print(f"| {r['n']} | {r['batch']} | {r['mb_gathered']} | {r['cpp_ms']} | {r['cpp_gbs']} | {r['pct_cpu_bw']} | "
               f"{r.get('reference_ms', '-')} | {r.get('index_select_ms', '-')} |")
-    print("| layer step N | batch | scoring | A2ATS ms | serial ms | GPU sdpa ms | offloaded ms | split |")
+    print("| layer step N | batch | scoring | offload | A2ATS ms | serial ms | GPU sdpa ms | offloaded ms | split |")
     for r in results["decode_layer"]:
-        print(f"| {r['n']} | {r['batch']} | {r['scoring']} | {r['a2ats_ms']} | {r['serial_ms']} | {r['gpu_sdpa_ms']} | {r['offloaded_ms']} | {r['split_ms']} |")
+        print(f"| {r['n']} | {r['batch']} | {r['scoring']} | {r['offload']} | {r['a2ats_ms']} | {r['serial_ms']} | {r['gpu_sdpa_ms']} | {r['offloaded_ms']} | {r['split_ms']} |")
 
 
 if __name__ == "__main__":
