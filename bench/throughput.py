@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="one batch for every method (default: each method's largest)")
     parser.add_argument("--cpu-fraction", type=float, default=0.8, help="share of available CPU memory offload may use")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
+    parser.add_argument("--scoring", nargs="+", default=["wrope"], help="A2ATS scorers to run (wrope, distance)")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, nargs=2, metavar=("RESULTS", "PNG"), help="only draw the figure")
@@ -216,9 +217,10 @@ def main() -> None:
                     lambda: DynamicCache(config=config, offloading=True), full_batch, "sdpa")]
         for offload, batch in (("none", full_batch), ("cpu", cpu_batch), ("auto", cpu_batch)):
             for budget in ("query_head", "kv_head"):
-                methods.append((f"A2ATS offload={offload} {budget}",
-                                lambda o=offload, b=budget: A2ATSCache(books, topk=0.03, budget=b, offload=o,
-                                                                       max_length=n + steps_total), batch, "a2ats"))
+                for scoring in args.scoring:
+                    name = f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
+                    methods.append((name, lambda o=offload, b=budget, s=scoring: A2ATSCache(
+                        books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total), batch, "a2ats"))
         for method, make_cache, batch, attention in methods:
             if (args.methods and method not in args.methods) or batch < 1 or (device.type == "cpu" and "offloaded" in method):
                 continue
