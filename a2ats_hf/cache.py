@@ -49,7 +49,7 @@ class AttendedStats:
     def __init__(self):
         self.steps = 0
         self.heads = 1  # KV heads per layer: the device totals are per KV head
-        self.far_selected: int | torch.Tensor = 0  # on the host where the CPU received the selection anyway
+        self.far_selected: int | torch.Tensor = 0  # on the host where the CPU received the selection, else a tensor
         self.device_totals: torch.Tensor | None = None  # far tokens, attended on the device, past tokens
 
     def add(self, far_selected: int | torch.Tensor, per_head: torch.Tensor, heads: int) -> None:
@@ -91,8 +91,9 @@ class AttendedStats:
 
 
 class A2ATSLayer(CacheLayerMixin):
-    """One layer: full K/V in a CPU :class:`KVStore` (or a :class:`DeviceKVStore` when nothing is offloaded), codes
-    [B, Hkv, N] and sinks + window K/V on the layer's device. ``book`` indexes the layer's codebook; ``first`` marks the first layer A2ATS serves in a pass.
+    """One layer: full K/V in a CPU :class:`KVStore` (or a :class:`DeviceKVStore` where the cache keeps it on the
+    device), codes [B, Hkv, N] and sinks + window K/V on the layer's device. ``book`` indexes the layer's codebook;
+    ``first`` marks the first layer A2ATS serves in a pass.
 
     The sinks and the window share one buffer per K and V, ``local_keys`` [B, Hkv, sink + window, D]: slots
     ``[0, sink)`` hold each row's first tokens, slot ``sink + c % window`` the token of column ``c`` among the last
