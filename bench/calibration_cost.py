@@ -27,8 +27,11 @@ class WordTokenizer:
 
     eos_token_id = 2
 
+    def __init__(self, vocab_size: int = LLAMA31_8B.vocab_size):
+        self.vocab_size = vocab_size
+
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [3 + hash(w) % (LLAMA31_8B.vocab_size - 3) for w in text.split()]}
+        return {"input_ids": [3 + hash(w) % (self.vocab_size - 3) for w in text.split()]}
 
 
 def texts(seed: int = 0):

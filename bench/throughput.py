@@ -8,7 +8,8 @@ memory (offload="cpu", at the largest batch CPU memory holds) and split layer by
 (offload="auto", at that batch). Every cache is filled with N random tokens per row
 as a prefill would leave it (decode speed does not depend on the values, and a 128K prefill per method would cost
 more device time than all the decoding), then decodes ``--steps`` tokens after ``--warmup``; tokens/s is the batch
-over the median step. A2ATS's codebooks are random (4096 centroids per layer and KV head) for the same reason.
+over the median step. A2ATS's codebooks are random (4096 centroids per layer and KV head) for the same reason,
+or calibrated on the random model's own keys with ``--calibrate-tokens``.
 The split of an A2ATS step comes from a few more steps with each phase timed alone (synced, so not overlapped).
 
     PYTHONPATH=. python bench/throughput.py [--contexts 32768 65536 131072] [--out FILE]
@@ -30,11 +31,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-from a2ats_hf import A2ATSCache, Codebooks, cache_argument
+from a2ats_hf import A2ATSCache, Codebooks, cache_argument, calibrate
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.store import available_memory
 from kernels_bench import phase_timers
+from calibration_cost import WordTokenizer, texts
 from multi_gpu import LLAMA31_8B, build
 
 TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
@@ -180,6 +182,8 @@ def main() -> None:
     parser.add_argument("--cpu-fraction", type=float, default=0.8, help="share of available CPU memory offload may use")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
     parser.add_argument("--scoring", nargs="+", default=["wrope"], help="A2ATS scorers to run (wrope, distance)")
+    parser.add_argument("--calibrate-tokens", type=int, default=0,
+                        help="calibrate A2ATS's codebooks on this many tokens of the model's own keys (0: random)")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, nargs=2, metavar=("RESULTS", "PNG"), help="only draw the figure")
@@ -194,9 +198,16 @@ def main() -> None:
         config, model = LLAMA31_8B, build([0])
         model.set_attn_implementation("a2ats")
     cpu_attention.extension()  # built outside the timings
-    books = codebooks_for(config, 64 if args.tiny else 4096)
+    centroids = 64 if args.tiny else 4096
+    if args.calibrate_tokens:  # random words through the random model: its own keys and queries
+        model.set_attn_implementation("a2ats")
+        books = calibrate(model, WordTokenizer(config.vocab_size), texts(), n_centroids=centroids,
+                          max_tokens=args.calibrate_tokens, uuid_tokens=0, kmeans_iters=10, progress=False)
+    else:
+        books = codebooks_for(config, centroids)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"gpu": gpu, "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
+               "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1), "runs": []}
     name = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"throughput-{name}{'-tiny' if args.tiny else ''}.json"
