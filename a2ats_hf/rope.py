@@ -44,11 +44,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def inverse(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``, ``sin`` of the rotation that turns :func:`apply_rope`'s angle back and divides each pair by the
-    scaling once, ``sqrt(cos^2 + sin^2)``, so the scaling stays on it."""
+def angle(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``, ``sin`` of the rotation alone: divided by the scaling ``sqrt(cos^2 + sin^2)`` that some RoPE types
+    (longrope, YaRN) fold into them."""
     scale = torch.sqrt(cos * cos + sin * sin)
-    return cos / scale, -sin / scale
+    return cos / scale, sin / scale
+
+
+def inverse(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``, ``sin`` of the rotation that turns :func:`apply_rope`'s angle back without its scaling, so the
+    scaling stays on what it un-rotates."""
+    cos, sin = angle(cos, sin)
+    return cos, -sin
 
 
 def compose(first: tuple[torch.Tensor, torch.Tensor], then: tuple[torch.Tensor, torch.Tensor]):
@@ -114,9 +121,7 @@ class RoPE:
         b, p = position_ids.shape[0], positions.shape[0]
         device = positions.device
         cos, sin = self._compute(torch.cat([positions.expand(b, p), position_ids.to(device)], dim=1), device)
-        cos, sin = cos[:, :, :p], sin[:, :, :p]
-        scale = torch.sqrt(cos * cos + sin * sin)
-        return cos / scale, sin / scale
+        return angle(cos[:, :, :p], sin[:, :, :p])
 
     def windowed_query(self, query: torch.Tensor, position_ids: torch.Tensor, offset: int) -> torch.Tensor:
         """WRoPE query: post-RoPE ``query`` at ``position_ids`` re-rotated as if it sat at position ``offset``, in one
