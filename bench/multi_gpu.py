@@ -58,11 +58,12 @@ def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16) -> AutoModelForC
     return dispatch_model(model, device_map).eval()
 
 
-def random_codebooks(seed: int = 0, centroids: int = 4096) -> Codebooks:
+def random_codebooks(seed: int = 0, centroids: int = 4096, config=LLAMA31_8B) -> Codebooks:
+    """Codebooks for ``config`` with random centroids and no whitening (speed does not depend on them)."""
     g = torch.Generator().manual_seed(seed)
-    layers, hkv, d = LLAMA31_8B.num_hidden_layers, LLAMA31_8B.num_key_value_heads, LLAMA31_8B.head_dim
+    layers, hkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     return Codebooks(torch.eye(d).expand(layers, hkv, d, d).clone(),
-                     torch.randn(layers, hkv, centroids, d, generator=g) * 0.3, fingerprint(LLAMA31_8B))
+                     torch.randn(layers, hkv, centroids, d, generator=g) * 0.3, fingerprint(config))
 
 
 class Clock(LogitsProcessor):

@@ -31,13 +31,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-from a2ats_hf import A2ATSCache, Codebooks, cache_argument, calibrate
-from a2ats_hf.codebooks import fingerprint
+from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.store import available_memory
 from kernels_bench import phase_timers
 from calibration_cost import WordTokenizer, texts
-from multi_gpu import LLAMA31_8B, build
+from multi_gpu import LLAMA31_8B, build, random_codebooks
 
 TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                    num_key_value_heads=2, head_dim=32, vocab_size=1000, max_position_embeddings=8192)
@@ -45,13 +44,6 @@ TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, 
 
 def kv_bytes_per_row(config, n: int) -> int:
     return config.num_hidden_layers * 2 * config.num_key_value_heads * n * config.head_dim * 2  # bf16
-
-
-def codebooks_for(config, centroids: int) -> Codebooks:
-    g = torch.Generator().manual_seed(0)
-    layers, hkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    return Codebooks(torch.eye(d).expand(layers, hkv, d, d).clone(),
-                     torch.randn(layers, hkv, centroids, d, generator=g) * 0.3, fingerprint(config))
 
 
 def fill(model, cache, batch: int, n: int) -> None:
@@ -204,7 +196,7 @@ def main() -> None:
         books = calibrate(model, WordTokenizer(config.vocab_size), texts(), n_centroids=centroids,
                           max_tokens=args.calibrate_tokens, uuid_tokens=0, kmeans_iters=10, progress=False)
     else:
-        books = codebooks_for(config, centroids)
+        books = random_codebooks(centroids=centroids, config=config)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"gpu": gpu, "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
                "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
