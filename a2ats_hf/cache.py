@@ -13,8 +13,8 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .codebooks import Codebooks
+from . import kernels
 from .kernels import code_histogram
-from .quantization import encode
 from .rope import RoPE
 from .scoring import Scorer, scorer_of
 from .store import BLOCK_SIZE, DeviceKVStore, KVStore, check_memory, kv_bytes
@@ -168,10 +168,11 @@ class A2ATSLayer(CacheLayerMixin):
                                 dtype=torch.uint16, device=self.device)
             grown[:, :, : n - t] = self.code_buffer[:, :, : n - t]
             self.code_buffer = grown
+        rotation = None
         if self.cache.codebooks.keys == "pre_rope":
-            keys = rope.invert(keys, position_ids.expand(keys.shape[0], -1))
-        codes = encode(keys, self.whitener, self.whitened_centroids, self.centroid_norms)
-        self.code_buffer[:, :, n - t : n] = codes.to(torch.uint16)
+            rotation = rope.inverse_rotation(position_ids.expand(keys.shape[0], -1), keys.device)
+        kernels.encode_keys(keys, rotation, self.whitener, self.whitened_centroids, self.centroid_norms,
+                            self.code_buffer[:, :, n - t : n])
 
     def set_first_tokens(self, valid: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """After a prompt: each row's first real column from the key validity [B, N], its sinks from all the

@@ -109,10 +109,14 @@ class RoPE:
         cos, sin = self.on_device[str(device)](dummy, position_ids.to(device), **self.kwargs)
         return cos.float().unsqueeze(1), sin.float().unsqueeze(1)
 
+    def inverse_rotation(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` [B, 1, T, D'] that un-rotate post-RoPE vectors at ``position_ids`` [B, T] (kept for the
+        pass)."""
+        return self.memo(("invert", position_ids, device), lambda: inverse(*self.cos_sin(position_ids, device)))
+
     def invert(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Un-rotated version (float32) of post-RoPE ``x`` [B, H, T, D] at ``position_ids`` [B, T]."""
-        rotation = self.memo(("invert", position_ids, x.device), lambda: inverse(*self.cos_sin(position_ids, x.device)))
-        return apply_rope(x.float(), *rotation)
+        return apply_rope(x.float(), *self.inverse_rotation(position_ids, x.device))
 
     def turns(self, positions: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Angle-only ``cos``, ``sin`` [B, 1, P, D'] of the rotations to ``positions`` [P], with the frequencies the
@@ -123,14 +127,18 @@ class RoPE:
         cos, sin = self._compute(torch.cat([positions.expand(b, p), position_ids.to(device)], dim=1), device)
         return angle(cos[:, :, :p], sin[:, :, :p])
 
-    def windowed_query(self, query: torch.Tensor, position_ids: torch.Tensor, offset: int) -> torch.Tensor:
-        """WRoPE query: post-RoPE ``query`` at ``position_ids`` re-rotated as if it sat at position ``offset``, in one
-        rotation (the inverse at ``position_ids`` composed with the angle to ``offset``, kept for the pass).
-
-        Its dot product with a pre-RoPE key equals the true score at relative distance ``offset``.
-        """
+    def windowed_rotation(self, position_ids: torch.Tensor, offset: int, device: torch.device):
+        """``cos``, ``sin`` [B, 1, T, D'] turning post-RoPE queries at ``position_ids`` [B, T] as if they sat at
+        position ``offset``, in one rotation (the inverse at ``position_ids`` composed with the angle to
+        ``offset``, kept for the pass)."""
         def rotation():
-            turn = self.turns(torch.tensor([offset], device=query.device), position_ids)
-            return compose(inverse(*self.cos_sin(position_ids, query.device)), turn)
+            turn = self.turns(torch.tensor([offset], device=device), position_ids)
+            return compose(inverse(*self.cos_sin(position_ids, device)), turn)
 
-        return apply_rope(query.float(), *self.memo(("wrope", offset, position_ids, query.device), rotation))
+        return self.memo(("wrope", offset, position_ids, device), rotation)
+
+    def windowed_query(self, query: torch.Tensor, position_ids: torch.Tensor, offset: int) -> torch.Tensor:
+        """WRoPE query: post-RoPE ``query`` [B, H, T, D] at ``position_ids`` [B, T] turned by
+        :meth:`windowed_rotation`. Its dot product with a pre-RoPE key equals the true score at relative distance
+        ``offset``."""
+        return apply_rope(query.float(), *self.windowed_rotation(position_ids, offset, query.device))

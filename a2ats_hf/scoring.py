@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import kernels
 from .kernels import code_histogram
 from .quantization import lookup_table
 from .rope import RoPE, apply_rope
@@ -83,10 +84,9 @@ class WindowedRoPE(Scorer):
 
     def scores(self, layer, query, position_ids, scaling, far):
         cache = layer.cache
-        b, hq, _ = query.shape
-        wrope = cache.rope.windowed_query(query[:, :, None], position_ids[:, -1:].expand(b, 1), cache.codebooks.offset)
-        lut = lookup_table(wrope[:, :, 0], layer.centroids, hq // layer.codes.shape[1])
-        return lut, layer.codes, layer.histogram
+        b = query.shape[0]
+        rotation = cache.rope.windowed_rotation(position_ids[:, -1:].expand(b, 1), cache.codebooks.offset, query.device)
+        return kernels.rotated_lookup_table(query, rotation, layer.centroids), layer.codes, layer.histogram
 
 
 def distance_buckets(distance: torch.Tensor, window: int, per_octave: int) -> torch.Tensor:

@@ -75,7 +75,8 @@ def test_local_and_far_attention_matches_reference(b, hq, hkv, d, stored, width,
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
     far = FarRows(store, to(indices), to(counts))
     out, lse = triton_attention.attention_with_lse(to(query), to(keys), to(values), to(valid), d**-0.5, far)
-    expected_out, expected_lse = reference.local_and_far_attention(query, keys, values, valid, d**-0.5, far)
+    expected_out, expected_lse = reference.local_and_far_attention(to(query), to(keys), to(values), to(valid), d**-0.5,
+                                                                   far)  # where the store lives, as the kernel
     torch.testing.assert_close(out.cpu(), expected_out.cpu(), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse.cpu(), expected_lse.cpu(), atol=2e-5, rtol=1e-5)
 

@@ -1,9 +1,11 @@
-"""Kernels behind A2ATS decode: top-K selection over codes, attention with log-sum-exp over the local window (and,
+"""Kernels behind A2ATS decode: encoding new keys and the windowed-RoPE lookup table, top-K selection over codes, attention with log-sum-exp over the local window (and,
 where the K/V stays on the GPU, the selected rows), sparse attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
 exported here, which pick the fast implementation where it applies (Triton top-K, attention and merge on a GPU, the
 C++ CPU kernel for sparse attention) and the reference otherwise.
+On a GPU a decode step is bound by host time (a torch operation costs ~10 us to issue), so the Triton kernels fuse
+what the references spell out in many operations.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .cpu_attention import sparse_attention
 from .reference import FarRows, code_histogram
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+FUSED_ENCODE_TOKENS = 16  # new keys per row up to which one Triton program per key encodes (a prompt: the matmul)
 
 
 def _dispatch(tensor: torch.Tensor, module: str, name: str, fallback: Callable, *args, **kwargs):
@@ -28,6 +31,27 @@ def _dispatch(tensor: torch.Tensor, module: str, name: str, fallback: Callable, 
         with torch.cuda.device(tensor.device):
             return getattr(importlib.import_module(f".{module}", __name__), name)(*args, **kwargs)
     return fallback(*args, **kwargs)
+
+
+def encode_keys(
+    keys: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, whitener: torch.Tensor,
+    whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor,
+) -> torch.Tensor:
+    """Codes of new keys written into ``out``; see :func:`.reference.encode_keys`. One Triton launch on a GPU for
+    up to ``FUSED_ENCODE_TOKENS`` keys per row, the reference's batched matmul for a prompt."""
+    args = (keys, rotation, whitener, whitened_centroids, norms, out)
+    if keys.shape[2] > FUSED_ENCODE_TOKENS:
+        return reference.encode_keys(*args)
+    return _dispatch(keys, "triton_codes", "encode_keys", reference.encode_keys, *args)
+
+
+def rotated_lookup_table(
+    query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor
+) -> torch.Tensor:
+    """LUT of a turned query against the centroids; see :func:`.reference.rotated_lookup_table`. One Triton launch
+    on a GPU."""
+    return _dispatch(query, "triton_codes", "rotated_lookup_table", reference.rotated_lookup_table, query, rotation,
+                     centroids)
 
 
 def attention_with_lse(
@@ -71,4 +95,5 @@ def select_topk(
                      histogram=histogram, k_max=k_max)
 
 
-__all__ = ["FarRows", "attention_with_lse", "code_histogram", "merge_attention", "select_topk", "sparse_attention"]
+__all__ = ["FarRows", "attention_with_lse", "code_histogram", "encode_keys", "merge_attention", "rotated_lookup_table",
+           "select_topk", "sparse_attention"]

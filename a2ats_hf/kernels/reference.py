@@ -1,4 +1,5 @@
-"""Plain torch references for the A2ATS kernels: top-K selection from a LUT, attention with log-sum-exp, merge.
+"""Plain torch references for the A2ATS kernels: encoding new keys, the windowed-RoPE lookup table, top-K selection
+from a LUT, attention with log-sum-exp, merge.
 
 These define the semantics the fast kernels must reproduce, and are the fallback on any device.
 """
@@ -8,6 +9,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..quantization import encode, lookup_table
+from ..rope import apply_rope
+
+
+def encode_keys(
+    keys: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, whitener: torch.Tensor,
+    whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor,
+) -> torch.Tensor:
+    """Codes of new keys [B, Hkv, T, D] written into ``out`` [B, Hkv, T] (a slice of a code buffer) and returned:
+    each key un-rotated by ``rotation`` (``cos``, ``sin`` [B, 1, T, D'] of the inverse RoPE; None for codebooks of
+    post-RoPE keys), whitened by ``whitener`` [Hkv, D, D] and matched to its nearest ``whitened_centroids``
+    [Hkv, M, D] (squared ``norms`` [Hkv, 1, M]); see :func:`a2ats_hf.quantization.encode`."""
+    if rotation is not None:
+        keys = apply_rope(keys.float(), *rotation)
+    return out.copy_(encode(keys, whitener, whitened_centroids, norms))
+
+
+def rotated_lookup_table(
+    query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor
+) -> torch.Tensor:
+    """LUT [B, Hq, M] (float32) of ``query`` [B, Hq, D] turned by ``rotation`` (``cos``, ``sin`` [B, 1, 1, D'],
+    None: as it is) against each KV head's ``centroids`` [Hkv, M, D]; see
+    :func:`a2ats_hf.quantization.lookup_table`."""
+    if rotation is not None:
+        query = apply_rope(query.float()[:, :, None], *rotation)[:, :, 0]
+    return lookup_table(query, centroids, query.shape[1] // centroids.shape[0])
 
 
 def select_topk(

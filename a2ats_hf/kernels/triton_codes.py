@@ -1,0 +1,134 @@
+"""Triton kernels for the codes side of a decode step: encoding the new keys (un-rotate, whiten, nearest centroid,
+written straight into the code buffer) and the windowed-RoPE lookup table (rotate the query, score every
+centroid). Each is one launch where the torch reference (:func:`a2ats_hf.kernels.reference.encode_keys`,
+:func:`~a2ats_hf.kernels.reference.rotated_lookup_table`) takes twenty to forty small operations, which on a
+GPU cost more host time than the arithmetic: the host time of these operations is what bounds decode with the
+K/V on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate(x, ptr, d, ok, cos_ptr, sin_ptr, ROT: tl.constexpr):
+    """``x`` [..., D_PAD] (loaded from ``ptr + d`` where ``ok``) rotated by ``cos``/``sin`` over its leading ROT
+    dimensions (RoPE's ``x * cos + rotate_half(x) * sin``); the others pass through."""
+    half: tl.constexpr = ROT // 2
+    turn = d < ROT
+    partner = tl.load(ptr + tl.where(d < half, d + half, d - half), mask=ok & turn, other=0.0).to(tl.float32)
+    partner = tl.where(d < half, -partner, partner)
+    cos = tl.load(cos_ptr + d, mask=turn, other=1.0)
+    sin = tl.load(sin_ptr + d, mask=turn, other=0.0)
+    return x * cos + partner * sin
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def _encode_kernel(k_ptr, cos_ptr, sin_ptr, w_ptr, c_ptr, norm_ptr, out_ptr, T, M,
+                   sk_b, sk_h, sk_t, sr_b, sr_t, so_b, so_h, so_t,
+                   H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (row, KV head, token): the key un-rotated (ROT > 0), whitened, and its nearest whitened centroid
+    (the first of equals) stored as its code."""
+    pid = tl.program_id(0)
+    t, bh = pid % T, pid // T
+    b, h = bh // H, bh % H
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    base = k_ptr + b * sk_b + h * sk_h + t * sk_t
+    x = tl.load(base + d, mask=d_ok, other=0.0).to(tl.float32)
+    if ROT > 0:
+        x = _rotate(x, base, d, d_ok, cos_ptr + b * sr_b + t * sr_t, sin_ptr + b * sr_b + t * sr_t, ROT)
+    w = tl.load(w_ptr + h * D * D + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    z = tl.sum(x[:, None] * w, axis=0)  # [D_PAD]: x @ W
+    best = float("inf")
+    code = 0
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        c = tl.load(c_ptr + h * M * D + m[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        dist = tl.load(norm_ptr + h * M + m, mask=m_ok, other=float("inf")) - 2.0 * tl.sum(c * z[None, :], axis=1)
+        low = tl.min(dist, axis=0)
+        first = tl.min(tl.where(dist == low, m, M), axis=0)
+        code = tl.where(low < best, first, code)
+        best = tl.minimum(low, best)
+    tl.store(out_ptr + b * so_b + h * so_h + t * so_t, code.to(out_ptr.dtype.element_ty))
+
+
+def encode_keys(
+    keys: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, whitener: torch.Tensor,
+    whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as :func:`a2ats_hf.kernels.reference.encode_keys`; one program per (row, KV head, token),
+    so meant for decode's few tokens (a prompt's many go through the matmul of the reference)."""
+    b, h, t, d = keys.shape
+    m = whitened_centroids.shape[1]
+    keys = _unit_stride(keys)
+    whitener, centroids = whitener.float().contiguous(), whitened_centroids.float().contiguous()
+    norms = norms.float().contiguous()
+    if rotation is None:
+        cos = sin = norms  # not read
+        rot, strides = 0, (0, 0)
+    else:
+        cos, sin = (_unit_stride(r.float().expand(b, 1, t, -1)) for r in rotation)  # views: no copy, no launch
+        rot, strides = cos.shape[-1], (cos.stride(0), cos.stride(2))
+    d_pad = triton.next_power_of_2(d)
+    _encode_kernel[(b * h * t,)](
+        keys, cos, sin, whitener, centroids, norms, out, t, m, *keys.stride()[:3], *strides, *out.stride(),
+        H=h, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=max(16, min(128, 8192 // d_pad)), num_warps=8,
+    )
+    return out
+
+
+@triton.jit
+def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, sq_b, sq_h, sr_b,
+                HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                ROT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (row, KV head, block of centroids): the group's G query heads rotated (ROT > 0) and dotted with
+    the block's centroids of that KV head."""
+    pid, block = tl.program_id(0), tl.program_id(1)
+    b, h = pid // HKV, pid % HKV
+    g, d = tl.arange(0, G_PAD), tl.arange(0, D_PAD)
+    g_ok, d_ok = g < G, d < D
+    heads = h * G + g
+    rows = q_ptr + b * sq_b + heads[:, None] * sq_h
+    q = tl.load(rows + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    if ROT > 0:
+        q = _rotate(q, rows, d[None, :], g_ok[:, None], cos_ptr + b * sr_b, sin_ptr + b * sr_b, ROT)
+    m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    c = tl.load(c_ptr + h * M * D + m[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    lut = tl.sum(q[:, None, :] * c[None, :, :], axis=2)  # [G_PAD, BLOCK_M]
+    tl.store(out_ptr + (b * HKV * G + heads[:, None]) * M + m[None, :], lut, mask=g_ok[:, None] & m_ok[None, :])
+
+
+def rotated_lookup_table(
+    query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor
+) -> torch.Tensor:
+    """Same contract as :func:`a2ats_hf.kernels.reference.rotated_lookup_table`: query [B, Hq, D], rotation
+    ``cos``/``sin`` broadcastable to [B, D'], centroids [Hkv, M, D] -> lut [B, Hq, M] float32."""
+    b, hq, d = query.shape
+    hkv, m = centroids.shape[0], centroids.shape[1]
+    group = hq // hkv
+    query = _unit_stride(query)
+    centroids = centroids.float().contiguous()
+    if rotation is None:
+        cos = sin = centroids  # not read
+        rot, stride = 0, 0
+    else:
+        cos, sin = (_unit_stride(r.float().reshape(-1, r.shape[-1]).expand(b, -1)) for r in rotation)
+        rot, stride = cos.shape[-1], cos.stride(0)
+    lut = torch.empty(b, hq, m, dtype=torch.float32, device=query.device)
+    g_pad, d_pad = triton.next_power_of_2(group), triton.next_power_of_2(d)
+    block = max(16, min(256, 8192 // (g_pad * d_pad)))
+    _lut_kernel[(b * hkv, triton.cdiv(m, block))](
+        query, cos, sin, centroids, lut, m, query.stride(0), query.stride(1), stride,
+        HKV=hkv, G=group, G_PAD=g_pad, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=block,
+    )
+    return lut

@@ -1,0 +1,120 @@
+"""The Triton key encoder and windowed-RoPE lookup table against the torch references, on random inputs of awkward
+sizes (under TRITON_INTERPRET=1 without a GPU) and on real SmolLM2 keys and queries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats_hf import A2ATSCache, cache_argument
+from a2ats_hf import kernels
+from a2ats_hf.kernels import reference, triton_codes
+
+from conftest import DEVICE
+
+pytestmark = pytest.mark.skipif(
+    DEVICE.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"),
+    reason="needs a GPU or TRITON_INTERPRET=1 (conftest sets it without a GPU)",
+)
+KERNEL_DEVICE = DEVICE if DEVICE.type == "cuda" else torch.device("cpu")
+
+
+def to(t):
+    return None if t is None else t.to(KERNEL_DEVICE)
+
+
+def random_rotation(g: torch.Generator, b: int, t: int, rot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angle = torch.rand(b, 1, t, rot // 2, generator=g) * 6.3
+    angle = torch.cat([angle, angle], dim=-1)
+    return angle.cos(), angle.sin()
+
+
+def assert_nearest(codes: torch.Tensor, expected: torch.Tensor, keys, rotation, whitener, centroids):
+    """Codes equal the reference's, or (where rounding order decides between near-equal centroids, or torch breaks
+    an exact tie another way) name a centroid as near as the reference's to float32 rounding."""
+    codes, expected = codes.cpu().long(), expected.cpu().long()
+    if torch.equal(codes, expected):
+        return
+    x = keys.double() if rotation is None else reference.apply_rope(keys.double(), *(r.double() for r in rotation))
+    z = x.transpose(0, 1).flatten(1, 2) @ whitener.double()  # [H, B*T, D]
+    dist = torch.cdist(z, centroids.double()).square()  # [H, B*T, M]
+    flat = lambda c: c.transpose(0, 1).flatten(1)[..., None]  # noqa: E731
+    chosen, best = dist.gather(-1, flat(codes)), dist.gather(-1, flat(expected))
+    assert ((chosen - best).abs() <= 1e-4 * best.abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize(
+    "b, h, t, d, m, rot, dtype",
+    [(2, 3, 1, 64, 37, 64, torch.float32), (3, 2, 2, 80, 300, 80, torch.bfloat16), (1, 4, 5, 24, 1000, 16, torch.float32),
+     (2, 1, 1, 32, 16, 0, torch.float16)],
+    ids=["smollm2-head", "d80-bf16", "partial-rotary", "post-rope-codebooks"],
+)
+def test_encode_matches_reference(b, h, t, d, m, rot, dtype):
+    g = torch.Generator().manual_seed(m + d)
+    keys = torch.randn(b, h, t + 2, d, generator=g).to(dtype)[:, :, 2:]  # a strided view, as the model's
+    whitener = torch.randn(h, d, d, generator=g) / d**0.5 + torch.eye(d)
+    centroids = torch.randn(h, m, d, generator=g)
+    centroids[:, 0] = centroids[:, -1] = 0.1 * centroids[:, 0]  # duplicates near the origin, nearest for many keys
+    norms = centroids.pow(2).sum(-1)[:, None, :]
+    rotation = random_rotation(g, b, t, rot) if rot else None
+    out = torch.full((b, h, t + 3), 7, dtype=torch.uint16)  # the new keys' slice of a longer code buffer
+    expected = reference.encode_keys(keys, rotation, whitener, centroids, norms, out.clone()[:, :, 1 : t + 1])
+    got = to(out)
+    triton_codes.encode_keys(to(keys), rotation and tuple(map(to, rotation)), to(whitener), to(centroids), to(norms),
+                             got[:, :, 1 : t + 1])
+    assert (got[:, :, 0] == 7).all() and (got[:, :, t + 1 :] == 7).all(), "wrote outside its slice"
+    assert_nearest(got[:, :, 1 : t + 1], expected, keys.float(), rotation, whitener, centroids)
+    assert (got == 0).any() and not (got == m - 1).any(), "the first of equal centroids must win"
+
+
+@pytest.mark.parametrize(
+    "b, hq, hkv, d, m, rot",
+    [(2, 9, 3, 64, 257, 64), (1, 12, 1, 80, 40, 80), (3, 4, 4, 24, 1000, 16), (2, 6, 2, 32, 16, 0)],
+    ids=["smollm2-shape", "group12-d80", "mha-partial-rotary", "no-rotation"],
+)
+def test_lookup_table_matches_reference(b, hq, hkv, d, m, rot):
+    g = torch.Generator().manual_seed(m + hq)
+    query = torch.randn(b, hq, d + 3, generator=g)[..., 3:].to(torch.bfloat16)  # strided, as a slice would be
+    centroids = torch.randn(hkv, m, d, generator=g)
+    rotation = random_rotation(g, b, 1, rot) if rot else None
+    expected = reference.rotated_lookup_table(query, rotation, centroids)
+    got = triton_codes.rotated_lookup_table(to(query), rotation and tuple(map(to, rotation)), to(centroids))
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_match_reference_on_smollm2(smollm2, austen):
+    """Real keys, rotations and queries captured from SmolLM2 decoding Persuasion with its calibrated codebooks (all
+    layers of two decode steps): the kernels give the reference's codes and lookup tables."""
+    from demo import codebooks as demo_codebooks
+
+    model, tokenizer = smollm2
+    books = demo_codebooks(model, tokenizer, austen)
+    ids = tokenizer(austen["Persuasion"][50000:53000], return_tensors="pt")["input_ids"].to(DEVICE)
+    calls = {"encode_keys": [], "rotated_lookup_table": []}
+    originals = {name: getattr(kernels, name) for name in calls}
+
+    def spy(name):
+        def call(*args):
+            calls[name].append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+            return originals[name](*args)
+        return call
+
+    cache = A2ATSCache(books, topk=0.03)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        for name in calls:
+            mp.setattr(kernels, name, spy(name))
+        out = model(ids, **cache_argument(model, cache))
+        for _ in range(2):
+            out = model(out.logits[:, -1:].argmax(-1), **cache_argument(model, cache))
+    decode = [c for c in calls["encode_keys"] if c[0].shape[2] == 1]
+    assert len(decode) == len(calls["rotated_lookup_table"]) == 2 * model.config.num_hidden_layers
+    for keys, rotation, whitener, centroids, norms, out in decode:
+        got = triton_codes.encode_keys(to(keys), tuple(map(to, rotation)), to(whitener), to(centroids), to(norms),
+                                       to(torch.zeros_like(out)))
+        expected = reference.encode_keys(keys, rotation, whitener, centroids, norms, out)
+        assert_nearest(got, expected, keys.float(), rotation, whitener, centroids)
+    for query, rotation, centroids in calls["rotated_lookup_table"]:
+        got = triton_codes.rotated_lookup_table(to(query), tuple(map(to, rotation)), to(centroids))
+        torch.testing.assert_close(got.cpu(), reference.rotated_lookup_table(query, rotation, centroids),
+                                   atol=1e-4, rtol=1e-5)
