@@ -132,7 +132,7 @@ class RoPE:
         position ``offset``, in one rotation (the inverse at ``position_ids`` composed with the angle to
         ``offset``, kept for the pass)."""
         def rotation():
-            turn = self.turns(torch.tensor([offset], device=device), position_ids)
+            turn = self.turns(torch.full((1,), offset, device=device), position_ids)  # no host-to-device copy
             return compose(inverse(*self.cos_sin(position_ids, device)), turn)
 
         return self.memo(("wrope", offset, position_ids, device), rotation)

@@ -15,15 +15,18 @@ from .reference import FarRows
 
 
 @triton.jit
-def _attend_block(q, k, v, seen, best, total, acc):
-    """One block of keys [BLOCK_L, D] into the running online softmax (max, sum, output) of G query heads."""
+def _attend_block(q, k, vt, seen, best, total, acc):
+    """One block of keys [BLOCK_L, D] and values (transposed, [D, BLOCK_L]) into the running online softmax (max,
+    sum, output) of G query heads. Both products reduce over the last axis: Triton turns a broadcast product
+    reduced over the middle axis into a tensor-core dot, which rounds float32 to TF32 (~1e-4 errors with 16+
+    query heads per KV head)."""
     logits = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, BLOCK_L]
     logits = tl.where(seen[None, :], logits, float("-inf"))
     new_best = tl.maximum(best, tl.max(logits, axis=1))
     shift = tl.where(new_best == float("-inf"), 0.0, new_best)
     keep = tl.exp(best - shift)
     p = tl.exp(logits - shift[:, None])
-    acc = acc * keep[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    acc = acc * keep[:, None] + tl.sum(p[:, None, :] * vt.to(tl.float32)[None, :, :], axis=2)
     return new_best, total * keep + tl.sum(p, axis=1), acc
 
 
@@ -58,7 +61,7 @@ def _attention_lse_kernel(
         seen = tl.load(valid_ptr + b * sm_b + h * sm_h + cols * sm_l, mask=ok, other=0) != 0
         tile = ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_l + d[None, :], mask=tile, other=0.0)
-        v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_l + d[None, :], mask=tile, other=0.0)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[None, :] * sv_l + d[:, None], mask=tl.trans(tile), other=0.0)
         best, total, acc = _attend_block(q, k, v, seen, best, total, acc)
     if FAR:
         far_hi = tl.minimum(hi - length, tl.load(count_ptr + pid))
@@ -68,7 +71,8 @@ def _attention_lse_kernel(
             rows = tl.load(idx_ptr + b * si_b + h * si_h + j, mask=ok, other=0).to(tl.int64)
             tile = ok[:, None] & d_ok[None, :]
             k = tl.load(fk_ptr + b * sfk_b + h * sfk_h + rows[:, None] * sfk_l + d[None, :], mask=tile, other=0.0)
-            v = tl.load(fv_ptr + b * sfv_b + h * sfv_h + rows[:, None] * sfv_l + d[None, :], mask=tile, other=0.0)
+            v = tl.load(fv_ptr + b * sfv_b + h * sfv_h + rows[None, :] * sfv_l + d[:, None], mask=tl.trans(tile),
+                        other=0.0)
             best, total, acc = _attend_block(q, k, v, ok, best, total, acc)
     seen_any = total > 0
     out = acc / tl.where(seen_any, total, 1.0)[:, None]
