@@ -21,9 +21,11 @@ prints a table; ``--tiny`` runs a small model on whatever device there is (a smo
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import math
+import pstats
 import re
 import time
 from pathlib import Path
@@ -71,8 +73,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_steps: int) -> dict:
-    """Median seconds per decode step over ``steps`` after ``warmup``, and (for A2ATS) the split of a step."""
+def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_steps: int, profile: bool = False) -> dict:
+    """Median seconds per decode step over ``steps`` after ``warmup``, and (for A2ATS) the split of a step and, with
+    ``profile``, the host's time by function."""
     device = model.device
     token = torch.full((batch, 1), 7, device=device)
     kwargs = cache_argument(model, cache)
@@ -102,7 +105,22 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
         result["split_ms"] = {k: round(1e3 * v / split_steps, 2) for k, v in split.items()}
         result["split_ms"]["rest (model, encode, transfers, small ops)"] = round(1e3 * serial - sum(result["split_ms"].values()), 2)
         result["far_fraction"] = round(cache.stats.far_fraction, 4)
+    if profile:
+        result["host_profile"] = host_profile(step)
     return result
+
+
+def host_profile(step, steps: int = 4, top: int = 30) -> list:
+    """Where the host's time goes in a decode step: the functions with the most time of their own under cProfile
+    (ms per step; CUDA calls that wait on the GPU count as their caller's), printed and returned."""
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [step() for _ in range(steps)])
+    stats = pstats.Stats(profiler)
+    rows = sorted(((own, calls, f"{Path(file).name}:{line} {name}") for (file, line, name), (_, calls, own, _, _)
+                   in stats.stats.items()), reverse=True)[:top]
+    for own, calls, where in rows:
+        print(f"  {1e3 * own / steps:7.3f} ms/step {calls // steps:6d} calls/step  {where}")
+    return [[where, round(1e3 * own / steps, 3), calls // steps] for own, calls, where in rows]
 
 
 def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
@@ -116,7 +134,7 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
     sync(device)
     row = {"context": n, "method": method, "batch": batch, "fill_s": round(time.perf_counter() - start, 1)}
     steps = args.steps if "offloaded" not in method else max(4, args.steps // 4)  # ~1 s a step at the largest batch
-    row.update(decode(model, cache, batch, n, steps, args.warmup, args.split_steps))
+    row.update(decode(model, cache, batch, n, steps, args.warmup, args.split_steps, args.profile))
     row["tokens_per_s"] = round(batch * 1e3 / row["step_ms"], 2)
     if device.type == "cuda":
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
@@ -176,6 +194,7 @@ def main() -> None:
     parser.add_argument("--scoring", nargs="+", default=["wrope"], help="A2ATS scorers to run (wrope, distance)")
     parser.add_argument("--calibrate-tokens", type=int, default=0,
                         help="calibrate A2ATS's codebooks on this many tokens of the model's own keys (0: random)")
+    parser.add_argument("--profile", action="store_true", help="profile the host side of each method's decode steps")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, nargs=2, metavar=("RESULTS", "PNG"), help="only draw the figure")
