@@ -65,12 +65,13 @@ def a2ats_attention_forward(
 @dataclass
 class StepMasks:
     """What every layer of one decode pass shares (the same keys are valid, sinks and window, at every layer), so
-    the first layer computes it: ``valid`` [B, N] keys the token may see, ``far`` [B, N] retrieval candidates,
-    ``budget`` [B] tokens to retrieve per row, ``local_valid`` [B, sink + window] and ``totals`` [3] (far
+    the first layer computes it: ``valid`` [B, N] keys the token may see, ``far`` [B, N] retrieval candidates
+    (``far_counts`` [B] of them per row), ``budget`` [B] tokens to retrieve per row, ``local_valid`` [B, sink + window] and ``totals`` [3] (far
     candidates, locally attended and past tokens, summed over rows) for the cache's statistics."""
 
     valid: torch.Tensor
     far: torch.Tensor
+    far_counts: torch.Tensor
     budget: torch.Tensor
     local_valid: torch.Tensor
     totals: torch.Tensor
@@ -86,7 +87,7 @@ def step_masks(layer: A2ATSLayer, attention_mask: torch.Tensor | None) -> StepMa
         n_far = far.sum(-1)
         local_valid = layer.local_validity(valid)
         totals = torch.stack([n_far.sum(), local_valid.sum(), valid.sum()])
-        return StepMasks(valid, far, cache.budget_for(n_far), local_valid, totals)
+        return StepMasks(valid, far, n_far, cache.budget_for(n_far), local_valid, totals)
 
     return cache.rope.memo(("masks", attention_mask, n, device), compute)
 
@@ -116,15 +117,14 @@ def decode_attention(
         n = layer.store.length
         out, _ = kernels.attention_with_lse(query, layer.store.keys[:, :, :n], layer.store.values[:, :, :n], valid,
                                             scaling)
-        selected = masks.totals[0] * hkv  # every far token
+        selected = masks.far_counts[:, None].expand(-1, hkv)  # every far token
     else:
         selection = _select(layer, query, position_ids, masks, scaling)
         far = None if selection is None else kernels.FarRows(layer.store, *selection)
         out, _ = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
                                             scaling, far)
-        selected = 0 if selection is None else selection[1].sum()  # stays on the device
-    cache.stats.steps += layer.first
-    cache.stats.add(selected, masks.totals, hkv)
+        selected = 0 if selection is None else selection[1]  # counts [B, Hkv], which stay on the device
+    cache.stats.add(selected, masks.totals, hkv, layer.first)
     return out
 
 

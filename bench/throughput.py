@@ -222,7 +222,7 @@ def main() -> None:
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1), "runs": []}
     name = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"throughput-{name}{'-tiny' if args.tiny else ''}.json"
-    steps_total = args.warmup + args.steps + args.split_steps + 1
+    steps_total = args.warmup + args.steps + args.split_steps + 1 + 4 * args.profile  # tokens the caches must hold
     for n in args.contexts:
         per_row = kv_bytes_per_row(config, n)
         if device.type == "cuda":

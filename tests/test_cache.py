@@ -206,13 +206,16 @@ def test_auto_checks_cpu_memory_for_the_layers_it_offloads(tiny, monkeypatch):
 
 
 def test_stats_add_without_aliasing_what_they_are_given():
-    """Every layer of a pass adds the pass's one totals tensor: the running sum must not be that tensor."""
+    """Two passes of three layers: the pass's one totals tensor counts for every layer (added once, by the first),
+    host counts and device counts [B, Hkv] add up, and neither tensor given is modified."""
     stats = AttendedStats()
-    per_head = torch.tensor([10, 2, 12])
-    for _ in range(3):
-        stats.add(1, per_head, heads=2)
-    assert per_head.tolist() == [10, 2, 12]
-    assert (stats.far_tokens, stats.attended, stats.past_tokens) == (60, 3 + 12, 72)
+    per_head, counts = torch.tensor([10, 2, 12]), torch.tensor([[1, 2], [0, 4]], dtype=torch.int32)
+    for _ in range(2):
+        for layer in range(3):
+            stats.add(counts if layer else 5, per_head, heads=2, first=layer == 0)
+    assert per_head.tolist() == [10, 2, 12] and counts.tolist() == [[1, 2], [0, 4]]
+    assert stats.steps == 2 and stats.far_selected == 2 * (5 + 2 * 7)
+    assert (stats.far_tokens, stats.attended, stats.past_tokens) == (120, 38 + 24, 144)
 
 
 def test_memory_footprint_counts_what_the_scorer_keeps(tiny):

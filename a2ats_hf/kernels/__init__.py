@@ -28,8 +28,11 @@ def _dispatch(tensor: torch.Tensor, module: str, name: str, fallback: Callable, 
     """``module.name(*args)`` in Triton on ``tensor``'s GPU (Triton launches on the current GPU, and a layer may sit
     on another), else ``fallback(*args)``."""
     if tensor.is_cuda and HAS_TRITON:
+        kernel = getattr(importlib.import_module(f".{module}", __name__), name)
+        if tensor.device.index == torch.cuda.current_device():  # the usual case: spare the switch's host time
+            return kernel(*args, **kwargs)
         with torch.cuda.device(tensor.device):
-            return getattr(importlib.import_module(f".{module}", __name__), name)(*args, **kwargs)
+            return kernel(*args, **kwargs)
     return fallback(*args, **kwargs)
 
 
