@@ -68,6 +68,15 @@ def fill(model, cache, batch: int, n: int) -> None:
         del keys, values
 
 
+def kv_budget(device: torch.device, config, batch: int, n: int) -> int | None:
+    """offload="auto"'s device budget here: what is free less the fill's temporaries (one layer's random K/V, as a
+    prompt's activations would be) and 4 GiB for decoding."""
+    if device.type != "cuda":
+        return None
+    per_layer = kv_bytes_per_row(config, n) // config.num_hidden_layers * batch
+    return max(torch.cuda.mem_get_info(device)[0] - 3 * per_layer - 4 * 2**30, 0)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -189,7 +198,7 @@ def main() -> None:
     parser.add_argument("--split-steps", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--batch", type=int, help="one batch for every method (default: each method's largest)")
-    parser.add_argument("--cpu-fraction", type=float, default=0.8, help="share of available CPU memory offload may use")
+    parser.add_argument("--cpu-fraction", type=float, default=0.7, help="share of available CPU memory offload may use")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
     parser.add_argument("--scoring", nargs="+", default=["wrope"], help="A2ATS scorers to run (wrope, distance)")
     parser.add_argument("--calibrate-tokens", type=int, default=0,
@@ -241,8 +250,9 @@ def main() -> None:
             for budget in ("query_head", "kv_head"):
                 for scoring in args.scoring:
                     name = f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
-                    methods.append((name, lambda o=offload, b=budget, s=scoring: A2ATSCache(
-                        books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total), batch, "a2ats"))
+                    methods.append((name, lambda o=offload, b=budget, s=scoring, rows=batch: A2ATSCache(
+                        books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
+                        gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None), batch, "a2ats"))
         for method, make_cache, batch, attention in methods:
             if (args.methods and method not in args.methods) or batch < 1 or (device.type == "cpu" and "offloaded" in method):
                 continue
