@@ -17,7 +17,7 @@ from . import kernels
 from .kernels import code_histogram
 from .rope import RoPE
 from .scoring import Scorer, scorer_of
-from .store import BLOCK_SIZE, DeviceKVStore, KVStore, check_memory, kv_bytes
+from .store import DeviceKVStore, KVStore, check_memory, kv_bytes
 
 BUDGETS = ("query_head", "kv_head")
 OFFLOADS = ("cpu", "none", "auto")
@@ -392,7 +392,7 @@ class A2ATSCache(Cache):
         device = key_states.device if self.offload == "none" else None
         if self.offload == "auto":  # the layers beyond the device budget go to CPU memory
             layers -= min(layers, self.device_budget(key_states.device) // kv_bytes(b, h, d, key_states.dtype, tokens, 1))
-        needed = layers * kv_bytes(b, h, d, key_states.dtype, tokens, 1 if device else BLOCK_SIZE)
+        needed = layers * kv_bytes(b, h, d, key_states.dtype, tokens, 1 if device else None)
         check_memory(needed, f"The K/V of {layers} layers x batch {b} x {tokens} tokens", device)
 
     def device_budget(self, device: torch.device) -> int:

@@ -69,12 +69,13 @@ def fill(model, cache, batch: int, n: int) -> None:
 
 
 def kv_budget(device: torch.device, config, batch: int, n: int) -> int | None:
-    """offload="auto"'s device budget here: what is free less the fill's temporaries (one layer's random K/V, as a
-    prompt's activations would be) and 4 GiB for decoding."""
+    """offload="auto"'s device budget here: what is free less the prompt's temporaries (one layer's random K/V and
+    the float32 copies its encoding makes, ~8 layers' K/V in all, as a real prompt's activations would take) and
+    4 GiB for decoding."""
     if device.type != "cuda":
         return None
     per_layer = kv_bytes_per_row(config, n) // config.num_hidden_layers * batch
-    return max(torch.cuda.mem_get_info(device)[0] - 3 * per_layer - 4 * 2**30, 0)
+    return max(torch.cuda.mem_get_info(device)[0] - 8 * per_layer - 4 * 2**30, 0)
 
 
 def sync(device: torch.device) -> None:

@@ -3,10 +3,12 @@ DeviceKVStore's buffer); gather and to_tensors equal indexing the whole K/V."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from a2ats_hf.store import DeviceKVStore, KVStore
+from a2ats_hf.store import BLOCK_SIZE, DeviceKVStore, KVStore
 
 STORES = {
     "cpu-blocks": lambda: KVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, block_size=5),
@@ -60,3 +62,15 @@ def test_device_store_checks_gpu_memory(monkeypatch):
     monkeypatch.setattr("a2ats_hf.store.available_memory", lambda: 100)
     with pytest.raises(MemoryError, match=r"needs 0\.00 GiB of CPU memory"):
         store.append(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8))
+
+
+@pytest.mark.parametrize("batch, heads, head_dim, dtype", [(5, 8, 128, torch.bfloat16), (1, 3, 64, torch.float32),
+                                                           (3, 8, 128, torch.bfloat16), (7, 1, 80, torch.float16)])
+def test_cpu_blocks_fill_a_power_of_two_of_bytes(batch, heads, head_dim, dtype):
+    """The pinned allocator rounds each block up to a power of two of bytes: blocks fill one to within a token, and
+    hold at least BLOCK_SIZE tokens."""
+    store = KVStore(batch, heads, head_dim, dtype)
+    per_token = batch * heads * head_dim * dtype.itemsize
+    size = store.block_size * per_token
+    power = 2 ** math.ceil(math.log2(size))
+    assert store.block_size >= BLOCK_SIZE and power - size < per_token
