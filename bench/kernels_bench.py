@@ -164,7 +164,8 @@ def phase_timers(totals: dict):
     """Wrap the decode step's phases with synced timers (serialises them: the split, not the overlapped time)."""
     targets = [(attention.kernels, "select_topk", "top-K"), (attention.kernels, "sparse_attention", "CPU attention"),
                (attention.kernels, "attention_with_lse", "GPU window attention"),
-               (attention.kernels, "merge_attention", "merge"), (scorers, "lookup_table", "LUT")]
+               (attention.kernels, "merge_attention", "merge"), (scorers, "lookup_table", "LUT"),
+               (attention.kernels, "rotated_lookup_table", "LUT"), (attention.kernels, "encode_keys", "encode")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
 
     def timed(fn, label):
@@ -238,7 +239,7 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
         table = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:20]
         host_ops = {e.key: [e.count // 5, round(e.self_cpu_time_total / 5 / 1e3, 3)] for e in table}
         print("host ms per step by op (calls, self ms):", json.dumps(host_ops, indent=0), flush=True)
-    split["encode, transfers, bookkeeping"] = round(serial * 1e3 - sum(split.values()), 3)
+    split["transfers, bookkeeping"] = round(serial * 1e3 - sum(split.values()), 3)
 
     keys = torch.randn(b, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
     full = cuda_time(lambda: F.scaled_dot_product_attention(query, keys, keys, enable_gqa=True), 20)
