@@ -18,7 +18,7 @@ import torch
 from . import kernels
 from .kernels import code_histogram
 from .quantization import lookup_table
-from .rope import RoPE, apply_rope
+from .rope import RoPE, compose
 
 if TYPE_CHECKING:
     from .cache import A2ATSLayer
@@ -152,13 +152,15 @@ class DistanceBuckets(Scorer):
         # afresh, and the columns go with the store
 
     def turns(self, layer: "A2ATSLayer", position_ids: torch.Tensor, device: torch.device):
-        """(cos, sin [B, 1, buckets, D'], bucket of each distance 0..N-1 [N], the first distance of buckets 1, 2, ...
-        [buckets - 1]), once per pass: the layers of a pass share them."""
+        """(cos, sin [B, 1, buckets, D'] turning a post-RoPE query at ``position_ids`` [B, 1] by each bucket's
+        rotation, bucket of each distance 0..N-1 [N], the first distance of buckets 1, 2, ... [buckets - 1]), once
+        per pass: the layers of a pass share them."""
         rope, n = layer.cache.rope, layer.store.length
 
         def compute():
             cos, sin, bucket = bucket_turns(rope, n - 1, position_ids, layer.cache.window, self.per_octave,
                                             self.rotation, device)
+            cos, sin = compose(rope.inverse_rotation(position_ids, device), (cos, sin))  # un-rotate, then turn
             return cos, sin, bucket, torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
 
         return rope.memo(("distance", self.per_octave, self.rotation, n, position_ids, device), compute)
@@ -193,14 +195,10 @@ class DistanceBuckets(Scorer):
         return state
 
     def scores(self, layer, query, position_ids, scaling, far):
-        cos, sin, bucket, starts = self.turns(layer, position_ids, query.device)
-        b, hq, d = query.shape
-        count, m, hkv = cos.shape[2], layer.centroids.shape[1], layer.codes.shape[1]
-        unrotated = layer.cache.rope.invert(query[:, :, None], position_ids[:, -1:])  # [B, Hq, 1, D]
-        turned = apply_rope(unrotated, cos, sin)  # [B, Hq, buckets, D]
-        lut = lookup_table(turned.reshape(b, hq * count, d), layer.centroids, hq * count // hkv)
-        state = self.columns(layer, far, bucket, starts, count * m)
-        return lut.view(b, hq, count * m), state.buffer[:, :, : state.length], state.histogram
+        cos, sin, bucket, starts = self.turns(layer, position_ids[:, -1:], query.device)
+        lut = kernels.rotated_lookup_table(query, (cos, sin), layer.centroids)  # [B, Hq, buckets * M]
+        state = self.columns(layer, far, bucket, starts, lut.shape[-1])
+        return lut, state.buffer[:, :, : state.length], state.histogram
 
     def held(self, layer):
         state = self.state.get(layer.store)

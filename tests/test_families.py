@@ -107,11 +107,12 @@ def test_exact_at_full_budget(family):
     assert torch.equal(greedy(model, ids, A2ATSCache(books, topk=1.0)), expected)
 
 
-def test_generates_at_three_percent(family):
+@pytest.mark.parametrize("scoring", ["wrope", "distance"])
+def test_generates_at_three_percent(family, scoring):
     """topk=0.03 decodes and retrieves 3% of each layer's far tokens per query head, united over the KV group of
-    3 (between 3% and 9% per KV head)."""
+    3 (between 3% and 9% per KV head), under either scorer (partial rotary included)."""
     _, model, books = family
-    cache = A2ATSCache(books, topk=0.03)
+    cache = A2ATSCache(books, topk=0.03, scoring=scoring)
     out = greedy(model, prompt(), cache)
     assert out.shape[1] == LONG + 60 + 8
     assert 0.03 <= cache.stats.far_fraction <= 0.09 + 0.01

@@ -68,15 +68,19 @@ def test_encode_matches_reference(b, h, t, d, m, rot, dtype):
 
 
 @pytest.mark.parametrize(
-    "b, hq, hkv, d, m, rot",
-    [(2, 9, 3, 64, 257, 64), (1, 12, 1, 80, 40, 80), (3, 4, 4, 24, 1000, 16), (2, 6, 2, 32, 16, 0)],
-    ids=["smollm2-shape", "group12-d80", "mha-partial-rotary", "no-rotation"],
+    "b, hq, hkv, d, m, rot, turns",
+    [(2, 9, 3, 64, 257, 64, 1), (1, 12, 1, 80, 40, 80, 1), (3, 4, 4, 24, 1000, 16, 1), (2, 6, 2, 32, 16, 0, 1),
+     (2, 9, 3, 64, 100, 64, 7), (1, 4, 2, 24, 33, 16, 3)],
+    ids=["smollm2-shape", "group12-d80", "mha-partial-rotary", "no-rotation", "seven-buckets", "buckets-partial"],
 )
-def test_lookup_table_matches_reference(b, hq, hkv, d, m, rot):
+def test_lookup_table_matches_reference(b, hq, hkv, d, m, rot, turns):
+    """One rotation (windowed RoPE) or several (the distance scorer's buckets: column r * M + m)."""
     g = torch.Generator().manual_seed(m + hq)
     query = torch.randn(b, hq, d + 3, generator=g)[..., 3:].to(torch.bfloat16)  # strided, as a slice would be
     centroids = torch.randn(hkv, m, d, generator=g)
-    rotation = random_rotation(g, b, 1, rot) if rot else None
+    rotation = random_rotation(g, b, turns, rot) if rot else None
+    if turns > 1:  # a bucket's mean rotation is shorter than a unit one
+        rotation = tuple(t * torch.rand(b, 1, turns, 1, generator=g) for t in rotation)
     expected = reference.rotated_lookup_table(query, rotation, centroids)
     got = triton_codes.rotated_lookup_table(to(query), rotation and tuple(map(to, rotation)), to(centroids))
     torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)

@@ -30,12 +30,15 @@ def encode_keys(
 def rotated_lookup_table(
     query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor
 ) -> torch.Tensor:
-    """LUT [B, Hq, M] (float32) of ``query`` [B, Hq, D] turned by ``rotation`` (``cos``, ``sin`` [B, 1, 1, D'],
-    None: as it is) against each KV head's ``centroids`` [Hkv, M, D]; see
-    :func:`a2ats_hf.quantization.lookup_table`."""
-    if rotation is not None:
-        query = apply_rope(query.float()[:, :, None], *rotation)[:, :, 0]
-    return lookup_table(query, centroids, query.shape[1] // centroids.shape[0])
+    """LUT [B, Hq, R * M] (float32) of ``query`` [B, Hq, D] turned by each of R rotations (``cos``, ``sin``
+    [B, 1, R, D']; None: as it is, R = 1) against each KV head's ``centroids`` [Hkv, M, D]: column ``r * M + m``
+    scores centroid m under rotation r; see :func:`a2ats_hf.quantization.lookup_table`."""
+    query = query.float()[:, :, None]
+    if rotation is not None:  # [B, Hq, R, D] (expanded first: with partial rotary the rest passes through R times)
+        query = apply_rope(query.expand(-1, -1, rotation[0].shape[2], -1), *rotation)
+    b, hq, turns, d = query.shape
+    hkv, m = centroids.shape[0], centroids.shape[1]
+    return lookup_table(query.reshape(b, hq * turns, d), centroids, hq * turns // hkv).view(b, hq, turns * m)
 
 
 def select_topk(

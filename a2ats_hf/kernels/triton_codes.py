@@ -87,12 +87,12 @@ def encode_keys(
 
 
 @triton.jit
-def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, sq_b, sq_h, sr_b,
+def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, sq_b, sq_h, sr_b, sr_r,
                 HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                 ROT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program (row, KV head, block of centroids): the group's G query heads rotated (ROT > 0) and dotted with
-    the block's centroids of that KV head."""
-    pid, block = tl.program_id(0), tl.program_id(1)
+    """Program (row, KV head, block of centroids, rotation): the group's G query heads turned by that rotation
+    (ROT > 0) and dotted with the block's centroids of that KV head."""
+    pid, block, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = pid // HKV, pid % HKV
     g, d = tl.arange(0, G_PAD), tl.arange(0, D_PAD)
     g_ok, d_ok = g < G, d < D
@@ -100,19 +100,21 @@ def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, sq_b, sq_h, sr_b,
     rows = q_ptr + b * sq_b + heads[:, None] * sq_h
     q = tl.load(rows + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     if ROT > 0:
-        q = _rotate(q, rows, d[None, :], g_ok[:, None], cos_ptr + b * sr_b, sin_ptr + b * sr_b, ROT)
+        turn = b * sr_b + r * sr_r
+        q = _rotate(q, rows, d[None, :], g_ok[:, None], cos_ptr + turn, sin_ptr + turn, ROT)
     m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     c = tl.load(c_ptr + h * M * D + m[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     lut = tl.sum(q[:, None, :] * c[None, :, :], axis=2)  # [G_PAD, BLOCK_M]
-    tl.store(out_ptr + (b * HKV * G + heads[:, None]) * M + m[None, :], lut, mask=g_ok[:, None] & m_ok[None, :])
+    out = out_ptr + (b * HKV * G + heads[:, None]) * R * M + r * M + m[None, :]
+    tl.store(out, lut, mask=g_ok[:, None] & m_ok[None, :])
 
 
 def rotated_lookup_table(
     query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor
 ) -> torch.Tensor:
-    """Same contract as :func:`a2ats_hf.kernels.reference.rotated_lookup_table`: query [B, Hq, D], rotation
-    ``cos``/``sin`` broadcastable to [B, D'], centroids [Hkv, M, D] -> lut [B, Hq, M] float32."""
+    """Same contract as :func:`a2ats_hf.kernels.reference.rotated_lookup_table`: query [B, Hq, D], R rotations
+    ``cos``/``sin`` [B, 1, R, D'] (or none), centroids [Hkv, M, D] -> lut [B, Hq, R * M] float32."""
     b, hq, d = query.shape
     hkv, m = centroids.shape[0], centroids.shape[1]
     group = hq // hkv
@@ -120,15 +122,16 @@ def rotated_lookup_table(
     centroids = centroids.float().contiguous()
     if rotation is None:
         cos = sin = centroids  # not read
-        rot, stride = 0, 0
+        rot, turns, strides = 0, 1, (0, 0)
     else:
-        cos, sin = (_unit_stride(r.float().reshape(-1, r.shape[-1]).expand(b, -1)) for r in rotation)
-        rot, stride = cos.shape[-1], cos.stride(0)
-    lut = torch.empty(b, hq, m, dtype=torch.float32, device=query.device)
+        turns = rotation[0].shape[2]
+        cos, sin = (_unit_stride(t.float().expand(b, 1, turns, -1)) for t in rotation)
+        rot, strides = cos.shape[-1], (cos.stride(0), cos.stride(2))
+    lut = torch.empty(b, hq, turns * m, dtype=torch.float32, device=query.device)
     g_pad, d_pad = triton.next_power_of_2(group), triton.next_power_of_2(d)
     block = max(16, min(256, 8192 // (g_pad * d_pad)))
-    _lut_kernel[(b * hkv, triton.cdiv(m, block))](
-        query, cos, sin, centroids, lut, m, query.stride(0), query.stride(1), stride,
+    _lut_kernel[(b * hkv, triton.cdiv(m, block), turns)](
+        query, cos, sin, centroids, lut, m, turns, query.stride(0), query.stride(1), *strides,
         HKV=hkv, G=group, G_PAD=g_pad, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=block,
     )
     return lut
