@@ -8,7 +8,7 @@ import torch
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.scoring import SCORERS, DistanceBuckets, Quest, distance_buckets, scorer_of
 
-from conftest import CharTokenizer, ids_of
+from conftest import DEVICE, CharTokenizer, ids_of
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +83,9 @@ def test_distance_scores_are_expected_true_scores_over_their_bucket(tiny, per_oc
     _, cache = decode(model, books, "distance")
     layer, n = cache.a2ats_layers[1], cache.a2ats_layers[1].store.length
     torch.manual_seed(0)
-    query = torch.randn(1, model.config.num_attention_heads, model.config.head_dim)
-    position_ids = torch.tensor([[n - 1]])
-    far = layer.far_candidates(torch.ones(1, n, dtype=torch.bool))
+    query = torch.randn(1, model.config.num_attention_heads, model.config.head_dim).to(DEVICE)
+    position_ids = torch.tensor([[n - 1]], device=DEVICE)
+    far = layer.far_candidates(torch.ones(1, n, dtype=torch.bool, device=DEVICE))
     lut, codes, _ = DistanceBuckets(per_octave=per_octave).scores(layer, query, position_ids, 1.0, far)
     group = query.shape[1] // layer.codes.shape[1]
     score = lut.gather(-1, codes.long().repeat_interleave(group, 1))  # [1, Hq, N]
@@ -94,7 +94,8 @@ def test_distance_scores_are_expected_true_scores_over_their_bucket(tiny, per_oc
     for j in (0, n // 3, n - cache.window - 1):
         distances = [n - 1 - i for i in range(n) if bucket[i] == bucket[j]]
         true = torch.stack([cache.rope.windowed_query(query[:, :, None], position_ids, d)[0, :, 0] for d in distances])
-        centroid = centroids[torch.arange(query.shape[1]), layer.codes[0].long().repeat_interleave(group, 0)[:, j]]
+        centroid = centroids[torch.arange(query.shape[1], device=DEVICE),
+                             layer.codes[0].long().repeat_interleave(group, 0)[:, j]]
         assert torch.allclose(score[0, :, j], (true * centroid).sum(-1).mean(0), atol=1e-4)
     assert len(set(bucket.tolist())) == 1 + int(per_octave * torch.log2(torch.tensor((n - 1) / cache.window)))
 
@@ -131,7 +132,7 @@ def test_distance_columns_move_on_exactly(tiny, monkeypatch, per_octave):
         return lut, columns, hist
 
     monkeypatch.setattr(scorer, "scores", scores)
-    ids, mask = ids_of(2, 100), torch.ones(2, 100, dtype=torch.long)
+    ids, mask = ids_of(2, 100), torch.ones(2, 100, dtype=torch.long, device=DEVICE)
     mask[1, :7] = 0  # left padding
     cache = A2ATSCache(books, topk=0.1, scoring=scorer)
     with torch.no_grad():
