@@ -179,18 +179,8 @@ class DistanceBuckets(Scorer):
             buffer[:, :, :n] = bucket.flip(0) * m + layer.codes.to(torch.int32)  # column j sits n - 1 - j back
             state = self.state[layer.store] = BucketColumns(n, buffer, code_histogram(buffer[:, :, :n], far, width))
             return state
-        columns = state.buffer
-        columns[:, :, n - 1] = layer.codes[:, :, n - 1].to(torch.int32)  # the new token, in the first bucket
-        moved = (n - 1) - starts  # the tokens that reach each later bucket's first distance now
-        old = columns.index_select(2, moved)
-        columns.index_copy_(2, moved, old + m)
-        weight = far.index_select(1, moved)[:, None].expand_as(old).to(torch.int32)
-        index, weights = [old, old + m], [-weight, weight]
-        left = n - 1 - layer.cache.window  # the token that just left the window becomes a candidate
-        if left >= 0:
-            index.append(columns[:, :, left : left + 1])
-            weights.append(far[:, None, left : left + 1].expand(-1, old.shape[1], -1).to(torch.int32))
-        state.histogram.scatter_add_(-1, torch.cat(index, dim=-1).long(), torch.cat(weights, dim=-1))
+        kernels.move_bucket_columns(state.buffer, state.histogram, layer.code_buffer, far, starts, n, m,
+                                    layer.cache.window)
         state.length = n
         return state
 

@@ -122,3 +122,22 @@ def test_match_reference_on_smollm2(smollm2, austen):
         got = triton_codes.rotated_lookup_table(to(query), tuple(map(to, rotation)), to(centroids))
         torch.testing.assert_close(got.cpu(), reference.rotated_lookup_table(query, rotation, centroids),
                                    atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b, hkv, n, m, window, buckets", [(2, 3, 300, 7, 16, 5), (1, 2, 40, 5, 16, 2),
+                                                           (3, 1, 17, 4, 16, 1)],
+                         ids=["five-buckets", "one-move", "just-left-the-window"])
+def test_move_bucket_columns_matches_reference(b, hkv, n, m, window, buckets):
+    """The distance scorer's columns and histogram moved on by a token as the reference moves them, with moved tokens
+    sharing a column value (the histogram updates must not collide) and masked candidates."""
+    g = torch.Generator().manual_seed(n)
+    columns = torch.randint(0, 2, (b, hkv, n + 5), generator=g, dtype=torch.int32) * m  # few values: collisions
+    histogram = torch.randint(0, 50, (b, hkv, buckets * m + m), generator=g, dtype=torch.int32)
+    codes = torch.randint(0, m, (b, hkv, n + 5), generator=g).to(torch.uint16)
+    far = torch.rand(b, n, generator=g) > 0.3
+    starts = torch.sort(torch.randperm(max(n - 2 * window, 0), generator=g)[: buckets - 1] + 2 * window).values
+    expected = [columns.clone(), histogram.clone()]
+    reference.move_bucket_columns(*expected, codes, far, starts, n, m, window)
+    got = [to(columns), to(histogram)]
+    triton_codes.move_bucket_columns(*got, to(codes), to(far), to(starts), n, m, window)
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])

@@ -57,6 +57,16 @@ def rotated_lookup_table(
                      centroids)
 
 
+def move_bucket_columns(
+    columns: torch.Tensor, histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, starts: torch.Tensor,
+    n: int, m: int, window: int,
+) -> None:
+    """The distance scorer's columns and their histogram moved on by a token, in place; see
+    :func:`.reference.move_bucket_columns`. One Triton launch on a GPU."""
+    _dispatch(columns, "triton_codes", "move_bucket_columns", reference.move_bucket_columns, columns, histogram,
+              codes, far, starts, n, m, window)
+
+
 def attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scaling: float,
     far: FarRows | None = None,
@@ -98,5 +108,5 @@ def select_topk(
                      histogram=histogram, k_max=k_max)
 
 
-__all__ = ["FarRows", "attention_with_lse", "code_histogram", "encode_keys", "merge_attention", "rotated_lookup_table",
-           "select_topk", "sparse_attention"]
+__all__ = ["FarRows", "attention_with_lse", "code_histogram", "encode_keys", "merge_attention", "move_bucket_columns",
+           "rotated_lookup_table", "select_topk", "sparse_attention"]

@@ -1,5 +1,5 @@
-"""Plain torch references for the A2ATS kernels: encoding new keys, the windowed-RoPE lookup table, top-K selection
-from a LUT, attention with log-sum-exp, merge.
+"""Plain torch references for the A2ATS kernels: encoding new keys, the lookup table of a turned query, the
+distance scorer's columns moving on by a token, top-K selection from a LUT, attention with log-sum-exp, merge.
 
 These define the semantics the fast kernels must reproduce, and are the fallback on any device.
 """
@@ -39,6 +39,28 @@ def rotated_lookup_table(
     b, hq, turns, d = query.shape
     hkv, m = centroids.shape[0], centroids.shape[1]
     return lookup_table(query.reshape(b, hq * turns, d), centroids, hq * turns // hkv).view(b, hq, turns * m)
+
+
+def move_bucket_columns(
+    columns: torch.Tensor, histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, starts: torch.Tensor,
+    n: int, m: int, window: int,
+) -> None:
+    """The distance scorer's (bucket, code) columns moved on to ``n`` stored tokens, in place: ``columns``
+    [B, Hkv, >= n] int32 (``bucket * m + code`` of each token, as of n - 1 tokens), ``histogram`` [B, Hkv, W] int32
+    of the far candidates' columns. The new token (its ``codes`` [B, Hkv, >= n] entry) enters bucket 0; the tokens
+    now at each later bucket's first distance (``starts`` [buckets - 1], ascending) move up a bucket; the token that
+    just left the ``window`` becomes a candidate. ``far`` [B, N] marks the candidates."""
+    columns[:, :, n - 1] = codes[:, :, n - 1].to(torch.int32)
+    moved = (n - 1) - starts
+    old = columns.index_select(2, moved)
+    columns.index_copy_(2, moved, old + m)
+    weight = far.index_select(1, moved)[:, None].expand_as(old).to(torch.int32)
+    index, weights = [old, old + m], [-weight, weight]
+    left = n - 1 - window
+    if left >= 0:
+        index.append(columns[:, :, left : left + 1])
+        weights.append(far[:, None, left : left + 1].expand(-1, old.shape[1], -1).to(torch.int32))
+    histogram.scatter_add_(-1, torch.cat(index, dim=-1).long(), torch.cat(weights, dim=-1))
 
 
 def select_topk(

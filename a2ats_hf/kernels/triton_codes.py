@@ -135,3 +135,40 @@ def rotated_lookup_table(
         HKV=hkv, G=group, G_PAD=g_pad, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=block,
     )
     return lut
+
+
+@triton.jit
+def _move_columns_kernel(col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n, m, window, S,
+                         sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b, HKV: tl.constexpr):
+    """Program (row, KV head): its columns and histogram moved on by one token, one moved token at a time (two may
+    share a column value, so the histogram is updated in order, not as a vector)."""
+    pid = tl.program_id(0)
+    b, h = pid // HKV, pid % HKV
+    cols, hist = col_ptr + b * sc_b + h * sc_h, hist_ptr + b * sh_b + h * sh_h
+    last = n - 1
+    tl.store(cols + last, tl.load(code_ptr + b * sk_b + h * sk_h + last).to(tl.int32))
+    for i in range(S):
+        c = last - tl.load(starts_ptr + i)
+        old = tl.load(cols + c)
+        tl.store(cols + c, old + m)
+        w = tl.load(far_ptr + b * sf_b + c).to(tl.int32)
+        tl.store(hist + old, tl.load(hist + old) - w)
+        tl.store(hist + old + m, tl.load(hist + old + m) + w)
+    left = last - window
+    if left >= 0:
+        col = tl.load(cols + left)
+        tl.store(hist + col, tl.load(hist + col) + tl.load(far_ptr + b * sf_b + left).to(tl.int32))
+
+
+def move_bucket_columns(
+    columns: torch.Tensor, histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, starts: torch.Tensor,
+    n: int, m: int, window: int,
+) -> None:
+    """Same contract as :func:`a2ats_hf.kernels.reference.move_bucket_columns`, in one launch."""
+    b, hkv = columns.shape[:2]
+    assert columns.stride(-1) == histogram.stride(-1) == codes.stride(-1) == far.stride(-1) == 1
+    _move_columns_kernel[(b * hkv,)](
+        columns, histogram, codes, far, starts, n, m, window, starts.numel(),
+        columns.stride(0), columns.stride(1), histogram.stride(0), histogram.stride(1), codes.stride(0),
+        codes.stride(1), far.stride(0), HKV=hkv,
+    )
