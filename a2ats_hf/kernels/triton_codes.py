@@ -90,24 +90,26 @@ def encode_keys(
 def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, sq_b, sq_h, sr_b, sr_r,
                 HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                 ROT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program (row, KV head, block of centroids, rotation): the group's G query heads turned by that rotation
-    (ROT > 0) and dotted with the block's centroids of that KV head."""
-    pid, block, r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Program (row, KV head, block of centroids): the group's G query heads turned by each of the R rotations
+    (ROT > 0) and dotted with the block's centroids of that KV head, read once for all R."""
+    pid, block = tl.program_id(0), tl.program_id(1)
     b, h = pid // HKV, pid % HKV
     g, d = tl.arange(0, G_PAD), tl.arange(0, D_PAD)
     g_ok, d_ok = g < G, d < D
     heads = h * G + g
     rows = q_ptr + b * sq_b + heads[:, None] * sq_h
     q = tl.load(rows + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    if ROT > 0:
-        turn = b * sr_b + r * sr_r
-        q = _rotate(q, rows, d[None, :], g_ok[:, None], cos_ptr + turn, sin_ptr + turn, ROT)
     m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     c = tl.load(c_ptr + h * M * D + m[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    lut = tl.sum(q[:, None, :] * c[None, :, :], axis=2)  # [G_PAD, BLOCK_M]
-    out = out_ptr + (b * HKV * G + heads[:, None]) * R * M + r * M + m[None, :]
-    tl.store(out, lut, mask=g_ok[:, None] & m_ok[None, :])
+    out = out_ptr + (b * HKV * G + heads[:, None]) * R * M + m[None, :]
+    for r in range(R):
+        turned = q
+        if ROT > 0:
+            turn = b * sr_b + r * sr_r
+            turned = _rotate(q, rows, d[None, :], g_ok[:, None], cos_ptr + turn, sin_ptr + turn, ROT)
+        lut = tl.sum(turned[:, None, :] * c[None, :, :], axis=2)  # [G_PAD, BLOCK_M]
+        tl.store(out + r * M, lut, mask=g_ok[:, None] & m_ok[None, :])
 
 
 def rotated_lookup_table(
@@ -130,7 +132,7 @@ def rotated_lookup_table(
     lut = torch.empty(b, hq, turns * m, dtype=torch.float32, device=query.device)
     g_pad, d_pad = triton.next_power_of_2(group), triton.next_power_of_2(d)
     block = max(16, min(256, 8192 // (g_pad * d_pad)))
-    _lut_kernel[(b * hkv, triton.cdiv(m, block), turns)](
+    _lut_kernel[(b * hkv, triton.cdiv(m, block))](
         query, cos, sin, centroids, lut, m, turns, query.stride(0), query.stride(1), *strides,
         HKV=hkv, G=group, G_PAD=g_pad, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=block,
     )
