@@ -24,7 +24,6 @@ import argparse
 import cProfile
 import gc
 import json
-import math
 import pstats
 import re
 import time
@@ -270,9 +269,10 @@ def main() -> None:
         if "tokens_per_s" not in r:
             print(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | - | - | - | - | {r['error'][:60]} |")
             continue
-        ratio = r["tokens_per_s"] / full[r["context"]]["tokens_per_s"] if r["context"] in full else math.nan
+        full_rate = full[r["context"]]["tokens_per_s"] if r["context"] in full else None  # not run this time: "-"
+        ratio = f"{r['tokens_per_s'] / full_rate:.2f}x" if full_rate else "-"
         print(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {r['step_ms']} | {r['tokens_per_s']} | "
-              f"{ratio:.2f}x | {r.get('peak_gpu_gib', '-')} | {r['cpu_gib']} |")
+              f"{ratio} | {r.get('peak_gpu_gib', '-')} | {r['cpu_gib']} |")
 
 
 if __name__ == "__main__":
