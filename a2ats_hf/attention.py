@@ -66,8 +66,9 @@ def a2ats_attention_forward(
 class StepMasks:
     """What every layer of one decode pass shares (the same keys are valid, sinks and window, at every layer), so
     the first layer computes it: ``valid`` [B, N] keys the token may see, ``far`` [B, N] retrieval candidates
-    (``far_counts`` [B] of them per row), ``budget`` [B] tokens to retrieve per row, ``local_valid`` [B, sink + window] and ``totals`` [3] (far
-    candidates, locally attended and past tokens, summed over rows) for the cache's statistics."""
+    (``far_counts`` [B] of them per row), ``budget`` [B] tokens to retrieve per row, ``local_valid``
+    [B, sink + window] and ``totals`` [3] (far candidates, locally attended and past tokens, summed over rows) for
+    the cache's statistics."""
 
     valid: torch.Tensor
     far: torch.Tensor
@@ -114,9 +115,7 @@ def decode_attention(
         out, selected = _offloaded(layer, query, position_ids, masks, scaling)
     elif layer.store.length < cache.dense_below and cache.scorer.retrieves:  # too short for retrieval to pay
         valid = masks.valid[:, None].expand(-1, hkv, -1)
-        n = layer.store.length
-        out, _ = kernels.attention_with_lse(query, layer.store.keys[:, :, :n], layer.store.values[:, :, :n], valid,
-                                            scaling)
+        out, _ = kernels.attention_with_lse(query, *layer.store.to_tensors(), valid, scaling)
         selected = masks.far_counts[:, None].expand(-1, hkv)  # every far token
     else:
         selection = _select(layer, query, position_ids, masks, scaling)

@@ -133,7 +133,7 @@ class RoPE:
         ``offset``, kept for the pass)."""
         def rotation():
             turn = self.turns(torch.full((1,), offset, device=device), position_ids)  # no host-to-device copy
-            return compose(inverse(*self.cos_sin(position_ids, device)), turn)
+            return compose(self.inverse_rotation(position_ids, device), turn)
 
         return self.memo(("wrope", offset, position_ids, device), rotation)
 

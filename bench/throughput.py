@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.kernels import cpu_attention
-from a2ats_hf.store import available_memory
+from a2ats_hf.store import available_memory, kv_bytes
 from kernels_bench import phase_timers
 from calibration_cost import WordTokenizer, texts
 from multi_gpu import LLAMA31_8B, build, random_codebooks
@@ -44,7 +44,8 @@ TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, 
 
 
 def kv_bytes_per_row(config, n: int) -> int:
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * n * config.head_dim * 2  # bf16
+    """One row's bf16 K/V over every layer, as one buffer (the device's; full attention's)."""
+    return config.num_hidden_layers * kv_bytes(1, config.num_key_value_heads, config.head_dim, torch.bfloat16, n, 1)
 
 
 def fill(model, cache, batch: int, n: int) -> None:
@@ -73,7 +74,7 @@ def kv_budget(device: torch.device, config, batch: int, n: int) -> int | None:
     4 GiB for decoding."""
     if device.type != "cuda":
         return None
-    per_layer = kv_bytes_per_row(config, n) // config.num_hidden_layers * batch
+    per_layer = kv_bytes(batch, config.num_key_value_heads, config.head_dim, torch.bfloat16, n, 1)
     return max(torch.cuda.mem_get_info(device)[0] - 8 * per_layer - 4 * 2**30, 0)
 
 

@@ -1,5 +1,6 @@
-"""Kernels behind A2ATS decode: encoding new keys and the windowed-RoPE lookup table, top-K selection over codes, attention with log-sum-exp over the local window (and,
-where the K/V stays on the GPU, the selected rows), sparse attention over the CPU store, LSE merge.
+"""Kernels behind A2ATS decode: encoding new keys, the lookup table of a turned query, the distance scorer's columns
+moving on, top-K selection over codes, attention with log-sum-exp over the local window (and, where the K/V stays
+on the GPU, the selected rows), sparse attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
 exported here, which pick the fast implementation where it applies (Triton top-K, attention and merge on a GPU, the

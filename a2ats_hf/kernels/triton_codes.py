@@ -14,16 +14,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(x, ptr, d, ok, cos_ptr, sin_ptr, ROT: tl.constexpr):
-    """``x`` [..., D_PAD] (loaded from ``ptr + d`` where ``ok``) rotated by ``cos``/``sin`` over its leading ROT
-    dimensions (RoPE's ``x * cos + rotate_half(x) * sin``); the others pass through."""
+def _rotate_half(ptr, d, ok, ROT: tl.constexpr):
+    """RoPE's ``rotate_half`` of the vector at ``ptr + d`` (where ``ok``) over its leading ROT dimensions (0
+    beyond them), float32."""
     half: tl.constexpr = ROT // 2
-    turn = d < ROT
-    partner = tl.load(ptr + tl.where(d < half, d + half, d - half), mask=ok & turn, other=0.0).to(tl.float32)
-    partner = tl.where(d < half, -partner, partner)
-    cos = tl.load(cos_ptr + d, mask=turn, other=1.0)
-    sin = tl.load(sin_ptr + d, mask=turn, other=0.0)
-    return x * cos + partner * sin
+    partner = tl.load(ptr + tl.where(d < half, d + half, d - half), mask=ok & (d < ROT), other=0.0).to(tl.float32)
+    return tl.where(d < half, -partner, partner)
+
+
+@triton.jit
+def _rotate(x, half_turned, d, cos_ptr, sin_ptr, ROT: tl.constexpr):
+    """``x`` [..., D_PAD] rotated by ``cos``/``sin`` over its leading ROT dimensions (RoPE's
+    ``x * cos + rotate_half(x) * sin``, ``half_turned`` from :func:`_rotate_half`); the others pass through."""
+    cos = tl.load(cos_ptr + d, mask=d < ROT, other=1.0)
+    sin = tl.load(sin_ptr + d, mask=d < ROT, other=0.0)
+    return x * cos + half_turned * sin
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -44,7 +49,8 @@ def _encode_kernel(k_ptr, cos_ptr, sin_ptr, w_ptr, c_ptr, norm_ptr, out_ptr, T, 
     base = k_ptr + b * sk_b + h * sk_h + t * sk_t
     x = tl.load(base + d, mask=d_ok, other=0.0).to(tl.float32)
     if ROT > 0:
-        x = _rotate(x, base, d, d_ok, cos_ptr + b * sr_b + t * sr_t, sin_ptr + b * sr_b + t * sr_t, ROT)
+        x = _rotate(x, _rotate_half(base, d, d_ok, ROT), d, cos_ptr + b * sr_b + t * sr_t,
+                    sin_ptr + b * sr_b + t * sr_t, ROT)
     w = tl.load(w_ptr + h * D * D + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
     z = tl.sum(x[:, None] * w, axis=0)  # [D_PAD]: x @ W
     best = float("inf")
@@ -103,11 +109,12 @@ def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, sq_b, sq_h, sr_b,
     m_ok = m < M
     c = tl.load(c_ptr + h * M * D + m[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     out = out_ptr + (b * HKV * G + heads[:, None]) * R * M + m[None, :]
+    half_turned = _rotate_half(rows, d[None, :], g_ok[:, None], ROT)  # loaded once for all R (none if ROT = 0)
     for r in range(R):
         turned = q
         if ROT > 0:
             turn = b * sr_b + r * sr_r
-            turned = _rotate(q, rows, d[None, :], g_ok[:, None], cos_ptr + turn, sin_ptr + turn, ROT)
+            turned = _rotate(q, half_turned, d[None, :], cos_ptr + turn, sin_ptr + turn, ROT)
         lut = tl.sum(turned[:, None, :] * c[None, :, :], axis=2)  # [G_PAD, BLOCK_M]
         tl.store(out + r * M, lut, mask=g_ok[:, None] & m_ok[None, :])
 
