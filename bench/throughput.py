@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.kernels import cpu_attention
+from a2ats_hf.scoring import DistanceBuckets, Scorer, scorer_of
 from a2ats_hf.store import available_memory, kv_bytes
 from kernels_bench import phase_timers
 from calibration_cost import WordTokenizer, texts
@@ -152,6 +153,12 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
     return row
 
 
+def scorer(name: str) -> Scorer:
+    """A scorer from its name, or "distance:P" for the distance scorer with P buckets per octave."""
+    kind, _, per_octave = name.partition(":")
+    return DistanceBuckets(per_octave=int(per_octave)) if kind == "distance" and per_octave else scorer_of(name)
+
+
 def release(device: torch.device) -> None:
     """Give back what a finished run held: GPU blocks and the pinned host blocks torch caches."""
     gc.collect()
@@ -198,7 +205,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="one batch for every method (default: each method's largest)")
     parser.add_argument("--cpu-fraction", type=float, default=0.7, help="share of available CPU memory offload may use")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
-    parser.add_argument("--scoring", nargs="+", default=["wrope"], help="A2ATS scorers to run (wrope, distance)")
+    parser.add_argument("--scoring", nargs="+", default=["wrope"], help="A2ATS scorers to run (wrope, distance, distance:P for P buckets per octave)")
     parser.add_argument("--calibrate-tokens", type=int, default=0,
                         help="calibrate A2ATS's codebooks on this many tokens of the model's own keys (0: random)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of each method's decode steps")
@@ -248,7 +255,7 @@ def main() -> None:
             for budget in ("query_head", "kv_head"):
                 for scoring in args.scoring:
                     name = f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
-                    methods.append((name, lambda o=offload, b=budget, s=scoring, rows=batch: A2ATSCache(
+                    methods.append((name, lambda o=offload, b=budget, s=scorer(scoring), rows=batch: A2ATSCache(
                         books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
                         gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None), batch, "a2ats"))
         for method, make_cache, batch, attention in methods:

@@ -70,11 +70,13 @@ def test_encode_matches_reference(b, h, t, d, m, rot, dtype):
 @pytest.mark.parametrize(
     "b, hq, hkv, d, m, rot, turns",
     [(2, 9, 3, 64, 257, 64, 1), (1, 12, 1, 80, 40, 80, 1), (3, 4, 4, 24, 1000, 16, 1), (2, 6, 2, 32, 16, 0, 1),
-     (2, 9, 3, 64, 100, 64, 7), (1, 4, 2, 24, 33, 16, 3)],
-    ids=["smollm2-shape", "group12-d80", "mha-partial-rotary", "no-rotation", "seven-buckets", "buckets-partial"],
+     (2, 9, 3, 64, 100, 64, 7), (1, 4, 2, 24, 33, 16, 3), (3, 8, 2, 64, 300, 64, 12), (1, 4, 2, 256, 50, 256, 2)],
+    ids=["smollm2-shape", "group12-d80", "mha-partial-rotary", "no-rotation", "seven-buckets", "buckets-partial",
+         "row-tiles", "d256"],
 )
 def test_lookup_table_matches_reference(b, hq, hkv, d, m, rot, turns):
-    """One rotation (windowed RoPE) or several (the distance scorer's buckets: column r * M + m)."""
+    """One rotation (windowed RoPE) or several (the distance scorer's buckets: column r * M + m); "row-tiles" has
+    144 (row, head, rotation) triples, three tiles of the kernel's tensor-core product, the last one partial."""
     g = torch.Generator().manual_seed(m + hq)
     query = torch.randn(b, hq, d + 3, generator=g)[..., 3:].to(torch.bfloat16)  # strided, as a slice would be
     centroids = torch.randn(hkv, m, d, generator=g)

@@ -2,7 +2,7 @@
 
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
-order-preserving integer keys, 4 bits per round, weighted by the histogram (one program per head), which also
+order-preserving integer keys, 2 bits per round, weighted by the histogram (one program per head), which also
 classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
 bytes side by side in one word), and ORs the classes over the KV group into 2 bits per centroid (above / tied for
 some head). Then three passes over segments of the codes, each fully parallel: a token looks up its 2 bits (a
@@ -54,16 +54,23 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
     row = pid // HEADS
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
     k = tl.load(k_ptr + row).to(tl.int32)
-    digit = tl.arange(0, 16).to(tl.uint32)
     thr = tl.zeros([1], dtype=tl.uint32)
-    for r in range(8):  # 4 bits per round, from the top: keep the largest prefix with >= k candidates at or above
-        trial = thr | (digit << (28 - 4 * r))  # [16]
-        above = tl.zeros([16], dtype=tl.int32)
-        for m0 in range(0, m, BLOCK_M):
-            cols, ok, count, key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0, m, BLOCK_M)
-            above += tl.sum(tl.where(key[None, :] >= trial[:, None], count[None, :], 0), axis=1)
-        best = tl.sum((above >= k).to(tl.int32), axis=0) - 1  # `above` falls with the digit
-        thr = thr | (best.to(tl.uint32) << (28 - 4 * r))
+    one = tl.full([1], 1, dtype=tl.uint32)
+    for r in range(16):  # 2 bits per round, from the top: keep the largest prefix with >= k candidates at or above
+        shift = 30 - 2 * r
+        above1 = tl.zeros([BLOCK_M], dtype=tl.int32)  # candidates at or above the prefix + digit 1, 2, 3 (summed
+        above2 = tl.zeros([BLOCK_M], dtype=tl.int32)  # over the block once, after the scan)
+        above3 = tl.zeros([BLOCK_M], dtype=tl.int32)
+        cols, ok, count, key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, 0, m, BLOCK_M)
+        for m0 in range(0, m, BLOCK_M):  # the next chunk's loads are issued before this chunk's arithmetic
+            cols, ok, next_count, next_key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0 + BLOCK_M, m, BLOCK_M)
+            above1 += tl.where(key >= (thr | (one << shift)), count, 0)
+            above2 += tl.where(key >= (thr | (2 * one << shift)), count, 0)
+            above3 += tl.where(key >= (thr | (3 * one << shift)), count, 0)
+            count, key = next_count, next_key
+        best = ((tl.sum(above1, axis=0) >= k).to(tl.uint32) + (tl.sum(above2, axis=0) >= k).to(tl.uint32)
+                + (tl.sum(above3, axis=0) >= k).to(tl.uint32))  # `above` falls with the digit
+        thr = thr | (best << shift)
     greater = tl.zeros([1], dtype=tl.int32)
     for m0 in range(0, m, BLOCK_M):
         cols, ok, count, key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0, m, BLOCK_M)
