@@ -36,11 +36,14 @@ def assert_same_selection(lut, codes, candidates, k, budget, **kwargs):
 @pytest.mark.parametrize(
     "b, hq, hkv, n, m",
     [(3, 6, 2, 67, 3), (2, 9, 3, 700, 50), (1, 4, 4, 130, 1000), (2, 12, 2, 333, 17), (1, 12, 1, 150, 9),
-     (1, 2, 1, 9000, 7)],
-    ids=["many-ties", "group3", "mha-big-M", "group6", "group12-bytes", "segments-of-2-blocks"],
+     (1, 2, 1, 9000, 7), (3, 4, 2, 6000, 20000), (2, 4, 1, 3000, 40000)],
+    ids=["many-ties", "group3", "mha-big-M", "group6", "group12-bytes", "segments-of-2-blocks", "wide-table",
+         "wide-sparse"],
 )
 def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
-    """Random LUTs (with repeated values), codes and candidate masks; k from 0 to every candidate; several blocks."""
+    """Random LUTs (with repeated values), codes and candidate masks; k from 0 to every candidate; several blocks.
+    The wide tables (16384 columns and more, as the distance scorer's) go through the sampled narrowing first, and
+    back to the whole table where it misses (k = 0, a tie wider than the scratch)."""
     g = torch.Generator().manual_seed(n + m)
     lut = torch.randn(b, hq, m, generator=g)
     lut[:, :, ::5] = lut[:, :, :1]  # equal scores across centroids

@@ -2,7 +2,8 @@
 
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
-order-preserving integer keys, 2 bits per round, weighted by the histogram (one program per head), which also
+order-preserving integer keys, 2 bits per round, weighted by the histogram (one program per head; a table of 16384
+columns or more first narrowed to the columns above a sampled key, so the rounds do not re-read it), which also
 classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
 bytes side by side in one word), and ORs the classes over the KV group into 2 bits per centroid (above / tied for
 some head). Then three passes over segments of the codes, each fully parallel: a token looks up its 2 bits (a
@@ -33,37 +34,46 @@ def _order_key(values):
 
 
 @triton.jit
-def _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0, m, BLOCK_M: tl.constexpr):
-    """Centroids [m0, m0 + BLOCK_M) of one head: their columns, validity, candidate counts and score keys."""
-    cols = m0 + tl.arange(0, BLOCK_M)
-    ok = cols < m
-    count = tl.load(hist_ptr + kv.to(tl.int64) * m + cols, mask=ok, other=0)
-    key = _order_key(tl.load(lut_ptr + pid.to(tl.int64) * m + cols, mask=ok, other=0.0))
-    return cols, ok, count, key
+def _entries(lut_row, hist_row, packed_row, m0, n, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+    """Entries [m0, m0 + BLOCK) of a head's table as (candidate counts, score keys): the LUT and histogram rows' or,
+    when PACKED, the compacted ones (see :func:`_pack`)."""
+    i = m0 + tl.arange(0, BLOCK)
+    ok = i < n
+    if PACKED:
+        return _unpack(tl.load(packed_row + i, mask=ok, other=0))
+    count = tl.load(hist_row + i, mask=ok, other=0)
+    return count, _order_key(tl.load(lut_row + i, mask=ok, other=0.0))
 
 
 @triton.jit
-def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, m, HEADS: tl.constexpr,
-                      GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per (row, head): the k-th largest score, how many tokens scoring exactly it to take, and each centroid's
-    class for this head (2: above the threshold, 1: equal, 0: below) in byte ``head % GROUP`` of its
-    [G_PAD]-byte entry, so the scan reads one small entry per token instead of the group's float scores. The
-    classes are also OR-ed over the KV group into a 2-bit summary per centroid (16 to an int32 word): the scan
-    looks up that 1 KB-per-4096-centroids table first, whose lookups touch 8x fewer cache lines."""
-    pid = tl.program_id(0)
-    row = pid // HEADS
-    kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
-    k = tl.load(k_ptr + row).to(tl.int32)
+def _pack(count, key):
+    """(count, key) as one int64 whose signed order is the keys' (the count, < 2**31, in the low half)."""
+    signed = key.to(tl.int32, bitcast=True) ^ -2147483648
+    return (signed.to(tl.int64) << 32) | count.to(tl.int64)
+
+
+@triton.jit
+def _unpack(entry):
+    """(count, key) of :func:`_pack`'s int64."""
+    key = ((entry >> 32).to(tl.int32) ^ -2147483648).to(tl.uint32, bitcast=True)
+    return (entry & 0xFFFFFFFF).to(tl.int32), key
+
+
+@triton.jit
+def _radix_select(lut_row, hist_row, packed_row, n, k, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+    """The largest key with >= k candidates at or above it among n entries: a radix select from the top, 2 bits per
+    round (3 trial prefixes a round: 48 compare-adds per entry where 4 bits took 128), the sums kept per lane and
+    reduced once a round, the next chunk's loads issued before this chunk's arithmetic."""
     thr = tl.zeros([1], dtype=tl.uint32)
     one = tl.full([1], 1, dtype=tl.uint32)
-    for r in range(16):  # 2 bits per round, from the top: keep the largest prefix with >= k candidates at or above
+    for r in range(16):
         shift = 30 - 2 * r
-        above1 = tl.zeros([BLOCK_M], dtype=tl.int32)  # candidates at or above the prefix + digit 1, 2, 3 (summed
-        above2 = tl.zeros([BLOCK_M], dtype=tl.int32)  # over the block once, after the scan)
-        above3 = tl.zeros([BLOCK_M], dtype=tl.int32)
-        cols, ok, count, key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, 0, m, BLOCK_M)
-        for m0 in range(0, m, BLOCK_M):  # the next chunk's loads are issued before this chunk's arithmetic
-            cols, ok, next_count, next_key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0 + BLOCK_M, m, BLOCK_M)
+        above1 = tl.zeros([BLOCK], dtype=tl.int32)  # candidates at or above the prefix + digit 1, 2, 3
+        above2 = tl.zeros([BLOCK], dtype=tl.int32)
+        above3 = tl.zeros([BLOCK], dtype=tl.int32)
+        count, key = _entries(lut_row, hist_row, packed_row, 0, n, BLOCK, PACKED)
+        for m0 in range(0, n, BLOCK):
+            next_count, next_key = _entries(lut_row, hist_row, packed_row, m0 + BLOCK, n, BLOCK, PACKED)
             above1 += tl.where(key >= (thr | (one << shift)), count, 0)
             above2 += tl.where(key >= (thr | (2 * one << shift)), count, 0)
             above3 += tl.where(key >= (thr | (3 * one << shift)), count, 0)
@@ -71,9 +81,58 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
         best = ((tl.sum(above1, axis=0) >= k).to(tl.uint32) + (tl.sum(above2, axis=0) >= k).to(tl.uint32)
                 + (tl.sum(above3, axis=0) >= k).to(tl.uint32))  # `above` falls with the digit
         thr = thr | (best << shift)
+    return thr
+
+
+@triton.jit
+def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, scratch_ptr, m,
+                      HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                      SAMPLE: tl.constexpr, CAP: tl.constexpr):
+    """Per (row, head): the k-th largest score, how many tokens scoring exactly it to take, and each centroid's
+    class for this head (2: above the threshold, 1: equal, 0: below) in byte ``head % GROUP`` of its
+    [G_PAD]-byte entry, so the scan reads one small entry per token instead of the group's float scores. The
+    classes are also OR-ed over the KV group into a 2-bit summary per centroid (16 to an int32 word): the scan
+    looks up that 1 KB-per-4096-centroids table first, whose lookups touch 8x fewer cache lines.
+
+    A wide table (SAMPLE > 0: the distance scorer's buckets x centroids, re-read from memory by every pass) is first
+    cut down: a strided sample of SAMPLE columns, sorted, gives a key ``lo`` about the sample's 3k-th largest; one
+    pass writes the columns at or above it to ``scratch`` and checks that they hold at least k candidates (and fit
+    its CAP entries), and the radix select runs over those alone. A sample that misses falls back to the radix
+    select over the whole table. The result is the same either way."""
+    pid = tl.program_id(0)
+    row = pid // HEADS
+    kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
+    k = tl.load(k_ptr + row).to(tl.int32)
+    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * m
+    scratch_row = scratch_ptr + pid.to(tl.int64) * CAP
+    written = tl.sum(tl.zeros([1], dtype=tl.int32), axis=0)  # columns written to scratch
+    narrowed = written < 0
+    if SAMPLE > 0:
+        s = tl.arange(0, SAMPLE)
+        sampled = (s.to(tl.int64) * m) // SAMPLE
+        counts, keys = _unpack(tl.sort(_pack(tl.load(hist_row + sampled), _order_key(tl.load(lut_row + sampled))),
+                                       descending=True))
+        at = tl.sum((tl.cumsum(counts, axis=0) < 3.0 * k.to(tl.float32) * SAMPLE / m + 16).to(tl.int32), axis=0)
+        lo = tl.where(at < SAMPLE, tl.max(tl.where(s == at, keys, 0), axis=0), 0).to(tl.uint32)
+        inside = tl.zeros([BLOCK_M], dtype=tl.int32)  # candidates at or above lo
+        for m0 in range(0, m, BLOCK_M):
+            count, key = _entries(lut_row, hist_row, scratch_row, m0, m, BLOCK_M, False)
+            take = (key >= lo) & (count > 0)
+            inside += tl.where(take, count, 0)
+            slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(scratch_row + slot, _pack(count, key), mask=take & (slot < CAP))
+            written += tl.sum(take.to(tl.int32), axis=0)
+        narrowed = (k > 0) & (tl.sum(inside, axis=0) >= k) & (written <= CAP)
+    if narrowed:
+        thr = _radix_select(lut_row, hist_row, scratch_row, written, k, BLOCK_M, True)
+    else:
+        thr = _radix_select(lut_row, hist_row, scratch_row, m, k, BLOCK_M, False)
+
     greater = tl.zeros([1], dtype=tl.int32)
     for m0 in range(0, m, BLOCK_M):
-        cols, ok, count, key = _centroid_chunk(lut_ptr, hist_ptr, pid, kv, m0, m, BLOCK_M)
+        count, key = _entries(lut_row, hist_row, scratch_row, m0, m, BLOCK_M, False)
+        cols = m0 + tl.arange(0, BLOCK_M)
+        ok = cols < m
         greater += tl.sum(tl.where(key > thr, count, 0), axis=0)
         category = tl.where(ok, tl.where(key > thr, 2, tl.where(key == thr, 1, 0)), 0)
         entry = (kv.to(tl.int64) * m + cols) * G_PAD + (pid % HEADS) % GROUP
@@ -212,9 +271,13 @@ def select_topk(
     g_pad = triton.next_power_of_2(group)
     need = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
     classes = torch.empty(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)  # padding bytes: masked
+    sample = 1024 if m >= 16384 else 0  # narrow wide tables first (see _threshold_kernel)
+    cap = min(triton.next_power_of_2(m), max(1024, min(32768, triton.next_power_of_2(4 * k_max)))) if sample else 1
+    scratch = torch.empty(b * heads, cap, dtype=torch.int64, device=codes.device)
     _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), need, classes, summary,
-                                    m, HEADS=heads, GROUP=group, G_PAD=g_pad,
-                                    BLOCK_M=min(max(triton.next_power_of_2(m), 16), 2048), num_warps=8)
+                                    scratch, m, HEADS=heads, GROUP=group, G_PAD=g_pad,
+                                    BLOCK_M=min(max(triton.next_power_of_2(m), 16), 2048), SAMPLE=sample, CAP=cap,
+                                    num_warps=8)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
