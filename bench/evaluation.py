@@ -74,7 +74,8 @@ def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> li
         if ablations and "distance" in scorers and topk == 0.03:
             methods += [Method("distance", topk, options=(("per_octave", k),)) for k in (2, 4)]
             methods += [Method("distance", topk, options=(("rotation", "center"),))]
-            methods += [Method("distance", topk, codebooks=v) for v in ("distance moments", "plain k-means")]
+            methods += [Method("distance", topk, codebooks=v) for v in ("distance moments", "plain k-means",
+                                                                           "4096 centroids")]
             methods += [Method("distance", topk, window=w) for w in (128, 256)]
         if ablations and topk == 0.03:  # wider windows at the same tokens attended per step
             methods += [Method(s, topk, window=w, same_total=True) for s in scorers if s in ("wrope", "distance")
