@@ -57,6 +57,20 @@ def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, block_n=64)
 
 
+def test_wide_table_falls_back_where_the_narrowing_overflows():
+    """A wide table whose scores are mostly one value: the columns at or above the sampled key overflow the scratch,
+    so the threshold comes from the whole table; the selection is the reference's all the same."""
+    g = torch.Generator().manual_seed(7)
+    m, n = 40000, 30000
+    lut = torch.randn(1, 2, m, generator=g)
+    lut[:, :, : int(0.9 * m)] = 0.5  # nine columns in ten tie
+    codes = torch.randint(0, m, (1, 1, n), generator=g).to(torch.uint16)
+    candidates = torch.rand(1, n, generator=g) > 0.1
+    k = torch.tensor([2000])
+    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+    assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", k_max=2000)
+
+
 def test_codes_view_histogram_and_k_bound():
     """A view of a longer code buffer, a given histogram and a host bound k_max give the same selection."""
     g = torch.Generator().manual_seed(1)
