@@ -8,6 +8,8 @@ K/V on the GPU.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,12 @@ def _rotate(x, half_turned, d, ok, cos_ptr, sin_ptr, ROT: tl.constexpr):
     cos = tl.load(cos_ptr + d, mask=ok & (d < ROT), other=1.0)
     sin = tl.load(sin_ptr + d, mask=ok & (d < ROT), other=0.0)
     return x * cos + half_turned * sin
+
+
+@functools.cache
+def _dot_precision(device: torch.device) -> str:
+    """float32 products on tensor cores as three TF32 ones where there are (Ampere on), else plain float32."""
+    return "tf32x3" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -95,10 +103,10 @@ def encode_keys(
 @triton.jit
 def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, ROWS, sq_b, sq_h, sr_b, sr_r,
                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """Program (KV head, block of centroids): the block read once, then for each tile of BLOCK_R (row, query head
-    of the group, rotation) triples the turned queries against it as one tensor-core product (tf32x3: float32's
-    accuracy at a third of tf32's speed; the CUDA cores' float32 took ~0.7 ms a layer at 12 rotations x 4096
+    of the group, rotation) triples the turned queries against it as one tensor-core product (PRECISION "tf32x3":
+    float32's accuracy from three TF32 products; the CUDA cores' float32 took ~0.7 ms a layer at 12 rotations x 4096
     centroids)."""
     h, block = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, D_PAD)
@@ -116,7 +124,7 @@ def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, ROWS, sq_b, sq_h,
             turn = (b * sr_b + r * sr_r)[:, None]
             turned = _rotate(turned, _rotate_half(rows, d[None, :], ok, ROT), d[None, :], ok, cos_ptr + turn,
                              sin_ptr + turn, ROT)
-        lut = tl.dot(turned, tl.trans(c), input_precision="tf32x3")  # [BLOCK_R, BLOCK_M]
+        lut = tl.dot(turned, tl.trans(c), input_precision=PRECISION)  # [BLOCK_R, BLOCK_M]
         out = out_ptr + ((b[:, None] * HKV * G + heads[:, None]) * R + r[:, None]) * M + m[None, :]
         tl.store(out, lut, mask=ok & m_ok[None, :])
 
@@ -144,7 +152,8 @@ def rotated_lookup_table(
     block_r = max(16, min(block_m, triton.next_power_of_2(rows)))
     _lut_kernel[(hkv, triton.cdiv(m, block_m))](
         query, cos, sin, centroids, lut, m, turns, rows, query.stride(0), query.stride(1), *strides,
-        HKV=hkv, G=group, D=d, D_PAD=d_pad, ROT=rot, BLOCK_R=block_r, BLOCK_M=block_m, num_stages=1,
+        HKV=hkv, G=group, D=d, D_PAD=d_pad, ROT=rot, BLOCK_R=block_r, BLOCK_M=block_m,
+        PRECISION=_dot_precision(query.device), num_stages=1,
     )
     return lut
 
