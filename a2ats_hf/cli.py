@@ -65,7 +65,11 @@ def download_command(args: argparse.Namespace) -> None:
 def generate_command(args: argparse.Namespace) -> None:
     from .cache import A2ATSCache, cache_argument
     from .codebooks import Codebooks
+    from .scoring import DistanceBuckets
 
+    if args.buckets_per_octave is not None and args.scoring != "distance":
+        raise SystemExit("--buckets-per-octave applies to --scoring distance only")
+    scoring = args.scoring if args.buckets_per_octave is None else DistanceBuckets(per_octave=args.buckets_per_octave)
     model, tokenizer = _load(args.model, args.device, args.dtype)
     prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
     messages = [{"role": "user", "content": prompt}]
@@ -74,7 +78,7 @@ def generate_command(args: argparse.Namespace) -> None:
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget,
-                        scoring=args.scoring)
+                        scoring=scoring)
     out = model.generate(**inputs.to(args.device), **cache_argument(model, cache), max_new_tokens=args.max_new_tokens,
                          do_sample=False)
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
@@ -150,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--topk", type=_topk, default=0.03, help="fraction in (0, 1] or int token budget")
     gen.add_argument("--budget", choices=["query_head", "kv_head"], default="query_head")
     gen.add_argument("--scoring", choices=["wrope", "distance"], default="wrope", help="how far tokens are scored")
+    gen.add_argument("--buckets-per-octave", type=int, metavar="P",
+                     help="distance buckets per doubling of the distance (default 1; 4 ranks better, ~5%% slower)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=generate_command)

@@ -43,10 +43,16 @@ def test_calibrate_then_generate(model_dir, tmp_path, capsys, queries):
     assert Codebooks.from_pretrained(out).calibration["queries"] == queries
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("A long letter. " * 80)
+    buckets = ["--buckets-per-octave", "4"] if queries == "distance" else []
     main(["generate", str(model_dir), "--codebooks", str(out), "--prompt-file", str(prompt), "--topk", "0.1",
-          "--max-new-tokens", "4", "--device", "cpu", "--scoring", queries])
+          "--max-new-tokens", "4", "--device", "cpu", "--scoring", queries, *buckets])
     err = capsys.readouterr().err
     assert "attended" in err and "MiB" in err
+
+
+def test_generate_refuses_buckets_without_distance_scoring(model_dir):
+    with pytest.raises(SystemExit, match="--scoring distance"):
+        main(["generate", str(model_dir), "--prompt", "hi", "--buckets-per-octave", "4", "--device", "cpu"])
 
 
 def test_eval_runs_the_suite(model_dir, tmp_path, capsys):
