@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget", choices=["query_head", "kv_head"], default="query_head")
     gen.add_argument("--scoring", choices=["wrope", "distance"], default="wrope", help="how far tokens are scored")
     gen.add_argument("--buckets-per-octave", type=int, metavar="P",
-                     help="distance buckets per doubling of the distance (default 1; 4 ranks better, ~5%% slower)")
+                     help="distance buckets per doubling of the distance (default 1; 4 ranks better for 5-14%% more decode time)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=generate_command)
