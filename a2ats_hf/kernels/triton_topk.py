@@ -105,8 +105,6 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
     k = tl.load(k_ptr + row).to(tl.int32)
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * m
     scratch_row = scratch_ptr + pid.to(tl.int64) * CAP
-    written = tl.sum(tl.zeros([1], dtype=tl.int32), axis=0)  # columns written to scratch
-    narrowed = written < 0
     if SAMPLE > 0:
         s = tl.arange(0, SAMPLE)
         sampled = (s.to(tl.int64) * m) // SAMPLE
@@ -115,6 +113,7 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
         at = tl.sum((tl.cumsum(counts, axis=0) < 3.0 * k.to(tl.float32) * SAMPLE / m + 16).to(tl.int32), axis=0)
         lo = tl.where(at < SAMPLE, tl.max(tl.where(s == at, keys, 0), axis=0), 0).to(tl.uint32)
         inside = tl.zeros([BLOCK_M], dtype=tl.int32)  # candidates at or above lo
+        written = tl.sum(tl.zeros([1], dtype=tl.int32), axis=0)  # columns written to scratch
         for m0 in range(0, m, BLOCK_M):
             count, key = _entries(lut_row, hist_row, scratch_row, m0, m, BLOCK_M, False)
             take = (key >= lo) & (count > 0)
@@ -122,10 +121,11 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
             slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
             tl.store(scratch_row + slot, _pack(count, key), mask=take & (slot < CAP))
             written += tl.sum(take.to(tl.int32), axis=0)
-        narrowed = (k > 0) & (tl.sum(inside, axis=0) >= k) & (written <= CAP)
-    if narrowed:
-        thr = _radix_select(lut_row, hist_row, scratch_row, written, k, BLOCK_M, True)
-    else:
+        if (k > 0) & (tl.sum(inside, axis=0) >= k) & (written <= CAP):
+            thr = _radix_select(lut_row, hist_row, scratch_row, written, k, BLOCK_M, True)
+        else:
+            thr = _radix_select(lut_row, hist_row, scratch_row, m, k, BLOCK_M, False)
+    else:  # narrow tables: the scratch is not read
         thr = _radix_select(lut_row, hist_row, scratch_row, m, k, BLOCK_M, False)
 
     greater = tl.zeros([1], dtype=tl.int32)
@@ -273,7 +273,7 @@ def select_topk(
     classes = torch.empty(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)  # padding bytes: masked
     sample = 1024 if m >= 16384 else 0  # narrow wide tables first (see _threshold_kernel)
     cap = min(triton.next_power_of_2(m), max(1024, min(32768, triton.next_power_of_2(4 * k_max)))) if sample else 1
-    scratch = torch.empty(b * heads, cap, dtype=torch.int64, device=codes.device)
+    scratch = torch.empty(b * heads, cap, dtype=torch.int64, device=codes.device) if sample else summary  # unread
     _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), need, classes, summary,
                                     scratch, m, HEADS=heads, GROUP=group, G_PAD=g_pad,
                                     BLOCK_M=min(max(triton.next_power_of_2(m), 16), 2048), SAMPLE=sample, CAP=cap,
