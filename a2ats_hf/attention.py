@@ -38,6 +38,7 @@ def a2ats_attention_forward(
     layer: A2ATSLayer | None = getattr(key, "a2ats_layer", None)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    layer.awaiting_attention = False
     rope = layer.cache.bind(module)
     if layer.first:
         rope.new_step()
@@ -56,7 +57,10 @@ def a2ats_attention_forward(
         past_keys, past_values = layer.store.to_tensors(end=n - length)
         key = torch.cat([past_keys.to(key.device, non_blocking=True), key], dim=2)
         value = torch.cat([past_values.to(value.device, non_blocking=True), value], dim=2)
-    layer.set_first_tokens(key_validity(attention_mask, batch, n, query.device), key, value)
+    valid = key_validity(attention_mask, batch, n, query.device)
+    if layer.first:
+        layer.cache.record_validity(valid)
+    layer.set_first_tokens(valid, key, value)
     if layer.first and n == length:
         family_of(module.config).check_prompt(module.config, n)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -84,6 +88,8 @@ def step_masks(layer: A2ATSLayer, attention_mask: torch.Tensor | None) -> StepMa
 
     def compute() -> StepMasks:
         valid = key_validity(attention_mask, layer.store.shape[0], n, device)
+        if layer.first:
+            cache.record_validity(valid)
         far = layer.far_candidates(valid)
         n_far = far.sum(-1)
         local_valid = layer.local_validity(valid)

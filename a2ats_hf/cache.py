@@ -3,10 +3,10 @@ K/V in CPU memory (or, with ``offload="none"``, on the device too; ``"auto"``: o
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,6 +28,40 @@ def cache_argument(model: nn.Module, cache: Cache) -> dict[str, Cache]:
     transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes: from forward in 5.40)."""
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache}
+
+
+NOT_A2ATS_ATTENTION = (
+    "A2ATSCache stored K/V on the last forward but the \"a2ats\" attention did not read them: load the model with "
+    "AutoModelForCausalLM.from_pretrained(..., attn_implementation=\"a2ats\") (or call "
+    "model.set_attn_implementation(\"a2ats\")) after `import a2ats_hf`. If a forward failed midway instead, call "
+    "cache.reset() before the next prompt."
+)
+
+
+EMPTY_INPUT = "A2ATSCache got an empty input (0 tokens): give the prompt at least one token."
+
+
+def check_int(name: str, value, low: int) -> int:
+    """``value`` if it is an int >= ``low`` (not a bool), else a TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _stored(index: int, name: str) -> property:
+    """A layer's stored ``name`` (0: keys, 1: values) [B, Hkv, N, D] where they live, as transformers' layers expose
+    them: views of a device store, a copy of the CPU blocks; None before the first forward. Read-only."""
+
+    def get(layer: "A2ATSLayer") -> torch.Tensor | None:
+        return layer.store.to_tensors()[index] if layer.is_initialized else None
+
+    def set_(layer: "A2ATSLayer", value) -> None:
+        if value is not None:  # CacheLayerMixin.__init__ sets None
+            raise AttributeError(f"A2ATSLayer.{name} is read-only: it reads the layer's store")
+
+    return property(get, set_, doc=f"Stored post-RoPE {name} [B, Hkv, N, D] (None before the first forward).")
 
 
 def check_topk(topk: float | int) -> None:
@@ -114,15 +148,24 @@ class A2ATSLayer(CacheLayerMixin):
     ``[0, sink)`` hold each row's first tokens, slot ``sink + c % window`` the token of column ``c`` among the last
     ``window`` (a ring, so a new token is one copy; attention does not depend on the order of its keys).
 
-    The layer sees its cache through a weak proxy: a strong back-reference would make every cache a reference
+    The layer sees its cache through a weak reference: a strong back-reference would make every cache a reference
     cycle, whose (pinned, possibly many GiB) CPU store lives on after the cache is dropped, until Python's cycle
     collector happens to run."""
 
     is_sliding = False
+    is_croppable = True
+    keys = _stored(0, "keys")
+    values = _stored(1, "values")
 
     def __init__(self, cache: "A2ATSCache", layer_idx: int, book: int):
         super().__init__()
-        self.cache, self.layer_idx, self.book, self.first = weakref.proxy(cache), layer_idx, book, book == 0
+        self.layer_idx, self.book, self.first = layer_idx, book, book == 0
+        self.cache_ref = weakref.ref(cache)
+        self.awaiting_attention = False  # K/V stored by `update` that the "a2ats" attention has not read yet
+
+    @property
+    def cache(self) -> "A2ATSCache":
+        return self.cache_ref()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -145,6 +188,10 @@ class A2ATSLayer(CacheLayerMixin):
 
         Several tokens at once are a prompt, or a chunk of one, or a continuation of the conversation.
         """
+        if self.awaiting_attention:
+            raise RuntimeError(NOT_A2ATS_ATTENTION)
+        if key_states.shape[-2] == 0:
+            raise ValueError(EMPTY_INPUT)
         if not self.is_initialized:
             if self.first:
                 self.cache.check_memory(key_states)
@@ -155,18 +202,24 @@ class A2ATSLayer(CacheLayerMixin):
                 "call cache.reset() or create a new A2ATSCache for a new batch."
             )
         self.store.append(key_states, value_states)
-        n, t, sink, window = self.store.length, key_states.shape[-2], self.cache.sink, self.cache.window
-        last = min(t, window)  # copied into the ring: no view keeps the whole prompt alive on the device
+        self.fill_ring(key_states, value_states)
+        key_states.a2ats_layer = value_states.a2ats_layer = self
+        self.awaiting_attention = True
+        return key_states, value_states
+
+    def fill_ring(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy the window's share of ``keys`` / ``values`` [B, Hkv, T, D], the store's last T columns, into the ring
+        (a copy: no view keeps a whole prompt alive on the device)."""
+        n, sink, window = self.store.length, self.cache.sink, self.cache.window
+        last = min(keys.shape[-2], window)
         if last == 1:
             slot = sink + (n - 1) % window
-            self.local_keys[:, :, slot : slot + 1] = key_states[:, :, -1:]
-            self.local_values[:, :, slot : slot + 1] = value_states[:, :, -1:]
+            self.local_keys[:, :, slot : slot + 1] = keys[:, :, -1:]
+            self.local_values[:, :, slot : slot + 1] = values[:, :, -1:]
         else:
             slots = sink + torch.arange(n - last, n, device=self.device) % window
-            self.local_keys.index_copy_(2, slots, key_states[:, :, -last:].to(self.dtype))
-            self.local_values.index_copy_(2, slots, value_states[:, :, -last:].to(self.dtype))
-        key_states.a2ats_layer = value_states.a2ats_layer = self
-        return key_states, value_states
+            self.local_keys.index_copy_(2, slots, keys[:, :, -last:].to(self.device, self.dtype))
+            self.local_values.index_copy_(2, slots, values[:, :, -last:].to(self.device, self.dtype))
 
     # The "a2ats" attention calls the methods below, which need positions and padding that `update` does not see.
 
@@ -252,6 +305,8 @@ class A2ATSLayer(CacheLayerMixin):
         return self.store.length if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if query_length == 0:  # asked before the layers run, where an empty input fails deep inside the model
+            raise ValueError(EMPTY_INPUT)
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
@@ -260,12 +315,55 @@ class A2ATSLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # the abstract name in older transformers 5.x (5.4)
 
     def reset(self) -> None:
-        self.is_initialized = False
+        self.is_initialized = self.awaiting_attention = False
         for name in ("store", "code_buffer", "histogram", "local_keys", "local_values"):
             self.__dict__.pop(name, None)
 
+    # Batch and length edits (beam search, assisted decoding): every row-indexed tensor follows the store.
+
+    ROW_STATE = ("code_buffer", "local_keys", "local_values", "first_token", "histogram", "sink_valid")
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` [B'] (long) of everything the layer holds: a reorder, repeat or subset of the batch."""
+        if not self.is_initialized:
+            return
+        self.store.select_rows(index)
+        index = index.to(self.device)
+        for name in self.ROW_STATE:
+            if getattr(self, name, None) is not None:
+                setattr(self, name, getattr(self, name).index_select(0, index))
+        if hasattr(self, "last_first_token"):
+            self.last_first_token = int(self.first_token.max())
+        self.cache.scorer.forget(self)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("A2ATSCache does not support beam search yet.")
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.select_rows(torch.arange(self.store.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(row_index(indices))
+
+    def crop(self, tokens: int) -> None:
+        """Forget the last ``-tokens`` columns (a negative count, as transformers passes it) or keep the first
+        ``tokens`` (older transformers): the window ring is refilled from the store, the code histogram recounted."""
+        if tokens == 0 or not self.is_initialized:  # 0: nothing to remove (newer) or keep (older), as DynamicLayer
+            return
+        n = self.store.length
+        m = max(n + tokens if tokens < 0 else min(tokens, n), 0)
+        if m == 0:
+            return self.reset()
+        if m == n:
+            return
+        self.store.truncate(m)
+        self.fill_ring(*self.store.to_tensors(max(m - self.cache.window, 0), m))
+        self.sink_valid = None  # recomputed from the sinks still stored
+        if self.histogram is not None:
+            self.histogram = code_histogram(self.codes, self.far_candidates(self.cache.validity[:, :m].to(self.device)),
+                                            self.centroids.shape[1])
+        self.cache.scorer.forget(self)
 
     def nbytes(self) -> tuple[int, int]:
         """(device bytes, CPU bytes) held by this layer."""
@@ -277,6 +375,12 @@ class A2ATSLayer(CacheLayerMixin):
         if isinstance(self.store, DeviceKVStore):
             return device + self.store.nbytes, 0
         return device, self.store.nbytes
+
+
+def row_index(indices: torch.Tensor | list) -> torch.Tensor:
+    """Long row indices from what ``batch_select_indices`` may get: indices, or a bool mask over the rows."""
+    indices = torch.as_tensor(indices)
+    return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
 
 
 class A2ATSCache(Cache):
@@ -319,7 +423,14 @@ class A2ATSCache(Cache):
         gpu_kv_budget: int | None = None,
         dense_below: int = 4096,
     ):
+        if not isinstance(codebooks, Codebooks):
+            hint = (f" To load codebooks from {codebooks!r}, use A2ATSCache.from_pretrained({codebooks!r}) or "
+                    f"Codebooks.from_pretrained({codebooks!r})." if isinstance(codebooks, (str, bytes)) or hasattr(codebooks, "__fspath__") else "")
+            raise TypeError(f"A2ATSCache takes a Codebooks object as its first argument, got {type(codebooks).__name__}.{hint}")
         check_topk(topk)
+        for name, value, low in (("window", window, 1), ("sink", sink, 0), ("max_length", max_length, 1)):
+            if value is not None:
+                check_int(name, value, low)
         if offload not in OFFLOADS:
             raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
         if gpu_kv_budget is not None and (offload != "auto" or gpu_kv_budget < 0):
@@ -338,11 +449,11 @@ class A2ATSCache(Cache):
         self.codebooks, self.topk, self.budget = codebooks, topk, budget
         self.window = codebooks.window if window is None else window
         self.sink = codebooks.sink if sink is None else sink
-        if self.window < 1 or self.sink < 0:
-            raise ValueError(f"window must be >= 1 and sink >= 0, got window={self.window}, sink={self.sink}")
         self.max_length = max_length
         self.rope: RoPE | None = None
         self.stats = AttendedStats()
+        self.validity: torch.Tensor | None = None  # [B, N] keys valid so far, as the first layer last saw them
+        self.validated: set[int] = set()  # layers whose weights were checked against the codebooks
         served = {idx: book for book, idx in enumerate(codebooks.layers)}
         n_layers = codebooks.fingerprint.get("num_hidden_layers", codebooks.num_layers)
         window = codebooks.fingerprint.get("sliding_window")
@@ -377,23 +488,49 @@ class A2ATSCache(Cache):
         return self.get_seq_length() > 0
 
     def bind(self, attention: nn.Module) -> RoPE:
-        """Check the codebooks against the model on first use and build its RoPE helper."""
+        """Check the codebooks against each layer's weights on its first use and build the model's RoPE helper."""
+        if attention.layer_idx not in self.validated:
+            self.codebooks.validate(attention.config, attention if attention.layer_idx == self.codebooks.layers[0] else None)  # TEMP
+            self.validated.add(attention.layer_idx)
         if self.rope is None:
-            self.codebooks.validate(attention.config, attention)  # the first layer A2ATS serves
             self.rope = RoPE.for_attention(attention)
         return self.rope
 
+    def record_validity(self, valid: torch.Tensor) -> None:
+        """Keep which keys [B, N] the first layer's pass may see, refusing a mask that changed for tokens already
+        stored: their sinks, first real token and code histograms were derived from it."""
+        old = self.validity
+        if old is not None and not torch.equal(valid[:, : old.shape[1]], old.to(valid.device)):
+            raise ValueError(
+                "The attention mask changed for tokens already in the A2ATSCache (a 0 where it had 1 or the reverse): "
+                "the cache derived each row's sinks and candidates from it. Extend the mask with the new tokens only, "
+                "or call cache.reset() and run the prompt again with the new mask."
+            )
+        self.validity = valid.clone()
+
     def check_memory(self, key_states: torch.Tensor) -> None:
         """Before the first layer allocates: fail if every layer's K/V for the prompt (or ``max_length``) would
-        not fit where it is kept (CPU memory, or the device's with ``offload="none"``)."""
+        not fit where it is kept (CPU memory, or the device's with ``offload="none"``), or the codes, sinks and
+        window would not fit on the device."""
         b, h, t, d = key_states.shape
-        tokens = max(t, self.max_length or 0)
+        if self.max_length is not None and t > self.max_length:
+            raise ValueError(f"The prompt has {t} tokens, more than this A2ATSCache's max_length={self.max_length}.")
+        tokens, device, dtype = max(t, self.max_length or 0), key_states.device, key_states.dtype
         layers = len(self.a2ats_layers)
-        device = key_states.device if self.offload == "none" else None
-        if self.offload == "auto":  # the layers beyond the device budget go to CPU memory
-            layers -= min(layers, self.device_budget(key_states.device) // kv_bytes(b, h, d, key_states.dtype, tokens, 1))
-        needed = layers * kv_bytes(b, h, d, key_states.dtype, tokens, 1 if device else None)
-        check_memory(needed, f"The K/V of {layers} layers x batch {b} x {tokens} tokens", device)
+        resident = {"none": layers, "cpu": 0}.get(self.offload)
+        if resident is None:  # "auto": the layers within the device budget stay on the device
+            resident = min(layers, self.device_budget(device) // kv_bytes(b, h, d, dtype, tokens, 1))
+        local = layers * b * h * (2 * (self.sink + self.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes
+        on_device = local + resident * kv_bytes(b, h, d, dtype, tokens, 1)
+        offloaded = (layers - resident) * kv_bytes(b, h, d, dtype, tokens)
+        kv = f"The K/V of {layers - resident} layers x batch {b} x {tokens} tokens"
+        local = (f"the codes, {self.sink} sinks and {self.window}-token window of {layers} layers (with the K/V of "
+                 f"{resident} layers kept on {device})")
+        if device.type == "cuda":
+            check_memory(on_device, local[0].upper() + local[1:], device)
+            check_memory(offloaded, kv)
+        else:
+            check_memory(on_device + offloaded, f"{kv}, with {local},")
 
     def device_budget(self, device: torch.device) -> int:
         """Bytes of K/V that offload="auto" may still place on the device (fixed by the first layer)."""
@@ -433,7 +570,44 @@ class A2ATSCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.stats = AttendedStats()
-        self.gpu_kv_left = None
+        self.gpu_kv_left = self.validity = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_validity(beam_idx)
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.validity is not None:
+            self.select_validity(torch.arange(self.validity.shape[0]).repeat_interleave(repeats))
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_validity(row_index(indices))
+        super().batch_select_indices(indices)
+
+    def select_validity(self, index: torch.Tensor) -> None:
+        if self.validity is not None:
+            self.validity = self.validity.index_select(0, index.to(self.validity.device))
+
+    def crop(self, tokens: int) -> None:
+        super().crop(tokens)
+        if self.validity is not None:
+            self.validity = self.validity[:, : self.get_seq_length()]
+
+    def __deepcopy__(self, memo: dict) -> "A2ATSCache":
+        """An independent copy (its own K/V, codes and statistics) whose layers refer to it; the read-only
+        codebooks and their per-layer device copies are shared."""
+        memo[id(self.codebooks)] = self.codebooks
+        for layer in self.a2ats_layers:
+            for name in ("whitener", "whitened_centroids", "centroid_norms", "centroids"):
+                if hasattr(layer, name):
+                    memo[id(getattr(layer, name))] = getattr(layer, name)
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.__dict__.update({name: copy.deepcopy(value, memo) for name, value in self.__dict__.items()})
+        for layer in new.a2ats_layers:
+            layer.cache_ref = weakref.ref(new)
+        return new
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes held on the device (codes, sinks, window; the full K/V of layers kept there) and on the CPU

@@ -45,6 +45,10 @@ class Scorer:
         """Device tensors the scorer keeps for ``layer`` (counted by ``A2ATSCache.memory_footprint``)."""
         return ()
 
+    def forget(self, layer: "A2ATSLayer") -> None:
+        """Drop what the scorer keeps for ``layer``, after its rows or length changed other than by appending
+        (beam search, a crop): it is rebuilt from the layer at the next step."""
+
 
 def token_codes(layer: "A2ATSLayer", page: int = 1) -> torch.Tensor:
     """[B, Hkv, N] int32: each stored token's own column (``page`` 1) or its page's."""
@@ -72,6 +76,9 @@ class KeyMirror(Scorer):
 
     def held(self, layer):
         return tuple(t for t in [self.mirror.get(layer)] if t is not None)
+
+    def forget(self, layer):
+        self.mirror.pop(layer, None)
 
 
 @dataclass
@@ -193,6 +200,9 @@ class DistanceBuckets(Scorer):
     def held(self, layer):
         state = self.state.get(layer.store)
         return () if state is None else (state.buffer, state.histogram)
+
+    def forget(self, layer):
+        self.state.pop(layer.store, None)
 
 
 @dataclass

@@ -132,6 +132,22 @@ class KVStore:
         values = torch.cat([self.value_blocks[j][:, :, lo:hi] for j, lo, hi in spans], dim=2)
         return keys, values
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` [B'] (a reorder, repeat or subset of the batch: beam search, assisted decoding),
+        into new pinned blocks of the same size."""
+        self.wait()
+        index = index.to("cpu", torch.long)
+        self.shape = (len(index), *self.shape[1:])
+        for blocks in (self.key_blocks, self.value_blocks):
+            blocks[:] = [torch.index_select(block, 0, index, out=self._new_block()) for block in blocks]
+
+    def truncate(self, length: int) -> None:
+        """Forget every column from ``length`` on (blocks past it are freed)."""
+        self.wait()
+        self.length = min(self.length, length)
+        kept = -(-self.length // self.block_size)
+        del self.key_blocks[kept:], self.value_blocks[kept:]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.key_blocks + self.value_blocks)
@@ -181,6 +197,16 @@ class DeviceKVStore:
         """Stored keys and values of columns [start, end) (default: all): views of the buffers."""
         end = self.length if end is None else end
         return self.keys[:, :, start:end], self.values[:, :, start:end]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` [B'] (a reorder, repeat or subset of the batch)."""
+        index = index.to(self.device, torch.long)
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.shape = (len(index), *self.shape[1:])
+
+    def truncate(self, length: int) -> None:
+        """Forget every column from ``length`` on (the buffers keep their capacity)."""
+        self.length = min(self.length, length)
 
     @property
     def nbytes(self) -> int:

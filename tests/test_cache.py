@@ -51,6 +51,67 @@ def test_bad_options_are_rejected(tiny, kwargs):
         A2ATSCache(tiny[1], **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [{"window": 2.5}, {"window": "64"}, {"window": True}, {"sink": "4"},
+                                    {"max_length": "foo"}, {"max_length": 0}, {"sink": 1.0}])
+def test_option_types_are_checked_where_given(tiny, kwargs):
+    """Windows, sinks and lengths that are not ints in range are refused by the constructor, naming the option
+    (they failed inside torch at the first forward)."""
+    (name,) = kwargs
+    with pytest.raises((TypeError, ValueError), match=name):
+        A2ATSCache(tiny[1], **kwargs)
+
+
+def test_a_path_instead_of_codebooks_says_how_to_load_them(tiny, tmp_path):
+    with pytest.raises(TypeError, match="from_pretrained"):
+        A2ATSCache(str(tmp_path))
+
+
+def test_cache_outside_the_a2ats_attention_is_refused(tiny):
+    """A model loaded with sdpa gets only the new token's K/V back from the cache's layers: refused at the first
+    decode step with the fix in the message, instead of garbage tokens."""
+    _, books = tiny
+    model = tiny_model(attn="sdpa")
+    with pytest.raises(RuntimeError, match='attn_implementation="a2ats"'):
+        generate(model, ids_of(1, 60), A2ATSCache(books, topk=1.0), new=3)
+
+
+def test_empty_input_is_refused(tiny):
+    model, books = tiny
+    with pytest.raises(ValueError, match="empty input"):
+        model(ids_of(1, 0), **cache_argument(model, A2ATSCache(books)))
+
+
+def test_max_length_below_the_prompt_is_refused(tiny):
+    model, books = tiny
+    with pytest.raises(ValueError, match="max_length=40"):
+        generate(model, ids_of(1, 60), A2ATSCache(books, max_length=40), new=2)
+
+
+def test_window_and_sinks_count_in_the_memory_check(tiny):
+    """An absurd window fails before allocating, naming the window (it tried to allocate many GB per tensor)."""
+    model, books = tiny
+    with pytest.raises(MemoryError, match="10000000000-token window"):
+        generate(model, ids_of(1, 30), A2ATSCache(books, window=10**10), new=1)
+
+
+def test_attention_mask_changed_mid_decoding_is_refused(tiny):
+    """The cache derives each row's sinks, first real token and candidates from the mask: a later mask that
+    differs for stored tokens is refused; one that only extends the mask is fine."""
+    model, books = tiny
+    ids = ids_of(2, 60)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    cache = A2ATSCache(books, topk=1.0)
+    out = model(ids, attention_mask=mask, **cache_argument(model, cache))
+    step = out.logits[:, -1:].argmax(-1)
+    mask = torch.cat([mask, torch.ones_like(step)], 1)
+    model(step, attention_mask=mask, **cache_argument(model, cache))
+    changed = torch.cat([mask, torch.ones_like(step)], 1)
+    changed[0, 30] = 0
+    with pytest.raises(ValueError, match="attention mask changed"):
+        model(step, attention_mask=changed, **cache_argument(model, cache))
+
+
 def test_reuse_needs_reset(tiny):
     """A finished cache refuses another batch size until reset(); then it reproduces the first run."""
     model, books = tiny

@@ -74,3 +74,24 @@ def test_cpu_blocks_fill_a_power_of_two_of_bytes(batch, heads, head_dim, dtype):
     size = store.block_size * per_token
     power = 2 ** math.ceil(math.log2(size))
     assert store.block_size >= BLOCK_SIZE and power - size < per_token
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_select_rows_and_truncate_follow_the_whole_kv(kind):
+    """Rows reordered, repeated and dropped (beam search, assisted decoding), then columns cut (a crop) and more
+    appended: the store holds what the same edits of the whole K/V hold."""
+    gen = torch.Generator().manual_seed(1)
+    store = STORES[kind]()
+    keys, values = torch.randn(3, 2, 13, 8, generator=gen), torch.randn(3, 2, 13, 8, generator=gen)
+    store.append(keys, values)
+    for index in (torch.tensor([2, 0, 0]), torch.tensor([1, 1, 2, 0, 2]), torch.tensor([4, 0])):
+        store.select_rows(index)
+        keys, values = keys[index], values[index]
+    store.truncate(6)
+    more_keys, more_values = torch.randn(2, 2, 4, 8, generator=gen), torch.randn(2, 2, 4, 8, generator=gen)
+    store.append(more_keys, more_values)
+    expected_keys, expected_values = torch.cat([keys[:, :, :6], more_keys], 2), torch.cat([values[:, :, :6], more_values], 2)
+    assert store.length == 10 and store.shape[0] == 2
+    torch.testing.assert_close(store.to_tensors(), (expected_keys, expected_values), rtol=0, atol=0)
+    if kind == "cpu-blocks":
+        assert len(store.key_blocks) == 2  # blocks past the cut were freed
