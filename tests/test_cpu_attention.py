@@ -73,18 +73,154 @@ def test_matches_reference_on_smollm2(smollm2, austen):
     assert len(checked) == 2 * model.config.num_hidden_layers and min(checked) > 0
 
 
-def test_stale_build_lock_is_removed(tmp_path):
-    """An interrupted build's lock would make every later build wait forever: an old one goes (with a warning), a
-    fresh one (a build in progress) stays."""
+# The build lock. torch's builder waits forever on the lock file of a build that was killed; the next process waits
+# for it a bounded time (A2ATS_BUILD_LOCK_TIMEOUT), then removes it and builds. Each scenario runs in processes of
+# its own over one temporary TORCH_EXTENSIONS_DIR: a real build killed mid-compile, then the same directory (built by
+# the process that recovered) under a live lock holder, a killed one, and an hour-old lock.
+
+CHILD = """
+import sys, time
+from a2ats_hf.kernels import cpu_attention
+print("imported", flush=True)
+sys.stdin.readline()  # go
+started = time.perf_counter()
+ext = cpu_attention.extension()
+print("built" if ext is not None and hasattr(ext, "sparse_attention") else "no kernel", flush=True)
+print(f"{time.perf_counter() - started:.2f}", flush=True)
+"""
+
+
+class Child:
+    """A process loading the kernel from ``root``: imports, then calls ``extension()`` once ``go()`` is called."""
+
+    def __init__(self, root, tmp_path, timeout=None, **popen):
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root), "PYTHONWARNINGS": "always"}
+        env.pop("A2ATS_CPU_KERNEL", None)
+        env.pop("A2ATS_BUILD_LOCK_TIMEOUT", None)
+        if timeout is not None:
+            env["A2ATS_BUILD_LOCK_TIMEOUT"] = str(timeout)
+        self.stderr_path = tmp_path / f"stderr-{id(self)}.txt"
+        with self.stderr_path.open("w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", CHILD], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                text=True, **popen,
+            )
+        assert self.process.stdout.readline() == "imported\n", self.stderr
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def go(self):
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+
+    def result(self, timeout=300) -> tuple[str, float]:
+        """("built" or "no kernel", seconds ``extension()`` took)."""
+        out, _ = self.process.communicate(timeout=timeout)
+        assert self.process.returncode == 0, self.stderr
+        status, seconds = out.split()
+        return status, float(seconds)
+
+
+def wait_for(condition, timeout: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def killed_build(tmp_path_factory):
+    """A real build killed mid-compile (its lock left behind), then the next process's load: (extensions root, the
+    lock's path, the next process's result and stderr)."""
+    import os
+    import signal
+
+    root = tmp_path_factory.mktemp("torch_extensions")
+    logs = tmp_path_factory.mktemp("logs")
+    builder = Child(root, logs, start_new_session=True)  # its own process group: ninja and the compiler die with it
+    builder.go()
+    wait_for(lambda: any(root.glob("*/lock")) or builder.process.poll() is not None, 300, "the build to start")
+    (lock,) = root.glob("*/lock")
+    wait_for(lambda: any(root.glob("*/build.ninja")), 30, "ninja to start")
+    os.killpg(builder.process.pid, signal.SIGKILL)
+    builder.process.wait()
+    assert lock.exists() and not any(root.glob("*/*.so")), "the build was not caught mid-compile"
+    following = Child(root, logs, timeout=10)  # the lock is a few seconds old by now: waited on for the rest
+    following.go()
+    return root, lock, following.result(), following.stderr
+
+
+def test_a_killed_build_does_not_hang_the_next(killed_build):
+    """The process after a killed build waits at most A2ATS_BUILD_LOCK_TIMEOUT for the lock, says it removed a lock
+    left by an interrupted build, builds, and has the kernel."""
+    _, lock, (status, seconds), stderr = killed_build
+    assert status == "built"
+    assert "interrupted build" in stderr and str(lock) in stderr
+    assert "building the CPU attention kernel" in stderr
+    assert not lock.exists()
+
+
+def test_a_live_build_is_waited_for(killed_build, tmp_path):
+    """A lock that its holder releases is waited on (with one message naming it) and not removed; a library already
+    built is not announced as a build."""
+    from torch.utils.file_baton import FileBaton
+
+    root, lock, _, _ = killed_build
+    child = Child(root, tmp_path, timeout=120)
+    baton = FileBaton(str(lock))
+    assert baton.try_acquire()
+    child.go()
+    wait_for(lambda: "waiting for another process's build" in child.stderr, 60, "the waiting message")
+    assert str(lock) in child.stderr and child.process.poll() is None
+    baton.release()
+    status, seconds = child.result()
+    assert status == "built" and seconds < 60
+    assert child.stderr.count("waiting for another") == 1
+    assert "interrupted build" not in child.stderr and "building the CPU attention kernel" not in child.stderr
+
+
+def test_a_killed_holder_is_given_up_on_after_the_timeout(killed_build, tmp_path):
+    """A process holding torch's build lock is SIGKILLed: the next load waits the timeout, removes the lock with a
+    warning, and returns."""
+    import subprocess
+    import sys
+
+    root, lock, _, _ = killed_build
+    child = Child(root, tmp_path, timeout=3)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom torch.utils.file_baton import FileBaton\n"
+         "assert FileBaton(sys.argv[1]).try_acquire()\nprint('held', flush=True)\ntime.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    assert lock.exists()
+    child.go()
+    status, seconds = child.result()
+    assert status == "built" and 2 < seconds < 60
+    assert "waiting for another process's build" in child.stderr and "interrupted build" in child.stderr
+    assert not lock.exists()
+
+
+def test_an_ancient_lock_goes_at_once(killed_build, tmp_path):
+    """A lock an hour old is removed without waiting, under the default timeout."""
     import os
     import time
 
-    lock = tmp_path / "lock"
+    root, lock, _, _ = killed_build
+    child = Child(root, tmp_path)
     lock.touch()
-    cpu_attention._clear_stale_lock(tmp_path)
-    assert lock.exists()
-    old = time.time() - cpu_attention.STALE_LOCK_S - 5
-    os.utime(lock, (old, old))
-    with pytest.warns(UserWarning, match="interrupted build"):
-        cpu_attention._clear_stale_lock(tmp_path)
-    assert not lock.exists()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    child.go()
+    status, seconds = child.result()
+    assert status == "built" and seconds < 30
+    assert "interrupted build" in child.stderr and "waiting for another" not in child.stderr

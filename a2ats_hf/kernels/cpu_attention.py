@@ -34,20 +34,76 @@ def _machine_tag() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags} {torch.__version__}".encode()).hexdigest()[:10]
 
 
-STALE_LOCK_S = 600  # a build takes about a minute; a lock this old was left by a build that was killed
+BUILD_LOCK_TIMEOUT_S = 300.0  # a build takes about a minute; a lock this old was left by a build that was killed
 
 
-def _clear_stale_lock(build_dir: Path) -> None:
-    """torch's extension builder waits forever on the lock file of a build that was interrupted (Ctrl-C, a
-    killed process); remove one old enough that no build can still hold it."""
-    lock = build_dir / "lock"
+def _lock_timeout() -> float:
+    value = os.environ.get("A2ATS_BUILD_LOCK_TIMEOUT", "")
     try:
-        age = time.time() - lock.stat().st_mtime
-    except OSError:
+        return float(value) if value.strip() else BUILD_LOCK_TIMEOUT_S
+    except ValueError:
+        warnings.warn(f"A2ATS_BUILD_LOCK_TIMEOUT must be a number of seconds, got {value!r}; using "
+                      f"{BUILD_LOCK_TIMEOUT_S:g}")
+        return BUILD_LOCK_TIMEOUT_S
+
+
+def _await_build_lock(lock: Path, timeout: float, poll_s: float = 0.2) -> None:
+    """Wait for another process's build of the kernel to release ``lock``, torch's build lock, then return.
+
+    torch's builder waits forever on that lock, so a build that was killed (SIGKILL, ``timeout``, a cancelled CI
+    job) would hang every later process at its first decode step. A lock older than ``timeout`` seconds (the lock
+    file is created when a build starts and never touched again) was left by such a build: it is removed, with a
+    warning, and the build proceeds. A lock already that old goes at once; a younger one is waited on until it is."""
+    started = time.time()
+    announced = False
+    while True:
+        try:
+            stat = lock.stat()
+        except OSError:
+            return  # released (or never there)
+        now = time.time()
+        # the deadline counts from the lock's creation, but never more than ``timeout`` from now (clock skew)
+        deadline = min(stat.st_mtime, started) + timeout
+        if now >= deadline:
+            break
+        if not announced:
+            print(f"a2ats: waiting for another process's build of the CPU attention kernel to finish (lock file "
+                  f"{lock}; it is taken as abandoned at {timeout:g} s old, see A2ATS_BUILD_LOCK_TIMEOUT)...",
+                  file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(min(poll_s, max(deadline - now, 0.0)))
+    try:
+        current = lock.stat()
+        if (current.st_ino, current.st_mtime_ns) != (stat.st_ino, stat.st_mtime_ns):
+            return  # a new build took the lock meanwhile: torch waits on that one
+        lock.unlink()
+    except FileNotFoundError:
         return
-    if age > STALE_LOCK_S:
-        warnings.warn(f"removing {lock}, left {age / 60:.0f} minutes ago by an interrupted build of the CPU kernel")
-        lock.unlink(missing_ok=True)
+    warnings.warn(f"removed {lock}, a build lock of the CPU kernel left by an interrupted build: it was still there "
+                  f"after {max(now - stat.st_mtime, 0.0):.0f} s (A2ATS_BUILD_LOCK_TIMEOUT={timeout:g} s)")
+
+
+def _build_directory(name: str) -> Path | None:
+    """Where torch builds extension ``name`` (and keeps its ``lock``): ``$TORCH_EXTENSIONS_DIR/<name>`` or
+    ``<default root>/py311_cpu/<name>`` and the like; None where this torch has no such function."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(name, verbose=False))
+    except (ImportError, TypeError):
+        return None
+
+
+def _needs_build(build_dir: Path | None, name: str) -> bool:
+    """Whether ``load`` will compile: no library built yet, or one older than the source."""
+    if build_dir is None:
+        return False
+    from torch.utils.cpp_extension import LIB_EXT
+
+    try:
+        return (build_dir / f"{name}{LIB_EXT}").stat().st_mtime < SOURCE.stat().st_mtime
+    except OSError:
+        return True
 
 
 @functools.cache
@@ -56,12 +112,13 @@ def extension() -> object | None:
     if os.environ.get("A2ATS_CPU_KERNEL", "").lower() == "torch":
         return None
     try:
-        from torch.utils.cpp_extension import get_default_build_root, load
+        from torch.utils.cpp_extension import load
 
         name = f"a2ats_cpu_{_machine_tag()}"
-        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-        _clear_stale_lock(root / name)
-        if not any(root.glob(f"*/{name}/{name}*.so")):
+        build_dir = _build_directory(name)
+        if build_dir is not None:
+            _await_build_lock(build_dir / "lock", _lock_timeout())
+        if _needs_build(build_dir, name):
             print("a2ats: building the CPU attention kernel (once per machine, about a minute)...", file=sys.stderr)
         flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
         return load(
