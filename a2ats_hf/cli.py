@@ -1,38 +1,139 @@
 """The ``a2ats`` command: ``calibrate`` builds codebooks (and can push them to the Hub), ``download`` fetches
 them, ``generate`` decodes with them, ``eval`` runs the evaluation suite."""
 
+# Parsing imports nothing heavy: torch, transformers and the library load inside the commands, so `--help` and
+# argument errors answer at once (the library is imported by absolute name, so this module needs nothing of its
+# package at import time). Errors in what the user gave print as one `a2ats: error: ...` line; A2ATS_DEBUG=1 shows
+# their traceback.
+
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
-import torch
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+# The evaluation suite's tasks and scorers, named here so that parsing needs no import of the library (a test checks
+# them against a2ats_hf.evaluation.tasks.TASKS and a2ats_hf.scoring.SCORERS).
+TASKS = ("niah_word", "niah_number", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_multiquery",
+         "variable_tracking", "common_words")
+SCORERS = ("distance", "oracle", "postrope", "quest", "random", "window", "wrope")
+
+# Raised by the library, torch, transformers or the Hub for what the user gave (a bad value, a missing file or
+# repository, too little memory): one line, no traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, MemoryError, NotImplementedError)
+
+
+def _int_at_least(low: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
+        return number
+
+    parse.__name__ = "int"
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def _n_centroids(value: str) -> int:
+    number = _int_at_least(2)(value)
+    if number > 65536:
+        raise argparse.ArgumentTypeError(f"must lie in [2, 65536] (codes are uint16), got {number}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return number
+
+
+def _topk(value: str) -> float | int:
+    """A fraction in (0, 1] ("0.03", "1e-2") or a positive int token budget ("512"), as A2ATSCache takes it."""
+    try:
+        topk = float(value) if any(c in value for c in ".eE") else int(value)
+    except ValueError:
+        topk = None
+    if isinstance(topk, int) and topk > 0 or isinstance(topk, float) and 0.0 < topk <= 1.0:
+        return topk
+    raise argparse.ArgumentTypeError(
+        f"must be a fraction in (0, 1] or a positive int token budget, got {value!r}")
+
+
+def _existing_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {value!r}")
+    return value
+
+
+def _model_or_repo(value: str) -> str:
+    """A local directory or a Hub id ("org/name"): what is plainly a path ("/...", "./...", "~/...", "a/b/c") must
+    exist."""
+    if (value.startswith(("/", ".", "~")) or value.count("/") > 1) and not Path(value).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"no such directory: {value!r} (nor is it a Hub id, which reads org/name)")
+    return value
+
+
+def _output_file(value: str) -> str:
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a directory")
+    if not path.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the directory of {value!r} does not exist")
+    return value
+
+
+def _output_dir(value: str) -> str:
+    if Path(value).exists() and not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} exists and is not a directory")
+    return value
 
 
 def _load(model_path: str, device: str, dtype: str):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import a2ats_hf  # noqa: F401  (registers "a2ats")
 
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, attn_implementation="a2ats")
     return model.to(device).eval(), AutoTokenizer.from_pretrained(model_path)
 
 
-def _topk(value: str) -> float | int:
-    from .cache import check_topk
+def _resolve_device(args: argparse.Namespace) -> None:
+    """--device checked against this machine (default: cuda where there is one) and --dtype's default for it."""
+    import torch
 
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        topk = float(value) if any(c in value for c in ".eE") else int(value)
-        check_topk(topk)
-    except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return topk
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {args.device!r}: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
 
 
 def calibrate_command(args: argparse.Namespace) -> None:
-    from .calibration import calibrate
+    from a2ats_hf.calibration import calibrate
 
     model, tokenizer = _load(args.model, args.device, args.dtype)
     texts = (Path(f).read_text(encoding="utf-8") for f in args.text)
@@ -57,18 +158,16 @@ def calibrate_command(args: argparse.Namespace) -> None:
 
 
 def download_command(args: argparse.Namespace) -> None:
-    from .hub_utils import resolve
+    from a2ats_hf.hub_utils import resolve
 
     print(resolve(args.repo, subfolder=args.subfolder, revision=args.revision))
 
 
 def generate_command(args: argparse.Namespace) -> None:
-    from .cache import A2ATSCache, cache_argument
-    from .codebooks import Codebooks
-    from .scoring import DistanceBuckets
+    from a2ats_hf.cache import A2ATSCache, cache_argument
+    from a2ats_hf.codebooks import Codebooks
+    from a2ats_hf.scoring import DistanceBuckets
 
-    if args.buckets_per_octave is not None and args.scoring != "distance":
-        raise SystemExit("--buckets-per-octave applies to --scoring distance only")
     scoring = args.scoring if args.buckets_per_octave is None else DistanceBuckets(per_octave=args.buckets_per_octave)
     model, tokenizer = _load(args.model, args.device, args.dtype)
     prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
@@ -94,8 +193,8 @@ def generate_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     import json
 
-    from .codebooks import Codebooks
-    from .evaluation import Method, evaluate, evaluate_perplexity
+    from a2ats_hf.codebooks import Codebooks
+    from a2ats_hf.evaluation import Method, evaluate, evaluate_perplexity
 
     model, tokenizer = _load(args.model, args.device, args.dtype)
     books = Codebooks.from_pretrained(args.codebooks or args.model)
@@ -119,23 +218,27 @@ def eval_command(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="a2ats", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="a2ats", description=__doc__,
+        epilog="Errors print as one line; A2ATS_DEBUG=1 shows their Python traceback.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("model", help="model directory or Hub id")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--dtype", default="float32" if not torch.cuda.is_available() else "bfloat16")
+    common.add_argument("model", type=_model_or_repo, help="model directory or Hub id")
+    common.add_argument("--device", help="torch device: cpu, cuda, cuda:1, ... (default: cuda where there is one)")
+    common.add_argument("--dtype", choices=DTYPES,
+                        help='weights\' dtype (default: bfloat16 on CUDA, float32 on the CPU; "auto": the checkpoint\'s)')
 
     cal = sub.add_parser("calibrate", parents=[common], help="build codebooks from text files")
-    cal.add_argument("--text", nargs="+", required=True, help="UTF-8 text files to calibrate on")
-    cal.add_argument("--out", help="directory to write the codebooks to")
+    cal.add_argument("--text", nargs="+", required=True, type=_existing_file, help="UTF-8 text files to calibrate on")
+    cal.add_argument("--out", type=_output_dir, help="directory to write the codebooks to")
     cal.add_argument("--push-to-hub", metavar="REPO", help="upload the codebooks into REPO/a2ats (one commit)")
-    cal.add_argument("--n-centroids", type=int, default=4096)
-    cal.add_argument("--max-tokens", type=int, default=65536)
-    cal.add_argument("--chunk-size", type=int, default=8192)
-    cal.add_argument("--uuid-tokens", type=int, default=16384)
-    cal.add_argument("--kmeans-iters", type=int, default=100)
-    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--n-centroids", type=_n_centroids, default=4096, help="centroids per KV head, 2 to 65536")
+    cal.add_argument("--max-tokens", type=positive_int, default=65536, help="tokens of the text files to use")
+    cal.add_argument("--chunk-size", type=positive_int, default=8192, help="tokens per forward pass")
+    cal.add_argument("--uuid-tokens", type=non_negative_int, default=16384, help="tokens of random UUIDs added")
+    cal.add_argument("--kmeans-iters", type=positive_int, default=100)
+    cal.add_argument("--seed", type=non_negative_int, default=0)
     cal.add_argument("--queries", choices=["wrope", "distance"], default="wrope",
                      help='queries weighting the error: windowed RoPE (default) or those of scoring="distance"')
     cal.set_defaults(func=calibrate_command)
@@ -147,42 +250,48 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(func=download_command)
 
     gen = sub.add_parser("generate", parents=[common], help="answer a prompt with A2ATS decoding")
-    gen.add_argument("--codebooks", help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
+    gen.add_argument("--codebooks", type=_model_or_repo, help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
-    source.add_argument("--prompt-file")
+    source.add_argument("--prompt-file", type=_existing_file)
     gen.add_argument("--topk", type=_topk, default=0.03, help="fraction in (0, 1] or int token budget")
     gen.add_argument("--budget", choices=["query_head", "kv_head"], default="query_head")
     gen.add_argument("--scoring", choices=["wrope", "distance"], default="wrope", help="how far tokens are scored")
-    gen.add_argument("--buckets-per-octave", type=int, metavar="P",
+    gen.add_argument("--buckets-per-octave", type=positive_int, metavar="P",
                      help="distance buckets per doubling of the distance (default 1; 4 ranks better for 5-14%% more decode time)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=generate_command)
 
-    from .evaluation.tasks import TASKS
-    from .scoring import SCORERS
-
     ev = sub.add_parser("eval", parents=[common], help="RULER-style retrieval tasks (and perplexity with attention fidelity): full attention vs A2ATS and baselines")
-    ev.add_argument("--haystack", nargs="+", required=True, help="UTF-8 prose files the needles hide in")
-    ev.add_argument("--codebooks", help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
-    ev.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    ev.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192])
-    ev.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
-    ev.add_argument("--samples", type=int, default=1, help="seeds per (task, length, depth)")
-    ev.add_argument("--scoring", nargs="+", choices=sorted(SCORERS),
+    ev.add_argument("--haystack", nargs="+", required=True, type=_existing_file,
+                    help="UTF-8 prose files the needles hide in")
+    ev.add_argument("--codebooks", type=_model_or_repo, help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
+    ev.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ev.add_argument("--lengths", nargs="+", type=positive_int, default=[4096, 8192])
+    ev.add_argument("--depths", nargs="+", type=_fraction, default=[0.1, 0.5, 0.9], help="needle depths in [0, 1]")
+    ev.add_argument("--samples", type=positive_int, default=1, help="seeds per (task, length, depth)")
+    ev.add_argument("--scoring", nargs="+", choices=SCORERS,
                     default=["wrope", "distance", "oracle", "quest", "random", "window"])
     ev.add_argument("--topk", nargs="+", type=_topk, default=[0.03])
     ev.add_argument("--budget", nargs="+", choices=["query_head", "kv_head"], default=["query_head"])
-    ev.add_argument("--batch-size", type=int, default=8, help="prompts answered together")
-    ev.add_argument("--perplexity", nargs="+", metavar="FILE",
+    ev.add_argument("--batch-size", type=positive_int, default=8, help="prompts answered together")
+    ev.add_argument("--perplexity", nargs="+", metavar="FILE", type=_existing_file,
                     help="held-out UTF-8 text: also the perplexity of the last --tail tokens of windows of each length, "
                          "with the recall, attention mass and output error of every method against full attention")
-    ev.add_argument("--windows", type=int, default=2, help="windows of each length for --perplexity")
-    ev.add_argument("--tail", type=int, default=512, help="tokens predicted at the end of each window")
-    ev.add_argument("--out", help="JSON file for every answer and the summary")
+    ev.add_argument("--windows", type=positive_int, default=2, help="windows of each length for --perplexity")
+    ev.add_argument("--tail", type=positive_int, default=512, help="tokens predicted at the end of each window")
+    ev.add_argument("--out", type=_output_file, help="JSON file for every answer and the summary")
     ev.set_defaults(func=eval_command)
     return parser
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        message = f"{error.strerror}: {error.filename}"
+    else:
+        message = str(error).strip() or type(error).__name__
+    return re.sub(r"\s*\n\s*", " ", message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +299,34 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "calibrate" and not (args.out or args.push_to_hub):
         parser.error("calibrate needs --out DIR and/or --push-to-hub REPO")
-    args.func(args)
+    if args.command == "generate" and args.buckets_per_octave is not None and args.scoring != "distance":
+        parser.error("--buckets-per-octave applies to --scoring distance only")
+    if args.command == "eval" and args.perplexity and args.tail >= min(args.lengths):
+        parser.error(f"--tail {args.tail} must be shorter than every --lengths window (the shortest is "
+                     f"{min(args.lengths)})")
+    if hasattr(args, "device"):
+        try:
+            _resolve_device(args)
+        except ValueError as error:
+            parser.error(str(error))
+    debug = os.environ.get("A2ATS_DEBUG", "") not in ("", "0")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        parser.exit(130, "a2ats: interrupted\n")
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        parser.exit(1, f"a2ats: error: {_one_line(error)}\n")
+    except Exception as error:
+        torch = sys.modules.get("torch")
+        out_of_memory = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None),
+                                                                           "OutOfMemoryError", None)
+        if debug or out_of_memory is None or not isinstance(error, out_of_memory):
+            raise
+        parser.exit(1, f"a2ats: error: {_one_line(error)}\n")
 
 
 if __name__ == "__main__":
