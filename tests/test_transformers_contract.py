@@ -341,7 +341,8 @@ def check_rows_op(kind: Kind, models: dict, op, rows: torch.Tensor, batch: int =
 @kinds
 def test_reorder_cache(kind, models):
     """Cache.reorder_cache(beam_idx), as beam search calls it: rows 2, 0, 0 of three."""
-    check_rows_op(kind, models, lambda c: c.reorder_cache(torch.tensor([2, 0, 0], device=DEVICE)), torch.tensor([2, 0, 0]))
+    rows = torch.tensor([2, 0, 0])
+    check_rows_op(kind, models, lambda c: c.reorder_cache(rows.to(DEVICE)), rows)
 
 
 @kinds
@@ -353,7 +354,8 @@ def test_batch_repeat_interleave(kind, models):
 @kinds
 def test_batch_select_indices(kind, models):
     """Cache.batch_select_indices(indices): rows 2 and 0 of three."""
-    check_rows_op(kind, models, lambda c: c.batch_select_indices(torch.tensor([2, 0], device=DEVICE)), torch.tensor([2, 0]))
+    rows = torch.tensor([2, 0])
+    check_rows_op(kind, models, lambda c: c.batch_select_indices(rows.to(DEVICE)), rows)
 
 
 @kinds
