@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 import random
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 
 import torch
@@ -13,10 +14,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .codebooks import KEYS, Codebooks, check_supported, fingerprint, weights_signature
+from .codebooks import KEYS, SIGNATURE_SCHEME, Codebooks, check_int, check_supported, fingerprint, layer_signature
 from .quantization import kmeans, second_moment, whitening
 from .rope import RoPE, apply_rope
 from .scoring import bucket_turns
+
+
+# The fewest text tokens calibrate() accepts (or n_centroids, if larger): below this the query moments and the keys'
+# clusters come from a handful of tokens, or from the random UUIDs alone.
+MIN_TEXT_TOKENS = 512
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -32,6 +38,20 @@ def _text_of(item) -> str:
     if isinstance(item, dict) and "text" in item:  # rows of a `datasets` dataset
         return item["text"]
     raise TypeError(f"calibration texts must be strings or rows with a 'text' field, got {type(item).__name__}")
+
+
+def _check_texts(texts) -> None:
+    """TypeError for ``texts`` that are not an iterable of texts: one string (its characters would be the texts),
+    bytes, or a mapping (a DatasetDict iterates over its split names)."""
+    if isinstance(texts, (str, bytes, bytearray)):
+        raise TypeError(f"calibration texts must be a list (or other iterable) of strings, got one "
+                        f"{type(texts).__name__} of length {len(texts)}, whose single characters would be the texts: "
+                        "pass [text]")
+    if isinstance(texts, Mapping):
+        raise TypeError(f"calibration texts must be a list of strings or dataset rows, got a {type(texts).__name__} "
+                        "(for a DatasetDict pass one split, e.g. dataset['train']; for one row, [row])")
+    if not isinstance(texts, Iterable):
+        raise TypeError(f"calibration texts must be a list (or other iterable) of strings, got {type(texts).__name__}")
 
 
 def token_stream(tokenizer, texts: Iterable, max_tokens: int) -> torch.Tensor:
@@ -85,11 +105,14 @@ class _Collector:
         self.rope = RoPE.for_attention(self.attentions[self.rope_layer])
         self.offset, self.post_rope = offset, keys == "post_rope"
         self.distance, self.window, self.sink = queries == "distance", window, sink
+        self.signatures: dict[int, dict | None] = {}  # layer -> weights signature, taken while its weights are in
 
     def record(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None):
         i = self.layers.get(module.layer_idx)
         if i is None:  # a sliding-window layer
             return
+        if module.layer_idx not in self.signatures:  # inside the forward: weights offloaded by accelerate are loaded
+            self.signatures[module.layer_idx] = layer_signature(module)
         t = key.shape[2]
         if position_ids is None:
             position_ids = torch.arange(t, device=key.device)[None]
@@ -167,18 +190,36 @@ def calibrate(
     bucket's mean rotation, each bucket weighted by the attention mass it carries in the calibration text.
     """
     check_supported(model.config)
+    _check_texts(texts)
     if keys not in KEYS:
         raise ValueError(f"keys must be one of {KEYS}, got {keys!r}")
     if queries not in ("wrope", "distance") or (queries == "distance" and keys != "pre_rope"):
         raise ValueError(f'queries must be "wrope" or "distance" (with keys="pre_rope"), got {queries!r}')
-    if n_centroids < 2 or n_centroids > 65536:
-        raise ValueError(f"n_centroids must lie in [2, 65536] (codes are uint16), got {n_centroids}")
+    n_centroids = check_int("n_centroids", n_centroids, 2, 65536)  # codes are uint16
+    max_tokens, chunk_size = check_int("max_tokens", max_tokens, 1), check_int("chunk_size", chunk_size, 1)
+    uuid_tokens, kmeans_iters = check_int("uuid_tokens", uuid_tokens, 0), check_int("kmeans_iters", kmeans_iters, 1)
+    seed, window = check_int("seed", seed, 0), check_int("window", window, 1)
+    offset, sink = check_int("offset", offset, 0), check_int("sink", sink, 0)
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"tol must be a number, got {type(tol).__name__} {tol!r}")
+    if not 0 <= tol < float("inf"):
+        raise ValueError(f"tol must be finite and >= 0, got {tol!r}")
+    for name, flag in (("query_aware", query_aware), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
+    needed = max(n_centroids, MIN_TEXT_TOKENS)
+    if max_tokens < needed:
+        raise ValueError(f"max_tokens={max_tokens} caps the calibration text below the {needed} text tokens needed "
+                         f"(n_centroids={n_centroids}, and never fewer than {MIN_TEXT_TOKENS})")
     started = time.perf_counter()
     ids = token_stream(tokenizer, texts, max_tokens)
+    text_tokens = len(ids)
+    if text_tokens < needed:
+        raise ValueError(f"The calibration texts gave {text_tokens} tokens; at least {needed} are needed "
+                         f"(n_centroids={n_centroids}, and never fewer than {MIN_TEXT_TOKENS}; the random-UUID "
+                         "tokens do not count). Pass more text.")
     if uuid_tokens > 0:
         ids = torch.cat([ids, token_stream(tokenizer, uuid_texts(seed), uuid_tokens)])
-    if len(ids) < n_centroids:
-        raise ValueError(f"calibration has {len(ids)} tokens, fewer than n_centroids={n_centroids}; pass more text")
     global _collector
     device = next(model.parameters()).device
     collector = _Collector(model, len(ids), offset, keys, queries, window, sink)
@@ -195,7 +236,8 @@ def calibrate(
     finally:
         _collector = None
         model.set_attn_implementation(implementation)
-    first_attention = collector.attentions[collector.rope_layer]
+    signatures = [collector.signatures.get(idx) or layer_signature(collector.attentions[idx])
+                  for idx in collector.layers]
     n_layers, hkv, n, d = collector.keys.shape
     if not query_aware:  # identity moments: the whitener is a multiple of I, k-means runs on the keys themselves
         collector.moments.copy_(torch.eye(d, dtype=torch.float64))
@@ -208,7 +250,7 @@ def calibrate(
     calibration = {
         "model": getattr(model.config, "_name_or_path", ""),
         "model_revision": getattr(model.config, "_commit_hash", None),
-        "text_tokens": int(len(ids) - min(uuid_tokens, len(ids))),
+        "text_tokens": text_tokens,
         "uuid_tokens": int(uuid_tokens),
         "kmeans_iterations": result.iterations,
         "kmeans_objective": result.objective,
@@ -221,7 +263,8 @@ def calibrate(
     return Codebooks(
         whitener=whitener.view(n_layers, hkv, d, d).cpu(),
         whitened_centroids=result.centroids.view(n_layers, hkv, n_centroids, d).cpu(),
-        fingerprint={**fingerprint(model.config), "weights_signature": weights_signature(first_attention)},
+        fingerprint=fingerprint(model.config),
+        weights_signature={"scheme": SIGNATURE_SCHEME, "layers": signatures},
         window=window,
         offset=offset,
         sink=sink,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -107,18 +109,57 @@ def test_dataset_rows_are_accepted(tiny):
     assert torch.equal(small(model, [{"text": TEXT}]).whitener, small(model, [TEXT]).whitener)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"n_centroids": 1}, "n_centroids"), ({"n_centroids": 70000}, "n_centroids"),
-                                           ({"max_tokens": 5, "uuid_tokens": 0}, "fewer than")])
-def test_bad_arguments(tiny, kwargs, match):
-    """Too few or too many centroids, or too little text, raise ValueError."""
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"n_centroids": 1}, ValueError, r"n_centroids must be in \[2, 65536\], got 1"),
+    ({"n_centroids": 0}, ValueError, "n_centroids"), ({"n_centroids": -4}, ValueError, "n_centroids"),
+    ({"n_centroids": 70000}, ValueError, "n_centroids"),
+    ({"n_centroids": "64"}, TypeError, "n_centroids must be an int, got str '64'"),
+    ({"n_centroids": True}, TypeError, "n_centroids must be an int, got bool"),
+    ({"n_centroids": 16.0}, TypeError, "n_centroids must be an int, got float"),
+    ({"max_tokens": "1500"}, TypeError, "max_tokens"), ({"max_tokens": 0}, ValueError, "max_tokens"),
+    ({"max_tokens": 100}, ValueError, "max_tokens=100 caps the calibration text below the 512 text tokens"),
+    ({"chunk_size": 0}, ValueError, "chunk_size must be >= 1"), ({"chunk_size": 1.5}, TypeError, "chunk_size"),
+    ({"kmeans_iters": 0}, ValueError, "kmeans_iters"), ({"uuid_tokens": -1}, ValueError, "uuid_tokens"),
+    ({"window": 0}, ValueError, "window"), ({"sink": -1}, ValueError, "sink"), ({"offset": None}, TypeError, "offset"),
+    ({"seed": "0"}, TypeError, "seed"), ({"tol": "1e-4"}, TypeError, "tol"), ({"tol": -1.0}, ValueError, "tol"),
+    ({"query_aware": "False"}, TypeError, "query_aware must be True or False"),
+])
+def test_bad_arguments(tiny, kwargs, error, match):
+    """Arguments of the wrong type or out of range are refused up front, naming the argument."""
+    with pytest.raises(error, match=match):
         small(tiny[0], [TEXT], **kwargs)
 
 
-def test_bad_texts(tiny):
-    """Texts that are neither strings nor rows with "text" raise TypeError."""
-    with pytest.raises(TypeError, match="text"):
-        small(tiny[0], [123])
+@pytest.mark.parametrize("texts", [TEXT, TEXT.encode(), bytearray(TEXT.encode())], ids=["str", "bytes", "bytearray"])
+def test_one_string_is_refused(tiny, texts):
+    """One string (say open(f).read()) in place of a list would calibrate on its single characters: TypeError
+    saying to pass [text]."""
+    with pytest.raises(TypeError, match=r"pass \[text\]"):
+        small(tiny[0], texts)
+
+
+def test_a_mapping_is_refused(tiny):
+    """A mapping (a DatasetDict iterates over its split names) is refused."""
+    with pytest.raises(TypeError, match="DatasetDict"):
+        small(tiny[0], {"train": [TEXT]})
+
+
+@pytest.mark.parametrize("texts, found", [([], 0), (["abc"], 4), (["x" * 300, "y" * 100], 402)])
+def test_too_little_text_is_refused(tiny, texts, found):
+    """No text, or less than 512 tokens (or n_centroids, if more), is refused naming the count and the minimum:
+    the random-UUID tokens alone would make the codebooks."""
+    with pytest.raises(ValueError, match=f"texts gave {found} tokens; at least 512 are needed"):
+        small(tiny[0], texts)
+    with pytest.raises(ValueError, match="texts gave 520 tokens; at least 600 are needed"):
+        small(tiny[0], ["z" * 519], n_centroids=600, max_tokens=1000)
+
+
+def test_the_signature_covers_every_served_layer(tiny):
+    """Calibration records every served layer's weights signature: the same as Codebooks.sign() of the model."""
+    model, books = tiny
+    layers = books.weights_signature["layers"]
+    assert len(layers) == len(books.layers) == 2 and all(entry["norm"] > 0 and "fp16" in entry for entry in layers)
+    assert copy.copy(books).sign(model).weights_signature == books.weights_signature
 
 
 def test_token_stream_stops_at_max_tokens():
