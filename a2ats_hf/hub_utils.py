@@ -3,6 +3,7 @@ cached by huggingface_hub exactly like model weights (revisions, tokens, ``HF_HO
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
+    RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
 from .codebooks import CONFIG_NAME, WEIGHTS_NAME, Codebooks
 
@@ -21,6 +24,44 @@ SUBFOLDER = "a2ats"
 
 def _calibrate_hint(repo_id: str) -> str:
     return f"  a2ats calibrate {repo_id} --text YOUR_TEXTS.txt --push-to-hub {repo_id}"
+
+
+def local_path_reason(source: str | os.PathLike) -> str | None:
+    """Why ``source`` must be a local path rather than a Hub repository id ("owner/name" or "name"), or None when it
+    may be a repository id: a path object; a string starting with ./, ../, /, ~ (or absolute); one with more
+    separators than owner/name; one naming an existing file; one whose first part is a local folder; one that is
+    no valid repository id."""
+    if isinstance(source, os.PathLike):
+        return "it is a path object"
+    text = str(source)
+    if text.startswith(("./", "../", "~", f".{os.sep}", f"..{os.sep}")) or text in (".", "..") or os.path.isabs(text):
+        return "it starts like a local path"
+    separators = [sep for sep in (os.sep, os.altsep) if sep]
+    if sum(text.count(sep) for sep in separators) > 1 or (os.sep != "/" and os.sep in text):
+        return "it has more separators than a Hub id (owner/name)"
+    if os.path.lexists(text):
+        return "it exists locally"
+    first = text.split("/")[0]
+    if first != text and os.path.isdir(first):
+        return f"its first part, {first}, is a local folder"
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return "it is not a valid Hub repository id"
+    return None
+
+
+def _missing_path(source: str | os.PathLike, reason: str) -> FileNotFoundError:
+    """FileNotFoundError naming the path, the part of it that exists, and why the Hub was not asked."""
+    path = Path(source).expanduser().absolute()
+    existing = next((p for p in path.parents if p.is_dir()), None)
+    if path.exists():
+        what = f"{path} is a file, not a folder of codebooks (give the folder holding {CONFIG_NAME})"
+    else:
+        nearest = f" (nearest existing folder: {existing})" if existing and existing != Path(path.anchor) else ""
+        what = f"{path} does not exist{nearest}"
+    return FileNotFoundError(f"No A2ATS codebooks at {str(source)!r}: {what}. It was not looked up on the Hugging "
+                             f"Face Hub: {reason}.")
 
 
 def resolve(
@@ -33,12 +74,16 @@ def resolve(
 ) -> Path:
     """A local directory holding ``a2ats_config.json`` and the tensors, from a path or a Hub repository.
 
-    A local path may be the codebooks folder itself or a model folder with a ``subfolder`` inside. A repository
-    is resolved through huggingface_hub's cache; nothing is executed from it.
+    A local path may be the codebooks folder itself or a model folder with a ``subfolder`` inside; a missing one
+    that looks like a path (:func:`local_path_reason`) fails at once with FileNotFoundError, without asking the
+    Hub. A repository is resolved through huggingface_hub's cache; nothing is executed from it.
     """
-    path = Path(repo_id_or_path)
+    path = Path(repo_id_or_path).expanduser()
     if path.is_dir():
         return path / subfolder if (path / subfolder / CONFIG_NAME).is_file() else path
+    reason = local_path_reason(repo_id_or_path)
+    if reason is not None:
+        raise _missing_path(repo_id_or_path, reason)
     repo_id = str(repo_id_or_path)
     files = {}
     try:
@@ -48,15 +93,21 @@ def resolve(
     except EntryNotFoundError as error:
         if isinstance(error, LocalEntryNotFoundError):
             raise FileNotFoundError(
-                f"A2ATS codebooks of {repo_id!r} are not in the local cache and the Hub cannot be asked "
-                f"(offline, HF_HUB_OFFLINE=1 or local_files_only=True): {error}"
+                f"A2ATS codebooks of {repo_id!r} (no local folder of that name either) are not in the local Hub "
+                "cache, and the Hub was not asked (offline: HF_HUB_OFFLINE=1 or local_files_only=True) or could not "
+                f"be reached: {error}"
             ) from None
         raise FileNotFoundError(
             f"{repo_id!r} has no A2ATS codebooks in {subfolder}/ (revision {revision or 'main'}). Build and upload "
             f"them with:\n{_calibrate_hint(repo_id)}"
         ) from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"The Hub repository {repo_id!r} has no revision {revision!r}.") from None
     except (RepositoryNotFoundError, HFValidationError):
-        raise FileNotFoundError(f"{repo_id!r} is neither a local directory nor a Hub repository you can read.") from None
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local directory nor a Hub repository you can read (a private or gated one "
+            "needs a token: token=... or `hf auth login`)."
+        ) from None
     return Path(files[CONFIG_NAME]).parent
 
 

@@ -120,5 +120,48 @@ def test_a_pickle_is_refused(tmp_path, books):
 
 def test_unknown_source():
     """A path that is neither a folder nor a valid repository id fails clearly."""
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(FileNotFoundError, match="'/no/such/dir/here': /no/such/dir/here does not exist"):
         Codebooks.from_pretrained("/no/such/dir/here")
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """huggingface_hub's download fails the test if asked."""
+    def asked(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked: {args}")
+
+    monkeypatch.setattr(hub_utils, "hf_hub_download", asked)
+
+
+@pytest.mark.parametrize("source, shown", [
+    ("./missing", "missing does not exist"), ("../missing-a2ats", "missing-a2ats does not exist"),
+    ("/abs/missing", "/abs/missing does not exist"), ("~/missing-a2ats", "missing-a2ats does not exist"),
+    ("books/of/model", "books/of/model does not exist"), ("here/missing", "nearest existing folder: .*here"),
+    ("a-file", "a-file is a file"), ("not a repo", "not a repo does not exist"),
+])
+def test_missing_local_paths_fail_at_once(tmp_path, monkeypatch, no_hub, source, shown):
+    """A string that looks like a local path (./, ../, /, ~, more than one slash, a first part that is a local
+    folder, an existing file, no valid repository id) fails at once naming the path, without asking the Hub."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileNotFoundError, match=f"No A2ATS codebooks at '{source}': .*{shown}.*not looked up"):
+        Codebooks.from_pretrained(source)
+    with pytest.raises(FileNotFoundError, match="does not exist|is a file"):
+        Codebooks.from_pretrained(tmp_path / source.lstrip("./~"))  # a Path is always local
+
+
+def test_a_repository_id_still_goes_to_the_hub(monkeypatch, tmp_path):
+    """owner/name (and a bare name) are Hub repository ids when nothing local by that name exists."""
+    monkeypatch.chdir(tmp_path)
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append(repo_id)
+        raise EntryNotFoundError("404")
+
+    monkeypatch.setattr(hub_utils, "hf_hub_download", download)
+    for repo_id in ("org/model", "model"):
+        with pytest.raises(FileNotFoundError, match="has no A2ATS codebooks"):
+            Codebooks.from_pretrained(repo_id)
+    assert asked == ["org/model", "model"]
