@@ -87,9 +87,12 @@ def step_masks(layer: A2ATSLayer, attention_mask: torch.Tensor | None) -> StepMa
     cache, n, device = layer.cache, layer.store.length, layer.device
 
     def compute() -> StepMasks:
-        valid = key_validity(attention_mask, layer.store.shape[0], n, device)
-        if layer.first:
-            cache.record_validity(valid)
+        if cache.static is not None:  # a capture-ready step: the validity follows from the device's length
+            valid = cache.static.validity()
+        else:
+            valid = key_validity(attention_mask, layer.store.shape[0], n, device)
+            if layer.first:
+                cache.record_validity(valid)
         far = layer.far_candidates(valid)
         n_far = far.sum(-1)
         local_valid = layer.local_validity(valid)
@@ -119,9 +122,9 @@ def decode_attention(
     layer.advance(key, value, masks.far)
     if not isinstance(layer.store, DeviceKVStore):
         out, selected = _offloaded(layer, query, position_ids, masks, scaling)
-    elif layer.store.length < cache.dense_below and cache.scorer.retrieves:  # too short for retrieval to pay
+    elif layer.width < cache.dense_below and cache.scorer.retrieves:  # too short for retrieval to pay
         valid = masks.valid[:, None].expand(-1, hkv, -1)
-        out, _ = kernels.attention_with_lse(query, *layer.store.to_tensors(), valid, scaling)
+        out, _ = kernels.attention_with_lse(query, *layer.store.to_tensors(end=layer.width), valid, scaling)
         selected = masks.far_counts[:, None].expand(-1, hkv)  # every far token
     else:
         selection = _select(layer, query, position_ids, masks, scaling)
@@ -144,7 +147,7 @@ def _select(
     """The far tokens to attend, (indices [B, Hkv, K], counts [B, Hkv]) on the device, or None where there is
     nothing to retrieve (a short context, or a scorer that retrieves nothing)."""
     cache = layer.cache
-    k_max = cache.budget_for(max(layer.store.length - cache.window - cache.sink, 0))  # host-side: nothing waits
+    k_max = cache.budget_for(max(layer.width - cache.window - cache.sink, 0))  # host-side: nothing waits
     if k_max == 0 or not cache.scorer.retrieves:
         return None
     lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling, masks.far)

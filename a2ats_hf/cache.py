@@ -17,7 +17,7 @@ from . import kernels
 from .kernels import code_histogram
 from .rope import RoPE
 from .scoring import Scorer, scorer_of
-from .store import DeviceKVStore, KVStore, check_memory, kv_bytes
+from .store import DeviceKVStore, KVStore, check_memory, kv_bytes, select
 
 BUDGETS = ("query_head", "kv_head")
 OFFLOADS = ("cpu", "none", "auto")
@@ -104,6 +104,12 @@ class AttendedStats:
             if self.device_totals is None:
                 self.device_totals = torch.zeros_like(per_head, dtype=torch.int64)
             self.device_totals += per_head.to(self.device_totals.device, non_blocking=True)
+
+    def new_batch(self) -> None:
+        """Before the batch's rows change in number: the device's per-row counts so far move to the host total."""
+        if self.selected_counts is not None:
+            self.far_selected_host += int(self.selected_counts.sum())
+            self.selected_counts = None
 
     @property
     def far_selected(self) -> int:
@@ -201,8 +207,15 @@ class A2ATSLayer(CacheLayerMixin):
                 f"This A2ATSCache holds a batch of {self.store.shape[0]} rows but got {key_states.shape[0]}; "
                 "call cache.reset() or create a new A2ATSCache for a new batch."
             )
-        self.store.append(key_states, value_states)
-        self.fill_ring(key_states, value_states)
+        static = self.cache.static
+        if static is None:
+            self.store.append(key_states, value_states)
+            self.fill_ring(key_states, value_states)
+        else:  # a capture-ready step: written at the column the device holds, the host's length moved by the runner
+            self.store.write(static.column, key_states, value_states)
+            slot = self.cache.sink + static.column % self.cache.window
+            self.local_keys.index_copy_(2, slot, key_states.to(self.dtype))
+            self.local_values.index_copy_(2, slot, value_states.to(self.dtype))
         key_states.a2ats_layer = value_states.a2ats_layer = self
         self.awaiting_attention = True
         return key_states, value_states
@@ -224,23 +237,45 @@ class A2ATSLayer(CacheLayerMixin):
     # The "a2ats" attention calls the methods below, which need positions and padding that `update` does not see.
 
     @property
-    def codes(self) -> torch.Tensor:
-        """[B, Hkv, N] uint16 codes of every stored key (a view of a buffer grown by doubling)."""
-        return self.code_buffer[:, :, : self.store.length]
+    def length(self) -> int | torch.Tensor:
+        """Tokens stored, the current one included: the store's count, or in a capture-ready step a device tensor
+        [1] (the host's count is moved on outside the graph)."""
+        return self.store.length if self.cache.static is None else self.cache.static.length
 
-    def append_codes(self, keys: torch.Tensor, position_ids: torch.Tensor, rope: RoPE) -> None:
-        """Encode new post-RoPE keys [B, Hkv, T, D] at ``position_ids`` [B, T] into the last T code slots."""
-        n, t = self.store.length, keys.shape[-2]
+    @property
+    def width(self) -> int:
+        """Columns a decode step reads: the tokens stored, or in a capture-ready step its bucket's fixed width (the
+        columns past the length are masked)."""
+        return self.store.length if self.cache.static is None else self.cache.static.width
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """[B, Hkv, width] uint16 codes of the stored keys (a view of a buffer grown by doubling)."""
+        return self.code_buffer[:, :, : self.width]
+
+    def reserve_codes(self, n: int) -> None:
+        """Room for ``n`` codes per (row, KV head), keeping those stored (the buffer at least doubles)."""
         if n > self.code_buffer.shape[-1]:
             grown = torch.empty(*self.code_buffer.shape[:2], max(n, 2 * self.code_buffer.shape[-1]),
                                 dtype=torch.uint16, device=self.device)
-            grown[:, :, : n - t] = self.code_buffer[:, :, : n - t]
+            grown[:, :, : self.code_buffer.shape[-1]] = self.code_buffer
             self.code_buffer = grown
+
+    def append_codes(self, keys: torch.Tensor, position_ids: torch.Tensor, rope: RoPE) -> None:
+        """Encode new post-RoPE keys [B, Hkv, T, D] at ``position_ids`` [B, T] into the last T code slots (in a
+        capture-ready step, the column the device holds)."""
+        n, t, static = self.store.length, keys.shape[-2], self.cache.static
         rotation = None
         if self.cache.codebooks.keys == "pre_rope":
             rotation = rope.inverse_rotation(position_ids.expand(keys.shape[0], -1), keys.device)
-        kernels.encode_keys(keys, rotation, self.whitener, self.whitened_centroids, self.centroid_norms,
-                            self.code_buffer[:, :, n - t : n])
+        if static is None:
+            self.reserve_codes(n)
+            out = self.code_buffer[:, :, n - t : n]
+        else:
+            out = torch.empty(*keys.shape[:3], dtype=torch.uint16, device=self.device)
+        kernels.encode_keys(keys, rotation, self.whitener, self.whitened_centroids, self.centroid_norms, out)
+        if static is not None:  # int16: index_copy_ has no uint16 kernel; the bits are the same
+            self.code_buffer.view(torch.int16).index_copy_(2, static.column, out.view(torch.int16))
 
     def set_first_tokens(self, valid: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """After a prompt: each row's first real column from the key validity [B, N], its sinks from all the
@@ -256,29 +291,30 @@ class A2ATSLayer(CacheLayerMixin):
         if self.cache.scorer.reads_code_histogram:
             self.histogram = code_histogram(self.codes, self.far_candidates(valid), self.centroids.shape[1])
 
+    # The masks below take the key validity [B, width]; the length may be a host int or (capture-ready) a tensor.
+
     def far_candidates(self, valid: torch.Tensor) -> torch.Tensor:
-        """[B, N] bool: tokens eligible for retrieval (valid, outside each row's sinks and the window)."""
-        n = self.store.length
-        cols = torch.arange(n, device=valid.device)
+        """[B, width] bool: tokens eligible for retrieval (valid, outside each row's sinks and the window)."""
+        cols = torch.arange(valid.shape[1], device=valid.device)
         real = cols[None] - self.first_token[:, None]  # index among each row's real tokens
-        return valid & (cols < n - self.cache.window) & (real >= self.cache.sink)
+        return valid & (cols < self.length - self.cache.window) & (real >= self.cache.sink)
 
     def sink_validity(self, valid: torch.Tensor) -> torch.Tensor:
-        """[B, sink] bool: which sink slots hold a real token outside the window (``valid`` [B, N]); kept once every
-        row's sinks have left the window, after which it cannot change."""
+        """[B, sink] bool: which sink slots hold a real token outside the window (``valid`` [B, width]); kept once
+        every row's sinks have left the window, after which it cannot change."""
         if self.sink_valid is not None:
             return self.sink_valid
-        n, window, sink = self.store.length, self.cache.window, self.cache.sink
+        n, window, sink = self.length, self.cache.window, self.cache.sink
         cols = self.first_token[:, None] + torch.arange(sink, device=valid.device)
-        sink_valid = (cols < n - window) & valid.gather(1, cols.clamp(max=n - 1))
-        if self.last_first_token + sink - 1 < n - window:
+        sink_valid = (cols < n - window) & valid.gather(1, cols.clamp(max=valid.shape[1] - 1))
+        if isinstance(n, int) and self.last_first_token + sink - 1 < n - window:
             self.sink_valid = sink_valid
         return sink_valid
 
     def local_validity(self, valid: torch.Tensor) -> torch.Tensor:
-        """[B, sink + window] bool: which local slots hold a token the query may see (``valid`` [B, N]): the sinks
-        outside the window, and the column each ring slot holds (none yet where fewer tokens have come)."""
-        n, window = self.store.length, self.cache.window
+        """[B, sink + window] bool: which local slots hold a token the query may see (``valid`` [B, width]): the
+        sinks outside the window, and the column each ring slot holds (none yet where fewer tokens have come)."""
+        n, window = self.length, self.cache.window
         slots = torch.arange(window, device=valid.device)
         cols = (n - 1) - (n - 1 - slots) % window
         ring_valid = valid.gather(1, cols.clamp(min=0).expand(valid.shape[0], -1)) & (cols >= 0)
@@ -287,9 +323,9 @@ class A2ATSLayer(CacheLayerMixin):
     def advance(self, keys: torch.Tensor, values: torch.Tensor, far: torch.Tensor) -> None:
         """After one decoded token [B, Hkv, 1, D]: fill sink slots of rows still within their first ``sink`` tokens,
         and count the token that just left the window into the code histogram (where one is kept) if it is a
-        candidate (``far`` [B, N])."""
-        n, sink = self.store.length, self.cache.sink
-        if n - 1 < self.last_first_token + sink:  # some row's sinks are still filling
+        candidate (``far`` [B, width]). In a capture-ready step both run masked, with no host decision."""
+        n, sink = self.length, self.cache.sink
+        if not isinstance(n, int) or n - 1 < self.last_first_token + sink:  # some row's sinks may still be filling
             slot = n - 1 - self.first_token  # [B]
             inside = (slot < sink)[:, None, None, None]
             onehot = (torch.arange(sink, device=self.device) == slot[:, None])[:, None, :, None]
@@ -297,9 +333,14 @@ class A2ATSLayer(CacheLayerMixin):
             sink_keys.copy_(torch.where(inside & onehot, keys.to(self.dtype), sink_keys))
             sink_values.copy_(torch.where(inside & onehot, values.to(self.dtype), sink_values))
         col = n - 1 - self.cache.window
-        if col >= 0 and self.histogram is not None:
-            code = self.code_buffer[:, :, col : col + 1].long()
-            self.histogram.scatter_add_(-1, code, far[:, None, col : col + 1].expand_as(code).to(torch.int32))
+        if self.histogram is None or isinstance(col, int) and col < 0:
+            return
+        if isinstance(col, int):
+            code, counted = self.code_buffer[:, :, col : col + 1].long(), far[:, None, col : col + 1]
+        else:
+            at = col.clamp(min=0)
+            code, counted = self.code_buffer.index_select(2, at).long(), far.index_select(1, at)[:, None] & (col >= 0)
+        self.histogram.scatter_add_(-1, code, counted.expand_as(code).to(torch.int32))
 
     def get_seq_length(self) -> int:
         return self.store.length if self.is_initialized else 0
@@ -331,7 +372,7 @@ class A2ATSLayer(CacheLayerMixin):
         index = index.to(self.device)
         for name in self.ROW_STATE:
             if getattr(self, name, None) is not None:
-                setattr(self, name, getattr(self, name).index_select(0, index))
+                setattr(self, name, select(getattr(self, name), index))
         if hasattr(self, "last_first_token"):
             self.last_first_token = int(self.first_token.max())
         self.cache.scorer.forget(self)
@@ -454,6 +495,7 @@ class A2ATSCache(Cache):
         self.stats = AttendedStats()
         self.validity: torch.Tensor | None = None  # [B, N] keys valid so far, as the first layer last saw them
         self.validated: set[int] = set()  # layers whose weights were checked against the codebooks
+        self.static = None  # a capture-ready decode step's StaticStep, set by the graph runner around its forward
         served = {idx: book for book, idx in enumerate(codebooks.layers)}
         n_layers = codebooks.fingerprint.get("num_hidden_layers", codebooks.num_layers)
         window = codebooks.fingerprint.get("sliding_window")
@@ -490,7 +532,7 @@ class A2ATSCache(Cache):
     def bind(self, attention: nn.Module) -> RoPE:
         """Check the codebooks against each layer's weights on its first use and build the model's RoPE helper."""
         if attention.layer_idx not in self.validated:
-            self.codebooks.validate(attention.config, attention if attention.layer_idx == self.codebooks.layers[0] else None)  # TEMP
+            self.codebooks.validate(attention.config, attention)
             self.validated.add(attention.layer_idx)
         if self.rope is None:
             self.rope = RoPE.for_attention(attention)
@@ -577,11 +619,13 @@ class A2ATSCache(Cache):
         super().reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.stats.new_batch()
         if self.validity is not None:
             self.select_validity(torch.arange(self.validity.shape[0]).repeat_interleave(repeats))
         super().batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.stats.new_batch()
         self.select_validity(row_index(indices))
         super().batch_select_indices(indices)
 

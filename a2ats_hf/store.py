@@ -37,6 +37,14 @@ def check_memory(needed: int, what: str, device: torch.device | None = None) -> 
         )
 
 
+def select(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``tensor``, in place where the row count stays (beam search): a captured CUDA graph keeps
+    reading the same addresses."""
+    if len(index) == tensor.shape[0]:
+        return tensor.copy_(tensor.index_select(0, index))
+    return tensor.index_select(0, index)
+
+
 BLOCK_SIZE = 4096
 
 
@@ -188,6 +196,12 @@ class DeviceKVStore:
         self.values[:, :, n : n + t] = values
         self.length = n + t
 
+    def write(self, column: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store one token's [B, H, 1, D] keys and values at ``column`` [1], a device tensor (a capture-ready step:
+        the length is moved on by the caller)."""
+        self.keys.index_copy_(2, column, keys.to(self.dtype))
+        self.values.index_copy_(2, column, values.to(self.dtype))
+
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``indices`` [B, H, K] (each < length) of every (row, head) -> keys, values [B, H, K, D]."""
         index = indices.long().to(self.device)[..., None].expand(-1, -1, -1, self.shape[-1])
@@ -201,7 +215,7 @@ class DeviceKVStore:
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` [B'] (a reorder, repeat or subset of the batch)."""
         index = index.to(self.device, torch.long)
-        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.keys, self.values = select(self.keys, index), select(self.values, index)
         self.shape = (len(index), *self.shape[1:])
 
     def truncate(self, length: int) -> None:
