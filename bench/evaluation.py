@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from a2ats_hf import Codebooks, calibrate  # noqa: E402
 from a2ats_hf.evaluation import TASKS, Method, evaluate, evaluate_perplexity  # noqa: E402
 from a2ats_hf.evaluation.suite import summarize  # noqa: E402
-from assets import austen_novels, cache_dir, smollm2_path  # noqa: E402
+from assets import austen_novels, codebooks_path, smollm2_path  # noqa: E402
 from demo import CALIBRATION  # noqa: E402
 
 CALIBRATION_NOVELS = ("Emma", "Pride & Prejudice", "Mansfield Park")
@@ -50,7 +50,7 @@ def codebook_variants(model, tokenizer, novels, names) -> dict[str, Codebooks]:
     books = {}
     for name in names:
         overrides = VARIANTS[name]
-        path = cache_dir() / "codebooks" / ("smollm2-demo" if name == "default" else f"smollm2-{name.replace(' ', '-')}")
+        path = codebooks_path("smollm2-demo" if name == "default" else f"smollm2-{name.replace(' ', '-')}")
         if not (path / "a2ats_config.json").is_file():
             print(f"calibrating the {name} codebooks into {path} ...", flush=True)
             texts = [novels[t] for t in CALIBRATION_NOVELS]

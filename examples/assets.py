@@ -35,6 +35,14 @@ def cache_dir() -> Path:
     return path
 
 
+def codebooks_path(name: str) -> Path:
+    """Where the examples and benchmarks keep the codebooks they calibrate, by name and codebooks format (a new
+    format calibrates afresh instead of failing on old files)."""
+    from a2ats_hf.codebooks import FORMAT_VERSION
+
+    return cache_dir() / "codebooks" / f"{name}-v{FORMAT_VERSION}"
+
+
 def _publish(target: Path, build: Callable[[Path], None]) -> Path:
     """``target``, built by ``build(tmp)`` in a temporary folder renamed into place, unless it already exists."""
     if not target.is_dir():

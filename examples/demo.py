@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from a2ats_hf import A2ATSCache, cache_argument, Codebooks, calibrate
-from assets import austen_novels, cache_dir, smollm2_path
+from assets import austen_novels, codebooks_path, smollm2_path
 
 NEEDLE = "The secret code of the Elliot family safe is 7341."
 QUESTION = "What is the secret code of the Elliot family safe?"
@@ -21,7 +21,7 @@ CALIBRATION = dict(n_centroids=1024, max_tokens=32768, uuid_tokens=8192, chunk_s
 
 
 def codebooks(model, tokenizer, novels) -> Codebooks:
-    path = cache_dir() / "codebooks" / "smollm2-demo"
+    path = codebooks_path("smollm2-demo")
     if not (path / "a2ats_config.json").is_file():
         print(f"Building codebooks once into {path} ...")
         texts = [novels[t] for t in ("Emma", "Pride & Prejudice", "Mansfield Park")]
