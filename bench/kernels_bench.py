@@ -215,6 +215,7 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
     def step():
         cache.rope.new_step()
         layer.update(new, new)
+        layer.awaiting_attention = False  # the attention's part, done by hand below
         pos = torch.full((1, 1), layer.store.length - 1, device="cuda")
         layer.append_codes(new, pos, cache.rope)
         return attention.decode_attention(layer, query[:, :, 0], new, new, pos, attention.step_masks(layer, None), D**-0.5)
