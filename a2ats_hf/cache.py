@@ -30,6 +30,7 @@ def cache_argument(model: nn.Module, cache: Cache) -> dict[str, Cache]:
     return {name: cache}
 
 
+ENCODE_CHUNK = 8192  # prompt keys encoded per launch (each chunk's float32 copies are a few hundred MB at most)
 NOT_A2ATS_ATTENTION = (
     "A2ATSCache stored K/V on the last forward but the \"a2ats\" attention did not read them: load the model with "
     "AutoModelForCausalLM.from_pretrained(..., attn_implementation=\"a2ats\") (or call "
@@ -177,7 +178,8 @@ class A2ATSLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         self.store = self.cache.new_store(key_states)
-        self.code_buffer = torch.empty(b, h, 0, dtype=torch.uint16, device=self.device)
+        capacity = max(key_states.shape[-2], self.cache.max_length or 0)  # grown by doubling past it
+        self.code_buffer = torch.zeros(b, h, capacity, dtype=torch.uint16, device=self.device)  # codes in range
         self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, for scorers reading it
         self.local_keys = torch.zeros(b, h, self.cache.sink + self.cache.window, d, dtype=self.dtype, device=self.device)
         self.local_values = torch.zeros_like(self.local_keys)
@@ -256,7 +258,7 @@ class A2ATSLayer(CacheLayerMixin):
     def reserve_codes(self, n: int) -> None:
         """Room for ``n`` codes per (row, KV head), keeping those stored (the buffer at least doubles)."""
         if n > self.code_buffer.shape[-1]:
-            grown = torch.empty(*self.code_buffer.shape[:2], max(n, 2 * self.code_buffer.shape[-1]),
+            grown = torch.zeros(*self.code_buffer.shape[:2], max(n, 2 * self.code_buffer.shape[-1]),
                                 dtype=torch.uint16, device=self.device)
             grown[:, :, : self.code_buffer.shape[-1]] = self.code_buffer
             self.code_buffer = grown
@@ -265,15 +267,19 @@ class A2ATSLayer(CacheLayerMixin):
         """Encode new post-RoPE keys [B, Hkv, T, D] at ``position_ids`` [B, T] into the last T code slots (in a
         capture-ready step, the column the device holds)."""
         n, t, static = self.store.length, keys.shape[-2], self.cache.static
-        rotation = None
-        if self.cache.codebooks.keys == "pre_rope":
-            rotation = rope.inverse_rotation(position_ids.expand(keys.shape[0], -1), keys.device)
         if static is None:
             self.reserve_codes(n)
             out = self.code_buffer[:, :, n - t : n]
         else:
             out = torch.empty(*keys.shape[:3], dtype=torch.uint16, device=self.device)
-        kernels.encode_keys(keys, rotation, self.whitener, self.whitened_centroids, self.centroid_norms, out)
+        position_ids = position_ids.expand(keys.shape[0], -1)
+        for start in range(0, t, ENCODE_CHUNK):  # a long prompt in chunks: no float32 copy of a whole layer's keys
+            part = slice(start, start + ENCODE_CHUNK)
+            rotation = None
+            if self.cache.codebooks.keys == "pre_rope":
+                rotation = rope.inverse_rotation(position_ids[:, part], keys.device)
+            kernels.encode_keys(keys[:, :, part], rotation, self.whitener, self.whitened_centroids,
+                                self.centroid_norms, out[:, :, part])
         if static is not None:  # int16: index_copy_ has no uint16 kernel; the bits are the same
             self.code_buffer.view(torch.int16).index_copy_(2, static.column, out.view(torch.int16))
 

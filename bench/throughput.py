@@ -24,15 +24,17 @@ import argparse
 import cProfile
 import gc
 import json
+import os
 import pstats
 import re
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
+from a2ats_hf.graphs import capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.scoring import DistanceBuckets, Scorer, scorer_of
 from a2ats_hf.store import available_memory, kv_bytes
@@ -50,7 +52,8 @@ def kv_bytes_per_row(config, n: int) -> int:
 
 
 def fill(model, cache, batch: int, n: int) -> None:
-    """Every layer's cache as a prefill of N tokens per row leaves it, from random post-RoPE K/V."""
+    """Every layer's cache as a prefill of N tokens per row leaves it, from random post-RoPE K/V (a StaticCache at
+    the prompt's cache positions)."""
     config, device = model.config, model.device
     g = torch.Generator(device=device).manual_seed(0)
     shape = (batch, config.num_key_value_heads, n, config.head_dim)
@@ -58,13 +61,17 @@ def fill(model, cache, batch: int, n: int) -> None:
     valid = torch.ones(batch, n, dtype=torch.bool, device=device)
     for idx, block in enumerate(model.model.layers):
         keys, values = (torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
-        keys, values = cache.update(keys, values, idx)
+        extra = {"cache_position": positions[0]} if isinstance(cache, StaticCache) else None
+        keys, values = cache.update(keys, values, idx, extra)
         if isinstance(cache, A2ATSCache):  # what the "a2ats" attention does after storing a prompt's K/V
             layer = cache.layers[idx]
+            layer.awaiting_attention = False
             rope = cache.bind(block.self_attn)
             if layer.first:
                 rope.new_step()
             layer.append_codes(keys, positions, rope)
+            if layer.first:
+                cache.record_validity(valid)
             layer.set_first_tokens(valid, keys, values)
         del keys, values
 
@@ -79,6 +86,30 @@ def kv_budget(device: torch.device, config, batch: int, n: int) -> int | None:
     return max(torch.cuda.mem_get_info(device)[0] - 8 * per_layer - 4 * 2**30, 0)
 
 
+def environment() -> dict:
+    """What a result was measured with: the commit, library versions, GPU and CPU."""
+    import platform
+    import subprocess
+
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
+    return {"commit": commit, "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton_version, "cpu": cpu, "cpu_cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,10 +121,13 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
     device = model.device
     token = torch.full((batch, 1), 7, device=device)
     kwargs = cache_argument(model, cache)
+    if isinstance(cache, StaticCache):
+        kwargs["cache_position"] = torch.tensor([n], device=device)
+    position = torch.full((batch, 1), n, device=device)  # as generate passes it (the graph runner needs it)
 
     def step():
         with torch.no_grad():
-            model(token, use_cache=True, **kwargs)
+            model(token, position_ids=position, use_cache=True, **kwargs)
 
     for _ in range(warmup):
         step()
@@ -145,7 +179,17 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
     sync(device)
     row = {"context": n, "method": method, "batch": batch, "fill_s": round(time.perf_counter() - start, 1)}
     steps = args.steps if "offloaded" not in method else max(4, args.steps // 4)  # ~1 s a step at the largest batch
-    row.update(decode(model, cache, batch, n, steps, args.warmup, args.split_steps, args.profile))
+    forward = model.forward
+    if method.endswith("graphs"):
+        capture_decoding(model)
+    elif "torch.compile" in method:
+        model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+    try:
+        row.update(decode(model, cache, batch, n, steps, args.warmup, 0 if "graphs" in method else args.split_steps,
+                          args.profile))
+    finally:
+        release_decoding(model)
+        model.__dict__.pop("forward", None)
     row["tokens_per_s"] = round(batch * 1e3 / row["step_ms"], 2)
     if device.type == "cuda":
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
@@ -231,7 +275,7 @@ def main() -> None:
     else:
         books = random_codebooks(centroids=centroids, config=config)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    results = {"gpu": gpu, "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
+    results = {"gpu": gpu, **environment(), "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
                "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1), "runs": []}
     name = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
@@ -249,15 +293,20 @@ def main() -> None:
         if args.batch:
             full_batch = cpu_batch = args.batch
         methods = [("full attention (sdpa + DynamicCache)", lambda: DynamicCache(config=config), full_batch, "sdpa"),
-                   ("offloaded (DynamicCache offloading=True)",
-                    lambda: DynamicCache(config=config, offloading=True), full_batch, "sdpa")]
+                   ("StaticCache + torch.compile", lambda: StaticCache(config=config, max_cache_len=n + steps_total),
+                    full_batch, "sdpa"),
+                   ("offloaded (DynamicCache offloading=True)",  # its K/V sits in host memory between steps
+                    lambda: DynamicCache(config=config, offloading=True), min(full_batch, cpu_batch), "sdpa")]
         for offload, batch in (("none", full_batch), ("cpu", cpu_batch), ("auto", cpu_batch)):
             for budget in ("query_head", "kv_head"):
                 for scoring in args.scoring:
                     name = f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
-                    methods.append((name, lambda o=offload, b=budget, s=scorer(scoring), rows=batch: A2ATSCache(
+                    make = lambda o=offload, b=budget, s=scorer(scoring), rows=batch: A2ATSCache(
                         books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
-                        gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None), batch, "a2ats"))
+                        gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None)
+                    methods.append((name, make, batch, "a2ats"))
+                    if offload != "cpu" and scoring in ("wrope", "window"):
+                        methods.append((f"{name} graphs", make, batch, "a2ats"))
         for method, make_cache, batch, attention in methods:
             if (args.methods and method not in args.methods) or batch < 1 or (device.type == "cpu" and "offloaded" in method):
                 continue

@@ -1,0 +1,206 @@
+"""Graph-captured decoding: a decode step whose every read and write has a fixed address and shape, replayed as a
+CUDA graph per (batch, width bucket).
+
+A decode step in eager mode issues ~60 small operations per layer from Python, so on a GPU it is bound by the host.
+In a capture-ready step the new token's column lives on the device (:class:`StaticStep`), the codes, K/V and
+window are written at that column, and every mask is computed over a fixed width (the bucket: the stored tokens
+rounded up to :data:`BUCKET` columns, at most ``max_length``) from the device's length, so the same captured graph
+serves every step until the length crosses the bucket's edge. :func:`capture_decoding` installs
+:class:`GraphRunner` as the model's forward: one-token steps over an :class:`~a2ats_hf.cache.A2ATSCache` whose
+layers all keep their K/V on one GPU (``offload="none"``, or ``"auto"`` where everything fits) with ``max_length``
+set run that way; every other call (the prompt, offloaded layers, CPUs) goes to the model's own forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cache import A2ATSCache, A2ATSLayer
+from .store import BLOCK_SIZE, DeviceKVStore
+
+BUCKET = BLOCK_SIZE  # width granularity: a new graph every 4096 tokens
+GRAPH_SCORERS = ("wrope", "window")  # scorers whose state is all in the layer (the others move theirs on the host)
+
+
+@dataclass
+class StaticStep:
+    """What a capture-ready decode step reads besides the layers: the new token's ``column`` [1] (tokens stored
+    before it) and ``length`` [1] (column + 1), device tensors written before each replay; the bucket's ``width``;
+    ``prompt_valid`` [B, capacity] the keys' validity as the cache last recorded it (padding), True past it."""
+
+    column: torch.Tensor
+    length: torch.Tensor
+    width: int
+    prompt_valid: torch.Tensor
+    source: torch.Tensor  # the cache's validity record prompt_valid was built from
+    columns: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.columns = torch.arange(self.width, device=self.column.device)
+
+    def validity(self) -> torch.Tensor:
+        """[B, width] bool: the keys a decode token may see (not padding, already stored)."""
+        return self.prompt_valid[:, : self.width] & (self.columns < self.length)
+
+
+def bucket_width(tokens: int, capacity: int, bucket: int = BUCKET) -> int:
+    """The width a step over ``tokens`` stored tokens (the new one included) reads: rounded up to ``bucket``."""
+    return min(capacity, -(-tokens // bucket) * bucket)
+
+
+@dataclass
+class Captured:
+    """One captured step: its graph, static inputs, output, and the buffers' addresses it was captured over."""
+
+    graph: torch.cuda.CUDAGraph | None
+    inputs: dict[str, torch.Tensor]
+    output: object
+    addresses: tuple[int, ...]
+
+
+class GraphRunner:
+    """The model's forward, replaying captured decode steps where :meth:`applies` (see the module's docstring).
+
+    A (batch, width) is first run eagerly through the capture-ready path (which compiles and allocates what the
+    step needs), captured the next time, replayed after. ``capture=False`` always runs the capture-ready step
+    eagerly (for tests on a CPU: the same arithmetic without a graph); ``bucket`` sets the widths' granularity."""
+
+    def __init__(self, model: nn.Module, capture: bool = True, bucket: int = BUCKET):
+        self.forward, self.capture, self.bucket = model.forward, capture, bucket
+        functools.update_wrapper(self, self.forward)  # its signature: generate and cache_argument read it
+        self.captured: dict[tuple, Captured] = {}
+        self.statics: dict[int, StaticStep] = {}  # by width, for the validity record they were built from
+        self.warm: set[tuple] = set()
+        self.pool = None
+        self.counts = {"replayed": 0, "captured": 0, "static eager": 0, "forward": 0}
+
+    def __call__(self, *args, **kwargs):
+        if args:  # generate passes keywords; positional input_ids are named here
+            kwargs = {"input_ids": args[0], **kwargs}
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if not self.applies(cache, kwargs):
+            self.counts["forward"] += 1
+            return self.forward(**kwargs)
+        return self.step(cache, kwargs)
+
+    def applies(self, cache, kwargs: dict) -> bool:
+        """Whether this call is a one-token decode step the capture-ready path serves."""
+        ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
+        if not isinstance(cache, A2ATSCache) or ids is None or positions is None or ids.shape[1] != 1:
+            return False
+        if kwargs.get("inputs_embeds") is not None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return False
+        if cache.get_seq_length() == 0 or cache.scorer.name not in GRAPH_SCORERS or cache.validity is None:
+            return False
+        layers = cache.layers
+        if not all(isinstance(layer, A2ATSLayer) and isinstance(layer.store, DeviceKVStore) for layer in layers):
+            return False
+        device = layers[0].device
+        if any(layer.device != device for layer in layers) or (self.capture and device.type != "cuda"):
+            return False
+        n = cache.get_seq_length()
+        return all(layer.store.keys.shape[2] > n and layer.code_buffer.shape[-1] > n for layer in layers)
+
+    def step(self, cache: A2ATSCache, kwargs: dict):
+        """One decode step through the capture-ready path (see the class docstring)."""
+        layers, n = cache.a2ats_layers, cache.get_seq_length()
+        batch = kwargs["input_ids"].shape[0]
+        width = bucket_width(n + 1, min(layer.store.keys.shape[2] for layer in layers), self.bucket)
+        cache_name = "past_key_values" if "past_key_values" in kwargs else "cache"
+        rest = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "attention_mask")}
+        tensors = {k: v for k, v in rest.items() if isinstance(v, torch.Tensor)}
+        key = (batch, width, tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in tensors.items())),
+               tuple(sorted((k, repr(v)) for k, v in rest.items() if k not in tensors)))
+        static = cache.static = self.static_step(cache, batch, width)
+        addresses = self.addresses(cache, static)
+        captured = self.captured.get(key)
+        if captured is None or captured.addresses != addresses:  # new, or the cache's buffers moved (a reset)
+            captured = self.captured[key] = Captured(None, {k: v.clone() for k, v in tensors.items()}, None, addresses)
+            self.warm.discard(key)
+        for name, value in tensors.items():
+            captured.inputs[name].copy_(value)
+        static.column.fill_(n)
+        static.length.fill_(n + 1)
+
+        def run():
+            return self.forward(**{**rest, **captured.inputs, "attention_mask": None, cache_name: cache})
+
+        try:
+            if captured.graph is None and (not self.capture or key not in self.warm):
+                output = run()
+                self.warm.add(key)
+                self.counts["static eager"] += 1
+            else:
+                if captured.graph is None:
+                    self.capture_step(cache, captured, run)
+                captured.graph.replay()
+                output = captured.output
+                cache.stats.steps, cache.stats.layer_steps = cache.stats.steps + 1, cache.stats.layer_steps + len(layers)
+                self.counts["replayed"] += 1
+        finally:
+            cache.static = None
+        for layer in layers:  # the host's length, which the step's writes at the device's column do not move
+            layer.store.length += 1
+        result = copy.copy(output)
+        result.logits = output.logits.clone()  # the graph's output buffer is overwritten by the next replay
+        return result
+
+    def static_step(self, cache: A2ATSCache, batch: int, width: int) -> StaticStep:
+        """The :class:`StaticStep` of this width, kept (same addresses) while the cache's validity record stays."""
+        static = next(iter(self.statics.values()), None)
+        if static is None or static.source is not cache.validity:
+            layer = cache.a2ats_layers[0]
+            prompt_valid = torch.ones(batch, layer.store.keys.shape[2], dtype=torch.bool, device=layer.device)
+            prompt_valid[:, : cache.validity.shape[1]] = cache.validity
+            column = torch.zeros(1, dtype=torch.long, device=layer.device)
+            self.statics = {}
+            static = StaticStep(column, column + 1, width, prompt_valid, cache.validity)
+        if width not in self.statics:
+            self.statics[width] = StaticStep(static.column, static.length, width, static.prompt_valid, static.source)
+        return self.statics[width]
+
+    def capture_step(self, cache: A2ATSCache, captured: Captured, run) -> None:
+        """Capture ``run()`` into a CUDA graph sharing one memory pool with the runner's other graphs. Capturing
+        records the step without running it, but runs its Python once: the host's statistics are restored."""
+        stats = (cache.stats.steps, cache.stats.layer_steps)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            captured.output = run()
+        self.pool = graph.pool()
+        cache.stats.steps, cache.stats.layer_steps = stats
+        captured.graph = graph
+        self.counts["captured"] += 1
+
+    @staticmethod
+    def addresses(cache: A2ATSCache, static: StaticStep) -> tuple[int, ...]:
+        """The data pointers a captured step reads and writes: its graph is valid while they stay."""
+        tensors = [static.column, static.prompt_valid, static.columns, cache.stats.selected_counts,
+                   cache.stats.device_totals]
+        for layer in cache.a2ats_layers:
+            tensors += [layer.store.keys, layer.store.values, layer.code_buffer, layer.local_keys, layer.local_values,
+                        layer.first_token, layer.histogram, layer.sink_valid]
+        return tuple(None if t is None else t.data_ptr() for t in tensors)
+
+
+def capture_decoding(model: nn.Module, capture: bool | None = None, bucket: int = BUCKET) -> nn.Module:
+    """Install :class:`GraphRunner` as ``model``'s forward (in place; returns the model): one-token decode steps
+    over an A2ATSCache that keeps every layer's K/V on one GPU, with ``max_length`` set, run as CUDA graphs, through
+    the usual ``model.generate(...)``. ``capture`` (default: on a CUDA model) False runs the same capture-ready
+    step without graphs. :func:`release_decoding` undoes it."""
+    if isinstance(model.forward, GraphRunner):
+        return model
+    device = next(model.parameters()).device
+    model.forward = GraphRunner(model, device.type == "cuda" if capture is None else capture, bucket)
+    return model
+
+
+def release_decoding(model: nn.Module) -> nn.Module:
+    """Give ``model`` its own forward back (and free the captured graphs)."""
+    if isinstance(model.forward, GraphRunner):
+        del model.forward
+    return model

@@ -1,0 +1,81 @@
+"""The capture-ready decode step (graphs.py): on the CPU it runs eagerly (``capture=False``) and must select exactly
+what the eager step selects, token for token, across width buckets and the window's wrap, with left-padded rows;
+on a GPU the same run is captured and replayed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats_hf import A2ATSCache, cache_argument, kernels
+from a2ats_hf.graphs import capture_decoding, release_decoding
+
+from conftest import DEVICE, ids_of
+
+
+def run(model, books, ids, mask, graphs: bool, new: int = 40, **options):
+    """(tokens, [per step and layer: selected indices per (row, KV head)], cache) of a greedy run."""
+    selections = []
+    select = kernels.select_topk
+
+    def spy(*args, **kwargs):
+        indices, counts = select(*args, **kwargs)
+        selections.append([row[:c].tolist() for row, c in zip(indices.flatten(0, 1), counts.flatten().tolist())])
+        return indices, counts
+
+    cache = A2ATSCache(books, **{"topk": 0.1, "offload": "none", "dense_below": 0, "max_length": 300, **options})
+    kernels.select_topk = spy
+    if graphs:
+        capture_decoding(model, capture=DEVICE.type == "cuda", bucket=32)
+    try:
+        out = model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=new,
+                             do_sample=False, pad_token_id=0)
+        runner = model.forward if graphs else None
+    finally:
+        kernels.select_topk = select
+        release_decoding(model)
+    return out, selections, cache, runner
+
+
+@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
+def test_static_step_selects_what_the_eager_step_selects(tiny, budget):
+    """Left-padded rows, 40 new tokens from 90: four width buckets of 32 and two wraps of the 16-token window; the
+    same selections, tokens and statistics."""
+    model, books = tiny
+    ids = ids_of(3, 90, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :7], mask[2, :30] = 0, 0
+    eager = run(model, books, ids, mask, graphs=False, budget=budget)
+    static = run(model, books, ids, mask, graphs=True, budget=budget)
+    runner = static[3]
+    assert runner.counts["static eager"] + runner.counts["replayed"] == 39  # every decode step took the static path
+    assert torch.equal(eager[0], static[0])
+    assert eager[1] == static[1]
+    assert eager[2].stats.far_fraction == pytest.approx(static[2].stats.far_fraction)
+    assert eager[2].stats.steps == static[2].stats.steps
+
+
+def test_topk_one_in_the_static_step_is_full_attention(tiny):
+    """topk=1.0 through the capture-ready path gives sdpa's greedy tokens."""
+    model, books = tiny
+    ids = ids_of(2, 70, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    static = run(model, books, ids, mask, graphs=True, topk=1.0, new=20)
+    model.set_attn_implementation("sdpa")
+    try:
+        reference = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    finally:
+        model.set_attn_implementation("a2ats")
+    assert torch.equal(static[0], reference)
+
+
+def test_steps_the_static_path_cannot_serve_go_to_the_model(tiny):
+    """The CPU store, another scorer or a full buffer: the model's own forward runs, with the same tokens."""
+    model, books = tiny
+    ids = ids_of(1, 60, seed=5)
+    mask = torch.ones_like(ids)
+    for options in ({"offload": "cpu"}, {"scoring": "oracle"}):
+        eager = run(model, books, ids, mask, graphs=False, new=6, **options)
+        routed = run(model, books, ids, mask, graphs=True, new=6, **options)
+        assert torch.equal(eager[0], routed[0]) and routed[3].counts["replayed"] == routed[3].counts["static eager"] == 0
