@@ -319,8 +319,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             results["runs"].append(row)
             out.write_text(json.dumps(results, indent=1))
-    full = {r["context"]: r for r in results["runs"] if r["method"].startswith("full") and "tokens_per_s" in r}
-    print(f"\nwrote {out}\n\n| context | method | batch | ms/step | tokens/s | vs full attention | peak GPU GiB | CPU GiB |")
+    full = {}  # per context, the faster of the two full-attention baselines: the one a user would pick
+    for r in results["runs"]:
+        if r["method"].startswith(("full", "StaticCache")) and "tokens_per_s" in r:
+            if r["tokens_per_s"] > full.get(r["context"], {}).get("tokens_per_s", 0):
+                full[r["context"]] = r
+    print(f"\nwrote {out}\n\n| context | method | batch | ms/step | tokens/s | vs full attention (the faster baseline) | peak GPU GiB | CPU GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         if "tokens_per_s" not in r:
