@@ -93,11 +93,12 @@ def environment() -> dict:
 
     import transformers
 
+    commit = os.environ.get("A2ATS_COMMIT")  # where the tree was copied without its history (a lent GPU)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).parent).stdout.strip() or None
     except OSError:
-        commit = None
+        pass
     try:
         import triton
         triton_version = triton.__version__
