@@ -116,7 +116,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_steps: int, profile: bool = False) -> dict:
+def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_steps: int, profile: bool = False,
+           kernel_profile: bool = False) -> dict:
     """Median seconds per decode step over ``steps`` after ``warmup``, and (for A2ATS) the split of a step and, with
     ``profile``, the host's time by function."""
     device = model.device
@@ -153,7 +154,34 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
         result["far_fraction"] = round(cache.stats.far_fraction, 4)
     if profile:
         result["host_profile"] = host_profile(step)
+    if kernel_profile and device.type == "cuda":
+        result["gpu_profile"] = gpu_profile(step, device)
     return result
+
+
+def gpu_profile(step, device: torch.device, steps: int = 8, top: int = 12) -> dict:
+    """The GPU's share of a step's wall time (kernel time summed, over ``steps`` synced steps) and the kernels that
+    take it, by name (ms per step), printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = time.perf_counter() - start
+    kernels = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
+    busy = sum(kernels.values())
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    print(f"  GPU busy {busy:.2f} ms of a {1e3 * wall / steps:.2f} ms step ({100 * busy / (1e3 * wall / steps):.0f}%)")
+    for name, ms in rows:
+        print(f"  {ms:7.3f} ms  {name[:110]}")
+    return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3),
+            "kernels_ms": [[name[:200], round(ms, 4)] for name, ms in rows]}
 
 
 def host_profile(step, steps: int = 4, top: int = 30) -> list:
@@ -187,7 +215,7 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
         model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     try:
         row.update(decode(model, cache, batch, n, steps, args.warmup, 0 if "graphs" in method else args.split_steps,
-                          args.profile))
+                          args.profile, args.gpu_profile))
     finally:
         release_decoding(model)
         model.__dict__.pop("forward", None)
@@ -254,6 +282,7 @@ def main() -> None:
     parser.add_argument("--calibrate-tokens", type=int, default=0,
                         help="calibrate A2ATS's codebooks on this many tokens of the model's own keys (0: random)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of each method's decode steps")
+    parser.add_argument("--gpu-profile", action="store_true", help="the GPU's busy share of a step and its top kernels")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, nargs=2, metavar=("RESULTS", "PNG"), help="only draw the figure")
@@ -281,7 +310,7 @@ def main() -> None:
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1), "runs": []}
     name = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"throughput-{name}{'-tiny' if args.tiny else ''}.json"
-    steps_total = args.warmup + args.steps + args.split_steps + 1 + 4 * args.profile  # tokens the caches must hold
+    steps_total = args.warmup + args.steps + args.split_steps + 1 + 4 * args.profile + 8 * args.gpu_profile  # tokens held
     for n in args.contexts:
         per_row = kv_bytes_per_row(config, n)
         if device.type == "cuda":
