@@ -71,6 +71,28 @@ def test_encode_matches_reference(b, h, t, d, m, rot, dtype):
     assert (got == 0).any() and not (got == m - 1).any(), "the first of equal centroids must win"
 
 
+@pytest.mark.parametrize("b, h, d, m, dtype", [(1, 2, 64, 1000, torch.float32), (2, 2, 128, 4096, torch.bfloat16)],
+                         ids=["eight-splits", "llama-head-four-splits"])
+def test_encode_splits_the_centroids_of_few_keys(b, h, d, m, dtype):
+    """A decode step's few keys spread over programs that each scan a split of the centroids (8 and 4 splits here):
+    the codes are the reference's, and of two equal centroids in different splits the first wins."""
+    g = torch.Generator().manual_seed(m)
+    whitener = torch.randn(h, d, d, generator=g) / d**0.5 + torch.eye(d)
+    centroids = torch.randn(h, m, d, generator=g)
+    centroids[:, m - 100] = centroids[:, 100]
+    keys = torch.randn(b, h, 1, d, generator=g)
+    keys[0, :, 0] = (centroids[:, 100, None] @ torch.linalg.inv(whitener))[:, 0]  # whitens onto the tied pair
+    keys = keys.to(dtype)
+    norms = centroids.pow(2).sum(-1)[:, None, :]
+    rotation = random_rotation(g, b, 1, d)
+    rotation[0][0], rotation[1][0] = 1.0, 0.0  # row 0 unturned, so its keys stay on the pair
+    expected = reference.encode_keys(keys, rotation, whitener, centroids, norms, torch.zeros(b, h, 1, dtype=torch.uint16))
+    got = triton_codes.encode_keys(to(keys), tuple(map(to, rotation)), to(whitener), to(centroids), to(norms),
+                                   to(torch.zeros(b, h, 1, dtype=torch.uint16)))
+    assert_nearest(got, expected, keys.float(), rotation, whitener, centroids)
+    assert (got[0, :, 0] == 100).all(), "the first of equal centroids must win"
+
+
 @pytest.mark.parametrize(
     "b, hq, hkv, d, m, rot, turns",
     [(2, 9, 3, 64, 257, 64, 1), (1, 12, 1, 80, 40, 80, 1), (3, 4, 4, 24, 1000, 16, 1), (2, 6, 2, 32, 16, 0, 1),

@@ -44,12 +44,15 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _encode_kernel(k_ptr, cos_ptr, sin_ptr, w_ptr, c_ptr, norm_ptr, out_ptr, T, M,
-                   sk_b, sk_h, sk_t, sr_b, sr_t, so_b, so_h, so_t,
-                   H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program (row, KV head, token): the key un-rotated (ROT > 0), whitened, and its nearest whitened centroid
-    (the first of equals) stored as its code."""
-    pid = tl.program_id(0)
+def _encode_kernel(k_ptr, cos_ptr, sin_ptr, w_ptr, c_ptr, norm_ptr, best_ptr, code_ptr, T, M, PER_SPLIT,
+                   sk_b, sk_h, sk_t, sr_b, sr_t,
+                   H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   SPLITS: tl.constexpr):
+    """Program (row, KV head, token; split of the centroids): the key un-rotated (ROT > 0), whitened, and the
+    nearest of the split's PER_SPLIT whitened centroids (the first of equals), its distance less ||z||^2 and index
+    stored for :func:`_encode_reduce_kernel`. Splitting the centroids puts a decode step's few keys on many
+    programs (one program per key left most of the GPU idle: 115 us a layer at batch 1)."""
+    pid, split = tl.program_id(0), tl.program_id(1)
     t, bh = pid % T, pid // T
     b, h = bh // H, bh % H
     d = tl.arange(0, D_PAD)
@@ -63,24 +66,51 @@ def _encode_kernel(k_ptr, cos_ptr, sin_ptr, w_ptr, c_ptr, norm_ptr, out_ptr, T, 
     z = tl.sum(x[:, None] * w, axis=0)  # [D_PAD]: x @ W
     best = float("inf")
     code = 0
-    for m0 in range(0, M, BLOCK_M):
+    lo = split * PER_SPLIT
+    hi = tl.minimum(lo + PER_SPLIT, M)
+    for m0 in range(lo, hi, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = m < M
+        m_ok = m < hi
         c = tl.load(c_ptr + h * M * D + m[:, None] * D + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         dist = tl.load(norm_ptr + h * M + m, mask=m_ok, other=float("inf")) - 2.0 * tl.sum(c * z[None, :], axis=1)
         low = tl.min(dist, axis=0)
         first = tl.min(tl.where(dist == low, m, M), axis=0)
         code = tl.where(low < best, first, code)
         best = tl.minimum(low, best)
+    tl.store(best_ptr + pid * SPLITS + split, best)
+    tl.store(code_ptr + pid * SPLITS + split, code)
+
+
+@triton.jit
+def _encode_reduce_kernel(best_ptr, code_ptr, out_ptr, T, so_b, so_h, so_t, H: tl.constexpr, SPLITS: tl.constexpr,
+                          S_PAD: tl.constexpr):
+    """Program (row, KV head, token): the nearest of the splits' nearest centroids (the first of equals: splits
+    hold ascending centroids) written as the key's code."""
+    pid = tl.program_id(0)
+    t, bh = pid % T, pid // T
+    b, h = bh // H, bh % H
+    s = tl.arange(0, S_PAD)
+    best = tl.load(best_ptr + pid * SPLITS + s, mask=s < SPLITS, other=float("inf"))
+    codes = tl.load(code_ptr + pid * SPLITS + s, mask=s < SPLITS, other=2**30)
+    low = tl.min(best, axis=0)
+    code = tl.min(tl.where(best == low, codes, 2**30), axis=0)
     tl.store(out_ptr + b * so_b + h * so_h + t * so_t, code.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that fill the GPU twice over (two per multiprocessor); 16 under the interpreter, so the CPU's tests
+    run the splits too."""
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
 
 
 def encode_keys(
     keys: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, whitener: torch.Tensor,
     whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor,
 ) -> torch.Tensor:
-    """Same contract as :func:`a2ats_hf.kernels.reference.encode_keys`; one program per (row, KV head, token),
-    so meant for decode's few tokens (a prompt's many go through the matmul of the reference)."""
+    """Same contract as :func:`a2ats_hf.kernels.reference.encode_keys`; programs per (row, KV head, token) and
+    split of the centroids, so meant for decode's few tokens (a prompt's many go through the matmul of the
+    reference)."""
     b, h, t, d = keys.shape
     m = whitened_centroids.shape[1]
     keys = _unit_stride(keys)
@@ -93,10 +123,19 @@ def encode_keys(
         cos, sin = (_unit_stride(r.float().expand(b, 1, t, -1)) for r in rotation)  # views: no copy, no launch
         rot, strides = cos.shape[-1], (cos.stride(0), cos.stride(2))
     d_pad = triton.next_power_of_2(d)
-    _encode_kernel[(b * h * t,)](
-        keys, cos, sin, whitener, centroids, norms, out, t, m, *keys.stride()[:3], *strides, *out.stride(),
-        H=h, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=max(16, min(128, 8192 // d_pad)), num_warps=8,
+    block_m = max(16, min(128, 8192 // d_pad))
+    blocks = triton.cdiv(m, block_m)
+    splits = max(1, min(blocks, _programs_wanted(keys.device) // (b * h * t)))
+    per_split = triton.cdiv(blocks, splits) * block_m
+    splits = triton.cdiv(m, per_split)  # none empty
+    best = torch.empty(b * h * t, splits, dtype=torch.float32, device=keys.device)
+    codes = torch.empty(b * h * t, splits, dtype=torch.int32, device=keys.device)
+    _encode_kernel[(b * h * t, splits)](
+        keys, cos, sin, whitener, centroids, norms, best, codes, t, m, per_split, *keys.stride()[:3], *strides,
+        H=h, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=block_m, SPLITS=splits, num_warps=8,
     )
+    _encode_reduce_kernel[(b * h * t,)](best, codes, out, t, *out.stride(), H=h, SPLITS=splits,
+                                        S_PAD=triton.next_power_of_2(splits))
     return out
 
 
