@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -75,7 +76,8 @@ class GraphRunner:
         functools.update_wrapper(self, self.forward)  # its signature: generate and cache_argument read it
         self.captured: dict[tuple, Captured] = {}
         self.statics: dict[int, StaticStep] = {}  # by width, for the validity record they were built from
-        self.warm: set[tuple] = set()
+        self.warm: set[tuple] = set()  # (batch, width, keywords) run once: the next step captures
+        self.uncapturable: set[tuple] = set()  # those whose capture failed: run without a graph
         self.pool = None
         self.counts = {"replayed": 0, "captured": 0, "static eager": 0, "forward": 0}
 
@@ -131,13 +133,18 @@ class GraphRunner:
             return self.forward(**{**rest, **captured.inputs, "attention_mask": None, cache_name: cache})
 
         try:
-            if captured.graph is None and (not self.capture or key not in self.warm):
+            if captured.graph is None and self.capture and key in self.warm and key not in self.uncapturable:
+                try:
+                    self.capture_step(cache, captured, run)
+                except RuntimeError as error:  # an operation this model runs that CUDA cannot capture
+                    self.uncapturable.add(key)
+                    warnings.warn(f"a2ats: capturing the decode step failed ({error!s:.200}); this batch and width "
+                                  "decode through the capture-ready path without a graph.")
+            if captured.graph is None:
                 output = run()
                 self.warm.add(key)
                 self.counts["static eager"] += 1
             else:
-                if captured.graph is None:
-                    self.capture_step(cache, captured, run)
                 captured.graph.replay()
                 output = captured.output
                 cache.stats.steps, cache.stats.layer_steps = cache.stats.steps + 1, cache.stats.layer_steps + len(layers)
@@ -169,10 +176,12 @@ class GraphRunner:
         records the step without running it, but runs its Python once: the host's statistics are restored."""
         stats = (cache.stats.steps, cache.stats.layer_steps)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            captured.output = run()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                captured.output = run()
+        finally:
+            cache.stats.steps, cache.stats.layer_steps = stats
         self.pool = graph.pool()
-        cache.stats.steps, cache.stats.layer_steps = stats
         captured.graph = graph
         self.counts["captured"] += 1
 

@@ -113,3 +113,21 @@ def test_replayed_steps_issue_no_host_sync(tiny):
         assert runner.counts["replayed"] >= replayed + 2
     finally:
         release_decoding(model)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_a_failed_capture_warns_and_decodes_without_a_graph(tiny, monkeypatch):
+    """Where CUDA cannot capture what a model runs, the runner says so once and decodes through the capture-ready
+    path eagerly, with the same tokens."""
+    model, books = tiny
+    ids = ids_of(2, 70, seed=7)
+    mask = torch.ones_like(ids)
+    eager = run(model, books, ids, mask, graphs=False, new=12)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    with pytest.warns(UserWarning, match="capturing the decode step failed"):
+        static = run(model, books, ids, mask, graphs=True, new=12)
+    assert torch.equal(eager[0], static[0]) and static[3].counts["replayed"] == 0
