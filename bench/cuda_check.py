@@ -1,5 +1,6 @@
 """CUDA check on a SmolLM2-shaped random-weight Llama (bf16): calibration on the GPU, exactness at topk=1.0 against
-sdpa + DynamicCache, a left-padded batch, and wall time (prefill included; sdpa timed after a warm-up run).
+sdpa + DynamicCache, a left-padded batch, and wall time (prefill included; sdpa timed after a warm-up run), eager
+(the CPU store) and graph-captured (the K/V on the GPU, :func:`a2ats_hf.graphs.capture_decoding`).
 
 Run on the GPU box:  PYTHONPATH=. python3 bench/cuda_check.py   (writes bench/results/cuda-check-<gpu>.json)
 """
@@ -17,6 +18,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import a2ats_hf  # noqa: F401
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
+from a2ats_hf.graphs import capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -73,13 +75,23 @@ def main() -> None:
     run(DynamicCache(config=model.config), "sdpa")  # warm-up: CUDA kernels load on first use
     ref, ref_s = run(DynamicCache(config=model.config), "sdpa")
     rows = []
-    for topk in (1.0, 0.03):
-        cache = A2ATSCache(books, topk=topk)
-        out, secs = run(cache, "a2ats")
-        agree = (out.sequences == ref.sequences)[:, -new:].float().mean().item()
-        first = (out.scores[0].float() - ref.scores[0].float()).abs().max().item()
-        rows.append({"topk": topk, "token_agreement": agree, "first_logit_maxdiff": first, "seconds": round(secs, 2),
-                     "far_fraction": round(cache.stats.far_fraction, 4), **cache.memory_footprint()})
+    for mode in ("eager", "graphs"):
+        for topk in (1.0, 0.03):
+            if mode == "graphs":
+                capture_decoding(model)
+                cache = A2ATSCache(books, topk=topk, offload="none", dense_below=0, max_length=ids.shape[1] + new)
+            else:
+                cache = A2ATSCache(books, topk=topk)
+            try:
+                out, secs = run(cache, "a2ats")
+            finally:
+                release_decoding(model)
+            agree = (out.sequences == ref.sequences)[:, -new:].float().mean().item()
+            first = (out.scores[0].float() - ref.scores[0].float()).abs().max().item()
+            last = (out.scores[-1].float() - ref.scores[-1].float()).abs().max().item()
+            rows.append({"mode": mode, "topk": topk, "token_agreement": agree, "first_logit_maxdiff": first,
+                         "last_logit_maxdiff": last, "seconds": round(secs, 2),
+                         "far_fraction": round(cache.stats.far_fraction, 4), **cache.memory_footprint()})
     results.update({"sdpa_seconds": round(ref_s, 2), "a2ats": rows})
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
