@@ -131,3 +131,30 @@ def test_a_failed_capture_warns_and_decodes_without_a_graph(tiny, monkeypatch):
     with pytest.warns(UserWarning, match="capturing the decode step failed"):
         static = run(model, books, ids, mask, graphs=True, new=12)
     assert torch.equal(eager[0], static[0]) and static[3].counts["replayed"] == 0
+
+
+@pytest.mark.parametrize("case", ["past-max-length", "auto-all-resident", "beam-search"])
+def test_static_step_in_other_generation_modes(tiny, case):
+    """Decoding past ``max_length`` (the buffers grow eagerly, then the static path resumes over the new ones),
+    offload="auto" with every layer resident, and beam search (rows reordered in place every step): the same
+    tokens as the eager step, and the static path served most steps."""
+    model, books = tiny
+    ids = ids_of(2, 60, seed=8)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    options = {"past-max-length": {"max_length": 70},
+               "auto-all-resident": {"offload": "auto", "gpu_kv_budget": 2**30},
+               "beam-search": {}}[case]
+    extra = {"num_beams": 3} if case == "beam-search" else {}
+    outputs = []
+    for graphs in (False, True):
+        cache = A2ATSCache(books, **{"topk": 0.1, "offload": "none", "dense_below": 0, "max_length": 300, **options})
+        if graphs:
+            runner = capture_decoding(model, capture=DEVICE.type == "cuda", bucket=32).forward
+        try:
+            outputs.append(model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=30,
+                                          do_sample=False, pad_token_id=0, **extra))
+        finally:
+            release_decoding(model)
+    assert torch.equal(outputs[0], outputs[1])
+    assert runner.counts["static eager"] + runner.counts["replayed"] >= 20
