@@ -128,6 +128,8 @@ def _resolve_device(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif getattr(args, "cuda_graphs", False):
+        raise ValueError(f"--cuda-graphs needs a CUDA --device, got {args.device}")
     if args.dtype is None:
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
 
@@ -176,11 +178,16 @@ def generate_command(args: argparse.Namespace) -> None:
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
+    prompt_tokens = inputs["input_ids"].shape[1]
     cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget,
-                        scoring=scoring)
+                       scoring=scoring, offload=args.offload, max_length=prompt_tokens + args.max_new_tokens)
+    if args.cuda_graphs:
+        from a2ats_hf.graphs import capture_decoding
+
+        capture_decoding(model)
     out = model.generate(**inputs.to(args.device), **cache_argument(model, cache), max_new_tokens=args.max_new_tokens,
                          do_sample=False)
-    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    print(tokenizer.decode(out[0, prompt_tokens:], skip_special_tokens=True))
     memory = cache.memory_footprint()
     print(
         f"[a2ats] attended {cache.stats.attended_fraction:.1%} of past tokens per step "
@@ -260,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--buckets-per-octave", type=positive_int, metavar="P",
                      help="distance buckets per doubling of the distance (default 1; 4 ranks better for 5-14%% more decode time)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
+    gen.add_argument("--offload", choices=["cpu", "none", "auto"], default="cpu",
+                     help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")
+    gen.add_argument("--cuda-graphs", action="store_true",
+                     help="decode as captured CUDA graphs (needs a CUDA --device, --offload none or auto, --scoring wrope)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=generate_command)
 
@@ -301,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("calibrate needs --out DIR and/or --push-to-hub REPO")
     if args.command == "generate" and args.buckets_per_octave is not None and args.scoring != "distance":
         parser.error("--buckets-per-octave applies to --scoring distance only")
+    if args.command == "generate" and args.cuda_graphs and (args.offload == "cpu" or args.scoring != "wrope"):
+        parser.error("--cuda-graphs needs the K/V on the GPU (--offload none or auto) and --scoring wrope")
     if args.command == "eval" and args.perplexity and args.tail >= min(args.lengths):
         parser.error(f"--tail {args.tail} must be shorter than every --lengths window (the shortest is "
                      f"{min(args.lengths)})")

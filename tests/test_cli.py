@@ -49,8 +49,9 @@ def test_calibrate_then_generate(model_dir, tmp_path, capsys, queries):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("A long letter. " * 80)
     buckets = ["--buckets-per-octave", "4"] if queries == "distance" else []
+    offload = ["--offload", "none"] if queries == "wrope" else []  # the K/V beside the model: the GPU's layout
     main(["generate", str(model_dir), "--codebooks", str(out), "--prompt-file", str(prompt), "--topk", "0.1",
-          "--max-new-tokens", "4", "--device", "cpu", "--scoring", queries, *buckets])
+          "--max-new-tokens", "4", "--device", "cpu", "--scoring", queries, *buckets, *offload])
     err = capsys.readouterr().err
     assert "attended" in err and "MiB" in err
 
@@ -162,6 +163,12 @@ BAD_ARGUMENTS = {
     "tail": (["eval", "MODEL", "--haystack", "TEXT", "--perplexity", "TEXT", "--lengths", "600", "--tail", "600"],
              "--tail 600 must be shorter"),
     "device": (["generate", "MODEL", "--prompt", "x", "--device", "gpu"], "--device 'gpu'"),
+    "graphs offloaded": (["generate", "MODEL", "--prompt", "x", "--cuda-graphs"], "--offload none or auto"),
+    "graphs distance": (["generate", "MODEL", "--prompt", "x", "--cuda-graphs", "--offload", "none", "--scoring",
+                         "distance"], "--scoring wrope"),
+    "graphs on a cpu": (["generate", "MODEL", "--prompt", "x", "--cuda-graphs", "--offload", "none", "--device", "cpu"],
+                        "needs a CUDA --device"),
+    "offload": (["generate", "MODEL", "--prompt", "x", "--offload", "disk"], "invalid choice: 'disk'"),
 }
 
 
