@@ -97,7 +97,8 @@ class GraphRunner:
             return False
         if kwargs.get("inputs_embeds") is not None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             return False
-        if cache.get_seq_length() == 0 or cache.scorer.name not in GRAPH_SCORERS or cache.validity is None:
+        n = cache.get_seq_length()
+        if n == 0 or cache.scorer.name not in GRAPH_SCORERS or cache.validity is None:
             return False
         layers = cache.layers
         if not all(isinstance(layer, A2ATSLayer) and isinstance(layer.store, DeviceKVStore) for layer in layers):
@@ -105,7 +106,6 @@ class GraphRunner:
         device = layers[0].device
         if any(layer.device != device for layer in layers) or (self.capture and device.type != "cuda"):
             return False
-        n = cache.get_seq_length()
         return all(layer.store.keys.shape[2] > n and layer.code_buffer.shape[-1] > n for layer in layers)
 
     def step(self, cache: A2ATSCache, kwargs: dict):

@@ -141,10 +141,14 @@ class KVStore:
         return keys, values
 
     def select_rows(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` [B'] (a reorder, repeat or subset of the batch: beam search, assisted decoding),
-        into new pinned blocks of the same size."""
+        """Keep rows ``index`` [B'] (a reorder, repeat or subset of the batch: beam search, assisted decoding): in
+        the same blocks where the row count stays (beam search reorders every step), else into new pinned ones."""
         self.wait()
         index = index.to("cpu", torch.long)
+        if len(index) == self.shape[0]:
+            for block in self.key_blocks + self.value_blocks:
+                select(block, index)
+            return
         self.shape = (len(index), *self.shape[1:])
         for blocks in (self.key_blocks, self.value_blocks):
             blocks[:] = [torch.index_select(block, 0, index, out=self._new_block()) for block in blocks]
