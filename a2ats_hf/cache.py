@@ -214,10 +214,8 @@ class A2ATSLayer(CacheLayerMixin):
             self.store.append(key_states, value_states)
             self.fill_ring(key_states, value_states)
         else:  # a capture-ready step: written at the column the device holds, the host's length moved by the runner
-            self.store.write(static.column, key_states, value_states)
-            slot = self.cache.sink + static.column % self.cache.window
-            self.local_keys.index_copy_(2, slot, key_states.to(self.dtype))
-            self.local_values.index_copy_(2, slot, value_states.to(self.dtype))
+            kernels.write_token(key_states, value_states, self.store.keys, self.store.values, self.local_keys,
+                                self.local_values, static.column, self.cache.sink, self.cache.window)
         key_states.a2ats_layer = value_states.a2ats_layer = self
         self.awaiting_attention = True
         return key_states, value_states
@@ -269,9 +267,9 @@ class A2ATSLayer(CacheLayerMixin):
         n, t, static = self.store.length, keys.shape[-2], self.cache.static
         if static is None:
             self.reserve_codes(n)
-            out = self.code_buffer[:, :, n - t : n]
+            out, column = self.code_buffer[:, :, n - t : n], None
         else:
-            out = torch.empty(*keys.shape[:3], dtype=torch.uint16, device=self.device)
+            out, column = self.code_buffer, static.column
         position_ids = position_ids.expand(keys.shape[0], -1)
         for start in range(0, t, ENCODE_CHUNK):  # a long prompt in chunks: no float32 copy of a whole layer's keys
             part = slice(start, start + ENCODE_CHUNK)
@@ -279,9 +277,7 @@ class A2ATSLayer(CacheLayerMixin):
             if self.cache.codebooks.keys == "pre_rope":
                 rotation = rope.inverse_rotation(position_ids[:, part], keys.device)
             kernels.encode_keys(keys[:, :, part], rotation, self.whitener, self.whitened_centroids,
-                                self.centroid_norms, out[:, :, part])
-        if static is not None:  # int16: index_copy_ has no uint16 kernel; the bits are the same
-            self.code_buffer.view(torch.int16).index_copy_(2, static.column, out.view(torch.int16))
+                                self.centroid_norms, out if column is not None else out[:, :, part], column)
 
     def set_first_tokens(self, valid: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """After a prompt: each row's first real column from the key validity [B, N], its sinks from all the
@@ -331,22 +327,29 @@ class A2ATSLayer(CacheLayerMixin):
         and count the token that just left the window into the code histogram (where one is kept) if it is a
         candidate (``far`` [B, width]). In a capture-ready step both run masked, with no host decision."""
         n, sink = self.length, self.cache.sink
-        if not isinstance(n, int) or n - 1 < self.last_first_token + sink:  # some row's sinks may still be filling
+        if self.sinks_filling():
             slot = n - 1 - self.first_token  # [B]
             inside = (slot < sink)[:, None, None, None]
             onehot = (torch.arange(sink, device=self.device) == slot[:, None])[:, None, :, None]
             sink_keys, sink_values = self.local_keys[:, :, :sink], self.local_values[:, :, :sink]
             sink_keys.copy_(torch.where(inside & onehot, keys.to(self.dtype), sink_keys))
             sink_values.copy_(torch.where(inside & onehot, values.to(self.dtype), sink_values))
-        col = n - 1 - self.cache.window
-        if self.histogram is None or isinstance(col, int) and col < 0:
+        if self.histogram is None:
             return
-        if isinstance(col, int):
+        if self.cache.static is not None:
+            kernels.count_leaving(self.histogram, self.code_buffer, far, self.cache.static.column, -self.cache.window)
+            return
+        col = n - 1 - self.cache.window
+        if col >= 0:
             code, counted = self.code_buffer[:, :, col : col + 1].long(), far[:, None, col : col + 1]
-        else:
-            at = col.clamp(min=0)
-            code, counted = self.code_buffer.index_select(2, at).long(), far.index_select(1, at)[:, None] & (col >= 0)
-        self.histogram.scatter_add_(-1, code, counted.expand_as(code).to(torch.int32))
+            self.histogram.scatter_add_(-1, code, counted.expand_as(code).to(torch.int32))
+
+    def sinks_filling(self) -> bool:
+        """Whether a row's sinks may still be filling at the token being decoded: its column (known on the host)
+        before the latest row's first real token + ``sink``. A capture-ready step fills them only where this holds
+        (the runner captures the two cases apart)."""
+        column = self.store.length - (self.cache.static is None)  # the runner moves the host's length after the step
+        return column < self.last_first_token + self.cache.sink
 
     def get_seq_length(self) -> int:
         return self.store.length if self.is_initialized else 0

@@ -116,9 +116,10 @@ class GraphRunner:
         cache_name = "past_key_values" if "past_key_values" in kwargs else "cache"
         rest = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "attention_mask")}
         tensors = {k: v for k, v in rest.items() if isinstance(v, torch.Tensor)}
-        key = (batch, width, tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in tensors.items())),
-               tuple(sorted((k, repr(v)) for k, v in rest.items() if k not in tensors)))
         static = cache.static = self.static_step(cache, batch, width)
+        key = (batch, width, layers[0].sinks_filling(),  # filling sinks: a graph of its own, with their writes
+               tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in tensors.items())),
+               tuple(sorted((k, repr(v)) for k, v in rest.items() if k not in tensors)))
         addresses = self.addresses(cache, static)
         captured = self.captured.get(key)
         if captured is None or captured.addresses != addresses:  # new, or the cache's buffers moved (a reset)

@@ -5,7 +5,10 @@
 2. CPU sparse attention (C++), 3% of N rows per (row, KV head), head dim 128, bf16 store: GB/s over the bytes it
    gathers vs the CPU copy bandwidth measured here (all cores); beside it, the torch reference and
    ``index_select`` + matmul on a contiguous tensor.
-3. One decode step of one Llama-3.1-8B-shaped layer (32 query / 8 KV heads, head dim 128, 4096 centroids), its time
+3. Attention over the selected rows where the K/V stays on the GPU (Triton, one launch plus the splits' combine):
+   GB/s over the rows it gathers vs HBM bandwidth, beside sdpa over the whole K/V; ``--sweep`` times the kernel's
+   launch settings (programs per multiprocessor, keys per split and per tile, warps) one by one.
+4. One decode step of one Llama-3.1-8B-shaped layer (32 query / 8 KV heads, head dim 128, 4096 centroids), its time
    split by phase (each phase timed alone, with syncs) and the real overlapped step; beside it, sdpa over the full
    K/V on the GPU (DynamicCache) and the offloaded-cache way (copy the layer's K/V to the GPU, then sdpa).
 
@@ -29,7 +32,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from a2ats_hf import A2ATSCache, Codebooks, attention, kernels
 from a2ats_hf import scoring as scorers
 from a2ats_hf.codebooks import fingerprint
-from a2ats_hf.kernels import code_histogram, cpu_attention, reference
+from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_attention
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore
 
@@ -115,6 +118,44 @@ def bench_topk(n: int, b: int, hbm: float) -> dict:
             "triton_gbs": round(must_read / fast / 1e9), "pct_hbm": round(100 * must_read / fast / 1e9 / hbm, 1),
             "bound_us": round(must_read / hbm / 1e3, 1), "torch_topk_us": round(baseline * 1e6, 1), "device_us": device_us,
             "matches_reference": same}
+
+
+SWEEP = {"PROGRAMS_PER_UNIT": [2, 4, 8, 16], "MIN_SPLIT_KEYS": [64, 128, 256], "BLOCK_KEYS": [16, 32, 64],
+         "WARPS": [2, 4, 8]}
+
+
+def bench_device_attention(n: int, b: int, rows: int, hbm: float, sweep: bool) -> dict:
+    """The selected rows' attention on the GPU: ``rows`` random rows per (row, KV head) of an N-token K/V, plus a
+    68-key window, as the per-KV-head rule selects them (the per-query-head rule's union is up to GROUP x wider)."""
+    g = torch.Generator(device="cuda").manual_seed(n + b)
+    store = DeviceKVStore(b, HKV, D, torch.bfloat16, "cuda", n)
+    store.append(*(torch.randn(2, b, HKV, n, D, device="cuda", dtype=torch.bfloat16, generator=g)))
+    indices = torch.rand(b, HKV, n, device="cuda", generator=g).argsort(-1)[..., :rows].sort(-1).values.int()
+    counts = torch.full((b, HKV), rows, dtype=torch.int32, device="cuda")
+    far = kernels.FarRows(store, indices, counts)
+    query = torch.randn(b, HKV * GROUP, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    local = torch.randn(2, b, HKV, 68, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    valid = torch.ones(b, HKV, 68, dtype=torch.bool, device="cuda")
+    run = lambda: kernels.attention_with_lse(query, local[0], local[1], valid, D**-0.5, far)  # noqa: E731
+    expected, _ = reference.local_and_far_attention(query, local[0], local[1], valid, D**-0.5, far)
+    error = float((run()[0] - expected).abs().max())
+    gathered = b * HKV * (rows + 68) * D * 2 * 2 + indices.numel() * 4
+    result = {"n": n, "batch": b, "rows": rows, "mb_gathered": round(gathered / 1e6, 1),
+              "triton_us": round(cuda_time(run) * 1e6, 1), "bound_us": round(gathered / hbm / 1e3, 1),
+              "max_error": error}
+    result["gbs"] = round(gathered / result["triton_us"] / 1e3)
+    keys = store.keys[:, :, :n]
+    result["sdpa_full_us"] = round(cuda_time(lambda: F.scaled_dot_product_attention(
+        query[:, :, None], keys, store.values[:, :, :n], enable_gqa=True)) * 1e6, 1)
+    if sweep:  # each setting alone, the others at their defaults
+        result["sweep_us"] = {}
+        for name, values in SWEEP.items():
+            default = getattr(triton_attention, name)
+            for value in values:
+                setattr(triton_attention, name, value)
+                result["sweep_us"][f"{name}={value}"] = round(cuda_time(run) * 1e6, 1)
+            setattr(triton_attention, name, default)
+    return result
 
 
 def random_store(b: int, n: int, dtype=torch.bfloat16) -> KVStore:
@@ -262,7 +303,9 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
-    parser.add_argument("--parts", default="topk,cpu,decode", help="comma-separated subset of topk,cpu,decode")
+    parser.add_argument("--parts", default="topk,cpu,attention,decode",
+                        help="comma-separated subset of topk,cpu,attention,decode")
+    parser.add_argument("--sweep", action="store_true", help="time the attention kernel's launch settings")
     parser.add_argument("--scoring", default="wrope", help="comma-separated scorers for the decode step")
     parser.add_argument("--offload", default="cpu", help="comma-separated offload modes for the decode step (cpu,none)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of the first decode step")
@@ -275,7 +318,8 @@ def main() -> None:
     print(bw, flush=True)
     lengths = [32768] if args.quick else [32768, 131072, 524288]
     batches = [1, 4] if args.quick else [1, 4, 16]
-    results = {"gpu": torch.cuda.get_device_name(), "bandwidth": bw, "topk": [], "cpu_attention": [], "decode_layer": []}
+    results = {"gpu": torch.cuda.get_device_name(), "bandwidth": bw, "topk": [], "cpu_attention": [],
+               "device_attention": [], "decode_layer": []}
     for n in lengths if "topk" in parts else []:
         for b in batches:
             results["topk"].append(bench_topk(n, b, bw["hbm_gbs"]))
@@ -284,6 +328,12 @@ def main() -> None:
         for b in batches:
             results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"], baselines=n * b <= 131072 * 4))
             print(results["cpu_attention"][-1], flush=True)
+    for n in ([32768] if args.quick else [32768, 131072]) if "attention" in parts else []:
+        for b in [1, 7]:
+            for share in [0.03, 0.12]:  # the per-KV-head rule's 3%, and a per-query-head union of 4 heads' 3%
+                results["device_attention"].append(
+                    bench_device_attention(n, b, int(share * n), bw["hbm_gbs"], args.sweep and share == 0.03))
+                print(results["device_attention"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "decode" in parts else []:
         for b in [1, 4]:
             for scoring in args.scoring.split(","):
@@ -303,6 +353,12 @@ def main() -> None:
     for r in results["cpu_attention"]:
         print(f"| {r['n']} | {r['batch']} | {r['mb_gathered']} | {r['cpp_ms']} | {r['cpp_gbs']} | {r['pct_cpu_bw']} | "
               f"{r.get('reference_ms', '-')} | {r.get('index_select_ms', '-')} |")
+    print("| GPU attn N | batch | rows | MB gathered | Triton us | GB/s | bound us | sdpa over all us | max error |")
+    for r in results["device_attention"]:
+        print(f"| {r['n']} | {r['batch']} | {r['rows']} | {r['mb_gathered']} | {r['triton_us']} | {r['gbs']} | "
+              f"{r['bound_us']} | {r['sdpa_full_us']} | {r['max_error']:.1e} |")
+        if r.get("sweep_us"):
+            print("   sweep:", r["sweep_us"])
     print("| layer step N | batch | scoring | offload | A2ATS ms | serial ms | GPU sdpa ms | offloaded ms | split |")
     for r in results["decode_layer"]:
         print(f"| {r['n']} | {r['batch']} | {r['scoring']} | {r['offload']} | {r['a2ats_ms']} | {r['serial_ms']} | {r['gpu_sdpa_ms']} | {r['offloaded_ms']} | {r['split_ms']} |")

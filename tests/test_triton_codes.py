@@ -71,6 +71,26 @@ def test_encode_matches_reference(b, h, t, d, m, rot, dtype):
     assert (got == 0).any() and not (got == m - 1).any(), "the first of equal centroids must win"
 
 
+def test_encode_writes_at_a_device_column():
+    """A capture-ready step's key: its code written at the column a device tensor holds, in the whole buffer, by
+    kernel and reference alike, and nowhere else."""
+    g = torch.Generator().manual_seed(5)
+    b, h, d, m = 2, 3, 64, 37
+    keys = torch.randn(b, h, 1, d, generator=g)
+    whitener = torch.randn(h, d, d, generator=g) / d**0.5 + torch.eye(d)
+    centroids = torch.randn(h, m, d, generator=g)
+    norms = centroids.pow(2).sum(-1)[:, None, :]
+    rotation = random_rotation(g, b, 1, d)
+    buffer, column = torch.full((b, h, 10), 7, dtype=torch.uint16), torch.tensor([4])
+    expected = reference.encode_keys(keys, rotation, whitener, centroids, norms, buffer.clone(), column)
+    alone = reference.encode_keys(keys, rotation, whitener, centroids, norms, torch.zeros(b, h, 1, dtype=torch.uint16))
+    assert torch.equal(expected[:, :, 4:5], alone) and (expected[:, :, :4] == 7).all() and (expected[:, :, 5:] == 7).all()
+    got = triton_codes.encode_keys(to(keys), tuple(map(to, rotation)), to(whitener), to(centroids), to(norms),
+                                   to(buffer.clone()), to(column))
+    assert (got[:, :, :4].cpu() == 7).all() and (got[:, :, 5:].cpu() == 7).all(), "wrote outside its column"
+    assert_nearest(got[:, :, 4:5], alone, keys, rotation, whitener, centroids)
+
+
 @pytest.mark.parametrize("b, h, d, m, dtype", [(1, 2, 64, 1000, torch.float32), (2, 2, 128, 4096, torch.bfloat16)],
                          ids=["eight-splits", "llama-head-four-splits"])
 def test_encode_splits_the_centroids_of_few_keys(b, h, d, m, dtype):
@@ -141,7 +161,7 @@ def test_match_reference_on_smollm2(smollm2, austen):
             out = model(out.logits[:, -1:].argmax(-1), **cache_argument(model, cache))
     decode = [c for c in calls["encode_keys"] if c[0].shape[2] == 1]
     assert len(decode) == len(calls["rotated_lookup_table"]) == 2 * model.config.num_hidden_layers
-    for keys, rotation, whitener, centroids, norms, out in decode:
+    for keys, rotation, whitener, centroids, norms, out, _ in decode:
         got = triton_codes.encode_keys(to(keys), tuple(map(to, rotation)), to(whitener), to(centroids), to(norms),
                                        to(torch.zeros_like(out)))
         expected = reference.encode_keys(keys, rotation, whitener, centroids, norms, out)

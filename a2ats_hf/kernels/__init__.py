@@ -1,5 +1,5 @@
 """Kernels behind A2ATS decode: encoding new keys, the lookup table of a turned query, the distance scorer's columns
-moving on, top-K selection over codes, attention with log-sum-exp over the local window (and, where the K/V stays
+moving on, a capture-ready step's writes, top-K selection over codes, attention with log-sum-exp over the local window (and, where the K/V stays
 on the GPU, the selected rows), sparse attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
@@ -39,11 +39,12 @@ def _dispatch(tensor: torch.Tensor, module: str, name: str, fallback: Callable, 
 
 def encode_keys(
     keys: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, whitener: torch.Tensor,
-    whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor,
+    whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor, column: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Codes of new keys written into ``out``; see :func:`.reference.encode_keys`. One Triton launch on a GPU for
-    up to ``FUSED_ENCODE_TOKENS`` keys per row, the reference's batched matmul for a prompt."""
-    args = (keys, rotation, whitener, whitened_centroids, norms, out)
+    """Codes of new keys written into ``out`` (at a device ``column`` of it, if given); see
+    :func:`.reference.encode_keys`. Two Triton launches on a GPU for up to ``FUSED_ENCODE_TOKENS`` keys per row,
+    the reference's batched matmul for a prompt."""
+    args = (keys, rotation, whitener, whitened_centroids, norms, out, column)
     if keys.shape[2] > FUSED_ENCODE_TOKENS:
         return reference.encode_keys(*args)
     return _dispatch(keys, "triton_codes", "encode_keys", reference.encode_keys, *args)
@@ -66,6 +67,24 @@ def move_bucket_columns(
     :func:`.reference.move_bucket_columns`. One Triton launch on a GPU."""
     _dispatch(columns, "triton_codes", "move_bucket_columns", reference.move_bucket_columns, columns, histogram,
               codes, far, starts, n, m, window)
+
+
+def write_token(
+    key: torch.Tensor, value: torch.Tensor, store_keys: torch.Tensor, store_values: torch.Tensor,
+    local_keys: torch.Tensor, local_values: torch.Tensor, column: torch.Tensor, sink: int, window: int,
+) -> None:
+    """A capture-ready step's new token written into the store and the window ring at its device ``column``; see
+    :func:`.reference.write_token`. One Triton launch on a GPU."""
+    _dispatch(key, "triton_step", "write_token", reference.write_token, key, value, store_keys, store_values,
+              local_keys, local_values, column, sink, window)
+
+
+def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: torch.Tensor,
+                  offset: int) -> None:
+    """The code of the token at device ``column + offset`` counted into ``histogram`` where it is a far candidate;
+    see :func:`.reference.count_leaving`. One Triton launch on a GPU."""
+    _dispatch(histogram, "triton_step", "count_leaving", reference.count_leaving, histogram, codes, far, column,
+              offset)
 
 
 def attention_with_lse(
@@ -109,5 +128,5 @@ def select_topk(
                      histogram=histogram, k_max=k_max)
 
 
-__all__ = ["FarRows", "attention_with_lse", "code_histogram", "encode_keys", "merge_attention", "move_bucket_columns",
-           "rotated_lookup_table", "select_topk", "sparse_attention"]
+__all__ = ["FarRows", "attention_with_lse", "code_histogram", "count_leaving", "encode_keys", "merge_attention",
+           "move_bucket_columns", "rotated_lookup_table", "select_topk", "sparse_attention", "write_token"]

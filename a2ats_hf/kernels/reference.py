@@ -1,5 +1,6 @@
 """Plain torch references for the A2ATS kernels: encoding new keys, the lookup table of a turned query, the
-distance scorer's columns moving on by a token, top-K selection from a LUT, attention with log-sum-exp, merge.
+distance scorer's columns moving on by a token, a capture-ready step's writes (the new token's K/V, the leaving
+token's code), top-K selection from a LUT, attention with log-sum-exp, merge.
 
 These define the semantics the fast kernels must reproduce, and are the fallback on any device.
 """
@@ -16,15 +17,22 @@ from ..rope import apply_rope
 
 def encode_keys(
     keys: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, whitener: torch.Tensor,
-    whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor,
+    whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor, column: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Codes of new keys [B, Hkv, T, D] written into ``out`` [B, Hkv, T] (a slice of a code buffer) and returned:
+    """Codes of new keys [B, Hkv, T, D] written into ``out`` [B, Hkv, T] (a slice of a code buffer; with ``column``
+    [1], a device tensor, the whole buffer, written at columns ``column + t``) and returned:
     each key un-rotated by ``rotation`` (``cos``, ``sin`` [B, 1, T, D'] of the inverse RoPE; None for codebooks of
     post-RoPE keys), whitened by ``whitener`` [Hkv, D, D] and matched to its nearest ``whitened_centroids``
     [Hkv, M, D] (squared ``norms`` [Hkv, 1, M]); see :func:`a2ats_hf.quantization.encode`."""
     if rotation is not None:
         keys = apply_rope(keys.float(), *rotation)
-    return out.copy_(encode(keys, whitener, whitened_centroids, norms))
+    codes = encode(keys, whitener, whitened_centroids, norms)
+    if column is None:
+        return out.copy_(codes)
+    bits = out.view(torch.int16) if out.dtype == torch.uint16 else out  # index_copy_ has no uint16 kernel
+    at = column + torch.arange(codes.shape[2], device=column.device)
+    bits.index_copy_(2, at, codes.to(out.dtype).view(bits.dtype))
+    return out
 
 
 def rotated_lookup_table(
@@ -106,6 +114,30 @@ def select_topk(
     width = int(counts.max()) if counts.numel() else 0
     indices = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
     return indices.masked_fill(torch.arange(width, device=lut.device) >= counts[..., None], 0), counts
+
+
+def write_token(
+    key: torch.Tensor, value: torch.Tensor, store_keys: torch.Tensor, store_values: torch.Tensor,
+    local_keys: torch.Tensor, local_values: torch.Tensor, column: torch.Tensor, sink: int, window: int,
+) -> None:
+    """One new token's ``key`` / ``value`` [B, Hkv, 1, D] written at ``column`` [1] (a device tensor) of the store's
+    buffers [B, Hkv, capacity, D] and at slot ``sink + column % window`` of the local ones [B, Hkv, sink + window,
+    D], in their dtypes."""
+    slot = sink + column % window
+    for target, new, at in ((store_keys, key, column), (store_values, value, column), (local_keys, key, slot),
+                            (local_values, value, slot)):
+        target.index_copy_(2, at, new.to(target.dtype))
+
+
+def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: torch.Tensor,
+                  offset: int) -> None:
+    """The token at ``column + offset`` (``column`` [1] a device tensor; a negative sum: no token) counted into
+    ``histogram`` [B, Hkv, M] at its code (``codes`` [B, Hkv, >= column]) where ``far`` [B, >= column] marks it a
+    candidate, in place."""
+    at = column + offset
+    code = codes.index_select(2, at.clamp(min=0)).long()
+    counted = far.index_select(1, at.clamp(min=0))[:, None] & (at >= 0)
+    histogram.scatter_add_(-1, code, counted.expand_as(code).to(histogram.dtype))
 
 
 def code_histogram(codes: torch.Tensor, candidates: torch.Tensor, m: int) -> torch.Tensor:

@@ -15,18 +15,17 @@ from .reference import FarRows
 
 
 @triton.jit
-def _attend_block(q, k, vt, seen, best, total, acc):
-    """One block of keys [BLOCK_L, D] and values (transposed, [D, BLOCK_L]) into the running online softmax (max,
-    sum, output) of G query heads. Both products reduce over the last axis: Triton turns a broadcast product
-    reduced over the middle axis into a tensor-core dot, which rounds float32 to TF32 (~1e-4 errors with 16+
-    query heads per KV head)."""
-    logits = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, BLOCK_L]
+def _attend_block(q, k, v, seen, best, total, acc):
+    """One block of keys and values [BLOCK_L, D] into the running online softmax (max, sum, output) of the query
+    heads q [G_PAD, D] (G_PAD >= 16: tensor-core tiles). Both products are tensor-core dots in float32's accuracy
+    (three TF32 products each, ``tf32x3``): plain TF32 rounds to ~1e-3, which 16+ query heads per KV head show."""
+    logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="tf32x3")  # [G_PAD, BLOCK_L]
     logits = tl.where(seen[None, :], logits, float("-inf"))
     new_best = tl.maximum(best, tl.max(logits, axis=1))
     shift = tl.where(new_best == float("-inf"), 0.0, new_best)
     keep = tl.exp(best - shift)
     p = tl.exp(logits - shift[:, None])
-    acc = acc * keep[:, None] + tl.sum(p[:, None, :] * vt.to(tl.float32)[None, :, :], axis=2)
+    acc = acc * keep[:, None] + tl.dot(p, v.to(tl.float32), input_precision="tf32x3")
     return new_best, total * keep + tl.sum(p, axis=1), acc
 
 
@@ -61,7 +60,7 @@ def _attention_lse_kernel(
         seen = tl.load(valid_ptr + b * sm_b + h * sm_h + cols * sm_l, mask=ok, other=0) != 0
         tile = ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_l + d[None, :], mask=tile, other=0.0)
-        v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[None, :] * sv_l + d[:, None], mask=tl.trans(tile), other=0.0)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_l + d[None, :], mask=tile, other=0.0)
         best, total, acc = _attend_block(q, k, v, seen, best, total, acc)
     if FAR:
         far_hi = tl.minimum(hi - length, tl.load(count_ptr + pid))
@@ -71,8 +70,7 @@ def _attention_lse_kernel(
             rows = tl.load(idx_ptr + b * si_b + h * si_h + j, mask=ok, other=0).to(tl.int64)
             tile = ok[:, None] & d_ok[None, :]
             k = tl.load(fk_ptr + b * sfk_b + h * sfk_h + rows[:, None] * sfk_l + d[None, :], mask=tile, other=0.0)
-            v = tl.load(fv_ptr + b * sfv_b + h * sfv_h + rows[None, :] * sfv_l + d[:, None], mask=tl.trans(tile),
-                        other=0.0)
+            v = tl.load(fv_ptr + b * sfv_b + h * sfv_h + rows[:, None] * sfv_l + d[None, :], mask=tile, other=0.0)
             best, total, acc = _attend_block(q, k, v, ok, best, total, acc)
     seen_any = total > 0
     out = acc / tl.where(seen_any, total, 1.0)[:, None]
@@ -82,11 +80,17 @@ def _attention_lse_kernel(
     tl.store(lse_ptr + row, lse, mask=g_ok)
 
 
+BLOCK_KEYS = 32  # keys per tensor-core tile
+PROGRAMS_PER_UNIT = 8  # programs in flight per multiprocessor: each waits on its gathered rows most of the time
+MIN_SPLIT_KEYS = 128  # keys a program attends at least (fewer: the combine costs more than the split saves)
+WARPS = 4
+
+
 def _split_count(pairs: int, positions: int, device: torch.device) -> int:
-    """How many programs share one (row, KV head)'s keys: enough to fill the GPU twice over, at least 256 keys
-    each."""
+    """How many programs share one (row, KV head)'s keys: enough to keep ``PROGRAMS_PER_UNIT`` in flight per
+    multiprocessor, at least ``MIN_SPLIT_KEYS`` keys each."""
     units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(2 * units, pairs), triton.cdiv(positions, 256)))
+    return max(1, min(triton.cdiv(PROGRAMS_PER_UNIT * units, pairs), triton.cdiv(positions, MIN_SPLIT_KEYS)))
 
 
 def attention_with_lse(
@@ -101,8 +105,8 @@ def attention_with_lse(
     hkv, length = keys.shape[1], keys.shape[2]
     group = hq // hkv
     query, keys, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys, values))
-    g_pad, d_pad = triton.next_power_of_2(group), triton.next_power_of_2(d)
-    block = triton.next_power_of_2(max(1, min(32, 8192 // (g_pad * d_pad))))
+    g_pad, d_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(d))
+    block = BLOCK_KEYS
     if far is None:
         far_keys = far_values = keys
         indices = counts = valid  # not read
@@ -120,7 +124,7 @@ def attention_with_lse(
         length, per_split, float(scaling),
         query.stride(0), query.stride(1), *keys.stride()[:3], *values.stride()[:3], *valid.stride(),
         *far_keys.stride()[:3], *far_values.stride()[:3], *indices.stride()[:2], b * hq,
-        HKV=hkv, G=group, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_L=block, FAR=far is not None,
+        HKV=hkv, G=group, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_L=block, FAR=far is not None, num_warps=WARPS,
     )
     if splits == 1:
         return parts[0], parts_lse[0]

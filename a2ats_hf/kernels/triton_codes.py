@@ -82,10 +82,10 @@ def _encode_kernel(k_ptr, cos_ptr, sin_ptr, w_ptr, c_ptr, norm_ptr, best_ptr, co
 
 
 @triton.jit
-def _encode_reduce_kernel(best_ptr, code_ptr, out_ptr, T, so_b, so_h, so_t, H: tl.constexpr, SPLITS: tl.constexpr,
-                          S_PAD: tl.constexpr):
+def _encode_reduce_kernel(best_ptr, code_ptr, out_ptr, column_ptr, T, so_b, so_h, so_t, H: tl.constexpr,
+                          SPLITS: tl.constexpr, S_PAD: tl.constexpr, AT_COLUMN: tl.constexpr):
     """Program (row, KV head, token): the nearest of the splits' nearest centroids (the first of equals: splits
-    hold ascending centroids) written as the key's code."""
+    hold ascending centroids) written as the key's code (AT_COLUMN: at the column ``column_ptr`` holds + token)."""
     pid = tl.program_id(0)
     t, bh = pid % T, pid // T
     b, h = bh // H, bh % H
@@ -94,7 +94,8 @@ def _encode_reduce_kernel(best_ptr, code_ptr, out_ptr, T, so_b, so_h, so_t, H: t
     codes = tl.load(code_ptr + pid * SPLITS + s, mask=s < SPLITS, other=2**30)
     low = tl.min(best, axis=0)
     code = tl.min(tl.where(best == low, codes, 2**30), axis=0)
-    tl.store(out_ptr + b * so_b + h * so_h + t * so_t, code.to(out_ptr.dtype.element_ty))
+    at = t + tl.load(column_ptr).to(tl.int64) if AT_COLUMN else t
+    tl.store(out_ptr + b * so_b + h * so_h + at * so_t, code.to(out_ptr.dtype.element_ty))
 
 
 @functools.cache
@@ -106,7 +107,7 @@ def _programs_wanted(device: torch.device) -> int:
 
 def encode_keys(
     keys: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, whitener: torch.Tensor,
-    whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor,
+    whitened_centroids: torch.Tensor, norms: torch.Tensor, out: torch.Tensor, column: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`a2ats_hf.kernels.reference.encode_keys`; programs per (row, KV head, token) and
     split of the centroids, so meant for decode's few tokens (a prompt's many go through the matmul of the
@@ -134,8 +135,9 @@ def encode_keys(
         keys, cos, sin, whitener, centroids, norms, best, codes, t, m, per_split, *keys.stride()[:3], *strides,
         H=h, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=block_m, SPLITS=splits, num_warps=8,
     )
-    _encode_reduce_kernel[(b * h * t,)](best, codes, out, t, *out.stride(), H=h, SPLITS=splits,
-                                        S_PAD=triton.next_power_of_2(splits))
+    _encode_reduce_kernel[(b * h * t,)](best, codes, out, codes if column is None else column, t, *out.stride(), H=h,
+                                        SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
+                                        AT_COLUMN=column is not None)
     return out
 
 
