@@ -181,10 +181,10 @@ def generate_command(args: argparse.Namespace) -> None:
     prompt_tokens = inputs["input_ids"].shape[1]
     cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget,
                        scoring=scoring, offload=args.offload, max_length=prompt_tokens + args.max_new_tokens)
-    if args.cuda_graphs:
+    if args.cuda_graphs is not False and model.device.type == "cuda":
         from a2ats_hf.graphs import capture_decoding
 
-        capture_decoding(model)
+        capture_decoding(model)  # steps it cannot serve (offloaded layers, other scorers) run the model's forward
     out = model.generate(**inputs.to(args.device), **cache_argument(model, cache), max_new_tokens=args.max_new_tokens,
                          do_sample=False)
     print(tokenizer.decode(out[0, prompt_tokens:], skip_special_tokens=True))
@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--offload", choices=["cpu", "none", "auto"], default="cpu",
                      help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")
-    gen.add_argument("--cuda-graphs", action="store_true",
-                     help="decode as captured CUDA graphs (needs a CUDA --device, --offload none or auto, --scoring wrope)")
+    gen.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                     help="decode as captured CUDA graphs (default: on a CUDA --device, where the K/V is on the GPU "
+                          "with --scoring wrope; --cuda-graphs insists, needing all three)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=generate_command)
 

@@ -171,16 +171,18 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int = 12) -> di
             step()
         sync(device)
         wall = time.perf_counter() - start
-    kernels = {}
+    kernels, launches = {}, 0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
+            launches += 1
     busy = sum(kernels.values())
     rows = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    print(f"  GPU busy {busy:.2f} ms of a {1e3 * wall / steps:.2f} ms step ({100 * busy / (1e3 * wall / steps):.0f}%)")
+    print(f"  GPU busy {busy:.2f} ms of a {1e3 * wall / steps:.2f} ms step ({100 * busy / (1e3 * wall / steps):.0f}%), "
+          f"{launches // steps} kernels a step")
     for name, ms in rows:
         print(f"  {ms:7.3f} ms  {name[:110]}")
-    return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3),
+    return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3), "kernels_per_step": launches // steps,
             "kernels_ms": [[name[:200], round(ms, 4)] for name, ms in rows]}
 
 
@@ -275,7 +277,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--split-steps", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--batch", type=int, help="one batch for every method (default: each method's largest)")
+    parser.add_argument("--batch", type=int, nargs="+",
+                        help="batches every method runs at, in turn (0: each method's largest, the default)")
     parser.add_argument("--cpu-fraction", type=float, default=0.7, help="share of available CPU memory offload may use")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
     parser.add_argument("--scoring", nargs="+", default=["wrope"], help="A2ATS scorers to run (wrope, distance, distance:P for P buckets per octave)")
@@ -311,7 +314,7 @@ def main() -> None:
     name = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"throughput-{name}{'-tiny' if args.tiny else ''}.json"
     steps_total = args.warmup + args.steps + args.split_steps + 1 + 4 * args.profile + 8 * args.gpu_profile  # tokens held
-    for n in args.contexts:
+    for n, forced in [(n, batch) for n in args.contexts for batch in args.batch or [None]]:
         per_row = kv_bytes_per_row(config, n)
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
@@ -320,8 +323,8 @@ def main() -> None:
         else:
             full_batch = 2
         cpu_batch = max(1, min(args.max_batch, int(args.cpu_fraction * (available_memory() or 0)) // per_row))
-        if args.batch:
-            full_batch = cpu_batch = args.batch
+        if forced:
+            full_batch = cpu_batch = forced
         methods = [("full attention (sdpa + DynamicCache)", lambda: DynamicCache(config=config), full_batch, "sdpa"),
                    ("StaticCache + torch.compile", lambda: StaticCache(config=config, max_cache_len=n + steps_total),
                     full_batch, "sdpa"),
