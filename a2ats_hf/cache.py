@@ -517,21 +517,37 @@ class A2ATSCache(Cache):
     @classmethod
     def from_pretrained(
         cls,
-        model_id_or_path: str,
+        model_id_or_path: "str | nn.Module",
         subfolder: str = "a2ats",
         revision: str | None = None,
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
         token: str | bool | None = None,
+        cuda_graphs: bool = True,
         **cache_kwargs,
     ) -> "A2ATSCache":
         """A cache with the codebooks stored next to a model (``a2ats/`` in its folder or Hub repository).
 
-        The Hub arguments go to ``Codebooks.from_pretrained``; ``cache_kwargs`` (topk, window, sink, budget,
-        max_length, scoring, offload, gpu_kv_budget, dense_below) to the constructor.
+        Given the model itself (loaded with ``attn_implementation="a2ats"``), the codebooks come from where it was
+        loaded from, and on a CUDA model its decode steps run as captured CUDA graphs
+        (:func:`a2ats_hf.graphs.capture_decoding`, installed on the model once; steps the graphs cannot serve run
+        its own forward): ``cuda_graphs=False`` leaves the model as it is. The Hub arguments go to
+        ``Codebooks.from_pretrained``; ``cache_kwargs`` (topk, window, sink, budget, max_length, scoring, offload,
+        gpu_kv_budget, dense_below) to the constructor.
         """
+        model = model_id_or_path if isinstance(model_id_or_path, nn.Module) else None
+        if model is not None:
+            model_id_or_path = getattr(model.config, "_name_or_path", "")
+            if not model_id_or_path:
+                raise ValueError("This model does not say where it was loaded from (config._name_or_path is empty): "
+                                 "load its codebooks with Codebooks.from_pretrained(path) and pass them to A2ATSCache.")
         books = Codebooks.from_pretrained(model_id_or_path, subfolder, revision, cache_dir, local_files_only, token)
-        return cls(books, **cache_kwargs)
+        cache = cls(books, **cache_kwargs)
+        if model is not None and cuda_graphs and next(model.parameters()).is_cuda:
+            from .graphs import capture_decoding  # graphs.py imports this module
+
+            capture_decoding(model)
+        return cache
 
     def __bool__(self) -> bool:
         """Empty until the first forward: Phi-3's generation drops a non-empty cache (to recompute it) when a

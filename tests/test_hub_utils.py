@@ -49,6 +49,29 @@ def test_model_folder_with_a2ats_subfolder(tmp_path, books):
     assert cache.topk == 0.05 and cache.budget == "kv_head" and cache.codebooks.n_centroids == 37
 
 
+def test_cache_from_the_model_itself(tmp_path, tiny):
+    """A2ATSCache.from_pretrained(model): the codebooks from where the model was loaded; a CUDA model decodes in
+    graphs unless cuda_graphs=False, a CPU model keeps its own forward; a model that does not say where it came
+    from is refused."""
+    from a2ats_hf.graphs import GraphRunner, release_decoding
+
+    model, books = tiny
+    books.save_pretrained(tmp_path / "a2ats")
+    forward = model.forward
+    model.config._name_or_path = str(tmp_path)
+    try:
+        assert A2ATSCache.from_pretrained(model, cuda_graphs=False).codebooks.n_centroids == books.n_centroids
+        assert model.forward == forward
+        cache = A2ATSCache.from_pretrained(model, topk=0.05, offload="none")
+        assert isinstance(model.forward, GraphRunner) == (model.device.type == "cuda") and cache.topk == 0.05
+        model.config._name_or_path = ""
+        with pytest.raises(ValueError, match="Codebooks.from_pretrained"):
+            A2ATSCache.from_pretrained(model)
+    finally:
+        model.config._name_or_path = ""
+        release_decoding(model)
+
+
 @pytest.mark.parametrize("offline", ["local_files_only", "HF_HUB_OFFLINE"])
 def test_resolves_from_the_hub_cache_offline(tmp_path, books, monkeypatch, offline):
     """A repository already in huggingface_hub's cache loads with the Hub unreachable."""
