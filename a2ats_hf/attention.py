@@ -1,26 +1,16 @@
-"""The "a2ats" attention function: exact prefill, then retrieval-based decode over an `A2ATSCache`."""
+"""The "a2ats" attention function: exact prefill, then retrieval-based decode over an `A2ATSCache` (one step of
+which :mod:`a2ats_hf.step` holds)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import kernels
+from . import step
 from .cache import A2ATSLayer
 from .families import family_of
-from .store import DeviceKVStore
-
-
-def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
-    """[B, N] bool: which keys the last query may see (False for padding), from a 4D bool or additive mask."""
-    if attention_mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
-    last = attention_mask[:, 0, -1, -length:]
-    valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-    return valid.expand(batch, length)
+from .step import key_validity
 
 
 def a2ats_attention_forward(
@@ -50,8 +40,8 @@ def a2ats_attention_forward(
     layer.append_codes(key, position_ids, rope)
     scaling = module.scaling if scaling is None else scaling
     if length == 1 and n > 1:
-        masks = step_masks(layer, attention_mask)
-        out = decode_attention(layer, query[:, :, 0], key, value, position_ids, masks, scaling)
+        masks = step.step_masks(layer, attention_mask)
+        out = step.decode_attention(layer, query[:, :, 0], key, value, position_ids, masks, scaling)
         return out.to(query.dtype)[:, None], None
     if n > length:  # a later chunk: earlier tokens' K/V come back from the CPU for this layer only
         past_keys, past_values = layer.store.to_tensors(end=n - length)
@@ -64,116 +54,3 @@ def a2ats_attention_forward(
     if layer.first and n == length:
         family_of(module.config).check_prompt(module.config, n)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-@dataclass
-class StepMasks:
-    """What every layer of one decode pass shares (the same keys are valid, sinks and window, at every layer), so
-    the first layer computes it: ``valid`` [B, N] keys the token may see, ``far`` [B, N] retrieval candidates
-    (``far_counts`` [B] of them per row), ``budget`` [B] tokens to retrieve per row, ``local_valid``
-    [B, sink + window] and ``totals`` [3] (far candidates, locally attended and past tokens, summed over rows) for
-    the cache's statistics."""
-
-    valid: torch.Tensor
-    far: torch.Tensor
-    far_counts: torch.Tensor
-    budget: torch.Tensor
-    local_valid: torch.Tensor
-    totals: torch.Tensor
-
-
-def step_masks(layer: A2ATSLayer, attention_mask: torch.Tensor | None) -> StepMasks:
-    """The pass's :class:`StepMasks` for one decode token, computed once per pass and device."""
-    cache, n, device = layer.cache, layer.store.length, layer.device
-
-    def compute() -> StepMasks:
-        if cache.static is not None:  # a capture-ready step: the validity follows from the device's length
-            valid = cache.static.validity()
-        else:
-            valid = key_validity(attention_mask, layer.store.shape[0], n, device)
-            if layer.first:
-                cache.record_validity(valid)
-        far = layer.far_candidates(valid)
-        n_far = far.sum(-1)
-        local_valid = layer.local_validity(valid)
-        totals = torch.stack([n_far.sum(), local_valid.sum(), valid.sum()])
-        return StepMasks(valid, far, n_far, cache.budget_for(n_far), local_valid, totals)
-
-    return cache.rope.memo(("masks", attention_mask, n, device), compute)
-
-
-def decode_attention(
-    layer: A2ATSLayer,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    position_ids: torch.Tensor,
-    masks: StepMasks,
-    scaling: float,
-) -> torch.Tensor:
-    """One decode token: exact attention over sinks + window on the device, and over the top-K far tokens where the
-    store keeps them (the CPU, or the device with ``offload="none"``); a device store shorter than the cache's
-    ``dense_below`` is attended whole instead.
-
-    query [B, Hq, D] post-RoPE; key/value [B, Hkv, 1, D] the new token's; ``masks`` the pass's key validity,
-    candidates and budget. Returns [B, Hq, D] (float32).
-    """
-    cache, hkv = layer.cache, key.shape[1]
-    layer.advance(key, value, masks.far)
-    if not isinstance(layer.store, DeviceKVStore):
-        out, selected = _offloaded(layer, query, position_ids, masks, scaling)
-    elif layer.width < cache.dense_below and cache.scorer.retrieves:  # too short for retrieval to pay
-        valid = masks.valid[:, None].expand(-1, hkv, -1)
-        out, _ = kernels.attention_with_lse(query, *layer.store.to_tensors(end=layer.width), valid, scaling)
-        selected = masks.far_counts[:, None].expand(-1, hkv)  # every far token
-    else:
-        selection = _select(layer, query, position_ids, masks, scaling)
-        far = None if selection is None else kernels.FarRows(layer.store, *selection)
-        out, _ = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
-                                            scaling, far)
-        selected = 0 if selection is None else selection[1]  # counts [B, Hkv], which stay on the device
-    cache.stats.add(selected, masks.totals, hkv, layer.first)
-    return out
-
-
-def _local_valid(layer: A2ATSLayer, masks: StepMasks) -> torch.Tensor:
-    """[B, Hkv, sink + window]: the pass's local validity for each KV head (an expanded view)."""
-    return masks.local_valid[:, None].expand(-1, layer.store.shape[1], -1)
-
-
-def _select(
-    layer: A2ATSLayer, query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The far tokens to attend, (indices [B, Hkv, K], counts [B, Hkv]) on the device, or None where there is
-    nothing to retrieve (a short context, or a scorer that retrieves nothing)."""
-    cache = layer.cache
-    k_max = cache.budget_for(max(layer.width - cache.window - cache.sink, 0))  # host-side: nothing waits
-    if k_max == 0 or not cache.scorer.retrieves:
-        return None
-    lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling, masks.far)
-    return kernels.select_topk(lut, codes, masks.far, masks.budget, cache.budget, histogram=histogram, k_max=k_max)
-
-
-def _offloaded(
-    layer: A2ATSLayer, query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
-) -> tuple[torch.Tensor, int]:
-    """The paper's layout: the device selects the far tokens and hands their indices to the CPU, then attends its
-    sinks and window while the CPU attends the selected rows of its store; the two merge by log-sum-exp. Returns
-    the output and the number of tokens selected (on the host)."""
-    selection = _select(layer, query, position_ids, masks, scaling)
-    if selection is not None:
-        indices, counts, cpu_query = selection[0], selection[1], query
-        if query.is_cuda:  # hand the selection to the CPU without stalling the queue behind it
-            indices, counts, cpu_query = (t.to("cpu", non_blocking=True) for t in (indices, counts, query))
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(query.device))  # the layer's GPU, which need not be the current one
-    out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
-                                          scaling)
-    if selection is None:
-        return out, 0
-    if query.is_cuda:
-        ready.synchronize()  # the GPU goes on with the window attention meanwhile
-    far_out, far_lse = kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling)
-    out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
-                                  far_lse.to(lse.device, non_blocking=True))
-    return out, int(counts.sum())  # on the host already

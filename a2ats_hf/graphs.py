@@ -2,10 +2,9 @@
 CUDA graph per (batch, width bucket).
 
 A decode step in eager mode issues ~60 small operations per layer from Python, so on a GPU it is bound by the host.
-In a capture-ready step the new token's column lives on the device (:class:`StaticStep`), the codes, K/V and
-window are written at that column, and every mask is computed over a fixed width (the bucket: the stored tokens
-rounded up to :data:`BUCKET` columns, at most ``max_length``) from the device's length, so the same captured graph
-serves every step until the length crosses the bucket's edge. :func:`capture_decoding` installs
+Its capture-ready form (:mod:`a2ats_hf.step`, :class:`~a2ats_hf.step.StaticStep`) reads and writes fixed addresses
+over a fixed width, so the same captured graph serves every step until the length crosses the width's bucket
+(:data:`~a2ats_hf.step.BUCKET` columns). :func:`capture_decoding` installs
 :class:`GraphRunner` as the model's forward: one-token steps over an :class:`~a2ats_hf.cache.A2ATSCache` whose
 layers all keep their K/V on one GPU (``offload="none"``, or ``"auto"`` where everything fits) with ``max_length``
 set run that way; every other call (the prompt, offloaded layers, CPUs) goes to the model's own forward.
@@ -16,42 +15,16 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .cache import A2ATSCache, A2ATSLayer
-from .store import BLOCK_SIZE, DeviceKVStore
+from .step import BUCKET, StaticStep, bucket_width
+from .store import DeviceKVStore
 
-BUCKET = BLOCK_SIZE  # width granularity: a new graph every 4096 tokens
 GRAPH_SCORERS = ("wrope", "window")  # scorers whose state is all in the layer (the others move theirs on the host)
-
-
-@dataclass
-class StaticStep:
-    """What a capture-ready decode step reads besides the layers: the new token's ``column`` [1] (tokens stored
-    before it) and ``length`` [1] (column + 1), device tensors written before each replay; the bucket's ``width``;
-    ``prompt_valid`` [B, capacity] the keys' validity as the cache last recorded it (padding), True past it."""
-
-    column: torch.Tensor
-    length: torch.Tensor
-    width: int
-    prompt_valid: torch.Tensor
-    source: torch.Tensor  # the cache's validity record prompt_valid was built from
-    columns: torch.Tensor = field(init=False)
-
-    def __post_init__(self):
-        self.columns = torch.arange(self.width, device=self.column.device)
-
-    def validity(self) -> torch.Tensor:
-        """[B, width] bool: the keys a decode token may see (not padding, already stored)."""
-        return self.prompt_valid[:, : self.width] & (self.columns < self.length)
-
-
-def bucket_width(tokens: int, capacity: int, bucket: int = BUCKET) -> int:
-    """The width a step over ``tokens`` stored tokens (the new one included) reads: rounded up to ``bucket``."""
-    return min(capacity, -(-tokens // bucket) * bucket)
 
 
 @dataclass

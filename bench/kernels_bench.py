@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from a2ats_hf import A2ATSCache, Codebooks, attention, kernels
+from a2ats_hf import A2ATSCache, Codebooks, kernels
+from a2ats_hf import step as step_module
 from a2ats_hf import scoring as scorers
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_attention
@@ -203,10 +204,10 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool) -> dict:
 @contextmanager
 def phase_timers(totals: dict):
     """Wrap the decode step's phases with synced timers (serialises them: the split, not the overlapped time)."""
-    targets = [(attention.kernels, "select_topk", "top-K"), (attention.kernels, "sparse_attention", "CPU attention"),
-               (attention.kernels, "attention_with_lse", "GPU window attention"),
-               (attention.kernels, "merge_attention", "merge"), (scorers, "lookup_table", "LUT"),
-               (attention.kernels, "rotated_lookup_table", "LUT"), (attention.kernels, "encode_keys", "encode")]
+    targets = [(kernels, "select_topk", "top-K"), (kernels, "sparse_attention", "CPU attention"),
+               (kernels, "attention_with_lse", "GPU window attention"),
+               (kernels, "merge_attention", "merge"), (scorers, "lookup_table", "LUT"),
+               (kernels, "rotated_lookup_table", "LUT"), (kernels, "encode_keys", "encode")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
 
     def timed(fn, label):
@@ -259,7 +260,8 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
         layer.awaiting_attention = False  # the attention's part, done by hand below
         pos = torch.full((1, 1), layer.store.length - 1, device="cuda")
         layer.append_codes(new, pos, cache.rope)
-        return attention.decode_attention(layer, query[:, :, 0], new, new, pos, attention.step_masks(layer, None), D**-0.5)
+        return step_module.decode_attention(layer, query[:, :, 0], new, new, pos, step_module.step_masks(layer, None),
+                                           D**-0.5)
 
     step_s = wall_time(step, 10)
     split: dict = {}

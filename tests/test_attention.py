@@ -7,8 +7,6 @@ import torch
 from transformers import DynamicCache
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels
-from a2ats_hf import attention as attention_module
-from a2ats_hf.cache import A2ATSLayer
 
 from conftest import DEVICE, ids_of, tiny_model
 
@@ -31,19 +29,6 @@ def test_topk_one_reproduces_full_attention(tiny, prompt_len, budget):
     assert torch.equal(greedy(model, ids, cache, new=24), expected)
     if prompt_len == 300:
         assert cache.stats.far_fraction == 1.0 and cache.stats.attended_fraction == 1.0
-
-
-def test_step_masks_are_computed_once_per_pass(tiny, monkeypatch):
-    """Every layer of a decode pass shares its key validity, candidates and budget: the first computes them (the
-    prompt's passes still find each layer's candidates for its histogram)."""
-    model, books = tiny
-    calls = []
-    original = A2ATSLayer.far_candidates
-    monkeypatch.setattr(A2ATSLayer, "far_candidates", lambda self, valid: calls.append(self) or original(self, valid))
-    cache = A2ATSCache(books, topk=0.1)
-    greedy(model, ids_of(2, 120), cache, new=4)  # one prompt pass, three decode passes
-    layers = len(cache.a2ats_layers)
-    assert layers > 1 and len(calls) == layers + 3
 
 
 def test_topk_one_logits_match_sdpa(tiny):
@@ -81,7 +66,7 @@ def test_left_padded_batch_equals_rows_alone(tiny, topk):
         return indices, counts
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention_module.kernels, "select_topk", spy)
+        mp.setattr(kernels, "select_topk", spy)
         batched = greedy(model, ids, A2ATSCache(books, topk=topk), mask)
     for i, r in enumerate(rows):
         alone = greedy(model, r[None], A2ATSCache(books, topk=topk))

@@ -52,7 +52,7 @@ def test_matches_reference_on_smollm2(smollm2, austen):
     from demo import codebooks as demo_codebooks
 
     from a2ats_hf import A2ATSCache, cache_argument
-    from a2ats_hf import attention as attention_module
+    from a2ats_hf import kernels
 
     model, tokenizer = smollm2
     books = demo_codebooks(model, tokenizer, austen)
@@ -68,7 +68,7 @@ def test_matches_reference_on_smollm2(smollm2, austen):
         return out, lse
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention_module.kernels, "sparse_attention", spy)
+        mp.setattr(kernels, "sparse_attention", spy)
         model.generate(ids, **cache_argument(model, A2ATSCache(books, topk=0.05)), max_new_tokens=3, do_sample=False)
     assert len(checked) == 2 * model.config.num_hidden_layers and min(checked) > 0
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats_hf import A2ATSCache, cache_argument
-from a2ats_hf import attention as attention_module
+from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.kernels import code_histogram, reference, triton_topk
 
 from conftest import DEVICE, ids_of
@@ -87,7 +86,7 @@ def capture_selections(model, cache, ids) -> list[tuple]:
     """(lut, codes, candidates, k, histogram) of every top-K call while ``model`` generates 3 tokens after ``ids``
     (2 decode steps)."""
     captured = []
-    original = attention_module.kernels.select_topk
+    original = kernels.select_topk
 
     def spy(lut, codes, candidates, k, budget="query_head", **kwargs):
         hist = kwargs.get("histogram")
@@ -95,7 +94,7 @@ def capture_selections(model, cache, ids) -> list[tuple]:
         return original(lut, codes, candidates, k, budget, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention_module.kernels, "select_topk", spy)
+        mp.setattr(kernels, "select_topk", spy)
         model.to(DEVICE).generate(ids, **cache_argument(model, cache), max_new_tokens=3, do_sample=False)
     return captured
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-from .. import attention as attention_module
+from .. import step as step_module
 from ..kernels import reference
 
 
@@ -22,14 +22,14 @@ class FidelityProbe:
     def __init__(self, every: int = 1):
         self.every, self.calls = every, 0
         self.values: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.original = attention_module.decode_attention
+        self.original = step_module.decode_attention
 
     def __enter__(self) -> "FidelityProbe":
-        attention_module.decode_attention = self
+        step_module.decode_attention = self
         return self
 
     def __exit__(self, *exc) -> None:
-        attention_module.decode_attention = self.original
+        step_module.decode_attention = self.original
 
     def __call__(self, layer, query, key, value, position_ids, masks, scaling):
         measure = self.calls % self.every == 0

@@ -157,7 +157,7 @@ def attention_with_lse(
     Returns out [B, Hq, D] and lse [B, Hq] (``-inf`` and zero output where nothing is valid).
     """
     b, hq, d = query.shape
-    hkv, length = keys.shape[1], keys.shape[2]
+    hkv = keys.shape[1]
     q = query.float().view(b, hkv, hq // hkv, d)
     logits = torch.einsum("bkgd,bkld->bkgl", q, keys.float()) * scaling
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
