@@ -98,11 +98,15 @@ def _encode_reduce_kernel(best_ptr, code_ptr, out_ptr, column_ptr, T, so_b, so_h
     tl.store(out_ptr + b * so_b + h * so_h + at * so_t, code.to(out_ptr.dtype.element_ty))
 
 
+ENCODE_PROGRAMS_PER_UNIT = 2  # the encoder's programs per multiprocessor (a decode step's few keys, split)
+ENCODE_WARPS = 8
+LUT_BLOCK_M = 64  # centroids per LUT program (at most; fewer where a tile would pass 32 KB)
+
+
 @functools.cache
-def _programs_wanted(device: torch.device) -> int:
-    """Programs that fill the GPU twice over (two per multiprocessor); 16 under the interpreter, so the CPU's tests
-    run the splits too."""
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+def _units(device: torch.device) -> int:
+    """Multiprocessors of ``device``; 8 under the interpreter, so the CPU's tests run the splits too."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def encode_keys(
@@ -126,14 +130,14 @@ def encode_keys(
     d_pad = triton.next_power_of_2(d)
     block_m = max(16, min(128, 8192 // d_pad))
     blocks = triton.cdiv(m, block_m)
-    splits = max(1, min(blocks, _programs_wanted(keys.device) // (b * h * t)))
+    splits = max(1, min(blocks, ENCODE_PROGRAMS_PER_UNIT * _units(keys.device) // (b * h * t)))
     per_split = triton.cdiv(blocks, splits) * block_m
     splits = triton.cdiv(m, per_split)  # none empty
     best = torch.empty(b * h * t, splits, dtype=torch.float32, device=keys.device)
     codes = torch.empty(b * h * t, splits, dtype=torch.int32, device=keys.device)
     _encode_kernel[(b * h * t, splits)](
         keys, cos, sin, whitener, centroids, norms, best, codes, t, m, per_split, *keys.stride()[:3], *strides,
-        H=h, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=block_m, SPLITS=splits, num_warps=8,
+        H=h, D=d, D_PAD=d_pad, ROT=rot, BLOCK_M=block_m, SPLITS=splits, num_warps=ENCODE_WARPS,
     )
     _encode_reduce_kernel[(b * h * t,)](best, codes, out, codes if column is None else column, t, *out.stride(), H=h,
                                         SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
@@ -189,7 +193,7 @@ def rotated_lookup_table(
         rot, strides = cos.shape[-1], (cos.stride(0), cos.stride(2))
     lut = torch.empty(b, hq, turns * m, dtype=torch.float32, device=query.device)
     rows, d_pad = b * group * turns, max(16, triton.next_power_of_2(d))
-    block_m = max(16, min(64, 8192 // d_pad))  # the centroid block and a tile of turned queries: 32 KB each
+    block_m = max(16, min(LUT_BLOCK_M, 8192 // d_pad))  # the centroid block and a tile of turned queries
     block_r = max(16, min(block_m, triton.next_power_of_2(rows)))
     _lut_kernel[(hkv, triton.cdiv(m, block_m))](
         query, cos, sin, centroids, lut, m, turns, rows, query.stride(0), query.stride(1), *strides,

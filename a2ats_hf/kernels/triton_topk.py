@@ -230,6 +230,10 @@ def _scan_kernel(
         tl.store(count_ptr + pair, chosen_before)
 
 
+SCAN_BLOCK = 512  # codes per block of a scan program (default of ``block_n``)
+THRESHOLD_WARPS = 8
+
+
 def select_topk(
     lut: torch.Tensor,
     codes: torch.Tensor,
@@ -238,7 +242,7 @@ def select_topk(
     budget: str = "query_head",
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
-    block_n: int = 512,
+    block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv].
@@ -248,6 +252,7 @@ def select_topk(
     ``k_max`` bounds ``k`` from the host, read from ``k`` (a device sync) when not given.
     """
     b, hkv, n = codes.shape
+    block_n = block_n or SCAN_BLOCK
     if budget == "kv_head":
         lut = lut.view(b, hkv, -1, lut.shape[-1]).sum(2)
     elif budget != "query_head":
@@ -277,7 +282,7 @@ def select_topk(
     _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), need, classes, summary,
                                     scratch, m, HEADS=heads, GROUP=group, G_PAD=g_pad,
                                     BLOCK_M=min(max(triton.next_power_of_2(m), 16), 2048), SAMPLE=sample, CAP=cap,
-                                    num_warps=8)
+                                    num_warps=THRESHOLD_WARPS)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)

@@ -1,0 +1,79 @@
+"""The captured decode step's launch settings, tuned on the step itself: Llama-3.1-8B's architecture (random bf16
+weights) at 128K, A2ATS offload="none" in CUDA graphs, each setting changed alone from the defaults, then the best
+value of each together; ms per step beside the defaults' (a kernel timed alone is bound by its Python launch, so
+only the captured step can rank them).
+
+    PYTHONPATH=. python bench/tune_step.py [--batch 1] [--budget kv_head]   (GPU only; writes --out if given)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from a2ats_hf import A2ATSCache
+from a2ats_hf.kernels import triton_attention, triton_codes, triton_topk
+from multi_gpu import build, random_codebooks
+from throughput import environment, measure
+
+SETTINGS = {  # (module, constant): values to try; the module's own value is the default
+    (triton_attention, "PROGRAMS_PER_UNIT"): [4, 16], (triton_attention, "MIN_SPLIT_KEYS"): [64, 256],
+    (triton_attention, "BLOCK_KEYS"): [16, 64], (triton_attention, "WARPS"): [2, 8],
+    (triton_codes, "ENCODE_PROGRAMS_PER_UNIT"): [1, 4], (triton_codes, "ENCODE_WARPS"): [4],
+    (triton_codes, "LUT_BLOCK_M"): [32, 128], (triton_topk, "SCAN_BLOCK"): [256, 1024],
+    (triton_topk, "THRESHOLD_WARPS"): [4, 16],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=131072)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--budget", default="kv_head", choices=["kv_head", "query_head"])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    run_args = argparse.Namespace(steps=args.steps, warmup=3, split_steps=0, profile=False, gpu_profile=False)
+    model = build([0])
+    model.set_attn_implementation("a2ats")
+    books = random_codebooks(centroids=4096, config=model.config)
+    n, method = args.context, f"A2ATS offload=none {args.budget} graphs"
+    results = {**environment(), "context": n, "method": method, "rows": []}
+
+    def step_ms(batch: int, label: str) -> float:
+        make = lambda: A2ATSCache(books, topk=0.03, budget=args.budget, offload="none",  # noqa: E731
+                                  max_length=n + args.steps + 8)
+        ms = measure(model, method, make, batch, n, run_args)["step_ms"]
+        results["rows"].append({"batch": batch, "setting": label, "step_ms": ms})
+        print(f"batch {batch:2d}  {label:40s} {ms:7.2f} ms", flush=True)
+        return ms
+
+    tuned, others = args.batch[0], args.batch[1:]
+    best = {}
+    default = step_ms(tuned, "defaults")
+    for (module, name), values in SETTINGS.items():
+        original = getattr(module, name)
+        times = {original: default}
+        for value in values:
+            setattr(module, name, value)
+            times[value] = step_ms(tuned, f"{module.__name__.rsplit('.', 1)[1]}.{name}={value}")
+        setattr(module, name, original)
+        winner = min(times, key=times.get)
+        if times[winner] < 0.98 * default:  # past the run-to-run noise
+            best[(module, name)] = winner
+    label = "best together: " + (", ".join(f"{name}={value}" for (_, name), value in best.items()) or "none better")
+    originals = {key: getattr(*key) for key in best}
+    for batch in [tuned, *others]:
+        for (module, name), value in best.items():
+            setattr(module, name, value)
+        step_ms(batch, label)
+        for (module, name), value in originals.items():
+            setattr(module, name, value)
+        step_ms(batch, "defaults again")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
