@@ -21,7 +21,7 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_attention, "PROGRAMS_PER_UNIT"): [4, 16], (triton_attention, "MIN_SPLIT_KEYS"): [64, 256],
     (triton_attention, "BLOCK_KEYS"): [16, 64], (triton_attention, "WARPS"): [2, 8],
     (triton_codes, "ENCODE_PROGRAMS_PER_UNIT"): [1, 4], (triton_codes, "ENCODE_WARPS"): [4],
-    (triton_codes, "LUT_BLOCK_M"): [32, 128], (triton_topk, "SCAN_BLOCK"): [256, 1024],
+    (triton_codes, "LUT_BLOCK_M"): [16, 32], (triton_topk, "SCAN_BLOCK"): [256, 1024],
     (triton_topk, "THRESHOLD_WARPS"): [4, 16],
 }
 
