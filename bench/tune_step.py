@@ -15,7 +15,7 @@ from pathlib import Path
 from a2ats_hf import A2ATSCache
 from a2ats_hf.kernels import triton_attention, triton_codes, triton_topk
 from multi_gpu import build, random_codebooks
-from throughput import environment, measure
+from throughput import environment, measure, release
 
 SETTINGS = {  # (module, constant): values to try; the module's own value is the default
     (triton_attention, "PROGRAMS_PER_UNIT"): [4, 16], (triton_attention, "MIN_SPLIT_KEYS"): [64, 256],
@@ -45,8 +45,11 @@ def main() -> None:
         make = lambda: A2ATSCache(books, topk=0.03, budget=args.budget, offload="none",  # noqa: E731
                                   max_length=n + args.steps + 8)
         ms = measure(model, method, make, batch, n, run_args)["step_ms"]
+        release(model.device)  # the cache and its graphs' memory pool, before the next
         results["rows"].append({"batch": batch, "setting": label, "step_ms": ms})
         print(f"batch {batch:2d}  {label:40s} {ms:7.2f} ms", flush=True)
+        if args.out:  # after every row: an interrupted run keeps what it measured
+            args.out.write_text(json.dumps(results, indent=1))
         return ms
 
     tuned, others = args.batch[0], args.batch[1:]
@@ -71,8 +74,6 @@ def main() -> None:
         for (module, name), value in originals.items():
             setattr(module, name, value)
         step_ms(batch, "defaults again")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
