@@ -40,6 +40,11 @@ NOT_A2ATS_ATTENTION = (
 
 
 EMPTY_INPUT = "A2ATSCache got an empty input (0 tokens): give the prompt at least one token."
+NOT_COMPILABLE = (
+    "A model holding an A2ATSCache cannot run under torch.compile (its decode step reads host state and custom "
+    "kernels that torch.compile does not trace). For graph-speed decoding, capture it in CUDA graphs instead: "
+    "A2ATSCache.from_pretrained(model, ...) does on a CUDA model, or a2ats_hf.graphs.capture_decoding(model)."
+)
 
 
 def check_int(name: str, value, low: int) -> int:
@@ -196,6 +201,8 @@ class A2ATSLayer(CacheLayerMixin):
 
         Several tokens at once are a prompt, or a chunk of one, or a continuation of the conversation.
         """
+        if torch.compiler.is_compiling():
+            raise RuntimeError(NOT_COMPILABLE)
         if self.awaiting_attention:
             raise RuntimeError(NOT_A2ATS_ATTENTION)
         if key_states.shape[-2] == 0:

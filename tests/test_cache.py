@@ -387,3 +387,23 @@ def test_layers_spread_over_devices_by_accelerate(tiny, tmp_path):
         hook = getattr(module, "_hf_hook", None)
         runs_on = torch.device(getattr(hook, "execution_device", None) or next(module.parameters()).device)
         assert layer.codes.device.type == layer.local_keys.device.type == runs_on.type
+
+
+def test_torch_compile_fullgraph_names_the_graph_route(tiny):
+    """torch.compile(fullgraph=True) of a model holding an A2ATSCache stops with an error that says what to use
+    instead; without fullgraph the cache's part runs eagerly between compiled pieces, and decodes as eager does."""
+    model, books = tiny
+    ids = ids_of(1, 40)
+
+    def logits(forward):
+        cache = A2ATSCache(books, topk=0.5, offload="none")
+        with torch.no_grad():
+            forward(input_ids=ids, **cache_argument(model, cache))
+            return forward(input_ids=ids[:, :1], position_ids=torch.tensor([[40]], device=DEVICE),
+                           **cache_argument(model, cache)).logits
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="capture_decoding"):
+        logits(torch.compile(model.forward, backend="eager", fullgraph=True))
+    assert torch.equal(logits(torch.compile(model.forward, backend="eager")), logits(model.forward))
+    torch._dynamo.reset()
