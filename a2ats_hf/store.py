@@ -64,19 +64,11 @@ def kv_bytes(batch: int, heads: int, head_dim: int, dtype: torch.dtype, tokens: 
     return 2 * math.ceil(tokens / block_size) * block_size * batch * heads * head_dim * dtype.itemsize
 
 
-STAGED_TOKENS = 16  # decode tokens a KVStore holds in its staging buffers before they are written into blocks
-
-
 class KVStore:
     """Keys and values [B, H, N, D] kept as a list of [B, H, block_size, D] blocks on the CPU.
 
     Appending fills the last block and adds new ones as needed, so what is stored is never copied again.
     Blocks are pinned when CUDA is available, so appends from the GPU are asynchronous copies.
-
-    A decode step's few tokens go first to contiguous staging buffers [STAGED_TOKENS, B, H, D] (pinned): a copy
-    from the GPU into a strided slice of a block would pass through a pageable temporary, and so wait for the GPU to
-    finish everything queued before it. They reach their blocks on the CPU side, when the store is next read
-    (:meth:`wait`) or the staging buffers are full, after the copies' event has completed.
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, block_size: int | None = None):
@@ -87,66 +79,39 @@ class KVStore:
         self.pin = torch.cuda.is_available()
         self.key_blocks: list[torch.Tensor] = []
         self.value_blocks: list[torch.Tensor] = []
-        self.length = 0  # tokens stored, the staged ones included
+        self.length = 0
         self.device = torch.device("cpu")
-        self.staging: tuple[torch.Tensor, torch.Tensor] | None = None  # [STAGED_TOKENS, B, H, D] keys, values
-        self.staged = 0  # tokens in the staging buffers: columns [length - staged, length)
-        self.landed: torch.cuda.Event | None = None  # recorded after the last asynchronous copy from a GPU
+        self.pending: torch.device | None = None  # the GPU an asynchronous append may still be in flight from
 
     def wait(self) -> None:
-        """Before reading blocks on the CPU: the asynchronous copies have landed (their event, not the whole
-        GPU) and the staged tokens are in their blocks."""
-        if self.landed is not None:
-            self.landed.synchronize()
-            self.landed = None
-        if self.staged:
-            keys, values = self.staging
-            staged, self.staged = self.staged, 0
-            self.length -= staged
-            self._write(keys[:staged].permute(1, 2, 0, 3), values[:staged].permute(1, 2, 0, 3), False)
+        """Block until asynchronous appends have landed (before reading blocks on the CPU)."""
+        if self.pending is not None:
+            torch.cuda.synchronize(self.pending)
+            self.pending = None
 
     def _new_block(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append [B, H, T, D] keys and values; copies from a GPU are asynchronous (on its current stream)."""
-        t = keys.shape[-2]
+        t, done = keys.shape[-2], 0
         blocks = math.ceil((self.length + t) / self.block_size) - len(self.key_blocks)
         if blocks > 0:
             b, h, _, d = self.shape
             needed = kv_bytes(b, h, d, self.dtype, blocks * self.block_size, self.block_size)
             check_memory(needed, f"Storing {t} more tokens of K/V (batch {b}, {h} KV heads)")
-        if t <= STAGED_TOKENS // 2:  # a decode step's: staged, so nothing waits
-            if self.staged + t > STAGED_TOKENS:
-                self.wait()
-            if self.staging is None:
-                self.staging = tuple(torch.empty(STAGED_TOKENS, *self.shape[:2], self.shape[-1], dtype=self.dtype,
-                                                 pin_memory=self.pin) for _ in range(2))
-            for staging, new in zip(self.staging, (keys, values)):
-                staging[self.staged : self.staged + t].copy_(new.permute(2, 0, 1, 3), non_blocking=self.pin)
-            self.staged += t
-            self.length += t
-        else:
-            self.wait()  # staged tokens come first
-            self._write(keys, values, self.pin)
-        if self.pin and keys.is_cuda:
-            self.landed = torch.cuda.Event()
-            self.landed.record(torch.cuda.current_stream(keys.device))
-
-    def _write(self, keys: torch.Tensor, values: torch.Tensor, non_blocking: bool) -> None:
-        """[B, H, T, D] keys and values into the blocks at the store's length, adding blocks as needed."""
-        t, done = keys.shape[-2], 0
         while done < t:
             offset = self.length % self.block_size
             if offset == 0:
                 self.key_blocks.append(self._new_block())
                 self.value_blocks.append(self._new_block())
             n = min(t - done, self.block_size - offset)
-            self.key_blocks[-1][:, :, offset : offset + n].copy_(keys[:, :, done : done + n], non_blocking=non_blocking)
-            self.value_blocks[-1][:, :, offset : offset + n].copy_(values[:, :, done : done + n],
-                                                                   non_blocking=non_blocking)
+            self.key_blocks[-1][:, :, offset : offset + n].copy_(keys[:, :, done : done + n], non_blocking=self.pin)
+            self.value_blocks[-1][:, :, offset : offset + n].copy_(values[:, :, done : done + n], non_blocking=self.pin)
             done += n
             self.length += n
+        if self.pin and keys.is_cuda:
+            self.pending = keys.device
 
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``indices`` [B, H, K] (CPU, each < length) of every (row, head) -> keys, values [B, H, K, D]."""
@@ -185,7 +150,6 @@ class KVStore:
                 select(block, index)
             return
         self.shape = (len(index), *self.shape[1:])
-        self.staging = None  # empty (waited on above), and shaped for the old batch
         for blocks in (self.key_blocks, self.value_blocks):
             blocks[:] = [torch.index_select(block, 0, index, out=self._new_block()) for block in blocks]
 
@@ -198,8 +162,7 @@ class KVStore:
 
     @property
     def nbytes(self) -> int:
-        staging = () if self.staging is None else self.staging
-        return sum(t.numel() * t.element_size() for t in self.key_blocks + self.value_blocks + list(staging))
+        return sum(t.numel() * t.element_size() for t in self.key_blocks + self.value_blocks)
 
 
 class DeviceKVStore:

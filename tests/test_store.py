@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from a2ats_hf.store import BLOCK_SIZE, STAGED_TOKENS, DeviceKVStore, KVStore
+from a2ats_hf.store import BLOCK_SIZE, DeviceKVStore, KVStore
 
 STORES = {
     "cpu-blocks": lambda: KVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, block_size=5),
@@ -95,42 +95,3 @@ def test_select_rows_and_truncate_follow_the_whole_kv(kind):
     torch.testing.assert_close(store.to_tensors(), (expected_keys, expected_values), rtol=0, atol=0)
     if kind == "cpu-blocks":
         assert len(store.key_blocks) == 2  # blocks past the cut were freed
-
-
-def test_decode_tokens_are_staged_until_read():
-    """A decode step's tokens wait in the staging buffers (no block written, nothing waits on a GPU) and reach
-    their blocks when the store is read or the buffers fill; a prompt-sized append writes the staged ones first."""
-    gen = torch.Generator().manual_seed(1)
-    store = KVStore(batch=2, heads=3, head_dim=4, dtype=torch.float32, block_size=6)
-    pieces = [torch.randn(2, 2, 3, t, 4, generator=gen) for t in [1] * 20 + [9] + [1, 2, 8] + [1] * 5]
-    for i, (k, v) in enumerate(pieces):
-        store.append(k, v)
-        if i == 0:
-            assert store.length == 1 and store.staged == 1 and not store.key_blocks
-    full_k, full_v = (torch.cat([p[j] for p in pieces], 2) for j in (0, 1))
-    assert store.length == full_k.shape[2] == 45 and store.staged == 16  # 1 + 2 + 8 + 5 since the 9-token append
-    tk, tv = store.to_tensors()
-    assert store.staged == 0 and torch.equal(tk, full_k) and torch.equal(tv, full_v)
-    assert store.nbytes == 2 * 4 * (8 * 2 * 3 * 6 * 4 + STAGED_TOKENS * 2 * 3 * 4)  # 8 blocks and the staging (float32)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: a copy from the GPU that must not wait")
-def test_decode_append_from_the_gpu_does_not_wait_for_it():
-    """A decode token's K/V copied from the GPU returns at once behind a second of queued GPU work, with no
-    synchronisation (sync debug mode "error"), and reads back after the store's wait."""
-    import time
-
-    store = KVStore(batch=2, heads=3, head_dim=64, dtype=torch.bfloat16)
-    keys = torch.randn(2, 3, 1, 64, device="cuda", dtype=torch.bfloat16)
-    store.append(keys, keys)  # allocates the pinned staging buffers (an allocation may synchronise)
-    torch.cuda._sleep(2_000_000_000)  # about a second of queued work
-    start = time.perf_counter()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        store.append(keys + 1, keys - 1)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert time.perf_counter() - start < 0.1
-    got_keys, got_values = store.to_tensors()
-    assert torch.equal(got_keys[:, :, 1], (keys + 1)[:, :, 0].cpu())
-    assert torch.equal(got_values[:, :, 1], (keys - 1)[:, :, 0].cpu())

@@ -139,7 +139,6 @@ def sparse_attention(
     ext = extension()
     if ext is None or store.length == 0:
         return reference.sparse_attention(query, store, indices, counts, scaling)
-    store.wait()  # staged tokens into their blocks (their copies landed with the selection the caller waited on)
     query = query.detach().to("cpu", torch.float32).contiguous()
     indices = indices.to("cpu", torch.int32).contiguous()
     counts = counts.to("cpu", torch.int32).contiguous()
