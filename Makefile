@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
 OLDEST := .venv-oldest
 
-.PHONY: demo test assets clean
+.PHONY: demo test lint assets clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,16 @@ assets: $(INSTALLED)
 demo: assets
 	$(BIN)/python examples/demo.py
 
+LINTED := a2ats_hf a2ats_cli.py bench examples tests
+
 test: assets $(OLDEST)/.installed
+	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python -m pytest -q
 	@echo "--- again with transformers $(OLDEST_TRANSFORMERS), the oldest supported (tests not marked slow)"
 	$(OLDEST)/bin/python -m pytest -q -m "not slow"
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check $(LINTED)
 
 clean:
 	rm -rf $(VENV) $(OLDEST)

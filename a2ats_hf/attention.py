@@ -27,7 +27,8 @@ def a2ats_attention_forward(
     earlier token); A2ATS retrieval for one decode token."""
     layer: A2ATSLayer | None = getattr(key, "a2ats_layer", None)
     if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     layer.awaiting_attention = False
     rope = layer.cache.bind(module)
     if layer.first:

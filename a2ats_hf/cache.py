@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from .codebooks import Codebooks
 from . import kernels
+from .codebooks import Codebooks
 from .kernels import code_histogram
 from .rope import RoPE
 from .scoring import Scorer, scorer_of
@@ -186,7 +186,8 @@ class A2ATSLayer(CacheLayerMixin):
         capacity = max(key_states.shape[-2], self.cache.max_length or 0)  # grown by doubling past it
         self.code_buffer = torch.zeros(b, h, capacity, dtype=torch.uint16, device=self.device)  # codes in range
         self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, for scorers reading it
-        self.local_keys = torch.zeros(b, h, self.cache.sink + self.cache.window, d, dtype=self.dtype, device=self.device)
+        self.local_keys = torch.zeros(b, h, self.cache.sink + self.cache.window, d, dtype=self.dtype,
+                                      device=self.device)
         self.local_values = torch.zeros_like(self.local_keys)
         self.first_token = torch.zeros(b, dtype=torch.long, device=self.device)  # column of each row's first real token
         books = self.cache.codebooks
@@ -293,7 +294,8 @@ class A2ATSLayer(CacheLayerMixin):
         self.first_token = valid.long().argmax(-1)
         self.last_first_token = int(self.first_token.max())  # on the host: when every row's sinks are complete
         self.sink_valid: torch.Tensor | None = None  # validity of the sink slots, kept once it can no longer change
-        cols = (self.first_token[:, None] + torch.arange(self.cache.sink, device=self.device)).clamp(max=valid.shape[1] - 1)
+        cols = (self.first_token[:, None]
+                + torch.arange(self.cache.sink, device=self.device)).clamp(max=valid.shape[1] - 1)
         index = cols[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         self.local_keys[:, :, : self.cache.sink] = keys.gather(2, index)
         self.local_values[:, :, : self.cache.sink] = values.gather(2, index)
@@ -482,8 +484,10 @@ class A2ATSCache(Cache):
     ):
         if not isinstance(codebooks, Codebooks):
             hint = (f" To load codebooks from {codebooks!r}, use A2ATSCache.from_pretrained({codebooks!r}) or "
-                    f"Codebooks.from_pretrained({codebooks!r})." if isinstance(codebooks, (str, bytes)) or hasattr(codebooks, "__fspath__") else "")
-            raise TypeError(f"A2ATSCache takes a Codebooks object as its first argument, got {type(codebooks).__name__}.{hint}")
+                    f"Codebooks.from_pretrained({codebooks!r})."
+                    if isinstance(codebooks, (str, bytes)) or hasattr(codebooks, "__fspath__") else "")
+            raise TypeError(f"A2ATSCache takes a Codebooks object as its first argument, got "
+                            f"{type(codebooks).__name__}.{hint}")
         check_topk(topk)
         for name, value, low in (("window", window, 1), ("sink", sink, 0), ("max_length", max_length, 1)):
             if value is not None:

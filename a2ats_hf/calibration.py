@@ -19,7 +19,6 @@ from .quantization import kmeans, second_moment, whitening
 from .rope import RoPE, apply_rope
 from .scoring import bucket_turns
 
-
 # The fewest text tokens calibrate() accepts (or n_centroids, if larger): below this the query moments and the keys'
 # clusters come from a handful of tokens, or from the random UUIDs alone.
 MIN_TEXT_TOKENS = 512

@@ -175,7 +175,8 @@ def generate_command(args: argparse.Namespace) -> None:
     prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
     messages = [{"role": "user", "content": prompt}]
     if tokenizer.chat_template and not args.raw:
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     prompt_tokens = inputs["input_ids"].shape[1]
@@ -234,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("model", type=_model_or_repo, help="model directory or Hub id")
     common.add_argument("--device", help="torch device: cpu, cuda, cuda:1, ... (default: cuda where there is one)")
     common.add_argument("--dtype", choices=DTYPES,
-                        help='weights\' dtype (default: bfloat16 on CUDA, float32 on the CPU; "auto": the checkpoint\'s)')
+                        help='weights\' dtype (default: bfloat16 on CUDA, float32 on the CPU; '
+                             '"auto": the checkpoint\'s)')
 
     cal = sub.add_parser("calibrate", parents=[common], help="build codebooks from text files")
     cal.add_argument("--text", nargs="+", required=True, type=_existing_file, help="UTF-8 text files to calibrate on")
@@ -257,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(func=download_command)
 
     gen = sub.add_parser("generate", parents=[common], help="answer a prompt with A2ATS decoding")
-    gen.add_argument("--codebooks", type=_model_or_repo, help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
+    gen.add_argument("--codebooks", type=_model_or_repo,
+                     help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--prompt-file", type=_existing_file)
@@ -265,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget", choices=["query_head", "kv_head"], default="query_head")
     gen.add_argument("--scoring", choices=["wrope", "distance"], default="wrope", help="how far tokens are scored")
     gen.add_argument("--buckets-per-octave", type=positive_int, metavar="P",
-                     help="distance buckets per doubling of the distance (default 1; 4 ranks better for 5-14%% more decode time)")
+                     help="distance buckets per doubling of the distance "
+                          "(default 1; 4 ranks better for 5-14%% more decode time)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--offload", choices=["cpu", "none", "auto"], default="cpu",
                      help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")
@@ -275,10 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=generate_command)
 
-    ev = sub.add_parser("eval", parents=[common], help="RULER-style retrieval tasks (and perplexity with attention fidelity): full attention vs A2ATS and baselines")
+    ev = sub.add_parser("eval", parents=[common],
+                        help="RULER-style retrieval tasks (and perplexity with attention fidelity): "
+                             "full attention vs A2ATS and baselines")
     ev.add_argument("--haystack", nargs="+", required=True, type=_existing_file,
                     help="UTF-8 prose files the needles hide in")
-    ev.add_argument("--codebooks", type=_model_or_repo, help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
+    ev.add_argument("--codebooks", type=_model_or_repo,
+                    help="codebooks directory or Hub repository (default: the model's a2ats/ folder)")
     ev.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ev.add_argument("--lengths", nargs="+", type=positive_int, default=[4096, 8192])
     ev.add_argument("--depths", nargs="+", type=_fraction, default=[0.1, 0.5, 0.9], help="needle depths in [0, 1]")
@@ -289,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budget", nargs="+", choices=["query_head", "kv_head"], default=["query_head"])
     ev.add_argument("--batch-size", type=positive_int, default=8, help="prompts answered together")
     ev.add_argument("--perplexity", nargs="+", metavar="FILE", type=_existing_file,
-                    help="held-out UTF-8 text: also the perplexity of the last --tail tokens of windows of each length, "
-                         "with the recall, attention mass and output error of every method against full attention")
+                    help="held-out UTF-8 text: also the perplexity of the last --tail tokens of windows of each "
+                         "length, with the recall, attention mass and output error of every method against full "
+                         "attention")
     ev.add_argument("--windows", type=positive_int, default=2, help="windows of each length for --perplexity")
     ev.add_argument("--tail", type=positive_int, default=512, help="tokens predicted at the end of each window")
     ev.add_argument("--out", type=_output_file, help="JSON file for every answer and the summary")

@@ -415,7 +415,8 @@ class Codebooks:
         layers, kv_heads, dim = self.whitener.shape[:3]
         shape = (len(expected["a2ats_layers"]), expected["num_key_value_heads"], expected["head_dim"])
         if (layers, kv_heads, dim) != shape:
-            mismatches.append(f"tensor shape (layers, kv_heads, head_dim): codebooks have {(layers, kv_heads, dim)}, model has {shape}")
+            mismatches.append(f"tensor shape (layers, kv_heads, head_dim): codebooks have {(layers, kv_heads, dim)}, "
+                              f"model has {shape}")
         if mismatches:
             raise ValueError("These A2ATS codebooks were built for another model:\n  " + "\n  ".join(mismatches))
         if attention is None or self.weights_signature is None:

@@ -68,7 +68,8 @@ class GraphRunner:
         ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
         if not isinstance(cache, A2ATSCache) or ids is None or positions is None or ids.shape[1] != 1:
             return False
-        if kwargs.get("inputs_embeds") is not None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+        if (kwargs.get("inputs_embeds") is not None or kwargs.get("output_attentions")
+                or kwargs.get("output_hidden_states")):
             return False
         n = cache.get_seq_length()
         if n == 0 or cache.scorer.name not in GRAPH_SCORERS or cache.validity is None:
@@ -121,7 +122,8 @@ class GraphRunner:
             else:
                 captured.graph.replay()
                 output = captured.output
-                cache.stats.steps, cache.stats.layer_steps = cache.stats.steps + 1, cache.stats.layer_steps + len(layers)
+                cache.stats.steps, cache.stats.layer_steps = (cache.stats.steps + 1,
+                                                              cache.stats.layer_steps + len(layers))
                 self.counts["replayed"] += 1
         finally:
             cache.static = None

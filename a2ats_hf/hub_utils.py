@@ -123,8 +123,8 @@ def model_card(books: Codebooks) -> str:
         f"- shape: {fp['num_hidden_layers']} layers x {fp['num_key_value_heads']} KV heads, head dim {fp['head_dim']}",
         f"- centroids: {books.n_centroids} per (layer, KV head); window {books.window}, offset {books.offset}, "
         f"sinks {books.sink}",
-        f"- calibration data: {', '.join(c.get('data', [])) or 'not recorded'}; {c.get('text_tokens', '?')} text tokens "
-        f"+ {c.get('uuid_tokens', '?')} random-UUID tokens",
+        f"- calibration data: {', '.join(c.get('data', [])) or 'not recorded'}; "
+        f"{c.get('text_tokens', '?')} text tokens + {c.get('uuid_tokens', '?')} random-UUID tokens",
         f"- k-means: {c.get('kmeans_iterations', '?')} iterations, objective {c.get('kmeans_objective', '?')}",
         f"- built: {c.get('date', '?')}",
         "",

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-
 from tqdm.auto import tqdm
 
 # Bytes the [heads, chunk, centroids] float32 distance block may take.
@@ -141,7 +140,8 @@ def kmeans(
 
 @contextmanager
 def _deterministic():
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled, warn_only = (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True)
     try:
         yield

@@ -31,7 +31,8 @@ def check_memory(needed: int, what: str, device: torch.device | None = None) -> 
     free = torch.cuda.mem_get_info(device)[0] if on_gpu else available_memory()
     if free is not None and needed > free:
         where = f"memory on {device}" if on_gpu else "CPU memory"
-        hint = 'use offload="cpu", a smaller batch or context' if on_gpu else "use a smaller batch or context, or a machine with more memory"
+        hint = ('use offload="cpu", a smaller batch or context' if on_gpu
+                else "use a smaller batch or context, or a machine with more memory")
         raise MemoryError(
             f"{what} needs {needed / 2**30:.2f} GiB of {where} but only {free / 2**30:.2f} GiB is available; {hint}."
         )
@@ -57,7 +58,8 @@ def block_tokens(batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> i
     return max(1, 2 ** math.ceil(math.log2(per_token * BLOCK_SIZE)) // per_token)
 
 
-def kv_bytes(batch: int, heads: int, head_dim: int, dtype: torch.dtype, tokens: int, block_size: int | None = None) -> int:
+def kv_bytes(batch: int, heads: int, head_dim: int, dtype: torch.dtype, tokens: int,
+             block_size: int | None = None) -> int:
     """CPU bytes of one layer's keys and values for ``tokens`` tokens, allocated in whole blocks (default: the
     store's, :func:`block_tokens`; 1 for a device buffer)."""
     block_size = block_size or block_tokens(batch, heads, head_dim, dtype)

@@ -19,6 +19,7 @@ import torch
 
 import a2ats_hf  # noqa: F401  (registers the recording attention)
 from a2ats_hf import calibrate
+
 from multi_gpu import LLAMA31_8B, build
 
 
@@ -63,7 +64,8 @@ def main() -> None:
     result = {"gpu": torch.cuda.get_device_name(), "layers_x_kv_heads": list(books.whitener.shape[:2]),
               "tokens": args.tokens, "n_centroids": args.n_centroids, "chunk_size": args.chunk_size,
               "seconds": round(seconds, 1),
-              "peak_gpu_gib": round(peak / 2**30, 1), "peak_gpu_gib_without_weights": round((peak - weights) / 2**30, 1),
+              "peak_gpu_gib": round(peak / 2**30, 1),
+              "peak_gpu_gib_without_weights": round((peak - weights) / 2**30, 1),
               "kmeans_iterations": books.calibration["kmeans_iterations"],
               "kmeans_objective": books.calibration["kmeans_objective"]}
     name = re.sub(r"[^a-z0-9]+", "-", result["gpu"].lower()).strip("-")

@@ -8,8 +8,8 @@ Run on the GPU box:  PYTHONPATH=. python3 bench/cuda_check.py   (writes bench/re
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import time
 from pathlib import Path
 
@@ -67,8 +67,8 @@ def main() -> None:
 
     def run(cache, attn):
         model.set_attn_implementation(attn)
-        return timed(lambda: model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=new,
-                                            do_sample=False, pad_token_id=0, output_scores=True,
+        return timed(lambda: model.generate(ids, attention_mask=mask, **cache_argument(model, cache),
+                                            max_new_tokens=new, do_sample=False, pad_token_id=0, output_scores=True,
                                             return_dict_in_generate=True))
 
     cpu_attention.extension()  # built once per machine, outside the timings

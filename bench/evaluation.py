@@ -8,10 +8,10 @@ weighted by the distance queries, window).
 Codebooks are calibrated on Emma, Pride & Prejudice and Mansfield Park with the demo's settings (1024 centroids
 unless the variant says otherwise), built once per variant into the asset cache.
 
-    python bench/evaluation.py --device cuda        # the whole suite (the README's tables and figures)
+    python bench/evaluation.py --device cuda        # the whole suite (the tables and figures of docs/results.md)
     python bench/evaluation.py --lengths 4096 --topk 0.03 --no-ablations --samples 1   # a quicker cut
 Results accumulate in bench/results/accuracy-smollm2.json: a rerun skips what that file already holds, so an
-interrupted run resumes. `python bench/report.py` turns the file into the README's tables and docs/figures.
+interrupted run resumes. `python bench/report.py` turns the file into the tables of docs/results.md and docs/figures.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from a2ats_hf import Codebooks, calibrate  # noqa: E402
 from a2ats_hf.evaluation import TASKS, Method, evaluate, evaluate_perplexity  # noqa: E402
 from a2ats_hf.evaluation.suite import summarize  # noqa: E402
+
 from assets import austen_novels, codebooks_path, smollm2_path  # noqa: E402
 from demo import CALIBRATION  # noqa: E402
 
@@ -60,7 +61,7 @@ def codebook_variants(model, tokenizer, novels, names) -> dict[str, Codebooks]:
 
 
 def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> list[Method]:
-    """Full attention and sinks + window; the 3% methods first (the README's table), then the other budgets."""
+    """Full attention and sinks + window; the 3% methods first (the headline table), then the other budgets."""
     ordered = sorted(budgets, key=lambda t: (t != 0.03, t))
     methods = [Method(), Method("window")]
     for topk in ordered:
@@ -142,7 +143,8 @@ def main() -> None:
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"ruler": [], "perplexity": []}
     result.update(model="SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", calibrated_on=CALIBRATION_NOVELS,
                   held_out=HELD_OUT, codebooks={n: b.config_dict() for n, b in books.items()},
-                  settings={k: v for k, v in vars(args).items() if k not in ("out", "shard", "merge", "threads", "methods")},
+                  settings={k: v for k, v in vars(args).items()
+                            if k not in ("out", "shard", "merge", "threads", "methods")},
                   device=torch.cuda.get_device_name(args.device) if "cuda" in args.device else "cpu")
 
     def save() -> None:
@@ -166,7 +168,8 @@ def main() -> None:
                 result["perplexity"] += evaluate_perplexity(model, books, held_out, [method], [length], args.windows,
                                                             args.tail, args.probe_every, progress=False)
                 save()
-            mean = result["summary"]["mean"].get(f"{method.name} | {length}", float("nan")) if "summary" in result else 0
+            mean = (result["summary"]["mean"].get(f"{method.name} | {length}", float("nan"))
+                    if "summary" in result else 0)
             ppl = held("perplexity", method, length) or {}
             print(f"{length:>5} {method.name:<40} ruler {mean:.3f}  ppl {ppl.get('perplexity', float('nan')):7.2f}  "
                   f"recall {ppl.get('recall', float('nan')):.3f}  mass {ppl.get('mass', float('nan')):.3f}  "

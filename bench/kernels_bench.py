@@ -30,16 +30,16 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from a2ats_hf import A2ATSCache, Codebooks, kernels
-from a2ats_hf import step as step_module
 from a2ats_hf import scoring as scorers
+from a2ats_hf import step as step_module
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_attention
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore
 
 HKV, GROUP, D, M = 8, 4, 128, 4096
-LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_hidden_layers=1,
-                      rope_theta=500000.0, max_position_embeddings=1 << 20)
+LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      num_hidden_layers=1, rope_theta=500000.0, max_position_embeddings=1 << 20)
 
 
 def cuda_time(fn, reps: int = 20) -> float:
@@ -117,8 +117,8 @@ def bench_topk(n: int, b: int, hbm: float) -> dict:
     must_read = codes.numel() * 2 + cand.numel() + lut.numel() * 4 + hist.numel() * 4
     return {"n": n, "batch": b, "mb_read": round(must_read / 1e6, 1), "triton_us": round(fast * 1e6, 1),
             "triton_gbs": round(must_read / fast / 1e9), "pct_hbm": round(100 * must_read / fast / 1e9 / hbm, 1),
-            "bound_us": round(must_read / hbm / 1e3, 1), "torch_topk_us": round(baseline * 1e6, 1), "device_us": device_us,
-            "matches_reference": same}
+            "bound_us": round(must_read / hbm / 1e3, 1), "torch_topk_us": round(baseline * 1e6, 1),
+            "device_us": device_us, "matches_reference": same}
 
 
 SWEEP = {"PROGRAMS_PER_UNIT": [2, 4, 8, 16], "MIN_SPLIT_KEYS": [64, 128, 256], "BLOCK_KEYS": [16, 32, 64],
@@ -197,7 +197,6 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool) -> dict:
             return w @ vv
 
         row["index_select_ms"] = round(1e3 * wall_time(index_select_matmul, 3), 2)
-    del store
     return row
 
 
@@ -248,7 +247,8 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
         store = random_store(b, n)
         store.pin = True  # new tokens arrive by asynchronous copies as in real decoding
     layer.store = store
-    layer.code_buffer = torch.randint(0, M, (b, HKV, 2 * n), device="cuda", generator=g, dtype=torch.int32).to(torch.uint16)
+    layer.code_buffer = torch.randint(0, M, (b, HKV, 2 * n), device="cuda", generator=g,
+                                      dtype=torch.int32).to(torch.uint16)
     layer.local_keys.normal_(), layer.local_values.normal_()
     local = torch.randn(b, HKV, cache.sink, D, device="cuda", dtype=torch.bfloat16)  # the first tokens: the sinks
     layer.set_first_tokens(torch.ones(b, n, dtype=torch.bool, device="cuda"), local, local)
@@ -296,8 +296,8 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
         return F.scaled_dot_product_attention(query, staging, staging, enable_gqa=True)
 
     off = cuda_time(offloaded, 5)
-    del keys, host, staging, store
-    return {"n": n, "batch": b, "scoring": scoring, "offload": offload, "a2ats_ms": round(step_s * 1e3, 3), "serial_ms": round(serial * 1e3, 3),
+    return {"n": n, "batch": b, "scoring": scoring, "offload": offload, "a2ats_ms": round(step_s * 1e3, 3),
+            "serial_ms": round(serial * 1e3, 3),
             "overlap_ms": round((serial - step_s) * 1e3, 3), "split_ms": split,
             "gpu_sdpa_ms": round(full * 1e3, 3), "offloaded_ms": round(off * 1e3, 3), "host_ops": host_ops}
 
@@ -328,7 +328,8 @@ def main() -> None:
             print(results["topk"][-1], flush=True)
     for n in lengths if "cpu" in parts else []:
         for b in batches:
-            results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"], baselines=n * b <= 131072 * 4))
+            results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"],
+                                                                baselines=n * b <= 131072 * 4))
             print(results["cpu_attention"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "attention" in parts else []:
         for b in [1, 7]:
@@ -363,7 +364,8 @@ def main() -> None:
             print("   sweep:", r["sweep_us"])
     print("| layer step N | batch | scoring | offload | A2ATS ms | serial ms | GPU sdpa ms | offloaded ms | split |")
     for r in results["decode_layer"]:
-        print(f"| {r['n']} | {r['batch']} | {r['scoring']} | {r['offload']} | {r['a2ats_ms']} | {r['serial_ms']} | {r['gpu_sdpa_ms']} | {r['offloaded_ms']} | {r['split_ms']} |")
+        print(f"| {r['n']} | {r['batch']} | {r['scoring']} | {r['offload']} | {r['a2ats_ms']} | {r['serial_ms']} | "
+              f"{r['gpu_sdpa_ms']} | {r['offloaded_ms']} | {r['split_ms']} |")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor
 
-from a2ats_hf import A2ATSCache, cache_argument, Codebooks
+from a2ats_hf import A2ATSCache, Codebooks, cache_argument
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import cpu_attention
 
@@ -94,7 +94,8 @@ def run(model, ids: torch.Tensor, cache, attention: str, new_tokens: int) -> dic
     decode = sorted(steps)[len(steps) // 2] if steps else float("nan")
     result = {"prefill_s": round(clock.times[0] - start, 2), "decode_ms": round(decode * 1e3, 1),
               "tokens_per_s": round(ids.shape[0] / decode, 2),
-              "peak_gpu_gib": [round(torch.cuda.max_memory_allocated(g) / 2**30, 1) for g in range(torch.cuda.device_count())]}
+              "peak_gpu_gib": [round(torch.cuda.max_memory_allocated(g) / 2**30, 1)
+                               for g in range(torch.cuda.device_count())]}
     if isinstance(cache, A2ATSCache):
         result["cpu_kv_gib"] = round(cache.memory_footprint()["cpu_bytes"] / 2**30, 1)
         result["far_fraction"] = round(cache.stats.far_fraction, 3)
@@ -161,7 +162,8 @@ def main() -> None:
     name = re.sub(r"[^a-z0-9]+", "-", results["gpu"].lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"multi-gpu-{name}.json"
     out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out}\n\n| GPUs | context | method | decode ms/token | tokens/s | prefill s | peak GPU GiB | CPU K/V GiB |")
+    print(f"\nwrote {out}\n\n"
+          "| GPUs | context | method | decode ms/token | tokens/s | prefill s | peak GPU GiB | CPU K/V GiB |")
     for r in results["runs"]:
         print(f"| {r['gpus']} | {r['context'] // 1024}K | {r['method']} | {r['decode_ms']} | {r['tokens_per_s']} | "
               f"{r['prefill_s']} | {r['peak_gpu_gib']} | {r.get('cpu_kv_gib', '-')} |")

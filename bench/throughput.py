@@ -38,8 +38,9 @@ from a2ats_hf.graphs import capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.scoring import DistanceBuckets, Scorer, scorer_of
 from a2ats_hf.store import available_memory, kv_bytes
-from kernels_bench import phase_timers
+
 from calibration_cost import WordTokenizer, texts
+from kernels_bench import phase_timers
 from multi_gpu import LLAMA31_8B, build, random_codebooks
 
 TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
@@ -150,7 +151,8 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
                 step()
         serial = (time.perf_counter() - start) / split_steps
         result["split_ms"] = {k: round(1e3 * v / split_steps, 2) for k, v in split.items()}
-        result["split_ms"]["rest (model, transfers, small ops)"] = round(1e3 * serial - sum(result["split_ms"].values()), 2)
+        result["split_ms"]["rest (model, transfers, small ops)"] = round(
+            1e3 * serial - sum(result["split_ms"].values()), 2)
         result["far_fraction"] = round(cache.stats.far_fraction, 4)
     if profile:
         result["host_profile"] = host_profile(step)
@@ -281,7 +283,8 @@ def main() -> None:
                         help="batches every method runs at, in turn (0: each method's largest, the default)")
     parser.add_argument("--cpu-fraction", type=float, default=0.7, help="share of available CPU memory offload may use")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
-    parser.add_argument("--scoring", nargs="+", default=["wrope"], help="A2ATS scorers to run (wrope, distance, distance:P for P buckets per octave)")
+    parser.add_argument("--scoring", nargs="+", default=["wrope"],
+                        help="A2ATS scorers to run (wrope, distance, distance:P for P buckets per octave)")
     parser.add_argument("--calibrate-tokens", type=int, default=0,
                         help="calibrate A2ATS's codebooks on this many tokens of the model's own keys (0: random)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of each method's decode steps")
@@ -295,7 +298,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
         config = TINY
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="a2ats").to(device).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                 attn_implementation="a2ats").to(device).eval()
     else:
         config, model = LLAMA31_8B, build([0])
         model.set_attn_implementation("a2ats")
@@ -308,12 +312,14 @@ def main() -> None:
     else:
         books = random_codebooks(centroids=centroids, config=config)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    results = {"gpu": gpu, **environment(), "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
+    results = {"gpu": gpu, **environment(),
+               "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
                "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1), "runs": []}
     name = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"throughput-{name}{'-tiny' if args.tiny else ''}.json"
-    steps_total = args.warmup + args.steps + args.split_steps + 1 + 4 * args.profile + 8 * args.gpu_profile  # tokens held
+    # tokens held
+    steps_total = args.warmup + args.steps + args.split_steps + 1 + 4 * args.profile + 8 * args.gpu_profile
     for n, forced in [(n, batch) for n in args.contexts for batch in args.batch or [None]]:
         per_row = kv_bytes_per_row(config, n)
         if device.type == "cuda":
@@ -334,14 +340,15 @@ def main() -> None:
             for budget in ("query_head", "kv_head"):
                 for scoring in args.scoring:
                     name = f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
-                    make = lambda o=offload, b=budget, s=scorer(scoring), rows=batch: A2ATSCache(
-                        books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
-                        gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None)
+                    def make(o=offload, b=budget, s=scorer(scoring), rows=batch):
+                        return A2ATSCache(books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
+                                          gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None)
                     methods.append((name, make, batch, "a2ats"))
                     if offload != "cpu" and scoring in ("wrope", "window"):
                         methods.append((f"{name} graphs", make, batch, "a2ats"))
         for method, make_cache, batch, attention in methods:
-            if (args.methods and method not in args.methods) or batch < 1 or (device.type == "cpu" and "offloaded" in method):
+            if ((args.methods and method not in args.methods) or batch < 1
+                    or (device.type == "cpu" and "offloaded" in method)):
                 continue
             model.set_attn_implementation(attention)
             try:
@@ -357,7 +364,9 @@ def main() -> None:
         if r["method"].startswith(("full", "StaticCache")) and "tokens_per_s" in r:
             if r["tokens_per_s"] > full.get(r["context"], {}).get("tokens_per_s", 0):
                 full[r["context"]] = r
-    print(f"\nwrote {out}\n\n| context | method | batch | ms/step | tokens/s | vs full attention (the faster baseline) | peak GPU GiB | CPU GiB |")
+    print(f"\nwrote {out}\n\n"
+          "| context | method | batch | ms/step | tokens/s | vs full attention (the faster baseline) | peak GPU GiB | "
+          "CPU GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         if "tokens_per_s" not in r:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from a2ats_hf import A2ATSCache
 from a2ats_hf.kernels import triton_attention, triton_codes, triton_topk
+
 from multi_gpu import build, random_codebooks
 from throughput import environment, measure, release
 

@@ -12,7 +12,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from a2ats_hf import A2ATSCache, cache_argument, Codebooks, calibrate
+from a2ats_hf import A2ATSCache, Codebooks, cache_argument, calibrate
+
 from assets import austen_novels, codebooks_path, smollm2_path
 
 NEEDLE = "The secret code of the Elliot family safe is 7341."
@@ -68,7 +69,8 @@ def main() -> None:
     print(f"A2ATS topk=3%  : {sparse!r}  ({sparse_s:.1f} s)")
     print(f"\nA2ATS attended {cache.stats.attended_fraction:.1%} of past tokens per step "
           f"(sinks + window + {cache.stats.far_fraction:.1%} of far tokens per KV head).")
-    print(f"Cache: {memory['device_bytes'] / 2**20:.2f} MiB on the model's device, {device} (codes, their histogram, sinks, window), "
+    print(f"Cache: {memory['device_bytes'] / 2**20:.2f} MiB on the model's device, {device} "
+          "(codes, their histogram, sinks, window), "
           f"{memory['cpu_bytes'] / 2**20:.1f} MiB on the CPU (full K/V, allocated in blocks); "
           f"a full KV cache there would hold {full_kv / 2**20:.1f} MiB.")
 

@@ -65,8 +65,9 @@ def tiny():
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct, float32 on the CPU, "a2ats" attention."""
-    from assets import smollm2_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from assets import smollm2_path
 
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="a2ats").eval()

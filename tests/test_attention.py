@@ -94,7 +94,8 @@ def test_resident_kv_equals_offloaded(tiny, topk):
             steps = []
             for token in range(5, 10):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                out = model(torch.full((2, 1), token, device=DEVICE), attention_mask=mask, **cache_argument(model, cache))
+                out = model(torch.full((2, 1), token, device=DEVICE), attention_mask=mask,
+                            **cache_argument(model, cache))
                 steps.append(out.logits)
             mask = mask[:, :260]
         logits[offload], stats[offload] = torch.cat(steps, 1), (cache.stats.far_fraction, cache.stats.attended)

@@ -14,7 +14,7 @@ from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM
 from a2ats_hf import A2ATSCache, Codebooks, cache_argument
 from a2ats_hf.cache import AttendedStats
 
-from conftest import DEVICE, ids_of, tiny_config, tiny_model
+from conftest import DEVICE, ids_of, tiny_model
 
 
 def generate(model, ids, cache, new=6):
@@ -243,7 +243,8 @@ def test_auto_keeps_layers_on_the_device_while_the_budget_lasts(tiny):
         cache = A2ATSCache(books, topk=0.1, offload=offload, gpu_kv_budget=budget, dense_below=0)
         with torch.no_grad():
             model(ids.to(DEVICE), **cache_argument(model, cache))
-            logits[offload] = torch.cat([model(torch.full((1, 1), t, device=DEVICE), **cache_argument(model, cache)).logits
+            logits[offload] = torch.cat([model(torch.full((1, 1), t, device=DEVICE),
+                                               **cache_argument(model, cache)).logits
                                          for t in range(5, 9)], 1)
     kinds = [type(layer.store) for layer in cache.a2ats_layers]
     assert len(kinds) > 1 and kinds[0] is DeviceKVStore and set(kinds[1:]) == {KVStore}
@@ -288,7 +289,8 @@ def test_memory_footprint_counts_what_the_scorer_keeps(tiny):
         cache = A2ATSCache(books, topk=0.1, scoring=scoring)
         generate(model, ids_of(1, 200), cache, new=3)
         device_bytes[scoring] = cache.memory_footprint()["device_bytes"]
-        histograms[scoring] = sum(0 if layer.histogram is None else layer.histogram.nbytes for layer in cache.a2ats_layers)
+        histograms[scoring] = sum(0 if layer.histogram is None else layer.histogram.nbytes
+                                  for layer in cache.a2ats_layers)
         held = sum(t.numel() * t.element_size() for layer in cache.a2ats_layers for t in cache.scorer.held(layer))
         assert (held > 0) == (scoring != "wrope") and (histograms[scoring] > 0) == (scoring == "wrope")
         assert device_bytes[scoring] - device_bytes["wrope"] == held + histograms[scoring] - histograms["wrope"]

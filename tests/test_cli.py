@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from a2ats_hf import Codebooks
-from a2ats_hf import cli
+from a2ats_hf import Codebooks, cli
 from a2ats_hf.cli import build_parser, main
 
 from conftest import tiny_config
@@ -88,7 +87,6 @@ def test_generate_rejects_bad_topk(model_dir, capsys):
 def test_calibrate_push_to_hub_and_download(model_dir, tmp_path, monkeypatch, capsys):
     """`--push-to-hub` uploads through HfApi in one commit; `a2ats download` resolves from the Hub cache offline."""
     from huggingface_hub import HfApi, constants
-
     from test_hub_utils import populate_hub_cache
 
     commits = []

@@ -49,10 +49,9 @@ def test_matches_reference(dtype, b, hq, hkv, n, d, block):
 @pytest.mark.slow
 def test_matches_reference_on_smollm2(smollm2, austen):
     """Real queries and offloaded K/V from SmolLM2 decoding Persuasion at topk=0.05: every layer's call agrees."""
-    from demo import codebooks as demo_codebooks
+    from a2ats_hf import A2ATSCache, cache_argument, kernels
 
-    from a2ats_hf import A2ATSCache, cache_argument
-    from a2ats_hf import kernels
+    from demo import codebooks as demo_codebooks
 
     model, tokenizer = smollm2
     books = demo_codebooks(model, tokenizer, austen)

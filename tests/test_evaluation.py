@@ -4,7 +4,6 @@ the asked length and answers them with every method (a smoke run of the suite, o
 from __future__ import annotations
 
 import pytest
-
 import torch
 
 from a2ats_hf.evaluation import TASKS, Method, evaluate, evaluate_perplexity, make_sample, score, tail_nll

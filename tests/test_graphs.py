@@ -84,7 +84,8 @@ def test_steps_the_static_path_cannot_serve_go_to_the_model(tiny):
     for options in ({"offload": "cpu"}, {"scoring": "oracle"}):
         eager = run(model, books, ids, mask, graphs=False, new=6, **options)
         routed = run(model, books, ids, mask, graphs=True, new=6, **options)
-        assert torch.equal(eager[0], routed[0]) and routed[3].counts["replayed"] == routed[3].counts["static eager"] == 0
+        assert (torch.equal(eager[0], routed[0])
+                and routed[3].counts["replayed"] == routed[3].counts["static eager"] == 0)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs and the sync debug mode need a GPU")
@@ -105,7 +106,8 @@ def test_replayed_steps_issue_no_host_sync(tiny):
         torch.cuda.set_sync_debug_mode("error")
         try:  # other keywords than generate's: a new graph, whose first (eager) step must not sync either
             for step in range(4):
-                logits = model(token, position_ids=position + step, use_cache=True, **cache_argument(model, cache)).logits
+                logits = model(token, position_ids=position + step, use_cache=True,
+                               **cache_argument(model, cache)).logits
                 token = logits[:, -1:].argmax(-1)
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -11,11 +11,10 @@ import pytest
 import torch
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError
+from test_codebooks import books_for, config
 
 from a2ats_hf import A2ATSCache, Codebooks, hub_utils
 from a2ats_hf.codebooks import CONFIG_NAME, WEIGHTS_NAME
-
-from test_codebooks import books_for, config
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -121,7 +120,8 @@ def test_push_builds_one_commit_with_the_expected_files(books, monkeypatch, tmp_
     assert calls["repo"] == ("org/model", {"private": True, "exist_ok": True})
     repo_id, operations, kwargs = calls["commit"]
     assert repo_id == "org/model"
-    assert sorted(p for p, _ in operations) == sorted(["a2ats/README.md", f"a2ats/{CONFIG_NAME}", f"a2ats/{WEIGHTS_NAME}"])
+    assert sorted(p for p, _ in operations) == sorted(["a2ats/README.md", f"a2ats/{CONFIG_NAME}",
+                                                       f"a2ats/{WEIGHTS_NAME}"])
     assert kwargs == {"commit_message": "Add A2ATS codebooks (37 centroids)", "revision": "dev", "create_pr": True}
     books.save_pretrained(tmp_path)
     assert calls["contents"][f"a2ats/{WEIGHTS_NAME}"] == (tmp_path / WEIGHTS_NAME).read_bytes()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats_hf import Codebooks, quantization as q
+from a2ats_hf import Codebooks
+from a2ats_hf import quantization as q
 
 
 def gen(seed: int) -> torch.Generator:

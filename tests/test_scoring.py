@@ -40,7 +40,8 @@ def test_every_scorer_decodes(tiny, books_of, scoring):
         assert cache.stats.far_selected == 0
     else:
         assert 0.1 <= cache.stats.far_fraction <= 0.3 + 0.02  # 3 query heads per KV head, united
-        assert torch.equal(decode(model, books_of(scoring), scoring, topk=1.0)[0], decode(model, books, "wrope", 1.0)[0])
+        assert torch.equal(decode(model, books_of(scoring), scoring, topk=1.0)[0],
+                           decode(model, books, "wrope", 1.0)[0])
 
 
 def test_scorers_refuse_codebooks_of_the_other_kind(tiny, books_of):

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from a2ats_hf import A2ATSCache, cache_argument
+
 from demo import codebooks as demo_codebooks
 from demo import prompt_ids
 

@@ -90,7 +90,8 @@ def test_select_rows_and_truncate_follow_the_whole_kv(kind):
     store.truncate(6)
     more_keys, more_values = torch.randn(2, 2, 4, 8, generator=gen), torch.randn(2, 2, 4, 8, generator=gen)
     store.append(more_keys, more_values)
-    expected_keys, expected_values = torch.cat([keys[:, :, :6], more_keys], 2), torch.cat([values[:, :, :6], more_values], 2)
+    expected_keys, expected_values = (torch.cat([keys[:, :, :6], more_keys], 2),
+                                      torch.cat([values[:, :, :6], more_values], 2))
     assert store.length == 10 and store.shape[0] == 2
     torch.testing.assert_close(store.to_tensors(), (expected_keys, expected_values), rtol=0, atol=0)
     if kind == "cpu-blocks":

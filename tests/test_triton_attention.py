@@ -51,7 +51,8 @@ def test_merge_matches_reference():
     out_a[0, 0] = out_b[1, 1] = out_a[2, 2] = out_b[2, 2] = 0.0
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
     merged = triton_attention.merge_attention(to(out_a), to(lse_a), to(out_b), to(lse_b))
-    torch.testing.assert_close(merged.cpu(), reference.merge_attention(out_a, lse_a, out_b, lse_b), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(merged.cpu(), reference.merge_attention(out_a, lse_a, out_b, lse_b),
+                               atol=1e-6, rtol=1e-5)
     assert merged[2, 2].abs().max() == 0
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats_hf import A2ATSCache, cache_argument
-from a2ats_hf import kernels
+from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.kernels import reference, triton_codes
 
 from conftest import DEVICE
@@ -49,7 +48,8 @@ def assert_nearest(codes: torch.Tensor, expected: torch.Tensor, keys, rotation, 
 
 @pytest.mark.parametrize(
     "b, h, t, d, m, rot, dtype",
-    [(2, 3, 1, 64, 37, 64, torch.float32), (3, 2, 2, 80, 300, 80, torch.bfloat16), (1, 4, 5, 24, 1000, 16, torch.float32),
+    [(2, 3, 1, 64, 37, 64, torch.float32), (3, 2, 2, 80, 300, 80, torch.bfloat16),
+     (1, 4, 5, 24, 1000, 16, torch.float32),
      (2, 1, 1, 32, 16, 0, torch.float16)],
     ids=["smollm2-head", "d80-bf16", "partial-rotary", "post-rope-codebooks"],
 )
@@ -84,7 +84,8 @@ def test_encode_writes_at_a_device_column():
     buffer, column = torch.full((b, h, 10), 7, dtype=torch.uint16), torch.tensor([4])
     expected = reference.encode_keys(keys, rotation, whitener, centroids, norms, buffer.clone(), column)
     alone = reference.encode_keys(keys, rotation, whitener, centroids, norms, torch.zeros(b, h, 1, dtype=torch.uint16))
-    assert torch.equal(expected[:, :, 4:5], alone) and (expected[:, :, :4] == 7).all() and (expected[:, :, 5:] == 7).all()
+    assert (torch.equal(expected[:, :, 4:5], alone) and (expected[:, :, :4] == 7).all()
+            and (expected[:, :, 5:] == 7).all())
     got = triton_codes.encode_keys(to(keys), tuple(map(to, rotation)), to(whitener), to(centroids), to(norms),
                                    to(buffer.clone()), to(column))
     assert (got[:, :, :4].cpu() == 7).all() and (got[:, :, 5:].cpu() == 7).all(), "wrote outside its column"
@@ -106,7 +107,8 @@ def test_encode_splits_the_centroids_of_few_keys(b, h, d, m, dtype):
     norms = centroids.pow(2).sum(-1)[:, None, :]
     rotation = random_rotation(g, b, 1, d)
     rotation[0][0], rotation[1][0] = 1.0, 0.0  # row 0 unturned, so its keys stay on the pair
-    expected = reference.encode_keys(keys, rotation, whitener, centroids, norms, torch.zeros(b, h, 1, dtype=torch.uint16))
+    expected = reference.encode_keys(keys, rotation, whitener, centroids, norms,
+                                     torch.zeros(b, h, 1, dtype=torch.uint16))
     got = triton_codes.encode_keys(to(keys), tuple(map(to, rotation)), to(whitener), to(centroids), to(norms),
                                    to(torch.zeros(b, h, 1, dtype=torch.uint16)))
     assert_nearest(got, expected, keys.float(), rotation, whitener, centroids)

@@ -64,7 +64,8 @@ def _niah(kind: str, keys: int = 1, values: int = 1, queries: int = 1):
         plural = "s" if values > 1 or queries > 1 else ""
         question = (f"What {'are all' if plural else 'is'} the special magic {kind}{plural} for {what} mentioned in "
                     "the provided text?")
-        prefix = f"The special magic {kind}{plural} for {what} mentioned in the provided text {'are' if plural else 'is'}"
+        prefix = (f"The special magic {kind}{plural} for {what} mentioned in the provided text "
+                  f"{'are' if plural else 'is'}")
         return Sample("", _insert(haystack, needles, depth, rng), question, prefix,
                       [v for name in asked for v in found[name]], depth)
 

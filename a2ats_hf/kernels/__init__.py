@@ -1,6 +1,6 @@
 """Kernels behind A2ATS decode: encoding new keys, the lookup table of a turned query, the distance scorer's columns
-moving on, a capture-ready step's writes, top-K selection over codes, attention with log-sum-exp over the local window (and, where the K/V stays
-on the GPU, the selected rows), sparse attention over the CPU store, LSE merge.
+moving on, a capture-ready step's writes, top-K selection over codes, attention with log-sum-exp over the local window
+(and, where the K/V stays on the GPU, the selected rows), sparse attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
 exported here, which pick the fast implementation where it applies (Triton top-K, attention and merge on a GPU, the
@@ -106,7 +106,8 @@ def merge_attention(
 ) -> torch.Tensor:
     """Two attentions over disjoint key sets merged by their log-sum-exps; see :func:`.reference.merge_attention`.
     One Triton launch on a GPU, the torch reference elsewhere."""
-    return _dispatch(out_a, "triton_attention", "merge_attention", reference.merge_attention, out_a, lse_a, out_b, lse_b)
+    return _dispatch(out_a, "triton_attention", "merge_attention", reference.merge_attention,
+                     out_a, lse_a, out_b, lse_b)
 
 
 def select_topk(

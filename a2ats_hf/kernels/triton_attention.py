@@ -145,7 +145,8 @@ def _combine_kernel(parts_ptr, parts_lse_ptr, extra_ptr, extra_lse_ptr, out_ptr,
         top = tl.maximum(top, extra_lse)
     shift = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp(lse - shift)
-    parts = tl.load(parts_ptr + (s[:, None] * rows + row) * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    parts = tl.load(parts_ptr + (s[:, None] * rows + row) * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                    other=0.0)
     acc = tl.sum(parts.to(tl.float32) * w[:, None], axis=0)
     norm = tl.sum(w, axis=0)
     if EXTRA:
