@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")
     gen.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                      help="decode as captured CUDA graphs (default: on a CUDA --device, where the K/V is on the GPU "
-                          "with --scoring wrope; --cuda-graphs insists, needing all three)")
+                          "(--offload none or auto); --cuda-graphs insists, needing both)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=generate_command)
 
@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("calibrate needs --out DIR and/or --push-to-hub REPO")
     if args.command == "generate" and args.buckets_per_octave is not None and args.scoring != "distance":
         parser.error("--buckets-per-octave applies to --scoring distance only")
-    if args.command == "generate" and args.cuda_graphs and (args.offload == "cpu" or args.scoring != "wrope"):
-        parser.error("--cuda-graphs needs the K/V on the GPU (--offload none or auto) and --scoring wrope")
+    if args.command == "generate" and args.cuda_graphs and args.offload == "cpu":
+        parser.error("--cuda-graphs needs the K/V on the GPU (--offload none or auto)")
     if args.command == "eval" and args.perplexity and args.tail >= min(args.lengths):
         parser.error(f"--tail {args.tail} must be shorter than every --lengths window (the shortest is "
                      f"{min(args.lengths)})")

@@ -24,7 +24,7 @@ from .cache import A2ATSCache, A2ATSLayer
 from .step import BUCKET, StaticStep, bucket_width
 from .store import DeviceKVStore
 
-GRAPH_SCORERS = ("wrope", "window")  # scorers whose state is all in the layer (the others move theirs on the host)
+GRAPH_SCORERS = ("wrope", "distance", "window")  # scorers with a capture-ready step (the baselines have none)
 
 
 @dataclass
@@ -127,8 +127,9 @@ class GraphRunner:
                 self.counts["replayed"] += 1
         finally:
             cache.static = None
-        for layer in layers:  # the host's length, which the step's writes at the device's column do not move
+        for layer in layers:  # the host's counts, which the step's writes at the device's column do not move
             layer.store.length += 1
+            cache.scorer.stepped(layer)
         result = copy.copy(output)
         result.logits = output.logits.clone()  # the graph's output buffer is overwritten by the next replay
         return result
@@ -168,7 +169,7 @@ class GraphRunner:
                    cache.stats.device_totals]
         for layer in cache.a2ats_layers:
             tensors += [layer.store.keys, layer.store.values, layer.code_buffer, layer.local_keys, layer.local_values,
-                        layer.first_token, layer.histogram, layer.sink_valid]
+                        layer.first_token, layer.histogram, layer.sink_valid, *cache.scorer.held(layer)]
         return tuple(None if t is None else t.data_ptr() for t in tensors)
 
 

@@ -49,6 +49,10 @@ class Scorer:
         """Drop what the scorer keeps for ``layer``, after its rows or length changed other than by appending
         (beam search, a crop): it is rebuilt from the layer at the next step."""
 
+    def stepped(self, layer: "A2ATSLayer") -> None:
+        """After a capture-ready step, replayed or not (no Python runs in a replay): move on what the scorer counts
+        on the host, as the graph runner moves the store's length."""
+
 
 def token_codes(layer: "A2ATSLayer", page: int = 1) -> torch.Tensor:
     """[B, Hkv, N] int32: each stored token's own column (``page`` 1) or its page's."""
@@ -104,23 +108,27 @@ def distance_buckets(distance: torch.Tensor, window: int, per_octave: int) -> to
 
 
 def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: int, per_octave: int = 1,
-                 rotation: str = "mean", device: torch.device | None = None):
+                 rotation: str = "mean", device: torch.device | None = None, length: torch.Tensor | None = None):
     """(cos, sin [B, 1, buckets, D'], bucket of each distance 0..``longest`` [longest + 1]) on ``device`` (default:
     ``position_ids``'): the rotation standing for each distance bucket, the mean of its distances' rotations or the
     rotation to its geometric centre. The bucket count comes from ``longest`` on the host, so nothing waits on the
-    device."""
+    device. With ``length`` [1] (a device tensor: a capture-ready step), only distances below it count, and a bucket
+    none of them reaches gets a zero rotation."""
     device = device or position_ids.device
     distance = torch.arange(longest + 1, device=device)
     count = int(distance_buckets(torch.tensor([longest]), window, per_octave)) + 1
     bucket = distance_buckets(distance, window, per_octave).clamp(max=count - 1)
     if rotation == "mean":
         cos, sin = rope.turns(distance, position_ids)  # [B, 1, N, D']
+        weight = torch.ones(distance.shape, device=device) if length is None else (distance < length).float()
         sums = torch.zeros(*cos.shape[:2], count, cos.shape[-1], device=device)
-        size = torch.bincount(bucket, minlength=count).clamp(min=1)[:, None]
-        cos, sin = (sums.index_add(2, bucket, t) / size for t in (cos, sin))
+        size = torch.bincount(bucket, weight, minlength=count).clamp(min=1)[:, None]
+        cos, sin = (sums.index_add(2, bucket, t * weight[:, None]) / size for t in (cos, sin))
     else:
         low = window * 2.0 ** (torch.arange(count, device=device) / per_octave)
         center = (low * 2.0 ** (0.5 / per_octave)).round().long().clamp(max=longest)
+        if length is not None:
+            center = torch.minimum(center, length - 1)
         cos, sin = rope.turns(center, position_ids)
     return cos, sin, bucket
 
@@ -128,7 +136,8 @@ def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: i
 @dataclass
 class BucketColumns:
     """One layer's (bucket, code) column of every stored token, in a buffer grown by doubling, and the histogram of
-    the far candidates' columns [B, Hkv, buckets * M], as of ``length`` stored tokens."""
+    the far candidates' columns [B, Hkv, >= buckets * M], as of ``length`` stored tokens (as the host counts them:
+    a capture-ready step's count is moved on after it, replayed or not, by :meth:`Scorer.stepped`)."""
 
     length: int
     buffer: torch.Tensor
@@ -161,41 +170,53 @@ class DistanceBuckets(Scorer):
     def turns(self, layer: "A2ATSLayer", position_ids: torch.Tensor, device: torch.device):
         """(cos, sin [B, 1, buckets, D'] turning a post-RoPE query at ``position_ids`` [B, 1] by each bucket's
         rotation, bucket of each distance 0..N-1 [N], the first distance of buckets 1, 2, ... [buckets - 1]), once
-        per pass: the layers of a pass share them."""
-        rope, n = layer.cache.rope, layer.store.length
+        per pass: the layers of a pass share them. In a capture-ready step N is the step's width, and the length on
+        the device decides which distances count."""
+        rope, width, static = layer.cache.rope, layer.width, layer.cache.static
+        length = None if static is None else static.length
 
         def compute():
-            cos, sin, bucket = bucket_turns(rope, n - 1, position_ids, layer.cache.window, self.per_octave,
-                                            self.rotation, device)
+            cos, sin, bucket = bucket_turns(rope, width - 1, position_ids, layer.cache.window, self.per_octave,
+                                            self.rotation, device, length)
             cos, sin = compose(rope.inverse_rotation(position_ids, device), (cos, sin))  # un-rotate, then turn
             return cos, sin, bucket, torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
 
-        return rope.memo(("distance", self.per_octave, self.rotation, n, position_ids, device), compute)
+        return rope.memo(("distance", self.per_octave, self.rotation, width, position_ids, device), compute)
 
     def columns(self, layer: "A2ATSLayer", far: torch.Tensor, bucket: torch.Tensor, starts: torch.Tensor,
                 width: int) -> BucketColumns:
-        """The layer's :class:`BucketColumns` at its current length: moved on from the last step's, or rebuilt
-        (after a prompt, or when a bucket appears)."""
-        n, m = layer.store.length, layer.centroids.shape[1]
+        """The layer's :class:`BucketColumns` at its current length, with a histogram at least ``width`` columns
+        wide: moved on from the last step's, or rebuilt (after a prompt, when the buffers are too small, or after
+        steps that did not move them). A capture-ready step moves them with the length on the device; its buffers
+        hold the layer's whole capacity, so they keep their addresses."""
+        static = layer.cache.static is not None
+        n = layer.store.length + static  # tokens with this step's: the runner moves a capture-ready step's length
         state = self.state.get(layer.store)
-        current = state is not None and state.histogram.shape[-1] == width
-        if current and state.length == n:
-            return state
-        if not current or state.length != n - 1 or state.buffer.shape[-1] < n:
-            buffer = torch.empty(*layer.codes.shape[:2], 2 * n, dtype=torch.int32, device=far.device)
-            buffer[:, :, :n] = bucket.flip(0) * m + layer.codes.to(torch.int32)  # column j sits n - 1 - j back
-            state = self.state[layer.store] = BucketColumns(n, buffer, code_histogram(buffer[:, :, :n], far, width))
-            return state
-        kernels.move_bucket_columns(state.buffer, state.histogram, layer.code_buffer, far, starts, n, m,
-                                    layer.cache.window)
-        state.length = n
+        fits = state is not None and state.histogram.shape[-1] >= width and state.buffer.shape[-1] >= layer.width
+        if fits and state.length == n - 1:
+            kernels.move_bucket_columns(state.buffer, state.histogram, layer.code_buffer, far, starts,
+                                        layer.length, layer.centroids.shape[1], layer.cache.window)
+        elif not (fits and state.length == n):
+            capacity = layer.code_buffer.shape[-1] if static else 2 * n
+            m = layer.centroids.shape[1]
+            buckets = int(distance_buckets(torch.tensor([capacity - 1]), layer.cache.window, self.per_octave)) + 1
+            buffer = torch.zeros(*layer.codes.shape[:2], capacity, dtype=torch.int32, device=far.device)
+            buffer[:, :, :n] = bucket[:n].flip(0) * m + layer.code_buffer[:, :, :n].to(torch.int32)  # j: n-1-j back
+            histogram = code_histogram(buffer[:, :, :n], far[:, :n], max(buckets * m, width))
+            state = self.state[layer.store] = BucketColumns(n, buffer, histogram)
+        state.length = n - static  # a capture-ready step's: moved on with the store's by :meth:`stepped`
         return state
+
+    def stepped(self, layer):
+        state = self.state.get(layer.store)
+        if state is not None:
+            state.length += 1
 
     def scores(self, layer, query, position_ids, scaling, far):
         cos, sin, bucket, starts = self.turns(layer, position_ids[:, -1:], query.device)
         lut = kernels.rotated_lookup_table(query, (cos, sin), layer.centroids)  # [B, Hq, buckets * M]
         state = self.columns(layer, far, bucket, starts, lut.shape[-1])
-        return lut, state.buffer[:, :, : state.length], state.histogram
+        return lut, state.buffer[:, :, : layer.width], state.histogram[:, :, : lut.shape[-1]]
 
     def held(self, layer):
         state = self.state.get(layer.store)

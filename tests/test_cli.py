@@ -162,8 +162,6 @@ BAD_ARGUMENTS = {
              "--tail 600 must be shorter"),
     "device": (["generate", "MODEL", "--prompt", "x", "--device", "gpu"], "--device 'gpu'"),
     "graphs offloaded": (["generate", "MODEL", "--prompt", "x", "--cuda-graphs"], "--offload none or auto"),
-    "graphs distance": (["generate", "MODEL", "--prompt", "x", "--cuda-graphs", "--offload", "none", "--scoring",
-                         "distance"], "--scoring wrope"),
     "graphs on a cpu": (["generate", "MODEL", "--prompt", "x", "--cuda-graphs", "--offload", "none", "--device", "cpu"],
                         "needs a CUDA --device"),
     "offload": (["generate", "MODEL", "--prompt", "x", "--offload", "disk"], "invalid choice: 'disk'"),

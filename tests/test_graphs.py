@@ -39,16 +39,18 @@ def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = Fal
     return out, selections, cache, runner
 
 
-@pytest.mark.parametrize("budget, sample", [("query_head", False), ("kv_head", True)], ids=["greedy", "sampling"])
-def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample):
+@pytest.mark.parametrize("budget, sample, scoring", [("query_head", False, "wrope"), ("kv_head", True, "wrope"),
+                                                     ("query_head", False, "distance")],
+                         ids=["greedy", "sampling", "distance-buckets"])
+def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, scoring):
     """Three prompts, two of them left-padded, 200 new tokens from 90: seven width buckets of 32 and twelve wraps of
     the 16-token window; the same selections, tokens (greedy, or sampled from the same seed) and statistics."""
     model, books = tiny
     ids = ids_of(3, 90, seed=3)
     mask = torch.ones_like(ids)
     mask[1, :7], mask[2, :30] = 0, 0
-    eager = run(model, books, ids, mask, graphs=False, new=200, sample=sample, budget=budget)
-    static = run(model, books, ids, mask, graphs=True, new=200, sample=sample, budget=budget)
+    eager = run(model, books, ids, mask, graphs=False, new=200, sample=sample, budget=budget, scoring=scoring)
+    static = run(model, books, ids, mask, graphs=True, new=200, sample=sample, budget=budget, scoring=scoring)
     runner = static[3]
     assert runner.counts["static eager"] + runner.counts["replayed"] == 199  # every decode step took the static path
     assert torch.equal(eager[0], static[0])

@@ -114,7 +114,8 @@ def test_unknown_scoring_is_refused(tiny):
 def test_distance_columns_move_on_exactly(tiny, monkeypatch, per_octave):
     """Decode steps move each layer's (bucket, code) columns and their candidates' histogram on by one token, and
     they equal a rebuild over every token at every step, across a new bucket's first step (window 16: buckets start
-    at 32, 64, 128 ... tokens back) and with a padded row; rebuilt only after the prompt and when a bucket appears."""
+    at 32, 64, 128 ... tokens back) and with a padded row; rebuilt only after the prompt (the histogram is as wide as
+    the buckets of the buffer's whole size, which doubles when full)."""
     from a2ats_hf import scoring as scoring_module
 
     model, books = tiny
@@ -142,4 +143,4 @@ def test_distance_columns_move_on_exactly(tiny, monkeypatch, per_octave):
     layers = len(cache.a2ats_layers)
     assert len(checked) == 39 * layers and min(checked) <= 128 < max(checked)  # column 127 reaches bucket "128"
     appeared = len({int(distance_buckets(torch.tensor([n - 1]), 16, per_octave)) for n in set(checked)}) - 1
-    assert len(rebuilds) == layers * (1 + appeared)
+    assert appeared >= 1 and len(rebuilds) == layers  # a new bucket fits the histogram kept for the buffer's size

@@ -188,6 +188,16 @@ def test_move_bucket_columns_matches_reference(b, hkv, n, m, window, buckets):
     starts = torch.sort(torch.randperm(max(n - 2 * window, 0), generator=g)[: buckets - 1] + 2 * window).values
     expected = [columns.clone(), histogram.clone()]
     reference.move_bucket_columns(*expected, codes, far, starts, n, m, window)
-    got = [to(columns), to(histogram)]
+    got = [to(columns.clone()), to(histogram.clone())]  # the inputs stay as they were (to() may not copy)
     triton_codes.move_bucket_columns(*got, to(codes), to(far), to(starts), n, m, window)
     assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+    # a capture-ready step: the length on the device, a wider step (columns past n hold no token, and may hold
+    # anything), and buckets that start past the tokens, which move none
+    wide, later = n + 5, torch.cat([starts, torch.tensor([n + 1, n + 3])])
+    far_wide = torch.cat([far, torch.rand(b, 5, generator=g) > 0.3], 1)
+    for kernel in (reference.move_bucket_columns, triton_codes.move_bucket_columns):
+        moved = [to(columns.clone()), to(histogram.clone())]
+        moved[0][:, :, n:] = 7 * m  # stale columns past the tokens
+        kernel(*moved, to(codes), to(far_wide), to(later), to(torch.tensor([n])), m, window)
+        assert torch.equal(moved[0][:, :, :n].cpu(), expected[0][:, :, :n]) and torch.equal(moved[1].cpu(), expected[1])
+    assert wide == far_wide.shape[1]

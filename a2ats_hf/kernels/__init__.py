@@ -61,9 +61,10 @@ def rotated_lookup_table(
 
 def move_bucket_columns(
     columns: torch.Tensor, histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, starts: torch.Tensor,
-    n: int, m: int, window: int,
+    n: int | torch.Tensor, m: int, window: int,
 ) -> None:
-    """The distance scorer's columns and their histogram moved on by a token, in place; see
+    """The distance scorer's columns and their histogram moved on by a token (``n`` on the host, or on the device
+    in a capture-ready step), in place; see
     :func:`.reference.move_bucket_columns`. One Triton launch on a GPU."""
     _dispatch(columns, "triton_codes", "move_bucket_columns", reference.move_bucket_columns, columns, histogram,
               codes, far, starts, n, m, window)

@@ -51,13 +51,16 @@ def rotated_lookup_table(
 
 def move_bucket_columns(
     columns: torch.Tensor, histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, starts: torch.Tensor,
-    n: int, m: int, window: int,
+    n: int | torch.Tensor, m: int, window: int,
 ) -> None:
     """The distance scorer's (bucket, code) columns moved on to ``n`` stored tokens, in place: ``columns``
     [B, Hkv, >= n] int32 (``bucket * m + code`` of each token, as of n - 1 tokens), ``histogram`` [B, Hkv, W] int32
     of the far candidates' columns. The new token (its ``codes`` [B, Hkv, >= n] entry) enters bucket 0; the tokens
     now at each later bucket's first distance (``starts`` [buckets - 1], ascending) move up a bucket; the token that
-    just left the ``window`` becomes a candidate. ``far`` [B, N] marks the candidates."""
+    just left the ``window`` becomes a candidate. ``far`` [B, N] marks the candidates. ``n`` may be a device tensor
+    [1] (a capture-ready step: ``far`` is then as wide as the step, and starts past the tokens move nothing)."""
+    if isinstance(n, torch.Tensor):
+        return _move_bucket_columns_masked(columns, histogram, codes, far, starts, n, m, window)
     columns[:, :, n - 1] = codes[:, :, n - 1].to(torch.int32)
     moved = (n - 1) - starts
     old = columns.index_select(2, moved)
@@ -69,6 +72,24 @@ def move_bucket_columns(
         index.append(columns[:, :, left : left + 1])
         weights.append(far[:, None, left : left + 1].expand(-1, old.shape[1], -1).to(torch.int32))
     histogram.scatter_add_(-1, torch.cat(index, dim=-1).long(), torch.cat(weights, dim=-1))
+
+
+def _move_bucket_columns_masked(columns, histogram, codes, far, starts, n, m, window) -> None:
+    """:func:`move_bucket_columns` over the step's whole width with the length on the device: every column's
+    distance from the new token decides its move, so no shape depends on ``n``."""
+    width = far.shape[1]
+    cols = torch.arange(width, device=far.device)
+    distance = (n - 1) - cols
+    crossing = (distance[:, None] == starts[None]).any(1) & (distance >= 0)  # [W]: at a bucket's first distance
+    view = columns[:, :, :width]
+    old = view.clone()
+    new = torch.where(distance == 0, codes[:, :, :width].to(torch.int32), torch.where(crossing, old + m, old))
+    view.copy_(new)
+    moving = (far & crossing)[:, None].expand_as(old).to(torch.int32)
+    leaving = (far & (distance == window))[:, None].expand_as(old).to(torch.int32)  # left the window just now
+    weights = torch.cat([-moving, moving, leaving], dim=-1)
+    index = torch.cat([old, old + m, new], dim=-1).long()
+    histogram.scatter_add_(-1, torch.where(weights != 0, index, 0), weights)  # columns past n hold no token
 
 
 def select_topk(

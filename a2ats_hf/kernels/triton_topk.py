@@ -85,7 +85,7 @@ def _radix_select(lut_row, hist_row, packed_row, n, k, BLOCK: tl.constexpr, PACK
 
 
 @triton.jit
-def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, scratch_ptr, m,
+def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, scratch_ptr, m, hist_stride,
                       HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                       SAMPLE: tl.constexpr, CAP: tl.constexpr):
     """Per (row, head): the k-th largest score, how many tokens scoring exactly it to take, and each centroid's
@@ -103,7 +103,7 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
     row = pid // HEADS
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
     k = tl.load(k_ptr + row).to(tl.int32)
-    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * m
+    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
     scratch_row = scratch_ptr + pid.to(tl.int64) * CAP
     if SAMPLE > 0:
         s = tl.arange(0, SAMPLE)
@@ -247,7 +247,8 @@ def select_topk(
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv].
 
-    ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 counts each KV head's
+    ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 (a view of wider rows
+    is fine) counts each KV head's
     candidate codes (:func:`code_histogram`), computed here when not given (a cache keeps it up to date instead);
     ``k_max`` bounds ``k`` from the host, read from ``k`` (a device sync) when not given.
     """
@@ -279,8 +280,11 @@ def select_topk(
     sample = 1024 if m >= 16384 else 0  # narrow wide tables first (see _threshold_kernel)
     cap = min(triton.next_power_of_2(m), max(1024, min(32768, triton.next_power_of_2(4 * k_max)))) if sample else 1
     scratch = torch.empty(b * heads, cap, dtype=torch.int64, device=codes.device) if sample else summary  # unread
-    _threshold_kernel[(b * heads,)](lut, histogram.to(torch.int32).contiguous(), k.contiguous(), need, classes, summary,
-                                    scratch, m, HEADS=heads, GROUP=group, G_PAD=g_pad,
+    histogram = histogram.to(torch.int32)
+    if histogram.stride(-1) != 1 or histogram.stride(0) != hkv * histogram.stride(1):  # rows of one stride
+        histogram = histogram.contiguous()
+    _threshold_kernel[(b * heads,)](lut, histogram, k.contiguous(), need, classes, summary,
+                                    scratch, m, histogram.stride(1), HEADS=heads, GROUP=group, G_PAD=g_pad,
                                     BLOCK_M=min(max(triton.next_power_of_2(m), 16), 2048), SAMPLE=sample, CAP=cap,
                                     num_warps=THRESHOLD_WARPS)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
