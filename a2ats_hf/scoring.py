@@ -122,7 +122,7 @@ def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: i
         cos, sin = rope.turns(distance, position_ids)  # [B, 1, N, D']
         weight = torch.ones(distance.shape, device=device) if length is None else (distance < length).float()
         sums = torch.zeros(*cos.shape[:2], count, cos.shape[-1], device=device)
-        size = torch.bincount(bucket, weight, minlength=count).clamp(min=1)[:, None]
+        size = torch.zeros(count, device=device).index_add(0, bucket, weight).clamp(min=1)[:, None]  # no sync
         cos, sin = (sums.index_add(2, bucket, t * weight[:, None]) / size for t in (cos, sin))
     else:
         low = window * 2.0 ** (torch.arange(count, device=device) / per_octave)
