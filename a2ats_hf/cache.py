@@ -516,6 +516,10 @@ class A2ATSCache(Cache):
         self.validity: torch.Tensor | None = None  # [B, N] keys valid so far, as the first layer last saw them
         self.validated: set[int] = set()  # layers whose weights were checked against the codebooks
         self.static = None  # a capture-ready decode step's StaticStep, set by the graph runner around its forward
+        # Called after each eager decode step of a layer with (layer, query, position_ids, masks, scaling, out): a
+        # measurement (the fidelity probe) watches the step instead of replacing it. A cache with observers is not
+        # captured in CUDA graphs (a replay runs no Python).
+        self.observers: list = []
         served = {idx: book for book, idx in enumerate(codebooks.layers)}
         n_layers = codebooks.fingerprint.get("num_hidden_layers", codebooks.num_layers)
         window = codebooks.fingerprint.get("sliding_window")
@@ -678,6 +682,7 @@ class A2ATSCache(Cache):
         """An independent copy (its own K/V, codes and statistics) whose layers refer to it; the read-only
         codebooks and their per-layer device copies are shared."""
         memo[id(self.codebooks)] = self.codebooks
+        memo[id(self.observers)] = []  # a copy is not watched
         for layer in self.a2ats_layers:
             for name in ("whitener", "whitened_centroids", "centroid_norms", "centroids"):
                 if hasattr(layer, name):

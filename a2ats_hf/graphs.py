@@ -72,7 +72,7 @@ class GraphRunner:
                 or kwargs.get("output_hidden_states")):
             return False
         n = cache.get_seq_length()
-        if n == 0 or cache.scorer.name not in GRAPH_SCORERS or cache.validity is None:
+        if n == 0 or cache.scorer.name not in GRAPH_SCORERS or cache.validity is None or cache.observers:
             return False
         layers = cache.layers
         if not all(isinstance(layer, A2ATSLayer) and isinstance(layer.store, DeviceKVStore) for layer in layers):

@@ -126,6 +126,8 @@ def decode_attention(
                                             scaling, far)
         selected = 0 if selection is None else selection[1]  # counts [B, Hkv], which stay on the device
     cache.stats.add(selected, masks.totals, hkv, layer.first)
+    for observe in cache.observers:
+        observe(layer, query, position_ids, masks, scaling, out)
     return out
 
 

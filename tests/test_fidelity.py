@@ -12,8 +12,8 @@ from conftest import ids_of
 
 def probe_run(model, books, **cache_kwargs) -> dict:
     ids = ids_of(1, 300)
-    with FidelityProbe(every=1) as probe, torch.no_grad():
-        cache = A2ATSCache(books, **cache_kwargs)
+    cache = A2ATSCache(books, **cache_kwargs)
+    with FidelityProbe(cache, every=1) as probe, torch.no_grad():
         model.generate(ids, **cache_argument(model, cache), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     return probe.summary()
 

@@ -1,6 +1,6 @@
 """Attention fidelity per layer: how close a cache's decode attention is to full attention, measured in place.
 
-While a :class:`FidelityProbe` is active, every ``every``-th decode attention call of an :class:`A2ATSCache` is
+While a :class:`FidelityProbe` watches an :class:`A2ATSCache`, every ``every``-th decode attention call of it is
 also computed exactly over every stored token, and the probe records, per layer: the recall of each query head's
 exact top-K far tokens (K = the step's budget) by the scorer's top-K, the exact softmax mass of the tokens attended
 (sinks + window + retrieved), and the relative error of the attention output, ``||o - o_full|| / ||o_full||``.
@@ -12,35 +12,36 @@ from collections import defaultdict
 
 import torch
 
-from .. import step as step_module
+from ..cache import A2ATSCache
 from ..kernels import reference
 
 
 class FidelityProbe:
-    """Context manager wrapping the cache's decode attention; ``summary()`` gives the per-layer means."""
+    """Context manager watching a cache's decode steps (one of its ``observers``); ``summary()`` gives the per-layer
+    means. Without a cache (full attention) it measures nothing."""
 
-    def __init__(self, every: int = 1):
-        self.every, self.calls = every, 0
+    def __init__(self, cache: A2ATSCache | None, every: int = 1):
+        self.cache, self.every, self.calls = cache, every, 0
         self.values: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.original = step_module.decode_attention
 
     def __enter__(self) -> "FidelityProbe":
-        step_module.decode_attention = self
+        if self.cache is not None:
+            self.cache.observers.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        step_module.decode_attention = self.original
+        if self.cache is not None:
+            self.cache.observers.remove(self)
 
-    def __call__(self, layer, query, key, value, position_ids, masks, scaling):
+    def __call__(self, layer, query, position_ids, masks, scaling, out) -> None:
+        """After a layer's decode step: its output ``out`` [B, Hq, D] against full attention's (every ``every``-th
+        call), with the recall and attention mass of what it attended."""
         measure = self.calls % self.every == 0
         self.calls += 1
         if measure:
             exact = self.exact(layer, query, position_ids, masks, scaling)
-        out = self.original(layer, query, key, value, position_ids, masks, scaling)
-        if measure:
             error = (out.float() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)
             self.values["output_error"][layer.layer_idx].append(error.mean().item())
-        return out
 
     @torch.no_grad()
     def exact(self, layer, query, position_ids, masks, scaling) -> torch.Tensor:

@@ -57,9 +57,9 @@ def evaluate_perplexity(
         starts = torch.linspace(0, ids.shape[1] - length, windows).long().tolist()
         batch = torch.cat([ids[:, s : s + length] for s in starts]).to(device)
         for method in tqdm(methods, desc=f"perplexity at {length}", disable=not progress):
-            started, probe = time.perf_counter(), FidelityProbe(probe_every)
+            started = time.perf_counter()
             cache = method.cache(codebooks) if method.scoring is not None else None
-            with probe:
+            with FidelityProbe(cache if isinstance(cache, A2ATSCache) else None, probe_every) as probe:
                 nll = tail_nll(model, batch, cache, tail)
             row = {"length": length, "method": method.name, "perplexity": math.exp(nll.mean().item()),
                    "seconds": round(time.perf_counter() - started, 1)}
