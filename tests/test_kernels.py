@@ -104,3 +104,18 @@ def test_sparse_attention_over_the_store_and_merge():
     merged = kernels.merge_attention(near_out, near_lse, far_out, far_lse)
     full_out, _ = dense_reference(q, keys, values, torch.ones_like(chosen), 0.25)
     torch.testing.assert_close(merged.double(), full_out, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_is_chosen_once_per_device_kind():
+    """A CPU tensor gets the torch references (the same object every time); a GPU with Triton the Triton kernels,
+    field for field."""
+    from dataclasses import fields
+
+    from a2ats_hf.kernels import TORCH, backend, reference
+
+    assert backend(torch.device("cpu")) is TORCH
+    assert all(getattr(TORCH, f.name) is getattr(reference, f.name) for f in fields(TORCH))
+    if torch.cuda.is_available() and kernels.HAS_TRITON:
+        gpu = backend(torch.device("cuda"))
+        assert gpu is backend(torch.device("cuda")) and gpu is not TORCH
+        assert all(getattr(gpu, f.name).__module__.startswith("a2ats_hf.kernels.triton_") for f in fields(gpu))

@@ -11,8 +11,9 @@ what the references spell out in many operations.
 
 from __future__ import annotations
 
-import importlib
+import functools
 import importlib.util
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,16 +26,49 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 FUSED_ENCODE_TOKENS = 16  # new keys per row up to which one Triton program per key encodes (a prompt: the matmul)
 
 
-def _dispatch(tensor: torch.Tensor, module: str, name: str, fallback: Callable, *args, **kwargs):
-    """``module.name(*args)`` in Triton on ``tensor``'s GPU (Triton launches on the current GPU, and a layer may sit
-    on another), else ``fallback(*args)``."""
-    if tensor.is_cuda and HAS_TRITON:
-        kernel = getattr(importlib.import_module(f".{module}", __name__), name)
-        if tensor.device.index == torch.cuda.current_device():  # the usual case: spare the switch's host time
-            return kernel(*args, **kwargs)
+@dataclass(frozen=True)
+class Backend:
+    """One device kind's implementation of every device-side kernel, each with its :mod:`.reference` contract."""
+
+    encode_keys: Callable
+    rotated_lookup_table: Callable
+    move_bucket_columns: Callable
+    write_token: Callable
+    count_leaving: Callable
+    attention_with_lse: Callable
+    local_and_far_attention: Callable
+    merge_attention: Callable
+    select_topk: Callable
+
+
+TORCH = Backend(reference.encode_keys, reference.rotated_lookup_table, reference.move_bucket_columns,
+                reference.write_token, reference.count_leaving, reference.attention_with_lse,
+                reference.local_and_far_attention, reference.merge_attention, reference.select_topk)
+
+
+@functools.cache
+def _triton() -> Backend:
+    from . import triton_attention, triton_codes, triton_step, triton_topk  # Triton compiles on import
+
+    return Backend(triton_codes.encode_keys, triton_codes.rotated_lookup_table, triton_codes.move_bucket_columns,
+                   triton_step.write_token, triton_step.count_leaving, triton_attention.attention_with_lse,
+                   triton_attention.attention_with_lse, triton_attention.merge_attention, triton_topk.select_topk)
+
+
+def backend(device: torch.device) -> Backend:
+    """The kernels for ``device``: Triton's on a GPU where Triton is installed (imported once), the torch
+    references elsewhere."""
+    return _triton() if device.type == "cuda" and HAS_TRITON else TORCH
+
+
+def _on(tensor: torch.Tensor, name: str, *args, **kwargs):
+    """Backend kernel ``name`` run for ``tensor``'s device: Triton launches on the current GPU, and a layer may sit
+    on another (the usual case, the current one, spares the switch's host time)."""
+    kernel = getattr(backend(tensor.device), name)
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
         with torch.cuda.device(tensor.device):
             return kernel(*args, **kwargs)
-    return fallback(*args, **kwargs)
+    return kernel(*args, **kwargs)
 
 
 def encode_keys(
@@ -47,7 +81,7 @@ def encode_keys(
     args = (keys, rotation, whitener, whitened_centroids, norms, out, column)
     if keys.shape[2] > FUSED_ENCODE_TOKENS:
         return reference.encode_keys(*args)
-    return _dispatch(keys, "triton_codes", "encode_keys", reference.encode_keys, *args)
+    return _on(keys, "encode_keys", *args)
 
 
 def rotated_lookup_table(
@@ -55,8 +89,7 @@ def rotated_lookup_table(
 ) -> torch.Tensor:
     """LUT of a turned query against the centroids; see :func:`.reference.rotated_lookup_table`. One Triton launch
     on a GPU."""
-    return _dispatch(query, "triton_codes", "rotated_lookup_table", reference.rotated_lookup_table, query, rotation,
-                     centroids)
+    return _on(query, "rotated_lookup_table", query, rotation, centroids)
 
 
 def move_bucket_columns(
@@ -66,8 +99,7 @@ def move_bucket_columns(
     """The distance scorer's columns and their histogram moved on by a token (``n`` on the host, or on the device
     in a capture-ready step), in place; see
     :func:`.reference.move_bucket_columns`. One Triton launch on a GPU."""
-    _dispatch(columns, "triton_codes", "move_bucket_columns", reference.move_bucket_columns, columns, histogram,
-              codes, far, starts, n, m, window)
+    _on(columns, "move_bucket_columns", columns, histogram, codes, far, starts, n, m, window)
 
 
 def write_token(
@@ -76,16 +108,14 @@ def write_token(
 ) -> None:
     """A capture-ready step's new token written into the store and the window ring at its device ``column``; see
     :func:`.reference.write_token`. One Triton launch on a GPU."""
-    _dispatch(key, "triton_step", "write_token", reference.write_token, key, value, store_keys, store_values,
-              local_keys, local_values, column, sink, window)
+    _on(key, "write_token", key, value, store_keys, store_values, local_keys, local_values, column, sink, window)
 
 
 def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: torch.Tensor,
                   offset: int) -> None:
     """The code of the token at device ``column + offset`` counted into ``histogram`` where it is a far candidate;
     see :func:`.reference.count_leaving`. One Triton launch on a GPU."""
-    _dispatch(histogram, "triton_step", "count_leaving", reference.count_leaving, histogram, codes, far, column,
-              offset)
+    _on(histogram, "count_leaving", histogram, codes, far, column, offset)
 
 
 def attention_with_lse(
@@ -96,10 +126,8 @@ def attention_with_lse(
     where the K/V stays on the device, the selected ``far`` rows too (:func:`.reference.local_and_far_attention`).
     One Triton launch on a GPU (two when the keys are split over programs), the torch reference elsewhere."""
     if far is None:
-        return _dispatch(query, "triton_attention", "attention_with_lse", reference.attention_with_lse, query, keys,
-                         values, valid, scaling)
-    return _dispatch(query, "triton_attention", "attention_with_lse", reference.local_and_far_attention, query, keys,
-                     values, valid, scaling, far)
+        return _on(query, "attention_with_lse", query, keys, values, valid, scaling)
+    return _on(query, "local_and_far_attention", query, keys, values, valid, scaling, far)
 
 
 def merge_attention(
@@ -107,8 +135,7 @@ def merge_attention(
 ) -> torch.Tensor:
     """Two attentions over disjoint key sets merged by their log-sum-exps; see :func:`.reference.merge_attention`.
     One Triton launch on a GPU, the torch reference elsewhere."""
-    return _dispatch(out_a, "triton_attention", "merge_attention", reference.merge_attention,
-                     out_a, lse_a, out_b, lse_b)
+    return _on(out_a, "merge_attention", out_a, lse_a, out_b, lse_b)
 
 
 def select_topk(
@@ -126,9 +153,9 @@ def select_topk(
     ``k_max`` on ``k`` spare it a pass over the codes and a device sync); indices may then be int32 and padded
     wider than the largest count.
     """
-    return _dispatch(codes, "triton_topk", "select_topk", reference.select_topk, lut, codes, candidates, k, budget,
-                     histogram=histogram, k_max=k_max)
+    return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max)
 
 
-__all__ = ["FarRows", "attention_with_lse", "code_histogram", "count_leaving", "encode_keys", "merge_attention",
-           "move_bucket_columns", "rotated_lookup_table", "select_topk", "sparse_attention", "write_token"]
+__all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "code_histogram", "count_leaving", "encode_keys",
+           "merge_attention", "move_bucket_columns", "rotated_lookup_table", "select_topk", "sparse_attention",
+           "write_token"]
