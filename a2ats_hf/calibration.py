@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .codebooks import KEYS, SIGNATURE_SCHEME, Codebooks, check_int, check_supported, fingerprint, layer_signature
-from .quantization import kmeans, second_moment, whitening
+from .kmeans import kmeans, second_moment, whitening
 from .rope import RoPE, apply_rope
 from .scoring import bucket_turns
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import kernels
+from .encoding import lookup_table
 from .kernels import code_histogram
-from .quantization import lookup_table
 from .rope import RoPE, compose
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.calibration import _Collector, attention_modules, token_stream
-from a2ats_hf.quantization import encode
+from a2ats_hf.encoding import encode
 
 from conftest import DEVICE, CharTokenizer, tiny_model
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quantization import encode, lookup_table
+from ..encoding import encode, lookup_table
 from ..rope import apply_rope
 
 
@@ -23,7 +23,7 @@ def encode_keys(
     [1], a device tensor, the whole buffer, written at columns ``column + t``) and returned:
     each key un-rotated by ``rotation`` (``cos``, ``sin`` [B, 1, T, D'] of the inverse RoPE; None for codebooks of
     post-RoPE keys), whitened by ``whitener`` [Hkv, D, D] and matched to its nearest ``whitened_centroids``
-    [Hkv, M, D] (squared ``norms`` [Hkv, 1, M]); see :func:`a2ats_hf.quantization.encode`."""
+    [Hkv, M, D] (squared ``norms`` [Hkv, 1, M]); see :func:`a2ats_hf.encoding.encode`."""
     if rotation is not None:
         keys = apply_rope(keys.float(), *rotation)
     codes = encode(keys, whitener, whitened_centroids, norms)
@@ -40,7 +40,7 @@ def rotated_lookup_table(
 ) -> torch.Tensor:
     """LUT [B, Hq, R * M] (float32) of ``query`` [B, Hq, D] turned by each of R rotations (``cos``, ``sin``
     [B, 1, R, D']; None: as it is, R = 1) against each KV head's ``centroids`` [Hkv, M, D]: column ``r * M + m``
-    scores centroid m under rotation r; see :func:`a2ats_hf.quantization.lookup_table`."""
+    scores centroid m under rotation r; see :func:`a2ats_hf.encoding.lookup_table`."""
     query = query.float()[:, :, None]
     if rotation is not None:  # [B, Hq, R, D] (expanded first: with partial rotary the rest passes through R times)
         query = apply_rope(query.expand(-1, -1, rotation[0].shape[2], -1), *rotation)

@@ -1,12 +1,12 @@
-"""Whitening, batched k-means, encode and LUT against brute-force references; query-aware beats plain k-means."""
+"""Whitening and batched k-means (kmeans.py) against brute-force references; query-aware beats plain k-means."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from a2ats_hf import Codebooks
-from a2ats_hf import quantization as q
+from a2ats_hf import Codebooks, encoding
+from a2ats_hf import kmeans as km
 
 
 def gen(seed: int) -> torch.Generator:
@@ -16,9 +16,9 @@ def gen(seed: int) -> torch.Generator:
 def test_second_moment_and_whitening():
     """L L^T is the normalised moment (+ eps I), and (k-c) H (k-c)^T == ||(k-c) L||^2."""
     x = torch.randn(3, 501, 24, generator=gen(0)) * torch.linspace(0.1, 3, 24)
-    moment = q.second_moment(x)
+    moment = km.second_moment(x)
     torch.testing.assert_close(moment, torch.einsum("hni,hnj->hij", x, x))
-    L = q.whitening(moment)
+    L = km.whitening(moment)
     assert torch.equal(L, L.tril())
     h = moment.double() / moment.double().pow(2).mean((-1, -2), keepdim=True).sqrt()
     torch.testing.assert_close((L @ L.transpose(-1, -2)).double(), h + 1e-6 * torch.eye(24, dtype=torch.float64),
@@ -26,16 +26,6 @@ def test_second_moment_and_whitening():
     diff = torch.randn(3, 9, 24, generator=gen(1))
     torch.testing.assert_close(torch.einsum("hni,hij,hnj->hn", diff.double(), h, diff.double()).float(),
                                (diff @ L).pow(2).sum(-1), rtol=1e-4, atol=1e-4)
-
-
-def test_assign_matches_brute_force(monkeypatch):
-    """Nearest centroid and distance equal a cdist argmin, also when the distance block is chunked."""
-    monkeypatch.setattr(q, "DISTANCE_BLOCK_BYTES", 3 * 7 * 4 * 5)
-    x, c = torch.randn(3, 257, 16, generator=gen(2)), torch.randn(3, 7, 16, generator=gen(3))
-    codes, dist = q.assign(x, c)
-    d = torch.cdist(x.double(), c.double()).pow(2)
-    assert torch.equal(codes, d.argmin(-1))
-    torch.testing.assert_close(dist.double(), d.min(-1).values, rtol=1e-4, atol=1e-4)
 
 
 def blobs(seed: int, heads=2, k=5, per=60, dim=8):
@@ -47,7 +37,7 @@ def blobs(seed: int, heads=2, k=5, per=60, dim=8):
 def test_kmeans_finds_separated_blobs_deterministically():
     """Well-separated blobs are recovered, and the same seed gives bit-identical centroids."""
     x, centers = blobs(4)
-    a, b = q.kmeans(x, 5, seed=7), q.kmeans(x, 5, seed=7)
+    a, b = km.kmeans(x, 5, seed=7), km.kmeans(x, 5, seed=7)
     assert torch.equal(a.centroids, b.centroids)
     for h in range(2):
         nearest = torch.cdist(centers[h], a.centroids[h]).min(-1).values
@@ -58,15 +48,15 @@ def test_kmeans_finds_separated_blobs_deterministically():
 def test_kmeans_objective_improves_with_iterations():
     """More Lloyd iterations never give a worse objective (same seeding)."""
     x = torch.randn(3, 400, 6, generator=gen(5))
-    objectives = [q.kmeans(x, 16, max_iters=i, tol=0.0, seed=1).objective for i in (1, 3, 10)]
+    objectives = [km.kmeans(x, 16, max_iters=i, tol=0.0, seed=1).objective for i in (1, 3, 10)]
     assert objectives[0] >= objectives[1] >= objectives[2]
 
 
 def test_kmeans_leaves_no_empty_cluster():
     """With many duplicate points, every centroid still owns points (empty ones are re-seeded)."""
     x = torch.cat([torch.zeros(2, 300, 4), torch.randn(2, 40, 4, generator=gen(6))], dim=1)
-    result = q.kmeans(x, 32, max_iters=20, seed=0)
-    codes, _ = q.assign(x, result.centroids)
+    result = km.kmeans(x, 32, max_iters=20, seed=0)
+    codes, _ = encoding.assign(x, result.centroids)
     for h in range(2):
         assert codes[h].unique().numel() == 32
 
@@ -74,27 +64,12 @@ def test_kmeans_leaves_no_empty_cluster():
 def test_kmeans_needs_enough_points():
     """Fewer points than centroids is a ValueError."""
     with pytest.raises(ValueError, match="at least"):
-        q.kmeans(torch.randn(1, 5, 3), 8)
-
-
-def test_encode_and_lookup_table():
-    """encode is argmin ||kL - c'||; the LUT maps query head h to KV head h // group."""
-    keys = torch.randn(3, 2, 33, 8, generator=gen(8))
-    L = q.whitening(q.second_moment(torch.randn(2, 100, 8, generator=gen(9))))
-    cw = torch.randn(2, 11, 8, generator=gen(10))
-    codes = q.encode(keys, L, cw)
-    for h in range(2):
-        z = keys[:, h] @ L[h]
-        assert torch.equal(codes[:, h], torch.cdist(z, cw[h].expand(3, -1, -1)).argmin(-1))
-    queries = torch.randn(3, 6, 8, generator=gen(11))
-    lut = q.lookup_table(queries, cw, group=3)
-    for h in range(6):
-        torch.testing.assert_close(lut[:, h], queries[:, h] @ cw[h // 3].T)
+        km.kmeans(torch.randn(1, 5, 3), 8)
 
 
 def score_error(books: Codebooks, keys: torch.Tensor, queries: torch.Tensor) -> float:
     """E[(q.k - q.c(k))^2] over held-out keys and queries (one head)."""
-    codes = q.encode(keys[None, None], books.whitener[0], books.whitened_centroids[0])[0, 0]
+    codes = encoding.encode(keys[None, None], books.whitener[0], books.whitened_centroids[0])[0, 0]
     approx = books.centroids[0, 0][codes]
     return ((queries @ keys.T) - (queries @ approx.T)).pow(2).mean().item()
 
@@ -107,9 +82,9 @@ def test_query_aware_beats_plain_kmeans_on_held_out_data():
     keys = torch.randn(2, n, dim, generator=gen(12)) * key_scale
     queries = torch.randn(2, n, dim, generator=gen(13)) * query_scale
     fingerprint = {}
-    L = q.whitening(q.second_moment(queries[0:1]))
-    aware = q.kmeans(keys[0:1] @ L, 64, seed=0).centroids
-    plain = q.kmeans(keys[0:1], 64, seed=0).centroids
+    L = km.whitening(km.second_moment(queries[0:1]))
+    aware = km.kmeans(keys[0:1] @ L, 64, seed=0).centroids
+    plain = km.kmeans(keys[0:1], 64, seed=0).centroids
     aware_books = Codebooks(L[None], aware[None], fingerprint)
     plain_books = Codebooks(torch.eye(dim)[None, None], plain[None], fingerprint)
     held_keys, held_queries = keys[1], queries[1]

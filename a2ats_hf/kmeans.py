@@ -1,7 +1,7 @@
-"""Query-aware vector quantization: whitening from query second moments, batched k-means, encode, LUT.
+"""Calibration-time vector quantization: whitening from the queries' second moments, and batched k-means (k-means++
+seeding, empty clusters reseeded, deterministic) that builds the codebooks.
 
-Everything is batched over a leading "head" axis (one codebook per (layer, KV head)), runs on CPU or CUDA,
-and bounds memory by chunking the point-to-centroid distance matrix.
+Batched over a leading "head" axis (one codebook per (layer, KV head)); runs on CPU or CUDA.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-# Bytes the [heads, chunk, centroids] float32 distance block may take.
-DISTANCE_BLOCK_BYTES = 256 * 2**20
+from .encoding import assign, chunk_rows
 
 
 def second_moment(queries: torch.Tensor) -> torch.Tensor:
@@ -37,32 +36,6 @@ class KMeansResult:
     centroids: torch.Tensor  # [H, M, D]
     objective: float  # mean squared distance of points to their centroid, averaged over heads
     iterations: int
-
-
-def _chunk_rows(heads: int, n_centroids: int, n: int) -> int:
-    return max(1, min(n, DISTANCE_BLOCK_BYTES // (4 * heads * n_centroids)))
-
-
-def assign(
-    x: torch.Tensor, centroids: torch.Tensor, norms: torch.Tensor | None = None, distances: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Nearest centroid and squared distance for every point: x [H, N, D], centroids [H, M, D] -> ([H, N], [H, N]).
-
-    ``norms`` [H, 1, M] (the centroids' squared norms) may be precomputed; ``distances=False`` skips them.
-    """
-    heads, n, _ = x.shape
-    c2 = centroids.pow(2).sum(-1)[:, None, :] if norms is None else norms
-    codes = torch.empty(heads, n, dtype=torch.long, device=x.device)
-    dist = torch.empty(heads, n, dtype=torch.float32, device=x.device) if distances else None
-    step = _chunk_rows(heads, max(centroids.shape[1], x.shape[-1]), n)  # few centroids: rows of x bound the block
-    for i in range(0, n, step):
-        xs = x[:, i : i + step].float()
-        d = torch.baddbmm(c2, xs, centroids.transpose(1, 2), alpha=-2.0)
-        best, idx = d.min(-1)
-        codes[:, i : i + step] = idx
-        if distances:
-            dist[:, i : i + step] = (best + torch.linalg.vector_norm(xs, dim=-1).square()).clamp_min_(0)
-    return codes, dist
 
 
 def kmeans_plus_plus(x: torch.Tensor, n_centroids: int, generator: torch.Generator, rounds: int = 128) -> torch.Tensor:
@@ -119,7 +92,7 @@ def kmeans(
         objective = dist.mean().item()
         flat = codes + offsets
         sums = torch.zeros(heads * n_centroids, d, device=x.device)
-        step = _chunk_rows(heads, d, n)
+        step = chunk_rows(heads, d, n)
         with _deterministic():  # CUDA's index_add_ otherwise sums in a run-dependent order; its deterministic
             for i in range(0, n, step):  # form copies what it adds, so it adds a block of rows at a time
                 sums.index_add_(0, flat[:, i : i + step].reshape(-1), x[:, i : i + step].reshape(-1, d))
@@ -155,27 +128,3 @@ def _reseed_empty(x: torch.Tensor, centroids: torch.Tensor, empty: torch.Tensor,
         slots = torch.nonzero(empty[h]).flatten()
         far = dist[h].topk(len(slots)).indices
         centroids[h, slots] = x[h, far]
-
-
-def encode(
-    keys: torch.Tensor, whitener: torch.Tensor, whitened_centroids: torch.Tensor, norms: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Codes of pre-RoPE keys: argmin_m ||k L - c'_m||^2. keys [B, H, T, D] -> [B, H, T] long.
-
-    One batched matmul per head group; ``whitener`` [H, D, D], ``whitened_centroids`` [H, M, D], ``norms``
-    [H, 1, M] their squared norms if precomputed (a cache encodes one token per step).
-    """
-    b, h, t, d = keys.shape
-    z = keys.float().transpose(0, 1).reshape(h, b * t, d) @ whitener
-    codes = assign(z, whitened_centroids, norms, distances=False)[0]
-    return codes.view(h, b, t).transpose(0, 1)
-
-
-def lookup_table(queries: torch.Tensor, centroids: torch.Tensor, group: int) -> torch.Tensor:
-    """LUT of approximate scores: queries [B, Hq, D] x centroids [Hkv, M, D] -> [B, Hq, M] (float32).
-
-    Query head h uses the codebook of KV head ``h // group``.
-    """
-    b, hq, d = queries.shape
-    q = queries.float().view(b, hq // group, group, d)
-    return torch.einsum("bkgd,kmd->bkgm", q, centroids.float()).reshape(b, hq, -1)
