@@ -24,12 +24,12 @@ $(OLDEST)/.installed: pyproject.toml
 	touch $@
 
 assets: $(INSTALLED)
-	$(BIN)/python examples/assets.py
+	$(BIN)/python -m a2ats_eval.assets
 
 demo: assets
 	$(BIN)/python examples/demo.py
 
-LINTED := a2ats_hf a2ats_cli.py bench examples tests
+LINTED := a2ats_hf a2ats_eval a2ats_cli.py bench examples tests
 
 test: assets $(OLDEST)/.installed
 	$(BIN)/ruff check $(LINTED)

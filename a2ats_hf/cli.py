@@ -16,7 +16,7 @@ from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 # The evaluation suite's tasks and scorers, named here so that parsing needs no import of the library (a test checks
-# them against a2ats_hf.evaluation.tasks.TASKS and a2ats_hf.scoring.SCORERS).
+# them against a2ats_eval.tasks.TASKS and a2ats_hf.scoring.SCORERS).
 TASKS = ("niah_word", "niah_number", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_multiquery",
          "variable_tracking", "common_words")
 SCORERS = ("distance", "oracle", "postrope", "quest", "random", "window", "wrope")
@@ -201,8 +201,8 @@ def generate_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     import json
 
+    from a2ats_eval import Method, evaluate, evaluate_perplexity
     from a2ats_hf.codebooks import Codebooks
-    from a2ats_hf.evaluation import Method, evaluate, evaluate_perplexity
 
     model, tokenizer = _load(args.model, args.device, args.dtype)
     books = Codebooks.from_pretrained(args.codebooks or args.model)

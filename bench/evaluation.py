@@ -18,21 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
+from a2ats_eval import TASKS, Method, evaluate, evaluate_perplexity
+from a2ats_eval.assets import CALIBRATION, austen_novels, codebooks_path, smollm2_path
+from a2ats_eval.suite import summarize
 from a2ats_hf import Codebooks, calibrate  # noqa: E402
-from a2ats_hf.evaluation import TASKS, Method, evaluate, evaluate_perplexity  # noqa: E402
-from a2ats_hf.evaluation.suite import summarize  # noqa: E402
-
-from assets import austen_novels, codebooks_path, smollm2_path  # noqa: E402
-from demo import CALIBRATION  # noqa: E402
 
 CALIBRATION_NOVELS = ("Emma", "Pride & Prejudice", "Mansfield Park")
 HELD_OUT = "Persuasion"

@@ -12,33 +12,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from a2ats_hf import A2ATSCache, Codebooks, cache_argument, calibrate
-
-from assets import austen_novels, codebooks_path, smollm2_path
-
-NEEDLE = "The secret code of the Elliot family safe is 7341."
-QUESTION = "What is the secret code of the Elliot family safe?"
-CALIBRATION = dict(n_centroids=1024, max_tokens=32768, uuid_tokens=8192, chunk_size=2048, kmeans_iters=20)
-
-
-def codebooks(model, tokenizer, novels) -> Codebooks:
-    path = codebooks_path("smollm2-demo")
-    if not (path / "a2ats_config.json").is_file():
-        print(f"Building codebooks once into {path} ...")
-        texts = [novels[t] for t in ("Emma", "Pride & Prejudice", "Mansfield Park")]
-        calibrate(model, tokenizer, texts, **CALIBRATION).save_pretrained(path)
-    return Codebooks.from_pretrained(path)
-
-
-def prompt_ids(tokenizer, novel: str, tokens: int = 6000, depth: float = 0.6) -> torch.Tensor:
-    """``tokens`` tokens of ``novel`` with the needle at ``depth``, wrapped as a chat question."""
-    ids = tokenizer(novel, add_special_tokens=False)["input_ids"][:tokens]
-    cut = int(len(ids) * depth)
-    document = tokenizer.decode(ids[:cut]) + "\n" + NEEDLE + "\n" + tokenizer.decode(ids[cut:])
-    messages = [{"role": "user", "content": f"{document}\n\n{QUESTION} Answer with the number only."}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
-        "input_ids"
-    ]
+from a2ats_eval.assets import NEEDLE, QUESTION, austen_novels, demo_codebooks, prompt_ids, smollm2_path
+from a2ats_hf import A2ATSCache, cache_argument
 
 
 def answer(model, tokenizer, ids, cache) -> tuple[str, float]:
@@ -55,7 +30,7 @@ def main() -> None:
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     novels = austen_novels()
-    books = codebooks(model, tokenizer, novels)
+    books = demo_codebooks(model, tokenizer, novels)
     ids = prompt_ids(tokenizer, novels["Persuasion"]).to(device)
     print(f"Prompt: {ids.shape[1]} tokens of Persuasion; the needle sits at 60% depth: {NEEDLE!r}")
     print(f"Question: {QUESTION}\n")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +13,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import a2ats_hf  # noqa: F401  (registers "a2ats")
 from a2ats_hf import calibrate
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 # The integration tests run on this device; the GPU check sets A2ATS_TEST_DEVICE=cuda.
 DEVICE = torch.device(os.environ.get("A2ATS_TEST_DEVICE", "cpu"))
@@ -67,7 +63,7 @@ def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct, float32 on the CPU, "a2ats" attention."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from assets import smollm2_path
+    from a2ats_eval.assets import smollm2_path
 
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="a2ats").eval()
@@ -76,6 +72,6 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def austen():
-    from assets import austen_novels
+    from a2ats_eval.assets import austen_novels
 
     return austen_novels()

@@ -18,7 +18,7 @@ from conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from assets import smollm2_path
+    from a2ats_eval.assets import smollm2_path
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
@@ -209,7 +209,7 @@ def test_topk_parsing_agrees_with_the_cache():
 
 
 def test_choices_match_the_library():
-    from a2ats_hf.evaluation.tasks import TASKS
+    from a2ats_eval.tasks import TASKS
     from a2ats_hf.scoring import SCORERS
 
     assert list(cli.TASKS) == list(TASKS) and sorted(cli.SCORERS) == sorted(SCORERS)

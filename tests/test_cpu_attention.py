@@ -49,9 +49,8 @@ def test_matches_reference(dtype, b, hq, hkv, n, d, block):
 @pytest.mark.slow
 def test_matches_reference_on_smollm2(smollm2, austen):
     """Real queries and offloaded K/V from SmolLM2 decoding Persuasion at topk=0.05: every layer's call agrees."""
+    from a2ats_eval.assets import demo_codebooks
     from a2ats_hf import A2ATSCache, cache_argument, kernels
-
-    from demo import codebooks as demo_codebooks
 
     model, tokenizer = smollm2
     books = demo_codebooks(model, tokenizer, austen)

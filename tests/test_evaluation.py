@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats_hf.evaluation import TASKS, Method, evaluate, evaluate_perplexity, make_sample, score, tail_nll
-from a2ats_hf.evaluation.suite import fitted_prompt
+from a2ats_eval import TASKS, Method, evaluate, evaluate_perplexity, make_sample, score, tail_nll
+from a2ats_eval.suite import fitted_prompt
 
 from conftest import CharTokenizer, ids_of
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from a2ats_eval.fidelity import FidelityProbe
 from a2ats_hf import A2ATSCache, cache_argument
-from a2ats_hf.evaluation.fidelity import FidelityProbe
 
 from conftest import ids_of
 

@@ -6,10 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from a2ats_eval.assets import demo_codebooks, prompt_ids
 from a2ats_hf import A2ATSCache, cache_argument
-
-from demo import codebooks as demo_codebooks
-from demo import prompt_ids
 
 pytestmark = pytest.mark.slow
 

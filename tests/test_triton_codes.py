@@ -140,7 +140,7 @@ def test_lookup_table_matches_reference(b, hq, hkv, d, m, rot, turns):
 def test_match_reference_on_smollm2(smollm2, austen):
     """Real keys, rotations and queries captured from SmolLM2 decoding Persuasion with its calibrated codebooks (all
     layers of two decode steps): the kernels give the reference's codes and lookup tables."""
-    from demo import codebooks as demo_codebooks
+    from a2ats_eval.assets import demo_codebooks
 
     model, tokenizer = smollm2
     books = demo_codebooks(model, tokenizer, austen)

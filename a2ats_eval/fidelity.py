@@ -12,8 +12,8 @@ from collections import defaultdict
 
 import torch
 
-from ..cache import A2ATSCache
-from ..kernels import reference
+from a2ats_hf.cache import A2ATSCache
+from a2ats_hf.kernels import reference
 
 
 class FidelityProbe:

@@ -14,8 +14,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import A2ATSCache, cache_argument
-from ..codebooks import Codebooks
+from a2ats_hf.cache import A2ATSCache, cache_argument
+from a2ats_hf.codebooks import Codebooks
+
 from .fidelity import FidelityProbe
 from .suite import Method
 
