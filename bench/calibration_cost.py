@@ -3,14 +3,13 @@
 time (forward passes and k-means), peak GPU memory, k-means iterations and the final objective, against the goal of
 under 5 minutes and 20 GB.
 
-    PYTHONPATH=. python bench/calibration_cost.py      (GPU; writes bench/results/calibration-cost-<gpu>.json)
+    python -m bench.calibration_cost      (GPU; writes bench/results/calibration-cost-<gpu>.json)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import time
 from pathlib import Path
@@ -19,27 +18,7 @@ import torch
 
 import a2ats_hf  # noqa: F401  (registers the recording attention)
 from a2ats_hf import calibrate
-
-from multi_gpu import LLAMA31_8B, build
-
-
-class WordTokenizer:
-    """Enough of a tokenizer for a random-weight model: one id per word."""
-
-    eos_token_id = 2
-
-    def __init__(self, vocab_size: int = LLAMA31_8B.vocab_size):
-        self.vocab_size = vocab_size
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [3 + hash(w) % (self.vocab_size - 3) for w in text.split()]}
-
-
-def texts(seed: int = 0):
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(50000)]
-    while True:
-        yield " ".join(rng.choice(words) for _ in range(4096))
+from bench.common import WordTokenizer, build, texts
 
 
 def main() -> None:

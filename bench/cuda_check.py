@@ -2,7 +2,7 @@
 sdpa + DynamicCache, a left-padded batch, and wall time (prefill included; sdpa timed after a warm-up run), eager
 (the CPU store) and graph-captured (the K/V on the GPU, :func:`a2ats_hf.graphs.capture_decoding`).
 
-Run on the GPU box:  PYTHONPATH=. python3 bench/cuda_check.py   (writes bench/results/cuda-check-<gpu>.json)
+Run on the GPU box:  python -m bench.cuda_check   (writes bench/results/cuda-check-<gpu>.json)
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ weighted by the distance queries, window).
 Codebooks are calibrated on Emma, Pride & Prejudice and Mansfield Park with the demo's settings (1024 centroids
 unless the variant says otherwise), built once per variant into the asset cache.
 
-    python bench/evaluation.py --device cuda        # the whole suite (the tables and figures of docs/results.md)
-    python bench/evaluation.py --lengths 4096 --topk 0.03 --no-ablations --samples 1   # a quicker cut
+    python -m bench.evaluation --device cuda        # the whole suite (the tables and figures of docs/results.md)
+    python -m bench.evaluation --lengths 4096 --topk 0.03 --no-ablations --samples 1   # a quicker cut
 Results accumulate in bench/results/accuracy-smollm2.json: a rerun skips what that file already holds, so an
-interrupted run resumes. `python bench/report.py` turns the file into the tables of docs/results.md and docs/figures.
+interrupted run resumes. `python -m bench.report` turns the file into the tables of docs/results.md and docs/figures.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
    split by phase (each phase timed alone, with syncs) and the real overlapped step; beside it, sdpa over the full
    K/V on the GPU (DynamicCache) and the offloaded-cache way (copy the layer's K/V to the GPU, then sdpa).
 
-Run on the GPU box:  PYTHONPATH=. python3 bench/kernels_bench.py [--quick]   (writes bench/results/kernels-<gpu>.json)
+Run on the GPU box:  python -m bench.kernels_bench [--quick]   (writes bench/results/kernels-<gpu>.json)
 """
 
 from __future__ import annotations
@@ -36,35 +36,11 @@ from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_attention
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore
+from bench.common import cuda_time, wall_time
 
 HKV, GROUP, D, M = 8, 4, 128, 4096
 LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                       num_hidden_layers=1, rope_theta=500000.0, max_position_embeddings=1 << 20)
-
-
-def cuda_time(fn, reps: int = 20) -> float:
-    """Mean seconds per call on the GPU (after a warm-up call)."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
-
-
-def wall_time(fn, reps: int = 5) -> float:
-    """Median wall seconds per call (after a warm-up call), syncing the GPU if one is used."""
-    fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 def bandwidths() -> dict:

@@ -7,7 +7,7 @@ every token whatever they are. Decode time per token is taken between consecutiv
 prefill is timed apart.
 
 Run on a box with two GPUs (NVLink multicast off):
-  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. python bench/multi_gpu.py
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python -m bench.multi_gpu
 (writes bench/results/multi-gpu-<gpu>.json and prints a table; `--contexts` with no value runs the checks alone).
 """
 
@@ -21,49 +21,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor
+from transformers import DynamicCache, LogitsProcessor
 
 from a2ats_hf import A2ATSCache, Codebooks, cache_argument
-from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import cpu_attention
-
-LLAMA31_8B = LlamaConfig(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    head_dim=128, vocab_size=128256, max_position_embeddings=131072 + 64, rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-)
-
-
-def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16) -> AutoModelForCausalLM:
-    """Random-weight model on ``gpus`` (one: all of it there; two: accelerate's balanced map over both)."""
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(LLAMA31_8B, dtype=dtype)
-    if len(gpus) == 1:
-        device_map = {"": gpus[0]}
-    else:
-        layers = ["LlamaDecoderLayer"]
-        memory = get_balanced_memory(model, max_memory={g: "120GiB" for g in gpus}, no_split_module_classes=layers,
-                                     dtype=dtype)
-        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=layers, dtype=dtype)
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        device = next(d for prefix, d in sorted(device_map.items(), key=lambda kv: -len(kv[0]))
-                      if name == prefix or name.startswith(prefix + ".") or prefix == "")
-        value = torch.empty(param.shape, dtype=dtype, device=device)
-        value.fill_(1.0) if param.dim() == 1 else value.normal_(0.0, 0.02)  # norms at 1, matrices small
-        set_module_tensor_to_device(model, name, device, value=value)
-    return dispatch_model(model, device_map).eval()
-
-
-def random_codebooks(seed: int = 0, centroids: int = 4096, config=LLAMA31_8B) -> Codebooks:
-    """Codebooks for ``config`` with random centroids and no whitening (speed does not depend on them)."""
-    g = torch.Generator().manual_seed(seed)
-    layers, hkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    return Codebooks(torch.eye(d).expand(layers, hkv, d, d).clone(),
-                     torch.randn(layers, hkv, centroids, d, generator=g) * 0.3, fingerprint(config))
+from bench.common import LLAMA31_8B, build, random_codebooks
 
 
 class Clock(LogitsProcessor):

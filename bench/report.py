@@ -1,6 +1,6 @@
 """Tables and figures from the evaluation suite's result files (written by bench/evaluation.py).
 
-    python bench/report.py [--suite RESULTS.json] [--fidelity RESULTS.json ...]   # default: docs/results.md's files
+    python -m bench.report [--suite RESULTS.json] [--fidelity RESULTS.json ...]   # default: docs/results.md's files
 Prints markdown tables (RULER-style score per task and method at 3%, with the mean relative to full attention;
 perplexity and attention fidelity per method) and draws accuracy and fidelity against budget into docs/figures.
 """

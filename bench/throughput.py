@@ -12,7 +12,7 @@ over the median step. A2ATS's codebooks are random (4096 centroids per layer and
 or calibrated on the random model's own keys with ``--calibrate-tokens``.
 The split of an A2ATS step comes from a few more steps with each phase timed alone (synced, so not overlapped).
 
-    PYTHONPATH=. python bench/throughput.py [--contexts 32768 65536 131072] [--out FILE]
+    python -m bench.throughput [--contexts 32768 65536 131072] [--out FILE]
 
 writes bench/results/throughput-<gpu>.json (after every run, so an interrupted run keeps what it measured) and
 prints a table; ``--tiny`` runs a small model on whatever device there is (a smoke run).
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import json
-import os
 import pstats
 import re
 import time
@@ -38,10 +36,8 @@ from a2ats_hf.graphs import capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.scoring import DistanceBuckets, Scorer, scorer_of
 from a2ats_hf.store import available_memory, kv_bytes
-
-from calibration_cost import WordTokenizer, texts
-from kernels_bench import phase_timers
-from multi_gpu import LLAMA31_8B, build, random_codebooks
+from bench.common import LLAMA31_8B, WordTokenizer, build, environment, random_codebooks, release, sync, texts
+from bench.kernels_bench import phase_timers
 
 TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                    num_key_value_heads=2, head_dim=32, vocab_size=1000, max_position_embeddings=8192)
@@ -85,36 +81,6 @@ def kv_budget(device: torch.device, config, batch: int, n: int) -> int | None:
         return None
     per_layer = kv_bytes(batch, config.num_key_value_heads, config.head_dim, torch.bfloat16, n, 1)
     return max(torch.cuda.mem_get_info(device)[0] - 8 * per_layer - 4 * 2**30, 0)
-
-
-def environment() -> dict:
-    """What a result was measured with: the commit, library versions, GPU and CPU."""
-    import platform
-    import subprocess
-
-    import transformers
-
-    commit = os.environ.get("A2ATS_COMMIT")  # where the tree was copied without its history (a lent GPU)
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        pass
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
-    return {"commit": commit, "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton_version, "cpu": cpu, "cpu_cores": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_steps: int, profile: bool = False,
@@ -234,14 +200,6 @@ def scorer(name: str) -> Scorer:
     """A scorer from its name, or "distance:P" for the distance scorer with P buckets per octave."""
     kind, _, per_octave = name.partition(":")
     return DistanceBuckets(per_octave=int(per_octave)) if kind == "distance" and per_octave else scorer_of(name)
-
-
-def release(device: torch.device) -> None:
-    """Give back what a finished run held: GPU blocks and the pinned host blocks torch caches."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch._C._host_emptyCache()
 
 
 def plot(results: dict, path: Path) -> None:

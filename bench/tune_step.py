@@ -3,7 +3,7 @@ weights) at 128K, A2ATS offload="none" in CUDA graphs, each setting changed alon
 value of each together; ms per step beside the defaults' (a kernel timed alone is bound by its Python launch, so
 only the captured step can rank them).
 
-    PYTHONPATH=. python bench/tune_step.py [--batch 1] [--budget kv_head]   (GPU only; writes --out if given)
+    python -m bench.tune_step [--batch 1] [--budget kv_head]   (GPU only; writes --out if given)
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from pathlib import Path
 
 from a2ats_hf import A2ATSCache
 from a2ats_hf.kernels import triton_attention, triton_codes, triton_topk
-
-from multi_gpu import build, random_codebooks
-from throughput import environment, measure, release
+from bench.common import build, environment, random_codebooks, release
+from bench.throughput import measure
 
 SETTINGS = {  # (module, constant): values to try; the module's own value is the default
     (triton_attention, "PROGRAMS_PER_UNIT"): [4, 16], (triton_attention, "MIN_SPLIT_KEYS"): [64, 256],

@@ -1,0 +1,1 @@
+"""Benchmarks and the evaluation runner; run each from the repository's root as ``python -m bench.<name>``."""

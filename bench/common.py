@@ -1,0 +1,137 @@
+"""What the benchmarks share: the Llama-3.1-8B architecture with random weights and codebooks (speed does not depend
+on the values), a word tokenizer and endless random text for calibrating it, GPU and wall timers, and the
+environment record every results file carries."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from a2ats_hf import Codebooks
+from a2ats_hf.codebooks import fingerprint
+
+LLAMA31_8B = LlamaConfig(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, vocab_size=128256, max_position_embeddings=131072 + 64, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
+
+
+def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16) -> AutoModelForCausalLM:
+    """Random-weight model on ``gpus`` (one: all of it there; two: accelerate's balanced map over both)."""
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(LLAMA31_8B, dtype=dtype)
+    if len(gpus) == 1:
+        device_map = {"": gpus[0]}
+    else:
+        layers = ["LlamaDecoderLayer"]
+        memory = get_balanced_memory(model, max_memory={g: "120GiB" for g in gpus}, no_split_module_classes=layers,
+                                     dtype=dtype)
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=layers, dtype=dtype)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        device = next(d for prefix, d in sorted(device_map.items(), key=lambda kv: -len(kv[0]))
+                      if name == prefix or name.startswith(prefix + ".") or prefix == "")
+        value = torch.empty(param.shape, dtype=dtype, device=device)
+        value.fill_(1.0) if param.dim() == 1 else value.normal_(0.0, 0.02)  # norms at 1, matrices small
+        set_module_tensor_to_device(model, name, device, value=value)
+    return dispatch_model(model, device_map).eval()
+
+
+def random_codebooks(seed: int = 0, centroids: int = 4096, config=LLAMA31_8B) -> Codebooks:
+    """Codebooks for ``config`` with random centroids and no whitening (speed does not depend on them)."""
+    g = torch.Generator().manual_seed(seed)
+    layers, hkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    return Codebooks(torch.eye(d).expand(layers, hkv, d, d).clone(),
+                     torch.randn(layers, hkv, centroids, d, generator=g) * 0.3, fingerprint(config))
+
+
+class WordTokenizer:
+    """Enough of a tokenizer for a random-weight model: one id per word."""
+
+    eos_token_id = 2
+
+    def __init__(self, vocab_size: int = LLAMA31_8B.vocab_size):
+        self.vocab_size = vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [3 + hash(w) % (self.vocab_size - 3) for w in text.split()]}
+
+
+def texts(seed: int = 0):
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(50000)]
+    while True:
+        yield " ".join(rng.choice(words) for _ in range(4096))
+
+
+def cuda_time(fn, reps: int = 20) -> float:
+    """Mean seconds per call on the GPU (after a warm-up call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps / 1e3
+
+
+def wall_time(fn, reps: int = 5) -> float:
+    """Median wall seconds per call (after a warm-up call), syncing the GPU if one is used."""
+    fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    """Give back what a finished run held: GPU blocks and the pinned host blocks torch caches."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch._C._host_emptyCache()
+
+
+def environment() -> dict:
+    """What a result was measured with: the commit, library versions, GPU and CPU."""
+    import subprocess
+
+
+    commit = os.environ.get("A2ATS_COMMIT")  # where the tree was copied without its history (a lent GPU)
+    try:
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        pass
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
+    return {"commit": commit, "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton_version, "cpu": cpu, "cpu_cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
