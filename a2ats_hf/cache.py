@@ -17,7 +17,7 @@ from .codebooks import Codebooks
 from .kernels import code_histogram
 from .rope import RoPE
 from .scoring import Scorer, scorer_of
-from .store import DeviceKVStore, KVStore, check_memory, kv_bytes, select
+from .store import DeviceKVStore, KVStore, Store, check_memory, kv_bytes, select
 
 BUDGETS = ("query_head", "kv_head")
 OFFLOADS = ("cpu", "none", "auto")
@@ -431,7 +431,7 @@ class A2ATSLayer(CacheLayerMixin):
         tensors = (self.code_buffer, self.local_keys, self.local_values) + self.cache.scorer.held(self)
         tensors += () if self.histogram is None else (self.histogram,)
         device = sum(t.numel() * t.element_size() for t in tensors)
-        if isinstance(self.store, DeviceKVStore):
+        if self.store.resident:
             return device + self.store.nbytes, 0
         return device, self.store.nbytes
 
@@ -625,7 +625,7 @@ class A2ATSCache(Cache):
                 self.gpu_kv_left = 0  # a CPU model: CPU memory is where "offloading" leads anyway
         return self.gpu_kv_left
 
-    def new_store(self, key_states: torch.Tensor) -> KVStore | DeviceKVStore:
+    def new_store(self, key_states: torch.Tensor) -> Store:
         """Where a layer keeps its K/V, from its prompt's keys [B, Hkv, T, D]: the device (room for ``max_length``
         or the prompt) under offload="none", or under "auto" while the budget lasts; CPU memory otherwise."""
         b, h, t, d = key_states.shape

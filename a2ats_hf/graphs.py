@@ -22,7 +22,6 @@ from torch import nn
 
 from .cache import A2ATSCache, A2ATSLayer
 from .step import BUCKET, StaticStep, bucket_width
-from .store import DeviceKVStore
 
 GRAPH_SCORERS = ("wrope", "distance", "window")  # scorers with a capture-ready step (the baselines have none)
 
@@ -75,7 +74,7 @@ class GraphRunner:
         if n == 0 or cache.scorer.name not in GRAPH_SCORERS or cache.validity is None or cache.observers:
             return False
         layers = cache.layers
-        if not all(isinstance(layer, A2ATSLayer) and isinstance(layer.store, DeviceKVStore) for layer in layers):
+        if not all(isinstance(layer, A2ATSLayer) and layer.store.resident for layer in layers):
             return False
         device = layers[0].device
         if any(layer.device != device for layer in layers) or (self.capture and device.type != "cuda"):

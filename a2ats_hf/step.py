@@ -18,7 +18,7 @@ import torch
 
 from . import kernels
 from .cache import A2ATSLayer
-from .store import BLOCK_SIZE, DeviceKVStore
+from .store import BLOCK_SIZE
 
 
 def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -113,7 +113,7 @@ def decode_attention(
     """
     cache, hkv = layer.cache, key.shape[1]
     layer.advance(key, value, masks.far)
-    if not isinstance(layer.store, DeviceKVStore):
+    if not layer.store.resident:
         out, selected = _offloaded(layer, query, position_ids, masks, scaling)
     elif layer.width < cache.dense_below and cache.scorer.retrieves:  # too short for retrieval to pay
         valid = masks.valid[:, None].expand(-1, hkv, -1)

@@ -1,11 +1,12 @@
-"""Where one layer's full post-RoPE K/V lives: `KVStore` in CPU memory, grown in fixed blocks (never re-copied),
-or `DeviceKVStore` in one buffer on the GPU (``A2ATSCache(offload="none")``)."""
+"""Where one layer's full post-RoPE K/V lives, behind one interface (:class:`Store`): `KVStore` in CPU memory, grown
+in fixed blocks (never re-copied), or `DeviceKVStore` in one buffer on the GPU (``A2ATSCache(offload="none")``)."""
 
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -66,12 +67,34 @@ def kv_bytes(batch: int, heads: int, head_dim: int, dtype: torch.dtype, tokens: 
     return 2 * math.ceil(tokens / block_size) * block_size * batch * heads * head_dim * dtype.itemsize
 
 
+class Store(Protocol):
+    """What a layer's K/V store offers, wherever it keeps the K/V: ``resident`` says whether the K/V sits on the
+    layer's device (its selected rows attended there) or in CPU memory (attended by the CPU kernel)."""
+
+    resident: bool
+    shape: tuple[int, int, int, int]  # [B, H, block or buffer granularity, D]
+    dtype: torch.dtype
+    device: torch.device
+    length: int
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None: ...
+    def wait(self) -> None: ...
+    def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def to_tensors(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def select_rows(self, index: torch.Tensor) -> None: ...
+    def truncate(self, length: int) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
 class KVStore:
     """Keys and values [B, H, N, D] kept as a list of [B, H, block_size, D] blocks on the CPU.
 
     Appending fills the last block and adds new ones as needed, so what is stored is never copied again.
     Blocks are pinned when CUDA is available, so appends from the GPU are asynchronous copies.
     """
+
+    resident = False
 
     def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, block_size: int | None = None):
         block_size = block_size or block_tokens(batch, heads, head_dim, dtype)
@@ -175,6 +198,8 @@ class DeviceKVStore:
     4096 decode steps), never by a factor: a long context's K/V fills most of the GPU, and growing every layer by
     half would not fit. A cache given ``max_length`` allocates it whole at the prompt, so it never grows.
     """
+
+    resident = True
 
     def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  capacity: int = 0):

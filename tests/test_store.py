@@ -96,3 +96,14 @@ def test_select_rows_and_truncate_follow_the_whole_kv(kind):
     torch.testing.assert_close(store.to_tensors(), (expected_keys, expected_values), rtol=0, atol=0)
     if kind == "cpu-blocks":
         assert len(store.key_blocks) == 2  # blocks past the cut were freed
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_stores_share_one_interface(kind):
+    """Both stores offer what the Store protocol names; ``resident`` tells the decode step where to attend."""
+    from a2ats_hf.store import Store
+
+    store = STORES[kind]()
+    names = [n for n in dir(Store) if not n.startswith("_")] + list(Store.__annotations__)
+    assert all(hasattr(store, name) for name in names), [n for n in names if not hasattr(store, n)]
+    assert store.resident == (kind == "device-buffer")
