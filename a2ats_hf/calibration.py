@@ -16,12 +16,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .codebooks import KEYS, SIGNATURE_SCHEME, Codebooks, check_int, check_supported, fingerprint, layer_signature
 from .kmeans import kmeans, second_moment, whitening
-from .rope import RoPE, apply_rope
-from .scoring import bucket_turns
+from .rope import RoPE, apply_rope, bucket_turns
 
 # The fewest text tokens calibrate() accepts (or n_centroids, if larger): below this the query moments and the keys'
 # clusters come from a handful of tokens, or from the random UUIDs alone.
 MIN_TEXT_TOKENS = 512
+RECORDER = "a2ats_recorder"  # the attribute a calibration in progress sets on each attention module it records
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -72,15 +72,14 @@ def uuid_texts(seed: int) -> Iterator[str]:
         yield " ".join(str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(64))
 
 
-_collector: "_Collector | None" = None  # the calibration in progress, seen by the recording attention
-
-
 def recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """The "a2ats_calibration" attention: exact sdpa that also hands the post-RoPE query and key to the
-    calibration in progress, so keys come from the model's own modules whatever their projection layout."""
-    if _collector is not None:
-        _collector.record(module, query, key, kwargs.get("position_ids"))
+    calibration in progress (set on the attention module while it runs), so keys come from the model's own modules
+    whatever their projection layout."""
+    collector = getattr(module, RECORDER, None)
+    if collector is not None:
+        collector.record(module, query, key, kwargs.get("position_ids"))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -219,12 +218,12 @@ def calibrate(
                          "tokens do not count). Pass more text.")
     if uuid_tokens > 0:
         ids = torch.cat([ids, token_stream(tokenizer, uuid_texts(seed), uuid_tokens)])
-    global _collector
     device = next(model.parameters()).device
     collector = _Collector(model, len(ids), offset, keys, queries, window, sink)
     implementation = model.config._attn_implementation
     model.set_attn_implementation("a2ats_calibration")
-    _collector = collector
+    for attention in collector.attentions.values():
+        setattr(attention, RECORDER, collector)
     try:
         chunks = range(0, len(ids), chunk_size)
         for start in tqdm(chunks, desc="calibration forward", disable=not progress):
@@ -233,7 +232,8 @@ def calibrate(
             model.base_model(input_ids=piece, use_cache=False)
             collector.filled += piece.shape[1]
     finally:
-        _collector = None
+        for attention in collector.attentions.values():
+            delattr(attention, RECORDER)
         model.set_attn_implementation(implementation)
     signatures = [collector.signatures.get(idx) or layer_signature(collector.attentions[idx])
                   for idx in collector.layers]

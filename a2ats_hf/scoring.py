@@ -18,7 +18,7 @@ import torch
 from . import kernels
 from .encoding import lookup_table
 from .kernels import code_histogram
-from .rope import RoPE, compose
+from .rope import bucket_turns, compose, distance_buckets
 
 if TYPE_CHECKING:
     from .cache import A2ATSLayer
@@ -98,39 +98,6 @@ class WindowedRoPE(Scorer):
         b = query.shape[0]
         rotation = cache.rope.windowed_rotation(position_ids[:, -1:].expand(b, 1), cache.codebooks.offset, query.device)
         return kernels.rotated_lookup_table(query, rotation, layer.centroids), layer.codes, layer.histogram
-
-
-def distance_buckets(distance: torch.Tensor, window: int, per_octave: int) -> torch.Tensor:
-    """Bucket of each distance: ``per_octave`` buckets per doubling of the distance from the window's edge on
-    (distances inside the window share the first)."""
-    octaves = torch.log2(distance.clamp(min=window).float() / window)
-    return (octaves * per_octave + 1e-6).floor().long()
-
-
-def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: int, per_octave: int = 1,
-                 rotation: str = "mean", device: torch.device | None = None, length: torch.Tensor | None = None):
-    """(cos, sin [B, 1, buckets, D'], bucket of each distance 0..``longest`` [longest + 1]) on ``device`` (default:
-    ``position_ids``'): the rotation standing for each distance bucket, the mean of its distances' rotations or the
-    rotation to its geometric centre. The bucket count comes from ``longest`` on the host, so nothing waits on the
-    device. With ``length`` [1] (a device tensor: a capture-ready step), only distances below it count, and a bucket
-    none of them reaches gets a zero rotation."""
-    device = device or position_ids.device
-    distance = torch.arange(longest + 1, device=device)
-    count = int(distance_buckets(torch.tensor([longest]), window, per_octave)) + 1
-    bucket = distance_buckets(distance, window, per_octave).clamp(max=count - 1)
-    if rotation == "mean":
-        cos, sin = rope.turns(distance, position_ids)  # [B, 1, N, D']
-        weight = torch.ones(distance.shape, device=device) if length is None else (distance < length).float()
-        sums = torch.zeros(*cos.shape[:2], count, cos.shape[-1], device=device)
-        size = torch.zeros(count, device=device).index_add(0, bucket, weight).clamp(min=1)[:, None]  # no sync
-        cos, sin = (sums.index_add(2, bucket, t * weight[:, None]) / size for t in (cos, sin))
-    else:
-        low = window * 2.0 ** (torch.arange(count, device=device) / per_octave)
-        center = (low * 2.0 ** (0.5 / per_octave)).round().long().clamp(max=longest)
-        if length is not None:
-            center = torch.minimum(center, length - 1)
-        cos, sin = rope.turns(center, position_ids)
-    return cos, sin, bucket
 
 
 @dataclass

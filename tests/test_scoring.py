@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
-from a2ats_hf.scoring import SCORERS, DistanceBuckets, Quest, distance_buckets, scorer_of
+from a2ats_hf.rope import distance_buckets
+from a2ats_hf.scoring import SCORERS, DistanceBuckets, Quest, scorer_of
 
 from conftest import DEVICE, CharTokenizer, ids_of
 
