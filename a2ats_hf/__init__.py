@@ -11,6 +11,7 @@ from .attention import a2ats_attention_forward
 from .cache import A2ATSCache, cache_argument
 from .calibration import calibrate, recording_attention
 from .codebooks import Codebooks
+from .config import A2ATSConfig
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,4 @@ AttentionMaskInterface.register("a2ats", sdpa_mask)
 AttentionInterface.register("a2ats_calibration", recording_attention)  # used by `calibrate` while it runs
 AttentionMaskInterface.register("a2ats_calibration", sdpa_mask)
 
-__all__ = ["A2ATSCache", "Codebooks", "cache_argument", "calibrate", "__version__"]
+__all__ = ["A2ATSCache", "A2ATSConfig", "Codebooks", "cache_argument", "calibrate", "__version__"]

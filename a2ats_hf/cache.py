@@ -14,13 +14,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from . import kernels
 from .codebooks import Codebooks
+from .config import A2ATSConfig
 from .kernels import code_histogram
 from .rope import RoPE
 from .scoring import Scorer, scorer_of
 from .store import DeviceKVStore, KVStore, Store, check_memory, kv_bytes, select
-
-BUDGETS = ("query_head", "kv_head")
-OFFLOADS = ("cpu", "none", "auto")
 
 
 def cache_argument(model: nn.Module, cache: Cache) -> dict[str, Cache]:
@@ -47,15 +45,6 @@ NOT_COMPILABLE = (
 )
 
 
-def check_int(name: str, value, low: int) -> int:
-    """``value`` if it is an int >= ``low`` (not a bool), else a TypeError / ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
 def _stored(index: int, name: str) -> property:
     """A layer's stored ``name`` (0: keys, 1: values) [B, Hkv, N, D] where they live, as transformers' layers expose
     them: views of a device store, a copy of the CPU blocks; None before the first forward. Read-only."""
@@ -68,15 +57,6 @@ def _stored(index: int, name: str) -> property:
             raise AttributeError(f"A2ATSLayer.{name} is read-only: it reads the layer's store")
 
     return property(get, set_, doc=f"Stored post-RoPE {name} [B, Hkv, N, D] (None before the first forward).")
-
-
-def check_topk(topk: float | int) -> None:
-    if isinstance(topk, bool) or not isinstance(topk, (int, float)):
-        raise TypeError(f"topk must be a float fraction in (0, 1] or a positive int token budget, got {topk!r}")
-    if isinstance(topk, int) and topk <= 0:
-        raise ValueError(f"topk as a token budget must be a positive int, got {topk}")
-    if isinstance(topk, float) and not 0.0 < topk <= 1.0:
-        raise ValueError(f"topk as a fraction must lie in (0, 1], got {topk}")
 
 
 class AttendedStats:
@@ -172,6 +152,7 @@ class A2ATSLayer(CacheLayerMixin):
     def __init__(self, cache: "A2ATSCache", layer_idx: int, book: int):
         super().__init__()
         self.layer_idx, self.book, self.first = layer_idx, book, book == 0
+        self.config = cache.config  # the settings, immutable: read directly
         self.cache_ref = weakref.ref(cache)
         self.awaiting_attention = False  # K/V stored by `update` that the "a2ats" attention has not read yet
 
@@ -183,10 +164,10 @@ class A2ATSLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         self.store = self.cache.new_store(key_states)
-        capacity = max(key_states.shape[-2], self.cache.max_length or 0)  # grown by doubling past it
+        capacity = max(key_states.shape[-2], self.config.max_length or 0)  # grown by doubling past it
         self.code_buffer = torch.zeros(b, h, capacity, dtype=torch.uint16, device=self.device)  # codes in range
         self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, for scorers reading it
-        self.local_keys = torch.zeros(b, h, self.cache.sink + self.cache.window, d, dtype=self.dtype,
+        self.local_keys = torch.zeros(b, h, self.config.sink + self.config.window, d, dtype=self.dtype,
                                       device=self.device)
         self.local_values = torch.zeros_like(self.local_keys)
         self.first_token = torch.zeros(b, dtype=torch.long, device=self.device)  # column of each row's first real token
@@ -223,7 +204,7 @@ class A2ATSLayer(CacheLayerMixin):
             self.fill_ring(key_states, value_states)
         else:  # a capture-ready step: written at the column the device holds, the host's length moved by the runner
             kernels.write_token(key_states, value_states, self.store.keys, self.store.values, self.local_keys,
-                                self.local_values, static.column, self.cache.sink, self.cache.window)
+                                self.local_values, static.column, self.config.sink, self.config.window)
         key_states.a2ats_layer = value_states.a2ats_layer = self
         self.awaiting_attention = True
         return key_states, value_states
@@ -231,7 +212,7 @@ class A2ATSLayer(CacheLayerMixin):
     def fill_ring(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Copy the window's share of ``keys`` / ``values`` [B, Hkv, T, D], the store's last T columns, into the ring
         (a copy: no view keeps a whole prompt alive on the device)."""
-        n, sink, window = self.store.length, self.cache.sink, self.cache.window
+        n, sink, window = self.store.length, self.config.sink, self.config.window
         last = min(keys.shape[-2], window)
         if last == 1:
             slot = sink + (n - 1) % window
@@ -295,10 +276,10 @@ class A2ATSLayer(CacheLayerMixin):
         self.last_first_token = int(self.first_token.max())  # on the host: when every row's sinks are complete
         self.sink_valid: torch.Tensor | None = None  # validity of the sink slots, kept once it can no longer change
         cols = (self.first_token[:, None]
-                + torch.arange(self.cache.sink, device=self.device)).clamp(max=valid.shape[1] - 1)
+                + torch.arange(self.config.sink, device=self.device)).clamp(max=valid.shape[1] - 1)
         index = cols[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
-        self.local_keys[:, :, : self.cache.sink] = keys.gather(2, index)
-        self.local_values[:, :, : self.cache.sink] = values.gather(2, index)
+        self.local_keys[:, :, : self.config.sink] = keys.gather(2, index)
+        self.local_values[:, :, : self.config.sink] = values.gather(2, index)
         if self.cache.scorer.reads_code_histogram:
             self.histogram = code_histogram(self.codes, self.far_candidates(valid), self.centroids.shape[1])
 
@@ -308,14 +289,14 @@ class A2ATSLayer(CacheLayerMixin):
         """[B, width] bool: tokens eligible for retrieval (valid, outside each row's sinks and the window)."""
         cols = torch.arange(valid.shape[1], device=valid.device)
         real = cols[None] - self.first_token[:, None]  # index among each row's real tokens
-        return valid & (cols < self.length - self.cache.window) & (real >= self.cache.sink)
+        return valid & (cols < self.length - self.config.window) & (real >= self.config.sink)
 
     def sink_validity(self, valid: torch.Tensor) -> torch.Tensor:
         """[B, sink] bool: which sink slots hold a real token outside the window (``valid`` [B, width]); kept once
         every row's sinks have left the window, after which it cannot change."""
         if self.sink_valid is not None:
             return self.sink_valid
-        n, window, sink = self.length, self.cache.window, self.cache.sink
+        n, window, sink = self.length, self.config.window, self.config.sink
         cols = self.first_token[:, None] + torch.arange(sink, device=valid.device)
         sink_valid = (cols < n - window) & valid.gather(1, cols.clamp(max=valid.shape[1] - 1))
         if isinstance(n, int) and self.last_first_token + sink - 1 < n - window:
@@ -325,7 +306,7 @@ class A2ATSLayer(CacheLayerMixin):
     def local_validity(self, valid: torch.Tensor) -> torch.Tensor:
         """[B, sink + window] bool: which local slots hold a token the query may see (``valid`` [B, width]): the
         sinks outside the window, and the column each ring slot holds (none yet where fewer tokens have come)."""
-        n, window = self.length, self.cache.window
+        n, window = self.length, self.config.window
         slots = torch.arange(window, device=valid.device)
         cols = (n - 1) - (n - 1 - slots) % window
         ring_valid = valid.gather(1, cols.clamp(min=0).expand(valid.shape[0], -1)) & (cols >= 0)
@@ -335,7 +316,7 @@ class A2ATSLayer(CacheLayerMixin):
         """After one decoded token [B, Hkv, 1, D]: fill sink slots of rows still within their first ``sink`` tokens,
         and count the token that just left the window into the code histogram (where one is kept) if it is a
         candidate (``far`` [B, width]). In a capture-ready step both run masked, with no host decision."""
-        n, sink = self.length, self.cache.sink
+        n, sink = self.length, self.config.sink
         if self.sinks_filling():
             slot = n - 1 - self.first_token  # [B]
             inside = (slot < sink)[:, None, None, None]
@@ -346,9 +327,9 @@ class A2ATSLayer(CacheLayerMixin):
         if self.histogram is None:
             return
         if self.cache.static is not None:
-            kernels.count_leaving(self.histogram, self.code_buffer, far, self.cache.static.column, -self.cache.window)
+            kernels.count_leaving(self.histogram, self.code_buffer, far, self.cache.static.column, -self.config.window)
             return
-        col = n - 1 - self.cache.window
+        col = n - 1 - self.config.window
         if col >= 0:
             code, counted = self.code_buffer[:, :, col : col + 1].long(), far[:, None, col : col + 1]
             self.histogram.scatter_add_(-1, code, counted.expand_as(code).to(torch.int32))
@@ -358,7 +339,7 @@ class A2ATSLayer(CacheLayerMixin):
         before the latest row's first real token + ``sink``. A capture-ready step fills them only where this holds
         (the runner captures the two cases apart)."""
         column = self.store.length - (self.cache.static is None)  # the runner moves the host's length after the step
-        return column < self.last_first_token + self.cache.sink
+        return column < self.last_first_token + self.config.sink
 
     def get_seq_length(self) -> int:
         return self.store.length if self.is_initialized else 0
@@ -417,7 +398,7 @@ class A2ATSLayer(CacheLayerMixin):
         if m == n:
             return
         self.store.truncate(m)
-        self.fill_ring(*self.store.to_tensors(max(m - self.cache.window, 0), m))
+        self.fill_ring(*self.store.to_tensors(max(m - self.config.window, 0), m))
         self.sink_valid = None  # recomputed from the sinks still stored
         if self.histogram is not None:
             self.histogram = code_histogram(self.codes, self.far_candidates(self.cache.validity[:, :m].to(self.device)),
@@ -488,29 +469,15 @@ class A2ATSCache(Cache):
                     if isinstance(codebooks, (str, bytes)) or hasattr(codebooks, "__fspath__") else "")
             raise TypeError(f"A2ATSCache takes a Codebooks object as its first argument, got "
                             f"{type(codebooks).__name__}.{hint}")
-        check_topk(topk)
-        for name, value, low in (("window", window, 1), ("sink", sink, 0), ("max_length", max_length, 1)):
-            if value is not None:
-                check_int(name, value, low)
-        if offload not in OFFLOADS:
-            raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
-        if gpu_kv_budget is not None and (offload != "auto" or gpu_kv_budget < 0):
-            raise ValueError(f'gpu_kv_budget must be a number of bytes >= 0 with offload="auto", got '
-                             f"{gpu_kv_budget!r} with offload={offload!r}")
-        if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
-            raise ValueError(f"dense_below must be an int >= 0 (tokens), got {dense_below!r}")
-        self.offload, self.gpu_kv_budget, self.dense_below = offload, gpu_kv_budget, dense_below
+        self.config = A2ATSConfig(codebooks.window if window is None else window,
+                                  codebooks.sink if sink is None else sink, topk, budget, max_length, offload,
+                                  gpu_kv_budget, dense_below)
         self.gpu_kv_left: int | None = None  # what "auto" may still place on the device, set by the first layer
         self.scorer = scorer_of(scoring)
         if self.scorer.keys not in (None, codebooks.keys):
             raise ValueError(f'scoring="{self.scorer.name}" reads codes of {self.scorer.keys} keys, but these '
                              f'codebooks quantize {codebooks.keys} keys')
-        if budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-        self.codebooks, self.topk, self.budget = codebooks, topk, budget
-        self.window = codebooks.window if window is None else window
-        self.sink = codebooks.sink if sink is None else sink
-        self.max_length = max_length
+        self.codebooks = codebooks
         self.rope: RoPE | None = None
         self.stats = AttendedStats()
         self.validity: torch.Tensor | None = None  # [B, N] keys valid so far, as the first layer last saw them
@@ -528,6 +495,16 @@ class A2ATSCache(Cache):
             for idx in range(n_layers)
         ])
         self.a2ats_layers = [layer for layer in self.layers if isinstance(layer, A2ATSLayer)]
+
+    # The settings, read-only, as attributes of the cache too (they live in its immutable config).
+    topk = property(lambda self: self.config.topk)
+    window = property(lambda self: self.config.window)
+    sink = property(lambda self: self.config.sink)
+    budget = property(lambda self: self.config.budget)
+    max_length = property(lambda self: self.config.max_length)
+    offload = property(lambda self: self.config.offload)
+    gpu_kv_budget = property(lambda self: self.config.gpu_kv_budget)
+    dense_below = property(lambda self: self.config.dense_below)
 
     @classmethod
     def from_pretrained(
@@ -595,18 +572,19 @@ class A2ATSCache(Cache):
         not fit where it is kept (CPU memory, or the device's with ``offload="none"``), or the codes, sinks and
         window would not fit on the device."""
         b, h, t, d = key_states.shape
-        if self.max_length is not None and t > self.max_length:
-            raise ValueError(f"The prompt has {t} tokens, more than this A2ATSCache's max_length={self.max_length}.")
-        tokens, device, dtype = max(t, self.max_length or 0), key_states.device, key_states.dtype
+        config = self.config
+        if config.max_length is not None and t > config.max_length:
+            raise ValueError(f"The prompt has {t} tokens, more than this A2ATSCache's max_length={config.max_length}.")
+        tokens, device, dtype = max(t, config.max_length or 0), key_states.device, key_states.dtype
         layers = len(self.a2ats_layers)
-        resident = {"none": layers, "cpu": 0}.get(self.offload)
+        resident = {"none": layers, "cpu": 0}.get(self.config.offload)
         if resident is None:  # "auto": the layers within the device budget stay on the device
             resident = min(layers, self.device_budget(device) // kv_bytes(b, h, d, dtype, tokens, 1))
-        local = layers * b * h * (2 * (self.sink + self.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes
+        local = layers * b * h * (2 * (config.sink + config.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes
         on_device = local + resident * kv_bytes(b, h, d, dtype, tokens, 1)
         offloaded = (layers - resident) * kv_bytes(b, h, d, dtype, tokens)
         kv = f"The K/V of {layers - resident} layers x batch {b} x {tokens} tokens"
-        local = (f"the codes, {self.sink} sinks and {self.window}-token window of {layers} layers (with the K/V of "
+        local = (f"the codes, {config.sink} sinks and {config.window}-token window of {layers} layers (with the K/V of "
                  f"{resident} layers kept on {device})")
         if device.type == "cuda":
             check_memory(on_device, local[0].upper() + local[1:], device)
@@ -617,8 +595,8 @@ class A2ATSCache(Cache):
     def device_budget(self, device: torch.device) -> int:
         """Bytes of K/V that offload="auto" may still place on the device (fixed by the first layer)."""
         if self.gpu_kv_left is None:
-            if self.gpu_kv_budget is not None:
-                self.gpu_kv_left = self.gpu_kv_budget
+            if self.config.gpu_kv_budget is not None:
+                self.gpu_kv_left = self.config.gpu_kv_budget
             elif device.type == "cuda":
                 self.gpu_kv_left = max(int(0.9 * torch.cuda.mem_get_info(device)[0]) - 2 * 2**30, 0)
             else:
@@ -630,9 +608,9 @@ class A2ATSCache(Cache):
         or the prompt) under offload="none", or under "auto" while the budget lasts; CPU memory otherwise."""
         b, h, t, d = key_states.shape
         device, dtype = key_states.device, key_states.dtype
-        capacity = max(t, self.max_length or 0)
-        resident = self.offload == "none"
-        if self.offload == "auto":
+        capacity = max(t, self.config.max_length or 0)
+        resident = self.config.offload == "none"
+        if self.config.offload == "auto":
             need = kv_bytes(b, h, d, dtype, capacity, 1)
             resident = need <= self.device_budget(device)
             self.gpu_kv_left -= need if resident else 0
@@ -642,11 +620,12 @@ class A2ATSCache(Cache):
 
     def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
         """Tokens to retrieve per row from its number of far tokens (a tensor [B], or one int on the host)."""
+        topk = self.config.topk
         if isinstance(n_far, int):
-            return min(math.ceil(n_far * self.topk), n_far) if isinstance(self.topk, float) else min(n_far, self.topk)
-        if isinstance(self.topk, float):
-            return torch.ceil(n_far.double() * self.topk).long().clamp(max=n_far)
-        return n_far.clamp(max=self.topk)
+            return min(math.ceil(n_far * topk), n_far) if isinstance(topk, float) else min(n_far, topk)
+        if isinstance(topk, float):
+            return torch.ceil(n_far.double() * topk).long().clamp(max=n_far)
+        return n_far.clamp(max=topk)
 
     def reset(self) -> None:
         for layer in self.layers:

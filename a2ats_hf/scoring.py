@@ -143,7 +143,7 @@ class DistanceBuckets(Scorer):
         length = None if static is None else static.length
 
         def compute():
-            cos, sin, bucket = bucket_turns(rope, width - 1, position_ids, layer.cache.window, self.per_octave,
+            cos, sin, bucket = bucket_turns(rope, width - 1, position_ids, layer.config.window, self.per_octave,
                                             self.rotation, device, length)
             cos, sin = compose(rope.inverse_rotation(position_ids, device), (cos, sin))  # un-rotate, then turn
             return cos, sin, bucket, torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
@@ -162,11 +162,11 @@ class DistanceBuckets(Scorer):
         fits = state is not None and state.histogram.shape[-1] >= width and state.buffer.shape[-1] >= layer.width
         if fits and state.length == n - 1:
             kernels.move_bucket_columns(state.buffer, state.histogram, layer.code_buffer, far, starts,
-                                        layer.length, layer.centroids.shape[1], layer.cache.window)
+                                        layer.length, layer.centroids.shape[1], layer.config.window)
         elif not (fits and state.length == n):
             capacity = layer.code_buffer.shape[-1] if static else 2 * n
             m = layer.centroids.shape[1]
-            buckets = int(distance_buckets(torch.tensor([capacity - 1]), layer.cache.window, self.per_octave)) + 1
+            buckets = int(distance_buckets(torch.tensor([capacity - 1]), layer.config.window, self.per_octave)) + 1
             buffer = torch.zeros(*layer.codes.shape[:2], capacity, dtype=torch.int32, device=far.device)
             buffer[:, :, :n] = bucket[:n].flip(0) * m + layer.code_buffer[:, :, :n].to(torch.int32)  # j: n-1-j back
             histogram = code_histogram(buffer[:, :, :n], far[:, :n], max(buckets * m, width))

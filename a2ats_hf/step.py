@@ -115,7 +115,7 @@ def decode_attention(
     layer.advance(key, value, masks.far)
     if not layer.store.resident:
         out, selected = _offloaded(layer, query, position_ids, masks, scaling)
-    elif layer.width < cache.dense_below and cache.scorer.retrieves:  # too short for retrieval to pay
+    elif layer.width < layer.config.dense_below and cache.scorer.retrieves:  # too short for retrieval to pay
         valid = masks.valid[:, None].expand(-1, hkv, -1)
         out, _ = kernels.attention_with_lse(query, *layer.store.to_tensors(end=layer.width), valid, scaling)
         selected = masks.far_counts[:, None].expand(-1, hkv)  # every far token
@@ -142,11 +142,12 @@ def _select(
     """The far tokens to attend, (indices [B, Hkv, K], counts [B, Hkv]) on the device, or None where there is
     nothing to retrieve (a short context, or a scorer that retrieves nothing)."""
     cache = layer.cache
-    k_max = cache.budget_for(max(layer.width - cache.window - cache.sink, 0))  # host-side: nothing waits
+    k_max = cache.budget_for(max(layer.width - layer.config.window - layer.config.sink, 0))  # host-side: nothing waits
     if k_max == 0 or not cache.scorer.retrieves:
         return None
     lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling, masks.far)
-    return kernels.select_topk(lut, codes, masks.far, masks.budget, cache.budget, histogram=histogram, k_max=k_max)
+    return kernels.select_topk(lut, codes, masks.far, masks.budget, layer.config.budget, histogram=histogram,
+                               k_max=k_max)
 
 
 def _offloaded(

@@ -409,3 +409,23 @@ def test_torch_compile_fullgraph_names_the_graph_route(tiny):
         logits(torch.compile(model.forward, backend="eager", fullgraph=True))
     assert torch.equal(logits(torch.compile(model.forward, backend="eager")), logits(model.forward))
     torch._dynamo.reset()
+
+
+def test_settings_live_in_one_immutable_config(tiny):
+    """The cache's settings are one validated, frozen A2ATSConfig that its layers hold; the cache's attributes read
+    it and cannot be assigned."""
+    import dataclasses
+
+    from a2ats_hf import A2ATSConfig
+
+    books = tiny[1]
+    cache = A2ATSCache(books, topk=0.05, window=32, budget="kv_head")
+    assert cache.config == A2ATSConfig(window=32, sink=books.sink, topk=0.05, budget="kv_head")
+    assert all(layer.config is cache.config for layer in cache.a2ats_layers)
+    assert (cache.topk, cache.window, cache.budget) == (0.05, 32, "kv_head")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cache.config.topk = 0.5
+    with pytest.raises(AttributeError):
+        cache.topk = 0.5
+    with pytest.raises(ValueError, match="offload must be one of"):
+        A2ATSConfig(window=8, sink=0, offload="gpu")

@@ -193,7 +193,7 @@ def test_topk_parsing_agrees_with_the_cache():
     """The CLI accepts exactly the topk values A2ATSCache does (it checks them without importing the library)."""
     import argparse
 
-    from a2ats_hf.cache import check_topk
+    from a2ats_hf.config import check_topk
 
     for value in ["0.03", "1", "512", "1.0", "1e-2", "0", "0.0", "-3", "1.5", "2e3", "abc", "nan", "inf", ""]:
         try:

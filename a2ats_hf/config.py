@@ -1,0 +1,51 @@
+"""`A2ATSConfig`: an A2ATSCache's settings, validated once and immutable, which its layers read directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .codebooks import check_int
+
+BUDGETS = ("query_head", "kv_head")
+OFFLOADS = ("cpu", "none", "auto")
+
+
+def check_topk(topk: float | int) -> None:
+    """TypeError / ValueError unless ``topk`` is a fraction in (0, 1] or a positive int budget."""
+    if isinstance(topk, bool) or not isinstance(topk, (int, float)):
+        raise TypeError(f"topk must be a float fraction in (0, 1] or a positive int token budget, got {topk!r}")
+    if isinstance(topk, int) and topk <= 0:
+        raise ValueError(f"topk as a token budget must be a positive int, got {topk}")
+    if isinstance(topk, float) and not 0.0 < topk <= 1.0:
+        raise ValueError(f"topk as a fraction must lie in (0, 1], got {topk}")
+
+
+@dataclass(frozen=True)
+class A2ATSConfig:
+    """What :class:`~a2ats_hf.cache.A2ATSCache` takes besides its codebooks and scorer (see it for each setting),
+    with ``window`` and ``sink`` resolved from the codebooks' defaults. Every field is checked on construction."""
+
+    window: int
+    sink: int
+    topk: float | int = 0.03
+    budget: str = "query_head"
+    max_length: int | None = None
+    offload: str = "cpu"
+    gpu_kv_budget: int | None = None
+    dense_below: int = 4096
+
+    def __post_init__(self):
+        check_topk(self.topk)
+        check_int("window", self.window, 1)
+        check_int("sink", self.sink, 0)
+        if self.max_length is not None:
+            check_int("max_length", self.max_length, 1)
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"offload must be one of {OFFLOADS}, got {self.offload!r}")
+        if self.gpu_kv_budget is not None and (self.offload != "auto" or self.gpu_kv_budget < 0):
+            raise ValueError(f'gpu_kv_budget must be a number of bytes >= 0 with offload="auto", got '
+                             f"{self.gpu_kv_budget!r} with offload={self.offload!r}")
+        if isinstance(self.dense_below, bool) or not isinstance(self.dense_below, int) or self.dense_below < 0:
+            raise ValueError(f"dense_below must be an int >= 0 (tokens), got {self.dense_below!r}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
