@@ -32,7 +32,7 @@ def a2ats_attention_forward(
     layer.awaiting_attention = False
     rope = layer.cache.bind(module)
     if layer.first:
-        rope.new_step()
+        layer.cache.pass_memo.clear()
     batch, _, length, _ = query.shape
     n = layer.store.length
     position_ids = kwargs.get("position_ids")

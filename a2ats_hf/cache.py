@@ -16,6 +16,7 @@ from . import kernels
 from .codebooks import Codebooks
 from .config import A2ATSConfig
 from .kernels import code_histogram
+from .memo import PassMemo
 from .rope import RoPE
 from .scoring import Scorer, scorer_of
 from .store import DeviceKVStore, KVStore, Store, check_memory, kv_bytes, select
@@ -479,6 +480,7 @@ class A2ATSCache(Cache):
                              f'codebooks quantize {codebooks.keys} keys')
         self.codebooks = codebooks
         self.rope: RoPE | None = None
+        self.pass_memo = PassMemo()  # what the layers of one forward pass share (masks, rotations, distance tables)
         self.stats = AttendedStats()
         self.validity: torch.Tensor | None = None  # [B, N] keys valid so far, as the first layer last saw them
         self.validated: set[int] = set()  # layers whose weights were checked against the codebooks
@@ -552,7 +554,7 @@ class A2ATSCache(Cache):
             self.codebooks.validate(attention.config, attention)
             self.validated.add(attention.layer_idx)
         if self.rope is None:
-            self.rope = RoPE.for_attention(attention)
+            self.rope = RoPE.for_attention(attention, self.pass_memo)
         return self.rope
 
     def record_validity(self, valid: torch.Tensor) -> None:

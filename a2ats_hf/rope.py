@@ -80,22 +80,22 @@ class RoPE:
     layers spread over devices do not move it back and forth.
     """
 
-    def __init__(self, rotary: nn.Module, **kwargs):
+    def __init__(self, rotary: nn.Module, *, memo: PassMemo | None = None, **kwargs):
         self.rotary, self.kwargs = rotary, kwargs
         self.on_device: dict[str, nn.Module] = {}
-        self.memo = PassMemo()  # the pass's memo, shared by its layers (rotations, masks, distance tables)
+        self.memo = PassMemo() if memo is None else memo  # a forward pass's rotations (a cache gives its own memo)
 
     def new_step(self) -> None:
         """Forget what the previous forward pass kept."""
         self.memo.clear()
 
     @classmethod
-    def for_attention(cls, attention: nn.Module) -> "RoPE":
+    def for_attention(cls, attention: nn.Module, memo: PassMemo | None = None) -> "RoPE":
         """A private rotary embedding of the model's own class and config, so its dynamic state is not shared."""
         from .families import family_of
 
         config = attention.config
-        return cls(find_rotary_class(attention)(config), **family_of(config).rope_kwargs(config))
+        return cls(find_rotary_class(attention)(config), memo=memo, **family_of(config).rope_kwargs(config))
 
     def cos_sin(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``cos``, ``sin`` of shape [B, 1, T, D] for ``position_ids`` [B, T], computed once per forward

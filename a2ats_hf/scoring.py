@@ -148,7 +148,8 @@ class DistanceBuckets(Scorer):
             cos, sin = compose(rope.inverse_rotation(position_ids, device), (cos, sin))  # un-rotate, then turn
             return cos, sin, bucket, torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
 
-        return rope.memo(("distance", self.per_octave, self.rotation, width, position_ids, device), compute)
+        key = ("distance", self.per_octave, self.rotation, width, position_ids, device)
+        return layer.cache.pass_memo(key, compute)
 
     def columns(self, layer: "A2ATSLayer", far: torch.Tensor, bucket: torch.Tensor, starts: torch.Tensor,
                 width: int) -> BucketColumns:

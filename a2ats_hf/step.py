@@ -92,7 +92,7 @@ def step_masks(layer: A2ATSLayer, attention_mask: torch.Tensor | None) -> StepMa
         totals = torch.stack([n_far.sum(), local_valid.sum(), valid.sum()])
         return StepMasks(valid, far, n_far, cache.budget_for(n_far), local_valid, totals)
 
-    return cache.rope.memo(("masks", attention_mask, n, device), compute)
+    return cache.pass_memo(("masks", attention_mask, n, device), compute)
 
 
 def decode_attention(

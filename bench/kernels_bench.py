@@ -212,7 +212,7 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
     whitener = torch.eye(D, device="cuda").expand(1, HKV, D, D).contiguous()
     books = Codebooks(whitener.cpu(), torch.randn(1, HKV, M, D, generator=g, device="cuda").cpu(), fingerprint(LLAMA8B))
     cache = A2ATSCache(books, topk=0.03, scoring=scoring, offload=offload, dense_below=0)
-    cache.rope = RoPE(LlamaRotaryEmbedding(LLAMA8B))
+    cache.rope = RoPE(LlamaRotaryEmbedding(LLAMA8B), memo=cache.pass_memo)
     layer = cache.layers[0]
     new = torch.randn(b, HKV, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
     layer.lazy_initialization(new, new)
@@ -231,7 +231,7 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
     query = torch.randn(b, HKV * GROUP, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
 
     def step():
-        cache.rope.new_step()
+        cache.pass_memo.clear()
         layer.update(new, new)
         layer.awaiting_attention = False  # the attention's part, done by hand below
         pos = torch.full((1, 1), layer.store.length - 1, device="cuda")

@@ -65,7 +65,7 @@ def fill(model, cache, batch: int, n: int) -> None:
             layer.awaiting_attention = False
             rope = cache.bind(block.self_attn)
             if layer.first:
-                rope.new_step()
+                cache.pass_memo.clear()
             layer.append_codes(keys, positions, rope)
             if layer.first:
                 cache.record_validity(valid)
