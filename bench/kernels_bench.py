@@ -30,7 +30,6 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from a2ats_hf import A2ATSCache, Codebooks, kernels
-from a2ats_hf import scoring as scorers
 from a2ats_hf import step as step_module
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_attention
@@ -176,32 +175,25 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool) -> dict:
     return row
 
 
-@contextmanager
+PHASES = {"select_topk": "top-K", "sparse_attention": "CPU attention", "attention_with_lse": "GPU window attention",
+          "local_and_far_attention": "GPU attention", "merge_attention": "merge", "rotated_lookup_table": "LUT",
+          "encode_keys": "encode"}
+
+
 def phase_timers(totals: dict):
-    """Wrap the decode step's phases with synced timers (serialises them: the split, not the overlapped time)."""
-    targets = [(kernels, "select_topk", "top-K"), (kernels, "sparse_attention", "CPU attention"),
-               (kernels, "attention_with_lse", "GPU window attention"),
-               (kernels, "merge_attention", "merge"), (scorers, "lookup_table", "LUT"),
-               (kernels, "rotated_lookup_table", "LUT"), (kernels, "encode_keys", "encode")]
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+    """Time the decode step's phases with synced timers, through the kernels' watcher hook (serialises them: the
+    split, not the overlapped time); seconds per phase add up in ``totals``."""
 
-    def timed(fn, label):
-        def wrapper(*args, **kwargs):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = fn(*args, **kwargs)
-            torch.cuda.synchronize()
-            totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
-            return out
-        return wrapper
-
-    for (obj, name, fn), (_, _, label) in zip(saved, targets):
-        setattr(obj, name, timed(fn, label))
-    try:
+    @contextmanager
+    def timed(name: str):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         yield
-    finally:
-        for obj, name, fn in saved:
-            setattr(obj, name, fn)
+        torch.cuda.synchronize()
+        label = PHASES.get(name, name)
+        totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+
+    return kernels.watching(timed)
 
 
 def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", offload: str = "cpu") -> dict:

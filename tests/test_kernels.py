@@ -119,3 +119,23 @@ def test_backend_is_chosen_once_per_device_kind():
         gpu = backend(torch.device("cuda"))
         assert gpu is backend(torch.device("cuda")) and gpu is not TORCH
         assert all(getattr(gpu, f.name).__module__.startswith("a2ats_hf.kernels.triton_") for f in fields(gpu))
+
+
+def test_watchers_see_every_kernel_call_by_name():
+    """Inside ``kernels.watching``, each kernel call runs in the watcher's context, named (how the benchmarks time
+    a step's phases); outside it, nothing is watched."""
+    from contextlib import contextmanager
+
+    seen = []
+
+    @contextmanager
+    def watcher(name):
+        seen.append(name)
+        yield
+
+    out_a, out_b = torch.randn(2, 2, 3, 8, generator=gen(0))
+    lse_a, lse_b = torch.randn(2, 2, 3, generator=gen(1))
+    with kernels.watching(watcher):
+        kernels.merge_attention(out_a, lse_a, out_b, lse_b)
+    kernels.merge_attention(out_a, lse_a, out_b, lse_b)
+    assert seen == ["merge_attention"]

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from . import reference
-from .cpu_attention import sparse_attention
+from . import cpu_attention, reference
 from .reference import FarRows, code_histogram
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -61,14 +62,38 @@ def backend(device: torch.device) -> Backend:
     return _triton() if device.type == "cuda" and HAS_TRITON else TORCH
 
 
+_watchers: list[Callable[[str], AbstractContextManager]] = []
+
+
+@contextmanager
+def watching(watcher: Callable[[str], AbstractContextManager]) -> Iterator[None]:
+    """Within the block, every kernel call runs inside ``watcher(name)`` (a context manager): how a benchmark times
+    a step's phases without replacing the kernels. Unwatched, a call costs one list check more."""
+    _watchers.append(watcher)
+    try:
+        yield
+    finally:
+        _watchers.remove(watcher)
+
+
+def _call(name: str, kernel: Callable, *args, **kwargs):
+    """``kernel(*args, **kwargs)``, inside every watcher's context when some are set (see :func:`watching`)."""
+    if not _watchers:
+        return kernel(*args, **kwargs)
+    with ExitStack() as stack:
+        for watcher in _watchers:
+            stack.enter_context(watcher(name))
+        return kernel(*args, **kwargs)
+
+
 def _on(tensor: torch.Tensor, name: str, *args, **kwargs):
     """Backend kernel ``name`` run for ``tensor``'s device: Triton launches on the current GPU, and a layer may sit
     on another (the usual case, the current one, spares the switch's host time)."""
     kernel = getattr(backend(tensor.device), name)
     if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
         with torch.cuda.device(tensor.device):
-            return kernel(*args, **kwargs)
-    return kernel(*args, **kwargs)
+            return _call(name, kernel, *args, **kwargs)
+    return _call(name, kernel, *args, **kwargs)
 
 
 def encode_keys(
@@ -80,7 +105,7 @@ def encode_keys(
     the reference's batched matmul for a prompt."""
     args = (keys, rotation, whitener, whitened_centroids, norms, out, column)
     if keys.shape[2] > FUSED_ENCODE_TOKENS:
-        return reference.encode_keys(*args)
+        return _call("encode_keys", reference.encode_keys, *args)
     return _on(keys, "encode_keys", *args)
 
 
@@ -138,6 +163,14 @@ def merge_attention(
     return _on(out_a, "merge_attention", out_a, lse_a, out_b, lse_b)
 
 
+def sparse_attention(
+    query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the selected rows of a CPU store; see :func:`.cpu_attention.sparse_attention` (the C++
+    kernel, or the torch reference without a compiler)."""
+    return _call("sparse_attention", cpu_attention.sparse_attention, query, store, indices, counts, scaling)
+
+
 def select_topk(
     lut: torch.Tensor,
     codes: torch.Tensor,
@@ -158,4 +191,4 @@ def select_topk(
 
 __all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "code_histogram", "count_leaving", "encode_keys",
            "merge_attention", "move_bucket_columns", "rotated_lookup_table", "select_topk", "sparse_attention",
-           "write_token"]
+           "watching", "write_token"]
