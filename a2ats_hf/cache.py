@@ -325,15 +325,9 @@ class A2ATSLayer(CacheLayerMixin):
             sink_keys, sink_values = self.local_keys[:, :, :sink], self.local_values[:, :, :sink]
             sink_keys.copy_(torch.where(inside & onehot, keys.to(self.dtype), sink_keys))
             sink_values.copy_(torch.where(inside & onehot, values.to(self.dtype), sink_values))
-        if self.histogram is None:
-            return
-        if self.cache.static is not None:
-            kernels.count_leaving(self.histogram, self.code_buffer, far, self.cache.static.column, -self.config.window)
-            return
-        col = n - 1 - self.config.window
-        if col >= 0:
-            code, counted = self.code_buffer[:, :, col : col + 1].long(), far[:, None, col : col + 1]
-            self.histogram.scatter_add_(-1, code, counted.expand_as(code).to(torch.int32))
+        if self.histogram is not None:  # the new token's column: the host's, or the device's in a capture-ready step
+            column = n - 1 if self.cache.static is None else self.cache.static.column
+            kernels.count_leaving(self.histogram, self.code_buffer, far, column, -self.config.window)
 
     def sinks_filling(self) -> bool:
         """Whether a row's sinks may still be filling at the token being decoded: its column (known on the host)

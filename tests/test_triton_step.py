@@ -50,6 +50,10 @@ def test_count_leaving_matches_reference(column, offset):
     triton_step.count_leaving(got, codes.to(KERNEL_DEVICE), far.to(KERNEL_DEVICE),
                               torch.tensor([column], device=KERNEL_DEVICE), offset)
     assert torch.equal(got.cpu(), expected)
+    for kernel in (reference.count_leaving, triton_step.count_leaving):  # the eager step's host column: the same
+        from_host = histogram.clone().to(KERNEL_DEVICE)
+        kernel(from_host, codes.to(KERNEL_DEVICE), far.to(KERNEL_DEVICE), column, offset)
+        assert torch.equal(from_host.cpu(), expected)
     added = int((expected - histogram).sum())
     leaving = column + offset
     assert added == (0 if leaving < 0 else int(far[:, leaving].sum()) * h)

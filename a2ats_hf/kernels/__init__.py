@@ -136,10 +136,11 @@ def write_token(
     _on(key, "write_token", key, value, store_keys, store_values, local_keys, local_values, column, sink, window)
 
 
-def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: torch.Tensor,
+def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: int | torch.Tensor,
                   offset: int) -> None:
-    """The code of the token at device ``column + offset`` counted into ``histogram`` where it is a far candidate;
-    see :func:`.reference.count_leaving`. One Triton launch on a GPU."""
+    """The code of the token at ``column + offset`` (a host int, or a device tensor in a capture-ready step)
+    counted into ``histogram`` where it is a far candidate; see :func:`.reference.count_leaving`. One Triton launch
+    on a GPU."""
     _on(histogram, "count_leaving", histogram, codes, far, column, offset)
 
 

@@ -150,11 +150,17 @@ def write_token(
         target.index_copy_(2, at, new.to(target.dtype))
 
 
-def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: torch.Tensor,
+def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: int | torch.Tensor,
                   offset: int) -> None:
-    """The token at ``column + offset`` (``column`` [1] a device tensor; a negative sum: no token) counted into
-    ``histogram`` [B, Hkv, M] at its code (``codes`` [B, Hkv, >= column]) where ``far`` [B, >= column] marks it a
-    candidate, in place."""
+    """The token at ``column + offset`` (``column`` a host int, or [1] a device tensor in a capture-ready step; a
+    negative sum: no token) counted into ``histogram`` [B, Hkv, M] at its code (``codes`` [B, Hkv, >= column])
+    where ``far`` [B, >= column] marks it a candidate, in place."""
+    if isinstance(column, int):
+        at = column + offset
+        if at >= 0:
+            code, counted = codes[:, :, at : at + 1].long(), far[:, None, at : at + 1]
+            histogram.scatter_add_(-1, code, counted.expand_as(code).to(histogram.dtype))
+        return
     at = column + offset
     code = codes.index_select(2, at.clamp(min=0)).long()
     counted = far.index_select(1, at.clamp(min=0))[:, None] & (at >= 0)

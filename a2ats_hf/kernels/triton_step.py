@@ -47,21 +47,26 @@ def write_token(
 
 
 @triton.jit
-def _count_leaving_kernel(hist_ptr, codes_ptr, far_ptr, column_ptr, offset, sh_b, sh_h, sc_b, sc_h, sf_b,
-                          H: tl.constexpr):
-    """Program (row, KV head): +1 at the leaving token's code where it is a far candidate."""
+def _count_leaving_kernel(hist_ptr, codes_ptr, far_ptr, column_ptr, column, offset, sh_b, sh_h, sc_b, sc_h, sf_b,
+                          H: tl.constexpr, ON_DEVICE: tl.constexpr):
+    """Program (row, KV head): +1 at the leaving token's code where it is a far candidate (ON_DEVICE: the column is
+    read from ``column_ptr``)."""
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
-    column = tl.load(column_ptr).to(tl.int64) + offset
+    if ON_DEVICE:
+        column = tl.load(column_ptr).to(tl.int64)
+    column = column + offset
     at = tl.maximum(column, 0)
     counted = (column >= 0) & (tl.load(far_ptr + b * sf_b + at) != 0)
     code = tl.load(codes_ptr + b * sc_b + h * sc_h + at).to(tl.int64)
     tl.atomic_add(hist_ptr + b * sh_b + h * sh_h + code, counted.to(tl.int32))
 
 
-def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: torch.Tensor,
+def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: int | torch.Tensor,
                   offset: int) -> None:
     """Same contract as :func:`a2ats_hf.kernels.reference.count_leaving`."""
     b, h, _ = histogram.shape
-    _count_leaving_kernel[(b * h,)](histogram, codes, far, column, offset, histogram.stride(0), histogram.stride(1),
-                                    codes.stride(0), codes.stride(1), far.stride(0), H=h)
+    on_device = isinstance(column, torch.Tensor)
+    _count_leaving_kernel[(b * h,)](histogram, codes, far, column if on_device else histogram,
+                                    0 if on_device else column, offset, histogram.stride(0), histogram.stride(1),
+                                    codes.stride(0), codes.stride(1), far.stride(0), H=h, ON_DEVICE=on_device)
