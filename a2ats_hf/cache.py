@@ -573,7 +573,7 @@ class A2ATSCache(Cache):
             raise ValueError(f"The prompt has {t} tokens, more than this A2ATSCache's max_length={config.max_length}.")
         tokens, device, dtype = max(t, config.max_length or 0), key_states.device, key_states.dtype
         layers = len(self.a2ats_layers)
-        resident = {"none": layers, "cpu": 0}.get(self.config.offload)
+        resident = {"none": layers, "cpu": 0}.get(config.offload)
         if resident is None:  # "auto": the layers within the device budget stay on the device
             resident = min(layers, self.device_budget(device) // kv_bytes(b, h, d, dtype, tokens, 1))
         local = layers * b * h * (2 * (config.sink + config.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes

@@ -164,10 +164,14 @@ def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: i
     bucket = distance_buckets(distance, window, per_octave).clamp(max=count - 1)
     if rotation == "mean":
         cos, sin = rope.turns(distance, position_ids)  # [B, 1, N, D']
-        weight = torch.ones(distance.shape, device=device) if length is None else (distance < length).float()
+        if length is None:
+            weight = torch.ones(distance.shape, device=device)
+        else:  # distances past the device's length weigh nothing
+            weight = (distance < length).float()
+            cos, sin = cos * weight[:, None], sin * weight[:, None]
         sums = torch.zeros(*cos.shape[:2], count, cos.shape[-1], device=device)
         size = torch.zeros(count, device=device).index_add(0, bucket, weight).clamp(min=1)[:, None]  # no sync
-        cos, sin = (sums.index_add(2, bucket, t * weight[:, None]) / size for t in (cos, sin))
+        cos, sin = (sums.index_add(2, bucket, t) / size for t in (cos, sin))
     else:
         low = window * 2.0 ** (torch.arange(count, device=device) / per_octave)
         center = (low * 2.0 ** (0.5 / per_octave)).round().long().clamp(max=longest)
