@@ -6,8 +6,8 @@
    gathers vs the CPU copy bandwidth measured here (all cores); beside it, the torch reference and
    ``index_select`` + matmul on a contiguous tensor.
 3. Attention over the selected rows where the K/V stays on the GPU (Triton, one launch plus the splits' combine):
-   GB/s over the rows it gathers vs HBM bandwidth, beside sdpa over the whole K/V; ``--sweep`` times the kernel's
-   launch settings (programs per multiprocessor, keys per split and per tile, warps) one by one.
+   GB/s over the rows it gathers vs HBM bandwidth, beside sdpa over the whole K/V (a single call, so small shapes
+   show its launch; its launch settings are tuned on the captured step by ``bench/tune_step.py``).
 4. One decode step of one Llama-3.1-8B-shaped layer (32 query / 8 KV heads, head dim 128, 4096 centroids), its time
    split by phase (each phase timed alone, with syncs) and the real overlapped step; beside it, sdpa over the full
    K/V on the GPU (DynamicCache) and the offloaded-cache way (copy the layer's K/V to the GPU, then sdpa).
@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from a2ats_hf import A2ATSCache, Codebooks, kernels
 from a2ats_hf import step as step_module
 from a2ats_hf.codebooks import fingerprint
-from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_attention
+from a2ats_hf.kernels import code_histogram, cpu_attention, reference
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore
 from bench.common import cuda_time, wall_time
@@ -96,11 +96,7 @@ def bench_topk(n: int, b: int, hbm: float) -> dict:
             "device_us": device_us, "matches_reference": same}
 
 
-SWEEP = {"PROGRAMS_PER_UNIT": [2, 4, 8, 16], "MIN_SPLIT_KEYS": [64, 128, 256], "BLOCK_KEYS": [16, 32, 64],
-         "WARPS": [2, 4, 8]}
-
-
-def bench_device_attention(n: int, b: int, rows: int, hbm: float, sweep: bool) -> dict:
+def bench_device_attention(n: int, b: int, rows: int, hbm: float) -> dict:
     """The selected rows' attention on the GPU: ``rows`` random rows per (row, KV head) of an N-token K/V, plus a
     68-key window, as the per-KV-head rule selects them (the per-query-head rule's union is up to GROUP x wider)."""
     g = torch.Generator(device="cuda").manual_seed(n + b)
@@ -123,14 +119,6 @@ def bench_device_attention(n: int, b: int, rows: int, hbm: float, sweep: bool) -
     keys = store.keys[:, :, :n]
     result["sdpa_full_us"] = round(cuda_time(lambda: F.scaled_dot_product_attention(
         query[:, :, None], keys, store.values[:, :, :n], enable_gqa=True)) * 1e6, 1)
-    if sweep:  # each setting alone, the others at their defaults
-        result["sweep_us"] = {}
-        for name, values in SWEEP.items():
-            default = getattr(triton_attention, name)
-            for value in values:
-                setattr(triton_attention, name, value)
-                result["sweep_us"][f"{name}={value}"] = round(cuda_time(run) * 1e6, 1)
-            setattr(triton_attention, name, default)
     return result
 
 
@@ -275,7 +263,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     parser.add_argument("--parts", default="topk,cpu,attention,decode",
                         help="comma-separated subset of topk,cpu,attention,decode")
-    parser.add_argument("--sweep", action="store_true", help="time the attention kernel's launch settings")
     parser.add_argument("--scoring", default="wrope", help="comma-separated scorers for the decode step")
     parser.add_argument("--offload", default="cpu", help="comma-separated offload modes for the decode step (cpu,none)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of the first decode step")
@@ -303,7 +290,7 @@ def main() -> None:
         for b in [1, 7]:
             for share in [0.03, 0.12]:  # the per-KV-head rule's 3%, and a per-query-head union of 4 heads' 3%
                 results["device_attention"].append(
-                    bench_device_attention(n, b, int(share * n), bw["hbm_gbs"], args.sweep and share == 0.03))
+                    bench_device_attention(n, b, int(share * n), bw["hbm_gbs"]))
                 print(results["device_attention"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "decode" in parts else []:
         for b in [1, 4]:
@@ -328,8 +315,6 @@ def main() -> None:
     for r in results["device_attention"]:
         print(f"| {r['n']} | {r['batch']} | {r['rows']} | {r['mb_gathered']} | {r['triton_us']} | {r['gbs']} | "
               f"{r['bound_us']} | {r['sdpa_full_us']} | {r['max_error']:.1e} |")
-        if r.get("sweep_us"):
-            print("   sweep:", r["sweep_us"])
     print("| layer step N | batch | scoring | offload | A2ATS ms | serial ms | GPU sdpa ms | offloaded ms | split |")
     for r in results["decode_layer"]:
         print(f"| {r['n']} | {r['batch']} | {r['scoring']} | {r['offload']} | {r['a2ats_ms']} | {r['serial_ms']} | "
