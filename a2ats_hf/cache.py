@@ -512,6 +512,7 @@ class A2ATSCache(Cache):
         local_files_only: bool | None = None,
         token: str | bool | None = None,
         cuda_graphs: bool = True,
+        compile_layers: bool = False,
         **cache_kwargs,
     ) -> "A2ATSCache":
         """A cache with the codebooks stored next to a model (``a2ats/`` in its folder or Hub repository).
@@ -519,11 +520,15 @@ class A2ATSCache(Cache):
         Given the model itself (loaded with ``attn_implementation="a2ats"``), the codebooks come from where it was
         loaded from, and on a CUDA model its decode steps run as captured CUDA graphs
         (:func:`a2ats_hf.graphs.capture_decoding`, installed on the model once; steps the graphs cannot serve run
-        its own forward): ``cuda_graphs=False`` leaves the model as it is. The Hub arguments go to
-        ``Codebooks.from_pretrained``; ``cache_kwargs`` (topk, window, sink, budget, max_length, scoring, offload,
-        gpu_kv_budget, dense_below) to the constructor.
+        its own forward): ``cuda_graphs=False`` leaves the model as it is; ``compile_layers=True`` also fuses the
+        model's norms and MLPs with torch.compile (faster at small batches; see ``capture_decoding``). The Hub
+        arguments go to ``Codebooks.from_pretrained``; ``cache_kwargs`` (topk, window, sink, budget, max_length,
+        scoring, offload, gpu_kv_budget, dense_below) to the constructor.
         """
         model = model_id_or_path if isinstance(model_id_or_path, nn.Module) else None
+        if compile_layers and not (model is not None and cuda_graphs and next(model.parameters()).is_cuda):
+            raise ValueError("compile_layers=True goes with the graph runner: pass the CUDA model itself, with "
+                             "cuda_graphs=True (or call a2ats_hf.graphs.compile_around_attention(model) yourself)")
         if model is not None:
             model_id_or_path = getattr(model.config, "_name_or_path", "")
             if not model_id_or_path:
@@ -534,7 +539,7 @@ class A2ATSCache(Cache):
         if model is not None and cuda_graphs and next(model.parameters()).is_cuda:
             from .graphs import capture_decoding  # graphs.py imports this module
 
-            capture_decoding(model)
+            capture_decoding(model, compile_layers=compile_layers)
         return cache
 
     def __bool__(self) -> bool:

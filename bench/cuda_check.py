@@ -1,6 +1,7 @@
 """CUDA check on a SmolLM2-shaped random-weight Llama (bf16): calibration on the GPU, exactness at topk=1.0 against
 sdpa + DynamicCache, a left-padded batch, and wall time (prefill included; sdpa timed after a warm-up run), eager
-(the CPU store) and graph-captured (the K/V on the GPU, :func:`a2ats_hf.graphs.capture_decoding`).
+(the CPU store) and graph-captured (the K/V on the GPU, :func:`a2ats_hf.graphs.capture_decoding`), also with the
+model's norms and MLPs compiled (``compile_layers``: their rounding is Inductor's, so logits differ in the last bits).
 
 Run on the GPU box:  python -m bench.cuda_check   (writes bench/results/cuda-check-<gpu>.json)
 """
@@ -75,10 +76,10 @@ def main() -> None:
     run(DynamicCache(config=model.config), "sdpa")  # warm-up: CUDA kernels load on first use
     ref, ref_s = run(DynamicCache(config=model.config), "sdpa")
     rows = []
-    for mode in ("eager", "graphs"):
+    for mode in ("eager", "graphs", "graphs+compile"):
         for topk in (1.0, 0.03):
-            if mode == "graphs":
-                capture_decoding(model)
+            if mode.startswith("graphs"):
+                capture_decoding(model, compile_layers=mode.endswith("+compile"))
                 cache = A2ATSCache(books, topk=topk, offload="none", dense_below=0, max_length=ids.shape[1] + new)
             else:
                 cache = A2ATSCache(books, topk=topk)

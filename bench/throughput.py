@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
-from a2ats_hf.graphs import capture_decoding, release_decoding
+from a2ats_hf.graphs import GRAPH_SCORERS, capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.scoring import DistanceBuckets, Scorer, scorer_of
 from a2ats_hf.store import available_memory, kv_bytes
@@ -179,8 +179,8 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
     row = {"context": n, "method": method, "batch": batch, "fill_s": round(time.perf_counter() - start, 1)}
     steps = args.steps if "offloaded" not in method else max(4, args.steps // 4)  # ~1 s a step at the largest batch
     forward = model.forward
-    if method.endswith("graphs"):
-        capture_decoding(model)
+    if "graphs" in method:
+        capture_decoding(model, compile_layers=method.endswith("+compile"))
     elif "torch.compile" in method:
         model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     try:
@@ -302,8 +302,9 @@ def main() -> None:
                         return A2ATSCache(books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
                                           gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None)
                     methods.append((name, make, batch, "a2ats"))
-                    if offload != "cpu" and scoring in ("wrope", "window"):
+                    if offload != "cpu" and scoring in GRAPH_SCORERS:
                         methods.append((f"{name} graphs", make, batch, "a2ats"))
+                        methods.append((f"{name} graphs+compile", make, batch, "a2ats"))
         for method, make_cache, batch, attention in methods:
             if ((args.methods and method not in args.methods) or batch < 1
                     or (device.type == "cpu" and "offloaded" in method)):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels
-from a2ats_hf.graphs import capture_decoding, release_decoding
+from a2ats_hf.graphs import capture_decoding, compile_around_attention, release_decoding
 
 from conftest import DEVICE, ids_of
 
@@ -162,3 +162,24 @@ def test_static_step_in_other_generation_modes(tiny, case):
             release_decoding(model)
     assert torch.equal(outputs[0], outputs[1])
     assert runner.counts["static eager"] + runner.counts["replayed"] >= 20
+
+
+def test_compiled_layers_decode_the_same_tokens(tiny):
+    """compile_layers fuses every decoder layer's norms and MLP and the final norm (not the attention); the same
+    greedy tokens as the eager model, and release_decoding gives the modules their own forward back."""
+    model, books = tiny
+    ids = ids_of(2, 60, seed=9)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    eager = run(model, books, ids, mask, graphs=False, new=12)
+    names = compile_around_attention(model)
+    assert names == [f"model.layers.{i}.{name}" for i in range(2)
+                     for name in ("mlp", "input_layernorm", "post_attention_layernorm")] + ["norm"]
+    compiled = run(model, books, ids, mask, graphs=True, new=12)  # run() releases the model at its end
+    assert torch.equal(eager[0], compiled[0]) and compiled[3].counts["static eager"] + compiled[3].counts["replayed"]
+    assert all("forward" not in module.__dict__ for module in model.modules())
+
+
+def test_compile_layers_needs_the_graph_runner():
+    with pytest.raises(ValueError, match="compile_layers=True goes with the graph runner"):
+        A2ATSCache.from_pretrained("some/model", compile_layers=True)
