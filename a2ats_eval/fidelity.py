@@ -70,7 +70,7 @@ class FidelityProbe:
         hkv = layer.codes.shape[1]
         group = hq // hkv
         exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
-        lut, codes, _ = cache.scorer.scores(layer, query, position_ids, 1.0, far)
+        lut, codes, _ = layer.scorer.scores(layer.score_inputs(query, position_ids, 1.0, far))
         if cache.budget == "kv_head":
             lut = lut.view(b, hkv, group, -1).sum(2).repeat_interleave(group, dim=1)
         approx = lut.gather(-1, codes.long().repeat_interleave(group, dim=1))

@@ -18,7 +18,7 @@ from .config import A2ATSConfig
 from .kernels import code_histogram
 from .memo import PassMemo
 from .rope import RoPE
-from .scoring import Scorer, scorer_of
+from .scoring import ScoreInputs, Scorer, scorer_of
 from .store import DeviceKVStore, KVStore, Store, check_memory, kv_bytes, select
 
 
@@ -154,6 +154,7 @@ class A2ATSLayer(CacheLayerMixin):
         super().__init__()
         self.layer_idx, self.book, self.first = layer_idx, book, book == 0
         self.config = cache.config  # the settings, immutable: read directly
+        self.scorer = cache.scorer.for_layer()  # this layer's copy, which owns what it keeps between steps
         self.cache_ref = weakref.ref(cache)
         self.awaiting_attention = False  # K/V stored by `update` that the "a2ats" attention has not read yet
 
@@ -165,6 +166,7 @@ class A2ATSLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         self.store = self.cache.new_store(key_states)
+        self.scorer.forget()  # a new prompt: nothing kept from the last one
         capacity = max(key_states.shape[-2], self.config.max_length or 0)  # grown by doubling past it
         self.code_buffer = torch.zeros(b, h, capacity, dtype=torch.uint16, device=self.device)  # codes in range
         self.histogram: torch.Tensor | None = None  # [B, Hkv, M] codes of the far candidates, for scorers reading it
@@ -281,8 +283,18 @@ class A2ATSLayer(CacheLayerMixin):
         index = cols[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         self.local_keys[:, :, : self.config.sink] = keys.gather(2, index)
         self.local_values[:, :, : self.config.sink] = values.gather(2, index)
-        if self.cache.scorer.reads_code_histogram:
+        if self.scorer.reads_code_histogram:
             self.histogram = code_histogram(self.codes, self.far_candidates(valid), self.centroids.shape[1])
+
+    def score_inputs(self, query: torch.Tensor, position_ids: torch.Tensor, scaling: float,
+                     far: torch.Tensor) -> ScoreInputs:
+        """What the layer's scorer reads of this step (``query`` [B, Hq, D] post-RoPE at ``position_ids`` [B or 1,
+        T], the candidates ``far`` [B, width])."""
+        cache, static = self.cache, self.cache.static
+        return ScoreInputs(query, position_ids[:, -1:], scaling, far, self.codes, self.code_buffer, self.histogram,
+                           self.centroids, cache.rope, cache.codebooks.offset, self.config.window,
+                           self.store.length + (static is not None), None if static is None else static.length,
+                           cache.pass_memo, self.store)
 
     # The masks below take the key validity [B, width]; the length may be a host int or (capture-ready) a tensor.
 
@@ -353,6 +365,7 @@ class A2ATSLayer(CacheLayerMixin):
         self.is_initialized = self.awaiting_attention = False
         for name in ("store", "code_buffer", "histogram", "local_keys", "local_values"):
             self.__dict__.pop(name, None)
+        self.scorer.forget()
 
     # Batch and length edits (beam search, assisted decoding): every row-indexed tensor follows the store.
 
@@ -369,7 +382,7 @@ class A2ATSLayer(CacheLayerMixin):
                 setattr(self, name, select(getattr(self, name), index))
         if hasattr(self, "last_first_token"):
             self.last_first_token = int(self.first_token.max())
-        self.cache.scorer.forget(self)
+        self.scorer.forget()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_rows(beam_idx)
@@ -398,13 +411,13 @@ class A2ATSLayer(CacheLayerMixin):
         if self.histogram is not None:
             self.histogram = code_histogram(self.codes, self.far_candidates(self.cache.validity[:, :m].to(self.device)),
                                             self.centroids.shape[1])
-        self.cache.scorer.forget(self)
+        self.scorer.forget()
 
     def nbytes(self) -> tuple[int, int]:
         """(device bytes, CPU bytes) held by this layer."""
         if not self.is_initialized:
             return 0, 0
-        tensors = (self.code_buffer, self.local_keys, self.local_values) + self.cache.scorer.held(self)
+        tensors = (self.code_buffer, self.local_keys, self.local_values) + self.scorer.held()
         tensors += () if self.histogram is None else (self.histogram,)
         device = sum(t.numel() * t.element_size() for t in tensors)
         if self.store.resident:

@@ -128,7 +128,7 @@ class GraphRunner:
             cache.static = None
         for layer in layers:  # the host's counts, which the step's writes at the device's column do not move
             layer.store.length += 1
-            cache.scorer.stepped(layer)
+            layer.scorer.stepped()
         result = copy.copy(output)
         result.logits = output.logits.clone()  # the graph's output buffer is overwritten by the next replay
         return result
@@ -168,7 +168,7 @@ class GraphRunner:
                    cache.stats.device_totals]
         for layer in cache.a2ats_layers:
             tensors += [layer.store.keys, layer.store.values, layer.code_buffer, layer.local_keys, layer.local_values,
-                        layer.first_token, layer.histogram, layer.sink_valid, *cache.scorer.held(layer)]
+                        layer.first_token, layer.histogram, layer.sink_valid, *layer.scorer.held()]
         return tuple(None if t is None else t.data_ptr() for t in tensors)
 
 

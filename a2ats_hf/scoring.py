@@ -9,7 +9,7 @@ column per centroid; the exact oracle's and random selection's one per token; Qu
 
 from __future__ import annotations
 
-import weakref
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,68 +21,109 @@ from .kernels import code_histogram
 from .rope import bucket_turns, compose, distance_buckets
 
 if TYPE_CHECKING:
-    from .cache import A2ATSLayer
+    from .memo import PassMemo
+    from .rope import RoPE
+    from .store import Store
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a scorer reads of one layer's decode step, handed to it whole (the layer builds it:
+    :meth:`a2ats_hf.cache.A2ATSLayer.score_inputs`).
+
+    ``query`` [B, Hq, D] post-RoPE at ``position`` [B or 1, 1]; ``far`` [B, W] this step's candidates and ``codes``
+    [B, Hkv, W] each stored token's code over the step's W columns, a view of ``code_buffer`` [B, Hkv, capacity];
+    ``histogram`` [B, Hkv, M] the candidates' codes where the layer keeps it (for a scorer that
+    ``reads_code_histogram``); ``length`` the tokens stored, this step's included, as the host counts them;
+    ``device_length`` [1] the same count on the device in a capture-ready step (W is then the step's fixed width and
+    the columns past the length are masked), else None; ``memo`` what the layers of the pass share; ``store`` the
+    layer's K/V (read by the baselines that look at every key)."""
+
+    query: torch.Tensor
+    position: torch.Tensor
+    scaling: float
+    far: torch.Tensor
+    codes: torch.Tensor
+    code_buffer: torch.Tensor
+    histogram: torch.Tensor | None
+    centroids: torch.Tensor
+    rope: "RoPE"
+    offset: int
+    window: int
+    length: int
+    device_length: torch.Tensor | None
+    memo: "PassMemo"
+    store: "Store"
+
+    @property
+    def width(self) -> int:
+        return self.codes.shape[-1]
 
 
 @dataclass
 class Scorer:
     """Scores of a step's far tokens. ``retrieves`` False: nothing is retrieved (sinks + window alone); ``keys``:
     the codebooks' kind the scorer reads codes of (None: it reads no codes); ``reads_code_histogram``: it hands the
-    top-K the layer's histogram of the candidates' codes, which the layer then keeps up to date."""
+    top-K the layer's histogram of the candidates' codes, which the layer then keeps up to date.
+
+    A cache holds the scorer it was given; each of its layers scores with its own copy (:meth:`for_layer`), which
+    owns whatever the scorer keeps from step to step for that layer."""
 
     name = "base"
     retrieves = True
     keys = None  # type: str | None
     reads_code_histogram = False
 
-    def scores(self, layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, scaling: float,
-               far: torch.Tensor):
-        """(lut [B, Hq, M], codes [B, Hkv, N], histogram [B, Hkv, M] of the far candidates' codes or None);
-        ``far`` [B, N] marks this step's candidates."""
+    def for_layer(self) -> "Scorer":
+        """A copy with the same settings and no state of its own yet, for one layer."""
+        return dataclasses.replace(self)
+
+    def scores(self, step: ScoreInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(lut [B, Hq, M], codes [B, Hkv, W], histogram [B, Hkv, M] of the far candidates' codes or None)."""
         raise NotImplementedError
 
-    def held(self, layer: "A2ATSLayer") -> tuple[torch.Tensor, ...]:
-        """Device tensors the scorer keeps for ``layer`` (counted by ``A2ATSCache.memory_footprint``)."""
+    def held(self) -> tuple[torch.Tensor, ...]:
+        """Device tensors kept for the layer (counted by ``A2ATSCache.memory_footprint``, and addresses a captured
+        step reads)."""
         return ()
 
-    def forget(self, layer: "A2ATSLayer") -> None:
-        """Drop what the scorer keeps for ``layer``, after its rows or length changed other than by appending
-        (beam search, a crop): it is rebuilt from the layer at the next step."""
+    def forget(self) -> None:
+        """Drop what is kept, after the layer's rows or length changed other than by appending (beam search, a
+        crop, a new prompt): it is rebuilt from the step's inputs at the next step."""
 
-    def stepped(self, layer: "A2ATSLayer") -> None:
-        """After a capture-ready step, replayed or not (no Python runs in a replay): move on what the scorer counts
-        on the host, as the graph runner moves the store's length."""
+    def stepped(self) -> None:
+        """After a capture-ready step, replayed or not (no Python runs in a replay): move on what is counted on the
+        host, as the graph runner moves the store's length."""
 
 
-def token_codes(layer: "A2ATSLayer", page: int = 1) -> torch.Tensor:
-    """[B, Hkv, N] int32: each stored token's own column (``page`` 1) or its page's."""
-    b, h, _ = layer.codes.shape
-    n = layer.store.length
-    return (torch.arange(n, device=layer.device, dtype=torch.int32) // page).expand(b, h, n)
+def token_codes(step: ScoreInputs, page: int = 1) -> torch.Tensor:
+    """[B, Hkv, W] int32: each stored token's own column (``page`` 1) or its page's."""
+    b, h, n = step.codes.shape
+    return (torch.arange(n, device=step.codes.device, dtype=torch.int32) // page).expand(b, h, n)
 
 
 @dataclass
 class KeyMirror(Scorer):
-    """A baseline that reads every stored (post-RoPE) key: it keeps a float32 copy per layer on the device, extended
-    by the columns stored since its last call (for evaluation, not serving)."""
+    """A baseline that reads every stored (post-RoPE) key: it keeps a float32 copy of the layer's on the device,
+    extended by the columns stored since its last call (for evaluation, not serving)."""
 
     def __post_init__(self):
-        self.mirror: dict = {}
+        self.mirror: torch.Tensor | None = None
 
-    def stored_keys(self, layer: "A2ATSLayer", device: torch.device) -> torch.Tensor:
-        """All stored keys [B, Hkv, N, D], float32 on ``device``."""
-        n, have = layer.store.length, self.mirror.get(layer)
+    def stored_keys(self, step: ScoreInputs) -> torch.Tensor:
+        """All stored keys [B, Hkv, N, D], float32 on the query's device."""
+        n, have = step.length, self.mirror
         done = 0 if have is None or have.shape[2] > n else have.shape[2]
         if done < n:
-            new = layer.store.to_tensors(start=done)[0].to(device).float()
-            self.mirror[layer] = have = new if done == 0 else torch.cat([have, new], dim=2)
+            new = step.store.to_tensors(start=done)[0].to(step.query.device).float()
+            self.mirror = have = new if done == 0 else torch.cat([have, new], dim=2)
         return have
 
-    def held(self, layer):
-        return tuple(t for t in [self.mirror.get(layer)] if t is not None)
+    def held(self):
+        return () if self.mirror is None else (self.mirror,)
 
-    def forget(self, layer):
-        self.mirror.pop(layer, None)
+    def forget(self):
+        self.mirror = None
 
 
 @dataclass
@@ -93,11 +134,10 @@ class WindowedRoPE(Scorer):
     keys = "pre_rope"
     reads_code_histogram = True
 
-    def scores(self, layer, query, position_ids, scaling, far):
-        cache = layer.cache
-        b = query.shape[0]
-        rotation = cache.rope.windowed_rotation(position_ids[:, -1:].expand(b, 1), cache.codebooks.offset, query.device)
-        return kernels.rotated_lookup_table(query, rotation, layer.centroids), layer.codes, layer.histogram
+    def scores(self, step):
+        position = step.position.expand(step.query.shape[0], 1)
+        rotation = step.rope.windowed_rotation(position, step.offset, step.query.device)
+        return kernels.rotated_lookup_table(step.query, rotation, step.centroids), step.codes, step.histogram
 
 
 @dataclass
@@ -131,67 +171,59 @@ class DistanceBuckets(Scorer):
         if self.per_octave < 1 or self.rotation not in ("mean", "center"):
             raise ValueError(f'per_octave must be >= 1 and rotation "mean" or "center", got {self.per_octave}, '
                              f'{self.rotation!r}')
-        self.state = weakref.WeakKeyDictionary()  # a layer's KVStore -> BucketColumns: a new prompt's store starts
-        # afresh, and the columns go with the store
+        self.state: BucketColumns | None = None
 
-    def turns(self, layer: "A2ATSLayer", position_ids: torch.Tensor, device: torch.device):
-        """(cos, sin [B, 1, buckets, D'] turning a post-RoPE query at ``position_ids`` [B, 1] by each bucket's
-        rotation, bucket of each distance 0..N-1 [N], the first distance of buckets 1, 2, ... [buckets - 1]), once
-        per pass: the layers of a pass share them. In a capture-ready step N is the step's width, and the length on
-        the device decides which distances count."""
-        rope, width, static = layer.cache.rope, layer.width, layer.cache.static
-        length = None if static is None else static.length
+    def turns(self, step: ScoreInputs):
+        """(cos, sin [B, 1, buckets, D'] turning a post-RoPE query at the step's position by each bucket's rotation,
+        bucket of each distance 0..W-1 [W], the first distance of buckets 1, 2, ... [buckets - 1]), once per pass:
+        the layers of a pass share them. In a capture-ready step W is the step's width, and the length on the
+        device decides which distances count."""
+        rope, width, position, device = step.rope, step.width, step.position, step.query.device
 
         def compute():
-            cos, sin, bucket = bucket_turns(rope, width - 1, position_ids, layer.config.window, self.per_octave,
-                                            self.rotation, device, length)
-            cos, sin = compose(rope.inverse_rotation(position_ids, device), (cos, sin))  # un-rotate, then turn
+            cos, sin, bucket = bucket_turns(rope, width - 1, position, step.window, self.per_octave, self.rotation,
+                                            device, step.device_length)
+            cos, sin = compose(rope.inverse_rotation(position, device), (cos, sin))  # un-rotate, then turn
             return cos, sin, bucket, torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
 
-        key = ("distance", self.per_octave, self.rotation, width, position_ids, device)
-        return layer.cache.pass_memo(key, compute)
+        return step.memo(("distance", self.per_octave, self.rotation, width, position, device), compute)
 
-    def columns(self, layer: "A2ATSLayer", far: torch.Tensor, bucket: torch.Tensor, starts: torch.Tensor,
-                width: int) -> BucketColumns:
-        """The layer's :class:`BucketColumns` at its current length, with a histogram at least ``width`` columns
+    def columns(self, step: ScoreInputs, bucket: torch.Tensor, starts: torch.Tensor, width: int) -> BucketColumns:
+        """The layer's :class:`BucketColumns` at the step's length, with a histogram at least ``width`` columns
         wide: moved on from the last step's, or rebuilt (after a prompt, when the buffers are too small, or after
         steps that did not move them). A capture-ready step moves them with the length on the device; its buffers
         hold the layer's whole capacity, so they keep their addresses."""
-        static = layer.cache.static is not None
-        n = layer.store.length + static  # tokens with this step's: the runner moves a capture-ready step's length
-        state = self.state.get(layer.store)
-        fits = state is not None and state.histogram.shape[-1] >= width and state.buffer.shape[-1] >= layer.width
+        static = step.device_length is not None
+        n, m, state = step.length, step.centroids.shape[1], self.state
+        fits = state is not None and state.histogram.shape[-1] >= width and state.buffer.shape[-1] >= step.width
         if fits and state.length == n - 1:
-            kernels.move_bucket_columns(state.buffer, state.histogram, layer.code_buffer, far, starts,
-                                        layer.length, layer.centroids.shape[1], layer.config.window)
+            kernels.move_bucket_columns(state.buffer, state.histogram, step.code_buffer, step.far, starts,
+                                        length=step.device_length if static else n, centroids=m, window=step.window)
         elif not (fits and state.length == n):
-            capacity = layer.code_buffer.shape[-1] if static else 2 * n
-            m = layer.centroids.shape[1]
-            buckets = int(distance_buckets(torch.tensor([capacity - 1]), layer.config.window, self.per_octave)) + 1
-            buffer = torch.zeros(*layer.codes.shape[:2], capacity, dtype=torch.int32, device=far.device)
-            buffer[:, :, :n] = bucket[:n].flip(0) * m + layer.code_buffer[:, :, :n].to(torch.int32)  # j: n-1-j back
-            histogram = code_histogram(buffer[:, :, :n], far[:, :n], max(buckets * m, width))
-            state = self.state[layer.store] = BucketColumns(n, buffer, histogram)
+            capacity = step.code_buffer.shape[-1] if static else 2 * n
+            buckets = int(distance_buckets(torch.tensor([capacity - 1]), step.window, self.per_octave)) + 1
+            buffer = torch.zeros(*step.codes.shape[:2], capacity, dtype=torch.int32, device=step.far.device)
+            buffer[:, :, :n] = bucket[:n].flip(0) * m + step.code_buffer[:, :, :n].to(torch.int32)  # j: n-1-j back
+            histogram = code_histogram(buffer[:, :, :n], step.far[:, :n], max(buckets * m, width))
+            state = self.state = BucketColumns(n, buffer, histogram)
         state.length = n - static  # a capture-ready step's: moved on with the store's by :meth:`stepped`
         return state
 
-    def stepped(self, layer):
-        state = self.state.get(layer.store)
-        if state is not None:
-            state.length += 1
+    def stepped(self):
+        if self.state is not None:
+            self.state.length += 1
 
-    def scores(self, layer, query, position_ids, scaling, far):
-        cos, sin, bucket, starts = self.turns(layer, position_ids[:, -1:], query.device)
-        lut = kernels.rotated_lookup_table(query, (cos, sin), layer.centroids)  # [B, Hq, buckets * M]
-        state = self.columns(layer, far, bucket, starts, lut.shape[-1])
-        return lut, state.buffer[:, :, : layer.width], state.histogram[:, :, : lut.shape[-1]]
+    def scores(self, step):
+        cos, sin, bucket, starts = self.turns(step)
+        lut = kernels.rotated_lookup_table(step.query, (cos, sin), step.centroids)  # [B, Hq, buckets * M]
+        state = self.columns(step, bucket, starts, lut.shape[-1])
+        return lut, state.buffer[:, :, : step.width], state.histogram[:, :, : lut.shape[-1]]
 
-    def held(self, layer):
-        state = self.state.get(layer.store)
-        return () if state is None else (state.buffer, state.histogram)
+    def held(self):
+        return () if self.state is None else (self.state.buffer, self.state.histogram)
 
-    def forget(self, layer):
-        self.state.pop(layer.store, None)
+    def forget(self):
+        self.state = None
 
 
 @dataclass
@@ -202,9 +234,9 @@ class PostRoPE(Scorer):
     keys = "post_rope"
     reads_code_histogram = True
 
-    def scores(self, layer, query, position_ids, scaling, far):
-        lut = lookup_table(query, layer.centroids, query.shape[1] // layer.codes.shape[1])
-        return lut, layer.codes, layer.histogram
+    def scores(self, step):
+        lut = lookup_table(step.query, step.centroids, step.query.shape[1] // step.codes.shape[1])
+        return lut, step.codes, step.histogram
 
 
 @dataclass
@@ -213,12 +245,12 @@ class Exact(KeyMirror):
 
     name = "oracle"
 
-    def scores(self, layer, query, position_ids, scaling, far):
-        keys = self.stored_keys(layer, query.device)
+    def scores(self, step):
+        keys = self.stored_keys(step)
         b, hkv, n, d = keys.shape
-        q = query.float().view(b, hkv, -1, d)
-        lut = torch.einsum("bkgd,bknd->bkgn", q, keys).reshape(b, -1, n) * scaling
-        return lut, token_codes(layer), None
+        q = step.query.float().view(b, hkv, -1, d)
+        lut = torch.einsum("bkgd,bknd->bkgn", q, keys).reshape(b, -1, n) * step.scaling
+        return lut, token_codes(step), None
 
 
 @dataclass
@@ -229,21 +261,21 @@ class Quest(KeyMirror):
     page: int = 16
     name = "quest"
 
-    def scores(self, layer, query, position_ids, scaling, far):
-        keys = self.stored_keys(layer, query.device)
+    def scores(self, step):
+        keys = self.stored_keys(step)
         b, hkv, n, d = keys.shape
         pages = -(-n // self.page)
         padded = torch.nn.functional.pad(keys, (0, 0, 0, pages * self.page - n), mode="replicate")
         paged = padded.view(b, hkv, pages, self.page, d)
         low, high = paged.amin(3), paged.amax(3)  # [B, Hkv, P, D]
-        q = query.float().view(b, hkv, -1, 1, d)
+        q = step.query.float().view(b, hkv, -1, 1, d)
         bound = torch.maximum(q * low[:, :, None], q * high[:, :, None]).sum(-1)  # [B, Hkv, G, P]
-        return bound.reshape(b, -1, pages), token_codes(layer, self.page), None
+        return bound.reshape(b, -1, pages), token_codes(step, self.page), None
 
 
 @dataclass
 class Random(Scorer):
-    """Uniformly random selection among the far tokens (seeded)."""
+    """Uniformly random selection among the far tokens (seeded; each layer draws from its own generator)."""
 
     seed: int = 0
     name = "random"
@@ -251,12 +283,12 @@ class Random(Scorer):
     def __post_init__(self):
         self.generator: torch.Generator | None = None
 
-    def scores(self, layer, query, position_ids, scaling, far):
-        if self.generator is None or self.generator.device != query.device:
-            self.generator = torch.Generator(device=query.device).manual_seed(self.seed)
-        b, hq, _ = query.shape
-        lut = torch.rand(b, hq, layer.store.length, generator=self.generator, device=query.device)
-        return lut, token_codes(layer), None
+    def scores(self, step):
+        device = step.query.device
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        b, hq, _ = step.query.shape
+        return torch.rand(b, hq, step.width, generator=self.generator, device=device), token_codes(step), None
 
 
 @dataclass

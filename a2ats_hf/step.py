@@ -145,7 +145,7 @@ def _select(
     k_max = cache.budget_for(max(layer.width - layer.config.window - layer.config.sink, 0))  # host-side: nothing waits
     if k_max == 0 or not cache.scorer.retrieves:
         return None
-    lut, codes, histogram = cache.scorer.scores(layer, query, position_ids, scaling, masks.far)
+    lut, codes, histogram = layer.scorer.scores(layer.score_inputs(query, position_ids, scaling, masks.far))
     return kernels.select_topk(lut, codes, masks.far, masks.budget, layer.config.budget, histogram=histogram,
                                k_max=k_max)
 

@@ -291,7 +291,7 @@ def test_memory_footprint_counts_what_the_scorer_keeps(tiny):
         device_bytes[scoring] = cache.memory_footprint()["device_bytes"]
         histograms[scoring] = sum(0 if layer.histogram is None else layer.histogram.nbytes
                                   for layer in cache.a2ats_layers)
-        held = sum(t.numel() * t.element_size() for layer in cache.a2ats_layers for t in cache.scorer.held(layer))
+        held = sum(t.numel() * t.element_size() for layer in cache.a2ats_layers for t in layer.scorer.held())
         assert (held > 0) == (scoring != "wrope") and (histograms[scoring] > 0) == (scoring == "wrope")
         assert device_bytes[scoring] - device_bytes["wrope"] == held + histograms[scoring] - histograms["wrope"]
 

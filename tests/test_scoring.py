@@ -7,7 +7,7 @@ import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.rope import distance_buckets
-from a2ats_hf.scoring import SCORERS, DistanceBuckets, Quest, scorer_of
+from a2ats_hf.scoring import SCORERS, DistanceBuckets, Quest, ScoreInputs, scorer_of
 
 from conftest import DEVICE, CharTokenizer, ids_of
 
@@ -57,19 +57,15 @@ def test_quest_bound_is_an_upper_bound():
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 8), torch.randn(1, 1, 40, 8)
 
-    class Layer:  # what Quest reads from a layer
-        device = torch.device("cpu")
-        codes = torch.zeros(1, 1, 40, dtype=torch.int32)
+    class Store:  # what Quest reads of a store
+        @staticmethod
+        def to_tensors(start=0):
+            return k[:, :, start:], k[:, :, start:]
 
-        class store:
-            length = 40
-
-            @staticmethod
-            def to_tensors(start=0):
-                return k[:, :, start:], k[:, :, start:]
-
+    step = ScoreInputs(q, None, 1.0, None, torch.zeros(1, 1, 40, dtype=torch.int32), None, None, None, None, 0, 0, 40,
+                       None, None, Store)
     for page in (1, 16):
-        lut, codes, _ = Quest(page=page).scores(Layer, q, None, 1.0, None)
+        lut, codes, _ = Quest(page=page).scores(step)
         exact = torch.einsum("bhd,bnd->bhn", q, k[:, 0])
         per_token = lut.gather(-1, codes.long().expand(1, 2, 40))
         assert (per_token >= exact - 1e-5).all()
@@ -88,7 +84,7 @@ def test_distance_scores_are_expected_true_scores_over_their_bucket(tiny, per_oc
     query = torch.randn(1, model.config.num_attention_heads, model.config.head_dim).to(DEVICE)
     position_ids = torch.tensor([[n - 1]], device=DEVICE)
     far = layer.far_candidates(torch.ones(1, n, dtype=torch.bool, device=DEVICE))
-    lut, codes, _ = DistanceBuckets(per_octave=per_octave).scores(layer, query, position_ids, 1.0, far)
+    lut, codes, _ = DistanceBuckets(per_octave=per_octave).scores(layer.score_inputs(query, position_ids, 1.0, far))
     group = query.shape[1] // layer.codes.shape[1]
     score = lut.gather(-1, codes.long().repeat_interleave(group, 1))  # [1, Hq, N]
     bucket = distance_buckets(torch.arange(n - 1, -1, -1), cache.window, per_octave)
@@ -120,24 +116,23 @@ def test_distance_columns_move_on_exactly(tiny, monkeypatch, per_octave):
     from a2ats_hf import scoring as scoring_module
 
     model, books = tiny
-    scorer = DistanceBuckets(per_octave=per_octave)
     rebuilds, checked = [], []
     histogram = scoring_module.code_histogram
     monkeypatch.setattr(scoring_module, "code_histogram", lambda *a: rebuilds.append(1) or histogram(*a))
-    original = scorer.scores
+    original = DistanceBuckets.scores
 
-    def scores(layer, query, position_ids, scaling, far):
-        lut, columns, hist = original(layer, query, position_ids, scaling, far)
-        bucket = scorer.turns(layer, position_ids, query.device)[2]  # of each distance; column j is n - 1 - j back
-        expected = (bucket.flip(0) * layer.centroids.shape[1]).to(torch.int32) + layer.codes.to(torch.int32)
-        assert torch.equal(columns, expected) and torch.equal(hist, histogram(expected, far, lut.shape[-1]))
-        checked.append(layer.store.length)
+    def scores(self, step):  # every layer's copy of the scorer
+        lut, columns, hist = original(self, step)
+        bucket = self.turns(step)[2]  # of each distance; column j is n - 1 - j back
+        expected = (bucket.flip(0) * step.centroids.shape[1]).to(torch.int32) + step.codes.to(torch.int32)
+        assert torch.equal(columns, expected) and torch.equal(hist, histogram(expected, step.far, lut.shape[-1]))
+        checked.append(step.length)
         return lut, columns, hist
 
-    monkeypatch.setattr(scorer, "scores", scores)
+    monkeypatch.setattr(DistanceBuckets, "scores", scores)
     ids, mask = ids_of(2, 100), torch.ones(2, 100, dtype=torch.long, device=DEVICE)
     mask[1, :7] = 0  # left padding
-    cache = A2ATSCache(books, topk=0.1, scoring=scorer)
+    cache = A2ATSCache(books, topk=0.1, scoring=DistanceBuckets(per_octave=per_octave))
     with torch.no_grad():
         model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=40, min_new_tokens=40,
                        do_sample=False, pad_token_id=0)

@@ -118,13 +118,13 @@ def rotated_lookup_table(
 
 
 def move_bucket_columns(
-    columns: torch.Tensor, histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, starts: torch.Tensor,
-    n: int | torch.Tensor, m: int, window: int,
+    columns: torch.Tensor, histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, starts: torch.Tensor, *,
+    length: int | torch.Tensor, centroids: int, window: int,
 ) -> None:
-    """The distance scorer's columns and their histogram moved on by a token (``n`` on the host, or on the device
-    in a capture-ready step), in place; see
+    """The distance scorer's columns and their histogram moved on to ``length`` tokens (on the host, or on the
+    device in a capture-ready step), in place, with ``centroids`` codes per bucket; see
     :func:`.reference.move_bucket_columns`. One Triton launch on a GPU."""
-    _on(columns, "move_bucket_columns", columns, histogram, codes, far, starts, n, m, window)
+    _on(columns, "move_bucket_columns", columns, histogram, codes, far, starts, length, centroids, window)
 
 
 def write_token(
