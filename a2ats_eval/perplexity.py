@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from a2ats_hf.cache import A2ATSCache, cache_argument
+from a2ats_hf import A2ATSCache, cache_argument
 from a2ats_hf.codebooks import Codebooks
 
 from .fidelity import FidelityProbe

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache
 
-from a2ats_hf.cache import A2ATSCache, cache_argument
+from a2ats_hf import A2ATSCache, cache_argument
 from a2ats_hf.codebooks import Codebooks
 from a2ats_hf.scoring import SCORERS
 

@@ -8,9 +8,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import a2ats_attention_forward
-from .cache import A2ATSCache, cache_argument
+from .cache import A2ATSCache
 from .calibration import calibrate, recording_attention
 from .codebooks import Codebooks
+from .compat import cache_argument
 from .config import A2ATSConfig
 
 __version__ = "0.1.0"

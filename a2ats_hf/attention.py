@@ -8,7 +8,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import step
-from .cache import A2ATSLayer
+from .cache import stored_by
 from .families import family_of
 from .step import key_validity
 
@@ -25,7 +25,7 @@ def a2ats_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Exact sdpa attention when no A2ATSCache is in use or for a prompt (or a chunk of one, attending every
     earlier token); A2ATS retrieval for one decode token."""
-    layer: A2ATSLayer | None = getattr(key, "a2ats_layer", None)
+    layer = stored_by(key)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

@@ -4,7 +4,6 @@ K/V in CPU memory (or, with ``offload="none"``, on the device too; ``"auto"``: o
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import weakref
 
@@ -17,17 +16,11 @@ from .codebooks import Codebooks
 from .config import A2ATSConfig
 from .kernels import code_histogram
 from .memo import PassMemo
+from .placement import Placement
 from .rope import RoPE
 from .scoring import ScoreInputs, Scorer, scorer_of
-from .store import DeviceKVStore, KVStore, Store, check_memory, kv_bytes, select
-
-
-def cache_argument(model: nn.Module, cache: Cache) -> dict[str, Cache]:
-    """``{name: cache}`` to pass to ``model(...)`` or ``model.generate(...)`` under the name the model takes:
-    transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes: from forward in 5.40)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
-
+from .stats import AttendedStats
+from .store import select
 
 ENCODE_CHUNK = 8192  # prompt keys encoded per launch (each chunk's float32 copies are a few hundred MB at most)
 NOT_A2ATS_ATTENTION = (
@@ -58,78 +51,6 @@ def _stored(index: int, name: str) -> property:
             raise AttributeError(f"A2ATSLayer.{name} is read-only: it reads the layer's store")
 
     return property(get, set_, doc=f"Stored post-RoPE {name} [B, Hkv, N, D] (None before the first forward).")
-
-
-class AttendedStats:
-    """Running totals over decode steps, summed over layers, rows and KV heads.
-
-    Counts known on the device stay there, so decoding never waits on the GPU for bookkeeping, and cost one
-    in-place add per layer: the selected rows' counts accumulate per (row, KV head), and the candidates, locally
-    attended and past tokens (the same at every layer of a pass) once per pass, times the layers that saw it. They
-    are read on access.
-    """
-
-    def __init__(self):
-        self.steps = 0
-        self.heads = 1  # KV heads per layer: the device totals are per KV head
-        self.layer_steps = 0  # (layer, step) pairs
-        self.far_selected_host = 0  # where the CPU received the selection
-        self.selected_counts: torch.Tensor | None = None  # [B, Hkv] retrieved rows, where they stayed on the device
-        self.device_totals: torch.Tensor | None = None  # far tokens, attended on the device, past tokens, per pass
-
-    def add(self, selected: int | torch.Tensor, per_head: torch.Tensor, heads: int, first: bool) -> None:
-        """One layer's step: tokens selected (a host count, or the device's counts [B, Hkv]), and [far tokens,
-        locally attended, past] per KV head (``first``: the pass's first layer, which adds them for all)."""
-        if isinstance(selected, torch.Tensor):
-            if self.selected_counts is None:
-                self.selected_counts = torch.zeros(selected.shape, dtype=torch.int64, device=selected.device)
-            self.selected_counts += selected.to(self.selected_counts.device, non_blocking=True)
-        else:
-            self.far_selected_host += selected
-        self.heads, self.layer_steps, self.steps = heads, self.layer_steps + 1, self.steps + first
-        if first:
-            if self.device_totals is None:
-                self.device_totals = torch.zeros_like(per_head, dtype=torch.int64)
-            self.device_totals += per_head.to(self.device_totals.device, non_blocking=True)
-
-    def new_batch(self) -> None:
-        """Before the batch's rows change in number: the device's per-row counts so far move to the host total."""
-        if self.selected_counts is not None:
-            self.far_selected_host += int(self.selected_counts.sum())
-            self.selected_counts = None
-
-    @property
-    def far_selected(self) -> int:
-        device = 0 if self.selected_counts is None else int(self.selected_counts.sum())
-        return self.far_selected_host + device
-
-    def _totals(self) -> list[int]:
-        if self.device_totals is None:
-            return [0, 0, 0]
-        layers = self.layer_steps // max(self.steps, 1)
-        return [int(t) * self.heads * layers for t in self.device_totals.tolist()]
-
-    @property
-    def far_tokens(self) -> int:
-        return self._totals()[0]
-
-    @property
-    def attended(self) -> int:
-        return self.far_selected + self._totals()[1]
-
-    @property
-    def past_tokens(self) -> int:
-        return self._totals()[2]
-
-    @property
-    def far_fraction(self) -> float:
-        """Mean fraction of far tokens retrieved per KV head."""
-        return self.far_selected / max(self.far_tokens, 1)
-
-    @property
-    def attended_fraction(self) -> float:
-        """Mean fraction of all past tokens attended (retrieved far tokens plus sinks and window)."""
-        return self.attended / max(self.past_tokens, 1)
 
 
 class A2ATSLayer(CacheLayerMixin):
@@ -165,7 +86,7 @@ class A2ATSLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        self.store = self.cache.new_store(key_states)
+        self.store = self.cache.placement.new_store(key_states)
         self.scorer.forget()  # a new prompt: nothing kept from the last one
         capacity = max(key_states.shape[-2], self.config.max_length or 0)  # grown by doubling past it
         self.code_buffer = torch.zeros(b, h, capacity, dtype=torch.uint16, device=self.device)  # codes in range
@@ -194,7 +115,7 @@ class A2ATSLayer(CacheLayerMixin):
             raise ValueError(EMPTY_INPUT)
         if not self.is_initialized:
             if self.first:
-                self.cache.check_memory(key_states)
+                self.cache.placement.check(key_states)
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[0] != self.store.shape[0]:
             raise RuntimeError(
@@ -208,7 +129,7 @@ class A2ATSLayer(CacheLayerMixin):
         else:  # a capture-ready step: written at the column the device holds, the host's length moved by the runner
             kernels.write_token(key_states, value_states, self.store.keys, self.store.values, self.local_keys,
                                 self.local_values, static.column, self.config.sink, self.config.window)
-        key_states.a2ats_layer = value_states.a2ats_layer = self
+        key_states.a2ats_layer = value_states.a2ats_layer = self  # read back by stored_by(key)
         self.awaiting_attention = True
         return key_states, value_states
 
@@ -425,6 +346,15 @@ class A2ATSLayer(CacheLayerMixin):
         return device, self.store.nbytes
 
 
+def stored_by(key: torch.Tensor) -> A2ATSLayer | None:
+    """The layer whose ``update`` returned ``key``, or None for K/V no A2ATSCache stored.
+
+    This is how the "a2ats" attention function finds its layer: transformers calls it with the module and the K/V
+    the cache's ``update`` returned, but with no handle on the cache (5.4 passes the cache nothing it forwards; later
+    versions forward a keyword dict, not all of them), so the layer rides on the tensors it returned."""
+    return getattr(key, "a2ats_layer", None)
+
+
 def row_index(indices: torch.Tensor | list) -> torch.Tensor:
     """Long row indices from what ``batch_select_indices`` may get: indices, or a bool mask over the rows."""
     indices = torch.as_tensor(indices)
@@ -480,7 +410,6 @@ class A2ATSCache(Cache):
         self.config = A2ATSConfig(codebooks.window if window is None else window,
                                   codebooks.sink if sink is None else sink, topk, budget, max_length, offload,
                                   gpu_kv_budget, dense_below)
-        self.gpu_kv_left: int | None = None  # what "auto" may still place on the device, set by the first layer
         self.scorer = scorer_of(scoring)
         if self.scorer.keys not in (None, codebooks.keys):
             raise ValueError(f'scoring="{self.scorer.name}" reads codes of {self.scorer.keys} keys, but these '
@@ -504,6 +433,7 @@ class A2ATSCache(Cache):
             for idx in range(n_layers)
         ])
         self.a2ats_layers = [layer for layer in self.layers if isinstance(layer, A2ATSLayer)]
+        self.placement = Placement(self.config, len(self.a2ats_layers))
 
     # The settings, read-only, as attributes of the cache too (they live in its immutable config).
     topk = property(lambda self: self.config.topk)
@@ -581,57 +511,6 @@ class A2ATSCache(Cache):
             )
         self.validity = valid.clone()
 
-    def check_memory(self, key_states: torch.Tensor) -> None:
-        """Before the first layer allocates: fail if every layer's K/V for the prompt (or ``max_length``) would
-        not fit where it is kept (CPU memory, or the device's with ``offload="none"``), or the codes, sinks and
-        window would not fit on the device."""
-        b, h, t, d = key_states.shape
-        config = self.config
-        if config.max_length is not None and t > config.max_length:
-            raise ValueError(f"The prompt has {t} tokens, more than this A2ATSCache's max_length={config.max_length}.")
-        tokens, device, dtype = max(t, config.max_length or 0), key_states.device, key_states.dtype
-        layers = len(self.a2ats_layers)
-        resident = {"none": layers, "cpu": 0}.get(config.offload)
-        if resident is None:  # "auto": the layers within the device budget stay on the device
-            resident = min(layers, self.device_budget(device) // kv_bytes(b, h, d, dtype, tokens, 1))
-        local = layers * b * h * (2 * (config.sink + config.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes
-        on_device = local + resident * kv_bytes(b, h, d, dtype, tokens, 1)
-        offloaded = (layers - resident) * kv_bytes(b, h, d, dtype, tokens)
-        kv = f"The K/V of {layers - resident} layers x batch {b} x {tokens} tokens"
-        local = (f"the codes, {config.sink} sinks and {config.window}-token window of {layers} layers (with the K/V of "
-                 f"{resident} layers kept on {device})")
-        if device.type == "cuda":
-            check_memory(on_device, local[0].upper() + local[1:], device)
-            check_memory(offloaded, kv)
-        else:
-            check_memory(on_device + offloaded, f"{kv}, with {local},")
-
-    def device_budget(self, device: torch.device) -> int:
-        """Bytes of K/V that offload="auto" may still place on the device (fixed by the first layer)."""
-        if self.gpu_kv_left is None:
-            if self.config.gpu_kv_budget is not None:
-                self.gpu_kv_left = self.config.gpu_kv_budget
-            elif device.type == "cuda":
-                self.gpu_kv_left = max(int(0.9 * torch.cuda.mem_get_info(device)[0]) - 2 * 2**30, 0)
-            else:
-                self.gpu_kv_left = 0  # a CPU model: CPU memory is where "offloading" leads anyway
-        return self.gpu_kv_left
-
-    def new_store(self, key_states: torch.Tensor) -> Store:
-        """Where a layer keeps its K/V, from its prompt's keys [B, Hkv, T, D]: the device (room for ``max_length``
-        or the prompt) under offload="none", or under "auto" while the budget lasts; CPU memory otherwise."""
-        b, h, t, d = key_states.shape
-        device, dtype = key_states.device, key_states.dtype
-        capacity = max(t, self.config.max_length or 0)
-        resident = self.config.offload == "none"
-        if self.config.offload == "auto":
-            need = kv_bytes(b, h, d, dtype, capacity, 1)
-            resident = need <= self.device_budget(device)
-            self.gpu_kv_left -= need if resident else 0
-        if resident:
-            return DeviceKVStore(b, h, d, dtype, device, capacity)
-        return KVStore(b, h, d, dtype)
-
     def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
         """Tokens to retrieve per row from its number of far tokens (a tensor [B], or one int on the host)."""
         topk = self.config.topk
@@ -645,7 +524,8 @@ class A2ATSCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.stats = AttendedStats()
-        self.gpu_kv_left = self.validity = None
+        self.placement.reset()
+        self.validity = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_validity(beam_idx)

@@ -166,7 +166,7 @@ def download_command(args: argparse.Namespace) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> None:
-    from a2ats_hf.cache import A2ATSCache, cache_argument
+    from a2ats_hf import A2ATSCache, cache_argument
     from a2ats_hf.codebooks import Codebooks
     from a2ats_hf.scoring import DistanceBuckets
 

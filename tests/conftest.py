@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on th
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import a2ats_hf  # noqa: F401  (registers "a2ats")
-from a2ats_hf import calibrate
+from a2ats_hf import cache_argument, calibrate
 
 # The integration tests run on this device; the GPU check sets A2ATS_TEST_DEVICE=cuda.
 DEVICE = torch.device(os.environ.get("A2ATS_TEST_DEVICE", "cpu"))
@@ -30,6 +30,11 @@ class CharTokenizer:
 def ids_of(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     """Seeded random token ids [batch, length] on the test device."""
     return torch.randint(2, 256, (batch, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def generate(model, ids: torch.Tensor, cache, new: int = 6) -> torch.Tensor:
+    """Greedy tokens of ``new`` steps after ``ids`` with ``cache``."""
+    return model.generate(ids, **cache_argument(model, cache), max_new_tokens=new, do_sample=False, pad_token_id=0)
 
 
 def tiny_config(**overrides) -> LlamaConfig:

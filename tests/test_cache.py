@@ -1,10 +1,8 @@
-"""A2ATSCache: argument checks, reuse rules, reset, memory accounting, wrong codebooks, unsupported models."""
+"""A2ATSCache: argument checks, reuse rules, reset, memory footprint, wrong codebooks, unsupported models."""
 
 from __future__ import annotations
 
 import gc
-import inspect
-import warnings
 import weakref
 
 import pytest
@@ -12,26 +10,8 @@ import torch
 from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from a2ats_hf import A2ATSCache, Codebooks, cache_argument
-from a2ats_hf.cache import AttendedStats
 
-from conftest import DEVICE, ids_of, tiny_model
-
-
-def generate(model, ids, cache, new=6):
-    return model.generate(ids, **cache_argument(model, cache), max_new_tokens=new, do_sample=False, pad_token_id=0)
-
-
-def test_cache_argument_uses_the_models_name_for_the_cache(tiny):
-    """Under the name the model's forward takes (``cache`` in newer transformers, ``past_key_values`` before), so
-    generation neither warns about the old name nor rejects the new one."""
-    model, books = tiny
-    cache = A2ATSCache(books)
-    ((name, value),) = cache_argument(model, cache).items()
-    assert value is cache and name in inspect.signature(model.forward).parameters
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*past_key_values.*")
-        generate(model, ids_of(1, 40), cache, new=2)
-    assert cache.get_seq_length() == 41
+from conftest import DEVICE, generate, ids_of, tiny_model
 
 
 @pytest.mark.parametrize("topk", [0, 0.0, -0.5, 1.5, -3, True, "0.1", None])
@@ -79,19 +59,6 @@ def test_empty_input_is_refused(tiny):
     model, books = tiny
     with pytest.raises(ValueError, match="empty input"):
         model(ids_of(1, 0), **cache_argument(model, A2ATSCache(books)))
-
-
-def test_max_length_below_the_prompt_is_refused(tiny):
-    model, books = tiny
-    with pytest.raises(ValueError, match="max_length=40"):
-        generate(model, ids_of(1, 60), A2ATSCache(books, max_length=40), new=2)
-
-
-def test_window_and_sinks_count_in_the_memory_check(tiny):
-    """An absurd window fails before allocating, naming the window (it tried to allocate many GB per tensor)."""
-    model, books = tiny
-    with pytest.raises(MemoryError, match="10000000000-token window"):
-        generate(model, ids_of(1, 30), A2ATSCache(books, window=10**10), new=1)
 
 
 def test_attention_mask_changed_mid_decoding_is_refused(tiny):
@@ -155,36 +122,6 @@ def test_chunked_prefill_equals_one_shot(tiny, topk):
     assert torch.equal(run(64), run(None))
 
 
-def test_cpu_memory_is_checked_before_allocating(tiny, monkeypatch):
-    """A batch whose K/V would not fit in CPU memory fails at once with the bytes needed and available."""
-    from a2ats_hf import store
-
-    model, books = tiny
-    monkeypatch.setattr(store, "available_memory", lambda: 2**20)
-    cache = A2ATSCache(books, max_length=100_000)
-    with pytest.raises(MemoryError, match=r"needs \d+\.\d+ GiB of CPU memory but only 0\.00 GiB"):
-        generate(model, ids_of(1, 50), cache)
-    assert not cache.layers[1].is_initialized
-
-
-def test_resident_memory_is_checked_where_it_lives(tiny, monkeypatch):
-    """With offload="none" the whole K/V is checked against the device's memory (the CPU's for a CPU model) and a
-    given max_length allocates each layer's buffer whole, so it never grows."""
-    from a2ats_hf import store
-
-    model, books = tiny
-    if DEVICE.type == "cpu":
-        monkeypatch.setattr(store, "available_memory", lambda: 2**20)
-    else:
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**30))
-    with pytest.raises(MemoryError, match=r"needs \d+\.\d+ GiB of (CPU memory|memory on cuda)"):
-        generate(model, ids_of(1, 50), A2ATSCache(books, max_length=100_000, offload="none"))
-    monkeypatch.undo()
-    cache = A2ATSCache(books, max_length=80, offload="none")
-    generate(model, ids_of(1, 50), cache, new=5)
-    assert all(layer.store.keys.shape[2] == 80 for layer in cache.a2ats_layers)
-
-
 def test_model_usable_with_other_caches_after_a_failure(tiny):
     """After an A2ATS failure the same model still generates with a DynamicCache, as sdpa does."""
     model, books = tiny
@@ -228,56 +165,6 @@ def test_memory_footprint_without_offload(tiny):
         footprints[offload] = cache.memory_footprint()
     stored = sum(layer.store.nbytes for layer in cache.a2ats_layers)
     assert footprints["none"] == {"device_bytes": footprints["cpu"]["device_bytes"] + stored, "cpu_bytes": 0}
-
-
-def test_auto_keeps_layers_on_the_device_while_the_budget_lasts(tiny):
-    """offload="auto" with room for one layer's K/V: the first keeps it on the device, the others in CPU memory,
-    and decoding equals offload="cpu"'s; without a budget on a CPU model everything goes to CPU memory."""
-    from a2ats_hf.store import DeviceKVStore, KVStore, kv_bytes
-
-    model, books = tiny
-    ids = ids_of(1, 200)
-    layer_bytes = kv_bytes(1, 2, 16, torch.float32, 200, 1)
-    logits = {}
-    for offload, budget in (("cpu", None), ("auto", layer_bytes + 1)):
-        cache = A2ATSCache(books, topk=0.1, offload=offload, gpu_kv_budget=budget, dense_below=0)
-        with torch.no_grad():
-            model(ids.to(DEVICE), **cache_argument(model, cache))
-            logits[offload] = torch.cat([model(torch.full((1, 1), t, device=DEVICE),
-                                               **cache_argument(model, cache)).logits
-                                         for t in range(5, 9)], 1)
-    kinds = [type(layer.store) for layer in cache.a2ats_layers]
-    assert len(kinds) > 1 and kinds[0] is DeviceKVStore and set(kinds[1:]) == {KVStore}
-    assert cache.memory_footprint()["cpu_bytes"] == sum(layer.store.nbytes for layer in cache.a2ats_layers[1:])
-    torch.testing.assert_close(logits["auto"], logits["cpu"], atol=1e-5, rtol=1e-4)
-    if DEVICE.type == "cpu":
-        cache = A2ATSCache(books, offload="auto")
-        generate(model, ids, cache, new=2)
-        assert all(isinstance(layer.store, KVStore) for layer in cache.a2ats_layers)
-
-
-def test_auto_checks_cpu_memory_for_the_layers_it_offloads(tiny, monkeypatch):
-    """Before allocating, offload="auto" counts against CPU memory only the layers beyond the device budget."""
-    from a2ats_hf import store
-
-    model, books = tiny
-    monkeypatch.setattr(store, "available_memory", lambda: 2**20)
-    layer_bytes = store.kv_bytes(1, 2, 16, torch.float32, 100_000, 1)
-    with pytest.raises(MemoryError, match=f"The K/V of {len(books.layers) - 1} layers"):
-        generate(model, ids_of(1, 50), A2ATSCache(books, max_length=100_000, offload="auto", gpu_kv_budget=layer_bytes))
-
-
-def test_stats_add_without_aliasing_what_they_are_given():
-    """Two passes of three layers: the pass's one totals tensor counts for every layer (added once, by the first),
-    host counts and device counts [B, Hkv] add up, and neither tensor given is modified."""
-    stats = AttendedStats()
-    per_head, counts = torch.tensor([10, 2, 12]), torch.tensor([[1, 2], [0, 4]], dtype=torch.int32)
-    for _ in range(2):
-        for layer in range(3):
-            stats.add(counts if layer else 5, per_head, heads=2, first=layer == 0)
-    assert per_head.tolist() == [10, 2, 12] and counts.tolist() == [[1, 2], [0, 4]]
-    assert stats.steps == 2 and stats.far_selected == 2 * (5 + 2 * 7)
-    assert (stats.far_tokens, stats.attended, stats.past_tokens) == (120, 38 + 24, 144)
 
 
 def test_memory_footprint_counts_what_the_scorer_keeps(tiny):

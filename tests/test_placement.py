@@ -1,0 +1,90 @@
+"""Placement: where each layer keeps its K/V under offload="none" / "cpu" / "auto", checked before allocating."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats_hf import A2ATSCache, cache_argument
+
+from conftest import DEVICE, generate, ids_of
+
+
+def test_max_length_below_the_prompt_is_refused(tiny):
+    model, books = tiny
+    with pytest.raises(ValueError, match="max_length=40"):
+        generate(model, ids_of(1, 60), A2ATSCache(books, max_length=40), new=2)
+
+
+def test_window_and_sinks_count_in_the_memory_check(tiny):
+    """An absurd window fails before allocating, naming the window (it tried to allocate many GB per tensor)."""
+    model, books = tiny
+    with pytest.raises(MemoryError, match="10000000000-token window"):
+        generate(model, ids_of(1, 30), A2ATSCache(books, window=10**10), new=1)
+
+
+def test_cpu_memory_is_checked_before_allocating(tiny, monkeypatch):
+    """A batch whose K/V would not fit in CPU memory fails at once with the bytes needed and available."""
+    from a2ats_hf import store
+
+    model, books = tiny
+    monkeypatch.setattr(store, "available_memory", lambda: 2**20)
+    cache = A2ATSCache(books, max_length=100_000)
+    with pytest.raises(MemoryError, match=r"needs \d+\.\d+ GiB of CPU memory but only 0\.00 GiB"):
+        generate(model, ids_of(1, 50), cache)
+    assert not cache.layers[1].is_initialized
+
+
+def test_resident_memory_is_checked_where_it_lives(tiny, monkeypatch):
+    """With offload="none" the whole K/V is checked against the device's memory (the CPU's for a CPU model) and a
+    given max_length allocates each layer's buffer whole, so it never grows."""
+    from a2ats_hf import store
+
+    model, books = tiny
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(store, "available_memory", lambda: 2**20)
+    else:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**30))
+    with pytest.raises(MemoryError, match=r"needs \d+\.\d+ GiB of (CPU memory|memory on cuda)"):
+        generate(model, ids_of(1, 50), A2ATSCache(books, max_length=100_000, offload="none"))
+    monkeypatch.undo()
+    cache = A2ATSCache(books, max_length=80, offload="none")
+    generate(model, ids_of(1, 50), cache, new=5)
+    assert all(layer.store.keys.shape[2] == 80 for layer in cache.a2ats_layers)
+
+
+def test_auto_keeps_layers_on_the_device_while_the_budget_lasts(tiny):
+    """offload="auto" with room for one layer's K/V: the first keeps it on the device, the others in CPU memory,
+    and decoding equals offload="cpu"'s; without a budget on a CPU model everything goes to CPU memory."""
+    from a2ats_hf.store import DeviceKVStore, KVStore, kv_bytes
+
+    model, books = tiny
+    ids = ids_of(1, 200)
+    layer_bytes = kv_bytes(1, 2, 16, torch.float32, 200, 1)
+    logits = {}
+    for offload, budget in (("cpu", None), ("auto", layer_bytes + 1)):
+        cache = A2ATSCache(books, topk=0.1, offload=offload, gpu_kv_budget=budget, dense_below=0)
+        with torch.no_grad():
+            model(ids.to(DEVICE), **cache_argument(model, cache))
+            logits[offload] = torch.cat([model(torch.full((1, 1), t, device=DEVICE),
+                                               **cache_argument(model, cache)).logits
+                                         for t in range(5, 9)], 1)
+    kinds = [type(layer.store) for layer in cache.a2ats_layers]
+    assert len(kinds) > 1 and kinds[0] is DeviceKVStore and set(kinds[1:]) == {KVStore}
+    assert cache.memory_footprint()["cpu_bytes"] == sum(layer.store.nbytes for layer in cache.a2ats_layers[1:])
+    torch.testing.assert_close(logits["auto"], logits["cpu"], atol=1e-5, rtol=1e-4)
+    if DEVICE.type == "cpu":
+        cache = A2ATSCache(books, offload="auto")
+        generate(model, ids, cache, new=2)
+        assert all(isinstance(layer.store, KVStore) for layer in cache.a2ats_layers)
+
+
+def test_auto_checks_cpu_memory_for_the_layers_it_offloads(tiny, monkeypatch):
+    """Before allocating, offload="auto" counts against CPU memory only the layers beyond the device budget."""
+    from a2ats_hf import store
+
+    model, books = tiny
+    monkeypatch.setattr(store, "available_memory", lambda: 2**20)
+    layer_bytes = store.kv_bytes(1, 2, 16, torch.float32, 100_000, 1)
+    with pytest.raises(MemoryError, match=f"The K/V of {len(books.layers) - 1} layers"):
+        generate(model, ids_of(1, 50), A2ATSCache(books, max_length=100_000, offload="auto", gpu_kv_budget=layer_bytes))
