@@ -3,14 +3,13 @@
 time (forward passes and k-means), peak GPU memory, k-means iterations and the final objective, against the goal of
 under 5 minutes and 20 GB.
 
-    python -m bench.calibration_cost      (GPU; writes bench/results/calibration-cost-<gpu>.json)
+    python -m bench.calibration_cost      (GPU; writes bench/results/calibration-cost/<date>-<commit>-<gpu>.json)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 import a2ats_hf  # noqa: F401  (registers the recording attention)
 from a2ats_hf import calibrate
-from bench.common import WordTokenizer, build, texts
+from bench.common import WordTokenizer, build, environment, results_path, texts
 
 
 def main() -> None:
@@ -40,15 +39,14 @@ def main() -> None:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated()
-    result = {"gpu": torch.cuda.get_device_name(), "layers_x_kv_heads": list(books.whitener.shape[:2]),
+    result = {"environment": environment(), "layers_x_kv_heads": list(books.whitener.shape[:2]),
               "tokens": args.tokens, "n_centroids": args.n_centroids, "chunk_size": args.chunk_size,
               "seconds": round(seconds, 1),
               "peak_gpu_gib": round(peak / 2**30, 1),
               "peak_gpu_gib_without_weights": round((peak - weights) / 2**30, 1),
               "kmeans_iterations": books.calibration["kmeans_iterations"],
               "kmeans_objective": books.calibration["kmeans_objective"]}
-    name = re.sub(r"[^a-z0-9]+", "-", result["gpu"].lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"calibration-cost-{name}.json"
+    out = args.out or results_path("calibration-cost")
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 

@@ -8,6 +8,8 @@ import gc
 import os
 import platform
 import random
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from a2ats_hf import Codebooks
 from a2ats_hf.codebooks import fingerprint
 
+RESULTS = Path(__file__).parent / "results"
 LLAMA31_8B = LlamaConfig(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
     head_dim=128, vocab_size=128256, max_position_embeddings=131072 + 64, rms_norm_eps=1e-5,
@@ -114,17 +117,26 @@ def release(device: torch.device) -> None:
         torch._C._host_emptyCache()
 
 
-def environment() -> dict:
-    """What a result was measured with: the commit, library versions, GPU and CPU."""
-    import subprocess
-
-
-    commit = os.environ.get("A2ATS_COMMIT")  # where the tree was copied without its history (a lent GPU)
+def commit() -> str | None:
+    """The short commit of the tree: A2ATS_COMMIT where the tree was copied without its history (a lent GPU), else
+    git's; None where neither says."""
+    if os.environ.get("A2ATS_COMMIT"):
+        return os.environ["A2ATS_COMMIT"]
     try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          cwd=Path(__file__).parent).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or None
     except OSError:
-        pass
+        return None
+
+
+def gpu_name() -> str | None:
+    """The first CUDA device's name, None without one."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def environment() -> dict:
+    """What a result was measured with: the commit, library and CUDA versions, GPU, CPU, cores and memory (every
+    results file carries it as its top-level ``environment``)."""
     try:
         import triton
         triton_version = triton.__version__
@@ -132,6 +144,27 @@ def environment() -> dict:
         triton_version = None
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
-    return {"commit": commit, "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton_version, "cpu": cpu, "cpu_cores": os.cpu_count(),
+    memory = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+              if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names else None)
+    return {"commit": commit(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton_version, "cuda": torch.version.cuda, "gpu": gpu_name(), "cpu": cpu,
+            "cpu_cores": os.cpu_count(), "memory_gib": memory and round(memory, 1),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def machine(gpu: str | None = None) -> str:
+    """A results file's machine part: the GPU's name in lower-case words ("nvidia-h100-80gb-hbm3"), or "cpu"."""
+    gpu = gpu or gpu_name()
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") if gpu else "cpu"
+
+
+def results_path(benchmark: str, gpu: str | None = None) -> Path:
+    """Where a new run of ``benchmark`` goes by default: bench/results/<benchmark>/<date>-<commit>-<machine>.json,
+    one file per invocation (a second invocation on the same day and commit gets -2, -3, ...)."""
+    folder = RESULTS / benchmark
+    stem = f"{time.strftime('%Y-%m-%d', time.gmtime())}-{commit() or 'unknown'}-{machine(gpu)}"
+    path, n = folder / f"{stem}.json", 2
+    while path.exists():
+        path, n = folder / f"{stem}-{n}.json", n + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    return path

@@ -3,14 +3,16 @@ sdpa + DynamicCache, a left-padded batch, and wall time (prefill included; sdpa 
 (the CPU store) and graph-captured (the K/V on the GPU, :func:`a2ats_hf.graphs.capture_decoding`), also with the
 model's norms and MLPs compiled (``compile_layers``: their rounding is Inductor's, so logits differ in the last bits).
 
-Run on the GPU box:  python -m bench.cuda_check   (writes bench/results/cuda-check-<gpu>.json)
+Run on the GPU box:  python -m bench.cuda_check [--out FILE]
+(writes bench/results/cuda-check/<date>-<commit>-<gpu>.json, and a copy under $OUT where that is set: a lent GPU's
+way back)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import a2ats_hf  # noqa: F401
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
 from a2ats_hf.graphs import capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
+from bench.common import environment, results_path
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)
@@ -44,6 +47,9 @@ def timed(fn):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).to(device, torch.bfloat16).eval()
@@ -53,7 +59,7 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     books, calib_s = timed(lambda: calibrate(model, IdTokenizer(), texts, n_centroids=4096, max_tokens=65536,
                                               uuid_tokens=0, kmeans_iters=100, progress=False))
-    results = {"gpu": torch.cuda.get_device_name(), "calibration_s": round(calib_s, 1),
+    results = {"environment": environment(), "calibration_s": round(calib_s, 1),
                "calibration_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                "kmeans_iterations": books.calibration["kmeans_iterations"]}
 
@@ -94,12 +100,10 @@ def main() -> None:
                          "last_logit_maxdiff": last, "seconds": round(secs, 2),
                          "far_fraction": round(cache.stats.far_fraction, 4), **cache.memory_footprint()})
     results.update({"sdpa_seconds": round(ref_s, 2), "a2ats": rows})
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    name = re.search(r"[A-Z]\d{2,3}", torch.cuda.get_device_name()).group().lower()
-    (out_dir / f"cuda-check-{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = args.out or results_path("cuda-check")
+    out.write_text(json.dumps(results, indent=2) + "\n")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"cuda-check-{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        Path(os.environ["OUT"], out.name).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -12,14 +12,13 @@
    split by phase (each phase timed alone, with syncs) and the real overlapped step; beside it, sdpa over the full
    K/V on the GPU (DynamicCache) and the offloaded-cache way (copy the layer's K/V to the GPU, then sdpa).
 
-Run on the GPU box:  python -m bench.kernels_bench [--quick]   (writes bench/results/kernels-<gpu>.json)
+Run on the GPU box:  python -m bench.kernels_bench [--quick]   (writes bench/results/kernels/<date>-<commit>-<gpu>.json)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +34,7 @@ from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore
-from bench.common import cuda_time, wall_time
+from bench.common import cuda_time, environment, results_path, wall_time
 
 HKV, GROUP, D, M = 8, 4, 128, 4096
 LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -266,7 +265,7 @@ def main() -> None:
     parser.add_argument("--scoring", default="wrope", help="comma-separated scorers for the decode step")
     parser.add_argument("--offload", default="cpu", help="comma-separated offload modes for the decode step (cpu,none)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of the first decode step")
-    parser.add_argument("--out", type=Path, help="results file (default: bench/results/kernels-<gpu>.json)")
+    parser.add_argument("--out", type=Path, help="default: bench/results/kernels/<date>-<commit>-<gpu>.json")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     torch.manual_seed(0)
@@ -275,7 +274,7 @@ def main() -> None:
     print(bw, flush=True)
     lengths = [32768] if args.quick else [32768, 131072, 524288]
     batches = [1, 4] if args.quick else [1, 4, 16]
-    results = {"gpu": torch.cuda.get_device_name(), "bandwidth": bw, "topk": [], "cpu_attention": [],
+    results = {"environment": environment(), "quick": args.quick, "bandwidth": bw, "topk": [], "cpu_attention": [],
                "device_attention": [], "decode_layer": []}
     for n in lengths if "topk" in parts else []:
         for b in batches:
@@ -299,8 +298,7 @@ def main() -> None:
                     results["decode_layer"].append(decode_layer(
                         n, b, profile=args.profile and not results["decode_layer"], scoring=scoring, offload=offload))
                     print(results["decode_layer"][-1], flush=True)
-    name = re.sub(r"[^a-z0-9]+", "-", results["gpu"].lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"kernels-{name}{'-quick' if args.quick else ''}.json"
+    out = args.out or results_path("kernels")
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n")
     print("| top-K N | batch | MB read | Triton us | GB/s | % HBM | torch topk us | GPU us by kernel | exact |")

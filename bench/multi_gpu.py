@@ -8,14 +8,14 @@ prefill is timed apart.
 
 Run on a box with two GPUs (NVLink multicast off):
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 python -m bench.multi_gpu
-(writes bench/results/multi-gpu-<gpu>.json and prints a table; `--contexts` with no value runs the checks alone).
+(writes bench/results/multi-gpu/<date>-<commit>-<gpu>.json and prints a table; `--contexts` with no value runs the
+checks alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +25,7 @@ from transformers import DynamicCache, LogitsProcessor
 
 from a2ats_hf import A2ATSCache, Codebooks, cache_argument
 from a2ats_hf.kernels import cpu_attention
-from bench.common import LLAMA31_8B, build, random_codebooks
+from bench.common import LLAMA31_8B, build, environment, random_codebooks, results_path
 
 
 class Clock(LogitsProcessor):
@@ -99,7 +99,7 @@ def main() -> None:
     cpu_attention.extension()  # built outside the timings
     books = random_codebooks()
     gpus = list(range(min(2, torch.cuda.device_count())))
-    results = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "checks": [], "runs": []}
+    results = {"environment": environment(), "gpus": torch.cuda.device_count(), "checks": [], "runs": []}
     for setup in ([gpus[:1], gpus] if len(gpus) > 1 else [gpus]):
         for dtype in (torch.float32, torch.bfloat16):
             results["checks"].append(check(setup, dtype, books, args.check_context))
@@ -121,8 +121,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
-    name = re.sub(r"[^a-z0-9]+", "-", results["gpu"].lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"multi-gpu-{name}.json"
+    out = args.out or results_path("multi-gpu")
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n\n"
           "| GPUs | context | method | decode ms/token | tokens/s | prefill s | peak GPU GiB | CPU K/V GiB |")

@@ -13,9 +13,11 @@ or calibrated on the random model's own keys with ``--calibrate-tokens``.
 The split of an A2ATS step comes from a few more steps with each phase timed alone (synced, so not overlapped).
 
     python -m bench.throughput [--contexts 32768 65536 131072] [--out FILE]
+    python -m bench.throughput --plot RESULTS... PNG      # only the figure, from these runs (later files win)
 
-writes bench/results/throughput-<gpu>.json (after every run, so an interrupted run keeps what it measured) and
-prints a table; ``--tiny`` runs a small model on whatever device there is (a smoke run).
+writes bench/results/throughput/<date>-<commit>-<gpu>.json (after every run, so an interrupted run keeps what it
+measured) and prints a table; ``--tiny`` runs a small model on whatever device there is (a smoke run, written under
+bench/results/throughput-tiny/).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import argparse
 import cProfile
 import json
 import pstats
-import re
 import time
 from pathlib import Path
 
@@ -36,7 +37,17 @@ from a2ats_hf.graphs import GRAPH_SCORERS, capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.scoring import DistanceBuckets, Scorer, scorer_of
 from a2ats_hf.store import available_memory, kv_bytes
-from bench.common import LLAMA31_8B, WordTokenizer, build, environment, random_codebooks, release, sync, texts
+from bench.common import (
+    LLAMA31_8B,
+    WordTokenizer,
+    build,
+    environment,
+    random_codebooks,
+    release,
+    results_path,
+    sync,
+    texts,
+)
 from bench.kernels_bench import phase_timers
 
 TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
@@ -202,14 +213,15 @@ def scorer(name: str) -> Scorer:
     return DistanceBuckets(per_octave=int(per_octave)) if kind == "distance" and per_octave else scorer_of(name)
 
 
-def plot(results: dict, path: Path) -> None:
-    """Tokens/s against context, one line per method (its latest run at each context)."""
+def plot(files: list[Path], path: Path) -> None:
+    """Tokens/s against context, one line per method (its latest run at each context: later files win)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = {(r["method"], r["context"]): r for r in results["runs"] if "tokens_per_s" in r}  # later runs win
+    results = [json.loads(f.read_text()) for f in files]
+    best = {(r["method"], r["context"]): r for part in results for r in part["runs"] if "tokens_per_s" in r}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method in dict.fromkeys(m for m, _ in best):
         rows = sorted((r for (m, _), r in best.items() if m == method), key=lambda r: r["context"])
@@ -219,7 +231,7 @@ def plot(results: dict, path: Path) -> None:
                         textcoords="offset points", xytext=(4, 3))
     ax.set(xscale="log", yscale="log", xlabel="context (K tokens)", ylabel="decode tokens/s (whole batch)",
            )
-    ax.set_title(f"{results['model']}, {results['gpu']}", fontsize=9)
+    ax.set_title(f"{results[0]['model']}, {results[0]['environment']['gpu']}", fontsize=9)
     ax.minorticks_off()
     contexts = sorted({n for _, n in best})
     ax.set_xticks([n / 1024 for n in contexts], [f"{n // 1024}K" for n in contexts])
@@ -249,10 +261,10 @@ def main() -> None:
     parser.add_argument("--gpu-profile", action="store_true", help="the GPU's busy share of a step and its top kernels")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--plot", type=Path, nargs=2, metavar=("RESULTS", "PNG"), help="only draw the figure")
+    parser.add_argument("--plot", type=Path, nargs="+", metavar="RESULTS... PNG", help="only draw the figure")
     args = parser.parse_args()
     if args.plot:
-        return plot(json.loads(args.plot[0].read_text()), args.plot[1])
+        return plot(args.plot[:-1], args.plot[-1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
         config = TINY
@@ -269,13 +281,11 @@ def main() -> None:
                           max_tokens=args.calibrate_tokens, uuid_tokens=0, kmeans_iters=10, progress=False)
     else:
         books = random_codebooks(centroids=centroids, config=config)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    results = {"gpu": gpu, **environment(),
+    results = {"environment": environment(),
                "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
                "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1), "runs": []}
-    name = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"throughput-{name}{'-tiny' if args.tiny else ''}.json"
+    out = args.out or results_path("throughput-tiny" if args.tiny else "throughput")
     # tokens held
     steps_total = args.warmup + args.steps + args.split_steps + 1 + 4 * args.profile + 8 * args.gpu_profile
     for n, forced in [(n, batch) for n in args.contexts for batch in args.batch or [None]]:

@@ -3,7 +3,9 @@ weights) at 128K, A2ATS offload="none" in CUDA graphs, each setting changed alon
 value of each together; ms per step beside the defaults' (a kernel timed alone is bound by its Python launch, so
 only the captured step can rank them).
 
-    python -m bench.tune_step [--batch 1] [--budget kv_head]   (GPU only; writes --out if given)
+    python -m bench.tune_step [--batch 1] [--budget kv_head]
+
+(GPU only; writes bench/results/tune-step/<date>-<commit>-<gpu>.json after every row)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from a2ats_hf import A2ATSCache
 from a2ats_hf.kernels import triton_attention, triton_codes, triton_topk
-from bench.common import build, environment, random_codebooks, release
+from bench.common import build, environment, random_codebooks, release, results_path
 from bench.throughput import measure
 
 SETTINGS = {  # (module, constant): values to try; the module's own value is the default
@@ -34,12 +36,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    out = args.out or results_path("tune-step")
     run_args = argparse.Namespace(steps=args.steps, warmup=3, split_steps=0, profile=False, gpu_profile=False)
     model = build([0])
     model.set_attn_implementation("a2ats")
     books = random_codebooks(centroids=4096, config=model.config)
     n, method = args.context, f"A2ATS offload=none {args.budget} graphs"
-    results = {**environment(), "context": n, "method": method, "rows": []}
+    results = {"environment": environment(), "context": n, "method": method, "rows": []}
 
     def step_ms(batch: int, label: str) -> float:
         make = lambda: A2ATSCache(books, topk=0.03, budget=args.budget, offload="none",  # noqa: E731
@@ -48,8 +51,7 @@ def main() -> None:
         release(model.device)  # the cache and its graphs' memory pool, before the next
         results["rows"].append({"batch": batch, "setting": label, "step_ms": ms})
         print(f"batch {batch:2d}  {label:40s} {ms:7.2f} ms", flush=True)
-        if args.out:  # after every row: an interrupted run keeps what it measured
-            args.out.write_text(json.dumps(results, indent=1))
+        out.write_text(json.dumps(results, indent=1))  # after every row: an interrupted run keeps what it measured
         return ms
 
     tuned, others = args.batch[0], args.batch[1:]
