@@ -10,8 +10,12 @@ unless the variant says otherwise), built once per variant into the asset cache.
 
     python -m bench.evaluation --device cuda        # the whole suite (the tables and figures of docs/results.md)
     python -m bench.evaluation --lengths 4096 --topk 0.03 --no-ablations --samples 1   # a quicker cut
-Results accumulate in bench/results/accuracy-smollm2.json: a rerun skips what that file already holds, so an
-interrupted run resumes. `python -m bench.report` turns the file into the tables of docs/results.md and docs/figures.
+Per-prompt records accumulate in bench/results/raw/accuracy-smollm2.json (out of git): a rerun skips what that file
+already holds, so an interrupted run resumes. After every cell the run's tracked summary (what the tables need:
+means, paired standard errors, counts, the perplexity rows) goes to bench/results/evaluation/<date>-<commit>-<gpu>.json
+(``--summary``; ``python -m bench.report --summarize RAW OUT`` writes it from the raw file alone). Point the suite's
+line in bench/report.py's BLOCKS at a new summary, then ``python -m bench.report`` rewrites the tables of
+docs/results.md and README.md and draws docs/figures.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from a2ats_eval import TASKS, Method, evaluate, evaluate_perplexity
 from a2ats_eval.assets import CALIBRATION, austen_novels, codebooks_path, smollm2_path
 from a2ats_eval.suite import summarize
 from a2ats_hf import Codebooks, calibrate  # noqa: E402
+from bench.common import RESULTS, environment, results_path
+from bench.report import summarize_run
 
 CALIBRATION_NOVELS = ("Emma", "Pride & Prejudice", "Mansfield Park")
 HELD_OUT = "Persuasion"
@@ -102,7 +108,9 @@ def main() -> None:
                         help="run every N-th method from the K-th (parallel processes, each with its own --out)")
     parser.add_argument("--calibrate-only", action="store_true", help="build the codebooks the methods need, then stop")
     parser.add_argument("--merge", type=Path, nargs="+", help="combine these result files into --out, then stop")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "accuracy-smollm2.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "raw" / "accuracy-smollm2.json",
+                        help="the per-prompt records (resumed from)")
+    parser.add_argument("--summary", type=Path, help="default: bench/results/evaluation/<date>-<commit>-<gpu>.json")
     args = parser.parse_args()
 
     if args.merge:
@@ -136,16 +144,20 @@ def main() -> None:
     methods = methods[args.shard[0] :: args.shard[1]]
     held_out = tokenizer(novels[HELD_OUT], return_tensors="pt")["input_ids"]
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"ruler": [], "perplexity": []}
-    result.update(model="SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", calibrated_on=CALIBRATION_NOVELS,
-                  held_out=HELD_OUT, codebooks={n: b.config_dict() for n, b in books.items()},
+    result.update(environment=environment(), model="SmolLM2-135M-Instruct (Q4_1 GGUF, float32)",
+                  calibrated_on=CALIBRATION_NOVELS, held_out=HELD_OUT,
+                  codebooks={n: b.config_dict() for n, b in books.items()},
                   settings={k: v for k, v in vars(args).items()
-                            if k not in ("out", "shard", "merge", "threads", "methods")},
+                            if k not in ("out", "summary", "shard", "merge", "threads", "methods")},
                   device=torch.cuda.get_device_name(args.device) if "cuda" in args.device else "cpu")
+
+    summary_path = args.summary or results_path("evaluation", None if args.device == "cpu" else result["device"])
 
     def save() -> None:
         result["summary"] = summarize(result["ruler"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
+        summary_path.write_text(json.dumps(summarize_run(result), indent=1) + "\n")
 
     def held(suite: str, method: Method, length: int) -> dict | None:
         """The first record the results already hold for (method, length) in ``suite``."""
@@ -169,7 +181,7 @@ def main() -> None:
             print(f"{length:>5} {method.name:<40} ruler {mean:.3f}  ppl {ppl.get('perplexity', float('nan')):7.2f}  "
                   f"recall {ppl.get('recall', float('nan')):.3f}  mass {ppl.get('mass', float('nan')):.3f}  "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {summary_path}")
 
 
 if __name__ == "__main__":

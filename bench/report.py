@@ -1,8 +1,14 @@
-"""Tables and figures from the evaluation suite's result files (written by bench/evaluation.py).
+"""Every results table of README.md and docs/results.md, and the figures in docs/figures, from bench/results.
 
-    python -m bench.report [--suite RESULTS.json] [--fidelity RESULTS.json ...]   # default: docs/results.md's files
-Prints markdown tables (RULER-style score per task and method at 3%, with the mean relative to full attention;
-perplexity and attention fidelity per method) and draws accuracy and fidelity against budget into docs/figures.
+    python -m bench.report                # rewrite the tables in place and draw the figures
+    python -m bench.report --check        # exit 1 naming each table that differs from what its files give
+    python -m bench.report --summarize RAW [OUT]   # an evaluation run's tracked summary from its raw records
+
+A table lives in the markdown between ``<!-- report: NAME -->`` and ``<!-- /report -->``; BLOCKS below says which
+results files feed each NAME (one line per table: a newer run replaces a table's source by editing its line), and
+a line under each table names those files with their commit, GPU and library versions. The evaluation suite's
+per-prompt records stay out of git (bench/results/raw/, written by bench/evaluation.py); what the tables need of
+them (means per method, task and length, paired standard errors, counts) is in the tracked summary.
 """
 
 from __future__ import annotations
@@ -10,21 +16,33 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from a2ats_eval.suite import summarize  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 FIGURES = ROOT / "docs" / "figures"
+DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]
+BLOCK = re.compile(r"(<!-- report: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /report -->)", re.S)
 NAME = re.compile(r"^(?P<scoring>\w+) (?P<topk>[\d.]+)(?: \((?P<tags>.*)\))?$")
 LABELS = {"wrope": "A2ATS (windowed RoPE)", "oracle": "exact top-K (oracle)", "quest": "Quest (16-token pages)",
           "random": "random", "postrope": "post-RoPE codebooks", "distance": "A2ATS, distance buckets"}
 COLORS = {label: f"C{i}" for i, label in enumerate([*LABELS.values(), LABELS["wrope"] + ", per KV head"])}
+HEADLINE = {  # the README's accuracy rows: method -> label
+    "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
+    "distance 0.03": 'A2ATS, distance buckets (`scoring="distance"`)',
+    "wrope 0.03": 'A2ATS, windowed RoPE (`scoring="wrope"`, the paper\'s and today\'s default)',
+    "quest 0.03": "Quest (16-token pages)", "window": "sinks + window only (StreamingLLM)"}
 
 
 def parse(method: str) -> tuple[str, float, str] | None:
@@ -69,39 +87,6 @@ def budget_table(cells: dict[str, str], title: str) -> str:
     return "\n".join(out)
 
 
-def paired_stderr(records: list[dict], method: str, length: int) -> float:
-    """Standard error of the method's mean score minus full attention's, over the prompts both answered."""
-    key = lambda r: (r["task"], r["depth"], r["seed"])  # noqa: E731
-    full = {key(r): r["score"] for r in records if r["method"] == "full" and r["length"] == length}
-    d = [r["score"] - full[key(r)] for r in records
-         if r["method"] == method and r["length"] == length and key(r) in full]
-    mean = sum(d) / len(d)
-    return (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
-
-
-def ruler_tables(result: dict) -> str:
-    """Per length: score per task for each method at 3% (and full, window), mean, mean relative to full, and the
-    standard error of the difference from full (paired over prompts)."""
-    per_task, mean, relative = (result["summary"][k] for k in ("per_task", "mean", "relative_to_full"))
-    tasks = sorted({r["task"] for r in result["ruler"]})
-    out = []
-    for length in sorted({r["length"] for r in result["ruler"]}):
-        names = [m for m in dict.fromkeys(r["method"] for r in result["ruler"] if r["length"] == length)
-                 if parse(m) is None or parse(m)[1] == 0.03]
-        out.append(f"| {length // 1024}K, 3% | " + " | ".join(t.replace("_", " ") for t in tasks)
-                   + " | mean | vs full | ± s.e. |")
-        out.append("|---" * (len(tasks) + 4) + "|")
-        for m in sorted(names, key=lambda m: -mean[f"{m} | {length}"]):
-            cells = [per_task.get(f"{m} | {t} | {length}") for t in tasks]
-            full = mean[f"full | {length}"]
-            se = "-" if m == "full" else f"{paired_stderr(result['ruler'], m, length) / full:.0%}"
-            vs_full = relative.get(f"{m} | {length}", float("nan"))
-            out.append(f"| {m} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
-                       + f" | {mean[f'{m} | {length}']:.3f} | {vs_full:.0%} | {se} |")
-        out.append("")
-    return "\n".join(out)
-
-
 def fidelity_table(rows: list[dict]) -> str:
     """Perplexity and fidelity of full attention, sinks + window and the 3% methods (other budgets: budget_table)."""
     rows = [r for r in rows if line(r["method"]) is None or line(r["method"])[1] == 0.03]
@@ -114,6 +99,206 @@ def fidelity_table(rows: list[dict]) -> str:
         out.append(f"| {r['length'] // 1024}K | {r['method']} | {r['perplexity']:.2f} | " + " | ".join(cells)
                    + f" | {attended} |")
     return "\n".join(out)
+
+
+def paired_stderr(records: list[dict], method: str, length: int) -> float:
+    """Standard error of the method's mean score minus full attention's, over the prompts both answered."""
+    key = lambda r: (r["task"], r["depth"], r["seed"])  # noqa: E731
+    full = {key(r): r["score"] for r in records if r["method"] == "full" and r["length"] == length}
+    d = [r["score"] - full[key(r)] for r in records
+         if r["method"] == method and r["length"] == length and key(r) in full]
+    mean = sum(d) / len(d)
+    return (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
+
+
+def summarize_run(raw: dict) -> dict:
+    """An evaluation run without its per-prompt records: what the tables and figures need of them (means per
+    method, task and length; per method and length the prompts answered and the paired standard error against full
+    attention), beside the run's settings and its perplexity rows."""
+    records = raw["ruler"]
+    pairs = list(dict.fromkeys((r["method"], r["length"]) for r in records))
+    prompts = defaultdict(int)
+    for r in records:
+        prompts[f"{r['method']} | {r['length']}"] += 1
+    stderr = {f"{m} | {n}": paired_stderr(records, m, n) for m, n in pairs if m != "full"}
+    return rounded({**{k: v for k, v in raw.items() if k != "ruler"},
+                    "summary": {**summarize(records), "tasks": sorted({r["task"] for r in records}),
+                                "prompts": dict(prompts), "paired_stderr": stderr}})
+
+
+def rounded(value, digits: int = 6):
+    """``value`` with every float to ``digits`` significant digits (the tables show three; the file stays small)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return [rounded(v, digits) for v in value] if isinstance(value, list) else value
+
+
+def ruler_tables(suite: dict) -> str:
+    """Per length: score per task for each method at 3% (and full, window), mean, mean relative to full, and the
+    standard error of the difference from full (paired over prompts)."""
+    summary = suite["summary"]
+    per_task, mean, relative, tasks = (summary[k] for k in ("per_task", "mean", "relative_to_full", "tasks"))
+    out = []
+    for length in lengths_of(summary):
+        names = [m for m in at_length(mean, length) if parse(m) is None or parse(m)[1] == 0.03]
+        out.append(f"| {length // 1024}K, 3% | " + " | ".join(t.replace("_", " ") for t in tasks)
+                   + " | mean | vs full | ± s.e. |")
+        out.append("|---" * (len(tasks) + 4) + "|")
+        full = mean[f"full | {length}"]
+        for m in sorted(names, key=lambda m: -mean[f"{m} | {length}"]):
+            cells = [per_task.get(f"{m} | {t} | {length}") for t in tasks]
+            se = "-" if m == "full" else f"{summary['paired_stderr'][f'{m} | {length}'] / full:.0%}"
+            vs_full = relative.get(f"{m} | {length}", float("nan"))
+            out.append(f"| {m} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
+                       + f" | {mean[f'{m} | {length}']:.3f} | {vs_full:.0%} | {se} |")
+        out.append("")
+    return "\n".join(out).strip()
+
+
+def lengths_of(summary: dict) -> list[int]:
+    """The prompt lengths a summary covers."""
+    return sorted({int(k.rsplit(" | ", 1)[1]) for k in summary["mean"]})
+
+
+def ruler_budget_tables(suite: dict) -> str:
+    """Per length: the RULER mean (and its share of full attention's) of each scorer at each budget."""
+    tables = []
+    for length in lengths_of(suite["summary"]):
+        relative = at_length(suite["summary"]["relative_to_full"], length)
+        mean = at_length(suite["summary"]["mean"], length)
+        tables.append(budget_table({m: f"{mean[m]:.3f} ({relative[m]:.0%})" for m in relative},
+                                   f"{length // 1024}K: RULER mean (vs full)"))
+    return "\n\n".join(tables)
+
+
+def headline_accuracy(suite: dict) -> str:
+    """The README's table: mean score and its share of full attention's for HEADLINE's methods at each length."""
+    lengths = lengths_of(suite["summary"])
+    mean, relative = suite["summary"]["mean"], suite["summary"]["relative_to_full"]
+    out = ["| method (3%) | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    out += [f"| {label} | " + " | ".join(f"{mean[f'{m} | {n}']:.3f} ({relative[f'{m} | {n}']:.0%})" for n in lengths)
+            + " |" for m, label in HEADLINE.items()]
+    return "\n".join(out)
+
+
+def fidelity_budget_table(rows: list[dict], length: int) -> str:
+    """Perplexity / recall / mass of each scorer at each budget, at one length."""
+    cells = {r["method"]: f"{r['perplexity']:.1f} / {r['recall']:.2f} / {r['mass']:.3f}"
+             for r in rows if r["length"] == length and "recall" in r}
+    return budget_table(cells, f"{length // 1024}K: perplexity / recall / mass")
+
+
+def throughput_table(runs: list[dict], methods: str = "") -> str:
+    """Decode speed per (context, method, batch) against the faster full attention (sdpa + DynamicCache or
+    StaticCache + compile) at the same context and batch; ``methods``: a regular expression the rows must match."""
+    full = defaultdict(float)
+    for r in runs:
+        if r["method"].startswith(("full", "StaticCache")) and "tokens_per_s" in r:
+            full[r["context"], r["batch"]] = max(full[r["context"], r["batch"]], r["tokens_per_s"])
+    out = ["| context | method | batch | ms / step | tokens/s | vs full attention |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        if not re.search(methods, r["method"]):
+            continue
+        if "tokens_per_s" not in r:
+            error = "out of memory" if "out of memory" in r.get("error", "") else r.get("error", "failed")[:40]
+            out.append(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {error} | | |")
+            continue
+        ratio = r["tokens_per_s"] / full[r["context"], r["batch"]] if full[r["context"], r["batch"]] else None
+        out.append(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {r['step_ms']:.1f} | "
+                   f"{r['tokens_per_s']:.1f} | " + (f"{ratio:.2f}x" if ratio else "-") + " |")
+    return "\n".join(out)
+
+
+def cuda_check_table(result: dict) -> str:
+    """Greedy agreement with sdpa, far tokens attended, memory and wall time of each A2ATS row of a CUDA check."""
+    out = ["| | greedy tokens equal to sdpa | largest first-step logit difference | far tokens attended per KV head "
+           "| device bytes | CPU bytes | wall time (incl. prefill) |", "|---|---|---|---|---|---|---|",
+           f"| sdpa + DynamicCache | - | - | - | - | - | {result['sdpa_seconds']:.2f} s |"]
+    for r in result["a2ats"]:
+        name = f"A2ATS{' ' + r['mode'] if 'mode' in r else ''} topk={r['topk']}"
+        out.append(f"| {name} | {r['token_agreement']:.0%} | {r['first_logit_maxdiff']:.2g} | {r['far_fraction']:.1%} "
+                   f"| {r['device_bytes'] / 1e6:.1f} MB | {r['cpu_bytes'] / 1e6:.0f} MB | {r['seconds']:.2f} s |")
+    return "\n".join(out)
+
+
+def multi_gpu_table(result: dict) -> str:
+    """Decode ms per token, tokens/s, prefill and peak GPU memory per (GPUs, context, method)."""
+    out = ["| GPUs | context | method | decode ms / token | tokens/s | prefill | peak GPU GiB per card |",
+           "|---|---|---|---|---|---|---|"]
+    for r in sorted(result["runs"], key=lambda r: (r["gpus"], r["context"])):
+        peak = " / ".join(f"{g:.1f}" for g in r["peak_gpu_gib"]) if isinstance(r["peak_gpu_gib"], list) \
+            else f"{r['peak_gpu_gib']:.1f}"
+        out.append(f"| {r['gpus']} | {r['context'] // 1024}K | {r['method']} | {r['decode_ms']:.0f} | "
+                   f"{r['tokens_per_s']:.1f} | {r['prefill_s']:.1f} s | {peak} |")
+    return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One generated table: the results files it is drawn from (relative to bench/results) and how."""
+
+    sources: tuple[str, ...]
+    table: Callable[[list[dict]], str]
+
+
+SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
+FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
+H200_128K = ("throughput/2026-12-02-2e63c68-nvidia-h200.json", "throughput/2026-12-02-2e63c68-nvidia-h200-2.json")
+BLOCKS = {  # table name in the markdown -> its results files; a newer run replaces one by editing its line
+    "speed": Block(H200_128K, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
+    "accuracy": Block((SUITE,), lambda f: headline_accuracy(f[0])),
+    "throughput-h200": Block(H200_128K, lambda f: throughput_table(runs(f))),
+    "throughput-h200-compile": Block(("throughput/2026-12-02-026103d-nvidia-h200.json",),
+                                     lambda f: throughput_table(runs(f))),
+    "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
+    "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
+    "fidelity": Block((SUITE,), lambda f: fidelity_table(f[0]["perplexity"])),
+    "fidelity-budgets-8k": Block((SUITE,), lambda f: fidelity_budget_table(f[0]["perplexity"], 8192)),
+    "fidelity-budgets-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_budget_table(f[0]["perplexity"], 4096)),
+    "fidelity-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_table(f[0]["perplexity"])),
+    "cuda-check-h100": Block(("cuda-check/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json",),
+                             lambda f: cuda_check_table(f[0])),
+    "multi-gpu": Block(("multi-gpu/2026-11-25-e2b5eb2-nvidia-h100-80gb-hbm3.json",), lambda f: multi_gpu_table(f[0])),
+}
+
+
+def runs(files: list[dict]) -> list[dict]:
+    """The throughput rows of several runs, in order."""
+    return [r for f in files for r in f["runs"]]
+
+
+def provenance(name: str, result: dict) -> str:
+    """A results file's name with the commit, GPU and library versions its environment record gives."""
+    env = result["environment"]
+    commit = env["commit"] if env.get("recorded", True) else f"{env['commit']} (from git history)"
+    versions = (f"torch {env['torch']}, transformers {env['transformers']}" if env.get("torch")
+                else "versions not recorded")
+    return f"`bench/results/{name}` (commit {commit}, {env.get('gpu') or 'CPU'}, {versions})"
+
+
+def render(name: str, load: Callable[[str], dict] = lambda n: json.loads((RESULTS / n).read_text())) -> str:
+    """A block's generated table and, under it, the line naming its sources."""
+    block = BLOCKS[name]
+    files = [load(source) for source in block.sources]
+    sources = "; ".join(provenance(s, f) for s, f in zip(block.sources, files))
+    return f"{block.table(files)}\n\n<sub>Generated by `python -m bench.report` from {sources}.</sub>\n"
+
+
+def refresh(text: str, render: Callable[[str], str] = render) -> tuple[str, list[str]]:
+    """``text`` with every report block regenerated, and the names of the blocks that changed."""
+    stale = []
+
+    def replace(m: re.Match) -> str:
+        if m["name"] not in BLOCKS:
+            raise SystemExit(f"unknown report block {m['name']!r}: add it to BLOCKS in bench/report.py")
+        body = render(m["name"])
+        if body != m["body"]:
+            stale.append(m["name"])
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(replace, text), stale
 
 
 def plot(ax, lines: dict, reference: dict[str, float], ylabel: str, title: str) -> None:
@@ -148,12 +333,11 @@ def figures(suite: dict, fidelity: list[dict]) -> list[Path]:
     """RULER score relative to full attention against budget (one panel per length), and recall of the exact top-K
     and attention mass against budget (one row of panels per length)."""
     FIGURES.mkdir(parents=True, exist_ok=True)
-    lengths = sorted({r["length"] for r in suite["ruler"]})
+    lengths = lengths_of(suite["summary"])
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         relative = at_length(suite["summary"]["relative_to_full"], length)
-        prompts = len([r for r in suite["ruler"] if r["method"] == "full" and r["length"] == length])
-        tasks = len({r["task"] for r in suite["ruler"]})
+        prompts, tasks = suite["summary"]["prompts"][f"full | {length}"], len(suite["summary"]["tasks"])
         plot(ax, curves(relative), {"full attention": 1.0, "sinks + window": relative.get("window", 0.0)},
              "RULER-style score / full attention's",
              f"SmolLM2-135M, {length // 1024}K prompts ({tasks} tasks, {prompts} prompts)")
@@ -173,33 +357,37 @@ def figures(suite: dict, fidelity: list[dict]) -> list[Path]:
     return written
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", type=Path, default=RESULTS / "accuracy-smollm2.json", help="RULER + perplexity")
-    parser.add_argument("--fidelity", type=Path, nargs="*", default=[RESULTS / "fidelity-smollm2-cpu.json"],
-                        help="perplexity and fidelity runs that take precedence over the suite's at their lengths")
-    args = parser.parse_args()
-    suite = json.loads(args.suite.read_text())
-    fidelity = []
-    for path in args.fidelity:  # each file's rows, marked with the device they ran on
-        part = json.loads(path.read_text())
-        fidelity += [{"device": part["device"], **r} for r in part["perplexity"]]
+def suite_figures() -> list[Path]:
+    """The figures from the suite's summary and the fidelity runs (the CPU run's lengths take precedence)."""
+    suite = json.loads((RESULTS / SUITE).read_text())
+    part = json.loads((RESULTS / FIDELITY_CPU).read_text())
+    fidelity = [{"device": part["device"], **r} for r in part["perplexity"]]
     covered = {r["length"] for r in fidelity}
     fidelity += [{"device": suite["device"], **r} for r in suite["perplexity"] if r["length"] not in covered]
-    print(ruler_tables(suite))
-    for length in sorted({r["length"] for r in suite["ruler"]}):
-        relative = at_length(suite["summary"]["relative_to_full"], length)
-        mean = at_length(suite["summary"]["mean"], length)
-        print(budget_table({m: f"{mean[m]:.3f} ({relative[m]:.0%})" for m in relative},
-                           f"{length // 1024}K: RULER mean (vs full)"), "\n")
-    print(fidelity_table(suite["perplexity"]), "\n")
-    if covered:  # the fidelity files' own 3% rows (their ablations)
-        print(fidelity_table([r for r in fidelity if r["length"] in covered]), "\n")
-    for length in sorted({r["length"] for r in fidelity}):
-        cells = {r["method"]: f"{r['perplexity']:.1f} / {r['recall']:.2f} / {r['mass']:.3f}"
-                 for r in fidelity if r["length"] == length and "recall" in r}
-        print(budget_table(cells, f"{length // 1024}K: perplexity / recall / mass"), "\n")
-    for path in figures(suite, fidelity):
+    return figures(suite, fidelity)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only say which tables are stale (exit 1 if any)")
+    parser.add_argument("--summarize", type=Path, nargs="+", metavar="RAW [OUT]",
+                        help="write an evaluation run's summary (default OUT: the suite's file in BLOCKS)")
+    args = parser.parse_args()
+    if args.summarize:
+        out = args.summarize[1] if len(args.summarize) > 1 else RESULTS / SUITE
+        out.write_text(json.dumps(summarize_run(json.loads(args.summarize[0].read_text())), indent=1) + "\n")
+        return print(f"wrote {out}")
+    stale = []
+    for doc in DOCS:
+        text, changed = refresh(doc.read_text())
+        stale += [f"{doc.relative_to(ROOT)}: {name}" for name in changed]
+        if changed and not args.check:
+            doc.write_text(text)
+    if args.check:
+        print("\n".join(f"stale: {s}" for s in stale) or "every table matches its results files")
+        sys.exit(1 if stale else 0)
+    print("\n".join(f"rewrote {s}" for s in stale))
+    for path in suite_figures():
         print(f"wrote {path.relative_to(ROOT)}")
 
 
