@@ -211,30 +211,6 @@ def throughput_table(runs: list[dict], methods: str = "") -> str:
     return "\n".join(out)
 
 
-def cuda_check_table(result: dict) -> str:
-    """Greedy agreement with sdpa, far tokens attended, memory and wall time of each A2ATS row of a CUDA check."""
-    out = ["| | greedy tokens equal to sdpa | largest first-step logit difference | far tokens attended per KV head "
-           "| device bytes | CPU bytes | wall time (incl. prefill) |", "|---|---|---|---|---|---|---|",
-           f"| sdpa + DynamicCache | - | - | - | - | - | {result['sdpa_seconds']:.2f} s |"]
-    for r in result["a2ats"]:
-        name = f"A2ATS{' ' + r['mode'] if 'mode' in r else ''} topk={r['topk']}"
-        out.append(f"| {name} | {r['token_agreement']:.0%} | {r['first_logit_maxdiff']:.2g} | {r['far_fraction']:.1%} "
-                   f"| {r['device_bytes'] / 1e6:.1f} MB | {r['cpu_bytes'] / 1e6:.0f} MB | {r['seconds']:.2f} s |")
-    return "\n".join(out)
-
-
-def multi_gpu_table(result: dict) -> str:
-    """Decode ms per token, tokens/s, prefill and peak GPU memory per (GPUs, context, method)."""
-    out = ["| GPUs | context | method | decode ms / token | tokens/s | prefill | peak GPU GiB per card |",
-           "|---|---|---|---|---|---|---|"]
-    for r in sorted(result["runs"], key=lambda r: (r["gpus"], r["context"])):
-        peak = " / ".join(f"{g:.1f}" for g in r["peak_gpu_gib"]) if isinstance(r["peak_gpu_gib"], list) \
-            else f"{r['peak_gpu_gib']:.1f}"
-        out.append(f"| {r['gpus']} | {r['context'] // 1024}K | {r['method']} | {r['decode_ms']:.0f} | "
-                   f"{r['tokens_per_s']:.1f} | {r['prefill_s']:.1f} s | {peak} |")
-    return "\n".join(out)
-
-
 @dataclass(frozen=True)
 class Block:
     """One generated table: the results files it is drawn from (relative to bench/results) and how."""
@@ -258,9 +234,6 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "fidelity-budgets-8k": Block((SUITE,), lambda f: fidelity_budget_table(f[0]["perplexity"], 8192)),
     "fidelity-budgets-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_budget_table(f[0]["perplexity"], 4096)),
     "fidelity-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_table(f[0]["perplexity"])),
-    "cuda-check-h100": Block(("cuda-check/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json",),
-                             lambda f: cuda_check_table(f[0])),
-    "multi-gpu": Block(("multi-gpu/2026-11-25-e2b5eb2-nvidia-h100-80gb-hbm3.json",), lambda f: multi_gpu_table(f[0])),
 }
 
 

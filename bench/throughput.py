@@ -16,8 +16,8 @@ The split of an A2ATS step comes from a few more steps with each phase timed alo
     python -m bench.throughput --plot RESULTS... PNG      # only the figure, from these runs (later files win)
 
 writes bench/results/throughput/<date>-<commit>-<gpu>.json (after every run, so an interrupted run keeps what it
-measured) and prints a table; ``--tiny`` runs a small model on whatever device there is (a smoke run, written under
-bench/results/throughput-tiny/).
+measured) and prints a table; ``--tiny`` runs a small model on whatever device there is (a smoke run, its file
+in a throughput-tiny folder beside throughput's).
 """
 
 from __future__ import annotations
