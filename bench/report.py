@@ -221,11 +221,11 @@ class Block:
 
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
 FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
-H200_128K = ("throughput/2026-12-02-2e63c68-nvidia-h200.json", "throughput/2026-12-02-2e63c68-nvidia-h200-2.json")
+H200 = tuple(f"throughput/2026-12-02-e01eae0-nvidia-h200{suffix}.json" for suffix in ("-3", "", "-2"))  # 128K x 7, x 1, 2K
 BLOCKS = {  # table name in the markdown -> its results files; a newer run replaces one by editing its line
-    "speed": Block(H200_128K, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
+    "speed": Block(H200, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
     "accuracy": Block((SUITE,), lambda f: headline_accuracy(f[0])),
-    "throughput-h200": Block(H200_128K, lambda f: throughput_table(runs(f))),
+    "throughput-h200": Block(H200, lambda f: throughput_table(runs(f))),
     "throughput-h200-compile": Block(("throughput/2026-12-02-026103d-nvidia-h200.json",),
                                      lambda f: throughput_table(runs(f))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),

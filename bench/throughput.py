@@ -200,6 +200,8 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
     finally:
         release_decoding(model)
         model.__dict__.pop("forward", None)
+        if "compile" in method:  # its graphs' memory pool and compiled code would stay for the next method
+            torch.compiler.reset()
     row["tokens_per_s"] = round(batch * 1e3 / row["step_ms"], 2)
     if device.type == "cuda":
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
