@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from . import kernels
 from .codebooks import Codebooks
 from .config import A2ATSConfig
+from .graphs import capture_decoding
 from .kernels import code_histogram
 from .memo import PassMemo
 from .placement import Placement
@@ -480,8 +481,6 @@ class A2ATSCache(Cache):
         books = Codebooks.from_pretrained(model_id_or_path, subfolder, revision, cache_dir, local_files_only, token)
         cache = cls(books, **cache_kwargs)
         if model is not None and cuda_graphs and next(model.parameters()).is_cuda:
-            from .graphs import capture_decoding  # graphs.py imports this module
-
             capture_decoding(model, compile_layers=compile_layers)
         return cache
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .codebooks import KEYS, SIGNATURE_SCHEME, Codebooks, check_int, check_supported, fingerprint, layer_signature
+from .families import attention_modules
 from .kmeans import kmeans, second_moment, whitening
 from .rope import RoPE, apply_rope, bucket_turns
 
@@ -22,13 +23,6 @@ from .rope import RoPE, apply_rope, bucket_turns
 # clusters come from a handful of tokens, or from the random UUIDs alone.
 MIN_TEXT_TOKENS = 512
 RECORDER = "a2ats_recorder"  # the attribute a calibration in progress sets on each attention module it records
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's self-attention modules in layer order (modules with a ``layer_idx`` and a ``config``)."""
-    found = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config")
-             and type(m).__name__.endswith("Attention")]
-    return sorted(found, key=lambda m: m.layer_idx)
 
 
 def _text_of(item) -> str:

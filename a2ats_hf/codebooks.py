@@ -15,12 +15,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .families import family_of
+from .families import attention_modules, family_of
+from .hub_utils import CONFIG_NAME, WEIGHTS_NAME, push_to_hub, resolve
 
 # 2: the weights signature covers every served layer (bilinear probes of its key projection); 1 had one norm.
 FORMAT_VERSION = 2
-CONFIG_NAME = "a2ats_config.json"
-WEIGHTS_NAME = "a2ats_codebooks.safetensors"
 KEYS = ("pre_rope", "post_rope")
 TENSORS = ("whitener", "whitened_centroids")
 REQUIRED = ("format_version", "n_centroids", "window", "offset", "sink", "keys", "fingerprint", "sha256",
@@ -311,8 +310,6 @@ class Codebooks:
     def sign(self, model: Any) -> "Codebooks":
         """Record the weights signature of ``model`` (whose config these codebooks must match): what
         :func:`calibrate` does itself, for codebooks built another way. Returns ``self``."""
-        from .calibration import attention_modules
-
         self.validate(model.config)
         modules = {m.layer_idx: m for m in attention_modules(model)}
         self.weights_signature = {"scheme": SIGNATURE_SCHEME,
@@ -349,8 +346,6 @@ class Codebooks:
         sent to the Hub. The config must carry every field (``sha256`` and ``weights_signature`` included), agree
         with the tensors' shapes, and the tensors must match the checksum and be finite.
         """
-        from .hub_utils import resolve
-
         directory = resolve(repo_id_or_path, subfolder, revision, cache_dir, local_files_only, token)
         config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights):
@@ -392,8 +387,6 @@ class Codebooks:
         create_pr: bool = False,
     ):
         """Upload these codebooks (tensors, config, a README) into ``repo_id/subfolder`` in one commit."""
-        from .hub_utils import push_to_hub
-
         return push_to_hub(self, repo_id, subfolder, revision, private, token, commit_message, create_pr)
 
     def validate(self, model_config: Any, attention: Any = None) -> None:

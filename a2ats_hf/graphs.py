@@ -16,12 +16,15 @@ import copy
 import functools
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .cache import A2ATSCache, A2ATSLayer
 from .step import BUCKET, StaticStep, bucket_width
+
+if TYPE_CHECKING:
+    from .cache import A2ATSCache
 
 GRAPH_SCORERS = ("wrope", "distance", "window")  # scorers with a capture-ready step (the baselines have none)
 
@@ -65,7 +68,8 @@ class GraphRunner:
     def applies(self, cache, kwargs: dict) -> bool:
         """Whether this call is a one-token decode step the capture-ready path serves."""
         ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
-        if not isinstance(cache, A2ATSCache) or ids is None or positions is None or ids.shape[1] != 1:
+        layers = getattr(cache, "a2ats_layers", None)  # an A2ATSCache (this module is imported by cache.py)
+        if layers is None or ids is None or positions is None or ids.shape[1] != 1:
             return False
         if (kwargs.get("inputs_embeds") is not None or kwargs.get("output_attentions")
                 or kwargs.get("output_hidden_states")):
@@ -73,15 +77,14 @@ class GraphRunner:
         n = cache.get_seq_length()
         if n == 0 or cache.scorer.name not in GRAPH_SCORERS or cache.validity is None or cache.observers:
             return False
-        layers = cache.layers
-        if not all(isinstance(layer, A2ATSLayer) and layer.store.resident for layer in layers):
+        if len(layers) != len(cache.layers) or not all(layer.store.resident for layer in layers):
             return False
         device = layers[0].device
         if any(layer.device != device for layer in layers) or (self.capture and device.type != "cuda"):
             return False
         return all(layer.store.keys.shape[2] > n and layer.code_buffer.shape[-1] > n for layer in layers)
 
-    def step(self, cache: A2ATSCache, kwargs: dict):
+    def step(self, cache: "A2ATSCache", kwargs: dict):
         """One decode step through the capture-ready path (see the class docstring)."""
         layers, n = cache.a2ats_layers, cache.get_seq_length()
         batch = kwargs["input_ids"].shape[0]
@@ -133,7 +136,7 @@ class GraphRunner:
         result.logits = output.logits.clone()  # the graph's output buffer is overwritten by the next replay
         return result
 
-    def static_step(self, cache: A2ATSCache, batch: int, width: int) -> StaticStep:
+    def static_step(self, cache: "A2ATSCache", batch: int, width: int) -> StaticStep:
         """The :class:`StaticStep` of this width, kept (same addresses) while the cache's validity record stays."""
         static = next(iter(self.statics.values()), None)
         if static is None or static.source is not cache.validity:
@@ -147,7 +150,7 @@ class GraphRunner:
             self.statics[width] = StaticStep(static.column, static.length, width, static.prompt_valid, static.source)
         return self.statics[width]
 
-    def capture_step(self, cache: A2ATSCache, captured: Captured, run) -> None:
+    def capture_step(self, cache: "A2ATSCache", captured: Captured, run) -> None:
         """Capture ``run()`` into a CUDA graph sharing one memory pool with the runner's other graphs. Capturing
         records the step without running it, but runs its Python once: the host's statistics are restored."""
         stats = (cache.stats.steps, cache.stats.layer_steps)
@@ -162,7 +165,7 @@ class GraphRunner:
         self.counts["captured"] += 1
 
     @staticmethod
-    def addresses(cache: A2ATSCache, static: StaticStep) -> tuple[int, ...]:
+    def addresses(cache: "A2ATSCache", static: StaticStep) -> tuple[int, ...]:
         """The data pointers a captured step reads and writes: its graph is valid while they stay."""
         tensors = [static.column, static.prompt_valid, static.columns, cache.stats.selected_counts,
                    cache.stats.device_totals]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 from huggingface_hub.errors import (
@@ -17,9 +18,12 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .codebooks import CONFIG_NAME, WEIGHTS_NAME, Codebooks
+if TYPE_CHECKING:
+    from .codebooks import Codebooks
 
 SUBFOLDER = "a2ats"
+CONFIG_NAME = "a2ats_config.json"  # the two files of a codebooks folder
+WEIGHTS_NAME = "a2ats_codebooks.safetensors"
 
 
 def _calibrate_hint(repo_id: str) -> str:
@@ -111,7 +115,7 @@ def resolve(
     return Path(files[CONFIG_NAME]).parent
 
 
-def model_card(books: Codebooks) -> str:
+def model_card(books: "Codebooks") -> str:
     """The README placed beside the codebooks: how they were built."""
     c, fp = books.calibration, books.fingerprint
     lines = [
@@ -138,7 +142,7 @@ def model_card(books: Codebooks) -> str:
 
 
 def push_to_hub(
-    books: Codebooks,
+    books: "Codebooks",
     repo_id: str,
     subfolder: str = SUBFOLDER,
     revision: str | None = None,

@@ -13,12 +13,15 @@ edge.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import kernels
-from .cache import A2ATSLayer
 from .store import BLOCK_SIZE
+
+if TYPE_CHECKING:
+    from .cache import A2ATSLayer
 
 
 def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -75,7 +78,7 @@ class StepMasks:
     totals: torch.Tensor
 
 
-def step_masks(layer: A2ATSLayer, attention_mask: torch.Tensor | None) -> StepMasks:
+def step_masks(layer: "A2ATSLayer", attention_mask: torch.Tensor | None) -> StepMasks:
     """The pass's :class:`StepMasks` for one decode token, computed once per pass and device."""
     cache, n, device = layer.cache, layer.store.length, layer.device
 
@@ -96,7 +99,7 @@ def step_masks(layer: A2ATSLayer, attention_mask: torch.Tensor | None) -> StepMa
 
 
 def decode_attention(
-    layer: A2ATSLayer,
+    layer: "A2ATSLayer",
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -131,13 +134,13 @@ def decode_attention(
     return out
 
 
-def _local_valid(layer: A2ATSLayer, masks: StepMasks) -> torch.Tensor:
+def _local_valid(layer: "A2ATSLayer", masks: StepMasks) -> torch.Tensor:
     """[B, Hkv, sink + window]: the pass's local validity for each KV head (an expanded view)."""
     return masks.local_valid[:, None].expand(-1, layer.store.shape[1], -1)
 
 
 def _select(
-    layer: A2ATSLayer, query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
+    layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The far tokens to attend, (indices [B, Hkv, K], counts [B, Hkv]) on the device, or None where there is
     nothing to retrieve (a short context, or a scorer that retrieves nothing)."""
@@ -151,7 +154,7 @@ def _select(
 
 
 def _offloaded(
-    layer: A2ATSLayer, query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
+    layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
 ) -> tuple[torch.Tensor, int]:
     """The paper's layout: the device selects the far tokens and hands their indices to the CPU, then attends its
     sinks and window while the CPU attends the selected rows of its store; the two merge by log-sum-exp. Returns

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
-from a2ats_hf.calibration import _Collector, attention_modules, token_stream
+from a2ats_hf.calibration import _Collector, token_stream
 from a2ats_hf.encoding import encode
+from a2ats_hf.families import attention_modules
 
 from conftest import DEVICE, CharTokenizer, tiny_model
 

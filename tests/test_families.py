@@ -20,8 +20,7 @@ from transformers import (
 )
 
 from a2ats_hf import A2ATSCache, cache_argument, calibrate
-from a2ats_hf.calibration import attention_modules
-from a2ats_hf.families import family_of
+from a2ats_hf.families import attention_modules, family_of
 from a2ats_hf.rope import RoPE
 
 from conftest import DEVICE, CharTokenizer

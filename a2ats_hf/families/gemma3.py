@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import Family
+from .base import Family
 
 
 class Gemma3(Family):

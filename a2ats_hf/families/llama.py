@@ -3,6 +3,6 @@
 Qwen3's q/k norms sit before RoPE and need nothing here: the keys the attention receives are already normed.
 """
 
-from . import Family
+from .base import Family
 
 LLAMA = Family(name="Llama-style", model_types=("llama", "mistral", "qwen2", "qwen3"))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import Family
+from .base import Family
 
 
 class Phi3(Family):
