@@ -7,7 +7,9 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from a2ats_hf.rope import RoPE, apply_rope, compose, inverse
+from a2ats_hf.rope import RoPE, apply_rope, bucket_turns, compose, inverse
+
+from conftest import tiny_model
 
 ROPE_TYPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -87,3 +89,21 @@ def test_windowed_query_is_the_query_rotated_by_b_minus_i():
     cos_d, sin_d = (torch.cat([f(angle)] * 2, -1)[:, None].float() for f in (torch.cos, torch.sin))
     torch.testing.assert_close(ours.windowed_query(q_post, pos, b), apply_rope(q_post, cos_d, sin_d), atol=1e-4,
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("longest, per_octave, length", [(300, 1, None), (5000, 2, None), (65000, 1, None),
+                                                         (5000, 1, 3000), (5000, 3, 40)])
+def test_bucket_mean_rotation_is_the_mean_of_its_distances_rotations(longest, per_octave, length):
+    """The closed form of a bucket's mean rotation equals the mean of its distances' rotations taken one by one
+    (with a device length: only the distances below it), two rows at different positions."""
+    rope = RoPE.for_attention(tiny_model(max_position_embeddings=70000).model.layers[0].self_attn)
+    positions = torch.tensor([[longest], [longest + 7]])
+    limit = None if length is None else torch.tensor([length])
+    cos, sin, bucket = bucket_turns(rope, longest, positions, 16, per_octave, length=limit)
+    distance = torch.arange(longest + 1)
+    weight = (distance < (length or longest + 1)).float()
+    each = [t * weight[:, None] for t in rope.turns(distance, positions)]  # [2, 1, N, D'] each
+    size = torch.zeros(cos.shape[2]).index_add(0, bucket, weight).clamp(min=1)[:, None]
+    for got, one in zip((cos, sin), each):
+        expected = torch.zeros_like(got).index_add(2, bucket, one) / size
+        torch.testing.assert_close(got, expected, atol=5e-6, rtol=0)
