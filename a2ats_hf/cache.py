@@ -387,6 +387,9 @@ class A2ATSCache(Cache):
         dense_below: a layer whose K/V is on the device attends every token exactly while its rows hold fewer
             than this many tokens (one attention over the stored K/V), where selecting a few percent would cost
             more than it saves; 0 retrieves always. The CPU store always retrieves.
+        rerank: R > 1 re-ranks where a layer's K/V is on the device: the scorer picks R times the budget, the
+            exact ``q . k`` of those candidates keeps the budget (one more gather of R x the selected keys),
+            moving the selection towards the exact top-K. Layers whose K/V is in CPU memory select as with 1.
     """
 
     def __init__(
@@ -401,6 +404,7 @@ class A2ATSCache(Cache):
         offload: str = "cpu",
         gpu_kv_budget: int | None = None,
         dense_below: int = 4096,
+        rerank: int = 1,
     ):
         if not isinstance(codebooks, Codebooks):
             hint = (f" To load codebooks from {codebooks!r}, use A2ATSCache.from_pretrained({codebooks!r}) or "
@@ -410,7 +414,7 @@ class A2ATSCache(Cache):
                             f"{type(codebooks).__name__}.{hint}")
         self.config = A2ATSConfig(codebooks.window if window is None else window,
                                   codebooks.sink if sink is None else sink, topk, budget, max_length, offload,
-                                  gpu_kv_budget, dense_below)
+                                  gpu_kv_budget, dense_below, rerank)
         self.scorer = scorer_of(scoring)
         if self.scorer.keys not in (None, codebooks.keys):
             raise ValueError(f'scoring="{self.scorer.name}" reads codes of {self.scorer.keys} keys, but these '
@@ -445,6 +449,7 @@ class A2ATSCache(Cache):
     offload = property(lambda self: self.config.offload)
     gpu_kv_budget = property(lambda self: self.config.gpu_kv_budget)
     dense_below = property(lambda self: self.config.dense_below)
+    rerank = property(lambda self: self.config.rerank)
 
     @classmethod
     def from_pretrained(

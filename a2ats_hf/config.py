@@ -33,6 +33,7 @@ class A2ATSConfig:
     offload: str = "cpu"
     gpu_kv_budget: int | None = None
     dense_below: int = 4096
+    rerank: int = 1
 
     def __post_init__(self):
         check_topk(self.topk)
@@ -47,5 +48,6 @@ class A2ATSConfig:
                              f"{self.gpu_kv_budget!r} with offload={self.offload!r}")
         if isinstance(self.dense_below, bool) or not isinstance(self.dense_below, int) or self.dense_below < 0:
             raise ValueError(f"dense_below must be an int >= 0 (tokens), got {self.dense_below!r}")
+        check_int("rerank", self.rerank, 1)
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")

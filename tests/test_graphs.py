@@ -137,18 +137,18 @@ def test_a_failed_capture_warns_and_decodes_without_a_graph(tiny, monkeypatch):
     assert torch.equal(eager[0], static[0]) and static[3].counts["replayed"] == 0
 
 
-@pytest.mark.parametrize("case", ["past-max-length", "auto-all-resident", "beam-search"])
+@pytest.mark.parametrize("case", ["past-max-length", "auto-all-resident", "beam-search", "rerank"])
 def test_static_step_in_other_generation_modes(tiny, case):
     """Decoding past ``max_length`` (the buffers grow eagerly, then the static path resumes over the new ones),
-    offload="auto" with every layer resident, and beam search (rows reordered in place every step): the same
-    tokens as the eager step, and the static path served most steps."""
+    offload="auto" with every layer resident, beam search (rows reordered in place every step) and exact
+    re-ranking: the same tokens as the eager step, and the static path served most steps."""
     model, books = tiny
     ids = ids_of(2, 60, seed=8)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     options = {"past-max-length": {"max_length": 70},
                "auto-all-resident": {"offload": "auto", "gpu_kv_budget": 2**30},
-               "beam-search": {}}[case]
+               "beam-search": {}, "rerank": {"rerank": 3}}[case]
     extra = {"num_beams": 3} if case == "beam-search" else {}
     outputs = []
     for graphs in (False, True):
