@@ -190,25 +190,107 @@ def fidelity_budget_table(rows: list[dict], length: int) -> str:
     return budget_table(cells, f"{length // 1024}K: perplexity / recall / mass")
 
 
-def throughput_table(runs: list[dict], methods: str = "") -> str:
+def throughput_table(runs: list[dict], methods: str = "", per_batch: bool = True, memory: bool = False) -> str:
     """Decode speed per (context, method, batch) against the faster full attention (sdpa + DynamicCache or
-    StaticCache + compile) at the same context and batch; ``methods``: a regular expression the rows must match."""
+    StaticCache + compile) at the same context and batch (``per_batch=False``: at the same context, whatever its
+    batch); ``methods``: a regular expression the rows must match; ``memory``: peak GPU and CPU memory columns."""
+    def base(r: dict) -> tuple[int, ...]:
+        return (r["context"], r["batch"]) if per_batch else (r["context"],)
+
     full = defaultdict(float)
     for r in runs:
         if r["method"].startswith(("full", "StaticCache")) and "tokens_per_s" in r:
-            full[r["context"], r["batch"]] = max(full[r["context"], r["batch"]], r["tokens_per_s"])
-    out = ["| context | method | batch | ms / step | tokens/s | vs full attention |", "|---|---|---|---|---|---|"]
+            full[base(r)] = max(full[base(r)], r["tokens_per_s"])
+    extra = " peak GPU GiB | CPU GiB |" if memory else ""
+    out = ["| context | method | batch | ms / step | tokens/s | vs full attention |" + extra,
+           "|---" * (8 if memory else 6) + "|"]
     for r in runs:
         if not re.search(methods, r["method"]):
             continue
         if "tokens_per_s" not in r:
             error = "out of memory" if "out of memory" in r.get("error", "") else r.get("error", "failed")[:40]
-            out.append(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {error} | | |")
+            out.append(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {error} | | |"
+                       + (" | |" if memory else ""))
             continue
-        ratio = r["tokens_per_s"] / full[r["context"], r["batch"]] if full[r["context"], r["batch"]] else None
+        ratio = r["tokens_per_s"] / full[base(r)] if full[base(r)] else None
         out.append(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {r['step_ms']:.1f} | "
-                   f"{r['tokens_per_s']:.1f} | " + (f"{ratio:.2f}x" if ratio else "-") + " |")
+                   f"{r['tokens_per_s']:.1f} | " + (f"{ratio:.2f}x" if ratio else "-") + " |"
+                   + (f" {r['peak_gpu_gib']:.1f} | {r['cpu_gib']:.0f} |" if memory else ""))
     return "\n".join(out)
+
+
+KINDS = ("full", "StaticCache", "offloaded", "offload=none", "offload=auto", "offload=cpu")
+
+
+def by_kind(run: dict) -> tuple[int, int]:
+    """Sort key of a throughput row: longest context first, then its method's kind in KINDS' order."""
+    return -run["context"], next((i for i, kind in enumerate(KINDS) if kind in run["method"]), len(KINDS))
+
+
+def table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) -> str:
+    """One line per row, one column per header, each cell what its function makes of the row."""
+    out = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    out += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def cell(key: str, form: str = "{}") -> Callable[[dict], str]:
+    """A column of the rows' ``key`` as ``form`` gives it, "-" where a row lacks it."""
+    return lambda r: "-" if r.get(key) is None else form.format(r[key])
+
+
+def kilo(key: str) -> Callable[[dict], str]:
+    """A column of token counts in K (32768 -> "32K")."""
+    return lambda r: f"{r[key] // 1024}K"
+
+
+def phase(name: str, form: str) -> Callable[[dict], str]:
+    """A column of one phase of a decode step's serial split, as ``form`` gives it."""
+    return lambda r: form.format(r["split_ms"][name])
+
+
+TOPK = {"N": kilo("n"), "batch": cell("batch"), "MB read": cell("mb_read", "{:.1f}"),
+        "Triton (wall)": cell("triton_us", "{:.0f} us"),
+        "GPU busy": lambda r: f"{sum(r['device_us'].values()):.0f} us",  # the profiler's kernel times, summed
+        "bound": cell("bound_us", "{:.1f} us"), "% HBM": cell("pct_hbm", "{:.1f}"),
+        "`gather` + `torch.topk`": cell("torch_topk_us", "{:.0f} us"),
+        "exact": lambda r: "yes" if r["matches_reference"] else "no"}
+CPU_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "MB gathered": cell("mb_gathered", "{:.1f}"),
+                 "C++ kernel": cell("cpp_ms", "{:.2f} ms"), "GB/s": cell("cpp_gbs", "{:.1f}"),
+                 "% CPU bw": cell("pct_cpu_bw", "{:.0f}"), "torch reference": cell("reference_ms", "{:.2f} ms"),
+                 "`index_select` + matmul": cell("index_select_ms", "{:.2f} ms")}
+DECODE_LAYER = {"N": kilo("n"), "batch": cell("batch"), "scorer": cell("scoring"),
+                "A2ATS": cell("a2ats_ms", "{:.1f} ms"), "serial split": cell("serial_ms", "{:.1f} ms"),
+                "GPU sdpa (K/V resident)": cell("gpu_sdpa_ms", "{:.2f} ms"),
+                "offloaded (copy + sdpa)": cell("offloaded_ms", "{:.1f} ms"),
+                "top-K": phase("top-K", "{:.2f} ms"), "CPU attention": phase("CPU attention", "{:.2f} ms"),
+                "encode, transfers, small ops": phase("encode, transfers, bookkeeping", "{:.1f} ms")}
+CUDA_CHECK = {"": cell("label"), "greedy tokens equal to sdpa": cell("token_agreement", "{:.0%}"),
+              "far tokens attended per KV head": cell("far_fraction", "{:.1%}"),
+              "device bytes": cell("device_bytes", "{:.3g} MB"), "CPU bytes": cell("cpu_bytes", "{:.3g} MB"),
+              "wall time (incl. prefill)": cell("seconds", "{:.2f} s")}
+MULTI_GPU = {"GPUs": cell("gpus"), "context": kilo("context"), "method": cell("method"),
+             "decode ms / token": cell("decode_ms", "{:.0f}"), "tokens/s": cell("tokens_per_s", "{:.1f}"),
+             "prefill": cell("prefill_s", "{:.1f} s"),
+             "peak GPU per card (incl. prefill)": lambda r: " / ".join(f"{g:.1f}" for g in
+                                                                       r["peak_gpu_gib"][:r["gpus"]]) + " GiB",
+             "K/V in CPU memory": cell("cpu_kv_gib", "{:.1f} GiB")}
+GREEDY_CHECK = {"GPUs": cell("gpus"), "dtype": cell("dtype"),
+                "same greedy tokens": lambda r: f"{r['same_greedy_tokens']} of {r['of']}",
+                "largest logit difference while equal": lambda r: f"{r['max_logit_diff']:.2g}".replace("e-0", "e-"),
+                "sdpa's top-2 margin where they part": lambda r: margin(r.get("sdpa_top2_margin_where_they_part"))}
+
+
+def margin(value: float | None) -> str:
+    """sdpa's top-2 logit margin at the first differing token: "-" where none differs, "a tie" at 0."""
+    return "-" if value is None else f"{value:.2f}" + (" (a tie)" if value == 0 else "")
+
+
+def cuda_check_rows(check: dict) -> list[dict]:
+    """A CUDA check's rows: sdpa's wall time, then each A2ATS run with bytes in MB."""
+    return [{"label": "sdpa + DynamicCache", "seconds": check["sdpa_seconds"]}] + [
+        {**r, "label": f"A2ATS topk={r['topk']}", "device_bytes": r["device_bytes"] / 1e6,
+         "cpu_bytes": r["cpu_bytes"] / 1e6} for r in check["a2ats"]]
 
 
 @dataclass(frozen=True)
@@ -221,7 +303,11 @@ class Block:
 
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
 FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
-H200 = tuple(f"throughput/2026-12-02-e01eae0-nvidia-h200{suffix}.json" for suffix in ("-3", "", "-2"))  # 128K x 7, x 1, 2K
+H200 = tuple(f"throughput/2026-12-02-e01eae0-nvidia-h200{s}.json" for s in ("-3", "", "-2"))  # 128K x 7, x 1, 2K
+CUDA_CHECK_H100 = "cuda-check/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"
+KERNELS = "kernels/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # top-K, CPU attention, one layer's step (v19)
+H100 = tuple(f"throughput/2026-11-26-6981eb1-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2"))  # run 6; -2: 32K x 13
+MULTI_GPU_H100 = "multi-gpu/2026-11-25-e2b5eb2-nvidia-h100-80gb-hbm3.json"  # one H100 and two, and greedy checks
 BLOCKS = {  # table name in the markdown -> its results files; a newer run replaces one by editing its line
     "speed": Block(H200, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
     "accuracy": Block((SUITE,), lambda f: headline_accuracy(f[0])),
@@ -234,6 +320,14 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "fidelity-budgets-8k": Block((SUITE,), lambda f: fidelity_budget_table(f[0]["perplexity"], 8192)),
     "fidelity-budgets-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_budget_table(f[0]["perplexity"], 4096)),
     "fidelity-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_table(f[0]["perplexity"])),
+    "cuda-check-h100": Block((CUDA_CHECK_H100,), lambda f: table(cuda_check_rows(f[0]), CUDA_CHECK)),
+    "kernels-topk": Block((KERNELS,), lambda f: table(f[0]["topk"], TOPK)),
+    "kernels-cpu-attention": Block((KERNELS,), lambda f: table(f[0]["cpu_attention"], CPU_ATTENTION)),
+    "kernels-decode-layer": Block((KERNELS,), lambda f: table(f[0]["decode_layer"], DECODE_LAYER)),
+    "throughput-h100": Block(H100, lambda f: throughput_table(sorted(runs(f), key=by_kind), per_batch=False,
+                                                              memory=True)),
+    "multi-gpu": Block((MULTI_GPU_H100,), lambda f: table(f[0]["runs"], MULTI_GPU)),
+    "multi-gpu-greedy": Block((MULTI_GPU_H100,), lambda f: table(f[0]["checks"], GREEDY_CHECK)),
 }
 
 

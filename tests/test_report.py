@@ -52,3 +52,41 @@ def test_summary_keeps_what_the_tables_need_and_drops_the_records():
                         rel_tol=1e-5)
     table = report.ruler_tables(summary)
     assert "| wrope 0.03 | 0.25 | 0.25 | 0.250 | 25% | 14% |" in table
+
+
+def test_throughput_table_per_context_divides_by_full_attention_at_any_batch_and_shows_memory():
+    runs = [{"context": 32768, "method": "A2ATS offload=cpu kv_head", "batch": 21, "step_ms": 100.0,
+             "tokens_per_s": 210.0, "peak_gpu_gib": 31.04, "cpu_gib": 97.5},
+            {"context": 32768, "method": "full attention (sdpa + DynamicCache)", "batch": 14, "step_ms": 100.0,
+             "tokens_per_s": 140.0, "peak_gpu_gib": 72.7, "cpu_gib": 0.1},
+            {"context": 2048, "method": "offloaded (DynamicCache offloading=True)", "batch": 64, "error": "killed"},
+            {"context": 32768, "method": "offloaded (DynamicCache offloading=True)", "batch": 13, "step_ms": 1000.0,
+             "tokens_per_s": 13.0, "peak_gpu_gib": 19.9, "cpu_gib": 98.0}]
+    lines = report.throughput_table(sorted(runs, key=report.by_kind), per_batch=False, memory=True).splitlines()
+    assert lines[0].endswith("| peak GPU GiB | CPU GiB |") and lines[1] == "|---" * 8 + "|"
+    assert [line.split(" | ")[1] for line in lines[2:]] == [
+        "full attention (sdpa + DynamicCache)", "offloaded (DynamicCache offloading=True)",
+        "A2ATS offload=cpu kv_head", "offloaded (DynamicCache offloading=True)"]
+    assert lines[2].endswith("| 1.00x | 72.7 | 0 |") and lines[3].endswith("| 0.09x | 19.9 | 98 |")
+    assert lines[4] == "| 32K | A2ATS offload=cpu kv_head | 21 | 100.0 | 210.0 | 1.50x | 31.0 | 98 |"
+    assert lines[5].count("|") == 9  # a failed run keeps the table's eight columns
+
+
+def test_column_tables_sum_the_profile_and_mark_what_a_run_lacks():
+    rows = [{"n": 131072, "batch": 4, "mb_read": 11.5, "triton_us": 313.7, "bound_us": 3.8, "pct_hbm": 1.2,
+             "torch_topk_us": 524.2, "device_us": {"threshold": 23.7, "scan pass 0": 11.7, "other": 52.0},
+             "matches_reference": True}]
+    assert report.table(rows, report.TOPK).splitlines()[2] == \
+        "| 128K | 4 | 11.5 | 314 us | 87 us | 3.8 us | 1.2 | 524 us | yes |"
+    check = {"sdpa_seconds": 0.9, "a2ats": [{"topk": 0.03, "token_agreement": 0.640625, "far_fraction": 0.0824,
+                                             "device_bytes": 10586880, "cpu_bytes": 377487360, "seconds": 3.05}]}
+    assert report.table(report.cuda_check_rows(check), report.CUDA_CHECK).splitlines()[2:] == [
+        "| sdpa + DynamicCache | - | - | - | - | 0.90 s |",
+        "| A2ATS topk=0.03 | 64% | 8.2% | 10.6 MB | 377 MB | 3.05 s |"]
+    split = {"gpus": 2, "context": 65536, "method": "A2ATS", "decode_ms": 213.1, "tokens_per_s": 4.69,
+             "prefill_s": 5.04, "peak_gpu_gib": [18.0, 20.3]}
+    assert report.table([split, {**split, "gpus": 1, "peak_gpu_gib": [31.4, 0.0], "cpu_kv_gib": 8.5}],
+                        report.MULTI_GPU).splitlines()[2:] == [
+        "| 2 | 64K | A2ATS | 213 | 4.7 | 5.0 s | 18.0 / 20.3 GiB | - |",
+        "| 1 | 64K | A2ATS | 213 | 4.7 | 5.0 s | 31.4 GiB | 8.5 GiB |"]
+    assert [report.margin(m) for m in (None, 0.0, 0.03125)] == ["-", "0.00 (a tie)", "0.03"]
