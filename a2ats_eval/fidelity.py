@@ -64,18 +64,27 @@ class FidelityProbe:
         return out
 
     def selection(self, layer, query, position_ids, far, logits, k) -> torch.Tensor:
-        """Record the recall of each query head's exact top-k by the scorer's top-k; return what is attended far
-        [B, Hq, N] (the KV group's union, or the KV head's pick under ``budget="kv_head"``)."""
+        """Record the recall of each query head's exact top-k by the scorer's top-k (re-ranked where the cache
+        re-ranks this layer: the scorer's top R x k of the KV group, then each head's top k of those by its exact
+        logits); return what is attended far [B, Hq, N] (the KV group's union, or the KV head's pick under
+        ``budget="kv_head"``)."""
         cache, (b, hq, n) = layer.cache, logits.shape
         hkv = layer.codes.shape[1]
         group = hq // hkv
+
+        def per_group(scores):  # the group's summed scores for every head of it, under the per-KV-head rule
+            return scores.view(b, hkv, group, -1).sum(2).repeat_interleave(group, dim=1)
+
         exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
         lut, codes, _ = layer.scorer.scores(layer.score_inputs(query, position_ids, 1.0, far))
         if cache.budget == "kv_head":
-            lut = lut.view(b, hkv, group, -1).sum(2).repeat_interleave(group, dim=1)
+            lut = per_group(lut)
         approx = lut.gather(-1, codes.long().repeat_interleave(group, dim=1))
-        chosen = approx.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
-        hit = torch.zeros(b, hq, n, dtype=torch.bool, device=query.device).scatter_(-1, chosen, True)
+        rerank = layer.config.rerank if layer.store.resident else 1
+        hit = top(approx, far[:, None], min(k * rerank, n))
+        if rerank > 1:
+            pool = hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1)
+            hit = top(per_group(logits) if cache.budget == "kv_head" else logits, far[:, None] & pool, k)
         self.values["recall"][layer.layer_idx].append(hit.gather(-1, exact).float().mean().item())
         return hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1)
 
@@ -86,3 +95,9 @@ class FidelityProbe:
             per_layer = {idx: sum(v) / len(v) for idx, v in sorted(layers.items())}
             result[metric] = {"mean": sum(per_layer.values()) / len(per_layer), "per_layer": per_layer}
         return result
+
+
+def top(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., N] bool: the ``k`` highest ``scores`` [..., N] among the ``allowed`` ones (fewer where fewer are)."""
+    picked = scores.masked_fill(~allowed, float("-inf")).topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picked, True) & allowed

@@ -40,7 +40,9 @@ class Method:
     """Full attention (``scoring`` None) or A2ATSCache with a scorer and a budget. ``codebooks`` names which of
     the runner's codebooks it uses; ``window``, ``sink`` and ``offset`` (b) override theirs: the ablations
     (``same_total``: the window's extra tokens come out of the far budget). ``options`` are the scorer's own
-    settings, as (name, value) pairs (e.g. ``(("per_octave", 2),)`` for "distance")."""
+    settings, as (name, value) pairs (e.g. ``(("per_octave", 2),)`` for "distance"). ``rerank`` R > 1 re-ranks
+    R x the budget by exact scores, with the K/V kept where the model is (``offload="none"``: re-ranking needs
+    the keys beside the queries)."""
 
     scoring: str | None = None
     topk: float = 0.03
@@ -51,6 +53,7 @@ class Method:
     options: tuple[tuple[str, object], ...] = ()
     same_total: bool = False
     sink: int | None = None
+    rerank: int = 1
 
     @property
     def name(self) -> str:
@@ -60,6 +63,7 @@ class Method:
         tags += [f"window {self.window}"] * (self.window is not None) + ["same total"] * self.same_total
         tags += [f"sinks {self.sink}"] * (self.sink is not None) + [f"b {self.offset}"] * (self.offset is not None)
         tags += [f"{key.replace('_', ' ')} {value}" for key, value in self.options]
+        tags += [f"rerank {self.rerank}"] * (self.rerank > 1)
         name = self.scoring if self.scoring == "window" else f"{self.scoring} {self.topk:g}"
         return f"{name} ({', '.join(tags)})" if tags else name
 
@@ -71,7 +75,9 @@ class Method:
             books = replace(books, offset=self.offset)
         scoring = SCORERS[self.scoring](**dict(self.options)) if self.options else self.scoring
         cache = SameTotalCache if self.same_total else A2ATSCache
-        return cache(books, topk=self.topk, budget=self.budget, scoring=scoring, window=self.window, sink=self.sink)
+        where = {"offload": "none", "rerank": self.rerank} if self.rerank > 1 else {}
+        return cache(books, topk=self.topk, budget=self.budget, scoring=scoring, window=self.window, sink=self.sink,
+                     **where)
 
 
 def prompt_text(tokenizer, sample: Sample) -> str:

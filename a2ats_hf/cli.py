@@ -181,7 +181,8 @@ def generate_command(args: argparse.Namespace) -> None:
         inputs = tokenizer(prompt, return_tensors="pt")
     prompt_tokens = inputs["input_ids"].shape[1]
     cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget,
-                       scoring=scoring, offload=args.offload, max_length=prompt_tokens + args.max_new_tokens)
+                       scoring=scoring, offload=args.offload, max_length=prompt_tokens + args.max_new_tokens,
+                       rerank=args.rerank)
     if args.cuda_graphs is not False and model.device.type == "cuda":
         from a2ats_hf.graphs import capture_decoding
 
@@ -207,8 +208,9 @@ def eval_command(args: argparse.Namespace) -> None:
 
     model, tokenizer = _load(args.model, args.device, args.dtype)
     books = Codebooks.from_pretrained(args.codebooks or args.model)
-    methods = [Method()] + [Method(s, t, b) for s in args.scoring for t in args.topk for b in args.budget
-                            if s != "window"] + ([Method("window")] if "window" in args.scoring else [])
+    methods = [Method()] + [Method(s, t, b, rerank=r) for s in args.scoring for t in args.topk for b in args.budget
+                            for r in args.rerank if s != "window" and (r == 1 or s in ("wrope", "distance"))]
+    methods += [Method("window")] if "window" in args.scoring else []
     haystack = "\n".join(Path(f).read_text(encoding="utf-8") for f in args.haystack)
     result = evaluate(model, tokenizer, books, haystack, methods, args.tasks, args.lengths, args.depths,
                       range(args.samples), args.batch_size)
@@ -271,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--buckets-per-octave", type=positive_int, metavar="P",
                      help="distance buckets per doubling of the distance "
                           "(default 1; 4 ranks better for 5-14%% more decode time)")
+    gen.add_argument("--rerank", type=positive_int, default=1, metavar="R",
+                     help="with the K/V on the GPU (--offload none or auto), re-rank R x the budget by exact q.k")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--offload", choices=["cpu", "none", "auto"], default="cpu",
                      help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")
@@ -298,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                     default=["wrope", "distance", "oracle", "quest", "random", "window"])
     ev.add_argument("--topk", nargs="+", type=_topk, default=[0.03])
     ev.add_argument("--budget", nargs="+", choices=["query_head", "kv_head"], default=["query_head"])
+    ev.add_argument("--rerank", nargs="+", type=positive_int, default=[1],
+                    help="re-rank R x the budget by exact scores (1: off; A2ATS's scorers only)")
     ev.add_argument("--batch-size", type=positive_int, default=8, help="prompts answered together")
     ev.add_argument("--perplexity", nargs="+", metavar="FILE", type=_existing_file,
                     help="held-out UTF-8 text: also the perplexity of the last --tail tokens of windows of each "

@@ -257,6 +257,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
     parser.add_argument("--scoring", nargs="+", default=["wrope"],
                         help="A2ATS scorers to run (wrope, distance, distance:P for P buckets per octave)")
+    parser.add_argument("--rerank", type=int, nargs="+", default=[1],
+                        help="A2ATS re-ranking factors to run where the K/V is on the GPU (1: none)")
     parser.add_argument("--calibrate-tokens", type=int, default=0,
                         help="calibrate A2ATS's codebooks on this many tokens of the model's own keys (0: random)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of each method's decode steps")
@@ -308,11 +310,14 @@ def main() -> None:
                     lambda: DynamicCache(config=config, offloading=True), min(full_batch, cpu_batch), "sdpa")]
         for offload, batch in (("none", full_batch), ("cpu", cpu_batch), ("auto", cpu_batch)):
             for budget in ("query_head", "kv_head"):
-                for scoring in args.scoring:
-                    name = f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
-                    def make(o=offload, b=budget, s=scorer(scoring), rows=batch):
+                reranks = [r for r in args.rerank if r == 1 or offload != "cpu"]  # re-ranking reads device keys
+                for scoring, rerank in [(s, r) for s in args.scoring for r in reranks]:
+                    name = (f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
+                            + ("" if rerank == 1 else f" rerank {rerank}"))
+                    def make(o=offload, b=budget, s=scorer(scoring), rows=batch, r=rerank):
                         return A2ATSCache(books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
-                                          gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None)
+                                          gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None,
+                                          rerank=r)
                     methods.append((name, make, batch, "a2ats"))
                     if offload != "cpu" and scoring in GRAPH_SCORERS:
                         methods.append((f"{name} graphs", make, batch, "a2ats"))

@@ -36,3 +36,14 @@ def test_oracle_beats_random_and_window(tiny):
     assert oracle["mass"]["mean"] >= random["mass"]["mean"] >= window["mass"]["mean"]
     assert oracle["output_error"]["mean"] <= window["output_error"]["mean"]
     assert window["output_error"]["mean"] > 1e-3
+
+
+def test_rerank_moves_recall_towards_the_exact_top_k(tiny):
+    """Re-ranking (the K/V on the device) measures what it attends: recall and mass grow with R, and R covering
+    every far token gives the oracle's recall of 1 and its mass."""
+    model, books = tiny
+    oracle = probe_run(model, books, topk=0.05, scoring="oracle", offload="none")
+    runs = [probe_run(model, books, topk=0.05, offload="none", rerank=r) for r in (1, 3, 40)]
+    recalls, masses = ([run[m]["mean"] for run in runs] for m in ("recall", "mass"))
+    assert recalls[0] < recalls[1] <= recalls[2] == 1.0 and masses[0] < masses[2]
+    assert abs(masses[2] - oracle["mass"]["mean"]) < 1e-6
