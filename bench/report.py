@@ -314,6 +314,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h200": Block(H200, lambda f: throughput_table(runs(f))),
     "throughput-h200-compile": Block(("throughput/2026-12-02-026103d-nvidia-h200.json",),
                                      lambda f: throughput_table(runs(f))),
+    "throughput-h200-scoring": Block(("throughput/2026-12-02-4fc5d32-nvidia-h200.json",),
+                                     lambda f: throughput_table(runs(f))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
     "fidelity": Block((SUITE,), lambda f: fidelity_table(f[0]["perplexity"])),
