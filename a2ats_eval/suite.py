@@ -42,7 +42,8 @@ class Method:
     (``same_total``: the window's extra tokens come out of the far budget). ``options`` are the scorer's own
     settings, as (name, value) pairs (e.g. ``(("per_octave", 2),)`` for "distance"). ``rerank`` R > 1 re-ranks
     R x the budget by exact scores, with the K/V kept where the model is (``offload="none"``: re-ranking needs
-    the keys beside the queries)."""
+    the keys beside the queries) and retrieval at every length (``dense_below=0``: a device store attends short
+    rows whole otherwise)."""
 
     scoring: str | None = None
     topk: float = 0.03
@@ -75,7 +76,7 @@ class Method:
             books = replace(books, offset=self.offset)
         scoring = SCORERS[self.scoring](**dict(self.options)) if self.options else self.scoring
         cache = SameTotalCache if self.same_total else A2ATSCache
-        where = {"offload": "none", "rerank": self.rerank} if self.rerank > 1 else {}
+        where = {"offload": "none", "rerank": self.rerank, "dense_below": 0} if self.rerank > 1 else {}
         return cache(books, topk=self.topk, budget=self.budget, scoring=scoring, window=self.window, sink=self.sink,
                      **where)
 

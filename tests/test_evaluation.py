@@ -55,6 +55,10 @@ def test_method_names_and_ablations(tiny):
     assert cache.window == 32 and cache.sink == 2 and cache.codebooks.offset == 512 and books.offset != 512
     assert cache.budget == "kv_head" and cache.topk == 0.05
     assert Method().name == "full" and Method("window").name == "window"
+    reranked = Method("distance", 0.03, rerank=2)
+    cache = reranked.cache(books)  # re-ranks for real: the keys on the model's device, retrieval at every length
+    assert reranked.name == "distance 0.03 (rerank 2)" and (cache.rerank, cache.offload, cache.dense_below) == (
+        2, "none", 0)
 
 
 def test_same_total_window_attends_as_many_tokens(tiny):
