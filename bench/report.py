@@ -322,6 +322,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "fidelity-budgets-8k": Block((SUITE,), lambda f: fidelity_budget_table(f[0]["perplexity"], 8192)),
     "fidelity-budgets-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_budget_table(f[0]["perplexity"], 4096)),
     "fidelity-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_table(f[0]["perplexity"])),
+    "fidelity-rerank-cpu": Block(("evaluation/2026-12-02-34c170a-cpu.json",),
+                                 lambda f: fidelity_table(f[0]["perplexity"])),
     "cuda-check-h100": Block((CUDA_CHECK_H100,), lambda f: table(cuda_check_rows(f[0]), CUDA_CHECK)),
     "kernels-topk": Block((KERNELS,), lambda f: table(f[0]["topk"], TOPK)),
     "kernels-cpu-attention": Block((KERNELS,), lambda f: table(f[0]["cpu_attention"], CPU_ATTENTION)),
