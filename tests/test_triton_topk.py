@@ -124,3 +124,18 @@ def test_matches_reference_on_smollm2(smollm2, austen):
         to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
         assert torch.equal(hist, code_histogram(codes, candidates, lut.shape[-1])), "incremental histogram drifted"
         assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", histogram=to(hist))
+
+
+@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
+def test_matches_reference_on_rerank_inputs(budget):
+    """What exact re-ranking hands the kernel: exact scores with -inf past each head's candidates, each candidate's
+    position as its code (one arange broadcast over rows and heads: stride 0), every position a candidate."""
+    g = torch.Generator().manual_seed(5)
+    b, hkv, group, c = 2, 2, 3, 700
+    counts = torch.tensor([[700, 412], [133, 650]])
+    lut = torch.randn(b, hkv, group, c, generator=g)
+    lut = lut.masked_fill(torch.arange(c) >= counts[:, :, None, None], float("-inf")).reshape(b, hkv * group, c)
+    positions = torch.arange(c, dtype=torch.int32).expand(b, hkv, c)
+    k = torch.tensor([90, 133])
+    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+    assert_same_selection(to(lut), to(positions), to(torch.ones(b, c, dtype=torch.bool)), to(k), budget, k_max=133)
