@@ -145,14 +145,14 @@ def _select(
     """The far tokens to attend, (indices [B, Hkv, K], counts [B, Hkv]) on the device, or None where there is
     nothing to retrieve (a short context, or a scorer that retrieves nothing)."""
     cache = layer.cache
-    k_max = cache.budget_for(max(layer.width - layer.config.window - layer.config.sink, 0))  # host-side: nothing waits
+    far_max = max(layer.width - layer.config.window - layer.config.sink, 0)  # the host's bound on a row's candidates
+    k_max = cache.budget_for(far_max)  # host-side: nothing waits
     if k_max == 0 or not cache.scorer.retrieves:
         return None
     lut, codes, histogram = layer.scorer.scores(layer.score_inputs(query, position_ids, scaling, masks.far))
     rerank, rule = layer.config.rerank if layer.store.resident else 1, layer.config.budget
     if rerank == 1:
         return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max)
-    far_max = max(layer.width - layer.config.window - layer.config.sink, 0)  # the host's bound on a row's candidates
     wide = torch.minimum(masks.budget * rerank, masks.far_counts)
     indices, counts = kernels.select_topk(lut, codes, masks.far, wide, rule, histogram=histogram,
                                           k_max=min(k_max * rerank, far_max))
