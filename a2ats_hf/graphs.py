@@ -197,7 +197,7 @@ def release_decoding(model: nn.Module) -> nn.Module:
     if isinstance(model.forward, GraphRunner):
         del model.forward
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), Compiled):
+        if Compiled.on(module):
             del module.forward
     return model
 
@@ -213,29 +213,29 @@ class Compiled:
     def __call__(self, *args, **kwargs):
         return self.compiled(*args, **kwargs)
 
+    @staticmethod
+    def on(module: nn.Module) -> bool:
+        """Whether ``module``'s forward is one of these."""
+        return isinstance(module.__dict__.get("forward"), Compiled)
+
 
 def compile_around_attention(model: nn.Module) -> list[str]:
     """``torch.compile`` (Inductor, no graphs of its own) every decoder layer's modules besides its attention (the
-    norms and the MLP) and the final norm, in place; returns their names.
+    norms and the MLP) and the final norm, in place (once: those compiled already stay); returns their names.
 
     At batch 1 a captured step is ~1,900 kernels, ~1,500 of them the model's own small ones (an RMSNorm is 8, an MLP
     5): fused, a norm is one and the gaps between kernels go with them. The attention and the cache stay eager code
     that the graph runner captures. Inductor orders the norms' sums its own way, so logits may differ from the eager
     model's in the last bits (greedy tokens too, where two are that close)."""
-    names = []
-    for layer_name, layer in model.named_modules():
-        attention = getattr(layer, "self_attn", None)
-        if not isinstance(attention, nn.Module):
-            continue
-        for name, child in layer.named_children():
-            if child is not attention and not isinstance(child.__dict__.get("forward"), Compiled):
-                child.forward = Compiled(child.forward)
-                names.append(f"{layer_name}.{name}")
+    targets = [(f"{layer_name}.{name}", child) for layer_name, layer in model.named_modules()
+               if isinstance(getattr(layer, "self_attn", None), nn.Module)
+               for name, child in layer.named_children() if child is not layer.self_attn]
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    if isinstance(norm, nn.Module) and not isinstance(norm.__dict__.get("forward"), Compiled):
-        norm.forward = Compiled(norm.forward)
-        names.append("norm")
-    if not names:
+    if isinstance(getattr(decoder, "norm", None), nn.Module):
+        targets.append(("norm", decoder.norm))
+    if not targets:
         raise ValueError(f"compile_layers: found no decoder layer with a self_attn module in {type(model).__name__}")
-    return names
+    for _, module in targets:
+        if not Compiled.on(module):  # a second call (a second cache for the same model) keeps the first's
+            module.forward = Compiled(module.forward)
+    return [name for name, _ in targets]

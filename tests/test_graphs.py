@@ -175,6 +175,7 @@ def test_compiled_layers_decode_the_same_tokens(tiny):
     names = compile_around_attention(model)
     assert names == [f"model.layers.{i}.{name}" for i in range(2)
                      for name in ("mlp", "input_layernorm", "post_attention_layernorm")] + ["norm"]
+    assert compile_around_attention(model) == names  # again (a second cache for the model): nothing new, no error
     compiled = run(model, books, ids, mask, graphs=True, new=12)  # run() releases the model at its end
     assert torch.equal(eager[0], compiled[0]) and compiled[3].counts["static eager"] + compiled[3].counts["replayed"]
     assert all("forward" not in module.__dict__ for module in model.modules())
