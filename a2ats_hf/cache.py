@@ -389,7 +389,8 @@ class A2ATSCache(Cache):
             more than it saves; 0 retrieves always. The CPU store always retrieves.
         rerank: R > 1 re-ranks where a layer's K/V is on the device: the scorer picks R times the budget, the
             exact ``q . k`` of those candidates keeps the budget (one more gather of R x the selected keys),
-            moving the selection towards the exact top-K. Layers whose K/V is in CPU memory select as with 1.
+            moving the selection towards the exact top-K. Layers whose K/V is in CPU memory select as with 1;
+            offload="cpu" (where no layer could) refuses it.
     """
 
     def __init__(

@@ -128,8 +128,9 @@ def _resolve_device(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif getattr(args, "cuda_graphs", False):
-        raise ValueError(f"--cuda-graphs needs a CUDA --device, got {args.device}")
+    elif getattr(args, "cuda_graphs", False) or getattr(args, "compile_layers", False):
+        option = "--cuda-graphs" if args.cuda_graphs else "--compile-layers"
+        raise ValueError(f"{option} needs a CUDA --device, got {args.device}")
     if args.dtype is None:
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
 
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--buckets-per-octave applies to --scoring distance only")
     if args.command == "generate" and args.cuda_graphs and args.offload == "cpu":
         parser.error("--cuda-graphs needs the K/V on the GPU (--offload none or auto)")
+    if args.command == "generate" and args.rerank > 1 and args.offload == "cpu":
+        parser.error("--rerank needs the K/V on the GPU (--offload none or auto)")
     if args.command == "generate" and args.compile_layers and (args.cuda_graphs is False or args.offload == "cpu"):
         parser.error("--compile-layers goes with CUDA graphs (not --no-cuda-graphs, and --offload none or auto)")
     if args.command == "eval" and args.perplexity and args.tail >= min(args.lengths):

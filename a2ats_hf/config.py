@@ -49,5 +49,8 @@ class A2ATSConfig:
         if isinstance(self.dense_below, bool) or not isinstance(self.dense_below, int) or self.dense_below < 0:
             raise ValueError(f"dense_below must be an int >= 0 (tokens), got {self.dense_below!r}")
         check_int("rerank", self.rerank, 1)
+        if self.rerank > 1 and self.offload == "cpu":
+            raise ValueError(f'rerank={self.rerank} re-ranks by the keys on the device: it needs offload="none" or '
+                             '"auto" (with offload="cpu" no layer could)')
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")

@@ -165,6 +165,9 @@ BAD_ARGUMENTS = {
     "graphs on a cpu": (["generate", "MODEL", "--prompt", "x", "--cuda-graphs", "--offload", "none", "--device", "cpu"],
                         "needs a CUDA --device"),
     "offload": (["generate", "MODEL", "--prompt", "x", "--offload", "disk"], "invalid choice: 'disk'"),
+    "compile on a cpu": (["generate", "MODEL", "--prompt", "x", "--compile-layers", "--offload", "none", "--device",
+                          "cpu"], "--compile-layers needs a CUDA --device"),
+    "rerank offloaded": (["generate", "MODEL", "--prompt", "x", "--rerank", "2"], "--rerank needs the K/V on the GPU"),
 }
 
 

@@ -78,7 +78,8 @@ def test_rerank_keeps_the_exact_top_k_of_the_candidates(budget):
 
 def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny):
     """With R x the budget covering every far token, re-ranked windowed RoPE decodes as the oracle does (the exact
-    top-K) where the K/V is on the device; in CPU memory, rerank changes nothing. (Token 0 may not come: its
+    top-K) where the K/V is on the device; layers in CPU memory select as without it, and offload="cpu" (where no
+    layer could re-rank) is refused. (Token 0 may not come: its
     embedding is the zero padding vector, whose query scores every key 0, and such ties break differently.)"""
     model, books = tiny
     ids = ids_of(2, 150, seed=11)
@@ -92,5 +93,8 @@ def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny):
 
     reranked = logits(offload="none", rerank=40)  # the same rows, padded to another width: sums in another order
     torch.testing.assert_close(reranked, logits(offload="none", scoring="oracle"), atol=1e-5, rtol=1e-5)
-    assert torch.equal(logits(offload="cpu", rerank=40), logits(offload="cpu"))
+    cpu_layers = {"offload": "auto", "gpu_kv_budget": 0}  # every layer's K/V in CPU memory: nothing to re-rank by
+    assert torch.equal(logits(**cpu_layers, rerank=40), logits(**cpu_layers))
+    with pytest.raises(ValueError, match='rerank=40 re-ranks by the keys on the device: it needs offload="none"'):
+        A2ATSCache(books, offload="cpu", rerank=40)  # where no layer could, refused
     assert (reranked - logits(offload="none")).nan_to_num().abs().max() > 1e-3  # the scorer alone picks otherwise
