@@ -73,7 +73,8 @@ class FidelityProbe:
         group = hq // hkv
 
         def per_group(scores):  # the group's summed scores for every head of it, under the per-KV-head rule
-            return scores.view(b, hkv, group, -1).sum(2).repeat_interleave(group, dim=1)
+            summed = scores if scores.shape[1] == hkv else scores.view(b, hkv, group, -1).sum(2)
+            return summed.repeat_interleave(group, dim=1)
 
         exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
         lut, codes, _ = layer.scorer.scores(layer.score_inputs(query, position_ids, 1.0, far))

@@ -216,7 +216,7 @@ class A2ATSLayer(CacheLayerMixin):
         return ScoreInputs(query, position_ids[:, -1:], scaling, far, self.codes, self.code_buffer, self.histogram,
                            self.centroids, cache.rope, cache.codebooks.offset, self.config.window,
                            self.store.length + (static is not None), None if static is None else static.length,
-                           cache.pass_memo, self.store)
+                           cache.pass_memo, self.store, self.config.budget)
 
     # The masks below take the key validity [B, width]; the length may be a host int or (capture-ready) a tensor.
 

@@ -1,7 +1,8 @@
 """How a decode step scores the far tokens before the top-K: A2ATS's windowed-RoPE lookup table, and the
 baselines the evaluation suite compares it with, behind one interface.
 
-Every scorer returns a score table ``lut`` [B, Hq, M] and each stored token's entry in it ``codes`` [B, Hkv, N]
+Every scorer returns a score table ``lut`` [B, Hq, M] (or, under the per-KV-head rule, the KV group's summed
+[B, Hkv, M]) and each stored token's entry in it ``codes`` [B, Hkv, N]
 (token j of KV head h scores ``lut[:, q, codes[:, h, j]]`` for the query heads q of h), so one top-K kernel
 (:func:`a2ats_hf.kernels.select_topk`, its budget rules and tie-breaking) serves them all. A2ATS's table has one
 column per centroid; the exact oracle's and random selection's one per token; Quest's one per page.
@@ -54,10 +55,20 @@ class ScoreInputs:
     device_length: torch.Tensor | None
     memo: "PassMemo"
     store: "Store"
+    budget: str = "query_head"
 
     @property
     def width(self) -> int:
         return self.codes.shape[-1]
+
+    def table_query(self) -> torch.Tensor:
+        """The query a lookup-table scorer turns: ``query``, or under the per-KV-head ``budget`` rule the KV group's
+        queries summed, [B, Hkv, D] float32 (the group's summed q . k is the summed query's, so the table, its
+        products and the top-K's sum over the group shrink by the group's size)."""
+        if self.budget != "kv_head":
+            return self.query
+        b, hq, d = self.query.shape
+        return self.query.float().view(b, self.codes.shape[1], -1, d).sum(2)
 
 
 @dataclass
@@ -137,7 +148,7 @@ class WindowedRoPE(Scorer):
     def scores(self, step):
         position = step.position.expand(step.query.shape[0], 1)
         rotation = step.rope.windowed_rotation(position, step.offset, step.query.device)
-        return kernels.rotated_lookup_table(step.query, rotation, step.centroids), step.codes, step.histogram
+        return kernels.rotated_lookup_table(step.table_query(), rotation, step.centroids), step.codes, step.histogram
 
 
 @dataclass
@@ -215,7 +226,7 @@ class DistanceBuckets(Scorer):
 
     def scores(self, step):
         cos, sin, bucket, starts = self.turns(step)
-        lut = kernels.rotated_lookup_table(step.query, (cos, sin), step.centroids)  # [B, Hq, buckets * M]
+        lut = kernels.rotated_lookup_table(step.table_query(), (cos, sin), step.centroids)  # [B, H, buckets * M]
         state = self.columns(step, bucket, starts, lut.shape[-1])
         return lut, state.buffer[:, :, : step.width], state.histogram[:, :, : lut.shape[-1]]
 
@@ -235,8 +246,8 @@ class PostRoPE(Scorer):
     reads_code_histogram = True
 
     def scores(self, step):
-        lut = lookup_table(step.query, step.centroids, step.query.shape[1] // step.codes.shape[1])
-        return lut, step.codes, step.histogram
+        query = step.table_query()
+        return lookup_table(query, step.centroids, query.shape[1] // step.codes.shape[1]), step.codes, step.histogram
 
 
 @dataclass

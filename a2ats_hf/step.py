@@ -166,26 +166,21 @@ def rerank_exact(
     """Keep the top ``k`` [B] of each row's candidates by their exact ``q . k``: query [B, Hq, D], the stored keys
     [B, Hkv, >= N, D] on the same device, candidates ``indices`` [B, Hkv, C] (ascending; the first ``counts``
     [B, Hkv] of each valid), ``k_max`` >= every k on the host. ``budget`` as :func:`a2ats_hf.kernels.select_topk`
-    reads it: each query head keeps its own top k and the KV group unites them, or the group's summed scores pick
-    one top k. Returns (indices [B, Hkv, K'], counts [B, Hkv]) with select_topk's contract (ascending token indices
-    first, padding after; ties to the lower index). The candidates' keys come in one row gather, their exact scores
-    in one product, and select_topk's kernel picks among them (a candidate's position is its code); fixed shapes
-    and no host sync, so a captured step can run it."""
+    reads it: each query head keeps its own top k and the KV group unites them, or the group's summed scores (the
+    summed query's) pick one top k. Returns (indices [B, Hkv, K'], counts [B, Hkv]) with select_topk's contract
+    (ascending token indices first, padding after; ties to the lower index). The candidates' exact scores come
+    from one kernel reading their key rows in place, and select_topk's kernel picks among them (a candidate's
+    position is its code); fixed shapes and no host sync, so a captured step can run it."""
     b, hkv, c = indices.shape
-    group, d = query.shape[1] // hkv, query.shape[-1]
-    valid = torch.arange(c, device=counts.device) < counts[..., None]  # [B, Hkv, C]
-    index = torch.where(valid, indices.long(), 0)  # padding may hold anything: read token 0 there, then drop it
-    rows = torch.arange(b * hkv, device=index.device).view(b, hkv, 1) * keys.shape[2] + index
-    flat = keys.view(-1, d)  # the store buffer itself (a contiguous whole: never copied)
-    candidates = flat.index_select(0, rows.flatten()).view(b, hkv, c, d)
-    scores = torch.matmul(candidates, query.view(b, hkv, group, d).to(keys.dtype).transpose(-1, -2)).float()
-    lut = scores.transpose(-1, -2).masked_fill(~valid[:, :, None], float("-inf")).reshape(b, hkv * group, c)
-    positions = torch.arange(c, dtype=torch.int32, device=index.device).expand(b, hkv, c)
+    if budget == "kv_head":
+        query = query.float().view(b, hkv, -1, query.shape[-1]).sum(2)
+    lut = kernels.candidate_scores(query, keys, indices, counts)  # [B, Hq or Hkv, C], -inf past the counts
+    positions = torch.arange(c, dtype=torch.int32, device=indices.device).expand(b, hkv, c)
     chosen, chosen_counts = kernels.select_topk(lut, positions, torch.ones(b, c, dtype=torch.bool, device=lut.device),
                                                 k, budget, k_max=min(k_max, c))
     kept = (torch.arange(chosen.shape[-1], device=chosen.device) < chosen_counts[..., None]) & (
         chosen < counts[..., None])  # a head with fewer candidates than k: its padding, last, is dropped
-    return index.gather(-1, chosen.long()) * kept, kept.sum(-1)
+    return indices.gather(-1, chosen.long()) * kept, kept.sum(-1)
 
 
 def _offloaded(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -71,6 +73,24 @@ def test_quest_bound_is_an_upper_bound():
         assert (per_token >= exact - 1e-5).all()
         if page == 1:
             assert torch.allclose(per_token, exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["wrope", "distance", "postrope"])
+def test_kv_head_rule_scores_the_summed_query(tiny, books_of, scoring):
+    """Under the per-KV-head rule a lookup-table scorer turns the KV group's summed query: its table [B, Hkv, M] is
+    the per-query-head table summed over each group."""
+    model, _ = tiny
+    _, cache = decode(model, books_of(scoring), scoring)
+    layer, n = cache.a2ats_layers[1], cache.a2ats_layers[1].store.length
+    query = torch.randn(1, model.config.num_attention_heads, model.config.head_dim,
+                        generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    far = layer.far_candidates(torch.ones(1, n, dtype=torch.bool, device=DEVICE))
+    step = layer.score_inputs(query, torch.tensor([[n - 1]], device=DEVICE), 1.0, far)
+    per_head = scorer_of(scoring).scores(step)[0]
+    summed = scorer_of(scoring).scores(dataclasses.replace(step, budget="kv_head"))[0]
+    hkv = layer.codes.shape[1]
+    assert summed.shape == (1, hkv, per_head.shape[-1])
+    assert torch.allclose(summed, per_head.view(1, hkv, -1, per_head.shape[-1]).sum(2), atol=1e-4)
 
 
 @pytest.mark.parametrize("per_octave", [1, 3])

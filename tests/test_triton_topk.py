@@ -41,8 +41,8 @@ def assert_same_selection(lut, codes, candidates, k, budget, **kwargs):
 )
 def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
     """Random LUTs (with repeated values), codes and candidate masks; k from 0 to every candidate; several blocks.
-    The wide tables (16384 columns and more, as the distance scorer's) go through the sampled narrowing first, and
-    back to the whole table where it misses (k = 0, a tie wider than the scratch)."""
+    The wide tables (16384 columns and more, as the distance scorer's) take the split select (k = 0 and every
+    candidate included)."""
     g = torch.Generator().manual_seed(n + m)
     lut = torch.randn(b, hq, m, generator=g)
     lut[:, :, ::5] = lut[:, :, :1]  # equal scores across centroids
@@ -56,9 +56,9 @@ def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, block_n=64)
 
 
-def test_wide_table_falls_back_where_the_narrowing_overflows():
-    """A wide table whose scores are mostly one value: the columns at or above the sampled key overflow the scratch,
-    so the threshold comes from the whole table; the selection is the reference's all the same."""
+def test_wide_table_with_mostly_one_score():
+    """A wide table whose scores are mostly one value (one digit bin holds nine columns in ten, at every digit): the
+    split select's threshold and ties are the reference's."""
     g = torch.Generator().manual_seed(7)
     m, n = 40000, 30000
     lut = torch.randn(1, 2, m, generator=g)

@@ -1,6 +1,7 @@
 """Kernels behind A2ATS decode: encoding new keys, the lookup table of a turned query, the distance scorer's columns
-moving on, a capture-ready step's writes, top-K selection over codes, attention with log-sum-exp over the local window
-(and, where the K/V stays on the GPU, the selected rows), sparse attention over the CPU store, LSE merge.
+moving on, a capture-ready step's writes, top-K selection over codes, exact scores of re-ranking's candidates,
+attention with log-sum-exp over the local window (and, where the K/V stays on the GPU, the selected rows), sparse
+attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
 exported here, which pick the fast implementation where it applies (Triton top-K, attention and merge on a GPU, the
@@ -40,11 +41,13 @@ class Backend:
     local_and_far_attention: Callable
     merge_attention: Callable
     select_topk: Callable
+    candidate_scores: Callable
 
 
 TORCH = Backend(reference.encode_keys, reference.rotated_lookup_table, reference.move_bucket_columns,
                 reference.write_token, reference.count_leaving, reference.attention_with_lse,
-                reference.local_and_far_attention, reference.merge_attention, reference.select_topk)
+                reference.local_and_far_attention, reference.merge_attention, reference.select_topk,
+                reference.candidate_scores)
 
 
 @functools.cache
@@ -53,7 +56,8 @@ def _triton() -> Backend:
 
     return Backend(triton_codes.encode_keys, triton_codes.rotated_lookup_table, triton_codes.move_bucket_columns,
                    triton_step.write_token, triton_step.count_leaving, triton_attention.attention_with_lse,
-                   triton_attention.attention_with_lse, triton_attention.merge_attention, triton_topk.select_topk)
+                   triton_attention.attention_with_lse, triton_attention.merge_attention, triton_topk.select_topk,
+                   triton_attention.candidate_scores)
 
 
 def backend(device: torch.device) -> Backend:
@@ -164,6 +168,14 @@ def merge_attention(
     return _on(out_a, "merge_attention", out_a, lse_a, out_b, lse_b)
 
 
+def candidate_scores(
+    query: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Exact scores of re-ranking's candidate rows; see :func:`.reference.candidate_scores`. One Triton launch on a
+    GPU."""
+    return _on(query, "candidate_scores", query, keys, indices, counts)
+
+
 def sparse_attention(
     query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +202,6 @@ def select_topk(
     return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max)
 
 
-__all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "code_histogram", "count_leaving", "encode_keys",
-           "merge_attention", "move_bucket_columns", "rotated_lookup_table", "select_topk", "sparse_attention",
-           "watching", "write_token"]
+__all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram", "count_leaving",
+           "encode_keys", "merge_attention", "move_bucket_columns", "rotated_lookup_table", "select_topk",
+           "sparse_attention", "watching", "write_token"]

@@ -104,7 +104,8 @@ def select_topk(
     """Choose far tokens to attend from approximate scores ``lut[h, codes[j]]``.
 
     Args:
-        lut: [B, Hq, M] scores of every centroid for every query head.
+        lut: [B, Hq, M] scores of every centroid for every query head (with ``budget="kv_head"``, the KV group's
+            summed scores [B, Hkv, M] are taken as they are).
         codes: [B, Hkv, N] integer codes of the stored keys.
         candidates: [B, N] bool, the tokens that may be selected (far, not padding).
         k: [B] long, the per-row budget (already clamped to the number of candidates).
@@ -192,6 +193,21 @@ def attention_with_lse(
     weights = torch.exp(logits - lse.nan_to_num(neginf=0.0)[..., None])
     out = torch.einsum("bkgl,bkld->bkgd", weights, values.float())
     return out.reshape(b, hq, d), lse.reshape(b, hq)
+
+
+def candidate_scores(
+    query: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Exact ``q . k`` of each (row, KV head)'s candidate rows, for re-ranking: query [B, H, D] (H a multiple of
+    Hkv: each KV group's query heads, or one summed query per KV head), keys [B, Hkv, >= N, D], candidates
+    ``indices`` [B, Hkv, C] (the first ``counts`` [B, Hkv] of each valid). Returns [B, H, C] float32, -inf past
+    the counts."""
+    b, hkv, c = indices.shape
+    d = keys.shape[-1]
+    valid = torch.arange(c, device=indices.device) < counts[..., None]
+    rows = torch.where(valid, indices.long(), 0)[..., None].expand(-1, -1, -1, d)
+    scores = torch.einsum("bkgd,bkcd->bkgc", query.float().view(b, hkv, -1, d), keys.gather(2, rows).float())
+    return scores.masked_fill(~valid[:, :, None], float("-inf")).reshape(b, -1, c)
 
 
 def sparse_attention(

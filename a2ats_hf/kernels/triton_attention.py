@@ -1,6 +1,7 @@
 """Triton kernels for the device side of a decode step: attention with its log-sum-exp over the sinks + window
 (and, where the K/V stays on the GPU, over the selected far rows too, split over programs as flash-decoding does),
-and the log-sum-exp combination of partial attentions (the splits, or the GPU's part with the CPU's). Each is one
+the log-sum-exp combination of partial attentions (the splits, or the GPU's part with the CPU's), and the exact scores
+of re-ranking's candidate rows. Each is one
 launch where the torch reference takes about nine small operations, and each equals
 :mod:`a2ats_hf.kernels.reference` to float rounding.
 """
@@ -182,3 +183,44 @@ def merge_attention(
 ) -> torch.Tensor:
     """Same contract as :func:`a2ats_hf.kernels.reference.merge_attention` (out [B, H, D], lse [B, H])."""
     return combine(out_a[None], lse_a[None], out_b, lse_b)[0]
+
+
+@triton.jit
+def _candidate_scores_kernel(q_ptr, k_ptr, idx_ptr, count_ptr, out_ptr, c, sq_b, sq_h, sk_b, sk_h, sk_l, si_b, si_h,
+                             HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """Program (row, KV head, block of candidates): the block's key rows gathered once and scored by each of the G
+    queries of the KV head in float32; -inf past the head's count."""
+    pid, block = tl.program_id(0), tl.program_id(1)
+    b, h = pid // HKV, pid % HKV
+    j = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    d = tl.arange(0, D_PAD)
+    ok = j < tl.load(count_ptr + pid)
+    rows = tl.load(idx_ptr + b * si_b + h * si_h + j, mask=ok, other=0).to(tl.int64)
+    keys = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_l + d[None, :], mask=ok[:, None] & (d < D)[None, :],
+                   other=0.0).to(tl.float32)
+    for g in tl.static_range(G):
+        q = tl.load(q_ptr + b * sq_b + (h * G + g) * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
+        score = tl.where(ok, tl.sum(keys * q[None, :], axis=1), float("-inf"))
+        tl.store(out_ptr + (pid * G + g).to(tl.int64) * c + j, score, mask=j < c)
+
+
+CANDIDATE_BLOCK = 64  # candidate rows per program of candidate_scores
+
+
+def candidate_scores(
+    query: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Same contract as :func:`a2ats_hf.kernels.reference.candidate_scores`, in one launch: the candidates' rows
+    are read once, straight from the store, with no gathered copy."""
+    b, hkv, c = indices.shape
+    h, d = query.shape[1], query.shape[-1]
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    counts = counts.to(torch.int32).contiguous()
+    out = torch.empty(b, h, c, dtype=torch.float32, device=query.device)
+    _candidate_scores_kernel[(b * hkv, triton.cdiv(c, CANDIDATE_BLOCK))](
+        query, keys, indices, counts, out, c, query.stride(0), query.stride(1), *keys.stride()[:3],
+        *indices.stride()[:2], HKV=hkv, G=h // hkv, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
+        BLOCK_C=CANDIDATE_BLOCK,
+    )
+    return out

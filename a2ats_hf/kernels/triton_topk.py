@@ -2,9 +2,9 @@
 
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
-order-preserving integer keys, 2 bits per round, weighted by the histogram (one program per head; a table of 16384
-columns or more first narrowed to the columns above a sampled key, so the rounds do not re-read it), which also
-classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
+order-preserving integer keys, weighted by the histogram (2 bits per round in one program per head; a table of 8192
+columns or more, as the distance scorer's, 11 bits per round, each round counted by programs over 4096 columns),
+which also classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
 bytes side by side in one word), and ORs the classes over the KV group into 2 bits per centroid (above / tied for
 some head). Then three passes over segments of the codes, each fully parallel: a token looks up its 2 bits (a
 table of 1 KB per 4096 centroids, so a warp's lookups touch at most 8 cache lines where the class words could
@@ -24,6 +24,10 @@ import triton.language as tl
 
 from .reference import code_histogram
 
+WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
+SPLIT_COLUMNS = 4096  # columns per program of a split select
+RADIX_BITS = (11, 11, 10)  # a split select's digits of the 32-bit score key, most significant first
+
 
 @triton.jit
 def _order_key(values):
@@ -34,33 +38,16 @@ def _order_key(values):
 
 
 @triton.jit
-def _entries(lut_row, hist_row, packed_row, m0, n, BLOCK: tl.constexpr, PACKED: tl.constexpr):
-    """Entries [m0, m0 + BLOCK) of a head's table as (candidate counts, score keys): the LUT and histogram rows' or,
-    when PACKED, the compacted ones (see :func:`_pack`)."""
+def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr):
+    """Entries [m0, m0 + BLOCK) of a head's table as (candidate counts, score keys), 0 past ``n``."""
     i = m0 + tl.arange(0, BLOCK)
     ok = i < n
-    if PACKED:
-        return _unpack(tl.load(packed_row + i, mask=ok, other=0))
     count = tl.load(hist_row + i, mask=ok, other=0)
     return count, _order_key(tl.load(lut_row + i, mask=ok, other=0.0))
 
 
 @triton.jit
-def _pack(count, key):
-    """(count, key) as one int64 whose signed order is the keys' (the count, < 2**31, in the low half)."""
-    signed = key.to(tl.int32, bitcast=True) ^ -2147483648
-    return (signed.to(tl.int64) << 32) | count.to(tl.int64)
-
-
-@triton.jit
-def _unpack(entry):
-    """(count, key) of :func:`_pack`'s int64."""
-    key = ((entry >> 32).to(tl.int32) ^ -2147483648).to(tl.uint32, bitcast=True)
-    return (entry & 0xFFFFFFFF).to(tl.int32), key
-
-
-@triton.jit
-def _radix_select(lut_row, hist_row, packed_row, n, k, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+def _radix_select(lut_row, hist_row, n, k, BLOCK: tl.constexpr):
     """The largest key with >= k candidates at or above it among n entries: a radix select from the top, 2 bits per
     round (3 trial prefixes a round: 48 compare-adds per entry where 4 bits took 128), the sums kept per lane and
     reduced once a round, the next chunk's loads issued before this chunk's arithmetic."""
@@ -71,9 +58,9 @@ def _radix_select(lut_row, hist_row, packed_row, n, k, BLOCK: tl.constexpr, PACK
         above1 = tl.zeros([BLOCK], dtype=tl.int32)  # candidates at or above the prefix + digit 1, 2, 3
         above2 = tl.zeros([BLOCK], dtype=tl.int32)
         above3 = tl.zeros([BLOCK], dtype=tl.int32)
-        count, key = _entries(lut_row, hist_row, packed_row, 0, n, BLOCK, PACKED)
+        count, key = _entries(lut_row, hist_row, 0, n, BLOCK)
         for m0 in range(0, n, BLOCK):
-            next_count, next_key = _entries(lut_row, hist_row, packed_row, m0 + BLOCK, n, BLOCK, PACKED)
+            next_count, next_key = _entries(lut_row, hist_row, m0 + BLOCK, n, BLOCK)
             above1 += tl.where(key >= (thr | (one << shift)), count, 0)
             above2 += tl.where(key >= (thr | (2 * one << shift)), count, 0)
             above3 += tl.where(key >= (thr | (3 * one << shift)), count, 0)
@@ -85,62 +72,126 @@ def _radix_select(lut_row, hist_row, packed_row, n, k, BLOCK: tl.constexpr, PACK
 
 
 @triton.jit
-def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, scratch_ptr, m, hist_stride,
-                      HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                      SAMPLE: tl.constexpr, CAP: tl.constexpr):
-    """Per (row, head): the k-th largest score, how many tokens scoring exactly it to take, and each centroid's
-    class for this head (2: above the threshold, 1: equal, 0: below) in byte ``head % GROUP`` of its
-    [G_PAD]-byte entry, so the scan reads one small entry per token instead of the group's float scores. The
-    classes are also OR-ed over the KV group into a 2-bit summary per centroid (16 to an int32 word): the scan
-    looks up that 1 KB-per-4096-centroids table first, whose lookups touch 8x fewer cache lines.
+def _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, head, thr, start, end, m, GROUP: tl.constexpr,
+              G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Columns [start, end) of a head's table classed against its threshold key ``thr`` (2: above, 1: equal, 0:
+    below) in byte ``head % GROUP`` of their [G_PAD]-byte entries, and OR-ed into the KV group's 2-bit summary
+    (``start`` a multiple of 16). Returns the candidates scoring above the threshold."""
+    greater = tl.zeros([1], dtype=tl.int32)
+    for m0 in range(start, end, BLOCK_M):
+        count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
+        cols = m0 + tl.arange(0, BLOCK_M)
+        ok = cols < end
+        greater += tl.sum(tl.where(key > thr, count, 0), axis=0)
+        category = tl.where(ok, tl.where(key > thr, 2, tl.where(key == thr, 1, 0)), 0)
+        entry = (kv.to(tl.int64) * m + cols) * G_PAD + head % GROUP
+        tl.store(class_ptr + entry, category.to(tl.uint8), mask=ok)
+        packed = tl.sum(tl.reshape(category << (2 * (cols % 16)), [BLOCK_M // 16, 16]), axis=1)
+        words = m0 // 16 + tl.arange(0, BLOCK_M // 16)
+        tl.atomic_or(summary_ptr + kv.to(tl.int64) * tl.cdiv(m, 16) + words, packed, mask=words * 16 < end)
+    return greater
 
-    A wide table (SAMPLE > 0: the distance scorer's buckets x centroids, re-read from memory by every pass) is first
-    cut down: a strided sample of SAMPLE columns, sorted, gives a key ``lo`` about the sample's 3k-th largest; one
-    pass writes the columns at or above it to ``scratch`` and checks that they hold at least k candidates (and fit
-    its CAP entries), and the radix select runs over those alone. A sample that misses falls back to the radix
-    select over the whole table. The result is the same either way."""
+
+@triton.jit
+def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, m, hist_stride,
+                      HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per (row, head) of a narrow table: the k-th largest score (a radix select over the whole table), each
+    centroid's class for this head and the group's summary (:func:`_classify`), and how many tokens scoring exactly
+    the threshold to take."""
     pid = tl.program_id(0)
     row = pid // HEADS
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
     k = tl.load(k_ptr + row).to(tl.int32)
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
-    scratch_row = scratch_ptr + pid.to(tl.int64) * CAP
-    if SAMPLE > 0:
-        s = tl.arange(0, SAMPLE)
-        sampled = (s.to(tl.int64) * m) // SAMPLE
-        counts, keys = _unpack(tl.sort(_pack(tl.load(hist_row + sampled), _order_key(tl.load(lut_row + sampled))),
-                                       descending=True))
-        at = tl.sum((tl.cumsum(counts, axis=0) < 3.0 * k.to(tl.float32) * SAMPLE / m + 16).to(tl.int32), axis=0)
-        lo = tl.where(at < SAMPLE, tl.max(tl.where(s == at, keys, 0), axis=0), 0).to(tl.uint32)
-        inside = tl.zeros([BLOCK_M], dtype=tl.int32)  # candidates at or above lo
-        written = tl.sum(tl.zeros([1], dtype=tl.int32), axis=0)  # columns written to scratch
-        for m0 in range(0, m, BLOCK_M):
-            count, key = _entries(lut_row, hist_row, scratch_row, m0, m, BLOCK_M, False)
-            take = (key >= lo) & (count > 0)
-            inside += tl.where(take, count, 0)
-            slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(scratch_row + slot, _pack(count, key), mask=take & (slot < CAP))
-            written += tl.sum(take.to(tl.int32), axis=0)
-        if (k > 0) & (tl.sum(inside, axis=0) >= k) & (written <= CAP):
-            thr = _radix_select(lut_row, hist_row, scratch_row, written, k, BLOCK_M, True)
-        else:
-            thr = _radix_select(lut_row, hist_row, scratch_row, m, k, BLOCK_M, False)
-    else:  # narrow tables: the scratch is not read
-        thr = _radix_select(lut_row, hist_row, scratch_row, m, k, BLOCK_M, False)
-
-    greater = tl.zeros([1], dtype=tl.int32)
-    for m0 in range(0, m, BLOCK_M):
-        count, key = _entries(lut_row, hist_row, scratch_row, m0, m, BLOCK_M, False)
-        cols = m0 + tl.arange(0, BLOCK_M)
-        ok = cols < m
-        greater += tl.sum(tl.where(key > thr, count, 0), axis=0)
-        category = tl.where(ok, tl.where(key > thr, 2, tl.where(key == thr, 1, 0)), 0)
-        entry = (kv.to(tl.int64) * m + cols) * G_PAD + (pid % HEADS) % GROUP
-        tl.store(class_ptr + entry, category.to(tl.uint8), mask=ok)
-        packed = tl.sum(tl.reshape(category << (2 * (cols % 16)), [BLOCK_M // 16, 16]), axis=1)
-        words = m0 // 16 + tl.arange(0, BLOCK_M // 16)
-        tl.atomic_or(summary_ptr + kv.to(tl.int64) * tl.cdiv(m, 16) + words, packed, mask=words * 16 < m)
+    thr = _radix_select(lut_row, hist_row, m, k, BLOCK_M)
+    greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, 0, m, m, GROUP, G_PAD,
+                        BLOCK_M)
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
+
+
+@triton.jit
+def _digit_count_kernel(lut_ptr, hist_ptr, state_ptr, bins_ptr, m, hist_stride, HEADS: tl.constexpr,
+                        GROUP: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, BINS: tl.constexpr,
+                        COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (row-head, split of COLUMNS columns) of a wide table's select: the candidates of its columns counted
+    by their key's digit (bits SHIFT .. SHIFT + BITS), among the columns whose higher bits equal the prefix chosen
+    so far (``state``'s first entry)."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
+    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
+    start = split * COLUMNS
+    end = tl.minimum(start + COLUMNS, m)
+    for m0 in range(start, end, BLOCK_M):
+        count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
+        take = count > 0
+        if SHIFT + BITS < 32:  # the first digit's prefix is empty
+            take &= (key >> (SHIFT + BITS)) == tl.load(state_ptr + 2 * pid).to(tl.uint32)
+        digit = (key >> SHIFT) & ((1 << BITS) - 1)
+        tl.atomic_add(bins_ptr + pid.to(tl.int64) * BINS + digit, count, mask=take)
+
+
+@triton.jit
+def _digit_pick_kernel(k_ptr, state_ptr, bins_ptr, need_ptr, HEADS: tl.constexpr, BITS: tl.constexpr,
+                       BINS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
+    """Program (row-head): the largest digit with at least the remaining budget of candidates at or above it (0
+    where none has: then every candidate is taken), appended to the prefix; the candidates above it leave the
+    budget. After the last digit the prefix is the threshold key and the budget left the ties to take."""
+    pid = tl.program_id(0)
+    if FIRST:
+        prefix = tl.zeros([1], dtype=tl.int64)
+        rest = tl.load(k_ptr + pid // HEADS + tl.arange(0, 1)).to(tl.int64)
+    else:
+        prefix = tl.load(state_ptr + 2 * pid + tl.arange(0, 1))
+        rest = tl.load(state_ptr + 2 * pid + 1 + tl.arange(0, 1))
+    d = tl.arange(0, BINS)
+    bins = tl.load(bins_ptr + pid.to(tl.int64) * BINS + d, mask=d < (1 << BITS), other=0).to(tl.int64)
+    at_or_above = tl.sum(bins, axis=0) - tl.cumsum(bins, axis=0) + bins
+    digit = tl.max(tl.where(at_or_above >= rest, d, 0), axis=0)
+    rest -= tl.sum(tl.where(d > digit, bins, 0), axis=0)
+    tl.store(state_ptr + 2 * pid + tl.arange(0, 1), (prefix << BITS) | digit)
+    tl.store(state_ptr + 2 * pid + 1 + tl.arange(0, 1), rest)
+    if LAST:
+        tl.store(need_ptr + pid + tl.arange(0, 1), rest.to(tl.int32))
+
+
+@triton.jit
+def _classify_kernel(lut_ptr, hist_ptr, state_ptr, class_ptr, summary_ptr, m, hist_stride, HEADS: tl.constexpr,
+                     GROUP: tl.constexpr, G_PAD: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (row-head, split of COLUMNS columns) of a wide table: its columns classed against the threshold key
+    the digit picks left in ``state`` (:func:`_classify`)."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
+    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
+    thr = tl.load(state_ptr + 2 * pid).to(tl.uint32)
+    start = split * COLUMNS
+    _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, start, tl.minimum(start + COLUMNS, m),
+              m, GROUP, G_PAD, BLOCK_M)
+
+
+def _thresholds(lut, histogram, k, need, classes, summary, group, g_pad):
+    """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
+    program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
+    program per head crossed in ~100 us) a split select, digit by digit (RADIX_BITS), each digit's candidates
+    counted by programs over SPLIT_COLUMNS columns, then the classes by programs as many."""
+    rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
+    common = dict(HEADS=lut.shape[1], GROUP=group)
+    block_m = min(max(triton.next_power_of_2(m), 16), 2048)
+    if m < WIDE_TABLE:
+        _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
+                                   BLOCK_M=block_m, num_warps=THRESHOLD_WARPS, **common)
+        return
+    splits, bins = triton.cdiv(m, SPLIT_COLUMNS), 1 << max(RADIX_BITS)
+    state = torch.empty(rows, 2, dtype=torch.int64, device=lut.device)
+    counted = torch.zeros(len(RADIX_BITS), rows, bins, dtype=torch.int32, device=lut.device)
+    shift = 32
+    for i, bits in enumerate(RADIX_BITS):
+        shift -= bits
+        _digit_count_kernel[(rows, splits)](lut, histogram, state, counted[i], m, histogram.stride(1), SHIFT=shift,
+                                            BITS=bits, BINS=bins, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m, **common)
+        _digit_pick_kernel[(rows,)](k, state, counted[i], need, HEADS=lut.shape[1], BITS=bits, BINS=bins,
+                                    FIRST=i == 0, LAST=i == len(RADIX_BITS) - 1)
+    _classify_kernel[(rows, splits)](lut, histogram, state, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
+                                     COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m, **common)
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
@@ -254,9 +305,9 @@ def select_topk(
     """
     b, hkv, n = codes.shape
     block_n = block_n or SCAN_BLOCK
-    if budget == "kv_head":
+    if budget == "kv_head" and lut.shape[1] != hkv:  # (a scorer may hand the group's sums already)
         lut = lut.view(b, hkv, -1, lut.shape[-1]).sum(2)
-    elif budget != "query_head":
+    elif budget not in ("query_head", "kv_head"):
         raise ValueError(f"budget must be 'query_head' or 'kv_head', got {budget!r}")
     lut = lut.float().contiguous()
     m = lut.shape[-1]
@@ -277,16 +328,10 @@ def select_topk(
     g_pad = triton.next_power_of_2(group)
     need = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
     classes = torch.empty(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)  # padding bytes: masked
-    sample = 1024 if m >= 16384 else 0  # narrow wide tables first (see _threshold_kernel)
-    cap = min(triton.next_power_of_2(m), max(1024, min(32768, triton.next_power_of_2(4 * k_max)))) if sample else 1
-    scratch = torch.empty(b * heads, cap, dtype=torch.int64, device=codes.device) if sample else summary  # unread
     histogram = histogram.to(torch.int32)
     if histogram.stride(-1) != 1 or histogram.stride(0) != hkv * histogram.stride(1):  # rows of one stride
         histogram = histogram.contiguous()
-    _threshold_kernel[(b * heads,)](lut, histogram, k.contiguous(), need, classes, summary,
-                                    scratch, m, histogram.stride(1), HEADS=heads, GROUP=group, G_PAD=g_pad,
-                                    BLOCK_M=min(max(triton.next_power_of_2(m), 16), 2048), SAMPLE=sample, CAP=cap,
-                                    num_warps=THRESHOLD_WARPS)
+    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, group, g_pad)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
