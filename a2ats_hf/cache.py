@@ -216,7 +216,7 @@ class A2ATSLayer(CacheLayerMixin):
         return ScoreInputs(query, position_ids[:, -1:], scaling, far, self.codes, self.code_buffer, self.histogram,
                            self.centroids, cache.rope, cache.codebooks.offset, self.config.window,
                            self.store.length + (static is not None), None if static is None else static.length,
-                           cache.pass_memo, self.store, self.config.budget)
+                           cache.pass_memo, self.store, self.config.budget, self.first_token)
 
     # The masks below take the key validity [B, width]; the length may be a host int or (capture-ready) a tensor.
 
@@ -371,8 +371,10 @@ class A2ATSCache(Cache):
         window: most recent tokens always attended exactly (default: the codebooks' window).
         sink: first tokens always attended exactly (default: the codebooks' sink).
         budget: "query_head" (top-K per query head, united over the KV group, as in the paper) or "kv_head".
-        scoring: how far tokens are scored before the top-K: "wrope" (A2ATS), "distance" (A2ATS with
-            distance-bucketed tables, same codebooks) or, as baselines for evaluation, "oracle" (exact logits),
+        scoring: how far tokens are scored before the top-K: "distance" (the default: A2ATS's codes scored by
+            one table per distance bucket, an octave each, so a token scores its expected q . k over its bucket's
+            distances), "wrope" (the paper's windowed RoPE: one table, every token scored as if at distance b; same
+            codebooks) or, as baselines for evaluation, "oracle" (exact logits),
             "quest" (page bounds), "random", "window" (none retrieved), "postrope" (needs codebooks calibrated with
             ``keys="post_rope"``); or a :class:`~a2ats_hf.scoring.Scorer` (e.g. ``DistanceBuckets(per_octave=2)``).
         max_length: the longest sequence (prompt + new tokens) expected; when given, a batch whose K/V cannot fit
@@ -401,7 +403,7 @@ class A2ATSCache(Cache):
         sink: int | None = None,
         budget: str = "query_head",
         max_length: int | None = None,
-        scoring: str | Scorer = "wrope",
+        scoring: str | Scorer = "distance",
         offload: str = "cpu",
         gpu_kv_budget: int | None = None,
         dense_below: int = 4096,

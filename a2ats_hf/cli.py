@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", type=_existing_file)
     gen.add_argument("--topk", type=_topk, default=0.03, help="fraction in (0, 1] or int token budget")
     gen.add_argument("--budget", choices=["query_head", "kv_head"], default="query_head")
-    gen.add_argument("--scoring", choices=["wrope", "distance"], default="wrope", help="how far tokens are scored")
+    gen.add_argument("--scoring", choices=["distance", "wrope"], default="distance",
+                     help="how far tokens are scored: distance buckets (default) or the paper's windowed RoPE")
     gen.add_argument("--buckets-per-octave", type=positive_int, metavar="P",
                      help="distance buckets per doubling of the distance "
                           "(default 1; 4 ranks better for 5-14%% more decode time)")

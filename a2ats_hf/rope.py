@@ -119,10 +119,10 @@ class RoPE:
         return apply_rope(x.float(), *self.inverse_rotation(position_ids, x.device))
 
     def turns(self, positions: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Angle-only ``cos``, ``sin`` [B, 1, P, D'] of the rotations to ``positions`` [P], with the frequencies the
-        model uses at ``position_ids`` [B, T] (longrope switches them with the sequence length: the rotary module
-        sees those positions beside ``positions``)."""
-        b, p = position_ids.shape[0], positions.shape[0]
+        """Angle-only ``cos``, ``sin`` [B, 1, P, D'] of the rotations to ``positions`` [P] (or [B, P]), with the
+        frequencies the model uses at ``position_ids`` [B, T] (longrope switches them with the sequence length: the
+        rotary module sees those positions beside ``positions``)."""
+        b, p = position_ids.shape[0], positions.shape[-1]
         device = positions.device
         cos, sin = self._compute(torch.cat([positions.expand(b, p), position_ids.to(device)], dim=1), device)
         return angle(cos[:, :, :p], sin[:, :, :p])
@@ -156,8 +156,9 @@ def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: i
     """(cos, sin [B, 1, buckets, D'], bucket of each distance 0..``longest`` [longest + 1]) on ``device`` (default:
     ``position_ids``'): the rotation standing for each distance bucket, the mean of its distances' rotations or the
     rotation to its geometric centre. The bucket count comes from ``longest`` on the host, so nothing waits on the
-    device. With ``length`` [1] (a device tensor: a capture-ready step), only distances below it count, and a bucket
-    none of them reaches gets a zero rotation.
+    device. With ``length`` [1] or [B] (each row's real tokens: a capture-ready step's length on the device, less a
+    left-padded row's padding), only distances below it count, and a bucket none of them reaches gets a zero
+    rotation.
 
     The mean over a bucket's n distances a, ..., a + n - 1 of the rotation by d * theta (per frequency theta) has a
     closed form, the rotation to the bucket's middle scaled by sin(n theta / 2) / (n sin(theta / 2)): the cost is
@@ -168,8 +169,9 @@ def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: i
     bucket = distance_buckets(distance, window, per_octave).clamp(max=count - 1)
     if rotation == "mean":
         starts = torch.searchsorted(bucket, torch.arange(count + 1, device=device))  # bucket k: starts[k] on
-        end = starts[1:] if length is None else torch.minimum(starts[1:], length)  # distances below the length count
-        low, n = starts[:-1, None].double(), (end - starts[:-1]).clamp(min=0)[:, None].double()  # [buckets, 1]
+        end = starts[1:] if length is None else torch.minimum(starts[1:], length[:, None])  # below the length count
+        low = starts[:-1, None].double()  # [buckets, 1]
+        n = (end - starts[:-1]).clamp(min=0).double().view(-1, 1, count, 1)  # [1 or B, 1, buckets, 1]
         cos1, sin1 = rope.turns(torch.ones(1, dtype=torch.long, device=device), position_ids)  # one step: theta
         theta = torch.atan2(sin1.double(), cos1.double())  # [B, 1, 1, D']
         half = torch.sin(theta / 2)
@@ -181,6 +183,6 @@ def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: i
         low = window * 2.0 ** (torch.arange(count, device=device) / per_octave)
         center = (low * 2.0 ** (0.5 / per_octave)).round().long().clamp(max=longest)
         if length is not None:
-            center = torch.minimum(center, length - 1)
+            center = torch.minimum(center, length[:, None] - 1)  # [1 or B, buckets]
         cos, sin = rope.turns(center, position_ids)
     return cos, sin, bucket

@@ -38,7 +38,8 @@ class ScoreInputs:
     ``reads_code_histogram``); ``length`` the tokens stored, this step's included, as the host counts them;
     ``device_length`` [1] the same count on the device in a capture-ready step (W is then the step's fixed width and
     the columns past the length are masked), else None; ``memo`` what the layers of the pass share; ``store`` the
-    layer's K/V (read by the baselines that look at every key)."""
+    layer's K/V (read by the baselines that look at every key); ``budget`` the cache's budget rule; ``first_token``
+    [B] the column of each row's first real token (after left padding), None where every row starts at 0."""
 
     query: torch.Tensor
     position: torch.Tensor
@@ -56,6 +57,7 @@ class ScoreInputs:
     memo: "PassMemo"
     store: "Store"
     budget: str = "query_head"
+    first_token: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
@@ -187,17 +189,22 @@ class DistanceBuckets(Scorer):
     def turns(self, step: ScoreInputs):
         """(cos, sin [B, 1, buckets, D'] turning a post-RoPE query at the step's position by each bucket's rotation,
         bucket of each distance 0..W-1 [W], the first distance of buckets 1, 2, ... [buckets - 1]), once per pass:
-        the layers of a pass share them. In a capture-ready step W is the step's width, and the length on the
-        device decides which distances count."""
+        the layers of a pass share them. Only each row's real distances count (up to its first real token; in a
+        capture-ready step W is the step's width and the length on the device sets them)."""
         rope, width, position, device = step.rope, step.width, step.position, step.query.device
 
         def compute():
+            length = step.device_length if step.device_length is not None else step.length
+            if step.first_token is not None:  # a left-padded row's distances end at its first real token
+                length = length - step.first_token
+            elif not isinstance(length, torch.Tensor):
+                length = None  # every distance of the step counts
             cos, sin, bucket = bucket_turns(rope, width - 1, position, step.window, self.per_octave, self.rotation,
-                                            device, step.device_length)
+                                            device, length)
             cos, sin = compose(rope.inverse_rotation(position, device), (cos, sin))  # un-rotate, then turn
             return cos, sin, bucket, torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
 
-        return step.memo(("distance", self.per_octave, self.rotation, width, position, device), compute)
+        return step.memo(("distance", self.per_octave, self.rotation, width, position, step.far, device), compute)
 
     def columns(self, step: ScoreInputs, bucket: torch.Tensor, starts: torch.Tensor, width: int) -> BucketColumns:
         """The layer's :class:`BucketColumns` at the step's length, with a histogram at least ``width`` columns

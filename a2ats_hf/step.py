@@ -176,8 +176,9 @@ def rerank_exact(
         query = query.float().view(b, hkv, -1, query.shape[-1]).sum(2)
     lut = kernels.candidate_scores(query, keys, indices, counts)  # [B, Hq or Hkv, C], -inf past the counts
     positions = torch.arange(c, dtype=torch.int32, device=indices.device).expand(b, hkv, c)
-    chosen, chosen_counts = kernels.select_topk(lut, positions, torch.ones(b, c, dtype=torch.bool, device=lut.device),
-                                                k, budget, k_max=min(k_max, c))
+    every = torch.ones(b, hkv, c, dtype=torch.int32, device=lut.device)  # each position: one candidate, its own code
+    chosen, chosen_counts = kernels.select_topk(lut, positions, every[:, 0].bool(), k, budget, histogram=every,
+                                                k_max=min(k_max, c))
     kept = (torch.arange(chosen.shape[-1], device=chosen.device) < chosen_counts[..., None]) & (
         chosen < counts[..., None])  # a head with fewer candidates than k: its padding, last, is dropped
     return indices.gather(-1, chosen.long()) * kept, kept.sum(-1)

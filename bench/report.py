@@ -40,8 +40,9 @@ LABELS = {"wrope": "A2ATS (windowed RoPE)", "oracle": "exact top-K (oracle)", "q
 COLORS = {label: f"C{i}" for i, label in enumerate([*LABELS.values(), LABELS["wrope"] + ", per KV head"])}
 HEADLINE = {  # the README's accuracy rows: method -> label
     "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
-    "distance 0.03": 'A2ATS, distance buckets (`scoring="distance"`)',
-    "wrope 0.03": 'A2ATS, windowed RoPE (`scoring="wrope"`, the paper\'s and today\'s default)',
+    "distance 0.03": 'A2ATS, distance buckets (`scoring="distance"`, the default)',
+    "wrope 0.03": 'A2ATS, windowed RoPE (`scoring="wrope"`, the paper\'s)',
+    "wrope 0.03 (rerank 2)": "A2ATS, windowed RoPE, `rerank=2`",
     "quest 0.03": "Quest (16-token pages)", "window": "sinks + window only (StreamingLLM)"}
 
 
@@ -102,13 +103,16 @@ def fidelity_table(rows: list[dict]) -> str:
 
 
 def paired_stderr(records: list[dict], method: str, length: int) -> float:
-    """Standard error of the method's mean score minus full attention's, over the prompts both answered."""
+    """Standard error of the method's mean score minus full attention's, over the prompts both answered (nan where
+    fewer than two were: a shard of a run may hold no full-attention records)."""
     key = lambda r: (r["task"], r["depth"], r["seed"])  # noqa: E731
     full = {key(r): r["score"] for r in records if r["method"] == "full" and r["length"] == length}
     d = [r["score"] - full[key(r)] for r in records
          if r["method"] == method and r["length"] == length and key(r) in full]
+    if len(d) < 2:
+        return float("nan")
     mean = sum(d) / len(d)
-    return (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
+    return (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
 
 
 def summarize_run(raw: dict) -> dict:
@@ -174,12 +178,16 @@ def ruler_budget_tables(suite: dict) -> str:
 
 
 def headline_accuracy(suite: dict) -> str:
-    """The README's table: mean score and its share of full attention's for HEADLINE's methods at each length."""
+    """The README's table: mean score and its share of full attention's for HEADLINE's methods at each length
+    ("not run" where a run lacks a cell; a method it lacks at every length is left out)."""
     lengths = lengths_of(suite["summary"])
     mean, relative = suite["summary"]["mean"], suite["summary"]["relative_to_full"]
     out = ["| method (3%) | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
-    out += [f"| {label} | " + " | ".join(f"{mean[f'{m} | {n}']:.3f} ({relative[f'{m} | {n}']:.0%})" for n in lengths)
-            + " |" for m, label in HEADLINE.items()]
+    def cell(key: str) -> str:
+        return f"{mean[key]:.3f} ({relative[key]:.0%})" if key in mean else "not run"
+
+    out += [f"| {label} | " + " | ".join(cell(f"{m} | {n}") for n in lengths) + " |" for m, label in HEADLINE.items()
+            if any(f"{m} | {n}" in mean for n in lengths)]
     return "\n".join(out)
 
 
@@ -302,6 +310,8 @@ class Block:
 
 
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
+DEFAULTS = "evaluation/2026-12-04-7c041a4-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200 (a partial run)
+SCORING_COST = "throughput/2026-12-04-7c041a4-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
 FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
 H200 = tuple(f"throughput/2026-12-02-e01eae0-nvidia-h200{s}.json" for s in ("-3", "", "-2"))  # 128K x 7, x 1, 2K
 CUDA_CHECK_H100 = "cuda-check/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"
@@ -310,12 +320,15 @@ H100 = tuple(f"throughput/2026-11-26-6981eb1-nvidia-h100-80gb-hbm3{s}.json" for 
 MULTI_GPU_H100 = "multi-gpu/2026-11-25-e2b5eb2-nvidia-h100-80gb-hbm3.json"  # one H100 and two, and greedy checks
 BLOCKS = {  # table name in the markdown -> its results files; a newer run replaces one by editing its line
     "speed": Block(H200, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
-    "accuracy": Block((SUITE,), lambda f: headline_accuracy(f[0])),
+    "accuracy": Block((DEFAULTS,), lambda f: headline_accuracy(f[0])),
+    "accuracy-1024": Block((SUITE,), lambda f: headline_accuracy(f[0])),
+    "fidelity-defaults": Block((DEFAULTS,), lambda f: fidelity_table(f[0]["perplexity"])),
     "throughput-h200": Block(H200, lambda f: throughput_table(runs(f))),
     "throughput-h200-compile": Block(("throughput/2026-12-02-026103d-nvidia-h200.json",),
                                      lambda f: throughput_table(runs(f))),
     "throughput-h200-scoring": Block(("throughput/2026-12-02-4fc5d32-nvidia-h200.json",),
                                      lambda f: throughput_table(runs(f))),
+    "throughput-h200-scoring-cost": Block((SCORING_COST,), lambda f: throughput_table(runs(f))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
     "fidelity": Block((SUITE,), lambda f: fidelity_table(f[0]["perplexity"])),
@@ -428,6 +441,38 @@ def figures(suite: dict, fidelity: list[dict]) -> list[Path]:
     return written
 
 
+COSTS = {  # an evaluated method -> its decode step in the throughput runs (the same budget rule: per query head)
+    "full": "full attention (sdpa + DynamicCache)",
+    "wrope 0.03": "A2ATS offload=none query_head graphs",
+    "distance 0.03": "A2ATS offload=none query_head distance graphs",
+    "distance 0.03 (rerank 2)": "A2ATS offload=none query_head distance rerank 2 graphs",
+}
+
+
+def cost_accuracy_figure(suite: dict, throughput: dict, batch: int = 7) -> Path:
+    """Each method's RULER-style score (relative to full attention's, one panel per length) against its decode
+    tokens/s at 128K and ``batch`` rows: the cost of accuracy. A method a run lacks is left out of that panel."""
+    speed = {r["method"]: r["tokens_per_s"] for r in throughput["runs"]
+             if r["context"] == 131072 and r["batch"] == batch and "tokens_per_s" in r}
+    lengths = lengths_of(suite["summary"])
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        relative = at_length(suite["summary"]["relative_to_full"], length)
+        for method, step in COSTS.items():
+            score = 1.0 if method == "full" else relative.get(method)
+            if score is not None and step in speed:
+                ax.scatter(speed[step], score, label=method)
+                ax.annotate(method, (speed[step], score), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(f"decode tokens/s at 128K x {batch} rows ({short(throughput['environment']['gpu'])})")
+        ax.set_ylabel("RULER-style score / full attention's")
+        ax.set_title(f"SmolLM2-135M, {length // 1024}K prompts, 3%", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(FIGURES / "cost-accuracy.png", dpi=150)
+    plt.close(fig)
+    return FIGURES / "cost-accuracy.png"
+
+
 def suite_figures() -> list[Path]:
     """The figures from the suite's summary and the fidelity runs (the CPU run's lengths take precedence)."""
     suite = json.loads((RESULTS / SUITE).read_text())
@@ -435,7 +480,8 @@ def suite_figures() -> list[Path]:
     fidelity = [{"device": part["device"], **r} for r in part["perplexity"]]
     covered = {r["length"] for r in fidelity}
     fidelity += [{"device": suite["device"], **r} for r in suite["perplexity"] if r["length"] not in covered]
-    return figures(suite, fidelity)
+    load = lambda name: json.loads((RESULTS / name).read_text())  # noqa: E731
+    return figures(suite, fidelity) + [cost_accuracy_figure(load(DEFAULTS), load(SCORING_COST))]
 
 
 def main() -> None:

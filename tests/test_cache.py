@@ -136,10 +136,10 @@ def test_model_usable_with_other_caches_after_a_failure(tiny):
 
 
 def test_memory_footprint(tiny):
-    """Device bytes are codes (a buffer grown by doubling) + their histogram + sinks + window; CPU bytes are the
-    whole K/V store."""
+    """Device bytes are codes (a buffer grown by doubling) + their histogram (windowed RoPE's; the distance scorer's
+    columns: the next test) + sinks + window; CPU bytes are the whole K/V store."""
     model, books = tiny
-    cache = A2ATSCache(books, topk=0.1, window=16, sink=4)
+    cache = A2ATSCache(books, topk=0.1, window=16, sink=4, scoring="wrope")
     generate(model, ids_of(1, 300), cache, new=5)
     n = cache.get_seq_length()
     assert n == 304  # the last token is produced but not yet fed back
@@ -159,8 +159,8 @@ def test_memory_footprint_without_offload(tiny):
     """offload="none": the K/V buffers count as device bytes, nothing on the CPU."""
     model, books = tiny
     footprints = {}
-    for offload in ("cpu", "none"):
-        cache = A2ATSCache(books, topk=0.1, offload=offload)
+    for offload in ("cpu", "none"):  # windowed RoPE: a device store this short attends whole, holding no scorer state
+        cache = A2ATSCache(books, topk=0.1, offload=offload, scoring="wrope")
         generate(model, ids_of(1, 300), cache, new=5)
         footprints[offload] = cache.memory_footprint()
     stored = sum(layer.store.nbytes for layer in cache.a2ats_layers)

@@ -57,7 +57,8 @@ def test_calibrate_then_generate(model_dir, tmp_path, capsys, queries):
 
 def test_generate_refuses_buckets_without_distance_scoring(model_dir, capsys):
     with pytest.raises(SystemExit) as exit:
-        main(["generate", str(model_dir), "--prompt", "hi", "--buckets-per-octave", "4", "--device", "cpu"])
+        main(["generate", str(model_dir), "--prompt", "hi", "--buckets-per-octave", "4", "--scoring", "wrope",
+              "--device", "cpu"])
     assert exit.value.code == 2 and "--scoring distance" in capsys.readouterr().err
 
 

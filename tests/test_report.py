@@ -52,6 +52,8 @@ def test_summary_keeps_what_the_tables_need_and_drops_the_records():
                         rel_tol=1e-5)
     table = report.ruler_tables(summary)
     assert "| wrope 0.03 | 0.25 | 0.25 | 0.250 | 25% | 14% |" in table
+    shard = report.summarize_run({**raw, "ruler": [r for r in records if r["method"] != "full"]})  # a shard of a run
+    assert math.isnan(shard["summary"]["paired_stderr"]["wrope 0.03 | 4096"])
 
 
 def test_throughput_table_per_context_divides_by_full_attention_at_any_batch_and_shows_memory():

@@ -160,3 +160,29 @@ def test_distance_columns_move_on_exactly(tiny, monkeypatch, per_octave):
     assert len(checked) == 39 * layers and min(checked) <= 128 < max(checked)  # column 127 reaches bucket "128"
     appeared = len({int(distance_buckets(torch.tensor([n - 1]), 16, per_octave)) for n in set(checked)}) - 1
     assert appeared >= 1 and len(rebuilds) == layers  # a new bucket fits the histogram kept for the buffer's size
+
+
+@pytest.mark.parametrize("edit", ["reorder", "select"])
+def test_distance_scorer_follows_row_edits(tiny, edit):
+    """After a reorder (beam search) or a row subset, the distance scorer decodes on as a cache filled with those
+    rows from the start does (its kept columns are rebuilt for the new rows)."""
+    model, books = tiny
+    ids, first, then = ids_of(3, 150, seed=5), ids_of(3, 3, seed=6), ids_of(3, 3, seed=7)
+    rows = torch.tensor([2, 0, 1]) if edit == "reorder" else torch.tensor([2, 0])
+
+    def logits(cache, tokens):
+        with torch.no_grad():
+            return torch.cat([model(tokens[:, i : i + 1].to(DEVICE), **cache_argument(model, cache)).logits
+                              for i in range(tokens.shape[1])], dim=1)
+
+    edited, refilled = (A2ATSCache(books, topk=0.05, scoring="distance") for _ in range(2))
+    with torch.no_grad():
+        model(ids.to(DEVICE), **cache_argument(model, edited))
+        model(ids[rows].to(DEVICE), **cache_argument(model, refilled))
+    logits(edited, first), logits(refilled, first[rows])
+    if edit == "reorder":
+        edited.reorder_cache(rows.to(DEVICE))
+    else:
+        edited.batch_select_indices(rows.to(DEVICE))
+    torch.testing.assert_close(logits(edited, then[: len(rows)]), logits(refilled, then[: len(rows)]),
+                               atol=1e-5, rtol=1e-4)

@@ -25,7 +25,7 @@ def test_step_masks_are_computed_once_per_pass(tiny, monkeypatch):
     calls = []
     original = A2ATSLayer.far_candidates
     monkeypatch.setattr(A2ATSLayer, "far_candidates", lambda self, valid: calls.append(self) or original(self, valid))
-    cache = A2ATSCache(books, topk=0.1)
+    cache = A2ATSCache(books, topk=0.1, scoring="wrope")  # a scorer that reads the layer's histogram
     greedy(model, ids_of(2, 120), cache, new=4)  # one prompt pass, three decode passes
     layers = len(cache.a2ats_layers)
     assert layers > 1 and len(calls) == layers + 3

@@ -89,10 +89,14 @@ class Runner:
         kind = self.kind
         if not kind.a2ats:
             return DynamicCache(config=self.model.config)
+        # Windowed RoPE: the tiny model's codebooks hold near-duplicate centroids, so a key's code can flip with
+        # batch-size-dependent rounding (a repeated batch against one refilled at its size), and the distance
+        # scorer's finer tables turn such a flip into another selection; its state under row edits is tested in
+        # test_scoring.py, at one batch size.
+        options = dict(topk=kind.topk, offload=kind.offload, dense_below=0, scoring="wrope")
         if kind.offload == "auto":
-            budget = kv_bytes(batch, HEADS, HEAD_DIM, torch.float32, tokens, 1)
-            return A2ATSCache(self.books, topk=kind.topk, offload="auto", gpu_kv_budget=budget, dense_below=0)
-        return A2ATSCache(self.books, topk=kind.topk, offload=kind.offload, dense_below=0)
+            options["gpu_kv_budget"] = kv_bytes(batch, HEADS, HEAD_DIM, torch.float32, tokens, 1)
+        return A2ATSCache(self.books, **options)
 
     def cache_for(self, ids: torch.Tensor, rows: int | None = None) -> Cache:
         return self.cache(rows or ids.shape[0], ids.shape[1])

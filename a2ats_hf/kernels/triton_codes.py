@@ -205,10 +205,12 @@ def rotated_lookup_table(
 
 @triton.jit
 def _move_columns_kernel(col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n_ptr, n, m, window, S,
-                         sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b, HKV: tl.constexpr, N_ON_DEVICE: tl.constexpr):
-    """Program (row, KV head): its columns and histogram moved on by one token, one moved token at a time (two may
-    share a column value, so the histogram is updated in order, not as a vector). N_ON_DEVICE: the length is read
-    from ``n_ptr`` (a capture-ready step), and a bucket that starts past the tokens moves none."""
+                         sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b, HKV: tl.constexpr, S_PAD: tl.constexpr,
+                         N_ON_DEVICE: tl.constexpr):
+    """Program (row, KV head): its columns and histogram moved on by one token, every bucket's crossing token at
+    once (they sit at distinct positions; two may share a column value, so the histogram's updates are atomic
+    additions, which commute). N_ON_DEVICE: the length is read from ``n_ptr`` (a capture-ready step), and a bucket
+    that starts past the tokens moves none."""
     pid = tl.program_id(0)
     b, h = pid // HKV, pid % HKV
     cols, hist = col_ptr + b * sc_b + h * sc_h, hist_ptr + b * sh_b + h * sh_h
@@ -216,19 +218,18 @@ def _move_columns_kernel(col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n_ptr
         n = tl.load(n_ptr).to(tl.int32)
     last = n - 1
     tl.store(cols + last, tl.load(code_ptr + b * sk_b + h * sk_h + last).to(tl.int32))
-    for i in range(S):
-        c = last - tl.load(starts_ptr + i).to(tl.int32)
-        live = c >= 0
-        c = tl.maximum(c, 0)
-        old = tl.load(cols + c, mask=live, other=0)
-        tl.store(cols + c, old + m, mask=live)
-        w = tl.load(far_ptr + b * sf_b + c, mask=live, other=0).to(tl.int32)
-        tl.store(hist + old, tl.load(hist + old, mask=live, other=0) - w, mask=live)
-        tl.store(hist + old + m, tl.load(hist + old + m, mask=live, other=0) + w, mask=live)
-    left = last - window
+    i = tl.arange(0, S_PAD)
+    c = last - tl.load(starts_ptr + i, mask=i < S, other=0).to(tl.int32)
+    live = (i < S) & (c >= 0)
+    c = tl.maximum(c, 0)
+    old = tl.load(cols + c, mask=live, other=0)
+    tl.store(cols + c, old + m, mask=live)
+    w = tl.load(far_ptr + b * sf_b + c, mask=live, other=0).to(tl.int32)
+    tl.atomic_add(hist + old, -w, mask=live & (w != 0))
+    tl.atomic_add(hist + old + m, w, mask=live & (w != 0))
+    left = last - window  # the token that just left the window (bucket 0 reaches past it: it did not move)
     if left >= 0:
-        col = tl.load(cols + left)
-        tl.store(hist + col, tl.load(hist + col) + tl.load(far_ptr + b * sf_b + left).to(tl.int32))
+        tl.atomic_add(hist + tl.load(cols + left), tl.load(far_ptr + b * sf_b + left).to(tl.int32))
 
 
 def move_bucket_columns(
@@ -242,5 +243,6 @@ def move_bucket_columns(
     _move_columns_kernel[(b * hkv,)](
         columns, histogram, codes, far, starts, n if on_device else starts, 0 if on_device else n, m, window,
         starts.numel(), columns.stride(0), columns.stride(1), histogram.stride(0), histogram.stride(1),
-        codes.stride(0), codes.stride(1), far.stride(0), HKV=hkv, N_ON_DEVICE=on_device,
+        codes.stride(0), codes.stride(1), far.stride(0), HKV=hkv, S_PAD=max(2, triton.next_power_of_2(starts.numel())),
+        N_ON_DEVICE=on_device,
     )

@@ -3,7 +3,7 @@
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
 order-preserving integer keys, weighted by the histogram (2 bits per round in one program per head; a table of 8192
-columns or more, as the distance scorer's, 11 bits per round, each round counted by programs over 4096 columns),
+columns or more, as the distance scorer's, 8 bits per round, each round counted by programs over 4096 columns),
 which also classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
 bytes side by side in one word), and ORs the classes over the KV group into 2 bits per centroid (above / tied for
 some head). Then three passes over segments of the codes, each fully parallel: a token looks up its 2 bits (a
@@ -26,7 +26,7 @@ from .reference import code_histogram
 
 WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
 SPLIT_COLUMNS = 4096  # columns per program of a split select
-RADIX_BITS = (11, 11, 10)  # a split select's digits of the 32-bit score key, most significant first
+RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 
 
 @triton.jit
@@ -110,68 +110,84 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
 
 
 @triton.jit
-def _digit_count_kernel(lut_ptr, hist_ptr, state_ptr, bins_ptr, m, hist_stride, HEADS: tl.constexpr,
-                        GROUP: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, BINS: tl.constexpr,
-                        COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program (row-head, split of COLUMNS columns) of a wide table's select: the candidates of its columns counted
-    by their key's digit (bits SHIFT .. SHIFT + BITS), among the columns whose higher bits equal the prefix chosen
-    so far (``state``'s first entry)."""
+def _pick_digit(bins_ptr, pid, splits, prefix, rest, S_PAD: tl.constexpr, BITS: tl.constexpr):
+    """(prefix, rest) after a digit of a split select: the largest digit with at least ``rest`` candidates at or
+    above it among the head's counts of this round (summed over its splits; 0 where none has: every candidate is
+    then taken) appended to ``prefix``, and the candidates above it taken out of ``rest``."""
+    s, d = tl.arange(0, S_PAD), tl.arange(0, 1 << BITS)
+    counts = tl.load(bins_ptr + (pid.to(tl.int64) * splits + s[:, None]) * (1 << BITS) + d[None, :],
+                     mask=(s < splits)[:, None], other=0)
+    counts = tl.sum(counts, axis=0).to(tl.int64)
+    at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+    digit = tl.max(tl.where(at_or_above >= rest, d, 0), axis=0)
+    return (prefix << BITS) | digit, rest - tl.sum(tl.where(d > digit, counts, 0), axis=0)
+
+
+@triton.jit
+def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, splits, rows, ROUND: tl.constexpr, HEADS: tl.constexpr,
+                 S_PAD: tl.constexpr, BITS: tl.constexpr):
+    """(prefix, rest) after the digits of rounds before ROUND: the last of them picked here from its counts (each
+    program of a launch picks it alike; split 0 keeps it in ``state`` for the next launch)."""
+    if ROUND == 1:
+        prefix, rest = tl.full([], 0, tl.int64), tl.load(k_ptr + pid // HEADS).to(tl.int64)
+    else:
+        prefix = tl.load(state_ptr + 2 * ((ROUND - 2) * rows + pid))
+        rest = tl.load(state_ptr + 2 * ((ROUND - 2) * rows + pid) + 1)
+    prefix, rest = _pick_digit(bins_ptr + (ROUND - 1) * rows * splits * (1 << BITS), pid, splits, prefix, rest, S_PAD,
+                               BITS)
+    if split == 0:
+        tl.store(state_ptr + 2 * ((ROUND - 1) * rows + pid), prefix)
+        tl.store(state_ptr + 2 * ((ROUND - 1) * rows + pid) + 1, rest)
+    return prefix, rest
+
+
+@triton.jit
+def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_stride, splits, rows,
+                        ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
+                        BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
+    digit picked (:func:`_split_state`), then the candidates of the split's columns whose key's leading digits
+    match the prefix counted by their next digit, into the split's own counts (so the atomic additions of a head's
+    many equal digits spread over its splits)."""
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
+    shift: tl.constexpr = 32 - BITS * (ROUND + 1)
+    if ROUND > 0:
+        prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, splits, rows, ROUND, HEADS, S_PAD, BITS)[0]
+    own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * splits + split) * (1 << BITS)
     start = split * COLUMNS
     end = tl.minimum(start + COLUMNS, m)
     for m0 in range(start, end, BLOCK_M):
         count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
         take = count > 0
-        if SHIFT + BITS < 32:  # the first digit's prefix is empty
-            take &= (key >> (SHIFT + BITS)) == tl.load(state_ptr + 2 * pid).to(tl.uint32)
-        digit = (key >> SHIFT) & ((1 << BITS) - 1)
-        tl.atomic_add(bins_ptr + pid.to(tl.int64) * BINS + digit, count, mask=take)
+        if ROUND > 0:
+            take &= (key >> (shift + BITS)).to(tl.int64) == prefix
+        tl.atomic_add(own + ((key >> shift) & ((1 << BITS) - 1)), count, mask=take)
 
 
 @triton.jit
-def _digit_pick_kernel(k_ptr, state_ptr, bins_ptr, need_ptr, HEADS: tl.constexpr, BITS: tl.constexpr,
-                       BINS: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr):
-    """Program (row-head): the largest digit with at least the remaining budget of candidates at or above it (0
-    where none has: then every candidate is taken), appended to the prefix; the candidates above it leave the
-    budget. After the last digit the prefix is the threshold key and the budget left the ties to take."""
-    pid = tl.program_id(0)
-    if FIRST:
-        prefix = tl.zeros([1], dtype=tl.int64)
-        rest = tl.load(k_ptr + pid // HEADS + tl.arange(0, 1)).to(tl.int64)
-    else:
-        prefix = tl.load(state_ptr + 2 * pid + tl.arange(0, 1))
-        rest = tl.load(state_ptr + 2 * pid + 1 + tl.arange(0, 1))
-    d = tl.arange(0, BINS)
-    bins = tl.load(bins_ptr + pid.to(tl.int64) * BINS + d, mask=d < (1 << BITS), other=0).to(tl.int64)
-    at_or_above = tl.sum(bins, axis=0) - tl.cumsum(bins, axis=0) + bins
-    digit = tl.max(tl.where(at_or_above >= rest, d, 0), axis=0)
-    rest -= tl.sum(tl.where(d > digit, bins, 0), axis=0)
-    tl.store(state_ptr + 2 * pid + tl.arange(0, 1), (prefix << BITS) | digit)
-    tl.store(state_ptr + 2 * pid + 1 + tl.arange(0, 1), rest)
-    if LAST:
-        tl.store(need_ptr + pid + tl.arange(0, 1), rest.to(tl.int32))
-
-
-@triton.jit
-def _classify_kernel(lut_ptr, hist_ptr, state_ptr, class_ptr, summary_ptr, m, hist_stride, HEADS: tl.constexpr,
-                     GROUP: tl.constexpr, G_PAD: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program (row-head, split of COLUMNS columns) of a wide table: its columns classed against the threshold key
-    the digit picks left in ``state`` (:func:`_classify`)."""
+def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, need_ptr, class_ptr, summary_ptr, m, hist_stride,
+                     splits, rows, HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                     BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (row-head, split of COLUMNS columns) of a wide table: the last digit picked, which completes the
+    threshold key (the ties left to take written by split 0), then the split's columns classed against it
+    (:func:`_classify`)."""
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
-    thr = tl.load(state_ptr + 2 * pid).to(tl.uint32)
+    thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, splits, rows, 32 // BITS, HEADS, S_PAD, BITS)
+    if split == 0:
+        tl.store(need_ptr + pid, rest.to(tl.int32))
     start = split * COLUMNS
-    _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, start, tl.minimum(start + COLUMNS, m),
-              m, GROUP, G_PAD, BLOCK_M)
+    _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr.to(tl.uint32), start,
+              tl.minimum(start + COLUMNS, m), m, GROUP, G_PAD, BLOCK_M)
 
 
 def _thresholds(lut, histogram, k, need, classes, summary, group, g_pad):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
-    program per head crossed in ~100 us) a split select, digit by digit (RADIX_BITS), each digit's candidates
+    program per head crossed in ~100 us) a split select, RADIX_BITS of the key a round, each round's candidates
     counted by programs over SPLIT_COLUMNS columns, then the classes by programs as many."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group)
@@ -180,18 +196,16 @@ def _thresholds(lut, histogram, k, need, classes, summary, group, g_pad):
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
                                    BLOCK_M=block_m, num_warps=THRESHOLD_WARPS, **common)
         return
-    splits, bins = triton.cdiv(m, SPLIT_COLUMNS), 1 << max(RADIX_BITS)
-    state = torch.empty(rows, 2, dtype=torch.int64, device=lut.device)
-    counted = torch.zeros(len(RADIX_BITS), rows, bins, dtype=torch.int32, device=lut.device)
-    shift = 32
-    for i, bits in enumerate(RADIX_BITS):
-        shift -= bits
-        _digit_count_kernel[(rows, splits)](lut, histogram, state, counted[i], m, histogram.stride(1), SHIFT=shift,
-                                            BITS=bits, BINS=bins, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m, **common)
-        _digit_pick_kernel[(rows,)](k, state, counted[i], need, HEADS=lut.shape[1], BITS=bits, BINS=bins,
-                                    FIRST=i == 0, LAST=i == len(RADIX_BITS) - 1)
-    _classify_kernel[(rows, splits)](lut, histogram, state, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
-                                     COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m, **common)
+    splits, rounds = triton.cdiv(m, SPLIT_COLUMNS), 32 // RADIX_BITS
+    split = dict(S_PAD=triton.next_power_of_2(splits), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
+                 **common)
+    state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
+    counted = torch.zeros(rounds, rows, splits, 1 << RADIX_BITS, dtype=torch.int32, device=lut.device)
+    for r in range(rounds):
+        _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, m, histogram.stride(1), splits, rows,
+                                            ROUND=r, **split)
+    _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, need, classes, summary, m, histogram.stride(1),
+                                     splits, rows, G_PAD=g_pad, **split)
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
