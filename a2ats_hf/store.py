@@ -51,11 +51,11 @@ BLOCK_SIZE = 4096
 
 
 def block_tokens(batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Tokens per CPU block: as many as fit the power of two of bytes at or above ``BLOCK_SIZE`` tokens' worth.
-    Pinned memory comes from a caching allocator that rounds every allocation up to a power of two, so a block of
-    ``BLOCK_SIZE`` tokens could waste up to half its memory (40 MiB takes 64 MiB at batch 5 of Llama-3.1-8B);
-    this one wastes less than a token."""
-    per_token = batch * heads * head_dim * dtype.itemsize
+    """Tokens per CPU block (each token's key and value side by side): as many as fit the power of two of bytes at
+    or above ``BLOCK_SIZE`` tokens' worth. Pinned memory comes from a caching allocator that rounds every allocation
+    up to a power of two, so a block of ``BLOCK_SIZE`` tokens could waste up to half its memory (80 MiB takes 128 MiB
+    at batch 5 of Llama-3.1-8B); this one wastes less than a token."""
+    per_token = 2 * batch * heads * head_dim * dtype.itemsize
     return max(1, 2 ** math.ceil(math.log2(per_token * BLOCK_SIZE)) // per_token)
 
 
@@ -88,7 +88,9 @@ class Store(Protocol):
 
 
 class KVStore:
-    """Keys and values [B, H, N, D] kept as a list of [B, H, block_size, D] blocks on the CPU.
+    """Keys and values [B, H, N, D] kept on the CPU as a list of [B, H, block_size, 2, D] blocks: each token's key
+    and value side by side, so a selected token is one contiguous read (one page, one run of cache lines) for the CPU
+    attention instead of two.
 
     Appending fills the last block and adds new ones as needed, so what is stored is never copied again.
     Blocks are pinned when CUDA is available, so appends from the GPU are asynchronous copies.
@@ -102,8 +104,7 @@ class KVStore:
         self.dtype = dtype
         self.block_size = block_size
         self.pin = torch.cuda.is_available()
-        self.key_blocks: list[torch.Tensor] = []
-        self.value_blocks: list[torch.Tensor] = []
+        self.blocks: list[torch.Tensor] = []
         self.length = 0
         self.device = torch.device("cpu")
         self.pending: torch.device | None = None  # the GPU an asynchronous append may still be in flight from
@@ -115,12 +116,13 @@ class KVStore:
             self.pending = None
 
     def _new_block(self) -> torch.Tensor:
-        return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
+        b, h, n, d = self.shape
+        return torch.empty(b, h, n, 2, d, dtype=self.dtype, pin_memory=self.pin)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append [B, H, T, D] keys and values; copies from a GPU are asynchronous (on its current stream)."""
         t, done = keys.shape[-2], 0
-        blocks = math.ceil((self.length + t) / self.block_size) - len(self.key_blocks)
+        blocks = math.ceil((self.length + t) / self.block_size) - len(self.blocks)
         if blocks > 0:
             b, h, _, d = self.shape
             needed = kv_bytes(b, h, d, self.dtype, blocks * self.block_size, self.block_size)
@@ -128,11 +130,11 @@ class KVStore:
         while done < t:
             offset = self.length % self.block_size
             if offset == 0:
-                self.key_blocks.append(self._new_block())
-                self.value_blocks.append(self._new_block())
+                self.blocks.append(self._new_block())
             n = min(t - done, self.block_size - offset)
-            self.key_blocks[-1][:, :, offset : offset + n].copy_(keys[:, :, done : done + n], non_blocking=self.pin)
-            self.value_blocks[-1][:, :, offset : offset + n].copy_(values[:, :, done : done + n], non_blocking=self.pin)
+            for half, source in enumerate((keys, values)):
+                self.blocks[-1][:, :, offset : offset + n, half].copy_(source[:, :, done : done + n],
+                                                                       non_blocking=self.pin)
             done += n
             self.length += n
         if self.pin and keys.is_cuda:
@@ -143,16 +145,14 @@ class KVStore:
         self.wait()
         b, h, k = indices.shape
         indices = indices.long()
-        keys = torch.empty(b, h, k, self.shape[-1], dtype=self.dtype)
-        values = torch.empty_like(keys)
+        pairs = torch.empty(b, h, k, 2, self.shape[-1], dtype=self.dtype)
         block, offset = indices // self.block_size, indices % self.block_size
         rows = torch.arange(b)[:, None, None].expand_as(indices)
         heads = torch.arange(h)[None, :, None].expand_as(indices)
         for j in torch.unique(block).tolist():
             sel = block == j
-            keys[sel] = self.key_blocks[j][rows[sel], heads[sel], offset[sel]]
-            values[sel] = self.value_blocks[j][rows[sel], heads[sel], offset[sel]]
-        return keys, values
+            pairs[sel] = self.blocks[j][rows[sel], heads[sel], offset[sel]]
+        return pairs[..., 0, :], pairs[..., 1, :]
 
     def to_tensors(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored keys and values of columns [start, end) (default: all) as two [B, H, end - start, D] tensors (a
@@ -161,9 +161,8 @@ class KVStore:
         end = self.length if end is None else end
         spans = [(j, max(start - j * self.block_size, 0), min(end - j * self.block_size, self.block_size))
                  for j in range(start // self.block_size, -(-end // self.block_size))]
-        keys = torch.cat([self.key_blocks[j][:, :, lo:hi] for j, lo, hi in spans], dim=2)
-        values = torch.cat([self.value_blocks[j][:, :, lo:hi] for j, lo, hi in spans], dim=2)
-        return keys, values
+        pairs = torch.cat([self.blocks[j][:, :, lo:hi] for j, lo, hi in spans], dim=2)
+        return pairs[..., 0, :], pairs[..., 1, :]
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` [B'] (a reorder, repeat or subset of the batch: beam search, assisted decoding): in
@@ -171,23 +170,21 @@ class KVStore:
         self.wait()
         index = index.to("cpu", torch.long)
         if len(index) == self.shape[0]:
-            for block in self.key_blocks + self.value_blocks:
+            for block in self.blocks:
                 select(block, index)
             return
         self.shape = (len(index), *self.shape[1:])
-        for blocks in (self.key_blocks, self.value_blocks):
-            blocks[:] = [torch.index_select(block, 0, index, out=self._new_block()) for block in blocks]
+        self.blocks = [torch.index_select(block, 0, index, out=self._new_block()) for block in self.blocks]
 
     def truncate(self, length: int) -> None:
         """Forget every column from ``length`` on (blocks past it are freed)."""
         self.wait()
         self.length = min(self.length, length)
-        kept = -(-self.length // self.block_size)
-        del self.key_blocks[kept:], self.value_blocks[kept:]
+        del self.blocks[-(-self.length // self.block_size):]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.key_blocks + self.value_blocks)
+        return sum(t.numel() * t.element_size() for t in self.blocks)
 
 
 class DeviceKVStore:

@@ -201,7 +201,7 @@ def test_dropped_cache_frees_its_store_at_once(tiny, scoring):
     model, books = tiny
     cache = A2ATSCache(books, topk=0.1, scoring=scoring)
     generate(model, ids_of(2, 300), cache, new=3)
-    store = weakref.ref(cache.layers[0].store.key_blocks[0])
+    store = weakref.ref(cache.layers[0].store.blocks[0])
     gc.disable()
     try:
         del cache

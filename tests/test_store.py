@@ -24,9 +24,9 @@ def test_append_and_gather(kind):
     keys, values = [], []
     for t in (1, 3, 7, 2):
         k, v = torch.randn(3, 2, t, 8, generator=gen), torch.randn(3, 2, t, 8, generator=gen)
-        first_block = store.key_blocks[0] if getattr(store, "key_blocks", None) else None
+        first_block = store.blocks[0] if getattr(store, "blocks", None) else None
         store.append(k, v)
-        assert first_block is None or store.key_blocks[0] is first_block  # blocks are never re-allocated
+        assert first_block is None or store.blocks[0] is first_block  # blocks are never re-allocated
         keys.append(k), values.append(v)
     full_k, full_v = torch.cat(keys, 2), torch.cat(values, 2)
     assert store.length == 13
@@ -46,7 +46,7 @@ def test_sizes():
     else grown to whole blocks of 4096 tokens."""
     blocks = STORES["cpu-blocks"]()
     blocks.append(torch.zeros(3, 2, 13, 8), torch.zeros(3, 2, 13, 8))
-    assert len(blocks.key_blocks) == 3 and blocks.nbytes == 2 * 3 * (3 * 2 * 5 * 8 * 4)
+    assert len(blocks.blocks) == 3 and blocks.nbytes == 2 * 3 * (3 * 2 * 5 * 8 * 4)
     buffer = DeviceKVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, device="cpu", capacity=14)
     for t in (13, 1):
         buffer.append(torch.zeros(3, 2, t, 8), torch.zeros(3, 2, t, 8))
@@ -70,7 +70,7 @@ def test_cpu_blocks_fill_a_power_of_two_of_bytes(batch, heads, head_dim, dtype):
     """The pinned allocator rounds each block up to a power of two of bytes: blocks fill one to within a token, and
     hold at least BLOCK_SIZE tokens."""
     store = KVStore(batch, heads, head_dim, dtype)
-    per_token = batch * heads * head_dim * dtype.itemsize
+    per_token = 2 * batch * heads * head_dim * dtype.itemsize  # a key and a value
     size = store.block_size * per_token
     power = 2 ** math.ceil(math.log2(size))
     assert store.block_size >= BLOCK_SIZE and power - size < per_token
@@ -95,7 +95,7 @@ def test_select_rows_and_truncate_follow_the_whole_kv(kind):
     assert store.length == 10 and store.shape[0] == 2
     torch.testing.assert_close(store.to_tensors(), (expected_keys, expected_values), rtol=0, atol=0)
     if kind == "cpu-blocks":
-        assert len(store.key_blocks) == 2  # blocks past the cut were freed
+        assert len(store.blocks) == 2  # blocks past the cut were freed
 
 
 @pytest.mark.parametrize("kind", STORES)

@@ -1,10 +1,11 @@
 """CPU sparse attention over the offloaded store: a C++ kernel built on first use, with the torch reference
 as fallback.
 
-The kernel (``csrc/sparse_attention.cpp``) gathers the selected rows straight from the store's blocks and attends
-them in parallel over (row, KV head, chunk) tasks on torch's thread pool. It is compiled once per machine by
-``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed; ninja is a dependency). Without a compiler the
-torch reference runs instead, with a warning; ``A2ATS_CPU_KERNEL=torch`` forces it.
+The kernel (``csrc/sparse_attention.cpp``) gathers the selected rows (a token's key and value side by side) straight
+from the store's blocks and attends them in parallel over (row, KV head, chunk) tasks on torch's thread pool. It is
+compiled once per machine by ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed; ninja is a
+dependency). Without a compiler the torch reference runs instead, with a warning; ``A2ATS_CPU_KERNEL=torch`` forces
+it.
 """
 
 from __future__ import annotations
@@ -142,5 +143,5 @@ def sparse_attention(
     query = query.detach().to("cpu", torch.float32).contiguous()
     indices = indices.to("cpu", torch.int32).contiguous()
     counts = counts.to("cpu", torch.int32).contiguous()
-    out, lse = ext.sparse_attention(query, store.key_blocks, store.value_blocks, indices, counts, float(scaling))
+    out, lse = ext.sparse_attention(query, store.blocks, indices, counts, float(scaling))
     return out, lse

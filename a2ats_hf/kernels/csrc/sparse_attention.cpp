@@ -1,6 +1,6 @@
 // Sparse attention over the CPU KV store: for every (row, KV head), the selected rows of the offloaded keys and
-// values are gathered straight from the store's blocks and attended by the KV group's query heads, with float32
-// accumulation. Work is split into (row, KV head, chunk of selected rows) tasks run on torch's thread pool, and
+// values (side by side in the store's blocks, [B, H, block, 2, D]: one contiguous read per token) are gathered
+// straight from the blocks and attended by the KV group's query heads, with float32 accumulation. Work is split into (row, KV head, chunk of selected rows) tasks run on torch's thread pool, and
 // the chunks' partial softmaxes are merged by their log-sum-exps, so a batch of one still uses every core.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -131,8 +131,7 @@ inline void values_tiled(const T* const* rows, const float* weights, int64_t n, 
 }
 
 template <typename T, int G>
-void run(const float* query, const std::vector<const T*>& key_blocks, const std::vector<const T*>& value_blocks,
-         const int32_t* indices, const int32_t* counts, int64_t batch, int64_t heads, int64_t group, int64_t d,
+void run(const float* query, const std::vector<const T*>& blocks, const int32_t* indices, const int32_t* counts, int64_t batch, int64_t heads, int64_t group, int64_t d,
          int64_t width, int64_t block_size, float scaling, float* out, float* lse) {
   static_assert(G >= 0, "G is the group size, or 0 for one known only at run time");
   if (G) group = G;
@@ -150,7 +149,7 @@ void run(const float* query, const std::vector<const T*>& key_blocks, const std:
   }
   const int64_t tasks = static_cast<int64_t>(task_pair.size());
   std::vector<float> acc(tasks * group * d), sums(tasks * group), maxes(tasks * group);
-  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));  // a key's or a value's
 
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(d), logits(kChunk * group);
@@ -160,15 +159,15 @@ void run(const float* query, const std::vector<const T*>& key_blocks, const std:
       const int64_t start = task_chunk[t] * kChunk;
       const int64_t n = std::min<int64_t>(kChunk, counts[p] - start);
       const int32_t* idx = indices + p * width + start;
-      const int64_t base = p * block_size * d;  // (row, head) offset inside every block
+      const int64_t base = p * block_size * 2 * d;  // (row, head) offset inside every block
       const float* q = query + p * group * d;
-      auto key_at = [&](int64_t j) { return key_blocks[idx[j] / block_size] + base + (idx[j] % block_size) * d; };
-      auto value_at = [&](int64_t j) { return value_blocks[idx[j] / block_size] + base + (idx[j] % block_size) * d; };
+      auto key_at = [&](int64_t j) { return blocks[idx[j] / block_size] + base + (idx[j] % block_size) * 2 * d; };
+      auto value_at = [&](int64_t j) { return key_at(j) + d; };
 
       float* m = maxes.data() + t * group;
       for (int64_t g = 0; g < group; ++g) m[g] = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
-        if (j + kPrefetch < n) prefetch_row(key_at(j + kPrefetch), row_bytes);
+        if (j + kPrefetch < n) prefetch_row(key_at(j + kPrefetch), 2 * row_bytes);  // its value too: read next
         float* s = logits.data() + j * group;
         if constexpr (G > 0) {
           if (tiled) scores_tiled<G>(q, key_at(j), d, scaling, s);
@@ -191,10 +190,7 @@ void run(const float* query, const std::vector<const T*>& key_blocks, const std:
       std::fill(l, l + group, 0.f);
       if constexpr (G > 0) {
         if (tiled) {
-          for (int64_t j = 0; j < n; ++j) {  // the chunk's value rows (~64 KiB) requested at once, then reused
-            value_rows[j] = value_at(j);
-            prefetch_row(value_rows[j], row_bytes);
-          }
+          for (int64_t j = 0; j < n; ++j) value_rows[j] = value_at(j);  // fetched with their keys
           weights_tiled<G>(logits.data(), n, m, l);
           values_tiled<G>(value_rows.data(), logits.data(), n, d, a);
         }
@@ -208,7 +204,6 @@ void run(const float* query, const std::vector<const T*>& key_blocks, const std:
           }
         }
         for (int64_t j = 0; j < n; ++j) {
-          if (j + kPrefetch < n) prefetch_row(value_at(j + kPrefetch), row_bytes);
           load_row(value_at(j), row.data(), d);
           for (int64_t g = 0; g < group; ++g) {
             const float w = logits[j * group + g];
@@ -249,29 +244,27 @@ void run(const float* query, const std::vector<const T*>& key_blocks, const std:
 
 }  // namespace
 
-std::vector<torch::Tensor> sparse_attention(torch::Tensor query, std::vector<torch::Tensor> key_blocks,
-                                            std::vector<torch::Tensor> value_blocks, torch::Tensor indices,
-                                            torch::Tensor counts, double scaling) {
+std::vector<torch::Tensor> sparse_attention(torch::Tensor query, std::vector<torch::Tensor> blocks,
+                                            torch::Tensor indices, torch::Tensor counts, double scaling) {
   TORCH_CHECK(query.dtype() == torch::kFloat32 && query.is_contiguous(), "query must be contiguous float32");
   TORCH_CHECK(indices.dtype() == torch::kInt32 && indices.is_contiguous(), "indices must be contiguous int32");
   TORCH_CHECK(counts.dtype() == torch::kInt32 && counts.is_contiguous(), "counts must be contiguous int32");
-  TORCH_CHECK(!key_blocks.empty() && key_blocks.size() == value_blocks.size(), "need matching key/value blocks");
-  const auto batch = key_blocks[0].size(0), heads = key_blocks[0].size(1), block_size = key_blocks[0].size(2),
-             d = key_blocks[0].size(3);
+  TORCH_CHECK(!blocks.empty() && blocks[0].dim() == 5 && blocks[0].size(3) == 2, "blocks must be [B, H, n, 2, D]");
+  const auto batch = blocks[0].size(0), heads = blocks[0].size(1), block_size = blocks[0].size(2),
+             d = blocks[0].size(4);
   const auto group = query.size(1) / heads, width = indices.size(2);
   TORCH_CHECK(query.size(0) == batch && query.size(1) == heads * group && query.size(2) == d, "query shape");
   TORCH_CHECK(indices.size(0) == batch && indices.size(1) == heads && counts.numel() == batch * heads, "index shape");
   auto out = torch::empty({batch, heads * group, d}, query.options());
   auto lse = torch::empty({batch, heads * group}, query.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key_blocks[0].scalar_type(), "sparse_attention", [&] {
-    std::vector<const scalar_t*> kp, vp;
-    for (size_t i = 0; i < key_blocks.size(); ++i) {
-      TORCH_CHECK(key_blocks[i].is_contiguous() && value_blocks[i].is_contiguous(), "blocks must be contiguous");
-      kp.push_back(key_blocks[i].data_ptr<scalar_t>());
-      vp.push_back(value_blocks[i].data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, blocks[0].scalar_type(), "sparse_attention", [&] {
+    std::vector<const scalar_t*> bp;
+    for (const auto& block : blocks) {
+      TORCH_CHECK(block.is_contiguous(), "blocks must be contiguous");
+      bp.push_back(block.data_ptr<scalar_t>());
     }
     auto go = [&](auto fixed) {
-      run<scalar_t, decltype(fixed)::value>(query.data_ptr<float>(), kp, vp, indices.data_ptr<int32_t>(),
+      run<scalar_t, decltype(fixed)::value>(query.data_ptr<float>(), bp, indices.data_ptr<int32_t>(),
                                              counts.data_ptr<int32_t>(), batch, heads, group, d, width, block_size,
                                              static_cast<float>(scaling), out.data_ptr<float>(), lse.data_ptr<float>());
     };
