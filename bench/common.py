@@ -93,13 +93,14 @@ def cuda_time(fn, reps: int = 20) -> float:
 
 def wall_time(fn, reps: int = 5) -> float:
     """Median wall seconds per call (after a warm-up call), syncing the GPU if one is used."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     fn()
     times = []
     for _ in range(reps):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 

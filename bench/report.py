@@ -88,9 +88,10 @@ def budget_table(cells: dict[str, str], title: str) -> str:
     return "\n".join(out)
 
 
-def fidelity_table(rows: list[dict]) -> str:
-    """Perplexity and fidelity of full attention, sinks + window and the 3% methods (other budgets: budget_table)."""
-    rows = [r for r in rows if line(r["method"]) is None or line(r["method"])[1] == 0.03]
+def fidelity_table(rows: list[dict], every_budget: bool = False) -> str:
+    """Perplexity and fidelity of full attention, sinks + window and the 3% methods (other budgets: budget_table;
+    ``every_budget``: the rows of every budget, for a comparison across budgets)."""
+    rows = [r for r in rows if every_budget or line(r["method"]) is None or line(r["method"])[1] == 0.03]
     out = ["| length | method | perplexity | recall of exact top-K | attention mass | output error | attended |",
            "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["length"], r["method"] != "full", r.get("mass", 0))):
@@ -337,6 +338,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "fidelity-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_table(f[0]["perplexity"])),
     "fidelity-rerank-cpu": Block(("evaluation/2026-12-02-34c170a-cpu.json",),
                                  lambda f: fidelity_table(f[0]["perplexity"])),
+    "rerank-vs-rows-cpu": Block(("evaluation/2026-12-04-9c09a3b-cpu.json",),
+                                lambda f: fidelity_table(f[0]["perplexity"], every_budget=True)),
     "cuda-check-h100": Block((CUDA_CHECK_H100,), lambda f: table(cuda_check_rows(f[0]), CUDA_CHECK)),
     "kernels-topk": Block((KERNELS,), lambda f: table(f[0]["topk"], TOPK)),
     "kernels-cpu-attention": Block((KERNELS,), lambda f: table(f[0]["cpu_attention"], CPU_ATTENTION)),
