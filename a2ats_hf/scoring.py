@@ -1,5 +1,5 @@
-"""How a decode step scores the far tokens before the top-K: A2ATS's windowed-RoPE lookup table, and the
-baselines the evaluation suite compares it with, behind one interface.
+"""How a decode step scores the far tokens before the top-K: A2ATS's lookup tables (distance-bucketed, the default,
+and the paper's windowed RoPE), and the baselines the evaluation suite compares them with, behind one interface.
 
 Every scorer returns a score table ``lut`` [B, Hq, M] (or, under the per-KV-head rule, the KV group's summed
 [B, Hkv, M]) and each stored token's entry in it ``codes`` [B, Hkv, N]

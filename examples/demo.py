@@ -45,7 +45,7 @@ def main() -> None:
     print(f"\nA2ATS attended {cache.stats.attended_fraction:.1%} of past tokens per step "
           f"(sinks + window + {cache.stats.far_fraction:.1%} of far tokens per KV head).")
     print(f"Cache: {memory['device_bytes'] / 2**20:.2f} MiB on the model's device, {device} "
-          "(codes, their histogram, sinks, window), "
+          "(codes, the distance scorer's columns and their histogram, sinks, window), "
           f"{memory['cpu_bytes'] / 2**20:.1f} MiB on the CPU (full K/V, allocated in blocks); "
           f"a full KV cache there would hold {full_kv / 2**20:.1f} MiB.")
 
