@@ -4,11 +4,12 @@ DeviceKVStore's buffer); gather and to_tensors equal indexing the whole K/V."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from a2ats_hf.store import BLOCK_SIZE, DeviceKVStore, KVStore
+from a2ats_hf.store import BLOCK_SIZE, HUGE_PAGE, DeviceKVStore, KVStore, advise_huge_pages
 
 STORES = {
     "cpu-blocks": lambda: KVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, block_size=5),
@@ -107,3 +108,13 @@ def test_stores_share_one_interface(kind):
     names = [n for n in dir(Store) if not n.startswith("_")] + list(Store.__annotations__)
     assert all(hasattr(store, name) for name in names), [n for n in names if not hasattr(store, n)]
     assert store.resident == (kind == "device-buffer")
+
+
+def test_huge_page_advice_covers_whole_huge_pages():
+    """Memory spanning whole 2 MiB pages is advised where Linux offers transparent huge pages (not "never"); a
+    tensor within one page has nothing to advise."""
+    assert advise_huge_pages(torch.empty(16)) is False
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this machine")
+    assert advise_huge_pages(torch.empty(3 * HUGE_PAGE, dtype=torch.uint8))
