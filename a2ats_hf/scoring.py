@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from .store import Store
 
 
+def group_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Each KV group's queries [B, Hq, D] summed, [B, Hkv, D] float32: the group's summed q . k, what the per-KV-head
+    budget rule ranks by, is the summed query's q . k."""
+    b, hq, d = query.shape
+    return query.float().view(b, kv_heads, hq // kv_heads, d).sum(2)
+
+
 @dataclass(frozen=True)
 class ScoreInputs:
     """What a scorer reads of one layer's decode step, handed to it whole (the layer builds it:
@@ -65,12 +72,9 @@ class ScoreInputs:
 
     def table_query(self) -> torch.Tensor:
         """The query a lookup-table scorer turns: ``query``, or under the per-KV-head ``budget`` rule the KV group's
-        queries summed, [B, Hkv, D] float32 (the group's summed q . k is the summed query's, so the table, its
-        products and the top-K's sum over the group shrink by the group's size)."""
-        if self.budget != "kv_head":
-            return self.query
-        b, hq, d = self.query.shape
-        return self.query.float().view(b, self.codes.shape[1], -1, d).sum(2)
+        queries summed (:func:`group_query`: the table, its products and the top-K's sum over the group shrink by
+        the group's size)."""
+        return group_query(self.query, self.codes.shape[1]) if self.budget == "kv_head" else self.query
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import kernels
+from .scoring import group_query
 from .store import BLOCK_SIZE
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ def rerank_exact(
     position is its code); fixed shapes and no host sync, so a captured step can run it."""
     b, hkv, c = indices.shape
     if budget == "kv_head":
-        query = query.float().view(b, hkv, -1, query.shape[-1]).sum(2)
+        query = group_query(query, hkv)
     lut = kernels.candidate_scores(query, keys, indices, counts)  # [B, Hq or Hkv, C], -inf past the counts
     positions = torch.arange(c, dtype=torch.int32, device=indices.device).expand(b, hkv, c)
     every = torch.ones(b, hkv, c, dtype=torch.int32, device=lut.device)  # each position: one candidate, its own code

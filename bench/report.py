@@ -365,7 +365,12 @@ def provenance(name: str, result: dict) -> str:
     return f"`bench/results/{name}` (commit {commit}, {env.get('gpu') or 'CPU'}, {versions})"
 
 
-def render(name: str, load: Callable[[str], dict] = lambda n: json.loads((RESULTS / n).read_text())) -> str:
+def load(name: str) -> dict:
+    """A results file, by its path under bench/results."""
+    return json.loads((RESULTS / name).read_text())
+
+
+def render(name: str, load: Callable[[str], dict] = load) -> str:
     """A block's generated table and, under it, the line naming its sources."""
     block = BLOCKS[name]
     files = [load(source) for source in block.sources]
@@ -478,12 +483,10 @@ def cost_accuracy_figure(suite: dict, throughput: dict, batch: int = 7) -> Path:
 
 def suite_figures() -> list[Path]:
     """The figures from the suite's summary and the fidelity runs (the CPU run's lengths take precedence)."""
-    suite = json.loads((RESULTS / SUITE).read_text())
-    part = json.loads((RESULTS / FIDELITY_CPU).read_text())
+    suite, part = load(SUITE), load(FIDELITY_CPU)
     fidelity = [{"device": part["device"], **r} for r in part["perplexity"]]
     covered = {r["length"] for r in fidelity}
     fidelity += [{"device": suite["device"], **r} for r in suite["perplexity"] if r["length"] not in covered]
-    load = lambda name: json.loads((RESULTS / name).read_text())  # noqa: E731
     return figures(suite, fidelity) + [cost_accuracy_figure(load(DEFAULTS), load(SCORING_COST))]
 
 
