@@ -311,8 +311,8 @@ class Block:
 
 
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
-DEFAULTS = "evaluation/2026-12-04-7c041a4-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200 (a partial run)
-SCORING_COST = "throughput/2026-12-04-7c041a4-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
+DEFAULTS = "evaluation/2026-12-04-b65488c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200 (a partial run)
+SCORING_COST = "throughput/2026-12-04-b65488c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
 FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
 H200 = tuple(f"throughput/2026-12-02-e01eae0-nvidia-h200{s}.json" for s in ("-3", "", "-2"))  # 128K x 7, x 1, 2K
 CUDA_CHECK_H100 = "cuda-check/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"
@@ -338,7 +338,7 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "fidelity-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_table(f[0]["perplexity"])),
     "fidelity-rerank-cpu": Block(("evaluation/2026-12-02-34c170a-cpu.json",),
                                  lambda f: fidelity_table(f[0]["perplexity"])),
-    "rerank-vs-rows-cpu": Block(("evaluation/2026-12-04-9c09a3b-cpu.json",),
+    "rerank-vs-rows-cpu": Block(("evaluation/2026-12-04-0eb368d-cpu.json",),
                                 lambda f: fidelity_table(f[0]["perplexity"], every_budget=True)),
     "cuda-check-h100": Block((CUDA_CHECK_H100,), lambda f: table(cuda_check_rows(f[0]), CUDA_CHECK)),
     "kernels-topk": Block((KERNELS,), lambda f: table(f[0]["topk"], TOPK)),
