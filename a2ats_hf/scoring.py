@@ -11,6 +11,7 @@ column per centroid; the exact oracle's and random selection's one per token; Qu
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,10 +71,11 @@ class ScoreInputs:
     def width(self) -> int:
         return self.codes.shape[-1]
 
+    @functools.cached_property
     def table_query(self) -> torch.Tensor:
-        """The query a lookup-table scorer turns: ``query``, or under the per-KV-head ``budget`` rule the KV group's
-        queries summed (:func:`group_query`: the table, its products and the top-K's sum over the group shrink by
-        the group's size)."""
+        """The query a lookup-table scorer turns and re-ranking scores with: ``query``, or under the per-KV-head
+        ``budget`` rule the KV group's queries summed (:func:`group_query`: the table, its products and the top-K's
+        sum over the group shrink by the group's size), computed once for both."""
         return group_query(self.query, self.codes.shape[1]) if self.budget == "kv_head" else self.query
 
 
@@ -154,7 +156,7 @@ class WindowedRoPE(Scorer):
     def scores(self, step):
         position = step.position.expand(step.query.shape[0], 1)
         rotation = step.rope.windowed_rotation(position, step.offset, step.query.device)
-        return kernels.rotated_lookup_table(step.table_query(), rotation, step.centroids), step.codes, step.histogram
+        return kernels.rotated_lookup_table(step.table_query, rotation, step.centroids), step.codes, step.histogram
 
 
 @dataclass
@@ -237,7 +239,7 @@ class DistanceBuckets(Scorer):
 
     def scores(self, step):
         cos, sin, bucket, starts = self.turns(step)
-        lut = kernels.rotated_lookup_table(step.table_query(), (cos, sin), step.centroids)  # [B, H, buckets * M]
+        lut = kernels.rotated_lookup_table(step.table_query, (cos, sin), step.centroids)  # [B, H, buckets * M]
         state = self.columns(step, bucket, starts, lut.shape[-1])
         return lut, state.buffer[:, :, : step.width], state.histogram[:, :, : lut.shape[-1]]
 
@@ -257,7 +259,7 @@ class PostRoPE(Scorer):
     reads_code_histogram = True
 
     def scores(self, step):
-        query = step.table_query()
+        query = step.table_query
         return lookup_table(query, step.centroids, query.shape[1] // step.codes.shape[1]), step.codes, step.histogram
 
 

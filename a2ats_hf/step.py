@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import kernels
-from .scoring import group_query
 from .store import BLOCK_SIZE
 
 if TYPE_CHECKING:
@@ -67,14 +66,16 @@ def bucket_width(tokens: int, capacity: int, bucket: int = BUCKET) -> int:
 class StepMasks:
     """What every layer of one decode pass shares (the same keys are valid, sinks and window, at every layer), so
     the first layer computes it: ``valid`` [B, N] keys the token may see, ``far`` [B, N] retrieval candidates
-    (``far_counts`` [B] of them per row), ``budget`` [B] tokens to retrieve per row, ``local_valid``
-    [B, sink + window] and ``totals`` [3] (far candidates, locally attended and past tokens, summed over rows) for
-    the cache's statistics."""
+    (``far_counts`` [B] of them per row), ``budget`` [B] tokens to retrieve per row, ``candidates`` [B] the
+    lookup table's picks per row where re-ranking keeps ``budget`` of them (R x budget, at most every far token;
+    ``budget`` itself without re-ranking), ``local_valid`` [B, sink + window] and ``totals`` [3] (far candidates,
+    locally attended and past tokens, summed over rows) for the cache's statistics."""
 
     valid: torch.Tensor
     far: torch.Tensor
     far_counts: torch.Tensor
     budget: torch.Tensor
+    candidates: torch.Tensor
     local_valid: torch.Tensor
     totals: torch.Tensor
 
@@ -94,7 +95,9 @@ def step_masks(layer: "A2ATSLayer", attention_mask: torch.Tensor | None) -> Step
         n_far = far.sum(-1)
         local_valid = layer.local_validity(valid)
         totals = torch.stack([n_far.sum(), local_valid.sum(), valid.sum()])
-        return StepMasks(valid, far, n_far, cache.budget_for(n_far), local_valid, totals)
+        budget, rerank = cache.budget_for(n_far), layer.config.rerank
+        candidates = budget if rerank == 1 else torch.minimum(budget * rerank, n_far)
+        return StepMasks(valid, far, n_far, budget, candidates, local_valid, totals)
 
     return cache.pass_memo(("masks", attention_mask, n, device), compute)
 
@@ -150,39 +153,51 @@ def _select(
     k_max = cache.budget_for(far_max)  # host-side: nothing waits
     if k_max == 0 or not cache.scorer.retrieves:
         return None
-    lut, codes, histogram = layer.scorer.scores(layer.score_inputs(query, position_ids, scaling, masks.far))
+    inputs = layer.score_inputs(query, position_ids, scaling, masks.far)
+    lut, codes, histogram = layer.scorer.scores(inputs)
     rerank, rule = layer.config.rerank if layer.store.resident else 1, layer.config.budget
     if rerank == 1:
         return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max)
-    wide = torch.minimum(masks.budget * rerank, masks.far_counts)
-    indices, counts = kernels.select_topk(lut, codes, masks.far, wide, rule, histogram=histogram,
+    indices, counts = kernels.select_topk(lut, codes, masks.far, masks.candidates, rule, histogram=histogram,
                                           k_max=min(k_max * rerank, far_max))
-    return rerank_exact(query, layer.store.keys, indices, counts, masks.budget, k_max, rule)
+    return rerank_exact(inputs.table_query, layer.store.keys, indices, counts, masks.budget, k_max, rule)
 
 
 def rerank_exact(
     query: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, k: torch.Tensor,
     k_max: int, budget: str = "query_head",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the top ``k`` [B] of each row's candidates by their exact ``q . k``: query [B, Hq, D], the stored keys
-    [B, Hkv, >= N, D] on the same device, candidates ``indices`` [B, Hkv, C] (ascending; the first ``counts``
+    """Keep the top ``k`` [B] of each row's candidates by their exact ``q . k``: query [B, Hq, D] (or, under the
+    per-KV-head rule, the group's summed query [B, Hkv, D]: the same ranking, one product per KV head), the stored
+    keys [B, Hkv, >= N, D] on the same device, candidates ``indices`` [B, Hkv, C] (ascending; the first ``counts``
     [B, Hkv] of each valid), ``k_max`` >= every k on the host. ``budget`` as :func:`a2ats_hf.kernels.select_topk`
-    reads it: each query head keeps its own top k and the KV group unites them, or the group's summed scores (the
-    summed query's) pick one top k. Returns (indices [B, Hkv, K'], counts [B, Hkv]) with select_topk's contract
-    (ascending token indices first, padding after; ties to the lower index). The candidates' exact scores come
-    from one kernel reading their key rows in place, and select_topk's kernel picks among them (a candidate's
-    position is its code); fixed shapes and no host sync, so a captured step can run it."""
+    reads it: each query head keeps its own top k and the KV group unites them, or the group's summed scores pick
+    one top k. Returns (indices [B, Hkv, K'], counts [B, Hkv]) with select_topk's contract (ascending token
+    indices first, padding after; ties to the lower index). The candidates' exact scores come from one kernel
+    reading their key rows in place, select_topk's kernel picks among them (a candidate's position is its code,
+    held by one candidate), and one more gathers the kept rows; fixed shapes and no host sync, so a captured step
+    can run it."""
     b, hkv, c = indices.shape
-    if budget == "kv_head":
-        query = group_query(query, hkv)
     lut = kernels.candidate_scores(query, keys, indices, counts)  # [B, Hq or Hkv, C], -inf past the counts
-    positions = torch.arange(c, dtype=torch.int32, device=indices.device).expand(b, hkv, c)
-    every = torch.ones(b, hkv, c, dtype=torch.int32, device=lut.device)  # each position: one candidate, its own code
-    chosen, chosen_counts = kernels.select_topk(lut, positions, every[:, 0].bool(), k, budget, histogram=every,
+    positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
+    chosen, chosen_counts = kernels.select_topk(lut, positions, every[:, 0], k, budget, histogram=ones,
                                                 k_max=min(k_max, c))
-    kept = (torch.arange(chosen.shape[-1], device=chosen.device) < chosen_counts[..., None]) & (
-        chosen < counts[..., None])  # a head with fewer candidates than k: its padding, last, is dropped
-    return indices.gather(-1, chosen.long()) * kept, kept.sum(-1)
+    return kernels.gather_chosen(indices, counts, chosen, chosen_counts)
+
+
+_POSITION_CODES: dict[torch.device, list[tuple[torch.Tensor, ...]]] = {}
+
+
+def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(0, 1, ..., c - 1 as int32; c int32 ones; c True) on ``device``: re-ranking's constant codes, histogram and
+    candidates, as views of buffers kept per device, so a step spends no kernel on them. A buffer outgrown is
+    kept too: a captured graph may still read it."""
+    held = _POSITION_CODES.setdefault(device, [])
+    if not held or held[-1][0].numel() < c:
+        size = max(c, 2 * held[-1][0].numel() if held else 1024)
+        ones = torch.ones(size, dtype=torch.int32, device=device)
+        held.append((torch.arange(size, dtype=torch.int32, device=device), ones, ones.bool()))
+    return tuple(t[:c] for t in held[-1])
 
 
 def _offloaded(

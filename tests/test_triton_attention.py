@@ -116,3 +116,24 @@ def test_candidate_scores_match_reference(b, h, hkv, d, stored, width, dtype):
     assert got.dtype == torch.float32 and got.shape == (b, h, width)
     assert torch.equal(got.cpu().isinf(), expected.isinf())
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("b, hkv, c, k", [(2, 3, 70, 33), (1, 2, 3000, 1500)], ids=["small", "two-blocks"])
+def test_gather_chosen_matches_reference(b, hkv, c, k):
+    """Re-ranking's kept rows: the candidates at ascending chosen positions, the chosen padding of a head with fewer
+    candidates than its budget dropped, 0 past each kept count."""
+    g = torch.Generator().manual_seed(c)
+    indices = torch.randint(1, 10**5, (b, hkv, c), generator=g, dtype=torch.int32)
+    counts = torch.randint(0, c + 1, (b, hkv), generator=g)
+    counts[0, 0], counts[-1, -1] = c, 5  # every candidate; fewer candidates than chosen
+    chosen_counts = torch.randint(0, k + 1, (b, hkv), generator=g)
+    chosen_counts[-1, -1] = k
+    chosen = torch.stack([torch.stack([torch.randperm(c, generator=g)[:k].sort().values for _ in range(hkv)])
+                          for _ in range(b)]).to(torch.int32)
+    chosen = torch.where(torch.arange(k) < chosen_counts[..., None], chosen, 0)
+    chosen[-1, -1] = torch.arange(k)  # a head's own candidates first, then its padding
+    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+    rows, kept = triton_attention.gather_chosen(to(indices), to(counts), to(chosen), to(chosen_counts))
+    expected_rows, expected_kept = reference.gather_chosen(indices, counts, chosen, chosen_counts)
+    assert torch.equal(kept.cpu(), expected_kept) and kept[-1, -1] == 5
+    assert torch.equal(rows.cpu(), expected_rows) and expected_rows[-1, -1, 5:].eq(0).all()

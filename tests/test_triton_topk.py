@@ -70,6 +70,21 @@ def test_wide_table_with_mostly_one_score():
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", k_max=2000)
 
 
+def test_wide_table_with_heavy_columns():
+    """Columns holding thousands of candidates (one more than 2^14, the digit count's int8 chunks carrying over
+    twice): the split select counts them exactly."""
+    g = torch.Generator().manual_seed(3)
+    m, n = 9000, 40000
+    lut = torch.randn(1, 2, m, generator=g)
+    codes = torch.randint(0, m, (1, 1, n), generator=g)
+    codes[..., : 2 * n // 3] = torch.randint(0, 3, (1, 1, 2 * n // 3), generator=g)  # three columns of ~9000
+    codes[..., : 20000] = 11  # and one of 20000
+    candidates = torch.ones(1, n, dtype=torch.bool)
+    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+    for k in (25000, 30000):
+        assert_same_selection(to(lut), to(codes.to(torch.int32)), to(candidates), to(torch.tensor([k])), "kv_head")
+
+
 def test_codes_view_histogram_and_k_bound():
     """A view of a longer code buffer, a given histogram and a host bound k_max give the same selection."""
     g = torch.Generator().manual_seed(1)

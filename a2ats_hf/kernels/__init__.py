@@ -42,12 +42,13 @@ class Backend:
     merge_attention: Callable
     select_topk: Callable
     candidate_scores: Callable
+    gather_chosen: Callable
 
 
 TORCH = Backend(reference.encode_keys, reference.rotated_lookup_table, reference.move_bucket_columns,
                 reference.write_token, reference.count_leaving, reference.attention_with_lse,
                 reference.local_and_far_attention, reference.merge_attention, reference.select_topk,
-                reference.candidate_scores)
+                reference.candidate_scores, reference.gather_chosen)
 
 
 @functools.cache
@@ -57,7 +58,7 @@ def _triton() -> Backend:
     return Backend(triton_codes.encode_keys, triton_codes.rotated_lookup_table, triton_codes.move_bucket_columns,
                    triton_step.write_token, triton_step.count_leaving, triton_attention.attention_with_lse,
                    triton_attention.attention_with_lse, triton_attention.merge_attention, triton_topk.select_topk,
-                   triton_attention.candidate_scores)
+                   triton_attention.candidate_scores, triton_attention.gather_chosen)
 
 
 def backend(device: torch.device) -> Backend:
@@ -176,6 +177,14 @@ def candidate_scores(
     return _on(query, "candidate_scores", query, keys, indices, counts)
 
 
+def gather_chosen(
+    indices: torch.Tensor, counts: torch.Tensor, chosen: torch.Tensor, chosen_counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-ranking's kept rows, the candidates at the chosen positions; see :func:`.reference.gather_chosen`. One
+    Triton launch on a GPU."""
+    return _on(indices, "gather_chosen", indices, counts, chosen, chosen_counts)
+
+
 def sparse_attention(
     query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,5 +212,5 @@ def select_topk(
 
 
 __all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram", "count_leaving",
-           "encode_keys", "merge_attention", "move_bucket_columns", "rotated_lookup_table", "select_topk",
-           "sparse_attention", "watching", "write_token"]
+           "encode_keys", "gather_chosen", "merge_attention", "move_bucket_columns", "rotated_lookup_table",
+           "select_topk", "sparse_attention", "watching", "write_token"]

@@ -210,6 +210,18 @@ def candidate_scores(
     return scores.masked_fill(~valid[:, :, None], float("-inf")).reshape(b, -1, c)
 
 
+def gather_chosen(
+    indices: torch.Tensor, counts: torch.Tensor, chosen: torch.Tensor, chosen_counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-ranking's kept rows: the candidates ``indices`` [B, Hkv, C] (the first ``counts`` [B, Hkv] valid) at the
+    positions ``chosen`` [B, Hkv, K] (ascending, the first ``chosen_counts`` valid), less the chosen positions past
+    ``counts`` (a head with fewer candidates than its budget also chose its padding, which scores -inf and so comes
+    last). Returns (rows [B, Hkv, K], 0 past each count; counts [B, Hkv] int32)."""
+    kept = torch.minimum(chosen_counts, counts).to(torch.int32)
+    valid = torch.arange(chosen.shape[-1], device=chosen.device) < kept[..., None]
+    return indices.gather(-1, chosen.long() * valid) * valid, kept
+
+
 def sparse_attention(
     query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

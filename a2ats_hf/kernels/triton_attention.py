@@ -224,3 +224,36 @@ def candidate_scores(
         BLOCK_C=CANDIDATE_BLOCK,
     )
     return out
+
+
+@triton.jit
+def _gather_chosen_kernel(idx_ptr, count_ptr, chosen_ptr, chosen_count_ptr, out_ptr, kept_ptr, c, k,
+                          BLOCK: tl.constexpr):
+    """Program (row-KV head pair, block of K): the chosen positions' candidate rows, 0 past the kept count."""
+    pair, block = tl.program_id(0), tl.program_id(1)
+    kept = tl.minimum(tl.load(chosen_count_ptr + pair), tl.load(count_ptr + pair))
+    j = block * BLOCK + tl.arange(0, BLOCK)
+    take = j < kept
+    position = tl.load(chosen_ptr + pair.to(tl.int64) * k + j, mask=take, other=0)
+    row = tl.load(idx_ptr + pair.to(tl.int64) * c + position, mask=take, other=0)
+    tl.store(out_ptr + pair.to(tl.int64) * k + j, row, mask=j < k)
+    if block == 0:
+        tl.store(kept_ptr + pair, kept)
+
+
+GATHER_BLOCK = 1024  # chosen positions per program of gather_chosen
+
+
+def gather_chosen(
+    indices: torch.Tensor, counts: torch.Tensor, chosen: torch.Tensor, chosen_counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`a2ats_hf.kernels.reference.gather_chosen`, in one launch."""
+    b, hkv, k = chosen.shape
+    indices, chosen = indices.contiguous(), chosen.contiguous()
+    out = torch.empty(b, hkv, k, dtype=indices.dtype, device=indices.device)
+    kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
+    _gather_chosen_kernel[(b * hkv, triton.cdiv(k, GATHER_BLOCK))](
+        indices, counts.to(torch.int32).contiguous(), chosen, chosen_counts.to(torch.int32).contiguous(), out, kept,
+        indices.shape[-1], k, BLOCK=GATHER_BLOCK,
+    )
+    return out, kept
