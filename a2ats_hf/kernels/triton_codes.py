@@ -101,8 +101,6 @@ def _encode_reduce_kernel(best_ptr, code_ptr, out_ptr, column_ptr, T, so_b, so_h
 ENCODE_PROGRAMS_PER_UNIT = 2  # the encoder's programs per multiprocessor (a decode step's few keys, split)
 ENCODE_WARPS = 8
 LUT_BLOCK_M = 64  # centroids per LUT program (at most; fewer where a tile would pass 32 KB)
-LUT_BLOCK_R = 32  # turned queries per tile of a LUT program, at most, over LUT_WARPS warps: the distance scorer's
-LUT_WARPS = 8  # 56 at b=7 as one tile over 4 warps took 40 us a launch (the rotation's [64, D] float32 tiles)
 
 
 @functools.cache
@@ -196,11 +194,11 @@ def rotated_lookup_table(
     lut = torch.empty(b, hq, turns * m, dtype=torch.float32, device=query.device)
     rows, d_pad = b * group * turns, max(16, triton.next_power_of_2(d))
     block_m = max(16, min(LUT_BLOCK_M, 8192 // d_pad))  # the centroid block and a tile of turned queries
-    block_r = max(16, min(LUT_BLOCK_R, block_m, triton.next_power_of_2(rows)))
+    block_r = max(16, min(block_m, triton.next_power_of_2(rows)))
     _lut_kernel[(hkv, triton.cdiv(m, block_m))](
         query, cos, sin, centroids, lut, m, turns, rows, query.stride(0), query.stride(1), *strides,
         HKV=hkv, G=group, D=d, D_PAD=d_pad, ROT=rot, BLOCK_R=block_r, BLOCK_M=block_m,
-        PRECISION=_dot_precision(query.device), num_stages=1, num_warps=LUT_WARPS,
+        PRECISION=_dot_precision(query.device), num_stages=1,
     )
     return lut
 

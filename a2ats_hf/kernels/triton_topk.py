@@ -27,7 +27,6 @@ from .reference import code_histogram
 WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
 SPLIT_COLUMNS = 4096  # columns per program of a split select
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
-DIGIT_BLOCK = 64  # columns per one-hot product of a split select's digit count
 
 
 @triton.jit
@@ -148,31 +147,23 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_s
                         BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
     digit picked (:func:`_split_state`), then the candidates of the split's columns whose key's leading digits
-    match the prefix counted by their next digit into the split's own counts. The counting is a product on the
-    tensor cores, one-hot digits [2^BITS, BLOCK_M] times the counts cut into 7-bit chunks [BLOCK_M, 16] (int8,
-    summed exactly in int32): atomic additions, which a head's many equal leading digits serialized, took ~14 us
-    a launch."""
+    match the prefix counted by their next digit, into the split's own counts (so the atomic additions of a head's
+    many equal digits spread over its splits)."""
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
     if ROUND > 0:
         prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, splits, rows, ROUND, HEADS, S_PAD, BITS)[0]
-    digits, chunk = tl.arange(0, 1 << BITS), tl.arange(0, 16)
-    low = 7 * tl.minimum(chunk, 3)  # the counts cut into 4 chunks of 7 bits: up to 28 bits
-    counted = tl.zeros([1 << BITS, 16], dtype=tl.int32)
+    own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * splits + split) * (1 << BITS)
     start = split * COLUMNS
     end = tl.minimum(start + COLUMNS, m)
     for m0 in range(start, end, BLOCK_M):
         count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
+        take = count > 0
         if ROUND > 0:
-            count = tl.where((key >> (shift + BITS)).to(tl.int64) == prefix, count, 0)
-        onehot = (digits[:, None] == ((key >> shift) & ((1 << BITS) - 1)).to(tl.int32)[None, :]).to(tl.int8)
-        chunks = tl.where(chunk[None, :] < 4, (count[:, None] >> low[None, :]) & 127, 0).to(tl.int8)
-        counted = tl.dot(onehot, chunks, counted, out_dtype=tl.int32)
-    weight = tl.where(chunk < 4, 1 << low, 0)
-    own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * splits + split) * (1 << BITS)
-    tl.store(own + digits, tl.sum(counted * weight[None, :], axis=1))
+            take &= (key >> (shift + BITS)).to(tl.int64) == prefix
+        tl.atomic_add(own + ((key >> shift) & ((1 << BITS) - 1)), count, mask=take)
 
 
 @triton.jit
@@ -209,10 +200,10 @@ def _thresholds(lut, histogram, k, need, classes, summary, group, g_pad):
     split = dict(S_PAD=triton.next_power_of_2(splits), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
                  **common)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
-    counted = torch.empty(rounds, rows, splits, 1 << RADIX_BITS, dtype=torch.int32, device=lut.device)
+    counted = torch.zeros(rounds, rows, splits, 1 << RADIX_BITS, dtype=torch.int32, device=lut.device)
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, m, histogram.stride(1), splits, rows,
-                                            ROUND=r, **{**split, "BLOCK_M": DIGIT_BLOCK})
+                                            ROUND=r, **split)
     _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, need, classes, summary, m, histogram.stride(1),
                                      splits, rows, G_PAD=g_pad, **split)
 
