@@ -42,7 +42,8 @@ HEADLINE = {  # the README's accuracy rows: method -> label
     "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
     "distance 0.03": 'A2ATS, distance buckets (`scoring="distance"`, the default)',
     "wrope 0.03": 'A2ATS, windowed RoPE (`scoring="wrope"`, the paper\'s)',
-    "wrope 0.03 (rerank 2)": "A2ATS, windowed RoPE, `rerank=2`",
+    "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2`",
+    "distance 0.03 (rerank 4)": "A2ATS, distance buckets, `rerank=4`",
     "quest 0.03": "Quest (16-token pages)", "window": "sinks + window only (StreamingLLM)"}
 
 
@@ -311,8 +312,8 @@ class Block:
 
 
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
-DEFAULTS = "evaluation/2026-12-04-b65488c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200 (a partial run)
-SCORING_COST = "throughput/2026-12-04-b65488c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
+DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
+SCORING_COST = "throughput/2026-12-04-00a485c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
 FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
 H200 = tuple(f"throughput/2026-12-02-e01eae0-nvidia-h200{s}.json" for s in ("-3", "", "-2"))  # 128K x 7, x 1, 2K
 CUDA_CHECK_H100 = "cuda-check/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"
@@ -454,6 +455,7 @@ COSTS = {  # an evaluated method -> its decode step in the throughput runs (the 
     "wrope 0.03": "A2ATS offload=none query_head graphs",
     "distance 0.03": "A2ATS offload=none query_head distance graphs",
     "distance 0.03 (rerank 2)": "A2ATS offload=none query_head distance rerank 2 graphs",
+    "distance 0.03 (rerank 4)": "A2ATS offload=none query_head distance rerank 4 graphs",
 }
 
 
