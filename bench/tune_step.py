@@ -3,7 +3,7 @@ weights) at 128K, A2ATS offload="none" in CUDA graphs, each setting changed alon
 value of each together; ms per step beside the defaults' (a kernel timed alone is bound by its Python launch, so
 only the captured step can rank them).
 
-    python -m bench.tune_step [--batch 1] [--budget kv_head]
+    python -m bench.tune_step [--batch 1] [--budget kv_head] [--scoring distance] [--settings COUNT_COPIES ...]
 
 (GPU only; writes bench/results/tune-step/<date>-<commit>-<gpu>.json after every row)
 """
@@ -24,7 +24,8 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_attention, "BLOCK_KEYS"): [16, 64], (triton_attention, "WARPS"): [2, 8],
     (triton_codes, "ENCODE_PROGRAMS_PER_UNIT"): [1, 4], (triton_codes, "ENCODE_WARPS"): [4],
     (triton_codes, "LUT_BLOCK_M"): [16, 32], (triton_topk, "SCAN_BLOCK"): [256, 1024],
-    (triton_topk, "THRESHOLD_WARPS"): [4, 16],
+    (triton_topk, "THRESHOLD_WARPS"): [4, 16], (triton_topk, "COUNT_COPIES"): [4, 16],
+    (triton_topk, "SPLIT_COLUMNS"): [1024, 2048],
 }
 
 
@@ -33,6 +34,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--budget", default="kv_head", choices=["kv_head", "query_head"])
+    parser.add_argument("--scoring", default="distance", choices=["distance", "wrope"])
+    parser.add_argument("--rerank", type=int, default=1)
+    parser.add_argument("--settings", nargs="+", choices=sorted(name for _, name in SETTINGS),
+                        help="try only these constants (default: all)")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -41,12 +46,13 @@ def main() -> None:
     model = build([0])
     model.set_attn_implementation("a2ats")
     books = random_codebooks(centroids=4096, config=model.config)
-    n, method = args.context, f"A2ATS offload=none {args.budget} graphs"
+    n, method = args.context, f"A2ATS offload=none {args.budget} {args.scoring} rerank {args.rerank} graphs"
+    settings = {key: values for key, values in SETTINGS.items() if not args.settings or key[1] in args.settings}
     results = {"environment": environment(), "context": n, "method": method, "rows": []}
 
     def step_ms(batch: int, label: str) -> float:
         make = lambda: A2ATSCache(books, topk=0.03, budget=args.budget, offload="none",  # noqa: E731
-                                  max_length=n + args.steps + 8)
+                                  scoring=args.scoring, rerank=args.rerank, max_length=n + args.steps + 8)
         ms = measure(model, method, make, batch, n, run_args)["step_ms"]
         release(model.device)  # the cache and its graphs' memory pool, before the next
         results["rows"].append({"batch": batch, "setting": label, "step_ms": ms})
@@ -57,7 +63,7 @@ def main() -> None:
     tuned, others = args.batch[0], args.batch[1:]
     best = {}
     default = step_ms(tuned, "defaults")
-    for (module, name), values in SETTINGS.items():
+    for (module, name), values in settings.items():
         original = getattr(module, name)
         times = {original: default}
         for value in values:

@@ -70,9 +70,11 @@ def test_wide_table_with_mostly_one_score():
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", k_max=2000)
 
 
-def test_wide_table_with_heavy_columns():
-    """Columns holding thousands of candidates (one more than 2^14, the digit count's int8 chunks carrying over
-    twice): the split select counts them exactly."""
+@pytest.mark.parametrize("copies", [1, 4])
+def test_wide_table_with_heavy_columns(copies, monkeypatch):
+    """Columns holding thousands of candidates (four of ~9000 to 20000): the split select counts them exactly,
+    into one set of digit counters per split or several."""
+    monkeypatch.setattr(triton_topk, "COUNT_COPIES", copies)
     g = torch.Generator().manual_seed(3)
     m, n = 9000, 40000
     lut = torch.randn(1, 2, m, generator=g)

@@ -27,6 +27,7 @@ from .reference import code_histogram
 WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
 SPLIT_COLUMNS = 4096  # columns per program of a split select
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
+COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 
 
 @triton.jit
@@ -110,13 +111,13 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
 
 
 @triton.jit
-def _pick_digit(bins_ptr, pid, splits, prefix, rest, S_PAD: tl.constexpr, BITS: tl.constexpr):
+def _pick_digit(bins_ptr, pid, sets, prefix, rest, S_PAD: tl.constexpr, BITS: tl.constexpr):
     """(prefix, rest) after a digit of a split select: the largest digit with at least ``rest`` candidates at or
-    above it among the head's counts of this round (summed over its splits; 0 where none has: every candidate is
-    then taken) appended to ``prefix``, and the candidates above it taken out of ``rest``."""
+    above it among the head's counts of this round (summed over its ``sets`` of counters; 0 where none has: every
+    candidate is then taken) appended to ``prefix``, and the candidates above it taken out of ``rest``."""
     s, d = tl.arange(0, S_PAD), tl.arange(0, 1 << BITS)
-    counts = tl.load(bins_ptr + (pid.to(tl.int64) * splits + s[:, None]) * (1 << BITS) + d[None, :],
-                     mask=(s < splits)[:, None], other=0)
+    counts = tl.load(bins_ptr + (pid.to(tl.int64) * sets + s[:, None]) * (1 << BITS) + d[None, :],
+                     mask=(s < sets)[:, None], other=0)
     counts = tl.sum(counts, axis=0).to(tl.int64)
     at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
     digit = tl.max(tl.where(at_or_above >= rest, d, 0), axis=0)
@@ -124,7 +125,7 @@ def _pick_digit(bins_ptr, pid, splits, prefix, rest, S_PAD: tl.constexpr, BITS: 
 
 
 @triton.jit
-def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, splits, rows, ROUND: tl.constexpr, HEADS: tl.constexpr,
+def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND: tl.constexpr, HEADS: tl.constexpr,
                  S_PAD: tl.constexpr, BITS: tl.constexpr):
     """(prefix, rest) after the digits of rounds before ROUND: the last of them picked here from its counts (each
     program of a launch picks it alike; split 0 keeps it in ``state`` for the next launch)."""
@@ -133,7 +134,7 @@ def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, splits, rows, ROUND: tl
     else:
         prefix = tl.load(state_ptr + 2 * ((ROUND - 2) * rows + pid))
         rest = tl.load(state_ptr + 2 * ((ROUND - 2) * rows + pid) + 1)
-    prefix, rest = _pick_digit(bins_ptr + (ROUND - 1) * rows * splits * (1 << BITS), pid, splits, prefix, rest, S_PAD,
+    prefix, rest = _pick_digit(bins_ptr + (ROUND - 1) * rows * sets * (1 << BITS), pid, sets, prefix, rest, S_PAD,
                                BITS)
     if split == 0:
         tl.store(state_ptr + 2 * ((ROUND - 1) * rows + pid), prefix)
@@ -142,20 +143,20 @@ def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, splits, rows, ROUND: tl
 
 
 @triton.jit
-def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_stride, splits, rows,
+def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_stride, sets, rows,
                         ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
-                        BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
+                        BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
     digit picked (:func:`_split_state`), then the candidates of the split's columns whose key's leading digits
-    match the prefix counted by their next digit, into the split's own counts (so the atomic additions of a head's
-    many equal digits spread over its splits)."""
+    match the prefix counted by their next digit, into the split's own COPIES sets of counts (column c into set
+    c % COPIES), so the atomic additions of a head's many equal digits spread over its splits and their sets."""
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
     if ROUND > 0:
-        prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, splits, rows, ROUND, HEADS, S_PAD, BITS)[0]
-    own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * splits + split) * (1 << BITS)
+        prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND, HEADS, S_PAD, BITS)[0]
+    own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * sets + split * COPIES) * (1 << BITS)
     start = split * COLUMNS
     end = tl.minimum(start + COLUMNS, m)
     for m0 in range(start, end, BLOCK_M):
@@ -163,12 +164,15 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_s
         take = count > 0
         if ROUND > 0:
             take &= (key >> (shift + BITS)).to(tl.int64) == prefix
-        tl.atomic_add(own + ((key >> shift) & ((1 << BITS) - 1)), count, mask=take)
+        counter = own + ((key >> shift) & ((1 << BITS) - 1))
+        if COPIES > 1:
+            counter += ((m0 + tl.arange(0, BLOCK_M)) % COPIES) * (1 << BITS)
+        tl.atomic_add(counter, count, mask=take)
 
 
 @triton.jit
 def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, need_ptr, class_ptr, summary_ptr, m, hist_stride,
-                     splits, rows, HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                     sets, rows, HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
                      BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table: the last digit picked, which completes the
     threshold key (the ties left to take written by split 0), then the split's columns classed against it
@@ -176,7 +180,7 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, need_ptr, cl
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
-    thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, splits, rows, 32 // BITS, HEADS, S_PAD, BITS)
+    thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, 32 // BITS, HEADS, S_PAD, BITS)
     if split == 0:
         tl.store(need_ptr + pid, rest.to(tl.int32))
     start = split * COLUMNS
@@ -188,7 +192,8 @@ def _thresholds(lut, histogram, k, need, classes, summary, group, g_pad):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
     program per head crossed in ~100 us) a split select, RADIX_BITS of the key a round, each round's candidates
-    counted by programs over SPLIT_COLUMNS columns, then the classes by programs as many."""
+    counted by programs over SPLIT_COLUMNS columns (into COUNT_COPIES sets of counters each), then the classes by
+    programs as many."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group)
     block_m = min(max(triton.next_power_of_2(m), 16), 2048)
@@ -197,15 +202,16 @@ def _thresholds(lut, histogram, k, need, classes, summary, group, g_pad):
                                    BLOCK_M=block_m, num_warps=THRESHOLD_WARPS, **common)
         return
     splits, rounds = triton.cdiv(m, SPLIT_COLUMNS), 32 // RADIX_BITS
-    split = dict(S_PAD=triton.next_power_of_2(splits), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
+    sets = splits * COUNT_COPIES
+    split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
                  **common)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
-    counted = torch.zeros(rounds, rows, splits, 1 << RADIX_BITS, dtype=torch.int32, device=lut.device)
+    counted = torch.zeros(rounds, rows, sets, 1 << RADIX_BITS, dtype=torch.int32, device=lut.device)
     for r in range(rounds):
-        _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, m, histogram.stride(1), splits, rows,
-                                            ROUND=r, **split)
+        _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, m, histogram.stride(1), sets, rows,
+                                            ROUND=r, COPIES=COUNT_COPIES, **split)
     _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, need, classes, summary, m, histogram.stride(1),
-                                     splits, rows, G_PAD=g_pad, **split)
+                                     sets, rows, G_PAD=g_pad, **split)
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
