@@ -72,15 +72,15 @@ def test_wide_table_with_mostly_one_score():
 
 @pytest.mark.parametrize("copies", [1, 4])
 def test_wide_table_with_heavy_columns(copies, monkeypatch):
-    """Columns holding thousands of candidates (four of ~9000 to 20000): the split select counts them exactly,
+    """Columns holding thousands of candidates (one of 20000, three of ~2200): the split select counts them exactly,
     into one set of digit counters per split or several."""
     monkeypatch.setattr(triton_topk, "COUNT_COPIES", copies)
     g = torch.Generator().manual_seed(3)
     m, n = 9000, 40000
     lut = torch.randn(1, 2, m, generator=g)
     codes = torch.randint(0, m, (1, 1, n), generator=g)
-    codes[..., : 2 * n // 3] = torch.randint(0, 3, (1, 1, 2 * n // 3), generator=g)  # three columns of ~9000
-    codes[..., : 20000] = 11  # and one of 20000
+    codes[..., : 2 * n // 3] = torch.randint(0, 3, (1, 1, 2 * n // 3), generator=g)
+    codes[..., :20000] = 11  # column 11: 20000 candidates; columns 0-2: the other ~6700
     candidates = torch.ones(1, n, dtype=torch.bool)
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
     for k in (25000, 30000):
