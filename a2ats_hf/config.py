@@ -46,8 +46,7 @@ class A2ATSConfig:
         if self.gpu_kv_budget is not None and (self.offload != "auto" or self.gpu_kv_budget < 0):
             raise ValueError(f'gpu_kv_budget must be a number of bytes >= 0 with offload="auto", got '
                              f"{self.gpu_kv_budget!r} with offload={self.offload!r}")
-        if isinstance(self.dense_below, bool) or not isinstance(self.dense_below, int) or self.dense_below < 0:
-            raise ValueError(f"dense_below must be an int >= 0 (tokens), got {self.dense_below!r}")
+        check_int("dense_below", self.dense_below, 0)
         check_int("rerank", self.rerank, 1)
         if self.rerank > 1 and self.offload == "cpu":
             raise ValueError(f'rerank={self.rerank} re-ranks by the keys on the device: it needs offload="none" or '

@@ -23,7 +23,7 @@ def test_bad_topk_is_rejected(tiny, topk):
 
 @pytest.mark.parametrize("kwargs", [{"budget": "layer"}, {"window": 0}, {"sink": -1}, {"offload": "disk"},
                                     {"gpu_kv_budget": 2**30}, {"offload": "auto", "gpu_kv_budget": -1},
-                                    {"dense_below": -1}, {"dense_below": 0.5}])
+                                    {"dense_below": -1}])
 def test_bad_options_are_rejected(tiny, kwargs):
     """Unknown budget rules or offload modes, an empty window, negative sinks, a device budget without
     offload="auto" or below zero, a dense threshold that is not a token count are refused."""
@@ -32,7 +32,7 @@ def test_bad_options_are_rejected(tiny, kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [{"window": 2.5}, {"window": "64"}, {"window": True}, {"sink": "4"},
-                                    {"max_length": "foo"}, {"max_length": 0}, {"sink": 1.0}])
+                                    {"max_length": "foo"}, {"max_length": 0}, {"sink": 1.0}, {"dense_below": 0.5}])
 def test_option_types_are_checked_where_given(tiny, kwargs):
     """Windows, sinks and lengths that are not ints in range are refused by the constructor, naming the option
     (they failed inside torch at the first forward)."""
