@@ -188,25 +188,39 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, need_ptr, cl
               tl.minimum(start + COLUMNS, m), m, GROUP, G_PAD, BLOCK_M)
 
 
-def _thresholds(lut, histogram, k, need, classes, summary, group, g_pad):
+def _split_shape(m: int) -> tuple[int, int, int] | None:
+    """(splits, sets of counters, rounds) of a split select over a table of ``m`` columns; None for a narrow table
+    (one program per head)."""
+    if m < WIDE_TABLE:
+        return None
+    splits = triton.cdiv(m, SPLIT_COLUMNS)
+    return splits, splits * COUNT_COPIES, 32 // RADIX_BITS
+
+
+def _counters(m: int, rows: int) -> int:
+    """The zeroed int32 digit counters a split select needs (0 for a narrow table)."""
+    shape = _split_shape(m)
+    return 0 if shape is None else shape[2] * rows * shape[1] << RADIX_BITS
+
+
+def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
     program per head crossed in ~100 us) a split select, RADIX_BITS of the key a round, each round's candidates
-    counted by programs over SPLIT_COLUMNS columns (into COUNT_COPIES sets of counters each), then the classes by
-    programs as many."""
+    counted by programs over SPLIT_COLUMNS columns (into COUNT_COPIES sets of ``counted``'s zeroed counters each),
+    then the classes by programs as many."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group)
     block_m = min(max(triton.next_power_of_2(m), 16), 2048)
-    if m < WIDE_TABLE:
+    shape = _split_shape(m)
+    if shape is None:
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
                                    BLOCK_M=block_m, num_warps=THRESHOLD_WARPS, **common)
         return
-    splits, rounds = triton.cdiv(m, SPLIT_COLUMNS), 32 // RADIX_BITS
-    sets = splits * COUNT_COPIES
+    splits, sets, rounds = shape
     split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
                  **common)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
-    counted = torch.zeros(rounds, rows, sets, 1 << RADIX_BITS, dtype=torch.int32, device=lut.device)
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, m, histogram.stride(1), sets, rows,
                                             ROUND=r, COPIES=COUNT_COPIES, **split)
@@ -337,9 +351,10 @@ def select_topk(
     if k_max is None:
         k_max = int(k.max()) if k.numel() else 0
     width = max(1, min(group * k_max, n))
-    words = triton.cdiv(m, 16)  # the summary's int32 words per pair; zeroed with the indices in one fill
-    zeroed = torch.zeros(b * hkv * (width + words), dtype=torch.int32, device=codes.device)
-    indices, summary = zeroed[: b * hkv * width].view(b, hkv, width), zeroed[b * hkv * width :].view(b * hkv, words)
+    words = triton.cdiv(m, 16)  # the summary's int32 words per pair
+    sizes = [b * hkv * width, b * hkv * words, _counters(m, lut.shape[0] * lut.shape[1])]  # zeroed in one fill
+    indices, summary, counted = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
+    indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
@@ -351,7 +366,7 @@ def select_topk(
     histogram = histogram.to(torch.int32)
     if histogram.stride(-1) != 1 or histogram.stride(0) != hkv * histogram.stride(1):  # rows of one stride
         histogram = histogram.contiguous()
-    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, group, g_pad)
+    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
