@@ -59,12 +59,14 @@ def at_length(table: dict[str, float], length: int) -> dict[str, float]:
 
 
 def line(method: str) -> tuple[str, float] | None:
-    """(line label, topk) of a method on the budget curves (no ablation tags; the two budget rules apart)."""
+    """(line label, topk) of a method on the budget curves (no ablation tags; the two budget rules and each
+    re-ranking factor apart)."""
     parsed = parse(method)
-    if not parsed or parsed[2] not in ("", "kv_head"):
+    tags = parsed[2].split(", ") if parsed and parsed[2] else []
+    if not parsed or any(t != "kv_head" and not re.fullmatch(r"rerank \d+", t) for t in tags):
         return None
-    scoring, topk, tags = parsed
-    return LABELS.get(scoring, scoring) + (", per KV head" if tags else ""), topk
+    label = LABELS.get(parsed[0], parsed[0]) + (", per KV head" if "kv_head" in tags else "")
+    return label + "".join(f", rerank={t.split()[1]}" for t in tags if t.startswith("rerank")), parsed[1]
 
 
 def curves(values: dict[str, float]) -> dict[str, list[tuple[float, float]]]:
