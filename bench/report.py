@@ -416,9 +416,13 @@ def short(device: str) -> str:
 
 
 def save(fig, ax, name: str) -> Path:
-    """Write ``fig`` into docs/figures with ``ax``'s legend below the panels (where it hides no line)."""
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1 if len(fig.axes) <= 2 else 0.05, 1, 1))
+    """Write ``fig`` into docs/figures with ``ax``'s legend below the panels (where it hides no line; none for
+    ``ax`` None, where the points carry their labels)."""
+    if ax is None:
+        fig.tight_layout()
+    else:
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.1 if len(fig.axes) <= 2 else 0.05, 1, 1))
     fig.savefig(FIGURES / name, dpi=150)
     plt.close(fig)
     return FIGURES / name
@@ -479,10 +483,7 @@ def cost_accuracy_figure(suite: dict, throughput: dict, batch: int = 7) -> Path:
         ax.set_ylabel("RULER-style score / full attention's")
         ax.set_title(f"SmolLM2-135M, {length // 1024}K prompts, 3%", fontsize=9)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(FIGURES / "cost-accuracy.png", dpi=150)
-    plt.close(fig)
-    return FIGURES / "cost-accuracy.png"
+    return save(fig, None, "cost-accuracy.png")
 
 
 def suite_figures() -> list[Path]:
