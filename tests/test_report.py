@@ -92,3 +92,12 @@ def test_column_tables_sum_the_profile_and_mark_what_a_run_lacks():
         "| 2 | 64K | A2ATS | 213 | 4.7 | 5.0 s | 18.0 / 20.3 GiB | - |",
         "| 1 | 64K | A2ATS | 213 | 4.7 | 5.0 s | 31.4 GiB | 8.5 GiB |"]
     assert [report.margin(m) for m in (None, 0.0, 0.03125)] == ["-", "0.00 (a tie)", "0.03"]
+
+
+def test_budget_table_keeps_each_rule_and_reranking_factor_apart_and_drops_ablations():
+    cells = {"distance 0.01": "a", "distance 0.05": "b", "distance 0.01 (rerank 4)": "c",
+             "wrope 0.05 (kv_head, rerank 2)": "d", "wrope 0.05 (1024 centroids)": "e", "full": "f"}
+    lines = report.budget_table(cells, "4K").splitlines()
+    assert lines[0] == "| 4K | 1% | 5% |"
+    assert lines[2:] == ["| A2ATS, distance buckets | a | b |", "| A2ATS, distance buckets, rerank=4 | c | - |",
+                         "| A2ATS (windowed RoPE), per KV head, rerank=2 | - | d |"]
