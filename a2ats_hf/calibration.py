@@ -141,7 +141,7 @@ class _Collector:
         and scaled by the square root of the bucket's :meth:`bucket_mass`, so their second moment weighs the
         buckets as attention does."""
         t = key.shape[2]
-        cos, sin, bucket = bucket_turns(self.rope, t - 1, position_ids, self.window, device=key.device)
+        cos, sin, bucket, _ = bucket_turns(self.rope, t - 1, position_ids, self.window, device=key.device)
         weight = self.bucket_mass(query, key, bucket)
         unrotated = self.rope.invert(query, position_ids)[0]  # [Hq, T, D]
         turned = apply_rope(unrotated[:, None], cos[0, :, :, None], sin[0, :, :, None])  # [Hq, buckets, T, D]

@@ -153,12 +153,12 @@ def distance_buckets(distance: torch.Tensor, window: int, per_octave: int) -> to
 
 def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: int, per_octave: int = 1,
                  rotation: str = "mean", device: torch.device | None = None, length: torch.Tensor | None = None):
-    """(cos, sin [B, 1, buckets, D'], bucket of each distance 0..``longest`` [longest + 1]) on ``device`` (default:
-    ``position_ids``'): the rotation standing for each distance bucket, the mean of its distances' rotations or the
-    rotation to its geometric centre. The bucket count comes from ``longest`` on the host, so nothing waits on the
-    device. With ``length`` [1] or [B] (each row's real tokens: a capture-ready step's length on the device, less a
-    left-padded row's padding), only distances below it count, and a bucket none of them reaches gets a zero
-    rotation.
+    """(cos, sin [B, 1, buckets, D'], bucket of each distance 0..``longest`` [longest + 1], the first distance of
+    buckets 1, 2, ... [buckets - 1]) on ``device`` (default: ``position_ids``'): the rotation standing for each
+    distance bucket, the mean of its distances' rotations or the rotation to its geometric centre. The bucket count
+    comes from ``longest`` on the host, so nothing waits on the device. With ``length`` [1] or [B] (each row's real
+    tokens: a capture-ready step's length on the device, less a left-padded row's padding), only distances below it
+    count, and a bucket none of them reaches gets a zero rotation.
 
     The mean over a bucket's n distances a, ..., a + n - 1 of the rotation by d * theta (per frequency theta) has a
     closed form, the rotation to the bucket's middle scaled by sin(n theta / 2) / (n sin(theta / 2)): the cost is
@@ -167,8 +167,8 @@ def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: i
     distance = torch.arange(longest + 1, device=device)
     count = int(distance_buckets(torch.tensor([longest]), window, per_octave)) + 1
     bucket = distance_buckets(distance, window, per_octave).clamp(max=count - 1)
+    starts = torch.searchsorted(bucket, torch.arange(count + 1, device=device))  # bucket k: starts[k] on
     if rotation == "mean":
-        starts = torch.searchsorted(bucket, torch.arange(count + 1, device=device))  # bucket k: starts[k] on
         end = starts[1:] if length is None else torch.minimum(starts[1:], length[:, None])  # below the length count
         low = starts[:-1, None].double()  # [buckets, 1]
         n = (end - starts[:-1]).clamp(min=0).double().view(-1, 1, count, 1)  # [1 or B, 1, buckets, 1]
@@ -185,4 +185,4 @@ def bucket_turns(rope: RoPE, longest: int, position_ids: torch.Tensor, window: i
         if length is not None:
             center = torch.minimum(center, length[:, None] - 1)  # [1 or B, buckets]
         cos, sin = rope.turns(center, position_ids)
-    return cos, sin, bucket
+    return cos, sin, bucket, starts[1:-1]

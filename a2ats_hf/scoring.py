@@ -205,10 +205,10 @@ class DistanceBuckets(Scorer):
                 length = length - step.first_token
             elif not isinstance(length, torch.Tensor):
                 length = None  # every distance of the step counts
-            cos, sin, bucket = bucket_turns(rope, width - 1, position, step.window, self.per_octave, self.rotation,
-                                            device, length)
+            cos, sin, bucket, starts = bucket_turns(rope, width - 1, position, step.window, self.per_octave,
+                                                    self.rotation, device, length)
             cos, sin = compose(rope.inverse_rotation(position, device), (cos, sin))  # un-rotate, then turn
-            return cos, sin, bucket, torch.searchsorted(bucket, torch.arange(1, cos.shape[2], device=device))
+            return cos, sin, bucket, starts
 
         return step.memo(("distance", self.per_octave, self.rotation, width, position, step.far, device), compute)
 

@@ -99,7 +99,8 @@ def test_bucket_mean_rotation_is_the_mean_of_its_distances_rotations(longest, pe
     rope = RoPE.for_attention(tiny_model(max_position_embeddings=70000).model.layers[0].self_attn)
     positions = torch.tensor([[longest], [longest + 7]])
     limit = None if length is None else torch.tensor([length])
-    cos, sin, bucket = bucket_turns(rope, longest, positions, 16, per_octave, length=limit)
+    cos, sin, bucket, starts = bucket_turns(rope, longest, positions, 16, per_octave, length=limit)
+    assert starts.tolist() == [int((bucket == k).nonzero()[0]) for k in range(1, cos.shape[2])]
     distance = torch.arange(longest + 1)
     weight = (distance < (length or longest + 1)).float()
     each = [t * weight[:, None] for t in rope.turns(distance, positions)]  # [2, 1, N, D'] each
