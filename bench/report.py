@@ -91,6 +91,13 @@ def budget_table(cells: dict[str, str], title: str) -> str:
     return "\n".join(out)
 
 
+def budgets_at_defaults(sweep: dict, earlier: dict) -> str:
+    """The 4K budget table of a sweep at the library's defaults, with the 3% rows of an earlier run over the same
+    windows."""
+    at_3 = [r for r in earlier["perplexity"] if (line(r["method"]) or (None, None))[1] == 0.03]
+    return fidelity_budget_table(sweep["perplexity"] + at_3, 4096)
+
+
 def fidelity_table(rows: list[dict], every_budget: bool = False) -> str:
     """Perplexity and fidelity of full attention, sinks + window and the 3% methods (other budgets: budget_table;
     ``every_budget``: the rows of every budget, for a comparison across budgets)."""
@@ -339,6 +346,9 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "fidelity-budgets-8k": Block((SUITE,), lambda f: fidelity_budget_table(f[0]["perplexity"], 8192)),
     "fidelity-budgets-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_budget_table(f[0]["perplexity"], 4096)),
     "fidelity-cpu": Block((FIDELITY_CPU,), lambda f: fidelity_table(f[0]["perplexity"])),
+    "fidelity-budgets-defaults-cpu": Block(("evaluation/2026-12-04-01098b8-cpu.json",
+                                            "evaluation/2026-12-04-0eb368d-cpu.json"),
+                                           lambda f: budgets_at_defaults(*f)),
     "fidelity-rerank-cpu": Block(("evaluation/2026-12-02-34c170a-cpu.json",),
                                  lambda f: fidelity_table(f[0]["perplexity"])),
     "rerank-vs-rows-cpu": Block(("evaluation/2026-12-04-0eb368d-cpu.json",),
