@@ -69,6 +69,12 @@ def line(method: str) -> tuple[str, float] | None:
     return label + "".join(f", rerank={t.split()[1]}" for t in tags if t.startswith("rerank")), parsed[1]
 
 
+def budget_of(method: str) -> float | None:
+    """The budget of a method on the budget curves, None for full attention, sinks + window and the ablations."""
+    found = line(method)
+    return None if found is None else found[1]
+
+
 def curves(values: dict[str, float]) -> dict[str, list[tuple[float, float]]]:
     """{line label: [(budget %, value)]} for the methods on the budget curves."""
     lines = defaultdict(list)
@@ -94,14 +100,14 @@ def budget_table(cells: dict[str, str], title: str) -> str:
 def budgets_at_defaults(sweep: dict, earlier: dict) -> str:
     """The 4K budget table of a sweep at the library's defaults, with the 3% rows of an earlier run over the same
     windows."""
-    at_3 = [r for r in earlier["perplexity"] if (line(r["method"]) or (None, None))[1] == 0.03]
+    at_3 = [r for r in earlier["perplexity"] if budget_of(r["method"]) == 0.03]
     return fidelity_budget_table(sweep["perplexity"] + at_3, 4096)
 
 
 def fidelity_table(rows: list[dict], every_budget: bool = False) -> str:
     """Perplexity and fidelity of full attention, sinks + window and the 3% methods (other budgets: budget_table;
     ``every_budget``: the rows of every budget, for a comparison across budgets)."""
-    rows = [r for r in rows if every_budget or line(r["method"]) is None or line(r["method"])[1] == 0.03]
+    rows = [r for r in rows if every_budget or budget_of(r["method"]) in (None, 0.03)]
     out = ["| length | method | perplexity | recall of exact top-K | attention mass | output error | attended |",
            "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["length"], r["method"] != "full", r.get("mass", 0))):
