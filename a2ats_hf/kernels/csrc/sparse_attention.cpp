@@ -1,7 +1,8 @@
 // Sparse attention over the CPU KV store: for every (row, KV head), the selected rows of the offloaded keys and
 // values (side by side in the store's blocks, [B, H, block, 2, D]: one contiguous read per token) are gathered
-// straight from the blocks and attended by the KV group's query heads, with float32 accumulation. Work is split into (row, KV head, chunk of selected rows) tasks run on torch's thread pool, and
-// the chunks' partial softmaxes are merged by their log-sum-exps, so a batch of one still uses every core.
+// straight from the blocks and attended by the KV group's query heads, with float32 accumulation. Work is split
+// into (row, KV head, chunk of selected rows) tasks run on torch's thread pool, and the chunks' partial softmaxes
+// are merged by their log-sum-exps, so a batch of one still uses every core.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -131,8 +132,9 @@ inline void values_tiled(const T* const* rows, const float* weights, int64_t n, 
 }
 
 template <typename T, int G>
-void run(const float* query, const std::vector<const T*>& blocks, const int32_t* indices, const int32_t* counts, int64_t batch, int64_t heads, int64_t group, int64_t d,
-         int64_t width, int64_t block_size, float scaling, float* out, float* lse) {
+void run(const float* query, const std::vector<const T*>& blocks, const int32_t* indices, const int32_t* counts,
+         int64_t batch, int64_t heads, int64_t group, int64_t d, int64_t width, int64_t block_size, float scaling,
+         float* out, float* lse) {
   static_assert(G >= 0, "G is the group size, or 0 for one known only at run time");
   if (G) group = G;
   const bool tiled = G > 0 && d % 8 == 0;
