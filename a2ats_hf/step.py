@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import kernels
+from .handoff import hand_off
 from .store import BLOCK_SIZE
 
 if TYPE_CHECKING:
@@ -204,22 +205,24 @@ def _offloaded(
     layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
 ) -> tuple[torch.Tensor, int]:
     """The paper's layout: the device selects the far tokens and hands their indices to the CPU, then attends its
-    sinks and window while the CPU attends the selected rows of its store; the two merge by log-sum-exp. Returns
-    the output and the number of tokens selected (on the host)."""
+    sinks and window while the CPU attends the selected rows of its store; the two merge by log-sum-exp. From a GPU
+    every copy goes through the pinned buffers of :mod:`a2ats_hf.handoff`, and the host waits once: for the
+    selection. Returns the output and the number of tokens selected (on the host)."""
     selection = _select(layer, query, position_ids, masks, scaling)
     if selection is not None:
         indices, counts, cpu_query = selection[0], selection[1], query
+        outputs = None
         if query.is_cuda:  # hand the selection to the CPU without stalling the queue behind it
-            indices, counts, cpu_query = (t.to("cpu", non_blocking=True) for t in (indices, counts, query))
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(query.device))  # the layer's GPU, which need not be the current one
+            hand = hand_off(query.device)
+            indices, counts, cpu_query = hand.send(indices, counts, query)
+            outputs = hand.outputs(query)
     out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
                                           scaling)
     if selection is None:
         return out, 0
     if query.is_cuda:
-        ready.synchronize()  # the GPU goes on with the window attention meanwhile
-    far_out, far_lse = kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling)
+        hand.ready.synchronize()  # the GPU goes on with the window attention meanwhile
+    far_out, far_lse = kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling, outputs)
     out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
                                   far_lse.to(lse.device, non_blocking=True))
     return out, int(counts.sum())  # on the host already

@@ -116,13 +116,19 @@ class Store(Protocol):
     def nbytes(self) -> int: ...
 
 
+STAGING_SLOTS = 16  # decode tokens a store keeps in pinned staging before it writes them into its blocks
+
+
 class KVStore:
     """Keys and values [B, H, N, D] kept on the CPU as a list of [B, H, block_size, 2, D] blocks: each token's key
     and value side by side, so a selected token is one contiguous read (one page, one run of cache lines) for the CPU
     attention instead of two; pageable blocks on transparent huge pages (:func:`advise_huge_pages`).
 
     Appending fills the last block and adds new ones as needed, so what is stored is never copied again.
-    Blocks are pinned when CUDA is available, so appends from the GPU are asynchronous copies.
+    Blocks are pinned when CUDA is available. A decode token from a GPU goes to a contiguous pinned staging slot
+    (a strided copy into a block goes through a pageable temporary: it returns only once the GPU has finished all
+    it was queued behind) and reaches its block on the CPU side at the next read of the store (:meth:`wait`), by
+    when its copy has landed: the layer's selection was queued after it.
     """
 
     resident = False
@@ -136,13 +142,22 @@ class KVStore:
         self.blocks: list[torch.Tensor] = []
         self.length = 0
         self.device = torch.device("cpu")
-        self.pending: torch.device | None = None  # the GPU an asynchronous append may still be in flight from
+        self.staging: torch.Tensor | None = None  # [STAGING_SLOTS, B, H, 2, D] pinned, for decode tokens
+        self.staged = 0  # the last `staged` tokens of `length` are in staging, not yet in their blocks
+        self.landed: torch.cuda.Event | None = None  # recorded after the last copy from a GPU, until waited on
 
     def wait(self) -> None:
-        """Block until asynchronous appends have landed (before reading blocks on the CPU)."""
-        if self.pending is not None:
-            torch.cuda.synchronize(self.pending)
-            self.pending = None
+        """Block until the copies from a GPU have landed (they have by the time a layer's CPU attention reads the
+        store), then write the staged tokens into their blocks."""
+        if self.landed is not None:
+            if not self.landed.query():  # (a wait on a finished event is still a call the step need not make)
+                self.landed.synchronize()
+            self.landed = None
+        start = self.length - self.staged
+        for i in range(self.staged):
+            column = start + i
+            self.blocks[column // self.block_size][:, :, column % self.block_size] = self.staging[i]
+        self.staged = 0
 
     def _new_block(self) -> torch.Tensor:
         """A new block; pageable ones are advised onto huge pages before the appends write them (pinned memory comes
@@ -155,24 +170,42 @@ class KVStore:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append [B, H, T, D] keys and values; copies from a GPU are asynchronous (on its current stream)."""
-        t, done = keys.shape[-2], 0
+        t = keys.shape[-2]
         blocks = math.ceil((self.length + t) / self.block_size) - len(self.blocks)
         if blocks > 0:
             b, h, _, d = self.shape
             needed = kv_bytes(b, h, d, self.dtype, blocks * self.block_size, self.block_size)
             check_memory(needed, f"Storing {t} more tokens of K/V (batch {b}, {h} KV heads)")
-        while done < t:
-            offset = self.length % self.block_size
-            if offset == 0:
-                self.blocks.append(self._new_block())
-            n = min(t - done, self.block_size - offset)
-            for half, source in enumerate((keys, values)):
-                self.blocks[-1][:, :, offset : offset + n, half].copy_(source[:, :, done : done + n],
-                                                                       non_blocking=self.pin)
-            done += n
-            self.length += n
-        if self.pin and keys.is_cuda:
-            self.pending = keys.device
+            self.blocks += [self._new_block() for _ in range(blocks)]
+        from_gpu = self.pin and keys.is_cuda
+        if from_gpu and t == 1:
+            self._stage(keys, values)
+        else:
+            self.wait()  # the staged tokens first, in order
+            done = 0
+            while done < t:
+                offset = self.length % self.block_size
+                n = min(t - done, self.block_size - offset)
+                for half, source in enumerate((keys, values)):
+                    self.blocks[self.length // self.block_size][:, :, offset : offset + n, half].copy_(
+                        source[:, :, done : done + n], non_blocking=from_gpu)
+                done += n
+                self.length += n
+        if from_gpu:
+            self.landed = self.landed or torch.cuda.Event()
+            self.landed.record(torch.cuda.current_stream(keys.device))
+
+    def _stage(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """One decode token [B, H, 1, D] from a GPU into the next staging slot, asynchronously."""
+        if self.staged == STAGING_SLOTS:
+            self.wait()
+        if self.staging is None:
+            b, h, _, d = self.shape
+            self.staging = torch.empty(STAGING_SLOTS, b, h, 2, d, dtype=self.dtype, pin_memory=True)
+        pair = torch.cat([keys, values], dim=2).to(self.dtype)  # [B, H, 2, D], contiguous on the GPU
+        self.staging[self.staged].copy_(pair, non_blocking=True)
+        self.staged += 1
+        self.length += 1
 
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``indices`` [B, H, K] (CPU, each < length) of every (row, head) -> keys, values [B, H, K, D]."""
@@ -209,6 +242,7 @@ class KVStore:
             return
         self.shape = (len(index), *self.shape[1:])
         self.blocks = [torch.index_select(block, 0, index, out=self._new_block()) for block in self.blocks]
+        self.staging = None  # of the old batch size
 
     def truncate(self, length: int) -> None:
         """Forget every column from ``length`` on (blocks past it are freed)."""

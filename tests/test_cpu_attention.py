@@ -46,6 +46,27 @@ def test_matches_reference(dtype, b, hq, hkv, n, d, block):
     torch.testing.assert_close(lse[~empty], ref_lse[~empty], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("kernel", ["C++", "torch"])
+def test_writes_into_given_outputs(kernel, monkeypatch):
+    """Given output tensors (the pinned hand-off buffers of a GPU step), the kernel, or the reference without a
+    compiler, writes the result into them and returns them."""
+    if kernel == "torch":
+        monkeypatch.setattr(cpu_attention, "extension", lambda: None)
+    g = torch.Generator().manual_seed(5)
+    b, hq, hkv, n, d = 2, 6, 2, 50, 16
+    store = KVStore(b, hkv, d, torch.float32, block_size=16)
+    store.append(torch.randn(b, hkv, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g))
+    indices = torch.randperm(n, generator=g)[:9].sort().values.int().expand(b, hkv, 9).contiguous()
+    counts = torch.tensor([[9, 4], [0, 9]], dtype=torch.int32)
+    query = torch.randn(b, hq, d, generator=g)
+    given = (torch.full((b, hq, d), 7.0), torch.full((b, hq), 7.0))
+    out, lse = cpu_attention.sparse_attention(query, store, indices, counts, 0.25, given)
+    assert out is given[0] and lse is given[1]
+    ref_out, ref_lse = reference.sparse_attention(query, store, indices, counts, 0.25)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
 @pytest.mark.slow
 def test_matches_reference_on_smollm2(smollm2, austen):
     """Real queries and offloaded K/V from SmolLM2 decoding Persuasion at topk=0.05: every layer's call agrees."""
@@ -57,13 +78,13 @@ def test_matches_reference_on_smollm2(smollm2, austen):
     ids = tokenizer(austen["Persuasion"][60000:66000], return_tensors="pt")["input_ids"]
     checked = []
 
-    def spy(query, store, indices, counts, scaling):
-        out, lse = cpu_attention.sparse_attention(query, store, indices, counts, scaling)
+    def spy(query, store, indices, counts, scaling, out=None):
+        result = cpu_attention.sparse_attention(query, store, indices, counts, scaling, out)
         ref_out, ref_lse = reference.sparse_attention(query, store, indices, counts, scaling)
-        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result[0], ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result[1], ref_lse, atol=1e-5, rtol=1e-5)
         checked.append(int(counts.sum()))
-        return out, lse
+        return result
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "sparse_attention", spy)

@@ -98,3 +98,29 @@ def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny):
     with pytest.raises(ValueError, match='rerank=40 re-ranks by the keys on the device: it needs offload="none"'):
         A2ATSCache(books, offload="cpu", rerank=40)  # where no layer could, refused
     assert (reranked - logits(offload="none")).nan_to_num().abs().max() > 1e-3  # the scorer alone picks otherwise
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the hand-off between a GPU and the CPU needs a GPU")
+def test_offloaded_step_waits_once_per_layer(tiny, monkeypatch):
+    """An offloaded decode step issues no host synchronisation (torch's sync debug mode raises on one) besides one
+    wait per layer for its selection to reach the CPU, and decodes the tokens it decoded before."""
+    model, books = tiny
+    ids = ids_of(2, 150, seed=3)
+    expected = greedy(model, ids, A2ATSCache(books, topk=0.1, offload="none", dense_below=0), new=5)
+    cache = A2ATSCache(books, topk=0.1, offload="cpu")
+    out = greedy(model, ids, cache, new=2)
+    waits = []
+    original = torch.cuda.Event.synchronize
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda event: waits.append(event) or original(event))
+    token, position = out[:, -1:], torch.full((2, 1), out.shape[1] - 1, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            logits = model(token, position_ids=position + step, use_cache=True, **cache_argument(model, cache)).logits
+            token = logits[:, -1:].argmax(-1)
+            out = torch.cat([out, token], dim=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(waits) == 3 * len(cache.a2ats_layers)
+    assert torch.equal(out, expected)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from a2ats_hf.store import BLOCK_SIZE, HUGE_PAGE, DeviceKVStore, KVStore, advise_huge_pages
+from a2ats_hf.store import BLOCK_SIZE, HUGE_PAGE, STAGING_SLOTS, DeviceKVStore, KVStore, advise_huge_pages
 
 STORES = {
     "cpu-blocks": lambda: KVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, block_size=5),
@@ -40,6 +40,29 @@ def test_append_and_gather(kind):
     for start, end in ((0, 5), (4, 6), (5, 13), (7, 11), (12, 13)):  # spans within and across blocks
         tk, tv = store.to_tensors(start, end)
         assert torch.equal(tk, full_k[:, :, start:end]) and torch.equal(tv, full_v[:, :, start:end])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="staged copies from a GPU need one")
+def test_decode_tokens_from_a_gpu_are_staged():
+    """Decode tokens from a GPU (more than the staging holds, across blocks, before and after a prompt chunk) read
+    back as appended, and appending them issues no host synchronisation (torch's sync debug mode raises on one)."""
+    g = torch.Generator().manual_seed(4)
+    keys, values = (torch.randn(2, 3, 60, 8, generator=g).cuda() for _ in range(2))
+    store = KVStore(2, 3, 8, torch.float32, block_size=5)
+    store.append(keys[:, :, :7], values[:, :, :7])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(7, 7 + STAGING_SLOTS + 3):
+            store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert store.staged == 3 and store.length == 7 + STAGING_SLOTS + 3
+    store.append(keys[:, :, 26:40], values[:, :, 26:40])  # a chunk: the staged tokens go first
+    for t in range(40, 60):
+        store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+    k, v = store.to_tensors()
+    assert store.staged == 0 and torch.equal(k, keys.cpu()) and torch.equal(v, values.cpu())
 
 
 def test_sizes():

@@ -186,11 +186,12 @@ def gather_chosen(
 
 
 def sparse_attention(
-    query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float
+    query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the selected rows of a CPU store; see :func:`.cpu_attention.sparse_attention` (the C++
     kernel, or the torch reference without a compiler)."""
-    return _call("sparse_attention", cpu_attention.sparse_attention, query, store, indices, counts, scaling)
+    return _call("sparse_attention", cpu_attention.sparse_attention, query, store, indices, counts, scaling, out)
 
 
 def select_topk(

@@ -132,16 +132,21 @@ def extension() -> object | None:
 
 
 def sparse_attention(
-    query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float
+    query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.sparse_attention`: query [B, Hq, D], indices [B, Hkv, K]
     (first ``counts`` [B, Hkv] valid, ascending) into a :class:`~a2ats_hf.store.KVStore`; returns out [B, Hq, D]
-    and lse [B, Hq], float32 on the CPU."""
+    and lse [B, Hq], float32 on the CPU, written into ``out`` (two contiguous float32 CPU tensors of those shapes,
+    e.g. pinned hand-off buffers) where given."""
+    store.wait()  # decode tokens still staged reach their blocks
     ext = extension()
     if ext is None or store.length == 0:
-        return reference.sparse_attention(query, store, indices, counts, scaling)
+        result = reference.sparse_attention(query, store, indices, counts, scaling)
+        return result if out is None else tuple(o.copy_(r) for o, r in zip(out, result))
     query = query.detach().to("cpu", torch.float32).contiguous()
     indices = indices.to("cpu", torch.int32).contiguous()
     counts = counts.to("cpu", torch.int32).contiguous()
-    out, lse = ext.sparse_attention(query, store.blocks, indices, counts, float(scaling))
-    return out, lse
+    if out is None:
+        out = (torch.empty(query.shape, dtype=torch.float32), torch.empty(query.shape[:2], dtype=torch.float32))
+    return tuple(ext.sparse_attention(query, store.blocks, indices, counts, float(scaling), *out))

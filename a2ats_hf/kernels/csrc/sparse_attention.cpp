@@ -246,8 +246,11 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
 
 }  // namespace
 
+// Writes into ``out`` [B, Hq, D] and ``lse`` [B, Hq] (contiguous float32: the caller's pinned hand-off buffers) and
+// returns them.
 std::vector<torch::Tensor> sparse_attention(torch::Tensor query, std::vector<torch::Tensor> blocks,
-                                            torch::Tensor indices, torch::Tensor counts, double scaling) {
+                                            torch::Tensor indices, torch::Tensor counts, double scaling,
+                                            torch::Tensor out, torch::Tensor lse) {
   TORCH_CHECK(query.dtype() == torch::kFloat32 && query.is_contiguous(), "query must be contiguous float32");
   TORCH_CHECK(indices.dtype() == torch::kInt32 && indices.is_contiguous(), "indices must be contiguous int32");
   TORCH_CHECK(counts.dtype() == torch::kInt32 && counts.is_contiguous(), "counts must be contiguous int32");
@@ -257,8 +260,10 @@ std::vector<torch::Tensor> sparse_attention(torch::Tensor query, std::vector<tor
   const auto group = query.size(1) / heads, width = indices.size(2);
   TORCH_CHECK(query.size(0) == batch && query.size(1) == heads * group && query.size(2) == d, "query shape");
   TORCH_CHECK(indices.size(0) == batch && indices.size(1) == heads && counts.numel() == batch * heads, "index shape");
-  auto out = torch::empty({batch, heads * group, d}, query.options());
-  auto lse = torch::empty({batch, heads * group}, query.options());
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.sizes() == query.sizes(),
+              "out must be contiguous float32 shaped like the query");
+  TORCH_CHECK(lse.dtype() == torch::kFloat32 && lse.is_contiguous() && lse.numel() == batch * heads * group,
+              "lse must be contiguous float32 [B, Hq]");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, blocks[0].scalar_type(), "sparse_attention", [&] {
     std::vector<const scalar_t*> bp;
     for (const auto& block : blocks) {
