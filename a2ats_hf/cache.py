@@ -128,8 +128,12 @@ class A2ATSLayer(CacheLayerMixin):
             self.store.append(key_states, value_states)
             self.fill_ring(key_states, value_states)
         else:  # a capture-ready step: written at the column the device holds, the host's length moved by the runner
-            kernels.write_token(key_states, value_states, self.store.keys, self.store.values, self.local_keys,
-                                self.local_values, static.column, self.config.sink, self.config.window)
+            on_device = self.store.resident
+            kernels.write_token(key_states, value_states, self.store.keys if on_device else None,
+                                self.store.values if on_device else None, self.local_keys, self.local_values,
+                                static.column, self.config.sink, self.config.window)
+            if not on_device:  # to the CPU store's staging; it reaches its block at the layer's CPU attention
+                self.store.write(key_states, value_states)
         key_states.a2ats_layer = value_states.a2ats_layer = self  # read back by stored_by(key)
         self.awaiting_attention = True
         return key_states, value_states

@@ -116,7 +116,8 @@ class Store(Protocol):
     def nbytes(self) -> int: ...
 
 
-STAGING_SLOTS = 16  # decode tokens a store keeps in pinned staging before it writes them into its blocks
+STAGING_SLOTS = 16  # decode tokens a store keeps in pinned staging before it writes them into its blocks (the
+# last slot is a capture-ready step's)
 
 
 class KVStore:
@@ -195,17 +196,37 @@ class KVStore:
             self.landed = self.landed or torch.cuda.Event()
             self.landed.record(torch.cuda.current_stream(keys.device))
 
-    def _stage(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """One decode token [B, H, 1, D] from a GPU into the next staging slot, asynchronously."""
-        if self.staged == STAGING_SLOTS:
+    def _stage(self, keys: torch.Tensor, values: torch.Tensor, slot: int | None = None) -> None:
+        """One decode token [B, H, 1, D] into staging slot ``slot`` (default: the next, counted as stored),
+        asynchronously from a GPU."""
+        if slot is None and self.staged == STAGING_SLOTS - 1:
             self.wait()
         if self.staging is None:
             b, h, _, d = self.shape
-            self.staging = torch.empty(STAGING_SLOTS, b, h, 2, d, dtype=self.dtype, pin_memory=True)
+            self.staging = torch.empty(STAGING_SLOTS, b, h, 2, d, dtype=self.dtype, pin_memory=self.pin)
         pair = torch.cat([keys, values], dim=2).to(self.dtype)  # [B, H, 2, D], contiguous on the GPU
-        self.staging[self.staged].copy_(pair, non_blocking=True)
-        self.staged += 1
-        self.length += 1
+        self.staging[self.staged if slot is None else slot].copy_(pair, non_blocking=keys.is_cuda)
+        if slot is None:
+            self.staged += 1
+            self.length += 1
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A capture-ready step's token [B, H, 1, D] into the last staging slot, a copy a CUDA graph can hold (no
+        host state moves: a replay runs no Python); :meth:`place_written` then puts it in its block."""
+        self._stage(keys, values, slot=STAGING_SLOTS - 1)
+
+    def place_written(self) -> None:
+        """The token :meth:`write` staged, into its block at column ``length`` (the host's count, which the graph
+        runner moves on after the step), once its copy has landed. The caller waited for the step's selection,
+        which was queued after that copy."""
+        self.wait()  # tokens staged by eager steps before (slots below the last) go first
+        column = self.length
+        if column // self.block_size == len(self.blocks):
+            b, h, _, d = self.shape
+            check_memory(kv_bytes(b, h, d, self.dtype, self.block_size, self.block_size),
+                         f"Storing more tokens of K/V (batch {b}, {h} KV heads)")
+            self.blocks.append(self._new_block())
+        self.blocks[column // self.block_size][:, :, column % self.block_size] = self.staging[-1]
 
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``indices`` [B, H, K] (CPU, each < length) of every (row, head) -> keys, values [B, H, K, D]."""

@@ -34,6 +34,9 @@ def test_write_token_matches_reference(b, h, d, sink, window, column, dtype):
     assert torch.equal(got_store.cpu(), expected_store) and torch.equal(got_local.cpu(), expected_local)
     assert torch.equal(expected_store[0][:, :, column], key[:, :, 0])  # the reference did write them
     assert torch.equal(expected_local[1][:, :, sink + column % window], value[:, :, 0])
+    ring_only = local.to(KERNEL_DEVICE)  # a store in CPU memory: the ring alone is written
+    triton_step.write_token(to(key), to(value), None, None, *ring_only, to(at), sink, window)
+    assert torch.equal(ring_only.cpu(), expected_local)
 
 
 @pytest.mark.parametrize("column, offset", [(40, -7), (3, -7), (7, -7), (59, 0)])

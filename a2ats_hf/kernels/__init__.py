@@ -133,10 +133,11 @@ def move_bucket_columns(
 
 
 def write_token(
-    key: torch.Tensor, value: torch.Tensor, store_keys: torch.Tensor, store_values: torch.Tensor,
+    key: torch.Tensor, value: torch.Tensor, store_keys: torch.Tensor | None, store_values: torch.Tensor | None,
     local_keys: torch.Tensor, local_values: torch.Tensor, column: torch.Tensor, sink: int, window: int,
 ) -> None:
-    """A capture-ready step's new token written into the store and the window ring at its device ``column``; see
+    """A capture-ready step's new token written into the device store (where given) and the window ring at its
+    device ``column``; see
     :func:`.reference.write_token`. One Triton launch on a GPU."""
     _on(key, "write_token", key, value, store_keys, store_values, local_keys, local_values, column, sink, window)
 

@@ -139,16 +139,17 @@ def select_topk(
 
 
 def write_token(
-    key: torch.Tensor, value: torch.Tensor, store_keys: torch.Tensor, store_values: torch.Tensor,
+    key: torch.Tensor, value: torch.Tensor, store_keys: torch.Tensor | None, store_values: torch.Tensor | None,
     local_keys: torch.Tensor, local_values: torch.Tensor, column: torch.Tensor, sink: int, window: int,
 ) -> None:
     """One new token's ``key`` / ``value`` [B, Hkv, 1, D] written at ``column`` [1] (a device tensor) of the store's
-    buffers [B, Hkv, capacity, D] and at slot ``sink + column % window`` of the local ones [B, Hkv, sink + window,
-    D], in their dtypes."""
+    buffers [B, Hkv, capacity, D] (None: the store is not on the device; the ring alone) and at slot ``sink + column
+    % window`` of the local ones [B, Hkv, sink + window, D], in their dtypes."""
     slot = sink + column % window
     for target, new, at in ((store_keys, key, column), (store_values, value, column), (local_keys, key, slot),
                             (local_values, value, slot)):
-        target.index_copy_(2, at, new.to(target.dtype))
+        if target is not None:
+            target.index_copy_(2, at, new.to(target.dtype))
 
 
 def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: int | torch.Tensor,

@@ -15,8 +15,9 @@ import triton.language as tl
 def _write_token_kernel(k_ptr, v_ptr, sk_ptr, sv_ptr, lk_ptr, lv_ptr, column_ptr, sink, window,
                         sk_b, sk_h, sv_b, sv_h, ssk_b, ssk_h, ssk_l, ssv_b, ssv_h, ssv_l,
                         slk_b, slk_h, slk_l, slv_b, slv_h, slv_l,
-                        H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-    """Program (row, KV head): the token's key and value at the store's column and at the ring's slot for it."""
+                        H: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, STORE: tl.constexpr):
+    """Program (row, KV head): the token's key and value at the store's column (STORE: a device store) and at the
+    ring's slot for it."""
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
     d = tl.arange(0, D_PAD)
@@ -25,24 +26,28 @@ def _write_token_kernel(k_ptr, v_ptr, sk_ptr, sv_ptr, lk_ptr, lv_ptr, column_ptr
     slot = sink + column % window
     key = tl.load(k_ptr + b * sk_b + h * sk_h + d, mask=ok)
     value = tl.load(v_ptr + b * sv_b + h * sv_h + d, mask=ok)
-    tl.store(sk_ptr + b * ssk_b + h * ssk_h + column * ssk_l + d, key.to(sk_ptr.dtype.element_ty), mask=ok)
-    tl.store(sv_ptr + b * ssv_b + h * ssv_h + column * ssv_l + d, value.to(sv_ptr.dtype.element_ty), mask=ok)
+    if STORE:
+        tl.store(sk_ptr + b * ssk_b + h * ssk_h + column * ssk_l + d, key.to(sk_ptr.dtype.element_ty), mask=ok)
+        tl.store(sv_ptr + b * ssv_b + h * ssv_h + column * ssv_l + d, value.to(sv_ptr.dtype.element_ty), mask=ok)
     tl.store(lk_ptr + b * slk_b + h * slk_h + slot * slk_l + d, key.to(lk_ptr.dtype.element_ty), mask=ok)
     tl.store(lv_ptr + b * slv_b + h * slv_h + slot * slv_l + d, value.to(lv_ptr.dtype.element_ty), mask=ok)
 
 
 def write_token(
-    key: torch.Tensor, value: torch.Tensor, store_keys: torch.Tensor, store_values: torch.Tensor,
+    key: torch.Tensor, value: torch.Tensor, store_keys: torch.Tensor | None, store_values: torch.Tensor | None,
     local_keys: torch.Tensor, local_values: torch.Tensor, column: torch.Tensor, sink: int, window: int,
 ) -> None:
     """Same contract as :func:`a2ats_hf.kernels.reference.write_token`."""
     b, h, _, d = key.shape
+    store = store_keys is not None
+    if not store:  # the ring alone (stand-ins for the pointers, not written)
+        store_keys, store_values = local_keys, local_values
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
     _write_token_kernel[(b * h,)](
         key, value, store_keys, store_values, local_keys, local_values, column, sink, window,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), *store_keys.stride()[:3],
         *store_values.stride()[:3], *local_keys.stride()[:3], *local_values.stride()[:3],
-        H=h, D=d, D_PAD=triton.next_power_of_2(d),
+        H=h, D=d, D_PAD=triton.next_power_of_2(d), STORE=store,
     )
 
 

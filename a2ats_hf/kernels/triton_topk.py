@@ -28,8 +28,6 @@ WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (s
 SPLIT_COLUMNS = 4096  # columns per program of a split select
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
-COUNT_WINDOW = 8  # digits summed in the program before their atomic addition, from each end of a block's (0: none)
-COUNT_BLOCK = 1024  # columns per block of a digit count (its [block, window] sums stay in registers)
 
 
 @triton.jit
@@ -147,14 +145,11 @@ def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND: tl.c
 @triton.jit
 def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_stride, sets, rows,
                         ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
-                        BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr,
-                        WINDOW: tl.constexpr):
+                        BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
     digit picked (:func:`_split_state`), then the candidates of the split's columns whose key's leading digits
     match the prefix counted by their next digit, into the split's own COPIES sets of counts (column c into set
-    c % COPIES). A head's scores share their sign and exponent, so most of a block's candidates fall on a few
-    digits at its lowest and highest: those are summed in the program first (WINDOW digits from each end), so one
-    atomic addition a digit stands for what were hundreds on one address (1.76 ms of a step at batch 1)."""
+    c % COPIES), so the atomic additions of a head's many equal digits spread over its splits and their sets."""
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
@@ -169,20 +164,7 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_s
         take = count > 0
         if ROUND > 0:
             take &= (key >> (shift + BITS)).to(tl.int64) == prefix
-        digit = ((key >> shift) & ((1 << BITS) - 1)).to(tl.int32)
-        if WINDOW > 0:  # the digits within WINDOW of the block's lowest and highest summed here, one atomic each
-            w = tl.arange(0, WINDOW)
-            low = tl.min(tl.where(take, digit, 1 << BITS), axis=0)
-            high = tl.max(tl.where(take, digit, -1), axis=0)
-            at_low = take & (digit - low < WINDOW)
-            at_high = take & (high - digit < WINDOW) & ~at_low
-            sums_low = tl.sum(tl.where(at_low[:, None] & (digit[:, None] - low == w[None, :]), count[:, None], 0), 0)
-            sums_high = tl.sum(tl.where(at_high[:, None] & (high - digit[:, None] == w[None, :]), count[:, None], 0),
-                               0)
-            tl.atomic_add(own + low + w, sums_low, mask=sums_low != 0)
-            tl.atomic_add(own + high - w, sums_high, mask=sums_high != 0)
-            take &= ~(at_low | at_high)
-        counter = own + digit
+        counter = own + ((key >> shift) & ((1 << BITS) - 1))
         if COPIES > 1:
             counter += ((m0 + tl.arange(0, BLOCK_M)) % COPIES) * (1 << BITS)
         tl.atomic_add(counter, count, mask=take)
@@ -241,8 +223,7 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, m, histogram.stride(1), sets, rows,
-                                            ROUND=r, COPIES=COUNT_COPIES, WINDOW=COUNT_WINDOW,
-                                            **(split | dict(BLOCK_M=min(block_m, COUNT_BLOCK))))
+                                            ROUND=r, COPIES=COUNT_COPIES, **split)
     _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, need, classes, summary, m, histogram.stride(1),
                                      sets, rows, G_PAD=g_pad, **split)
 
