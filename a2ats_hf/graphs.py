@@ -1,5 +1,5 @@
 """Graph-captured decoding: a decode step whose every read and write has a fixed address and shape, replayed as a
-CUDA graph per (batch, width bucket).
+CUDA graph per (batch, width bucket), or as graph pieces around the CPU attention of layers whose K/V is offloaded.
 
 A decode step in eager mode issues ~60 small operations per layer from Python, so on a GPU it is bound by the host.
 Its capture-ready form (:mod:`a2ats_hf.step`, :class:`~a2ats_hf.step.StaticStep`) reads and writes fixed addresses
@@ -7,20 +7,26 @@ over a fixed width, so the same captured graph serves every step until the lengt
 (:data:`~a2ats_hf.step.BUCKET` columns). :func:`capture_decoding` installs
 :class:`GraphRunner` as the model's forward: one-token steps over an :class:`~a2ats_hf.cache.A2ATSCache` whose
 layers all keep their K/V on one GPU (``offload="none"``, or ``"auto"`` where everything fits) with ``max_length``
-set run that way; every other call (the prompt, offloaded layers, CPUs) goes to the model's own forward.
+set run that way; every other call (the prompt, CPUs) goes to the model's own forward. Layers whose K/V is in
+CPU memory (``offload="cpu"``, or ``"auto"`` past the GPU's budget) split the step into pieces, as vLLM captures
+its "piecewise" graphs around attention: a piece ends where such a layer hands its selection to the CPU, and the
+runner replays piece after piece, between two of them waiting for that layer's selection (the step's only host
+waits, one per offloaded layer) and running its CPU attention, whose output the next piece copies back.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
+from .handoff import hand_off
 from .step import BUCKET, StaticStep, bucket_width
 
 if TYPE_CHECKING:
@@ -31,12 +37,24 @@ GRAPH_SCORERS = ("wrope", "distance", "window")  # scorers with a capture-ready 
 
 @dataclass
 class Captured:
-    """One captured step: its graph, static inputs, output, and the buffers' addresses it was captured over."""
+    """One captured step: its graph pieces (one where no layer is offloaded) and the CPU work between two of them,
+    static inputs, output, and the buffers' addresses it was captured over."""
 
-    graph: torch.cuda.CUDAGraph | None
+    pieces: list[torch.cuda.CUDAGraph]
+    between: list[Callable[[], None]]
     inputs: dict[str, torch.Tensor]
     output: object
     addresses: tuple[int, ...]
+
+    def replay(self, device: torch.device) -> None:
+        """Each piece in turn, each offloaded layer's CPU part between two (after the piece's copies of its
+        selection, which the hand-off's ``ready`` event marks)."""
+        ready = hand_off(device).ready if self.between else None
+        for i, piece in enumerate(self.pieces):
+            piece.replay()
+            if i < len(self.between):
+                ready.record(torch.cuda.current_stream(device))
+                self.between[i]()
 
 
 class GraphRunner:
@@ -54,6 +72,7 @@ class GraphRunner:
         self.warm: set[tuple] = set()  # (batch, width, keywords) run once: the next step captures
         self.uncapturable: set[tuple] = set()  # those whose capture failed: run without a graph
         self.pool = None
+        self.stream: torch.cuda.Stream | None = None  # the side stream graphs are captured on
         self.counts = {"replayed": 0, "captured": 0, "static eager": 0, "forward": 0}
 
     def __call__(self, *args, **kwargs):
@@ -77,18 +96,18 @@ class GraphRunner:
         n = cache.get_seq_length()
         if n == 0 or cache.scorer.name not in GRAPH_SCORERS or cache.validity is None or cache.observers:
             return False
-        if len(layers) != len(cache.layers) or not all(layer.store.resident for layer in layers):
+        if len(layers) != len(cache.layers):
             return False
         device = layers[0].device
         if any(layer.device != device for layer in layers) or (self.capture and device.type != "cuda"):
             return False
-        return all(layer.store.keys.shape[2] > n and layer.code_buffer.shape[-1] > n for layer in layers)
+        return min(capacity(layer) for layer in layers) > n
 
     def step(self, cache: "A2ATSCache", kwargs: dict):
         """One decode step through the capture-ready path (see the class docstring)."""
         layers, n = cache.a2ats_layers, cache.get_seq_length()
         batch = kwargs["input_ids"].shape[0]
-        width = bucket_width(n + 1, min(layer.store.keys.shape[2] for layer in layers), self.bucket)
+        width = bucket_width(n + 1, min(capacity(layer) for layer in layers), self.bucket)
         cache_name = "past_key_values" if "past_key_values" in kwargs else "cache"
         rest = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "attention_mask")}
         tensors = {k: v for k, v in rest.items() if isinstance(v, torch.Tensor)}
@@ -99,7 +118,8 @@ class GraphRunner:
         addresses = self.addresses(cache, static)
         captured = self.captured.get(key)
         if captured is None or captured.addresses != addresses:  # new, or the cache's buffers moved (a reset)
-            captured = self.captured[key] = Captured(None, {k: v.clone() for k, v in tensors.items()}, None, addresses)
+            captured = self.captured[key] = Captured([], [], {k: v.clone() for k, v in tensors.items()}, None,
+                                                     addresses)
             self.warm.discard(key)
         for name, value in tensors.items():
             captured.inputs[name].copy_(value)
@@ -110,19 +130,19 @@ class GraphRunner:
             return self.forward(**{**rest, **captured.inputs, "attention_mask": None, cache_name: cache})
 
         try:
-            if captured.graph is None and self.capture and key in self.warm and key not in self.uncapturable:
+            if not captured.pieces and self.capture and key in self.warm and key not in self.uncapturable:
                 try:
                     self.capture_step(cache, captured, run)
                 except RuntimeError as error:  # an operation this model runs that CUDA cannot capture
                     self.uncapturable.add(key)
                     warnings.warn(f"a2ats: capturing the decode step failed ({error!s:.200}); this batch and width "
                                   "decode through the capture-ready path without a graph.")
-            if captured.graph is None:
+            if not captured.pieces:
                 output = run()
                 self.warm.add(key)
                 self.counts["static eager"] += 1
             else:
-                captured.graph.replay()
+                captured.replay(layers[0].device)
                 output = captured.output
                 cache.stats.steps, cache.stats.layer_steps = (cache.stats.steps + 1,
                                                               cache.stats.layer_steps + len(layers))
@@ -141,7 +161,7 @@ class GraphRunner:
         static = next(iter(self.statics.values()), None)
         if static is None or static.source is not cache.validity:
             layer = cache.a2ats_layers[0]
-            prompt_valid = torch.ones(batch, layer.store.keys.shape[2], dtype=torch.bool, device=layer.device)
+            prompt_valid = torch.ones(batch, capacity(layer), dtype=torch.bool, device=layer.device)
             prompt_valid[:, : cache.validity.shape[1]] = cache.validity
             column = torch.zeros(1, dtype=torch.long, device=layer.device)
             self.statics = {}
@@ -151,17 +171,34 @@ class GraphRunner:
         return self.statics[width]
 
     def capture_step(self, cache: "A2ATSCache", captured: Captured, run) -> None:
-        """Capture ``run()`` into a CUDA graph sharing one memory pool with the runner's other graphs. Capturing
-        records the step without running it, but runs its Python once: the host's statistics are restored."""
+        """Capture ``run()`` into CUDA graph pieces sharing one memory pool with the runner's other graphs (replayed
+        in the order captured, as a shared pool needs), a new piece after each offloaded layer's hand-off to the
+        CPU (:meth:`~a2ats_hf.step.StaticStep.on_cpu`). Capturing records the step without running it, but runs its
+        Python once: the host's statistics are restored."""
         stats = (cache.stats.steps, cache.stats.layer_steps)
-        graph = torch.cuda.CUDAGraph()
+        pieces, between = [torch.cuda.CUDAGraph()], []
+
+        def breaks(work: Callable[[], None]) -> None:
+            pieces[-1].capture_end()
+            between.append(work)
+            pieces.append(torch.cuda.CUDAGraph())
+            pieces[-1].capture_begin(pieces[0].pool())
+
+        torch.cuda.synchronize()
+        self.stream = self.stream or torch.cuda.Stream()
+        cache.static.breaks = breaks
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                captured.output = run()
+            with torch.cuda.stream(self.stream):
+                pieces[0].capture_begin(*(() if self.pool is None else (self.pool,)))
+                try:
+                    captured.output = run()
+                finally:
+                    pieces[-1].capture_end()
         finally:
+            cache.static.breaks = None
             cache.stats.steps, cache.stats.layer_steps = stats
-        self.pool = graph.pool()
-        captured.graph = graph
+        self.pool = pieces[0].pool()
+        captured.pieces, captured.between = pieces, between
         self.counts["captured"] += 1
 
     @staticmethod
@@ -170,9 +207,17 @@ class GraphRunner:
         tensors = [static.column, static.prompt_valid, static.columns, cache.stats.selected_counts,
                    cache.stats.device_totals]
         for layer in cache.a2ats_layers:
-            tensors += [layer.store.keys, layer.store.values, layer.code_buffer, layer.local_keys, layer.local_values,
+            tensors += [*layer.store.held(), layer.code_buffer, layer.local_keys, layer.local_values,
                         layer.first_token, layer.histogram, layer.sink_valid, *layer.scorer.held()]
+            if not layer.store.resident and layer.device.type == "cuda":  # the pinned hand-off buffers
+                tensors += list(hand_off(layer.device).buffers.values())
         return tuple(None if t is None else t.data_ptr() for t in tensors)
+
+
+def capacity(layer) -> int:
+    """Columns a capture-ready step of ``layer`` can address: its code buffer's, and its device store's where it
+    keeps the K/V on the device (a CPU store grows by blocks between pieces)."""
+    return min(layer.code_buffer.shape[-1], layer.store.keys.shape[2] if layer.store.resident else math.inf)
 
 
 def capture_decoding(model: nn.Module, capture: bool | None = None, bucket: int = BUCKET,

@@ -42,7 +42,8 @@ class HandOff:
             host = self.buffer(name, tuple(tensor.shape), dtype)
             host.copy_(tensor.to(dtype), non_blocking=True)
             sent.append(host)
-        self.ready.record(torch.cuda.current_stream(self.device))
+        if not torch.cuda.is_current_stream_capturing():  # (a captured step's is recorded by the graph runner)
+            self.ready.record(torch.cuda.current_stream(self.device))
         return tuple(sent)
 
     def outputs(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

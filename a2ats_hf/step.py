@@ -13,7 +13,7 @@ edge.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -49,9 +49,19 @@ class StaticStep:
     prompt_valid: torch.Tensor
     source: torch.Tensor  # the cache's validity record prompt_valid was built from
     columns: torch.Tensor = field(init=False)
+    breaks: Callable[[Callable[[], None]], None] | None = None  # set by the graph runner while it captures
 
     def __post_init__(self):
         self.columns = torch.arange(self.width, device=self.column.device)
+
+    def on_cpu(self, work: Callable[[], None]) -> None:
+        """An offloaded layer's CPU part of the step (wait for its selection, attend the selected rows): run now,
+        or, while the step is captured, handed to :attr:`breaks`, which ends the graph piece there (the runner runs
+        ``work`` between that piece's replay and the next's)."""
+        if self.breaks is None:
+            work()
+        else:
+            self.breaks(work)
 
     def validity(self) -> torch.Tensor:
         """[B, width] bool: the keys a decode token may see (not padding, already stored)."""
@@ -203,26 +213,39 @@ def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 def _offloaded(
     layer: "A2ATSLayer", query: torch.Tensor, position_ids: torch.Tensor, masks: StepMasks, scaling: float
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int | torch.Tensor]:
     """The paper's layout: the device selects the far tokens and hands their indices to the CPU, then attends its
     sinks and window while the CPU attends the selected rows of its store; the two merge by log-sum-exp. From a GPU
     every copy goes through the pinned buffers of :mod:`a2ats_hf.handoff`, and the host waits once: for the
-    selection. Returns the output and the number of tokens selected (on the host)."""
+    selection. In a capture-ready step the CPU's part is :meth:`StaticStep.on_cpu`'s (between two graph pieces).
+    Returns the output and the tokens selected (a host count; the device's counts in a capture-ready step)."""
     selection = _select(layer, query, position_ids, masks, scaling)
+    static, on_gpu = layer.cache.static, query.is_cuda
     if selection is not None:
         indices, counts, cpu_query = selection[0], selection[1], query
-        outputs = None
-        if query.is_cuda:  # hand the selection to the CPU without stalling the queue behind it
+        if on_gpu:  # hand the selection to the CPU without stalling the queue behind it
             hand = hand_off(query.device)
             indices, counts, cpu_query = hand.send(indices, counts, query)
             outputs = hand.outputs(query)
+        else:
+            outputs = torch.empty(query.shape, dtype=torch.float32), torch.empty(query.shape[:2], dtype=torch.float32)
     out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
                                           scaling)
     if selection is None:
         return out, 0
-    if query.is_cuda:
-        hand.ready.synchronize()  # the GPU goes on with the window attention meanwhile
-    far_out, far_lse = kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling, outputs)
+
+    def attend_on_cpu() -> None:
+        if on_gpu:
+            hand.ready.synchronize()  # the GPU goes on with the window attention meanwhile
+        if static is not None:
+            layer.store.place_written()
+        kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling, outputs)
+
+    if static is None:
+        attend_on_cpu()
+    else:
+        static.on_cpu(attend_on_cpu)
+    far_out, far_lse = outputs
     out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
                                   far_lse.to(lse.device, non_blocking=True))
-    return out, int(counts.sum())  # on the host already
+    return out, selection[1] if static is not None else int(counts.sum())  # the latter on the host already

@@ -112,6 +112,7 @@ class Store(Protocol):
     def to_tensors(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
     def select_rows(self, index: torch.Tensor) -> None: ...
     def truncate(self, length: int) -> None: ...
+    def held(self) -> tuple[torch.Tensor | None, ...]: ...
     @property
     def nbytes(self) -> int: ...
 
@@ -265,6 +266,10 @@ class KVStore:
         self.blocks = [torch.index_select(block, 0, index, out=self._new_block()) for block in self.blocks]
         self.staging = None  # of the old batch size
 
+    def held(self) -> tuple[torch.Tensor | None, ...]:
+        """What a captured step writes of the store: its staging (None until a capture-ready step first wrote)."""
+        return (self.staging,)
+
     def truncate(self, length: int) -> None:
         """Forget every column from ``length`` on (blocks past it are freed)."""
         self.wait()
@@ -334,6 +339,10 @@ class DeviceKVStore:
         index = index.to(self.device, torch.long)
         self.keys, self.values = select(self.keys, index), select(self.values, index)
         self.shape = (len(index), *self.shape[1:])
+
+    def held(self) -> tuple[torch.Tensor, ...]:
+        """The buffers a captured step reads and writes."""
+        return self.keys, self.values
 
     def truncate(self, length: int) -> None:
         """Forget every column from ``length`` on (the buffers keep their capacity)."""

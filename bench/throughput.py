@@ -48,7 +48,7 @@ from bench.common import (
     sync,
     texts,
 )
-from bench.kernels_bench import phase_timers
+from bench.kernels_bench import bandwidths, phase_timers
 
 TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                    num_key_value_heads=2, head_dim=32, vocab_size=1000, max_position_embeddings=8192)
@@ -121,6 +121,7 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
     result = {"step_ms": round(1e3 * sorted(times)[len(times) // 2], 2), "steps": steps}
     if isinstance(cache, A2ATSCache) and device.type == "cuda" and split_steps:
         split: dict = {}
+        selected_before = cache.stats.far_selected
         sync(device)
         start = time.perf_counter()
         with phase_timers(split):
@@ -131,6 +132,11 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
         result["split_ms"]["rest (model, transfers, small ops)"] = round(
             1e3 * serial - sum(result["split_ms"].values()), 2)
         result["far_fraction"] = round(cache.stats.far_fraction, 4)
+        if "CPU attention" in split:  # the rows it gathered a step (each a key and a value), over its time
+            store = next(layer.store for layer in cache.a2ats_layers if not layer.store.resident)
+            row_bytes = 2 * store.shape[-1] * store.dtype.itemsize
+            gathered = (cache.stats.far_selected - selected_before) * row_bytes / split_steps
+            result["cpu_attention_gbs"] = round(gathered / (split["CPU attention"] / split_steps) / 1e9, 1)
     if profile:
         result["host_profile"] = host_profile(step)
     if kernel_profile and device.type == "cuda":
@@ -195,7 +201,8 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
     elif "torch.compile" in method:
         model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     try:
-        row.update(decode(model, cache, batch, n, steps, args.warmup, 0 if "graphs" in method else args.split_steps,
+        resident = "graphs" in method and "offload=none" in method  # (a replay of such a step calls no kernel)
+        row.update(decode(model, cache, batch, n, steps, args.warmup, 0 if resident else args.split_steps,
                           args.profile, args.gpu_profile))
     finally:
         release_decoding(model)
@@ -288,7 +295,8 @@ def main() -> None:
     results = {"environment": environment(),
                "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
                "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
-               "cpu_available_gib": round((available_memory() or 0) / 2**30, 1), "runs": []}
+               "cpu_available_gib": round((available_memory() or 0) / 2**30, 1),
+               "cpu_copy_gbs": bandwidths()["cpu_copy_gbs"], "runs": []}
     out = args.out or results_path("throughput-tiny" if args.tiny else "throughput")
     # tokens held
     steps_total = args.warmup + args.steps + args.split_steps + 1 + 4 * args.profile + 8 * args.gpu_profile
@@ -319,7 +327,7 @@ def main() -> None:
                                           gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None,
                                           rerank=r)
                     methods.append((name, make, batch, "a2ats"))
-                    if offload != "cpu" and scoring in GRAPH_SCORERS:
+                    if scoring in GRAPH_SCORERS:  # offloaded layers: graph pieces around the CPU attention
                         methods.append((f"{name} graphs", make, batch, "a2ats"))
                         methods.append((f"{name} graphs+compile", make, batch, "a2ats"))
         for method, make_cache, batch, attention in methods:
@@ -352,6 +360,12 @@ def main() -> None:
         ratio = f"{r['tokens_per_s'] / full_rate:.2f}x" if full_rate else "-"
         print(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {r['step_ms']} | {r['tokens_per_s']} | "
               f"{ratio} | {r.get('peak_gpu_gib', '-')} | {r['cpu_gib']} |")
+    copy = results["cpu_copy_gbs"]
+    for r in results["runs"]:
+        if "cpu_attention_gbs" in r:
+            print(f"{r['method']} b={r['batch']}: CPU attention {r['split_ms']['CPU attention']} ms a step, "
+                  f"{r['cpu_attention_gbs']} GB/s gathered, {100 * r['cpu_attention_gbs'] / copy:.0f}% of the CPU's "
+                  f"copy bandwidth ({copy} GB/s)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.graphs import capture_decoding, compile_around_attention, release_decoding
+from a2ats_hf.store import kv_bytes
 
 from conftest import DEVICE, ids_of
 
@@ -39,18 +40,28 @@ def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = Fal
     return out, selections, cache, runner
 
 
-@pytest.mark.parametrize("budget, sample, scoring", [("query_head", False, "wrope"), ("kv_head", True, "wrope"),
-                                                     ("query_head", False, "distance")],
-                         ids=["greedy", "sampling", "distance-buckets"])
-def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, scoring):
+ONE_LAYER = kv_bytes(3, 2, 16, torch.float32, 300, 1) + 1  # "auto": the tiny model's first layer on the device
+
+
+@pytest.mark.parametrize("budget, sample, scoring, options", [
+    ("query_head", False, "wrope", {}), ("kv_head", True, "wrope", {}), ("query_head", False, "distance", {}),
+    ("query_head", False, "distance", {"offload": "cpu"}),
+    ("kv_head", False, "wrope", {"offload": "auto", "gpu_kv_budget": ONE_LAYER})],
+    ids=["greedy", "sampling", "distance-buckets", "offloaded", "auto"])
+def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, scoring, options):
     """Three prompts, two of them left-padded, 200 new tokens from 90: seven width buckets of 32 and twelve wraps of
-    the 16-token window; the same selections, tokens (greedy, or sampled from the same seed) and statistics."""
+    the 16-token window; the same selections, tokens (greedy, or sampled from the same seed) and statistics, with
+    the K/V on the device, in CPU memory (graph pieces around the CPU attention), or both."""
     model, books = tiny
     ids = ids_of(3, 90, seed=3)
     mask = torch.ones_like(ids)
     mask[1, :7], mask[2, :30] = 0, 0
-    eager = run(model, books, ids, mask, graphs=False, new=200, sample=sample, budget=budget, scoring=scoring)
-    static = run(model, books, ids, mask, graphs=True, new=200, sample=sample, budget=budget, scoring=scoring)
+    eager = run(model, books, ids, mask, graphs=False, new=200, sample=sample, budget=budget, scoring=scoring,
+                **options)
+    static = run(model, books, ids, mask, graphs=True, new=200, sample=sample, budget=budget, scoring=scoring,
+                 **options)
+    if options.get("offload") == "auto":
+        assert [layer.store.resident for layer in static[2].a2ats_layers] == [True, False]
     runner = static[3]
     assert runner.counts["static eager"] + runner.counts["replayed"] == 199  # every decode step took the static path
     assert torch.equal(eager[0], static[0])
@@ -79,11 +90,11 @@ def test_topk_one_in_the_static_step_is_full_attention(tiny):
 
 
 def test_steps_the_static_path_cannot_serve_go_to_the_model(tiny):
-    """The CPU store, another scorer or a full buffer: the model's own forward runs, with the same tokens."""
+    """A scorer with no capture-ready step: the model's own forward runs, with the same tokens."""
     model, books = tiny
     ids = ids_of(1, 60, seed=5)
     mask = torch.ones_like(ids)
-    for options in ({"offload": "cpu"}, {"scoring": "oracle"}):
+    for options in ({"scoring": "oracle"}, {"scoring": "quest", "offload": "cpu"}):
         eager = run(model, books, ids, mask, graphs=False, new=6, **options)
         routed = run(model, books, ids, mask, graphs=True, new=6, **options)
         assert (torch.equal(eager[0], routed[0])
