@@ -8,6 +8,7 @@ import functools
 import math
 import os
 import sys
+import weakref
 from pathlib import Path
 from typing import Protocol
 
@@ -74,6 +75,24 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     if libc is None or end <= start:
         return False
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE) == 0
+
+
+PIN_ON_HUGE_PAGES = True  # pinned blocks on huge pages, registered with CUDA (else from CUDA's pinned allocator)
+
+
+def pinned_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """Page-locked host memory on transparent huge pages, or None where Linux or CUDA refuses: a pageable tensor
+    advised onto huge pages, then registered with CUDA (``cudaHostRegister``, which faults its pages in), so copies
+    between it and a GPU are asynchronous as from CUDA's pinned allocator, whose memory cannot be advised.
+    Unregistered when the tensor is freed."""
+    tensor = torch.empty(shape, dtype=dtype)
+    if not advise_huge_pages(tensor):
+        return None
+    cudart, pointer = torch.cuda.cudart(), tensor.data_ptr()
+    if int(cudart.cudaHostRegister(pointer, tensor.numel() * tensor.element_size(), 0)) != 0:
+        return None
+    weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)
+    return tensor
 
 
 BLOCK_SIZE = 4096
@@ -162,13 +181,16 @@ class KVStore:
         self.staged = 0
 
     def _new_block(self) -> torch.Tensor:
-        """A new block; pageable ones are advised onto huge pages before the appends write them (pinned memory comes
-        from CUDA's allocator, which the advice does not reach)."""
+        """A new block on huge pages (:func:`advise_huge_pages`), before the appends write it: pinned ones through
+        :func:`pinned_on_huge_pages` (from CUDA's pinned allocator where that fails)."""
         b, h, n, d = self.shape
-        block = torch.empty(b, h, n, 2, d, dtype=self.dtype, pin_memory=self.pin)
+        shape = (b, h, n, 2, d)
         if not self.pin:
+            block = torch.empty(shape, dtype=self.dtype)
             advise_huge_pages(block)
-        return block
+            return block
+        block = pinned_on_huge_pages(shape, self.dtype) if PIN_ON_HUGE_PAGES else None
+        return torch.empty(shape, dtype=self.dtype, pin_memory=True) if block is None else block
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append [B, H, T, D] keys and values; copies from a GPU are asynchronous (on its current stream)."""

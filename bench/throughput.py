@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
-from a2ats_hf import A2ATSCache, cache_argument, calibrate
+from a2ats_hf import A2ATSCache, cache_argument, calibrate, store
 from a2ats_hf.graphs import GRAPH_SCORERS, capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.scoring import DistanceBuckets, Scorer, scorer_of
@@ -133,8 +133,8 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
             1e3 * serial - sum(result["split_ms"].values()), 2)
         result["far_fraction"] = round(cache.stats.far_fraction, 4)
         if "CPU attention" in split:  # the rows it gathered a step (each a key and a value), over its time
-            store = next(layer.store for layer in cache.a2ats_layers if not layer.store.resident)
-            row_bytes = 2 * store.shape[-1] * store.dtype.itemsize
+            offloaded = next(layer.store for layer in cache.a2ats_layers if not layer.store.resident)
+            row_bytes = 2 * offloaded.shape[-1] * offloaded.dtype.itemsize
             gathered = (cache.stats.far_selected - selected_before) * row_bytes / split_steps
             result["cpu_attention_gbs"] = round(gathered / (split["CPU attention"] / split_steps) / 1e9, 1)
     if profile:
@@ -271,12 +271,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the host side of each method's decode steps")
     parser.add_argument("--gpu-profile", action="store_true", help="the GPU's busy share of a step and its top kernels")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="pinned CPU blocks from CUDA's allocator, not on huge pages (an ablation)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, nargs="+", metavar="RESULTS... PNG", help="only draw the figure")
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot[:-1], args.plot[-1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    store.PIN_ON_HUGE_PAGES = not args.no_huge_pages
     if args.tiny:
         config = TINY
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
@@ -295,6 +298,7 @@ def main() -> None:
     results = {"environment": environment(),
                "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
                "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
+               "pinned_on_huge_pages": store.PIN_ON_HUGE_PAGES,
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1),
                "cpu_copy_gbs": bandwidths()["cpu_copy_gbs"], "runs": []}
     out = args.out or results_path("throughput-tiny" if args.tiny else "throughput")

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from a2ats_hf.store import BLOCK_SIZE, HUGE_PAGE, STAGING_SLOTS, DeviceKVStore, KVStore, advise_huge_pages
+from a2ats_hf.store import (
+    BLOCK_SIZE,
+    HUGE_PAGE,
+    STAGING_SLOTS,
+    DeviceKVStore,
+    KVStore,
+    advise_huge_pages,
+    pinned_on_huge_pages,
+)
 
 STORES = {
     "cpu-blocks": lambda: KVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, block_size=5),
@@ -63,6 +71,24 @@ def test_decode_tokens_from_a_gpu_are_staged():
         store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
     k, v = store.to_tensors()
     assert store.staged == 0 and torch.equal(k, keys.cpu()) and torch.equal(v, values.cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="registering host memory with CUDA needs a GPU")
+def test_pinned_blocks_on_huge_pages():
+    """A pinned block on huge pages is page-locked for CUDA (asynchronous copies) and takes a GPU's copy; the store's
+    blocks are such, where Linux offers transparent huge pages."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this machine")
+    block = pinned_on_huge_pages((3, HUGE_PAGE), torch.uint8)
+    assert block is not None and block.is_pinned()
+    source = torch.arange(3 * HUGE_PAGE, device="cuda").view(3, HUGE_PAGE).to(torch.uint8)
+    block.copy_(source, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(block, source.cpu())
+    store = KVStore(1, 2, 64, torch.bfloat16)
+    store.append(*torch.randn(2, 1, 2, 5, 64, device="cuda", dtype=torch.bfloat16))
+    assert store.blocks[0].is_pinned()
 
 
 def test_sizes():
