@@ -65,7 +65,7 @@ def test_decode_tokens_from_a_gpu_are_staged():
             store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert store.staged == 3 and store.length == 7 + STAGING_SLOTS + 3
+    assert store.staged == 4 and store.length == 7 + STAGING_SLOTS + 3  # 15 written to their blocks at the 16th
     store.append(keys[:, :, 26:40], values[:, :, 26:40])  # a chunk: the staged tokens go first
     for t in range(40, 60):
         store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
