@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -366,6 +367,32 @@ def row_index(indices: torch.Tensor | list) -> torch.Tensor:
     return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
 
 
+MASK_CHANGED = ("The attention mask changed for tokens already in the A2ATSCache (a 0 where it had 1 or the reverse): "
+                "the cache derived each row's sinks and candidates from it. Extend the mask with the new tokens only, "
+                "or call cache.reset() and run the prompt again with the new mask.")
+
+
+@dataclass
+class ValidityCheck:
+    """A comparison of the mask queued on a GPU: its answer copied to a pinned flag, ``landed`` once there."""
+
+    flag: torch.Tensor
+    landed: torch.cuda.Event
+
+    @classmethod
+    def queue(cls, changed: torch.Tensor) -> "ValidityCheck":
+        flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
+        flag.copy_(changed.view(1), non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record(torch.cuda.current_stream(changed.device))
+        return cls(flag, landed)
+
+    def changed(self) -> bool:
+        if not self.landed.query():  # (by the next check it has landed: it was queued a layer or a step before)
+            self.landed.synchronize()
+        return bool(self.flag)
+
+
 class A2ATSCache(Cache):
     """KV cache for A2ATS decoding: use with a model loaded with ``attn_implementation="a2ats"``.
 
@@ -431,6 +458,7 @@ class A2ATSCache(Cache):
         self.pass_memo = PassMemo()  # what the layers of one forward pass share (masks, rotations, distance tables)
         self.stats = AttendedStats()
         self.validity: torch.Tensor | None = None  # [B, N] keys valid so far, as the first layer last saw them
+        self.validity_check: ValidityCheck | None = None  # a decode step's comparison of the mask, queued on a GPU
         self.validated: set[int] = set()  # layers whose weights were checked against the codebooks
         self.static = None  # a capture-ready decode step's StaticStep, set by the graph runner around its forward
         # Called after each eager decode step of a layer with (layer, query, position_ids, masks, scaling, out): a
@@ -510,17 +538,28 @@ class A2ATSCache(Cache):
             self.rope = RoPE.for_attention(attention, self.pass_memo)
         return self.rope
 
-    def record_validity(self, valid: torch.Tensor) -> None:
+    def record_validity(self, valid: torch.Tensor, deferred: bool = False) -> None:
         """Keep which keys [B, N] the first layer's pass may see, refusing a mask that changed for tokens already
-        stored: their sinks, first real token and code histograms were derived from it."""
+        stored: their sinks, first real token and code histograms were derived from it. ``deferred`` (a decode
+        step): on a GPU the comparison is queued and its answer read at the next :meth:`check_validity` (after the
+        pass's first wait for an offloaded layer's selection, or at the next step) instead of waiting for the GPU
+        here."""
+        self.check_validity()
         old = self.validity
-        if old is not None and not torch.equal(valid[:, : old.shape[1]], old.to(valid.device)):
-            raise ValueError(
-                "The attention mask changed for tokens already in the A2ATSCache (a 0 where it had 1 or the reverse): "
-                "the cache derived each row's sinks and candidates from it. Extend the mask with the new tokens only, "
-                "or call cache.reset() and run the prompt again with the new mask."
-            )
+        if old is not None:
+            changed = (valid[:, : old.shape[1]] != old.to(valid.device)).any()
+            if deferred and valid.is_cuda:
+                self.validity_check = ValidityCheck.queue(changed)
+            elif changed:
+                raise ValueError(MASK_CHANGED)
         self.validity = valid.clone()
+
+    def check_validity(self) -> None:
+        """Raise where a queued comparison of :meth:`record_validity` found the mask changed."""
+        if self.validity_check is not None:
+            check, self.validity_check = self.validity_check, None
+            if check.changed():
+                raise ValueError(MASK_CHANGED)
 
     def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
         """Tokens to retrieve per row from its number of far tokens (a tensor [B], or one int on the host)."""
@@ -536,7 +575,7 @@ class A2ATSCache(Cache):
             layer.reset()
         self.stats = AttendedStats()
         self.placement.reset()
-        self.validity = None
+        self.validity = self.validity_check = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_validity(beam_idx)
@@ -567,6 +606,7 @@ class A2ATSCache(Cache):
         codebooks and their per-layer device copies are shared."""
         memo[id(self.codebooks)] = self.codebooks
         memo[id(self.observers)] = []  # a copy is not watched
+        memo[id(self.validity_check)] = None  # nor does it answer for the mask of a step it did not run
         for layer in self.a2ats_layers:
             for name in ("whitener", "whitened_centroids", "centroid_norms", "centroids"):
                 if hasattr(layer, name):

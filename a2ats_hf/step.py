@@ -101,7 +101,7 @@ def step_masks(layer: "A2ATSLayer", attention_mask: torch.Tensor | None) -> Step
         else:
             valid = key_validity(attention_mask, layer.store.shape[0], n, device)
             if layer.first:
-                cache.record_validity(valid)
+                cache.record_validity(valid, deferred=True)
         far = layer.far_candidates(valid)
         n_far = far.sum(-1)
         local_valid = layer.local_validity(valid)
@@ -237,6 +237,8 @@ def _offloaded(
     def attend_on_cpu() -> None:
         if on_gpu:
             hand.ready.synchronize()  # the GPU goes on with the window attention meanwhile
+            if layer.first and static is None:
+                layer.cache.check_validity()  # the pass's comparison of the mask was queued before: it has landed
         if static is not None:
             layer.store.place_written()
         kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling, outputs)

@@ -306,6 +306,19 @@ GREEDY_CHECK = {"GPUs": cell("gpus"), "dtype": cell("dtype"),
                 "sdpa's top-2 margin where they part": lambda r: margin(r.get("sdpa_top2_margin_where_they_part"))}
 
 
+OFFLOADED = {"context": kilo("context"), "method": cell("method"), "batch": cell("batch"),
+             "blocks on huge pages": lambda r: "yes" if r["huge_pages"] else "no",
+             "ms / step": cell("step_ms", "{:.1f}"), "tokens/s": cell("tokens_per_s", "{:.1f}"),
+             "CPU attention": phase("CPU attention", "{:.1f} ms"), "gathered": cell("cpu_attention_gbs", "{} GB/s"),
+             "of the CPU's copy bandwidth": lambda r: f"{r['cpu_attention_gbs'] / r['copy_gbs']:.0%}"}
+
+
+def offloaded_rows(files: list[dict]) -> list[dict]:
+    """The throughput rows of offloaded runs, each with its run's huge-page setting and CPU copy bandwidth."""
+    return [{**r, "huge_pages": f["pinned_on_huge_pages"], "copy_gbs": f["cpu_copy_gbs"]}
+            for f in files for r in f["runs"]]
+
+
 def margin(value: float | None) -> str:
     """sdpa's top-2 logit margin at the first differing token: "-" where none differs, "a tie" at 0."""
     return "-" if value is None else f"{value:.2f}" + (" (a tie)" if value == 0 else "")
@@ -346,6 +359,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h200-scoring": Block(("throughput/2026-12-02-4fc5d32-nvidia-h200.json",),
                                      lambda f: throughput_table(runs(f))),
     "throughput-h200-scoring-cost": Block((SCORING_COST,), lambda f: throughput_table(runs(f))),
+    "throughput-h200-offloaded": Block(tuple(f"throughput/2026-12-04-7c4d3f1-nvidia-h200{s}.json" for s in ("", "-2")),
+                                       lambda f: table(offloaded_rows(f), OFFLOADED)),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
     "fidelity": Block((SUITE,), lambda f: fidelity_table(f[0]["perplexity"])),

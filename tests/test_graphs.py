@@ -142,7 +142,7 @@ def test_a_failed_capture_warns_and_decodes_without_a_graph(tiny, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", refuse)
     with pytest.warns(UserWarning, match="capturing the decode step failed"):
         static = run(model, books, ids, mask, graphs=True, new=12)
     assert torch.equal(eager[0], static[0]) and static[3].counts["replayed"] == 0
