@@ -5,7 +5,8 @@ For each context: full attention (sdpa + DynamicCache) at the largest batch whos
 offloaded cache (DynamicCache(offloading=True): each layer's K/V comes over PCIe every step) at that batch; A2ATS at
 topk=0.03 under both budget rules with the K/V on the GPU (offload="none", at full attention's batch), in CPU
 memory (offload="cpu", at the largest batch CPU memory holds) and split layer by layer between them
-(offload="auto", at that batch). Every cache is filled with N random tokens per row
+(offload="auto", at the largest batch GPU and CPU memory together hold). Every cache is filled with N random tokens
+per row
 as a prefill would leave it (decode speed does not depend on the values, and a 128K prefill per method would cost
 more device time than all the decoding), then decodes ``--steps`` tokens after ``--warmup``; tokens/s is the batch
 over the median step. A2ATS's codebooks are random (4096 centroids per layer and KV head) for the same reason,
@@ -312,15 +313,20 @@ def main() -> None:
             full_batch = max(0, min(args.max_batch, (free - reserve) // per_row))
         else:
             full_batch = 2
-        cpu_batch = max(1, min(args.max_batch, int(args.cpu_fraction * (available_memory() or 0)) // per_row))
+        cpu_room = int(args.cpu_fraction * (available_memory() or 0))
+        cpu_batch = max(1, min(args.max_batch, cpu_room // per_row))
+        auto_batch = cpu_batch  # "auto": as many rows as the GPU's room and the CPU's together hold
+        if device.type == "cuda":  # (less 4 GiB and ~8 layers' K/V of prompt temporaries on the GPU, as kv_budget)
+            room, with_temporaries = free - 4 * 2**30 + cpu_room, per_row + 8 * per_row // config.num_hidden_layers
+            auto_batch = max(cpu_batch, min(args.max_batch, room // with_temporaries))
         if forced:
-            full_batch = cpu_batch = forced
+            full_batch = cpu_batch = auto_batch = forced
         methods = [("full attention (sdpa + DynamicCache)", lambda: DynamicCache(config=config), full_batch, "sdpa"),
                    ("StaticCache + torch.compile", lambda: StaticCache(config=config, max_cache_len=n + steps_total),
                     full_batch, "sdpa"),
                    ("offloaded (DynamicCache offloading=True)",  # its K/V sits in host memory between steps
                     lambda: DynamicCache(config=config, offloading=True), min(full_batch, cpu_batch), "sdpa")]
-        for offload, batch in (("none", full_batch), ("cpu", cpu_batch), ("auto", cpu_batch)):
+        for offload, batch in (("none", full_batch), ("cpu", cpu_batch), ("auto", auto_batch)):
             for budget in ("query_head", "kv_head"):
                 reranks = [r for r in args.rerank if r == 1 or offload != "cpu"]  # re-ranking reads device keys
                 for scoring, rerank in [(s, r) for s in args.scoring for r in reranks]:
