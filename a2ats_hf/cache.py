@@ -220,7 +220,7 @@ class A2ATSLayer(CacheLayerMixin):
         cache, static = self.cache, self.cache.static
         return ScoreInputs(query, position_ids[:, -1:], scaling, far, self.codes, self.code_buffer, self.histogram,
                            self.centroids, cache.rope, cache.codebooks.offset, self.config.window,
-                           self.store.length + (static is not None), None if static is None else static.length,
+                           self.store.length + (0 if static is None else 1), None if static is None else static.length,
                            cache.pass_memo, self.store, self.config.budget, self.first_token)
 
     # The masks below take the key validity [B, width]; the length may be a host int or (capture-ready) a tensor.
@@ -272,7 +272,7 @@ class A2ATSLayer(CacheLayerMixin):
         """Whether a row's sinks may still be filling at the token being decoded: its column (known on the host)
         before the latest row's first real token + ``sink``. A capture-ready step fills them only where this holds
         (the runner captures the two cases apart)."""
-        column = self.store.length - (self.cache.static is None)  # the runner moves the host's length after the step
+        column = self.store.length - (1 if self.cache.static is None else 0)  # the runner moves the length after it
         return column < self.last_first_token + self.config.sink
 
     def get_seq_length(self) -> int:
@@ -323,7 +323,9 @@ class A2ATSLayer(CacheLayerMixin):
 
     def crop(self, tokens: int) -> None:
         """Forget the last ``-tokens`` columns (a negative count, as transformers passes it) or keep the first
-        ``tokens`` (older transformers): the window ring is refilled from the store, the code histogram recounted."""
+        ``tokens`` (older transformers; some pass a 0-d tensor): the window ring is refilled from the store, the code
+        histogram recounted."""
+        tokens = int(tokens)
         if tokens == 0 or not self.is_initialized:  # 0: nothing to remove (newer) or keep (older), as DynamicLayer
             return
         n = self.store.length

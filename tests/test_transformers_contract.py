@@ -28,7 +28,6 @@ the keys but keeps the length) and ``Cache.is_croppable`` (newer releases only).
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -42,7 +41,19 @@ from a2ats_hf.store import DeviceKVStore, KVStore, kv_bytes
 from conftest import DEVICE, ids_of, tiny_model
 
 HEADS, HEAD_DIM, LAYERS = 2, 16, 2  # the tiny Llama's KV heads, head dim and layers
-LEGACY_CROP = "max_length" in inspect.signature(DynamicLayer.crop).parameters  # 5.4: crop(n >= 0) keeps n tokens
+def legacy_crop() -> bool:
+    """Whether this transformers' DynamicLayer.crop(n > 0) keeps the first n tokens (5.4, and deprecated up to 5.17)
+    rather than refusing it (newer)."""
+    layer = DynamicLayer()
+    layer.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    try:
+        layer.crop(2)
+    except ValueError:
+        return False
+    return layer.get_seq_length() == 2
+
+
+LEGACY_CROP = legacy_crop()
 # 5.4's DynamicLayer.reset zeroes its keys in place (CacheLayerMixin's, meant for static layers), so a reset
 # DynamicCache keeps its length and cannot be reused; newer releases drop them
 DYNAMIC_RESET_EMPTIES = "reset" in DynamicLayer.__dict__
