@@ -347,8 +347,11 @@ def check_rows_op(kind: Kind, models: dict, op, rows: torch.Tensor, batch: int =
     refilled = run.cache_for(ids[rows])
     run.forward(ids[rows], refilled)
     run.teacher_forced(refilled, first[rows])
-    torch.testing.assert_close(logits, run.teacher_forced(refilled, then), atol=1e-5, rtol=1e-4)
-    assert_same_kv(cache, refilled, exact_columns=44)
+    # a GPU's matmuls may round a batch of 6 unlike one of 3 (another kernel): there the refilled cache is only close
+    same_rounding = DEVICE.type == "cpu"
+    tolerance = dict(atol=1e-5, rtol=1e-4) if same_rounding else dict(atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(logits, run.teacher_forced(refilled, then), **tolerance)
+    assert_same_kv(cache, refilled, exact_columns=44 if same_rounding else 0, close=same_rounding)
     if kind.exact:
         torch.testing.assert_close(logits, ref.teacher_forced(dyn, then), atol=1e-4, rtol=1e-4)
 
