@@ -74,13 +74,16 @@ def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, s
     assert eager[2].stats.steps == static[2].stats.steps
 
 
-def test_topk_one_in_the_static_step_is_full_attention(tiny):
-    """topk=1.0 through the capture-ready path gives sdpa's greedy tokens."""
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_topk_one_in_the_static_step_is_full_attention(tiny, offload):
+    """topk=1.0 through the capture-ready path gives sdpa's greedy tokens, with the K/V on the device or in CPU
+    memory (graph pieces around the CPU attention)."""
     model, books = tiny
     ids = ids_of(2, 70, seed=4)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    static = run(model, books, ids, mask, graphs=True, topk=1.0, new=20)
+    static = run(model, books, ids, mask, graphs=True, topk=1.0, new=20, offload=offload)
+    assert static[3].counts["static eager"] + static[3].counts["replayed"] == 19
     model.set_attn_implementation("sdpa")
     try:
         reference = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
