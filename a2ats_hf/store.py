@@ -15,14 +15,22 @@ from typing import Protocol
 import torch
 
 
-def available_memory() -> int | None:
-    """Bytes of CPU memory available to new allocations (Linux ``MemAvailable``), or None where unknown."""
+def meminfo(field: str) -> int | None:
+    """Bytes of a Linux ``/proc/meminfo`` field (``MemAvailable``, ``AnonHugePages``...), or None where unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of CPU memory available to new allocations (Linux ``MemAvailable``), or None where unknown."""
+    available = meminfo("MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

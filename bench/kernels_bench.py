@@ -136,18 +136,29 @@ def random_store(b: int, n: int, dtype=torch.bfloat16) -> KVStore:
     return store
 
 
-def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool) -> dict:
+def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads: int | None = None) -> dict:
+    """The C++ kernel over 3% random rows of an N-token store, each call a new selection of four in turn (one
+    repeated would be served by the last-level cache where it fits there); ``threads``: torch's, for the call."""
     store = random_store(b, n)
     g = torch.Generator().manual_seed(n)
     k = int(0.03 * n)
-    indices = torch.randint(0, n, (b, HKV, k), generator=g).sort(-1).values.to(torch.int32)  # random rows, ascending
+    selections = [torch.randint(0, n, (b, HKV, k), generator=g).sort(-1).values.to(torch.int32)  # random, ascending
+                  for _ in range(4)]
+    indices = selections[0]
     counts = torch.full((b, HKV), k, dtype=torch.int32)
     query = torch.randn(b, HKV * GROUP, D, generator=g)
     gathered = 2 * b * HKV * k * D * 2  # K and V rows, bf16
-    fast = wall_time(lambda: cpu_attention.sparse_attention(query, store, indices, counts, D**-0.5), 5)
-    row = {"n": n, "batch": b, "mb_gathered": round(gathered / 1e6, 1), "cpp_ms": round(fast * 1e3, 2),
-           "cpp_gbs": round(gathered / fast / 1e9, 1), "pct_cpu_bw": round(100 * gathered / fast / 1e9 / cpu_bw, 1),
-           "bound_ms": round(gathered / cpu_bw / 1e6, 2)}
+    turn = iter(range(10**9))
+    every = torch.get_num_threads()
+    torch.set_num_threads(threads or every)
+    try:
+        fast = wall_time(lambda: cpu_attention.sparse_attention(query, store, selections[next(turn) % 4], counts,
+                                                                D**-0.5), 8)
+    finally:
+        torch.set_num_threads(every)
+    row = {"n": n, "batch": b, "threads": threads or every, "mb_gathered": round(gathered / 1e6, 1),
+           "cpp_ms": round(fast * 1e3, 2), "cpp_gbs": round(gathered / fast / 1e9, 1),
+           "pct_cpu_bw": round(100 * gathered / fast / 1e9 / cpu_bw, 1), "bound_ms": round(gathered / cpu_bw / 1e6, 2)}
     if baselines:
         row["reference_ms"] = round(1e3 * wall_time(
             lambda: reference.sparse_attention(query, store, indices, counts, D**-0.5), 2), 2)
@@ -270,6 +281,8 @@ def main() -> None:
     parser.add_argument("--scoring", default="wrope", help="comma-separated scorers for the decode step")
     parser.add_argument("--offload", default="cpu", help="comma-separated offload modes for the decode step (cpu,none)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of the first decode step")
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="the CPU attention also with these thread counts (latency- or bandwidth-bound?)")
     parser.add_argument("--out", type=Path, help="default: bench/results/kernels/<date>-<commit>-<gpu>.json")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -292,6 +305,9 @@ def main() -> None:
             results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"],
                                                                 baselines=n * b <= 131072 * 4))
             print(results["cpu_attention"][-1], flush=True)
+            for threads in args.threads or []:
+                results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"], False, threads))
+                print(results["cpu_attention"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "attention" in parts else []:
         for b in [1, 7]:
             for share in [0.03, 0.12]:  # the per-KV-head rule's 3%, and a per-query-head union of 4 heads' 3%
@@ -312,10 +328,10 @@ def main() -> None:
     for r in results["topk"]:
         print(f"| {r['n']} | {r['batch']} | {r['mb_read']} | {r['triton_us']} | {r['triton_gbs']} | {r['pct_hbm']} | "
               f"{r['torch_topk_us']} | {r['device_us']} | {r['matches_reference']} |")
-    print("| CPU attn N | batch | MB gathered | C++ ms | GB/s | % CPU bw | reference ms | index_select ms |")
+    print("| CPU attn N | batch | threads | MB gathered | C++ ms | GB/s | % CPU bw | reference ms | index_select ms |")
     for r in results["cpu_attention"]:
-        print(f"| {r['n']} | {r['batch']} | {r['mb_gathered']} | {r['cpp_ms']} | {r['cpp_gbs']} | {r['pct_cpu_bw']} | "
-              f"{r.get('reference_ms', '-')} | {r.get('index_select_ms', '-')} |")
+        print(f"| {r['n']} | {r['batch']} | {r['threads']} | {r['mb_gathered']} | {r['cpp_ms']} | {r['cpp_gbs']} | "
+              f"{r['pct_cpu_bw']} | {r.get('reference_ms', '-')} | {r.get('index_select_ms', '-')} |")
     print("| GPU attn N | batch | rows | MB gathered | Triton us | GB/s | bound us | sdpa over all us | max error |")
     for r in results["device_attention"]:
         print(f"| {r['n']} | {r['batch']} | {r['rows']} | {r['mb_gathered']} | {r['triton_us']} | {r['gbs']} | "

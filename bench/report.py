@@ -280,7 +280,8 @@ TOPK = {"N": kilo("n"), "batch": cell("batch"), "MB read": cell("mb_read", "{:.1
         "bound": cell("bound_us", "{:.1f} us"), "% HBM": cell("pct_hbm", "{:.1f}"),
         "`gather` + `torch.topk`": cell("torch_topk_us", "{:.0f} us"),
         "exact": lambda r: "yes" if r["matches_reference"] else "no"}
-CPU_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "MB gathered": cell("mb_gathered", "{:.1f}"),
+CPU_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "threads": cell("threads"),
+                 "MB gathered": cell("mb_gathered", "{:.1f}"),
                  "C++ kernel": cell("cpp_ms", "{:.2f} ms"), "GB/s": cell("cpp_gbs", "{:.1f}"),
                  "% CPU bw": cell("pct_cpu_bw", "{:.0f}"), "torch reference": cell("reference_ms", "{:.2f} ms"),
                  "`index_select` + matmul": cell("index_select_ms", "{:.2f} ms")}

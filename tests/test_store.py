@@ -159,6 +159,17 @@ def test_stores_share_one_interface(kind):
     assert store.resident == (kind == "device-buffer")
 
 
+def test_meminfo_reads_linux_fields_in_bytes():
+    """``meminfo`` gives a /proc/meminfo field in bytes (where Linux has one), None for a field it lacks."""
+    from a2ats_hf.store import available_memory, meminfo
+
+    if not Path("/proc/meminfo").is_file():
+        pytest.skip("no /proc/meminfo on this machine")
+    total = meminfo("MemTotal")
+    assert total is not None and total % 1024 == 0 and 0 < available_memory() <= total
+    assert meminfo("NoSuchField") is None
+
+
 def test_huge_page_advice_covers_whole_huge_pages():
     """Memory spanning whole 2 MiB pages is advised where Linux offers transparent huge pages (not "never"); a
     tensor within one page has nothing to advise."""
