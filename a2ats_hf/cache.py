@@ -607,12 +607,11 @@ class A2ATSCache(Cache):
         """An independent copy (its own K/V, codes and statistics) whose layers refer to it; the read-only
         codebooks and their per-layer device copies are shared."""
         memo[id(self.codebooks)] = self.codebooks
-        for layer in self.a2ats_layers:  # the stores' copies from a GPU land, so no event is copied with them
-            if hasattr(layer, "store"):
-                layer.store.wait()
         memo[id(self.observers)] = []  # a copy is not watched
         memo[id(self.validity_check)] = None  # nor does it answer for the mask of a step it did not run
         for layer in self.a2ats_layers:
+            if hasattr(layer, "store"):  # the store's copies from a GPU land, so no event is copied with it
+                layer.store.wait()
             for name in ("whitener", "whitened_centroids", "centroid_norms", "centroids"):
                 if hasattr(layer, name):
                     memo[id(getattr(layer, name))] = getattr(layer, name)

@@ -209,8 +209,9 @@ class GraphRunner:
         for layer in cache.a2ats_layers:
             tensors += [*layer.store.held(), layer.code_buffer, layer.local_keys, layer.local_values,
                         layer.first_token, layer.histogram, layer.sink_valid, *layer.scorer.held()]
-            if not layer.store.resident and layer.device.type == "cuda":  # the pinned hand-off buffers
-                tensors += list(hand_off(layer.device).buffers.values())
+        offloaded = [layer.device for layer in cache.a2ats_layers if not layer.store.resident]
+        if offloaded and offloaded[0].type == "cuda":  # the pinned hand-off buffers (the layers share one device)
+            tensors += list(hand_off(offloaded[0]).buffers.values())
         return tuple(None if t is None else t.data_ptr() for t in tensors)
 
 

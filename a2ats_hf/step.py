@@ -228,7 +228,7 @@ def _offloaded(
             indices, counts, cpu_query = hand.send(indices, counts, query)
             outputs = hand.outputs(query)
         else:
-            outputs = torch.empty(query.shape, dtype=torch.float32), torch.empty(query.shape[:2], dtype=torch.float32)
+            outputs = kernels.output_buffers(query)
     out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
                                           scaling)
     if selection is None:

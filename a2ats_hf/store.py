@@ -203,12 +203,7 @@ class KVStore:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append [B, H, T, D] keys and values; copies from a GPU are asynchronous (on its current stream)."""
         t = keys.shape[-2]
-        blocks = math.ceil((self.length + t) / self.block_size) - len(self.blocks)
-        if blocks > 0:
-            b, h, _, d = self.shape
-            needed = kv_bytes(b, h, d, self.dtype, blocks * self.block_size, self.block_size)
-            check_memory(needed, f"Storing {t} more tokens of K/V (batch {b}, {h} KV heads)")
-            self.blocks += [self._new_block() for _ in range(blocks)]
+        self._reserve(t)
         from_gpu = self.pin and keys.is_cuda
         if from_gpu and t == 1:
             self._stage(keys, values)
@@ -226,6 +221,15 @@ class KVStore:
         if from_gpu:
             self.landed = self.landed or torch.cuda.Event()
             self.landed.record(torch.cuda.current_stream(keys.device))
+
+    def _reserve(self, t: int) -> None:
+        """Blocks for ``t`` more tokens past ``length``, once CPU memory is checked for them."""
+        blocks = math.ceil((self.length + t) / self.block_size) - len(self.blocks)
+        if blocks > 0:
+            b, h, _, d = self.shape
+            needed = kv_bytes(b, h, d, self.dtype, blocks * self.block_size, self.block_size)
+            check_memory(needed, f"Storing {t} more tokens of K/V (batch {b}, {h} KV heads)")
+            self.blocks += [self._new_block() for _ in range(blocks)]
 
     def _stage(self, keys: torch.Tensor, values: torch.Tensor, slot: int | None = None) -> None:
         """One decode token [B, H, 1, D] into staging slot ``slot`` (default: the next, counted as stored),
@@ -251,12 +255,8 @@ class KVStore:
         runner moves on after the step), once its copy has landed. The caller waited for the step's selection,
         which was queued after that copy."""
         self.wait()  # tokens staged by eager steps before (slots below the last) go first
+        self._reserve(1)
         column = self.length
-        if column // self.block_size == len(self.blocks):
-            b, h, _, d = self.shape
-            check_memory(kv_bytes(b, h, d, self.dtype, self.block_size, self.block_size),
-                         f"Storing more tokens of K/V (batch {b}, {h} KV heads)")
-            self.blocks.append(self._new_block())
         self.blocks[column // self.block_size][:, :, column % self.block_size] = self.staging[-1]
 
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

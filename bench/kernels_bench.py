@@ -19,6 +19,7 @@ Run on the GPU box:  python -m bench.kernels_bench [--quick]   (writes bench/res
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from contextlib import contextmanager
@@ -148,7 +149,7 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads:
     counts = torch.full((b, HKV), k, dtype=torch.int32)
     query = torch.randn(b, HKV * GROUP, D, generator=g)
     gathered = 2 * b * HKV * k * D * 2  # K and V rows, bf16
-    turn = iter(range(10**9))
+    turn = itertools.count()
     every = torch.get_num_threads()
     torch.set_num_threads(threads or every)
     try:

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from . import cpu_attention, reference
+from .cpu_attention import output_buffers
 from .reference import FarRows, code_histogram
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -214,5 +215,5 @@ def select_topk(
 
 
 __all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram", "count_leaving",
-           "encode_keys", "gather_chosen", "merge_attention", "move_bucket_columns", "rotated_lookup_table",
-           "select_topk", "sparse_attention", "watching", "write_token"]
+           "encode_keys", "gather_chosen", "merge_attention", "move_bucket_columns", "output_buffers",
+           "rotated_lookup_table", "select_topk", "sparse_attention", "watching", "write_token"]

@@ -131,6 +131,11 @@ def extension() -> object | None:
         return None
 
 
+def output_buffers(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty float32 CPU tensors for the attention of ``query`` [B, Hq, D]: its output [B, Hq, D] and lse [B, Hq]."""
+    return torch.empty(query.shape, dtype=torch.float32), torch.empty(query.shape[:2], dtype=torch.float32)
+
+
 def sparse_attention(
     query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -147,6 +152,5 @@ def sparse_attention(
     query = query.detach().to("cpu", torch.float32).contiguous()
     indices = indices.to("cpu", torch.int32).contiguous()
     counts = counts.to("cpu", torch.int32).contiguous()
-    if out is None:
-        out = (torch.empty(query.shape, dtype=torch.float32), torch.empty(query.shape[:2], dtype=torch.float32))
-    return tuple(ext.sparse_attention(query, store.blocks, indices, counts, float(scaling), *out))
+    return tuple(ext.sparse_attention(query, store.blocks, indices, counts, float(scaling),
+                                      *(out or output_buffers(query))))
