@@ -311,6 +311,18 @@ class A2ATSLayer(CacheLayerMixin):
             self.last_first_token = int(self.first_token.max())
         self.scorer.forget()
 
+    def rows(self, start: int, stop: int, cache: "A2ATSCache") -> "A2ATSLayer":
+        """Rows [start, stop) of this layer as a layer of ``cache`` (a view of the whole cache's rows, for one part of
+        a pipelined decode step): its store, codes, window and per-row state are row slices of this layer's, its
+        scorer a copy with state of its own (rebuilt from the part's codes at its first step)."""
+        part = copy.copy(self)
+        part.cache_ref, part.scorer = weakref.ref(cache), self.scorer.for_layer()
+        part.store = self.store.rows(start, stop)
+        for name in self.ROW_STATE:
+            if getattr(self, name, None) is not None:
+                setattr(part, name, getattr(self, name)[start:stop])
+        return part
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_rows(beam_idx)
 
@@ -463,6 +475,8 @@ class A2ATSCache(Cache):
         self.validity_check: ValidityCheck | None = None  # a decode step's comparison of the mask, queued on a GPU
         self.validated: set[int] = set()  # layers whose weights were checked against the codebooks
         self.static = None  # a capture-ready decode step's StaticStep, set by the graph runner around its forward
+        self.lane = 0  # which hand-off buffers an offloaded layer uses: a part of a pipelined step has its own
+        self.edits = 0  # counts the edits of rows and lengths besides decoding (beam search, crop, reset)
         # Called after each eager decode step of a layer with (layer, query, position_ids, masks, scaling, out): a
         # measurement (the fidelity probe) watches the step instead of replacing it. A cache with observers is not
         # captured in CUDA graphs (a replay runs no Python).
@@ -572,7 +586,26 @@ class A2ATSCache(Cache):
             return torch.ceil(n_far.double() * topk).long().clamp(max=n_far)
         return n_far.clamp(max=topk)
 
+    def rows(self, start: int, stop: int, lane: int) -> "A2ATSCache":
+        """Rows [start, stop) of this cache as a cache of their own, for one part of a pipelined decode step
+        (:class:`~a2ats_hf.graphs.GraphRunner`): every layer's per-row tensors are row slices of this cache's, so
+        the part's capture-ready steps read and write them in place; the part has its own pass memo, hand-off
+        buffers (``lane``) and scorer state, and its device counts add into this cache's statistics."""
+        part = copy.copy(self)
+        part.lane, part.pass_memo, part.static, part.validity_check = lane, PassMemo(), None, None
+        if self.rope is not None:
+            part.rope = copy.copy(self.rope)
+            part.rope.memo = part.pass_memo
+        if self.validity is not None:
+            part.validity = self.validity[start:stop]
+        layer = self.a2ats_layers[0]
+        part.stats = self.stats.rows(start, stop, (layer.store.shape[0], layer.store.shape[1]), layer.device)
+        part.layers = [layer.rows(start, stop, part) for layer in self.layers]
+        part.a2ats_layers = [layer for layer in part.layers if isinstance(layer, A2ATSLayer)]
+        return part
+
     def reset(self) -> None:
+        self.edits += 1
         for layer in self.layers:
             layer.reset()
         self.stats = AttendedStats()
@@ -580,16 +613,19 @@ class A2ATSCache(Cache):
         self.validity = self.validity_check = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.edits += 1
         self.select_validity(beam_idx)
         super().reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.edits += 1
         self.stats.new_batch()
         if self.validity is not None:
             self.select_validity(torch.arange(self.validity.shape[0]).repeat_interleave(repeats))
         super().batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.edits += 1
         self.stats.new_batch()
         self.select_validity(row_index(indices))
         super().batch_select_indices(indices)
@@ -599,6 +635,7 @@ class A2ATSCache(Cache):
             self.validity = self.validity.index_select(0, index.to(self.validity.device))
 
     def crop(self, tokens: int) -> None:
+        self.edits += 1
         super().crop(tokens)
         if self.validity is not None:
             self.validity = self.validity[:, : self.get_seq_length()]

@@ -11,7 +11,10 @@ set run that way; every other call (the prompt, CPUs) goes to the model's own fo
 CPU memory (``offload="cpu"``, or ``"auto"`` past the GPU's budget) split the step into pieces, as vLLM captures
 its "piecewise" graphs around attention: a piece ends where such a layer hands its selection to the CPU, and the
 runner replays piece after piece, between two of them waiting for that layer's selection (the step's only host
-waits, one per offloaded layer) and running its CPU attention, whose output the next piece copies back.
+waits, one per offloaded layer) and running its CPU attention, whose output the next piece copies back. With two
+rows or more, such a step runs as two halves of the batch, as NEO (MLSys 2025) pipelines them: each half decodes
+over a view of its rows of the cache and is captured apart, and their pieces replay interleaved, so the GPU runs one
+half's next layer while the CPU attends the other half's selected rows.
 """
 
 from __future__ import annotations
@@ -37,24 +40,36 @@ GRAPH_SCORERS = ("wrope", "distance", "window")  # scorers with a capture-ready 
 
 @dataclass
 class Captured:
-    """One captured step: its graph pieces (one where no layer is offloaded) and the CPU work between two of them,
-    static inputs, output, and the buffers' addresses it was captured over."""
+    """One captured step (of the whole batch, or of one part of a pipelined step): its graph pieces (one where no
+    layer is offloaded) and the CPU work between two of them, static inputs, output, and the buffers' addresses it
+    was captured over; ``ready`` is its hand-off's event, which marks a piece's copies of its selection."""
 
     pieces: list[torch.cuda.CUDAGraph]
     between: list[Callable[[], None]]
     inputs: dict[str, torch.Tensor]
     output: object
     addresses: tuple[int, ...]
+    ready: torch.cuda.Event | None = None
 
-    def replay(self, device: torch.device) -> None:
-        """Each piece in turn, each offloaded layer's CPU part between two (after the piece's copies of its
-        selection, which the hand-off's ``ready`` event marks)."""
-        ready = hand_off(device).ready if self.between else None
-        for i, piece in enumerate(self.pieces):
-            piece.replay()
-            if i < len(self.between):
-                ready.record(torch.cuda.current_stream(device))
-                self.between[i]()
+
+def replay(steps: list[Captured], device: torch.device) -> None:
+    """Replay captured steps of the same layers together, piece by piece: the first piece of each, then for each
+    offloaded layer and step in turn, its CPU part (after its piece's selection landed) and its next piece. With
+    two parts of a batch, the GPU runs one part's next piece while the CPU attends the other's selected rows."""
+    stream = torch.cuda.current_stream(device)
+    for captured in steps:
+        captured.pieces[0].replay()
+        if captured.between:
+            captured.ready.record(stream)
+    for i in range(len(steps[0].between)):
+        for captured in steps:
+            captured.between[i]()
+            captured.pieces[i + 1].replay()
+            if i + 1 < len(captured.between):
+                captured.ready.record(stream)
+
+
+ROW_INPUTS = ("input_ids", "position_ids")  # a step's inputs with a row per batch row (cache_position has none)
 
 
 class GraphRunner:
@@ -62,16 +77,22 @@ class GraphRunner:
 
     A (batch, width) is first run eagerly through the capture-ready path (which compiles and allocates what the
     step needs), captured the next time, replayed after. ``capture=False`` always runs the capture-ready step
-    eagerly (for tests on a CPU: the same arithmetic without a graph); ``bucket`` sets the widths' granularity."""
+    eagerly (for tests on a CPU: the same arithmetic without a graph); ``bucket`` sets the widths' granularity.
+    ``halves`` (where a layer's K/V is in CPU memory and the batch has two rows or more) runs the step as two
+    halves of the batch, each over a view of its rows of the cache (:meth:`A2ATSCache.rows`), captured apart and
+    replayed together (:func:`replay`): the CPU attends one half's rows while the GPU runs the other half's
+    layer."""
 
-    def __init__(self, model: nn.Module, capture: bool = True, bucket: int = BUCKET):
-        self.forward, self.capture, self.bucket = model.forward, capture, bucket
+    def __init__(self, model: nn.Module, capture: bool = True, bucket: int = BUCKET, halves: bool = True):
+        self.forward, self.capture, self.bucket, self.halves = model.forward, capture, bucket, halves
         functools.update_wrapper(self, self.forward)  # its signature: generate and cache_argument read it
         self.captured: dict[tuple, Captured] = {}
         self.statics: dict[int, StaticStep] = {}  # by width, for the validity record they were built from
+        self.part_statics: dict[tuple[int, int], StaticStep] = {}  # by (lane, width): the halves' rows of those
+        self.split: tuple[tuple, list] | None = None  # (what they were made for, the halves' views of the cache)
         self.warm: set[tuple] = set()  # (batch, width, keywords) run once: the next step captures
         self.uncapturable: set[tuple] = set()  # those whose capture failed: run without a graph
-        self.pool = None
+        self.pools: dict[int, tuple] = {}  # by lane: the halves' graphs may not share memory, as they interleave
         self.stream: torch.cuda.Stream | None = None  # the side stream graphs are captured on
         self.counts = {"replayed": 0, "captured": 0, "static eager": 0, "forward": 0}
 
@@ -111,50 +132,99 @@ class GraphRunner:
         cache_name = "past_key_values" if "past_key_values" in kwargs else "cache"
         rest = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "attention_mask")}
         tensors = {k: v for k, v in rest.items() if isinstance(v, torch.Tensor)}
-        static = cache.static = self.static_step(cache, batch, width)
-        key = (batch, width, layers[0].sinks_filling(),  # filling sinks: a graph of its own, with their writes
-               tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in tensors.items())),
-               tuple(sorted((k, repr(v)) for k, v in rest.items() if k not in tensors)))
-        addresses = self.addresses(cache, static)
-        captured = self.captured.get(key)
-        if captured is None or captured.addresses != addresses:  # new, or the cache's buffers moved (a reset)
-            captured = self.captured[key] = Captured([], [], {k: v.clone() for k, v in tensors.items()}, None,
-                                                     addresses)
-            self.warm.discard(key)
-        for name, value in tensors.items():
-            captured.inputs[name].copy_(value)
+        static = self.static_step(cache, batch, width)
+        parts = self.parts(cache, batch, tensors)
+        steps = []  # (part's cache, its Captured, its run, its key)
+        for lane, (part, rows) in enumerate(parts):
+            part.static = static if part is cache else self.part_static(static, lane, rows)
+            inputs = {k: v[rows] if k in ROW_INPUTS else v for k, v in tensors.items()}
+            key = (lane, batch, width, layers[0].sinks_filling(),  # filling sinks: a graph of its own (their writes)
+                   tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in inputs.items())),
+                   tuple(sorted((k, repr(v)) for k, v in rest.items() if k not in tensors)))
+            addresses = self.addresses(part, part.static)
+            captured = self.captured.get(key)
+            if captured is None or captured.addresses != addresses:  # new, or the cache's buffers moved (a reset)
+                captured = self.captured[key] = Captured([], [], {k: v.clone() for k, v in inputs.items()}, None,
+                                                         addresses)
+                self.warm.discard(key)
+            for name, value in inputs.items():
+                captured.inputs[name].copy_(value)
+
+            def run(part=part, captured=captured):
+                return self.forward(**{**rest, **captured.inputs, "attention_mask": None, cache_name: part})
+
+            steps.append((part, captured, run, key))
         static.column.fill_(n)
         static.length.fill_(n + 1)
-
-        def run():
-            return self.forward(**{**rest, **captured.inputs, "attention_mask": None, cache_name: cache})
-
         try:
-            if not captured.pieces and self.capture and key in self.warm and key not in self.uncapturable:
-                try:
-                    self.capture_step(cache, captured, run)
-                except RuntimeError as error:  # an operation this model runs that CUDA cannot capture
-                    self.uncapturable.add(key)
-                    warnings.warn(f"a2ats: capturing the decode step failed ({error!s:.200}); this batch and width "
-                                  "decode through the capture-ready path without a graph.")
-            if not captured.pieces:
-                output = run()
-                self.warm.add(key)
-                self.counts["static eager"] += 1
+            for part, captured, run, key in steps:
+                if not captured.pieces and self.capture and key in self.warm and key not in self.uncapturable:
+                    try:
+                        self.capture_step(part, captured, run, key[0])
+                    except RuntimeError as error:  # an operation this model runs that CUDA cannot capture
+                        self.uncapturable.add(key)
+                        warnings.warn(f"a2ats: capturing the decode step failed ({error!s:.200}); this batch and "
+                                      "width decode through the capture-ready path without a graph.")
+            replayed = all(captured.pieces for _, captured, _, _ in steps)
+            if replayed:
+                replay([captured for _, captured, _, _ in steps], layers[0].device)
+                outputs = [captured.output for _, captured, _, _ in steps]
+                self.counts["replayed"] += 1
             else:
-                captured.replay(layers[0].device)
-                output = captured.output
+                outputs = []
+                for part, captured, run, key in steps:
+                    if captured.pieces:
+                        replay([captured], layers[0].device)
+                        outputs.append(captured.output)
+                    else:
+                        outputs.append(run())
+                        self.warm.add(key)
+                self.counts["static eager"] += 1
+            if replayed or len(parts) > 1:  # (an eager step of the whole cache counted itself)
                 cache.stats.steps, cache.stats.layer_steps = (cache.stats.steps + 1,
                                                               cache.stats.layer_steps + len(layers))
-                self.counts["replayed"] += 1
         finally:
-            cache.static = None
-        for layer in layers:  # the host's counts, which the step's writes at the device's column do not move
-            layer.store.length += 1
-            layer.scorer.stepped()
-        result = copy.copy(output)
-        result.logits = output.logits.clone()  # the graph's output buffer is overwritten by the next replay
+            for part, _ in parts:
+                part.static = None
+        for part, _ in parts:  # the host's counts, which the step's writes at the device's column do not move
+            for layer in part.a2ats_layers:
+                layer.store.length += 1
+                layer.scorer.stepped()
+        if len(parts) > 1:
+            for layer in layers:
+                layer.store.length += 1
+            self.split = ((id(cache), batch, cache.edits, n + 1), self.split[1])
+        result = copy.copy(outputs[0])
+        result.logits = torch.cat([output.logits for output in outputs])  # a copy: the next replay overwrites them
+        if len(parts) > 1 and "past_key_values" in result:
+            result.past_key_values = cache
         return result
+
+    def parts(self, cache: "A2ATSCache", batch: int, tensors: dict) -> list[tuple["A2ATSCache", slice]]:
+        """The step's parts, each a cache and the rows of the inputs it takes: two halves of the batch where
+        ``halves`` applies (views of the cache's rows, kept from step to step while only this runner's steps
+        moved the cache), else the whole cache."""
+        layers = cache.a2ats_layers
+        if (not self.halves or batch < 2 or all(layer.store.resident for layer in layers)
+                or not set(tensors) <= {*ROW_INPUTS, "cache_position"}):
+            return [(cache, slice(None))]
+        made_for = (id(cache), batch, cache.edits, cache.get_seq_length())
+        if self.split is None or self.split[0] != made_for:
+            for layer in layers:  # its state would go stale while the halves' scorers move theirs on
+                layer.scorer.forget()
+            middle = -(-batch // 2)
+            self.split = (made_for, [(cache.rows(0, middle, 0), slice(0, middle)),
+                                     (cache.rows(middle, batch, 1), slice(middle, batch))])
+        return self.split[1]
+
+    def part_static(self, static: StaticStep, lane: int, rows: slice) -> StaticStep:
+        """``static``'s rows ``rows`` for the half ``lane`` of a pipelined step (the same column and length), kept
+        while ``static`` is."""
+        part = self.part_statics.get((lane, static.width))
+        if part is None or part.column is not static.column or part.source is not static.source:
+            part = self.part_statics[lane, static.width] = StaticStep(
+                static.column, static.length, static.width, static.prompt_valid[rows], static.source)
+        return part
 
     def static_step(self, cache: "A2ATSCache", batch: int, width: int) -> StaticStep:
         """The :class:`StaticStep` of this width, kept (same addresses) while the cache's validity record stays."""
@@ -170,11 +240,11 @@ class GraphRunner:
             self.statics[width] = StaticStep(static.column, static.length, width, static.prompt_valid, static.source)
         return self.statics[width]
 
-    def capture_step(self, cache: "A2ATSCache", captured: Captured, run) -> None:
-        """Capture ``run()`` into CUDA graph pieces sharing one memory pool with the runner's other graphs (replayed
-        in the order captured, as a shared pool needs), a new piece after each offloaded layer's hand-off to the
-        CPU (:meth:`~a2ats_hf.step.StaticStep.on_cpu`). Capturing records the step without running it, but runs its
-        Python once: the host's statistics are restored."""
+    def capture_step(self, cache: "A2ATSCache", captured: Captured, run, lane: int = 0) -> None:
+        """Capture ``run()`` into CUDA graph pieces sharing one memory pool with the runner's other graphs of the
+        same ``lane`` (the halves of a step interleave their pieces, so they may not share one), a new piece after
+        each offloaded layer's hand-off to the CPU (:meth:`~a2ats_hf.step.StaticStep.on_cpu`). Capturing records
+        the step without running it, but runs its Python once: the host's statistics are restored."""
         stats = (cache.stats.steps, cache.stats.layer_steps)
         pieces, between = [torch.cuda.CUDAGraph()], []
 
@@ -189,7 +259,7 @@ class GraphRunner:
         cache.static.breaks = breaks
         try:
             with torch.cuda.stream(self.stream):
-                pieces[0].capture_begin(*(() if self.pool is None else (self.pool,)))
+                pieces[0].capture_begin(*((self.pools[lane],) if lane in self.pools else ()))
                 try:
                     captured.output = run()
                 finally:
@@ -197,8 +267,9 @@ class GraphRunner:
         finally:
             cache.static.breaks = None
             cache.stats.steps, cache.stats.layer_steps = stats
-        self.pool = pieces[0].pool()
+        self.pools[lane] = pieces[0].pool()
         captured.pieces, captured.between = pieces, between
+        captured.ready = hand_off(cache.a2ats_layers[0].device, cache.lane).ready
         self.counts["captured"] += 1
 
     @staticmethod
@@ -211,7 +282,7 @@ class GraphRunner:
                         layer.first_token, layer.histogram, layer.sink_valid, *layer.scorer.held()]
         offloaded = [layer.device for layer in cache.a2ats_layers if not layer.store.resident]
         if offloaded and offloaded[0].type == "cuda":  # the pinned hand-off buffers (the layers share one device)
-            tensors += list(hand_off(offloaded[0]).buffers.values())
+            tensors += list(hand_off(offloaded[0], cache.lane).buffers.values())
         return tuple(None if t is None else t.data_ptr() for t in tensors)
 
 
@@ -222,18 +293,21 @@ def capacity(layer) -> int:
 
 
 def capture_decoding(model: nn.Module, capture: bool | None = None, bucket: int = BUCKET,
-                     compile_layers: bool = False) -> nn.Module:
+                     compile_layers: bool = False, halves: bool = True) -> nn.Module:
     """Install :class:`GraphRunner` as ``model``'s forward (in place; returns the model): one-token decode steps
-    over an A2ATSCache that keeps every layer's K/V on one GPU, with ``max_length`` set, run as CUDA graphs, through
-    the usual ``model.generate(...)``. ``capture`` (default: on a CUDA model) False runs the same capture-ready
-    step without graphs. ``compile_layers`` also fuses the model's own pieces around the attention
-    (:func:`compile_around_attention`). :func:`release_decoding` undoes both."""
+    over an A2ATSCache whose layers are on one GPU, with ``max_length`` set, run as CUDA graphs (in pieces around
+    the CPU attention of layers whose K/V is in CPU memory), through the usual ``model.generate(...)``.
+    ``capture`` (default: on a CUDA model) False runs the same capture-ready step without graphs.
+    ``compile_layers`` also fuses the model's own pieces around the attention (:func:`compile_around_attention`).
+    ``halves`` False runs a step with offloaded layers as one batch, not as two halves in a pipeline.
+    :func:`release_decoding` undoes both."""
     if compile_layers:
         compile_around_attention(model)
     if isinstance(model.forward, GraphRunner):
+        model.forward.halves = halves
         return model
     device = next(model.parameters()).device
-    model.forward = GraphRunner(model, device.type == "cuda" if capture is None else capture, bucket)
+    model.forward = GraphRunner(model, device.type == "cuda" if capture is None else capture, bucket, halves)
     return model
 
 

@@ -1,11 +1,12 @@
 """The hand-off between a GPU and the CPU in an offloaded layer's decode step: the selection and the query go to
 the CPU, the CPU attention's output and log-sum-exp come back, through pinned host buffers allocated once per GPU
-and reused by every layer and step, so each copy is asynchronous and the host waits exactly once per layer: for
-the selection to land.
+and lane and reused by every layer and step, so each copy is asynchronous and the host waits exactly once per
+layer: for the selection to land.
 
-Reuse is safe because one host thread runs the layers in turn on one stream: a layer's copies into the buffers are
-queued after the previous layer's copies out of them, and the CPU writes the output buffers only after the wait for
-its layer's selection, which was queued after the previous layer's copy of them back to the GPU.
+Reuse is safe because one host thread runs the layers of a lane in turn on one stream: a layer's copies into the
+buffers are queued after the previous layer's copies out of them, and the CPU writes the output buffers only after
+the wait for its layer's selection, which was queued after the previous layer's copy of them back to the GPU. The
+two halves of a pipelined step (:mod:`a2ats_hf.graphs`) interleave their layers, so each has a lane of its own.
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ class HandOff:
                 self.buffer("lse", tuple(query.shape[:2]), torch.float32))
 
 
-_HAND_OFFS: dict[torch.device, HandOff] = {}
+_HAND_OFFS: dict[tuple[torch.device, int], HandOff] = {}
 
 
-def hand_off(device: torch.device) -> HandOff:
-    """The :class:`HandOff` of ``device`` (one per GPU, kept for the process)."""
-    if device not in _HAND_OFFS:
-        _HAND_OFFS[device] = HandOff(device)
-    return _HAND_OFFS[device]
+def hand_off(device: torch.device, lane: int = 0) -> HandOff:
+    """The :class:`HandOff` of ``device`` (one per GPU and ``lane``, kept for the process): the parts of a
+    pipelined step each use a lane of their own, as one part's CPU attention runs while the other's selection is
+    copied out."""
+    if (device, lane) not in _HAND_OFFS:
+        _HAND_OFFS[device, lane] = HandOff(device)
+    return _HAND_OFFS[device, lane]

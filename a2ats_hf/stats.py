@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -36,6 +38,19 @@ class AttendedStats:
             if self.device_totals is None:
                 self.device_totals = torch.zeros_like(per_head, dtype=torch.int64)
             self.device_totals += per_head.to(self.device_totals.device, non_blocking=True)
+
+    def rows(self, start: int, stop: int, shape: tuple[int, int], device: torch.device) -> "AttendedStats":
+        """The statistics of rows [start, stop) of a batch of ``shape`` (rows, KV heads) on ``device``, for one part of
+        a pipelined decode step: the device counts it adds land in this object's (row slices of its per-row counts,
+        the same pass totals); the host's counts of steps are this object's to keep (the graph runner's)."""
+        if self.selected_counts is None:
+            self.selected_counts = torch.zeros(shape, dtype=torch.int64, device=device)
+        if self.device_totals is None:
+            self.device_totals = torch.zeros(3, dtype=torch.int64, device=device)
+        self.heads = shape[1]
+        part = copy.copy(self)
+        part.selected_counts = self.selected_counts[start:stop]
+        return part
 
     def new_batch(self) -> None:
         """Before the batch's rows change in number: the device's per-row counts so far move to the host total."""

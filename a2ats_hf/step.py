@@ -224,7 +224,7 @@ def _offloaded(
     if selection is not None:
         indices, counts, cpu_query = selection[0], selection[1], query
         if on_gpu:  # hand the selection to the CPU without stalling the queue behind it
-            hand = hand_off(query.device)
+            hand = hand_off(query.device, layer.cache.lane)
             indices, counts, cpu_query = hand.send(indices, counts, query)
             outputs = hand.outputs(query)
         else:

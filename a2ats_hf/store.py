@@ -3,6 +3,7 @@ in fixed blocks (never re-copied), or `DeviceKVStore` in one buffer on the GPU (
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import math
@@ -236,14 +237,23 @@ class KVStore:
         asynchronously from a GPU."""
         if slot is None and self.staged == STAGING_SLOTS - 1:
             self.wait()
-        if self.staging is None:
-            b, h, _, d = self.shape
-            self.staging = torch.empty(STAGING_SLOTS, b, h, 2, d, dtype=self.dtype, pin_memory=self.pin)
+        self.staging_slots()
         pair = torch.cat([keys, values], dim=2).to(self.dtype)  # [B, H, 2, D], contiguous on the GPU
         self.staging[self.staged if slot is None else slot].copy_(pair, non_blocking=keys.is_cuda)
         if slot is None:
             self.staged += 1
             self.length += 1
+
+    def staging_slots(self) -> torch.Tensor:
+        """The staging slots [STAGING_SLOTS, B, H, 2, D] (pinned where blocks are), allocated on first use."""
+        if self.staging is None:
+            b, h, _, d = self.shape
+            self.staging = torch.empty(STAGING_SLOTS, b, h, 2, d, dtype=self.dtype, pin_memory=self.pin)
+        return self.staging
+
+    def rows(self, start: int, stop: int) -> "KVStoreRows":
+        """Rows [start, stop) of this store, for one part of a pipelined decode step (:class:`KVStoreRows`)."""
+        return KVStoreRows(self, start, stop)
 
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """A capture-ready step's token [B, H, 1, D] into the last staging slot, a copy a CUDA graph can hold (no
@@ -311,6 +321,29 @@ class KVStore:
         return sum(t.numel() * t.element_size() for t in self.blocks)
 
 
+class KVStoreRows(KVStore):
+    """Rows [start, stop) of a :class:`KVStore`, which one part of a pipelined decode step reads and writes
+    (:mod:`a2ats_hf.graphs`): its blocks and its staging slot are row slices of the whole store's (contiguous, as
+    rows are their first dimension), new blocks are reserved by the whole store. Its length is its own count,
+    which the graph runner moves on with the whole store's; it serves capture-ready steps (:meth:`write`,
+    :meth:`place_written` and the CPU attention), not appends."""
+
+    def __init__(self, whole: KVStore, start: int, stop: int):
+        whole.wait()  # tokens staged by eager steps reach their blocks: the slices see them
+        self.__dict__.update(whole.__dict__)
+        self.whole, self.row_slice = whole, slice(start, stop)
+        self.shape = (stop - start, *whole.shape[1:])
+        self.blocks = [block[self.row_slice] for block in whole.blocks]
+        self.staging = whole.staging_slots()[:, self.row_slice]
+
+    def _reserve(self, t: int) -> None:
+        self.whole._reserve(t)
+        self.blocks += [block[self.row_slice] for block in self.whole.blocks[len(self.blocks):]]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        raise RuntimeError("KVStoreRows serves capture-ready decode steps; append to the whole store")
+
+
 class DeviceKVStore:
     """Keys and values [B, H, N, D] in one buffer each on the layer's device, for GPU-resident decoding: the same
     interface as :class:`KVStore`, and the GPU's sparse attention reads rows straight from ``keys`` / ``values``.
@@ -363,6 +396,14 @@ class DeviceKVStore:
         """Stored keys and values of columns [start, end) (default: all): views of the buffers."""
         end = self.length if end is None else end
         return self.keys[:, :, start:end], self.values[:, :, start:end]
+
+    def rows(self, start: int, stop: int) -> "DeviceKVStore":
+        """Rows [start, stop) of this store, for one part of a pipelined decode step: views of its buffers (which a
+        capture-ready step writes in place, as it never grows them), with a length of their own."""
+        part = copy.copy(self)
+        part.keys, part.values = self.keys[start:stop], self.values[start:stop]
+        part.shape = (stop - start, *self.shape[1:])
+        return part
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` [B'] (a reorder, repeat or subset of the batch)."""

@@ -309,15 +309,17 @@ GREEDY_CHECK = {"GPUs": cell("gpus"), "dtype": cell("dtype"),
 
 OFFLOADED = {"context": kilo("context"), "method": cell("method"), "batch": cell("batch"),
              "blocks on huge pages": lambda r: "yes" if r["huge_pages"] else "no",
+             "two halves in a pipeline": lambda r: ("yes" if r["halves"] else "no") if "graphs" in r["method"] else "-",
              "ms / step": cell("step_ms", "{:.1f}"), "tokens/s": cell("tokens_per_s", "{:.1f}"),
              "CPU attention": phase("CPU attention", "{:.1f} ms"), "gathered": cell("cpu_attention_gbs", "{} GB/s"),
              "of the CPU's copy bandwidth": lambda r: f"{r['cpu_attention_gbs'] / r['copy_gbs']:.0%}"}
 
 
 def offloaded_rows(files: list[dict]) -> list[dict]:
-    """The throughput rows of offloaded runs, each with its run's huge-page setting and CPU copy bandwidth."""
-    return [{**r, "huge_pages": f["pinned_on_huge_pages"], "copy_gbs": f["cpu_copy_gbs"]}
-            for f in files for r in f["runs"]]
+    """The throughput rows of offloaded runs, each with its run's huge-page and pipeline settings (runs before the
+    pipeline had none) and CPU copy bandwidth."""
+    return [{**r, "huge_pages": f["pinned_on_huge_pages"], "halves": f.get("halves", False),
+             "copy_gbs": f["cpu_copy_gbs"]} for f in files for r in f["runs"]]
 
 
 def margin(value: float | None) -> str:

@@ -199,7 +199,7 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
     steps = args.steps if "offloaded" not in method else max(4, args.steps // 4)  # ~1 s a step at the largest batch
     forward = model.forward
     if "graphs" in method:
-        capture_decoding(model, compile_layers=method.endswith("+compile"))
+        capture_decoding(model, compile_layers=method.endswith("+compile"), halves=not args.no_halves)
     elif "torch.compile" in method:
         model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     try:
@@ -275,6 +275,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="pinned CPU blocks from CUDA's allocator, not on huge pages (an ablation)")
+    parser.add_argument("--no-halves", action="store_true",
+                        help="graph steps over offloaded layers as one batch, not two halves in a pipeline (ablation)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, nargs="+", metavar="RESULTS... PNG", help="only draw the figure")
     args = parser.parse_args()
@@ -300,7 +302,7 @@ def main() -> None:
     results = {"environment": environment(),
                "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
                "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
-               "pinned_on_huge_pages": store.PIN_ON_HUGE_PAGES,
+               "pinned_on_huge_pages": store.PIN_ON_HUGE_PAGES, "halves": not args.no_halves,
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1),
                "cpu_copy_gbs": bandwidths()["cpu_copy_gbs"], "runs": []}
     out = args.out or results_path("throughput-tiny" if args.tiny else "throughput")

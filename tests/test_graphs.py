@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels
-from a2ats_hf.graphs import capture_decoding, compile_around_attention, release_decoding
+from a2ats_hf.graphs import Captured, capture_decoding, compile_around_attention, release_decoding, replay
 from a2ats_hf.store import kv_bytes
 
 from conftest import DEVICE, ids_of
 
 
-def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = False, **options):
-    """(tokens, [per step and layer: selected indices per (row, KV head)], cache) of a greedy run."""
+def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = False, halves: bool = True, **options):
+    """(tokens, [per step and layer: selected indices per (row, KV head)], cache, runner) of a greedy run; with
+    ``halves``, a step over offloaded layers runs as two halves of the batch, whose selections are joined again
+    here."""
     selections = []
     select = kernels.select_topk
 
@@ -28,7 +30,7 @@ def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = Fal
     cache = A2ATSCache(books, **{"topk": 0.1, "offload": "none", "dense_below": 0, "max_length": 300, **options})
     kernels.select_topk = spy
     if graphs:
-        capture_decoding(model, capture=DEVICE.type == "cuda", bucket=32)
+        capture_decoding(model, capture=DEVICE.type == "cuda", bucket=32, halves=halves)
     try:
         torch.manual_seed(0)
         out = model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=new,
@@ -37,6 +39,10 @@ def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = Fal
     finally:
         kernels.select_topk = select
         release_decoding(model)
+    if graphs and runner.split is not None:  # each step: the first half's layers, then the second's
+        layers = len(cache.a2ats_layers)
+        steps = [selections[i : i + 2 * layers] for i in range(0, len(selections), 2 * layers)]
+        selections = [step[i] + step[layers + i] for step in steps for i in range(layers)]
     return out, selections, cache, runner
 
 
@@ -46,32 +52,42 @@ ONE_LAYER = kv_bytes(3, 2, 16, torch.float32, 300, 1) + 1  # "auto": the tiny mo
 @pytest.mark.parametrize("budget, sample, scoring, options", [
     ("query_head", False, "wrope", {}), ("kv_head", True, "wrope", {}), ("query_head", False, "distance", {}),
     ("query_head", False, "distance", {"offload": "cpu"}),
+    ("query_head", False, "distance", {"offload": "cpu", "halves": False}),
     ("kv_head", False, "wrope", {"offload": "auto", "gpu_kv_budget": ONE_LAYER})],
-    ids=["greedy", "sampling", "distance-buckets", "offloaded", "auto"])
+    ids=["greedy", "sampling", "distance-buckets", "offloaded-halves", "offloaded-one-batch", "auto-halves"])
 def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, scoring, options):
     """Three prompts, two of them left-padded, 200 new tokens from 90: seven width buckets of 32 and twelve wraps of
     the 16-token window; the same selections, tokens (greedy, or sampled from the same seed) and statistics, with
-    the K/V on the device, in CPU memory (graph pieces around the CPU attention), or both."""
+    the K/V on the device, in CPU memory (graph pieces around the CPU attention; by default as two halves of the
+    batch, rows 0-1 and row 2, each over a view of its rows of the cache), or both."""
     model, books = tiny
     ids = ids_of(3, 90, seed=3)
     mask = torch.ones_like(ids)
     mask[1, :7], mask[2, :30] = 0, 0
-    eager = run(model, books, ids, mask, graphs=False, new=200, sample=sample, budget=budget, scoring=scoring,
-                **options)
-    static = run(model, books, ids, mask, graphs=True, new=200, sample=sample, budget=budget, scoring=scoring,
-                 **options)
+    halves = options.pop("halves", True) and options.get("offload") in ("cpu", "auto")
+    settings = {"new": 200, "sample": sample, "budget": budget, "scoring": scoring, **options}
+    if halves:  # what the halves must reproduce: each half decoded alone (a batch's matmuls round by its size)
+        first, second = (run(model, books, ids[rows], mask[rows], graphs=False, **settings)
+                         for rows in (slice(0, 2), slice(2, 3)))
+        eager = (torch.cat([first[0], second[0]]), [a + b for a, b in zip(first[1], second[1])], None)
+        stats = [first[2].stats, second[2].stats]
+    else:
+        eager = run(model, books, ids, mask, graphs=False, **settings)
+        stats = [eager[2].stats]
+    static = run(model, books, ids, mask, graphs=True, halves=halves, **settings)
     if options.get("offload") == "auto":
         assert [layer.store.resident for layer in static[2].a2ats_layers] == [True, False]
     runner = static[3]
+    assert (runner.split is not None) == halves
     assert runner.counts["static eager"] + runner.counts["replayed"] == 199  # every decode step took the static path
     assert torch.equal(eager[0], static[0])
     if DEVICE.type == "cpu":
         assert eager[1] == static[1]
     else:  # replayed steps run no Python to spy on: what they selected shows in the counts
         assert runner.counts["replayed"] > 180
-    assert eager[2].stats.far_selected == static[2].stats.far_selected
-    assert eager[2].stats.far_fraction == pytest.approx(static[2].stats.far_fraction)
-    assert eager[2].stats.steps == static[2].stats.steps
+    assert sum(s.far_selected for s in stats) == static[2].stats.far_selected
+    assert sum(s.far_tokens for s in stats) == static[2].stats.far_tokens
+    assert all(s.steps == static[2].stats.steps for s in stats)
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
@@ -151,19 +167,21 @@ def test_a_failed_capture_warns_and_decodes_without_a_graph(tiny, monkeypatch):
     assert torch.equal(eager[0], static[0]) and static[3].counts["replayed"] == 0
 
 
-@pytest.mark.parametrize("case", ["past-max-length", "auto-all-resident", "beam-search", "rerank"])
+@pytest.mark.parametrize("case", ["past-max-length", "auto-all-resident", "beam-search", "beam-search-offloaded",
+                                  "rerank"])
 def test_static_step_in_other_generation_modes(tiny, case):
     """Decoding past ``max_length`` (the buffers grow eagerly, then the static path resumes over the new ones),
-    offload="auto" with every layer resident, beam search (rows reordered in place every step) and exact
-    re-ranking: the same tokens as the eager step, and the static path served most steps."""
+    offload="auto" with every layer resident, beam search (rows reordered in place every step; offloaded, the
+    halves' views are made again after each reorder) and exact re-ranking: the same tokens as the eager step, and
+    the static path served most steps."""
     model, books = tiny
     ids = ids_of(2, 60, seed=8)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     options = {"past-max-length": {"max_length": 70},
                "auto-all-resident": {"offload": "auto", "gpu_kv_budget": 2**30},
-               "beam-search": {}, "rerank": {"rerank": 3}}[case]
-    extra = {"num_beams": 3} if case == "beam-search" else {}
+               "beam-search": {}, "beam-search-offloaded": {"offload": "cpu"}, "rerank": {"rerank": 3}}[case]
+    extra = {"num_beams": 3} if case.startswith("beam-search") else {}
     outputs = []
     for graphs in (False, True):
         cache = A2ATSCache(books, **{"topk": 0.1, "offload": "none", "dense_below": 0, "max_length": 300, **options})
@@ -176,6 +194,7 @@ def test_static_step_in_other_generation_modes(tiny, case):
             release_decoding(model)
     assert torch.equal(outputs[0], outputs[1])
     assert runner.counts["static eager"] + runner.counts["replayed"] >= 20
+    assert (runner.split is not None) == (case == "beam-search-offloaded")
 
 
 def test_compiled_layers_decode_the_same_tokens(tiny):
@@ -198,3 +217,28 @@ def test_compiled_layers_decode_the_same_tokens(tiny):
 def test_compile_layers_needs_the_graph_runner():
     with pytest.raises(ValueError, match="compile_layers=True goes with the graph runner"):
         A2ATSCache.from_pretrained("some/model", compile_layers=True)
+
+
+def test_replay_interleaves_two_halves(monkeypatch):
+    """Two halves' pieces replay in turn, each offloaded layer's CPU part of one half between the other half's
+    pieces (so the GPU runs one half while the CPU attends the other), each piece's selection marked ready."""
+    log = []
+
+    class Logged:
+        def __init__(self, name):
+            self.name = name
+
+        def replay(self):
+            log.append(self.name)
+
+        def record(self, stream):
+            log.append(f"{self.name} ready")
+
+    def captured(name: str, layers: int) -> Captured:
+        between = [lambda i=i: log.append(f"{name} cpu{i}") for i in range(layers)]
+        return Captured([Logged(f"{name}{i}") for i in range(layers + 1)], between, {}, None, (), Logged(name))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    replay([captured("A", 2), captured("B", 2)], torch.device("cpu"))
+    assert log == ["A0", "A ready", "B0", "B ready", "A cpu0", "A1", "A ready", "B cpu0", "B1", "B ready",
+                   "A cpu1", "A2", "B cpu1", "B2"]

@@ -178,3 +178,35 @@ def test_huge_page_advice_covers_whole_huge_pages():
     if not thp.is_file() or "[never]" in thp.read_text():
         pytest.skip("no transparent huge pages on this machine")
     assert advise_huge_pages(torch.empty(3 * HUGE_PAGE, dtype=torch.uint8))
+
+
+def test_rows_of_a_cpu_store_write_into_the_whole_store():
+    """A half's view of a KVStore (a pipelined step's part): its blocks and staging slot are the whole store's rows,
+    a token it places lands in the whole store's blocks (a new block reserved by the whole store, shared by the
+    other half's view), and it refuses appends."""
+    whole = KVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, block_size=5)
+    keys, values = torch.randn(2, 3, 2, 5, 8)
+    whole.append(keys, values)  # one full block
+    halves = [whole.rows(0, 2), whole.rows(2, 3)]
+    assert all(part.blocks[0].data_ptr() == whole.blocks[0][rows].data_ptr()
+               for part, rows in zip(halves, (slice(0, 2), slice(2, 3))))
+    new = torch.randn(2, 3, 2, 1, 8)
+    for part, rows in zip(halves, (slice(0, 2), slice(2, 3))):
+        part.write(new[0][rows], new[1][rows])
+        part.place_written()
+    assert len(whole.blocks) == 2 and all(len(part.blocks) == 2 for part in halves)
+    whole.length += 1
+    assert torch.equal(whole.to_tensors()[0], torch.cat([keys, new[0]], 2))
+    assert torch.equal(whole.to_tensors()[1], torch.cat([values, new[1]], 2))
+    with pytest.raises(RuntimeError, match="append to the whole store"):
+        halves[0].append(new[0][:2], new[1][:2])
+
+
+def test_rows_of_a_device_store_are_views():
+    whole = DeviceKVStore(batch=3, heads=2, head_dim=8, dtype=torch.float32, device="cpu", capacity=4)
+    keys, values = torch.randn(2, 3, 2, 4, 8)
+    whole.append(keys, values)
+    part = whole.rows(1, 3)
+    part.write(torch.tensor([3]), *torch.ones(2, 2, 2, 1, 8))
+    assert part.shape[0] == 2 and part.length == 4
+    assert torch.equal(whole.keys[1:, :, 3], torch.ones(2, 2, 8)) and torch.equal(whole.keys[0], keys[0])
