@@ -438,6 +438,10 @@ class A2ATSCache(Cache):
             exact ``q . k`` of those candidates keeps the budget (one more gather of R x the selected keys),
             moving the selection towards the exact top-K. Layers whose K/V is in CPU memory select as with 1;
             offload="cpu" (where no layer could) refuses it.
+        gpu_share: a fraction in [0, 1) of each offloaded layer's selected rows that the GPU attends itself,
+            reading them in place from the pinned CPU store over PCIe (zero-copy) while the CPU attends the rest, so
+            PCIe's bandwidth adds to the CPU's. Needs ``max_length``: each offloaded layer's K/V is then one pinned
+            buffer for ``max_length`` tokens. 0 (the default): the CPU attends every selected row.
     """
 
     def __init__(
@@ -453,6 +457,7 @@ class A2ATSCache(Cache):
         gpu_kv_budget: int | None = None,
         dense_below: int = 4096,
         rerank: int = 1,
+        gpu_share: float = 0.0,
     ):
         if not isinstance(codebooks, Codebooks):
             hint = (f" To load codebooks from {codebooks!r}, use A2ATSCache.from_pretrained({codebooks!r}) or "
@@ -462,7 +467,7 @@ class A2ATSCache(Cache):
                             f"{type(codebooks).__name__}.{hint}")
         self.config = A2ATSConfig(codebooks.window if window is None else window,
                                   codebooks.sink if sink is None else sink, topk, budget, max_length, offload,
-                                  gpu_kv_budget, dense_below, rerank)
+                                  gpu_kv_budget, dense_below, rerank, gpu_share)
         self.scorer = scorer_of(scoring)
         if self.scorer.keys not in (None, codebooks.keys):
             raise ValueError(f'scoring="{self.scorer.name}" reads codes of {self.scorer.keys} keys, but these '
@@ -501,6 +506,7 @@ class A2ATSCache(Cache):
     gpu_kv_budget = property(lambda self: self.config.gpu_kv_budget)
     dense_below = property(lambda self: self.config.dense_below)
     rerank = property(lambda self: self.config.rerank)
+    gpu_share = property(lambda self: self.config.gpu_share)
 
     @classmethod
     def from_pretrained(

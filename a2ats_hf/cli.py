@@ -51,14 +51,18 @@ def _n_centroids(value: str) -> int:
     return number
 
 
-def _fraction(value: str) -> float:
+def _fraction(value: str, below_one: bool = False) -> float:
     try:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    if not 0.0 <= number <= 1.0 or below_one and number == 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1{')' if below_one else ']'}, got {value}")
     return number
+
+
+def _fraction_below_one(value: str) -> float:
+    return _fraction(value, below_one=True)
 
 
 def _topk(value: str) -> float | int:
@@ -183,11 +187,11 @@ def generate_command(args: argparse.Namespace) -> None:
     prompt_tokens = inputs["input_ids"].shape[1]
     cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget,
                        scoring=scoring, offload=args.offload, max_length=prompt_tokens + args.max_new_tokens,
-                       rerank=args.rerank)
+                       rerank=args.rerank, gpu_share=args.gpu_share)
     if args.cuda_graphs is not False and model.device.type == "cuda":
         from a2ats_hf.graphs import capture_decoding
 
-        # steps it cannot serve (offloaded layers, other scorers) run the model's forward
+        # steps it cannot serve (other scorers) run the model's forward
         capture_decoding(model, compile_layers=args.compile_layers)
     out = model.generate(**inputs.to(args.device), **cache_argument(model, cache), max_new_tokens=args.max_new_tokens,
                          do_sample=False)
@@ -280,9 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--offload", choices=["cpu", "none", "auto"], default="cpu",
                      help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")
+    gen.add_argument("--gpu-share", type=_fraction_below_one, default=0.0, metavar="F",
+                     help="share in [0, 1) of an offloaded layer's selected rows the GPU attends itself, reading "
+                          "them from the pinned CPU store over PCIe (default 0: the CPU attends them all)")
     gen.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
-                     help="decode as captured CUDA graphs (default: on a CUDA --device, where the K/V is on the GPU "
-                          "(--offload none or auto); --cuda-graphs insists, needing both)")
+                     help="decode as captured CUDA graphs, in pieces around the CPU attention of offloaded layers "
+                          "(default: on a CUDA --device; --cuda-graphs insists, needing one)")
     gen.add_argument("--compile-layers", action="store_true",
                      help="with CUDA graphs, also fuse the model's norms and MLPs with torch.compile (fewer kernels "
                           "a step: faster at small batches; logits may differ from eager in the last bits)")
@@ -333,12 +340,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("calibrate needs --out DIR and/or --push-to-hub REPO")
     if args.command == "generate" and args.buckets_per_octave is not None and args.scoring != "distance":
         parser.error("--buckets-per-octave applies to --scoring distance only")
-    if args.command == "generate" and args.cuda_graphs and args.offload == "cpu":
-        parser.error("--cuda-graphs needs the K/V on the GPU (--offload none or auto)")
     if args.command == "generate" and args.rerank > 1 and args.offload == "cpu":
         parser.error("--rerank needs the K/V on the GPU (--offload none or auto)")
-    if args.command == "generate" and args.compile_layers and (args.cuda_graphs is False or args.offload == "cpu"):
-        parser.error("--compile-layers goes with CUDA graphs (not --no-cuda-graphs, and --offload none or auto)")
+    if args.command == "generate" and args.compile_layers and args.cuda_graphs is False:
+        parser.error("--compile-layers goes with CUDA graphs (not --no-cuda-graphs)")
+    if args.command == "generate" and args.gpu_share and args.offload == "none":
+        parser.error("--gpu-share splits the rows of offloaded layers: it needs --offload cpu or auto")
     if args.command == "eval" and args.perplexity and args.tail >= min(args.lengths):
         parser.error(f"--tail {args.tail} must be shorter than every --lengths window (the shortest is "
                      f"{min(args.lengths)})")

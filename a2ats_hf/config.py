@@ -34,6 +34,7 @@ class A2ATSConfig:
     gpu_kv_budget: int | None = None
     dense_below: int = 4096
     rerank: int = 1
+    gpu_share: float = 0.0
 
     def __post_init__(self):
         check_topk(self.topk)
@@ -51,5 +52,13 @@ class A2ATSConfig:
         if self.rerank > 1 and self.offload == "cpu":
             raise ValueError(f'rerank={self.rerank} re-ranks by the keys on the device: it needs offload="none" or '
                              '"auto" (with offload="cpu" no layer could)')
+        if isinstance(self.gpu_share, bool) or not isinstance(self.gpu_share, (int, float)) or not (
+                0 <= self.gpu_share < 1):
+            raise ValueError(f"gpu_share is the fraction of an offloaded layer's selected rows the GPU attends itself, "
+                             f"in [0, 1), got {self.gpu_share!r}")
+        if self.gpu_share and (self.offload == "none" or self.max_length is None):
+            raise ValueError(f"gpu_share={self.gpu_share} splits the rows of layers whose K/V is in CPU memory, which "
+                             "the GPU reads in place from one pinned buffer per layer: it needs offload=\"cpu\" or "
+                             f"\"auto\" (got {self.offload!r}) and max_length (got {self.max_length!r})")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")

@@ -70,4 +70,4 @@ class Placement:
             self.device_left -= need if resident else 0
         if resident:
             return DeviceKVStore(b, h, d, dtype, device, capacity)
-        return KVStore(b, h, d, dtype)
+        return KVStore(b, h, d, dtype, block_size=capacity if self.config.gpu_share else None)  # one block: mapped

@@ -12,6 +12,7 @@ edge.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -218,11 +219,19 @@ def _offloaded(
     sinks and window while the CPU attends the selected rows of its store; the two merge by log-sum-exp. From a GPU
     every copy goes through the pinned buffers of :mod:`a2ats_hf.handoff`, and the host waits once: for the
     selection. In a capture-ready step the CPU's part is :meth:`StaticStep.on_cpu`'s (between two graph pieces).
-    Returns the output and the tokens selected (a host count; the device's counts in a capture-ready step)."""
+    With ``gpu_share``, the device attends the first share of each selection itself, reading the rows in place
+    from the pinned store over PCIe, beside the window; the CPU the rest. Returns the output and the tokens
+    selected (a host count; the device's counts in a capture-ready step or with a device share)."""
     selection = _select(layer, query, position_ids, masks, scaling)
     static, on_gpu = layer.cache.static, query.is_cuda
+    far = None  # the device's share of the selected rows (``gpu_share``), read in place from the pinned store
     if selection is not None:
         indices, counts, cpu_query = selection[0], selection[1], query
+        mapped = layer.store.mapped() if layer.config.gpu_share else None
+        if mapped is not None:
+            share = math.ceil(layer.config.gpu_share * indices.shape[-1])
+            far = kernels.FarRows(mapped, indices[..., :share], counts.clamp(max=share))
+            indices, counts = indices[..., share:].contiguous(), (counts - share).clamp(min=0)
         if on_gpu:  # hand the selection to the CPU without stalling the queue behind it
             hand = hand_off(query.device, layer.cache.lane)
             indices, counts, cpu_query = hand.send(indices, counts, query)
@@ -230,7 +239,7 @@ def _offloaded(
         else:
             outputs = kernels.output_buffers(query)
     out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
-                                          scaling)
+                                          scaling, far)
     if selection is None:
         return out, 0
 
@@ -250,4 +259,6 @@ def _offloaded(
     far_out, far_lse = outputs
     out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
                                   far_lse.to(lse.device, non_blocking=True))
-    return out, selection[1] if static is not None else int(counts.sum())  # the latter on the host already
+    if static is None and far is None:
+        return out, int(counts.sum())  # on the host already
+    return out, selection[1]  # the device's counts

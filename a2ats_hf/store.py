@@ -306,9 +306,18 @@ class KVStore:
         self.blocks = [torch.index_select(block, 0, index, out=self._new_block()) for block in self.blocks]
         self.staging = None  # of the old batch size
 
+    def mapped(self) -> "DeviceKVStore | None":
+        """The stored keys and values as [B, H, N, D] views of the store's one block (a store allocated whole, for
+        ``max_length`` tokens), behind the device store's interface: pinned, a GPU kernel reads their rows in place
+        over PCIe. None where the store has several blocks."""
+        if len(self.blocks) != 1:
+            return None
+        return DeviceKVStore.over(self.blocks[0][:, :, :, 0], self.blocks[0][:, :, :, 1], self.length)
+
     def held(self) -> tuple[torch.Tensor | None, ...]:
-        """What a captured step writes of the store: its staging (None until a capture-ready step first wrote)."""
-        return (self.staging,)
+        """What a captured step writes of the store, its staging (None until a capture-ready step first wrote), and
+        its first block, which it reads where the GPU attends rows of it (:meth:`mapped`)."""
+        return self.staging, self.blocks[0] if self.blocks else None
 
     def truncate(self, length: int) -> None:
         """Forget every column from ``length`` on (blocks past it are freed)."""
@@ -361,6 +370,14 @@ class DeviceKVStore:
         self.dtype, self.device, self.length = dtype, torch.device(device), 0
         self.keys = torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
+
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> "DeviceKVStore":
+        """A store over given [B, H, N, D] buffers (any strides but the last), ``length`` of them stored."""
+        store = cls.__new__(cls)
+        store.keys, store.values, store.length = keys, values, length
+        store.shape, store.dtype, store.device = (*keys.shape[:2], BLOCK_SIZE, keys.shape[-1]), keys.dtype, keys.device
+        return store
 
     def wait(self) -> None:
         """Nothing to wait for: appends are ordered on the device's stream."""

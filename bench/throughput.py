@@ -137,6 +137,7 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
             offloaded = next(layer.store for layer in cache.a2ats_layers if not layer.store.resident)
             row_bytes = 2 * offloaded.shape[-1] * offloaded.dtype.itemsize
             gathered = (cache.stats.far_selected - selected_before) * row_bytes / split_steps
+            gathered *= 1 - cache.gpu_share  # the CPU's share (a share of each list's width: of its rows, ~)
             result["cpu_attention_gbs"] = round(gathered / (split["CPU attention"] / split_steps) / 1e9, 1)
     if profile:
         result["host_profile"] = host_profile(step)
@@ -275,6 +276,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="pinned CPU blocks from CUDA's allocator, not on huge pages (an ablation)")
+    parser.add_argument("--gpu-share", type=float, nargs="+", default=[0.0],
+                        help="shares of an offloaded layer's rows the GPU attends itself over PCIe (A2ATSCache's "
+                             "gpu_share; 0: the CPU attends them all)")
     parser.add_argument("--no-halves", action="store_true",
                         help="graph steps over offloaded layers as one batch, not two halves in a pipeline (ablation)")
     parser.add_argument("--out", type=Path)
@@ -332,13 +336,14 @@ def main() -> None:
         for offload, batch in (("none", full_batch), ("cpu", cpu_batch), ("auto", auto_batch)):
             for budget in ("query_head", "kv_head"):
                 reranks = [r for r in args.rerank if r == 1 or offload != "cpu"]  # re-ranking reads device keys
-                for scoring, rerank in [(s, r) for s in args.scoring for r in reranks]:
+                shares = [f for f in args.gpu_share if f == 0 or offload != "none"]  # a share of offloaded rows
+                for scoring, rerank, share in [(s, r, f) for s in args.scoring for r in reranks for f in shares]:
                     name = (f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
-                            + ("" if rerank == 1 else f" rerank {rerank}"))
-                    def make(o=offload, b=budget, s=scorer(scoring), rows=batch, r=rerank):
+                            + ("" if rerank == 1 else f" rerank {rerank}") + (f" gpu share {share}" if share else ""))
+                    def make(o=offload, b=budget, s=scorer(scoring), rows=batch, r=rerank, f=share):
                         return A2ATSCache(books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
                                           gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None,
-                                          rerank=r)
+                                          rerank=r, gpu_share=f)
                     methods.append((name, make, batch, "a2ats"))
                     if scoring in GRAPH_SCORERS:  # offloaded layers: graph pieces around the CPU attention
                         methods.append((f"{name} graphs", make, batch, "a2ats"))

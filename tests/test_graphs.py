@@ -53,13 +53,16 @@ ONE_LAYER = kv_bytes(3, 2, 16, torch.float32, 300, 1) + 1  # "auto": the tiny mo
     ("query_head", False, "wrope", {}), ("kv_head", True, "wrope", {}), ("query_head", False, "distance", {}),
     ("query_head", False, "distance", {"offload": "cpu"}),
     ("query_head", False, "distance", {"offload": "cpu", "halves": False}),
+    ("kv_head", False, "wrope", {"offload": "cpu", "gpu_share": 0.4}),
     ("kv_head", False, "wrope", {"offload": "auto", "gpu_kv_budget": ONE_LAYER})],
-    ids=["greedy", "sampling", "distance-buckets", "offloaded-halves", "offloaded-one-batch", "auto-halves"])
+    ids=["greedy", "sampling", "distance-buckets", "offloaded-halves", "offloaded-one-batch", "offloaded-gpu-share",
+         "auto-halves"])
 def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, scoring, options):
     """Three prompts, two of them left-padded, 200 new tokens from 90: seven width buckets of 32 and twelve wraps of
     the 16-token window; the same selections, tokens (greedy, or sampled from the same seed) and statistics, with
     the K/V on the device, in CPU memory (graph pieces around the CPU attention; by default as two halves of the
-    batch, rows 0-1 and row 2, each over a view of its rows of the cache), or both."""
+    batch, rows 0-1 and row 2, each over a view of its rows of the cache; a share of the rows attended by the
+    device), or both."""
     model, books = tiny
     ids = ids_of(3, 90, seed=3)
     mask = torch.ones_like(ids)

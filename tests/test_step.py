@@ -9,6 +9,7 @@ import torch
 from a2ats_hf import A2ATSCache, cache_argument
 from a2ats_hf.cache import A2ATSLayer
 from a2ats_hf.step import bucket_width, rerank_exact
+from a2ats_hf.store import kv_bytes
 
 from conftest import DEVICE, ids_of
 
@@ -124,3 +125,33 @@ def test_offloaded_step_waits_once_per_layer(tiny, monkeypatch):
         torch.cuda.set_sync_debug_mode("default")
     assert len(waits) == 3 * len(cache.a2ats_layers)
     assert torch.equal(out, expected)
+
+
+ONE_LAYER = kv_bytes(2, 2, 16, torch.float32, 200, 1) + 1  # "auto": the tiny model's first layer on the device
+
+
+@pytest.mark.parametrize("offload", ["cpu", "auto"])
+def test_a_gpu_share_attends_the_same_rows(tiny, offload):
+    """``gpu_share`` splits each offloaded layer's selection: the device attends the first share itself, beside
+    the window, reading the rows in place from the store's one block, the CPU the rest; the same tokens and
+    statistics as the CPU attending every row."""
+    model, books = tiny
+    ids = ids_of(2, 150, seed=3)
+    auto = {"gpu_kv_budget": ONE_LAYER} if offload == "auto" else {}
+    caches = [A2ATSCache(books, topk=0.1, offload=offload, max_length=200, gpu_share=share, **auto)
+              for share in (0.0, 0.4)]
+    outs = [greedy(model, ids, cache, new=12) for cache in caches]
+    assert torch.equal(outs[0], outs[1])
+    offloaded = [layer for layer in caches[1].a2ats_layers if not layer.store.resident]
+    assert offloaded and all(len(layer.store.blocks) == 1 for layer in offloaded)
+    assert caches[0].stats.far_selected == caches[1].stats.far_selected > 0
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"gpu_share": 1.0, "max_length": 100}, r"in \[0, 1\), got 1.0"),
+    ({"gpu_share": 0.3}, "needs offload=\"cpu\" or \"auto\" .* and max_length"),
+    ({"gpu_share": 0.3, "max_length": 100, "offload": "none"}, "got 'none'"),
+])
+def test_a_gpu_share_is_checked(tiny, settings, message):
+    with pytest.raises(ValueError, match=message):
+        A2ATSCache(tiny[1], **settings)

@@ -210,3 +210,18 @@ def test_rows_of_a_device_store_are_views():
     part.write(torch.tensor([3]), *torch.ones(2, 2, 2, 1, 8))
     assert part.shape[0] == 2 and part.length == 4
     assert torch.equal(whole.keys[1:, :, 3], torch.ones(2, 2, 8)) and torch.equal(whole.keys[0], keys[0])
+
+
+def test_a_one_block_store_is_mapped_as_views():
+    """A store allocated whole (``gpu_share``: one block for max_length tokens) offers its K/V as [B, H, N, D] views
+    a GPU kernel can read in place; one with several blocks offers none."""
+    whole = KVStore(batch=2, heads=3, head_dim=8, dtype=torch.float32, block_size=10)
+    keys, values = torch.randn(2, 2, 3, 7, 8)
+    whole.append(keys, values)
+    mapped = whole.mapped()
+    assert mapped.keys.data_ptr() == whole.blocks[0].data_ptr() and mapped.length == 7
+    assert torch.equal(mapped.keys[:, :, :7], keys) and torch.equal(mapped.values[:, :, :7], values)
+    index = torch.tensor([[[6, 0]] * 3] * 2)
+    assert all(torch.equal(a, b) for a, b in zip(mapped.gather(index), whole.gather(index)))
+    whole.append(*torch.randn(2, 2, 3, 4, 8))
+    assert whole.mapped() is None

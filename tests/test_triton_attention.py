@@ -9,7 +9,7 @@ import torch
 
 from a2ats_hf.kernels import reference, triton_attention
 from a2ats_hf.kernels.reference import FarRows
-from a2ats_hf.store import DeviceKVStore
+from a2ats_hf.store import DeviceKVStore, KVStore
 
 from conftest import DEVICE
 
@@ -56,15 +56,24 @@ def test_merge_matches_reference():
     assert merged[2, 2].abs().max() == 0
 
 
+@pytest.mark.parametrize("mapped", [False, True], ids=["device-store", "cpu-store-mapped"])
 @pytest.mark.parametrize("b, hq, hkv, d, stored, width, dtype", [(2, 6, 2, 16, 900, 700, torch.float32),
                                                                   (1, 9, 3, 64, 300, 40, torch.bfloat16)],
                          ids=["three-splits", "smollm2-shape-one-split"])
-def test_local_and_far_attention_matches_reference(b, hq, hkv, d, stored, width, dtype):
-    """Sinks + window and far rows of a device store in one launch (split over programs, then combined): equal to
-    the reference, with a pair that selected nothing, a row whose local keys are all masked, and full lists."""
+def test_local_and_far_attention_matches_reference(b, hq, hkv, d, stored, width, dtype, mapped):
+    """Sinks + window and far rows in one launch (split over programs, then combined): equal to the reference, with
+    a pair that selected nothing, a row whose local keys are all masked, and full lists; the far rows in a device
+    store, or in a one-block CPU store's (pinned where CUDA is) block, read in place (``gpu_share``)."""
     g = torch.Generator().manual_seed(stored)
-    store = DeviceKVStore(b, hkv, d, dtype, KERNEL_DEVICE)
-    store.append(*(torch.randn(2, b, hkv, stored, d, generator=g).to(dtype).to(KERNEL_DEVICE)))
+    kv = torch.randn(2, b, hkv, stored, d, generator=g).to(dtype)
+    if mapped:
+        cpu_store = KVStore(b, hkv, d, dtype, block_size=stored + 5)
+        cpu_store.append(*kv)
+        store = cpu_store.mapped()
+        assert store.keys.device.type == "cpu" and store.keys.is_pinned() == torch.cuda.is_available()
+    else:
+        store = DeviceKVStore(b, hkv, d, dtype, KERNEL_DEVICE)
+        store.append(*kv.to(KERNEL_DEVICE))
     indices = torch.stack([torch.randperm(stored, generator=g)[:width].sort().values for _ in range(b * hkv)])
     indices = indices.view(b, hkv, width).to(torch.int32)
     counts = torch.randint(1, width + 1, (b, hkv), generator=g, dtype=torch.int32)

@@ -238,8 +238,9 @@ def sparse_attention(
 
 @dataclass
 class FarRows:
-    """Far tokens to attend besides the local ones, where the K/V stays on the device: rows ``indices`` [B, Hkv, K]
-    (the first ``counts`` [B, Hkv] of each list) of a :class:`~a2ats_hf.store.DeviceKVStore`."""
+    """Far tokens to attend besides the local ones by the device's kernel: rows ``indices`` [B, Hkv, K] (the first
+    ``counts`` [B, Hkv] of each list) of a :class:`~a2ats_hf.store.DeviceKVStore` (on the device, or views of a
+    pinned CPU store's one block, read over PCIe: ``KVStore.mapped``)."""
 
     store: object
     indices: torch.Tensor
@@ -252,7 +253,8 @@ def local_and_far_attention(
     """Attention over the local keys (as :func:`attention_with_lse`) and the far rows together: out [B, Hq, D],
     lse [B, Hq]."""
     out, lse = attention_with_lse(query, keys, values, valid, scaling)
-    far_out, far_lse = sparse_attention(query, far.store, far.indices, far.counts, scaling)
+    far_out, far_lse = (t.to(query.device) for t in sparse_attention(query, far.store, far.indices, far.counts,
+                                                                      scaling))
     return merge_attention(out, lse, far_out, far_lse), torch.logaddexp(lse, far_lse)
 
 
