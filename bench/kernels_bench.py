@@ -127,9 +127,11 @@ def bench_device_attention(n: int, b: int, rows: int, hbm: float) -> dict:
     return result
 
 
-def random_store(b: int, n: int, dtype=torch.bfloat16) -> KVStore:
+def random_store(b: int, n: int, dtype=torch.bfloat16, pinned: bool = False) -> KVStore:
+    """An N-token store of random K/V, pageable unless ``pinned`` (as decoding from a GPU pins it: registered huge
+    pages; pinning 30 GiB only slows the set-up where it makes no difference)."""
     store = KVStore(b, HKV, D, dtype)
-    store.pin = False  # the CPU kernel does not care; pinning 30 GiB would only slow the set-up
+    store.pin = pinned
     chunk = torch.empty(b, HKV, store.block_size, D, dtype=dtype).normal_()  # values do not change the speed
     for start in range(0, n, store.block_size):
         t = min(store.block_size, n - start)
@@ -137,14 +139,22 @@ def random_store(b: int, n: int, dtype=torch.bfloat16) -> KVStore:
     return store
 
 
-def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads: int | None = None) -> dict:
-    """The C++ kernel over 3% random rows of an N-token store, each call a new selection of four in turn (one
-    repeated would be served by the last-level cache where it fits there); ``threads``: torch's, for the call."""
-    store = random_store(b, n)
+ROWS = {  # which 3% of the rows a call gathers, per (row, KV head): where the gather's time goes
+    "random": lambda g, b, n, k: torch.randint(0, n, (b, HKV, k), generator=g),  # as decoding: a page walk each
+    "near": lambda g, b, n, k: torch.randint(0, min(n, 8192), (b, HKV, k), generator=g),  # 4 MB: few TLB misses
+    "consecutive": lambda g, b, n, k: torch.randint(0, n - k, (b, HKV, 1), generator=g) + torch.arange(k),
+}
+
+
+def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads: int | None = None,
+                        rows: str = "random", pinned: bool = False) -> dict:
+    """The C++ kernel over 3% of the rows of an N-token store (``rows``: random by default, as decoding selects),
+    each call a new selection of four in turn (one repeated would be served by the last-level cache where it fits
+    there); ``threads``: torch's, for the call; ``pinned``: the store's blocks pinned as decoding pins them."""
+    store = random_store(b, n, pinned=pinned)
     g = torch.Generator().manual_seed(n)
     k = int(0.03 * n)
-    selections = [torch.randint(0, n, (b, HKV, k), generator=g).sort(-1).values.to(torch.int32)  # random, ascending
-                  for _ in range(4)]
+    selections = [ROWS[rows](g, b, n, k).sort(-1).values.to(torch.int32) for _ in range(4)]  # ascending
     indices = selections[0]
     counts = torch.full((b, HKV), k, dtype=torch.int32)
     query = torch.randn(b, HKV * GROUP, D, generator=g)
@@ -157,7 +167,8 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads:
                                                                 D**-0.5), 8)
     finally:
         torch.set_num_threads(every)
-    row = {"n": n, "batch": b, "threads": threads or every, "mb_gathered": round(gathered / 1e6, 1),
+    row = {"n": n, "batch": b, "threads": threads or every, "rows": rows, "pinned": pinned,
+           "mb_gathered": round(gathered / 1e6, 1),
            "cpp_ms": round(fast * 1e3, 2), "cpp_gbs": round(gathered / fast / 1e9, 1),
            "pct_cpu_bw": round(100 * gathered / fast / 1e9 / cpu_bw, 1), "bound_ms": round(gathered / cpu_bw / 1e6, 2)}
     if baselines:
@@ -284,6 +295,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the host side of the first decode step")
     parser.add_argument("--threads", type=int, nargs="+",
                         help="the CPU attention also with these thread counts (latency- or bandwidth-bound?)")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=["random"],
+                        help="the CPU attention's row patterns: random (as decoding), near (random within 4 MB of "
+                             "each (row, KV head): few TLB misses), consecutive (no page walks)")
+    parser.add_argument("--pinned", action="store_true", help="the CPU attention's store pinned, as decoding pins it")
     parser.add_argument("--out", type=Path, help="default: bench/results/kernels/<date>-<commit>-<gpu>.json")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -303,12 +318,12 @@ def main() -> None:
             print(results["topk"][-1], flush=True)
     for n in lengths if "cpu" in parts else []:
         for b in batches:
-            results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"],
-                                                                baselines=n * b <= 131072 * 4))
-            print(results["cpu_attention"][-1], flush=True)
-            for threads in args.threads or []:
-                results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"], False, threads))
-                print(results["cpu_attention"][-1], flush=True)
+            for rows in args.rows:
+                for threads in [None, *(args.threads or [])]:
+                    baselines = threads is None and rows == "random" and n * b <= 131072 * 4
+                    results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"], baselines,
+                                                                        threads, rows, args.pinned))
+                    print(results["cpu_attention"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "attention" in parts else []:
         for b in [1, 7]:
             for share in [0.03, 0.12]:  # the per-KV-head rule's 3%, and a per-query-head union of 4 heads' 3%
@@ -329,9 +344,12 @@ def main() -> None:
     for r in results["topk"]:
         print(f"| {r['n']} | {r['batch']} | {r['mb_read']} | {r['triton_us']} | {r['triton_gbs']} | {r['pct_hbm']} | "
               f"{r['torch_topk_us']} | {r['device_us']} | {r['matches_reference']} |")
-    print("| CPU attn N | batch | threads | MB gathered | C++ ms | GB/s | % CPU bw | reference ms | index_select ms |")
+    print("| CPU attn N | batch | rows | threads | MB gathered | C++ ms | GB/s | % CPU bw | reference ms | "
+          "index_select ms |")
     for r in results["cpu_attention"]:
-        print(f"| {r['n']} | {r['batch']} | {r['threads']} | {r['mb_gathered']} | {r['cpp_ms']} | {r['cpp_gbs']} | "
+        rows = r["rows"] + (", pinned" if r["pinned"] else "")
+        print(f"| {r['n']} | {r['batch']} | {rows} | {r['threads']} | {r['mb_gathered']} | {r['cpp_ms']} | "
+              f"{r['cpp_gbs']} | "
               f"{r['pct_cpu_bw']} | {r.get('reference_ms', '-')} | {r.get('index_select_ms', '-')} |")
     print("| GPU attn N | batch | rows | MB gathered | Triton us | GB/s | bound us | sdpa over all us | max error |")
     for r in results["device_attention"]:

@@ -15,10 +15,7 @@
 namespace {
 
 constexpr int64_t kChunk = 256;    // selected rows per task
-#ifndef A2ATS_PREFETCH
-#define A2ATS_PREFETCH 8
-#endif
-constexpr int64_t kPrefetch = A2ATS_PREFETCH;  // rows ahead to prefetch (a build flag, for measurements)
+constexpr int64_t kPrefetch = 8;  // rows ahead to prefetch
 
 inline float to_float(float x) { return x; }
 inline float to_float(double x) { return static_cast<float>(x); }
