@@ -299,6 +299,8 @@ def main() -> None:
                         help="the CPU attention's row patterns: random (as decoding), near (random within 4 MB of "
                              "each (row, KV head): few TLB misses), consecutive (no page walks)")
     parser.add_argument("--pinned", action="store_true", help="the CPU attention's store pinned, as decoding pins it")
+    parser.add_argument("--lengths", type=int, nargs="+", help="the top-K's and CPU attention's N (default: by --quick)")
+    parser.add_argument("--batches", type=int, nargs="+", help="their batch sizes (default: by --quick)")
     parser.add_argument("--out", type=Path, help="default: bench/results/kernels/<date>-<commit>-<gpu>.json")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -308,8 +310,8 @@ def main() -> None:
     cpu_attention.extension()  # build once, outside the timings
     bw = bandwidths()
     print(bw, flush=True)
-    lengths = [32768] if args.quick else [32768, 131072, 524288]
-    batches = [1, 4] if args.quick else [1, 4, 16]
+    lengths = args.lengths or ([32768] if args.quick else [32768, 131072, 524288])
+    batches = args.batches or ([1, 4] if args.quick else [1, 4, 16])
     results = {"environment": environment(), "quick": args.quick, "bandwidth": bw, "topk": [], "cpu_attention": [],
                "device_attention": [], "decode_layer": []}
     for n in lengths if "topk" in parts else []:
