@@ -299,7 +299,7 @@ def main() -> None:
                         help="the CPU attention's row patterns: random (as decoding), near (random within 4 MB of "
                              "each (row, KV head): few TLB misses), consecutive (no page walks)")
     parser.add_argument("--pinned", action="store_true", help="the CPU attention's store pinned, as decoding pins it")
-    parser.add_argument("--lengths", type=int, nargs="+", help="the top-K's and CPU attention's N (default: by --quick)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="N of the top-K and CPU attention (default: by --quick)")
     parser.add_argument("--batches", type=int, nargs="+", help="their batch sizes (default: by --quick)")
     parser.add_argument("--out", type=Path, help="default: bench/results/kernels/<date>-<commit>-<gpu>.json")
     args = parser.parse_args()
