@@ -23,6 +23,7 @@ import copy
 import functools
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -89,7 +90,7 @@ class GraphRunner:
         self.captured: dict[tuple, Captured] = {}
         self.statics: dict[int, StaticStep] = {}  # by width, for the validity record they were built from
         self.part_statics: dict[tuple[int, int], StaticStep] = {}  # by (lane, width): the halves' rows of those
-        self.split: tuple[tuple, list] | None = None  # (what they were made for, the halves' views of the cache)
+        self.split: tuple | None = None  # ((batch, edits, length) made for, the halves' views, a weakref to the cache)
         self.warm: set[tuple] = set()  # (batch, width, keywords) run once: the next step captures
         self.uncapturable: set[tuple] = set()  # those whose capture failed: run without a graph
         self.pools: dict[int, tuple] = {}  # by lane: the halves' graphs may not share memory, as they interleave
@@ -193,7 +194,7 @@ class GraphRunner:
         if len(parts) > 1:
             for layer in layers:
                 layer.store.length += 1
-            self.split = ((id(cache), batch, cache.edits, n + 1), self.split[1])
+            self.split = ((batch, cache.edits, n + 1), *self.split[1:])
         result = copy.copy(outputs[0])
         result.logits = torch.cat([output.logits for output in outputs])  # a copy: the next replay overwrites them
         if len(parts) > 1 and "past_key_values" in result:
@@ -208,13 +209,13 @@ class GraphRunner:
         if (not self.halves or batch < 2 or all(layer.store.resident for layer in layers)
                 or not set(tensors) <= {*ROW_INPUTS, "cache_position"}):
             return [(cache, slice(None))]
-        made_for = (id(cache), batch, cache.edits, cache.get_seq_length())
-        if self.split is None or self.split[0] != made_for:
+        made_for = (batch, cache.edits, cache.get_seq_length())
+        if self.split is None or self.split[0] != made_for or self.split[2]() is not cache:
             for layer in layers:  # its state would go stale while the halves' scorers move theirs on
                 layer.scorer.forget()
             middle = -(-batch // 2)
             self.split = (made_for, [(cache.rows(0, middle, 0), slice(0, middle)),
-                                     (cache.rows(middle, batch, 1), slice(middle, batch))])
+                                     (cache.rows(middle, batch, 1), slice(middle, batch))], weakref.ref(cache))
         return self.split[1]
 
     def part_static(self, static: StaticStep, lane: int, rows: slice) -> StaticStep:

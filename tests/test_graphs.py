@@ -245,3 +245,25 @@ def test_replay_interleaves_two_halves(monkeypatch):
     replay([captured("A", 2), captured("B", 2)], torch.device("cpu"))
     assert log == ["A0", "A ready", "B0", "B ready", "A cpu0", "A1", "A ready", "B cpu0", "B1", "B ready",
                    "A cpu1", "A2", "B cpu1", "B2"]
+
+
+def test_halves_follow_a_new_cache(tiny):
+    """One runner, two offloaded caches in turn (the first one freed), the second's prompt as long as the first
+    cache's last length: the second decodes over views of its own rows, as its halves decoded alone would."""
+    import gc
+
+    model, books = tiny
+    first, second = ids_of(2, 80, seed=11), ids_of(2, 99, seed=12)
+    expected = [run(model, books, second[rows], torch.ones_like(second[rows]), graphs=False, new=20,
+                    offload="cpu")[0] for rows in (slice(0, 1), slice(1, 2))]
+    runner = capture_decoding(model, capture=DEVICE.type == "cuda", bucket=32).forward
+    try:
+        for ids in (first, second):
+            cache = A2ATSCache(books, topk=0.1, offload="cpu", max_length=300)
+            out = model.generate(ids, **cache_argument(model, cache), max_new_tokens=20, do_sample=False,
+                                 pad_token_id=0)
+            del cache
+            gc.collect()
+    finally:
+        release_decoding(model)
+    assert runner.split is not None and torch.equal(out, torch.cat(expected))
