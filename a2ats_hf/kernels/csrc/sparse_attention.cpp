@@ -1,12 +1,14 @@
 // Sparse attention over the CPU KV store: for every (row, KV head), the selected rows of the offloaded keys and
 // values (side by side in the store's blocks, [B, H, block, 2, D]: one contiguous read per token) are gathered
 // straight from the blocks and attended by the KV group's query heads, with float32 accumulation. Work is split
-// into (row, KV head, chunk of selected rows) tasks run on torch's thread pool, and the chunks' partial softmaxes
-// are merged by their log-sum-exps, so a batch of one still uses every core.
+// into (row, KV head, chunk of selected rows) tasks, which torch's threads take in turn, and the chunks' partial
+// softmaxes are merged by their log-sum-exps, so a batch of one still uses every core.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
+#include <memory>
 #include <cstring>
 #include <type_traits>
 #include <limits>
@@ -153,10 +155,42 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
   std::vector<float> acc(tasks * group * d), sums(tasks * group), maxes(tasks * group);
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));  // a key's or a value's
 
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(d), logits(kChunk * group);
-    std::vector<const T*> value_rows(kChunk);
-    for (int64_t t = begin; t < end; ++t) {
+  // Merge a pair's chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, lse = M + log(l).
+  auto merge = [&](int64_t p) {
+    for (int64_t g = 0; g < group; ++g) {
+      float* o = out + (p * group + g) * d;
+      std::fill(o, o + d, 0.f);
+      float big = -std::numeric_limits<float>::infinity(), total = 0.f;
+      for (int64_t t = first_task[p]; t < first_task[p + 1]; ++t) big = std::max(big, maxes[t * group + g]);
+      if (first_task[p] == first_task[p + 1]) {
+        lse[p * group + g] = big;  // nothing selected: -inf, zero output
+        continue;
+      }
+      for (int64_t t = first_task[p]; t < first_task[p + 1]; ++t) {
+        const float f = std::exp(maxes[t * group + g] - big);
+        total += f * sums[t * group + g];
+        const float* a = acc.data() + (t * group + g) * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) o[i] += f * a[i];
+      }
+      for (int64_t i = 0; i < d; ++i) o[i] /= total;
+      lse[p * group + g] = big + std::log(total);
+    }
+  };
+
+  // Tasks are taken in turn from a shared counter (a thread slowed by the machine takes fewer), and the thread
+  // that finishes a pair's last chunk merges the pair, so the call needs one parallel region.
+  std::atomic<int64_t> next{0};
+  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[pairs]);
+  for (int64_t p = 0; p < pairs; ++p) {
+    left[p] = first_task[p + 1] - first_task[p];
+    if (left[p] == 0) merge(p);  // nothing selected
+  }
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> row(d), logits(kChunk * group), m(group), l(group);  // a task's max and sum per head: here,
+    std::vector<const T*> value_rows(kChunk);  // not in maxes / sums, whose neighbours other threads write
+    for (int64_t t = next++; t < tasks; t = next++) {
       const int64_t p = task_pair[t];
       const int64_t start = task_chunk[t] * kChunk;
       const int64_t n = std::min<int64_t>(kChunk, counts[p] - start);
@@ -166,8 +200,7 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
       auto key_at = [&](int64_t j) { return blocks[idx[j] / block_size] + base + (idx[j] % block_size) * 2 * d; };
       auto value_at = [&](int64_t j) { return key_at(j) + d; };
 
-      float* m = maxes.data() + t * group;
-      for (int64_t g = 0; g < group; ++g) m[g] = -std::numeric_limits<float>::infinity();
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       for (int64_t j = 0; j < n; ++j) {
         if (j + kPrefetch < n) prefetch_row(key_at(j + kPrefetch), 2 * row_bytes);  // its value too: read next
         float* s = logits.data() + j * group;
@@ -187,13 +220,12 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
         for (int64_t g = 0; g < group; ++g) m[g] = std::max(m[g], s[g]);
       }
       float* a = acc.data() + t * group * d;
-      float* l = sums.data() + t * group;
       std::fill(a, a + group * d, 0.f);
-      std::fill(l, l + group, 0.f);
+      std::fill(l.begin(), l.end(), 0.f);
       if constexpr (G > 0) {
         if (tiled) {
           for (int64_t j = 0; j < n; ++j) value_rows[j] = value_at(j);  // fetched with their keys
-          weights_tiled<G>(logits.data(), n, m, l);
+          weights_tiled<G>(logits.data(), n, m.data(), l.data());
           values_tiled<G>(value_rows.data(), logits.data(), n, d, a);
         }
       }
@@ -215,31 +247,9 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
           }
         }
       }
-    }
-  });
-
-  // Merge each pair's chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, lse = M + log(l).
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t g = 0; g < group; ++g) {
-        float* o = out + (p * group + g) * d;
-        std::fill(o, o + d, 0.f);
-        float big = -std::numeric_limits<float>::infinity(), total = 0.f;
-        for (int64_t t = first_task[p]; t < first_task[p + 1]; ++t) big = std::max(big, maxes[t * group + g]);
-        if (first_task[p] == first_task[p + 1]) {
-          lse[p * group + g] = big;  // nothing selected: -inf, zero output
-          continue;
-        }
-        for (int64_t t = first_task[p]; t < first_task[p + 1]; ++t) {
-          const float f = std::exp(maxes[t * group + g] - big);
-          total += f * sums[t * group + g];
-          const float* a = acc.data() + (t * group + g) * d;
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) o[i] += f * a[i];
-        }
-        for (int64_t i = 0; i < d; ++i) o[i] /= total;
-        lse[p * group + g] = big + std::log(total);
-      }
+      std::copy(m.begin(), m.end(), maxes.begin() + t * group);
+      std::copy(l.begin(), l.end(), sums.begin() + t * group);
+      if (--left[p] == 0) merge(p);
     }
   });
 }
