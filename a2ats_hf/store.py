@@ -7,6 +7,7 @@ import copy
 import ctypes
 import functools
 import math
+import mmap
 import os
 import sys
 import weakref
@@ -28,10 +29,11 @@ def meminfo(field: str) -> int | None:
 
 
 def available_memory() -> int | None:
-    """Bytes of CPU memory available to new allocations (Linux ``MemAvailable``), or None where unknown."""
+    """Bytes of CPU memory available to new allocations (Linux ``MemAvailable``, and the free pages of a hugetlb pool,
+    which the store's blocks take first: :func:`from_hugetlb_pool`), or None where unknown."""
     available = meminfo("MemAvailable")
     if available is not None:
-        return available
+        return available + hugetlb_pool()[0]
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -86,16 +88,53 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE) == 0
 
 
+MAP_HUGETLB = 0x40000  # Linux's mmap() flag: pages from the hugetlb pool
+
+
+def hugetlb_pool() -> tuple[int, int]:
+    """(bytes free, page size) of the machine's hugetlb pool, the huge pages an administrator reserved
+    (``sysctl vm.nr_hugepages=N``); (0, 0) where there is none."""
+    free, reserved = meminfo("HugePages_Free"), meminfo("HugePages_Rsvd") or 0  # counts (read as kB: x 1024)
+    size = meminfo("Hugepagesize")
+    return (0, 0) if not free or not size else ((free - reserved) // 1024 * size, size)
+
+
+def from_hugetlb_pool(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """Memory for ``shape`` from the hugetlb pool, where it has room, else None: huge pages for certain, where
+    transparent ones are advice the kernel may not follow. Reserved whole when mapped (so touching it cannot
+    fail), and given back to the pool when the tensor's memory is freed."""
+    numel = math.prod(shape)
+    free, page = hugetlb_pool()
+    size = -(-numel * dtype.itemsize // max(page, 1)) * page
+    if numel == 0 or size > free:
+        return None
+    try:
+        memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB)
+    except (OSError, ValueError):
+        return None
+    return torch.frombuffer(memory, dtype=dtype, count=numel).view(shape)
+
+
+def on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """Memory for ``shape`` on huge pages: from the hugetlb pool where it has room, else pageable memory advised onto
+    transparent huge pages; None where neither is offered."""
+    tensor = from_hugetlb_pool(shape, dtype)
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype)
+        if not advise_huge_pages(tensor):
+            return None
+    return tensor
+
+
 PIN_ON_HUGE_PAGES = True  # pinned blocks on huge pages, registered with CUDA (else from CUDA's pinned allocator)
 
 
 def pinned_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-    """Page-locked host memory on transparent huge pages, or None where Linux or CUDA refuses: a pageable tensor
-    advised onto huge pages, then registered with CUDA (``cudaHostRegister``, which faults its pages in), so copies
-    between it and a GPU are asynchronous as from CUDA's pinned allocator, whose memory cannot be advised.
-    Unregistered when the tensor is freed."""
-    tensor = torch.empty(shape, dtype=dtype)
-    if not advise_huge_pages(tensor):
+    """Page-locked host memory on huge pages (:func:`on_huge_pages`), or None where Linux or CUDA refuses: registered
+    with CUDA (``cudaHostRegister``, which faults its pages in), so copies between it and a GPU are asynchronous as
+    from CUDA's pinned allocator, whose memory cannot be advised. Unregistered when the tensor is freed."""
+    tensor = on_huge_pages(shape, dtype)
+    if tensor is None:
         return None
     cudart, pointer = torch.cuda.cudart(), tensor.data_ptr()
     if int(cudart.cudaHostRegister(pointer, tensor.numel() * tensor.element_size(), 0)) != 0:
@@ -190,14 +229,14 @@ class KVStore:
         self.staged = 0
 
     def _new_block(self) -> torch.Tensor:
-        """A new block on huge pages (:func:`advise_huge_pages`), before the appends write it: pinned ones through
-        :func:`pinned_on_huge_pages` (from CUDA's pinned allocator where that fails)."""
+        """A new block on huge pages (:func:`on_huge_pages`: the hugetlb pool where it has room, else transparent
+        huge pages), before the appends write it: pinned ones through :func:`pinned_on_huge_pages` (from CUDA's
+        pinned allocator where that fails)."""
         b, h, n, d = self.shape
         shape = (b, h, n, 2, d)
         if not self.pin:
-            block = torch.empty(shape, dtype=self.dtype)
-            advise_huge_pages(block)
-            return block
+            block = on_huge_pages(shape, self.dtype)
+            return torch.empty(shape, dtype=self.dtype) if block is None else block
         block = pinned_on_huge_pages(shape, self.dtype) if PIN_ON_HUGE_PAGES else None
         return torch.empty(shape, dtype=self.dtype, pin_memory=True) if block is None else block
 

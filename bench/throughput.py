@@ -37,7 +37,7 @@ from a2ats_hf import A2ATSCache, cache_argument, calibrate, store
 from a2ats_hf.graphs import GRAPH_SCORERS, capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.scoring import DistanceBuckets, Scorer, scorer_of
-from a2ats_hf.store import available_memory, kv_bytes, meminfo
+from a2ats_hf.store import available_memory, hugetlb_pool, kv_bytes, meminfo
 from bench.common import (
     LLAMA31_8B,
     WordTokenizer,
@@ -190,13 +190,14 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
     device = model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cpu_before, huge_before = available_memory() or 0, meminfo("AnonHugePages") or 0
+    cpu_before, huge_before, pool_before = available_memory() or 0, meminfo("AnonHugePages") or 0, hugetlb_pool()[0]
     start = time.perf_counter()
     cache = make_cache()
     fill(model, cache, batch, n)
     sync(device)
     row = {"context": n, "method": method, "batch": batch, "fill_s": round(time.perf_counter() - start, 1),
-           "huge_pages_gib": round(((meminfo("AnonHugePages") or 0) - huge_before) / 2**30, 1)}  # the fill's THP
+           "huge_pages_gib": round(((meminfo("AnonHugePages") or 0) - huge_before) / 2**30, 1),  # the fill's THP
+           "hugetlb_gib": round((pool_before - hugetlb_pool()[0]) / 2**30, 1)}  # and hugetlb pool pages
     steps = args.steps if "offloaded" not in method else max(4, args.steps // 4)  # ~1 s a step at the largest batch
     forward = model.forward
     if "graphs" in method:

@@ -16,6 +16,8 @@ from a2ats_hf.store import (
     DeviceKVStore,
     KVStore,
     advise_huge_pages,
+    from_hugetlb_pool,
+    hugetlb_pool,
     pinned_on_huge_pages,
 )
 
@@ -225,3 +227,41 @@ def test_a_one_block_store_is_mapped_as_views():
     assert all(torch.equal(a, b) for a, b in zip(mapped.gather(index), whole.gather(index)))
     whole.append(*torch.randn(2, 2, 3, 4, 8))
     assert whole.mapped() is None
+
+
+def test_without_room_in_a_hugetlb_pool_blocks_are_ordinary_memory(monkeypatch):
+    """No pool, or a pool whose pages the kernel refuses to map: no pool memory, and a store's blocks come from
+    ordinary (transparent huge page) memory. A pool's free pages count as available memory."""
+    import mmap
+
+    from a2ats_hf import store as store_module
+
+    monkeypatch.setattr(store_module, "hugetlb_pool", lambda: (0, 0))
+    assert from_hugetlb_pool((4, 8), torch.float32) is None
+    monkeypatch.setattr(store_module, "hugetlb_pool", lambda: (1 << 40, HUGE_PAGE))
+    assert store_module.available_memory() > 1 << 40  # the pool's free pages count as available to the store
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    assert from_hugetlb_pool((4, 8), torch.float32) is None
+    store = KVStore(batch=1, heads=2, head_dim=8, dtype=torch.float32, block_size=5)
+    keys, values = torch.randn(2, 1, 2, 7, 8)
+    store.append(keys, values)
+    assert torch.equal(store.to_tensors()[0], keys)
+
+
+@pytest.mark.skipif(hugetlb_pool()[0] < 4 * HUGE_PAGE,
+                    reason="needs a hugetlb pool with 4 free 2 MiB pages (sysctl vm.nr_hugepages=4)")
+def test_blocks_come_from_the_hugetlb_pool_where_it_has_room():
+    """Where an administrator reserved huge pages, a store's blocks take them (huge pages for certain), hold what is
+    appended, and give them back when freed."""
+    free = hugetlb_pool()[0]
+    store = KVStore(batch=1, heads=2, head_dim=8, dtype=torch.float32, block_size=100)
+    keys, values = torch.randn(2, 1, 2, 150, 8)
+    store.append(keys, values)
+    assert hugetlb_pool()[0] == free - 2 * HUGE_PAGE  # two blocks, a page each
+    assert torch.equal(store.to_tensors()[0], keys) and torch.equal(store.to_tensors()[1], values)
+    del store
+    assert hugetlb_pool()[0] == free
