@@ -4,6 +4,8 @@ While a :class:`FidelityProbe` watches an :class:`A2ATSCache`, every ``every``-t
 also computed exactly over every stored token, and the probe records, per layer: the recall of each query head's
 exact top-K far tokens (K = the step's budget) by the scorer's top-K, the exact softmax mass of the tokens attended
 (sinks + window + retrieved), and the relative error of the attention output, ``||o - o_full|| / ||o_full||``.
+With ``keep_picks``, it also keeps each measured call's far rows per KV head (``picks``, what
+:mod:`a2ats_eval.reuse` reads).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ class FidelityProbe:
     """Context manager watching a cache's decode steps (one of its ``observers``); ``summary()`` gives the per-layer
     means. Without a cache (full attention) it measures nothing."""
 
-    def __init__(self, cache: A2ATSCache | None, every: int = 1):
+    def __init__(self, cache: A2ATSCache | None, every: int = 1, keep_picks: bool = False):
         self.cache, self.every, self.calls = cache, every, 0
         self.values: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.picks: dict[int, list[torch.Tensor]] | None = defaultdict(list) if keep_picks else None
 
     def __enter__(self) -> "FidelityProbe":
         if self.cache is not None:
@@ -87,7 +90,10 @@ class FidelityProbe:
             pool = hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1)
             hit = top(per_group(logits) if cache.budget == "kv_head" else logits, far[:, None] & pool, k)
         self.values["recall"][layer.layer_idx].append(hit.gather(-1, exact).float().mean().item())
-        return hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1)
+        rows = hit.view(b, hkv, group, n).any(2)  # what each KV head reads: its group's union
+        if self.picks is not None:
+            self.picks[layer.layer_idx].append(rows.cpu())
+        return rows.repeat_interleave(group, dim=1)
 
     def summary(self) -> dict:
         """{metric: {"mean": over layers, "per_layer": {layer: mean}}} for recall, mass and output_error."""

@@ -315,6 +315,19 @@ OFFLOADED = {"context": kilo("context"), "method": cell("method"), "batch": cell
              "of the CPU's copy bandwidth": lambda r: f"{r['cpu_attention_gbs'] / r['copy_gbs']:.0%}"}
 
 
+REUSE = {"length": kilo("length"), "method": cell("method"), "reuse of the last step": cell("reuse", "{:.2f}"),
+         "of the last 8 steps": cell("reuse_of_8_steps", "{:.2f}"),
+         "their union, in budgets": cell("union_of_8_steps", "{:.2f}")}
+
+
+def reuse_rows(result: dict) -> tuple[list[dict], dict[str, Callable[[dict], str]]]:
+    """A selection-reuse run's rows and columns: reuse, then an LRU cache's misses at each capacity measured."""
+    capacities = result["rows"][0]["lru_misses"]
+    misses = {f"missed by a cache of {float(c):g} budgets": (lambda r, c=c: f"{r['lru_misses'][c]:.1%}")
+              for c in capacities}
+    return result["rows"], {**REUSE, **misses}
+
+
 def offloaded_rows(files: list[dict]) -> list[dict]:
     """The throughput rows of offloaded runs, each with its run's huge-page and pipeline settings (runs before the
     pipeline had none) and CPU copy bandwidth."""
@@ -346,6 +359,7 @@ SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + pe
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
 SCORING_COST = "throughput/2026-12-04-00a485c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
 FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
+REUSE_CPU = "selection-reuse/2026-12-05-XXXXXXX-cpu.json"  # SmolLM2, Persuasion: how much each step's pick repeats
 H200 = tuple(f"throughput/2026-12-02-e01eae0-nvidia-h200{s}.json" for s in ("-3", "", "-2"))  # 128K x 7, x 1, 2K
 CUDA_CHECK_H100 = "cuda-check/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"
 KERNELS = "kernels/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # top-K, CPU attention, one layer's step (v19)
@@ -364,6 +378,7 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h200-scoring-cost": Block((SCORING_COST,), lambda f: throughput_table(runs(f))),
     "throughput-h200-offloaded": Block(tuple(f"throughput/2026-12-04-7c4d3f1-nvidia-h200{s}.json" for s in ("", "-2")),
                                        lambda f: table(offloaded_rows(f), OFFLOADED)),
+    "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
     "fidelity": Block((SUITE,), lambda f: fidelity_table(f[0]["perplexity"])),
