@@ -323,7 +323,7 @@ REUSE = {"length": kilo("length"), "method": cell("method"), "reuse of the last 
 def reuse_rows(result: dict) -> tuple[list[dict], dict[str, Callable[[dict], str]]]:
     """A selection-reuse run's rows and columns: reuse, then an LRU cache's misses at each capacity measured."""
     capacities = result["rows"][0]["lru_misses"]
-    misses = {f"missed by a cache of {float(c):g} budgets": (lambda r, c=c: f"{r['lru_misses'][c]:.1%}")
+    misses = {f"misses, {float(c):g} budget{'s' * (float(c) != 1)}": (lambda r, c=c: f"{r['lru_misses'][c]:.1%}")
               for c in capacities}
     return result["rows"], {**REUSE, **misses}
 
@@ -359,7 +359,7 @@ SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + pe
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
 SCORING_COST = "throughput/2026-12-04-00a485c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
 FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
-REUSE_CPU = "selection-reuse/2026-12-05-XXXXXXX-cpu.json"  # SmolLM2, Persuasion: how much each step's pick repeats
+REUSE_CPU = "selection-reuse/2026-12-05-9f2271d-cpu.json"  # SmolLM2, Persuasion: how much each step's pick repeats
 H200 = tuple(f"throughput/2026-12-02-e01eae0-nvidia-h200{s}.json" for s in ("-3", "", "-2"))  # 128K x 7, x 1, 2K
 CUDA_CHECK_H100 = "cuda-check/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"
 KERNELS = "kernels/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # top-K, CPU attention, one layer's step (v19)
