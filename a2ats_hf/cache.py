@@ -20,6 +20,7 @@ from .kernels import code_histogram
 from .memo import PassMemo
 from .placement import Placement
 from .rope import RoPE
+from .rowcache import RowCache
 from .scoring import ScoreInputs, Scorer, scorer_of
 from .stats import AttendedStats
 from .store import select
@@ -102,7 +103,16 @@ class A2ATSLayer(CacheLayerMixin):
         self.whitened_centroids = books.whitened_centroids[self.book].to(self.device)
         self.centroid_norms = self.whitened_centroids.pow(2).sum(-1)[:, None, :]
         self.centroids = books.centroids[self.book].to(self.device)
+        self.row_cache = self.new_row_cache(capacity) if self.config.row_cache and not self.store.resident else None
         self.is_initialized = True
+
+    def new_row_cache(self, capacity: int) -> RowCache:
+        """Slots for ``row_cache`` budgets of the widest selection a step reads up to ``max_length`` tokens."""
+        config, (b, h, _, d) = self.config, self.store.shape
+        width = self.cache.budget_for(max(config.max_length - config.window - config.sink, 1))
+        if config.budget == "query_head":  # each query head's pick, united over the group
+            width *= self.cache.codebooks.fingerprint.get("num_attention_heads", h) // h
+        return RowCache.empty(b, h, math.ceil(config.row_cache * width), d, capacity, self.dtype, self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store new post-RoPE K/V and return them, tagged so the "a2ats" attention finds this layer.
@@ -179,6 +189,8 @@ class A2ATSLayer(CacheLayerMixin):
                                 dtype=torch.uint16, device=self.device)
             grown[:, :, : self.code_buffer.shape[-1]] = self.code_buffer
             self.code_buffer = grown
+            if self.row_cache is not None:
+                self.row_cache.grow(grown.shape[-1])
 
     def append_codes(self, keys: torch.Tensor, position_ids: torch.Tensor, rope: RoPE) -> None:
         """Encode new post-RoPE keys [B, Hkv, T, D] at ``position_ids`` [B, T] into the last T code slots (in a
@@ -307,6 +319,8 @@ class A2ATSLayer(CacheLayerMixin):
         for name in self.ROW_STATE:
             if getattr(self, name, None) is not None:
                 setattr(self, name, select(getattr(self, name), index))
+        if self.row_cache is not None:
+            self.row_cache = self.row_cache.select_rows(index)
         if hasattr(self, "last_first_token"):
             self.last_first_token = int(self.first_token.max())
         self.scorer.forget()
@@ -321,6 +335,8 @@ class A2ATSLayer(CacheLayerMixin):
         for name in self.ROW_STATE:
             if getattr(self, name, None) is not None:
                 setattr(part, name, getattr(self, name)[start:stop])
+        if self.row_cache is not None:
+            part.row_cache = self.row_cache.rows(start, stop)
         return part
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -347,6 +363,8 @@ class A2ATSLayer(CacheLayerMixin):
         if m == n:
             return
         self.store.truncate(m)
+        if self.row_cache is not None:
+            self.row_cache.clear()
         self.fill_ring(*self.store.to_tensors(max(m - self.config.window, 0), m))
         self.sink_valid = None  # recomputed from the sinks still stored
         if self.histogram is not None:
@@ -360,6 +378,7 @@ class A2ATSLayer(CacheLayerMixin):
             return 0, 0
         tensors = (self.code_buffer, self.local_keys, self.local_values) + self.scorer.held()
         tensors += () if self.histogram is None else (self.histogram,)
+        tensors += () if self.row_cache is None else self.row_cache.tensors()
         device = sum(t.numel() * t.element_size() for t in tensors)
         if self.store.resident:
             return device + self.store.nbytes, 0
@@ -442,6 +461,11 @@ class A2ATSCache(Cache):
             reading them in place from the pinned CPU store over PCIe (zero-copy) while the CPU attends the rest, so
             PCIe's bandwidth adds to the CPU's. Needs ``max_length``: each offloaded layer's K/V is then one pinned
             buffer for ``max_length`` tokens. 0 (the default): the CPU attends every selected row.
+        row_cache: R >= 2 keeps, for each offloaded layer, R budgets of the rows it picked most recently on the
+            device (per row and KV head; the selection's whole width under the per-query-head rule): picked again,
+            the device attends them from there and only the misses cross from CPU memory (consecutive steps pick
+            mostly the same rows). Needs ``max_length`` (the slots are sized once); not with ``gpu_share``.
+            0 (the default): none.
     """
 
     def __init__(
@@ -458,6 +482,7 @@ class A2ATSCache(Cache):
         dense_below: int = 4096,
         rerank: int = 1,
         gpu_share: float = 0.0,
+        row_cache: float = 0.0,
     ):
         if not isinstance(codebooks, Codebooks):
             hint = (f" To load codebooks from {codebooks!r}, use A2ATSCache.from_pretrained({codebooks!r}) or "
@@ -467,7 +492,7 @@ class A2ATSCache(Cache):
                             f"{type(codebooks).__name__}.{hint}")
         self.config = A2ATSConfig(codebooks.window if window is None else window,
                                   codebooks.sink if sink is None else sink, topk, budget, max_length, offload,
-                                  gpu_kv_budget, dense_below, rerank, gpu_share)
+                                  gpu_kv_budget, dense_below, rerank, gpu_share, row_cache)
         self.scorer = scorer_of(scoring)
         if self.scorer.keys not in (None, codebooks.keys):
             raise ValueError(f'scoring="{self.scorer.name}" reads codes of {self.scorer.keys} keys, but these '
@@ -507,6 +532,18 @@ class A2ATSCache(Cache):
     dense_below = property(lambda self: self.config.dense_below)
     rerank = property(lambda self: self.config.rerank)
     gpu_share = property(lambda self: self.config.gpu_share)
+    row_cache = property(lambda self: self.config.row_cache)
+
+    @property
+    def row_cache_hits(self) -> float:
+        """The share of the offloaded layers' selected rows found in their row caches so far (nan without one)."""
+        found, sought = self.row_cache_counts()
+        return found / sought if sought else float("nan")
+
+    def row_cache_counts(self) -> tuple[int, int]:
+        """(rows found in the offloaded layers' row caches, rows selected there) so far."""
+        held = [layer.row_cache for layer in self.a2ats_layers if getattr(layer, "row_cache", None) is not None]
+        return sum(int(rows.found.sum()) for rows in held), sum(int(rows.sought.sum()) for rows in held)
 
     @classmethod
     def from_pretrained(

@@ -187,7 +187,7 @@ def generate_command(args: argparse.Namespace) -> None:
     prompt_tokens = inputs["input_ids"].shape[1]
     cache = A2ATSCache(Codebooks.from_pretrained(args.codebooks or args.model), topk=args.topk, budget=args.budget,
                        scoring=scoring, offload=args.offload, max_length=prompt_tokens + args.max_new_tokens,
-                       rerank=args.rerank, gpu_share=args.gpu_share)
+                       rerank=args.rerank, gpu_share=args.gpu_share, row_cache=args.row_cache)
     if args.cuda_graphs is not False and model.device.type == "cuda":
         from a2ats_hf.graphs import capture_decoding
 
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gpu-share", type=_fraction_below_one, default=0.0, metavar="F",
                      help="share in [0, 1) of an offloaded layer's selected rows the GPU attends itself, reading "
                           "them from the pinned CPU store over PCIe (default 0: the CPU attends them all)")
+    gen.add_argument("--row-cache", type=float, default=0.0, metavar="R",
+                     help="budgets (0, or 2 or more) of the rows each offloaded layer picked most recently kept on the "
+                          "GPU, where picked again they are attended (default 0: none)")
     gen.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                      help="decode as captured CUDA graphs, in pieces around the CPU attention of offloaded layers "
                           "(default: on a CUDA --device; --cuda-graphs insists, needing one)")
@@ -346,6 +349,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--compile-layers goes with CUDA graphs (not --no-cuda-graphs)")
     if args.command == "generate" and args.gpu_share and args.offload == "none":
         parser.error("--gpu-share splits the rows of offloaded layers: it needs --offload cpu or auto")
+    if args.command == "generate" and args.row_cache and not args.row_cache >= 2:
+        parser.error(f"--row-cache is 0 (none) or at least 2 budgets, got {args.row_cache:g}")
+    if args.command == "generate" and args.row_cache and args.offload == "none":
+        parser.error("--row-cache keeps rows of offloaded layers on the GPU: it needs --offload cpu or auto")
+    if args.command == "generate" and args.row_cache and args.gpu_share:
+        parser.error("--row-cache and --gpu-share each give the GPU some of the rows: pick one")
     if args.command == "eval" and args.perplexity and args.tail >= min(args.lengths):
         parser.error(f"--tail {args.tail} must be shorter than every --lengths window (the shortest is "
                      f"{min(args.lengths)})")

@@ -35,6 +35,7 @@ class A2ATSConfig:
     dense_below: int = 4096
     rerank: int = 1
     gpu_share: float = 0.0
+    row_cache: float = 0.0
 
     def __post_init__(self):
         check_topk(self.topk)
@@ -60,5 +61,13 @@ class A2ATSConfig:
             raise ValueError(f"gpu_share={self.gpu_share} splits the rows of layers whose K/V is in CPU memory, which "
                              "the GPU reads in place from one pinned buffer per layer: it needs offload=\"cpu\" or "
                              f"\"auto\" (got {self.offload!r}) and max_length (got {self.max_length!r})")
+        if isinstance(self.row_cache, bool) or not isinstance(self.row_cache, (int, float)) or not (
+                self.row_cache == 0 or self.row_cache >= 2):
+            raise ValueError(f"row_cache is how many budgets of recently picked rows an offloaded layer keeps on the "
+                             f"device, 0 (none) or at least 2, got {self.row_cache!r}")
+        if self.row_cache and (self.offload == "none" or self.max_length is None or self.gpu_share):
+            raise ValueError(f"row_cache={self.row_cache} keeps rows of layers whose K/V is in CPU memory, in slots "
+                             f"sized once: it needs offload=\"cpu\" or \"auto\" (got {self.offload!r}) and max_length "
+                             f"(got {self.max_length!r}), and does not combine with gpu_share (got {self.gpu_share})")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")

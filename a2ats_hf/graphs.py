@@ -281,6 +281,7 @@ class GraphRunner:
         for layer in cache.a2ats_layers:
             tensors += [*layer.store.held(), layer.code_buffer, layer.local_keys, layer.local_values,
                         layer.first_token, layer.histogram, layer.sink_valid, *layer.scorer.held()]
+            tensors += [] if layer.row_cache is None else list(layer.row_cache.tensors())
         offloaded = [layer.device for layer in cache.a2ats_layers if not layer.store.resident]
         if offloaded and offloaded[0].type == "cuda":  # the pinned hand-off buffers (the layers share one device)
             tensors += list(hand_off(offloaded[0], cache.lane).buffers.values())

@@ -20,7 +20,7 @@ import torch
 
 from . import kernels
 from .handoff import hand_off
-from .store import BLOCK_SIZE
+from .store import BLOCK_SIZE, DeviceKVStore
 
 if TYPE_CHECKING:
     from .cache import A2ATSLayer
@@ -220,13 +220,22 @@ def _offloaded(
     every copy goes through the pinned buffers of :mod:`a2ats_hf.handoff`, and the host waits once: for the
     selection. In a capture-ready step the CPU's part is :meth:`StaticStep.on_cpu`'s (between two graph pieces).
     With ``gpu_share``, the device attends the first share of each selection itself, reading the rows in place
-    from the pinned store over PCIe, beside the window; the CPU the rest. Returns the output and the tokens
-    selected (a host count; the device's counts in a capture-ready step or with a device share)."""
+    from the pinned store over PCIe, beside the window; the CPU the rest. With a ``row_cache``, the device attends
+    the selected rows its slots hold, beside the window, the CPU the misses, and the first misses the CPU copies
+    out take slots after the merge. Returns the output and the tokens selected (a host count; the device's counts
+    in a capture-ready step, with a device share or a row cache)."""
     selection = _select(layer, query, position_ids, masks, scaling)
     static, on_gpu = layer.cache.static, query.is_cuda
     far = None  # the device's share of the selected rows (``gpu_share``), read in place from the pinned store
+    rows, split = layer.row_cache, None
     if selection is not None:
         indices, counts, cpu_query = selection[0], selection[1], query
+        if rows is not None:  # the rows the slots hold are attended on the device, the misses on the CPU
+            split = rows.split(indices, counts, layer.length)
+            far = kernels.FarRows(DeviceKVStore.over(rows.keys, rows.values, rows.slots), split.hit_slots,
+                                  split.hit_counts)
+            indices, counts = split.miss_indices, split.miss_counts
+            filled = rows.fill_width(indices.shape[-1])
         mapped = layer.store.mapped() if layer.config.gpu_share else None
         if mapped is not None:
             share = math.ceil(layer.config.gpu_share * indices.shape[-1])
@@ -238,6 +247,10 @@ def _offloaded(
             outputs = hand.outputs(query)
         else:
             outputs = kernels.output_buffers(query)
+        if rows is not None:  # where the CPU copies the misses that will take slots
+            shape, dtype = (*indices.shape[:2], filled, rows.keys.shape[-1]), layer.store.dtype
+            incoming = ((hand.buffer("incoming keys", shape, dtype), hand.buffer("incoming values", shape, dtype))
+                        if on_gpu else (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)))
     out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
                                           scaling, far)
     if selection is None:
@@ -251,6 +264,9 @@ def _offloaded(
         if static is not None:
             layer.store.place_written()
         kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling, outputs)
+        if rows is not None:
+            for held, row in zip(incoming, layer.store.gather(indices[..., :filled].clamp(0, layer.store.length - 1))):
+                held.copy_(row)
 
     if static is None:
         attend_on_cpu()
@@ -259,6 +275,8 @@ def _offloaded(
     far_out, far_lse = outputs
     out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
                                   far_lse.to(lse.device, non_blocking=True))
+    if rows is not None:
+        rows.fill(split, *(t.to(out.device, non_blocking=True) for t in incoming), layer.length)
     if static is None and far is None:
         return out, int(counts.sum())  # on the host already
     return out, selection[1]  # the device's counts

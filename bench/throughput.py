@@ -96,9 +96,10 @@ def kv_budget(device: torch.device, config, batch: int, n: int) -> int | None:
 
 
 def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_steps: int, profile: bool = False,
-           kernel_profile: bool = False) -> dict:
+           kernel_profile: bool = False, fresh_tokens: bool = False) -> dict:
     """Median seconds per decode step over ``steps`` after ``warmup``, and (for A2ATS) the split of a step and, with
-    ``profile``, the host's time by function."""
+    ``profile``, the host's time by function. Every step decodes one token at one position (so a step's picks
+    repeat the last step's almost exactly), or with ``fresh_tokens`` a new random token (so they barely do)."""
     device = model.device
     token = torch.full((batch, 1), 7, device=device)
     kwargs = cache_argument(model, cache)
@@ -108,10 +109,13 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
 
     def step():
         with torch.no_grad():
+            if fresh_tokens:
+                token.random_(3, model.config.vocab_size)
             model(token, position_ids=position, use_cache=True, **kwargs)
 
     for _ in range(warmup):
         step()
+    held = cache.row_cache_counts() if isinstance(cache, A2ATSCache) and cache.row_cache else None
     times = []
     for _ in range(steps):
         sync(device)
@@ -138,7 +142,12 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
             row_bytes = 2 * offloaded.shape[-1] * offloaded.dtype.itemsize
             gathered = (cache.stats.far_selected - selected_before) * row_bytes / split_steps
             gathered *= 1 - cache.gpu_share  # the CPU's share (a share of each list's width: of its rows, ~)
+            if cache.row_cache:  # the misses only
+                gathered *= 1 - cache.row_cache_hits
             result["cpu_attention_gbs"] = round(gathered / (split["CPU attention"] / split_steps) / 1e9, 1)
+    if held is not None:  # over the timed steps (the warm-up filled the slots)
+        found, sought = (now - before for now, before in zip(cache.row_cache_counts(), held))
+        result["row_cache_hits"] = round(found / max(sought, 1), 4)
     if profile:
         result["host_profile"] = host_profile(step)
     if kernel_profile and device.type == "cuda":
@@ -206,8 +215,9 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
         model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     try:
         resident = "graphs" in method and "offload=none" in method  # (a replay of such a step calls no kernel)
-        row.update(decode(model, cache, batch, n, steps, args.warmup, 0 if resident else args.split_steps,
-                          args.profile, args.gpu_profile))
+        warmup = args.warmup + 12 * ("row cache" in method)  # a step fills at most an eighth of its width
+        row.update(decode(model, cache, batch, n, steps, warmup, 0 if resident else args.split_steps,
+                          args.profile, args.gpu_profile, args.fresh_tokens))
     finally:
         release_decoding(model)
         model.__dict__.pop("forward", None)
@@ -280,6 +290,12 @@ def main() -> None:
     parser.add_argument("--gpu-share", type=float, nargs="+", default=[0.0],
                         help="shares of an offloaded layer's rows the GPU attends itself over PCIe (A2ATSCache's "
                              "gpu_share; 0: the CPU attends them all)")
+    parser.add_argument("--row-cache", type=float, nargs="+", default=[0.0],
+                        help="budgets of recently picked rows an offloaded layer keeps on the GPU (A2ATSCache's "
+                             "row_cache; 0: none)")
+    parser.add_argument("--fresh-tokens", action="store_true",
+                        help="a new random token every decode step, so picks barely repeat (the row cache's worst "
+                             "case; by default one token repeats, its best)")
     parser.add_argument("--no-halves", action="store_true",
                         help="graph steps over offloaded layers as one batch, not two halves in a pipeline (ablation)")
     parser.add_argument("--out", type=Path)
@@ -308,6 +324,7 @@ def main() -> None:
                "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
                "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
                "pinned_on_huge_pages": store.PIN_ON_HUGE_PAGES, "halves": not args.no_halves,
+               "fresh_tokens": args.fresh_tokens,
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1),
                "cpu_copy_gbs": bandwidths()["cpu_copy_gbs"], "runs": []}
     out = args.out or results_path("throughput-tiny" if args.tiny else "throughput")
@@ -337,14 +354,17 @@ def main() -> None:
         for offload, batch in (("none", full_batch), ("cpu", cpu_batch), ("auto", auto_batch)):
             for budget in ("query_head", "kv_head"):
                 reranks = [r for r in args.rerank if r == 1 or offload != "cpu"]  # re-ranking reads device keys
-                shares = [f for f in args.gpu_share if f == 0 or offload != "none"]  # a share of offloaded rows
-                for scoring, rerank, share in [(s, r, f) for s in args.scoring for r in reranks for f in shares]:
+                offloaded = [(f, 0.0) for f in args.gpu_share if f == 0 or offload != "none"]  # of offloaded rows
+                offloaded += [(0.0, c) for c in args.row_cache if c and offload != "none"]
+                for scoring, rerank, (share, held) in [(s, r, o) for s in args.scoring for r in reranks
+                                                       for o in offloaded]:
                     name = (f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
-                            + ("" if rerank == 1 else f" rerank {rerank}") + (f" gpu share {share}" if share else ""))
-                    def make(o=offload, b=budget, s=scorer(scoring), rows=batch, r=rerank, f=share):
+                            + ("" if rerank == 1 else f" rerank {rerank}") + (f" gpu share {share}" if share else "")
+                            + (f" row cache {held:g}" if held else ""))
+                    def make(o=offload, b=budget, s=scorer(scoring), rows=batch, r=rerank, f=share, c=held):
                         return A2ATSCache(books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
                                           gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None,
-                                          rerank=r, gpu_share=f)
+                                          rerank=r, gpu_share=f, row_cache=c)
                     methods.append((name, make, batch, "a2ats"))
                     if scoring in GRAPH_SCORERS:  # offloaded layers: graph pieces around the CPU attention
                         methods.append((f"{name} graphs", make, batch, "a2ats"))

@@ -54,9 +54,11 @@ ONE_LAYER = kv_bytes(3, 2, 16, torch.float32, 300, 1) + 1  # "auto": the tiny mo
     ("query_head", False, "distance", {"offload": "cpu"}),
     ("query_head", False, "distance", {"offload": "cpu", "halves": False}),
     ("kv_head", False, "wrope", {"offload": "cpu", "gpu_share": 0.4}),
-    ("kv_head", False, "wrope", {"offload": "auto", "gpu_kv_budget": ONE_LAYER})],
+    ("kv_head", False, "wrope", {"offload": "auto", "gpu_kv_budget": ONE_LAYER}),
+    ("query_head", False, "distance", {"offload": "cpu", "row_cache": 2}),
+    ("kv_head", False, "wrope", {"offload": "auto", "gpu_kv_budget": ONE_LAYER, "row_cache": 3, "halves": False})],
     ids=["greedy", "sampling", "distance-buckets", "offloaded-halves", "offloaded-one-batch", "offloaded-gpu-share",
-         "auto-halves"])
+         "auto-halves", "offloaded-row-cache", "auto-row-cache"])
 def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, scoring, options):
     """Three prompts, two of them left-padded, 200 new tokens from 90: seven width buckets of 32 and twelve wraps of
     the 16-token window; the same selections, tokens (greedy, or sampled from the same seed) and statistics, with
