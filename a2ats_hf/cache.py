@@ -103,16 +103,11 @@ class A2ATSLayer(CacheLayerMixin):
         self.whitened_centroids = books.whitened_centroids[self.book].to(self.device)
         self.centroid_norms = self.whitened_centroids.pow(2).sum(-1)[:, None, :]
         self.centroids = books.centroids[self.book].to(self.device)
-        self.row_cache = self.new_row_cache(capacity) if self.config.row_cache and not self.store.resident else None
+        self.row_cache = None
+        if self.cache.row_slots and not self.store.resident:
+            b, h, _, d = self.store.shape
+            self.row_cache = RowCache.empty(b, h, self.cache.row_slots, d, capacity, self.dtype, self.device)
         self.is_initialized = True
-
-    def new_row_cache(self, capacity: int) -> RowCache:
-        """Slots for ``row_cache`` budgets of the widest selection a step reads up to ``max_length`` tokens."""
-        config, (b, h, _, d) = self.config, self.store.shape
-        width = self.cache.budget_for(max(config.max_length - config.window - config.sink, 1))
-        if config.budget == "query_head":  # each query head's pick, united over the group
-            width *= self.cache.codebooks.fingerprint.get("num_attention_heads", h) // h
-        return RowCache.empty(b, h, math.ceil(config.row_cache * width), d, capacity, self.dtype, self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store new post-RoPE K/V and return them, tagged so the "a2ats" attention finds this layer.
@@ -519,7 +514,8 @@ class A2ATSCache(Cache):
             for idx in range(n_layers)
         ])
         self.a2ats_layers = [layer for layer in self.layers if isinstance(layer, A2ATSLayer)]
-        self.placement = Placement(self.config, len(self.a2ats_layers))
+        self.row_slots = self.slots_for_rows()
+        self.placement = Placement(self.config, len(self.a2ats_layers), self.row_slots)
 
     # The settings, read-only, as attributes of the cache too (they live in its immutable config).
     topk = property(lambda self: self.config.topk)
@@ -619,6 +615,18 @@ class A2ATSCache(Cache):
             check, self.validity_check = self.validity_check, None
             if check.changed():
                 raise ValueError(MASK_CHANGED)
+
+    def slots_for_rows(self) -> int:
+        """An offloaded layer's row-cache slots per (row, KV head): ``row_cache`` budgets of the widest selection a
+        step reads up to ``max_length`` tokens (each query head's pick, united over the KV group, under the
+        per-query-head rule); 0 without a row cache."""
+        config, shape = self.config, self.codebooks.fingerprint
+        if not config.row_cache:
+            return 0
+        width = self.budget_for(max(config.max_length - config.window - config.sink, 1))
+        if config.budget == "query_head":
+            width *= shape["num_attention_heads"] // shape["num_key_value_heads"]
+        return math.ceil(config.row_cache * width)
 
     def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
         """Tokens to retrieve per row from its number of far tokens (a tensor [B], or one int on the host)."""

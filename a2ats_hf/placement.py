@@ -12,10 +12,11 @@ from .store import DeviceKVStore, KVStore, Store, check_memory, kv_bytes
 class Placement:
     """One cache's placement of its ``layers`` A2ATS layers under ``config.offload``: "none" keeps every layer's K/V
     on the device, "cpu" in CPU memory, "auto" on the device while ``config.gpu_kv_budget`` (default: 90% of the
-    device's free memory less 2 GiB, read when the first layer allocates) lasts."""
+    device's free memory less 2 GiB, read when the first layer allocates) lasts. An offloaded layer with a row
+    cache keeps ``row_slots`` rows per (row, KV head) on the device besides."""
 
-    def __init__(self, config: A2ATSConfig, layers: int):
-        self.config, self.layers = config, layers
+    def __init__(self, config: A2ATSConfig, layers: int, row_slots: int = 0):
+        self.config, self.layers, self.row_slots = config, layers, row_slots
         self.device_left: int | None = None  # what "auto" may still place on the device, set by the first layer
 
     def reset(self) -> None:
@@ -35,11 +36,15 @@ class Placement:
         if resident is None:  # "auto": the layers within the device budget stay on the device
             resident = min(layers, self.device_budget(device) // kv_bytes(b, h, d, dtype, tokens, 1))
         local = layers * b * h * (2 * (config.sink + config.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes
-        on_device = local + resident * kv_bytes(b, h, d, dtype, tokens, 1)
+        slots = b * h * (self.row_slots * (2 * d * dtype.itemsize + 12) + 4 * (tokens + 1))  # a layer's row cache
+        on_device = local + resident * kv_bytes(b, h, d, dtype, tokens, 1) + (layers - resident) * slots * (
+            self.row_slots > 0)
         offloaded = (layers - resident) * kv_bytes(b, h, d, dtype, tokens)
         kv = f"The K/V of {layers - resident} layers x batch {b} x {tokens} tokens"
         local = (f"the codes, {config.sink} sinks and {config.window}-token window of {layers} layers (with the K/V of "
-                 f"{resident} layers kept on {device})")
+                 f"{resident} layers kept on {device}"
+                 + (f", and {self.row_slots} row-cache slots per row and KV head of the others)" if self.row_slots
+                    else ")"))
         if device.type == "cuda":
             check_memory(on_device, local[0].upper() + local[1:], device)
             check_memory(offloaded, kv)

@@ -88,3 +88,18 @@ def test_auto_checks_cpu_memory_for_the_layers_it_offloads(tiny, monkeypatch):
     layer_bytes = store.kv_bytes(1, 2, 16, torch.float32, 100_000, 1)
     with pytest.raises(MemoryError, match=f"The K/V of {len(books.layers) - 1} layers"):
         generate(model, ids_of(1, 50), A2ATSCache(books, max_length=100_000, offload="auto", gpu_kv_budget=layer_bytes))
+
+
+def test_row_cache_slots_are_counted(monkeypatch):
+    """An offloaded layer's row-cache slots count towards the memory check of where the cache's device state
+    lives (here the CPU's, with the K/V)."""
+    from a2ats_hf import store
+    from a2ats_hf.config import A2ATSConfig
+    from a2ats_hf.placement import Placement
+
+    config = A2ATSConfig(16, 4, max_length=1000, row_cache=2)
+    keys = torch.zeros(2, 2, 100, 16)
+    monkeypatch.setattr(store, "available_memory", lambda: 2**30)
+    Placement(config, 3).check(keys)
+    with pytest.raises(MemoryError, match="1000000 row-cache slots per row and KV head"):
+        Placement(config, 3, row_slots=10**6).check(keys)

@@ -94,10 +94,15 @@ def test_a_row_cache_decodes_as_the_cpu_does(tiny, offload, budget):
     assert caches[0].row_cache_hits != caches[0].row_cache_hits  # nan: none kept
     assert 0.3 < caches[1].row_cache_hits < 1  # a step brings in at most an eighth of its width: they fill slowly
     assert caches[0].stats.far_selected == caches[1].stats.far_selected > 0
+    cache, shape = caches[1], books.fingerprint
+    width = cache.budget_for(200 - cache.window - cache.sink)  # max_length's far tokens
+    group = shape["num_attention_heads"] // shape["num_key_value_heads"] if budget == "query_head" else 1
+    assert cache.row_slots == 2 * width * group
     offloaded = [layer for layer in caches[1].a2ats_layers if not layer.store.resident]
     assert offloaded and all(layer.row_cache is None for layer in caches[1].a2ats_layers if layer.store.resident)
     for layer in offloaded:
         rows, (keys, values) = layer.row_cache, layer.store.to_tensors()
+        assert rows.slots == cache.row_slots
         held = rows.token >= 0
         assert held.any(-1).all()
         b, h = torch.nonzero(held, as_tuple=True)[:2]
