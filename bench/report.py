@@ -325,7 +325,10 @@ def reuse_rows(result: dict) -> tuple[list[dict], dict[str, Callable[[dict], str
     capacities = result["rows"][0]["lru_misses"]
     misses = {f"misses, {float(c):g} budget{'s' * (float(c) != 1)}": (lambda r, c=c: f"{r['lru_misses'][c]:.1%}")
               for c in capacities}
-    return result["rows"], {**REUSE, **misses}
+    found = {f"`row_cache={float(c):g}` found": (lambda r, c=c: f"{r['row_cache_hits'][c]:.1%}"
+                                                if c in r.get("row_cache_hits", {}) else "-")
+             for c in result["rows"][0].get("row_cache_hits", {})}
+    return result["rows"], {**REUSE, **misses, **found}
 
 
 def offloaded_rows(files: list[dict]) -> list[dict]:

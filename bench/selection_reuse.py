@@ -4,7 +4,8 @@ far rows each KV head attends recorded at every step and layer (:mod:`a2ats_eval
 
 What it tells: an offloaded layer gathers its selected rows from CPU memory at every step; the share a
 device-resident cache of the most recently picked rows (``capacity`` x the budget per row and KV head, least
-recently picked evicted) would miss is the share that would still cross from the CPU. A random-weight benchmark
+recently picked evicted) would miss is the share that would still cross from the CPU; the library's own row cache
+(``A2ATSCache(row_cache=R)``) runs beside, for what it finds. A random-weight benchmark
 cannot tell it: its queries repeat (one token at one position) or are unrelated from step to step.
 
     python -m bench.selection_reuse                     # 4K and 8K, the library's default scorer and the exact top-K
@@ -25,6 +26,7 @@ from a2ats_eval import Method, tail_nll
 from a2ats_eval.assets import austen_novels, smollm2_path
 from a2ats_eval.fidelity import FidelityProbe
 from a2ats_eval.reuse import lru_misses, reuse, union_size
+from a2ats_hf import A2ATSCache
 from bench.common import environment, results_path
 from bench.evaluation import HELD_OUT, codebook_variants
 
@@ -50,6 +52,26 @@ def measure(model, books, ids: torch.Tensor, method: Method, steps: int, capacit
             "attended_fraction": round(cache.stats.attended_fraction, 4)}
 
 
+def row_cache_hits(model, books, ids: torch.Tensor, method: Method, steps: int, budgets: float,
+                   warm: int = 16) -> float:
+    """The share of the selected rows the library's row cache (``row_cache=budgets``, offloaded layers) found over
+    ``steps`` decode steps of the windows ``ids``, after the first ``warm`` (a step fills at most an eighth of its
+    width: the slots fill over ~16 steps)."""
+    cache = A2ATSCache(books[method.codebooks], topk=method.topk, budget=method.budget, scoring=method.scoring,
+                       max_length=ids.shape[1], row_cache=budgets)
+    calls, warmed = [0], []
+
+    def watch(*_):
+        calls[0] += 1
+        if calls[0] == warm * len(cache.a2ats_layers):
+            warmed.extend(cache.row_cache_counts())
+
+    cache.observers.append(watch)
+    tail_nll(model, ids, cache, steps)
+    found, sought = (now - then for now, then in zip(cache.row_cache_counts(), warmed))
+    return round(found / sought, 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
@@ -58,6 +80,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--capacity", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0],
                         help="cache sizes, in budgets")
+    parser.add_argument("--row-cache", type=float, nargs="+", default=[2.0, 4.0],
+                        help="also run the library's row cache of these sizes (budgets), A2ATS methods only")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -76,8 +100,13 @@ def main() -> None:
         for name in args.methods:
             started = time.perf_counter()
             rows.append(measure(model, books, ids, METHODS[name], args.steps, args.capacity))
+            if name.startswith(("distance", "wrope")):
+                rows[-1]["row_cache_hits"] = {str(r): row_cache_hits(model, books, ids, METHODS[name], args.steps, r)
+                                              for r in args.row_cache}
             misses = " ".join(f"{c}: {m:.3f}" for c, m in rows[-1]["lru_misses"].items())
+            hits = " ".join(f"{c}: {h:.3f}" for c, h in rows[-1].get("row_cache_hits", {}).items())
             print(f"{length:>5} {name:<22} reuse {rows[-1]['reuse']:.3f}  LRU misses by budgets {misses}  "
+                  f"row cache hits {hits or '-'}  "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
     out = args.out or results_path("selection-reuse")
     out.write_text(json.dumps({"environment": environment(), "model": "SmolLM2-135M-Instruct (float32)",
