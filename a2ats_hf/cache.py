@@ -81,6 +81,7 @@ class A2ATSLayer(CacheLayerMixin):
         self.scorer = cache.scorer.for_layer()  # this layer's copy, which owns what it keeps between steps
         self.cache_ref = weakref.ref(cache)
         self.awaiting_attention = False  # K/V stored by `update` that the "a2ats" attention has not read yet
+        self.row_cache: RowCache | None = None  # an offloaded layer's recent picks on the device (``row_cache``)
 
     @property
     def cache(self) -> "A2ATSCache":
@@ -103,10 +104,8 @@ class A2ATSLayer(CacheLayerMixin):
         self.whitened_centroids = books.whitened_centroids[self.book].to(self.device)
         self.centroid_norms = self.whitened_centroids.pow(2).sum(-1)[:, None, :]
         self.centroids = books.centroids[self.book].to(self.device)
-        self.row_cache = None
-        if self.cache.row_slots and not self.store.resident:
-            b, h, _, d = self.store.shape
-            self.row_cache = RowCache.empty(b, h, self.cache.row_slots, d, capacity, self.dtype, self.device)
+        self.row_cache = (RowCache.empty(b, h, self.cache.row_slots, d, capacity, self.dtype, self.device)
+                          if self.cache.row_slots and not self.store.resident else None)  # a new prompt: fresh slots
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -538,7 +537,7 @@ class A2ATSCache(Cache):
 
     def row_cache_counts(self) -> tuple[int, int]:
         """(rows found in the offloaded layers' row caches, rows selected there) so far."""
-        held = [layer.row_cache for layer in self.a2ats_layers if getattr(layer, "row_cache", None) is not None]
+        held = [layer.row_cache for layer in self.a2ats_layers if layer.row_cache is not None]
         return sum(int(rows.found.sum()) for rows in held), sum(int(rows.sought.sum()) for rows in held)
 
     @classmethod

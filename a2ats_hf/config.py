@@ -53,21 +53,26 @@ class A2ATSConfig:
         if self.rerank > 1 and self.offload == "cpu":
             raise ValueError(f'rerank={self.rerank} re-ranks by the keys on the device: it needs offload="none" or '
                              '"auto" (with offload="cpu" no layer could)')
-        if isinstance(self.gpu_share, bool) or not isinstance(self.gpu_share, (int, float)) or not (
-                0 <= self.gpu_share < 1):
-            raise ValueError(f"gpu_share is the fraction of an offloaded layer's selected rows the GPU attends itself, "
-                             f"in [0, 1), got {self.gpu_share!r}")
-        if self.gpu_share and (self.offload == "none" or self.max_length is None):
-            raise ValueError(f"gpu_share={self.gpu_share} splits the rows of layers whose K/V is in CPU memory, which "
-                             "the GPU reads in place from one pinned buffer per layer: it needs offload=\"cpu\" or "
-                             f"\"auto\" (got {self.offload!r}) and max_length (got {self.max_length!r})")
-        if isinstance(self.row_cache, bool) or not isinstance(self.row_cache, (int, float)) or not (
-                self.row_cache == 0 or self.row_cache >= 2):
-            raise ValueError(f"row_cache is how many budgets of recently picked rows an offloaded layer keeps on the "
-                             f"device, 0 (none) or at least 2, got {self.row_cache!r}")
-        if self.row_cache and (self.offload == "none" or self.max_length is None or self.gpu_share):
-            raise ValueError(f"row_cache={self.row_cache} keeps rows of layers whose K/V is in CPU memory, in slots "
-                             f"sized once: it needs offload=\"cpu\" or \"auto\" (got {self.offload!r}) and max_length "
-                             f"(got {self.max_length!r}), and does not combine with gpu_share (got {self.gpu_share})")
+        self.check_offloaded_option(
+            "gpu_share", lambda f: 0 <= f < 1, "the fraction of an offloaded layer's selected rows the GPU attends "
+            "itself, in [0, 1)", "splits the rows of layers whose K/V is in CPU memory, which the GPU reads in place "
+            "from one pinned buffer per layer")
+        self.check_offloaded_option(
+            "row_cache", lambda r: r == 0 or r >= 2, "how many budgets of recently picked rows an offloaded layer "
+            "keeps on the device, 0 (none) or at least 2", "keeps rows of layers whose K/V is in CPU memory, in "
+            "slots sized once")
+        if self.row_cache and self.gpu_share:
+            raise ValueError(f"row_cache={self.row_cache} does not combine with gpu_share (got {self.gpu_share}): "
+                             "each gives the GPU some of the offloaded rows")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+
+    def check_offloaded_option(self, name: str, valid, meaning: str, what: str) -> None:
+        """ValueError unless option ``name`` is a number ``valid`` accepts (``meaning`` says which), and, where set,
+        the cache offloads (``what`` it does with the offloaded layers needs "cpu" or "auto") with ``max_length``."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+            raise ValueError(f"{name} is {meaning}, got {value!r}")
+        if value and (self.offload == "none" or self.max_length is None):
+            raise ValueError(f'{name}={value} {what}: it needs offload="cpu" or "auto" (got {self.offload!r}) and '
+                             f"max_length (got {self.max_length!r})")

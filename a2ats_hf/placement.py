@@ -36,15 +36,13 @@ class Placement:
         if resident is None:  # "auto": the layers within the device budget stay on the device
             resident = min(layers, self.device_budget(device) // kv_bytes(b, h, d, dtype, tokens, 1))
         local = layers * b * h * (2 * (config.sink + config.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes
-        slots = b * h * (self.row_slots * (2 * d * dtype.itemsize + 12) + 4 * (tokens + 1))  # a layer's row cache
-        on_device = local + resident * kv_bytes(b, h, d, dtype, tokens, 1) + (layers - resident) * slots * (
-            self.row_slots > 0)
+        slots = b * h * (self.row_slots * (2 * d * dtype.itemsize + 12) + 4 * (tokens + 1)) if self.row_slots else 0
+        on_device = local + resident * kv_bytes(b, h, d, dtype, tokens, 1) + (layers - resident) * slots
         offloaded = (layers - resident) * kv_bytes(b, h, d, dtype, tokens)
         kv = f"The K/V of {layers - resident} layers x batch {b} x {tokens} tokens"
+        slots_held = f", and {self.row_slots} row-cache slots per row and KV head of the others" if slots else ""
         local = (f"the codes, {config.sink} sinks and {config.window}-token window of {layers} layers (with the K/V of "
-                 f"{resident} layers kept on {device}"
-                 + (f", and {self.row_slots} row-cache slots per row and KV head of the others)" if self.row_slots
-                    else ")"))
+                 f"{resident} layers kept on {device}{slots_held})")
         if device.type == "cuda":
             check_memory(on_device, local[0].upper() + local[1:], device)
             check_memory(offloaded, kv)

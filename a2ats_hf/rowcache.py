@@ -76,8 +76,8 @@ class RowCache:
         self.sought += counts
         self.found += hit_counts
         hit_slots = held.gather(-1, order).clamp_min(0)
-        self.stamp.scatter_reduce_(-1, hit_slots.long(), torch.where(columns < hit_counts[..., None], now, -1)
-                                   .expand_as(hit_slots), "amax")
+        self.stamp.scatter_reduce_(-1, hit_slots.long(), torch.where(columns < hit_counts[..., None], now, -1),
+                                   "amax")
         shifted = (columns + hit_counts[..., None]).clamp(max=k - 1)  # past the hits
         miss_indices = indices.gather(-1, order).gather(-1, shifted)
         return Split(hit_slots.to(indices.dtype), hit_counts.to(counts.dtype), miss_indices,
@@ -88,17 +88,17 @@ class RowCache:
         :meth:`fill_width`), each into the slot of the row picked longest ago (empty slots first), in place."""
         f = keys.shape[2]
         victims = self.stamp.topk(f, dim=-1, largest=False).indices  # [B, H, F], distinct per (row, head)
-        coming = (torch.arange(f, device=keys.device) < split.miss_counts[..., None]).long()  # [B, H, F]
+        coming = torch.arange(f, device=keys.device) < split.miss_counts[..., None]  # [B, H, F]
         new = split.miss_indices[..., :f].long()
         old = self.token.gather(-1, victims).long()
         spare = self.slot.shape[-1] - 1  # the column masked writes go to
-        self.slot.scatter_(-1, torch.where((coming > 0) & (old >= 0), old, spare), -1)
-        self.slot.scatter_(-1, torch.where(coming > 0, new, spare), victims.int())
-        self.token.scatter_(-1, victims, torch.where(coming > 0, new, old).int())
-        self.stamp.scatter_(-1, victims, torch.where(coming > 0, now, self.stamp.gather(-1, victims)))
+        self.slot.scatter_(-1, torch.where(coming & (old >= 0), old, spare), -1)
+        self.slot.scatter_(-1, torch.where(coming, new, spare), victims.int())
+        self.token.scatter_(-1, victims, torch.where(coming, new, old).int())
+        self.stamp.scatter_(-1, victims, torch.where(coming, now, self.stamp.gather(-1, victims)))
         for held, rows in ((self.keys, keys), (self.values, values)):
             index = victims[..., None].expand(-1, -1, -1, held.shape[-1])
-            held.scatter_(2, index, torch.where(coming[..., None] > 0, rows.to(held.dtype), held.gather(2, index)))
+            held.scatter_(2, index, torch.where(coming[..., None], rows.to(held.dtype), held.gather(2, index)))
 
     def clear(self) -> None:
         """Hold nothing (after a crop: the rows past it are gone)."""

@@ -115,7 +115,8 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
 
     for _ in range(warmup):
         step()
-    held = cache.row_cache_counts() if isinstance(cache, A2ATSCache) and cache.row_cache else None
+    rows_cached = isinstance(cache, A2ATSCache) and bool(cache.row_cache)
+    counted = cache.row_cache_counts() if rows_cached else None
     times = []
     for _ in range(steps):
         sync(device)
@@ -124,9 +125,12 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
         sync(device)
         times.append(time.perf_counter() - start)
     result = {"step_ms": round(1e3 * sorted(times)[len(times) // 2], 2), "steps": steps}
+    if rows_cached:  # over the timed steps (the warm-up filled the slots)
+        result["row_cache_hits"] = round(hits_since(cache, counted), 4)
     if isinstance(cache, A2ATSCache) and device.type == "cuda" and split_steps:
         split: dict = {}
         selected_before = cache.stats.far_selected
+        counted = cache.row_cache_counts() if rows_cached else None
         sync(device)
         start = time.perf_counter()
         with phase_timers(split):
@@ -142,17 +146,20 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
             row_bytes = 2 * offloaded.shape[-1] * offloaded.dtype.itemsize
             gathered = (cache.stats.far_selected - selected_before) * row_bytes / split_steps
             gathered *= 1 - cache.gpu_share  # the CPU's share (a share of each list's width: of its rows, ~)
-            if cache.row_cache:  # the misses only
-                gathered *= 1 - cache.row_cache_hits
+            if rows_cached:  # the misses only, over these steps
+                gathered *= 1 - hits_since(cache, counted)
             result["cpu_attention_gbs"] = round(gathered / (split["CPU attention"] / split_steps) / 1e9, 1)
-    if held is not None:  # over the timed steps (the warm-up filled the slots)
-        found, sought = (now - before for now, before in zip(cache.row_cache_counts(), held))
-        result["row_cache_hits"] = round(found / max(sought, 1), 4)
     if profile:
         result["host_profile"] = host_profile(step)
     if kernel_profile and device.type == "cuda":
         result["gpu_profile"] = gpu_profile(step, device)
     return result
+
+
+def hits_since(cache: A2ATSCache, counted: tuple[int, int]) -> float:
+    """The share of the selected rows the cache's row caches found since they had ``counted`` (found, sought)."""
+    found, sought = (now - then for now, then in zip(cache.row_cache_counts(), counted))
+    return found / max(sought, 1)
 
 
 def gpu_profile(step, device: torch.device, steps: int = 8, top: int = 12) -> dict:
