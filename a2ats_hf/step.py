@@ -247,10 +247,9 @@ def _offloaded(
             outputs = hand.outputs(query)
         else:
             outputs = kernels.output_buffers(query)
-        if rows is not None:  # where the CPU copies the misses that will take slots
-            shape, dtype = (*indices.shape[:2], filled, rows.keys.shape[-1]), layer.store.dtype
-            incoming = ((hand.buffer("incoming keys", shape, dtype), hand.buffer("incoming values", shape, dtype))
-                        if on_gpu else (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)))
+        if rows is not None:  # where the CPU copies the misses that will take slots, key and value side by side
+            shape, dtype = (*indices.shape[:2], filled, 2, rows.keys.shape[-1]), layer.store.dtype
+            incoming = hand.buffer("incoming rows", shape, dtype) if on_gpu else torch.empty(shape, dtype=dtype)
     out, lse = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
                                           scaling, far)
     if selection is None:
@@ -263,10 +262,8 @@ def _offloaded(
                 layer.cache.check_validity()  # the pass's comparison of the mask was queued before: it has landed
         if static is not None:
             layer.store.place_written()
-        kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling, outputs)
-        if rows is not None:
-            for held, row in zip(incoming, layer.store.gather(indices[..., :filled].clamp(0, layer.store.length - 1))):
-                held.copy_(row)
+        kernels.sparse_attention(cpu_query, layer.store, indices, counts, scaling, outputs,
+                                 incoming if rows is not None else None)
 
     if static is None:
         attend_on_cpu()
@@ -276,7 +273,7 @@ def _offloaded(
     out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
                                   far_lse.to(lse.device, non_blocking=True))
     if rows is not None:
-        rows.fill(split, *(t.to(out.device, non_blocking=True) for t in incoming), layer.length)
+        rows.fill(split, *incoming.to(out.device, non_blocking=True).unbind(3), layer.length)
     if static is None and far is None:
         return out, int(counts.sum())  # on the host already
     return out, selection[1]  # the device's counts

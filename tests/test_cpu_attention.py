@@ -67,6 +67,33 @@ def test_writes_into_given_outputs(kernel, monkeypatch):
     torch.testing.assert_close(lse, ref_lse)
 
 
+@pytest.mark.parametrize("kernel", ["C++", "torch"])
+@pytest.mark.parametrize("copied", [1, 37, 300])
+def test_copies_the_first_rows_it_reads(kernel, copied, monkeypatch):
+    """Given ``copies``, the first F valid rows of each selection (key and value, in the store's dtype) land in it,
+    across blocks and the kernel's 256-row chunks; entries past a selection's count keep what they held; the
+    attention is unchanged."""
+    if kernel == "torch":
+        monkeypatch.setattr(cpu_attention, "extension", lambda: None)
+    g = torch.Generator().manual_seed(copied)
+    b, hq, hkv, n, d, k = 2, 6, 3, 900, 24, 400
+    store = KVStore(b, hkv, d, torch.bfloat16, block_size=128)
+    store.append(torch.randn(b, hkv, n, d, generator=g).bfloat16(), torch.randn(b, hkv, n, d, generator=g).bfloat16())
+    indices = torch.rand(b, hkv, n, generator=g).argsort(-1)[..., :k].sort(-1).values.int()
+    counts = torch.randint(0, k + 1, (b, hkv), generator=g, dtype=torch.int32)
+    counts[0, 0], counts[1, 2] = 0, k
+    query = torch.randn(b, hq, d, generator=g)
+    copies = torch.full((b, hkv, copied, 2, d), 7.0, dtype=torch.bfloat16)
+    out, lse = cpu_attention.sparse_attention(query, store, indices, counts, 0.2, copies=copies)
+    ref_out, ref_lse = reference.sparse_attention(query, store, indices, counts, 0.2)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    keys, values = store.gather(indices[..., :copied])
+    valid = (torch.arange(copied) < counts[..., None])[..., None]
+    for got, want in ((copies[..., 0, :], keys), (copies[..., 1, :], values)):
+        assert torch.equal(torch.where(valid, got, 7.0), torch.where(valid, want, 7.0))
+        assert (got[~valid.expand_as(got)] == 7.0).all()
+
+
 @pytest.mark.slow
 def test_matches_reference_on_smollm2(smollm2, austen):
     """Real queries and offloaded K/V from SmolLM2 decoding Persuasion at topk=0.05: every layer's call agrees."""
@@ -78,8 +105,8 @@ def test_matches_reference_on_smollm2(smollm2, austen):
     ids = tokenizer(austen["Persuasion"][60000:66000], return_tensors="pt")["input_ids"]
     checked = []
 
-    def spy(query, store, indices, counts, scaling, out=None):
-        result = cpu_attention.sparse_attention(query, store, indices, counts, scaling, out)
+    def spy(query, store, indices, counts, scaling, out=None, copies=None):
+        result = cpu_attention.sparse_attention(query, store, indices, counts, scaling, out, copies)
         ref_out, ref_lse = reference.sparse_attention(query, store, indices, counts, scaling)
         torch.testing.assert_close(result[0], ref_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(result[1], ref_lse, atol=1e-5, rtol=1e-5)

@@ -189,11 +189,12 @@ def gather_chosen(
 
 def sparse_attention(
     query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None, copies: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the selected rows of a CPU store; see :func:`.cpu_attention.sparse_attention` (the C++
-    kernel, or the torch reference without a compiler)."""
-    return _call("sparse_attention", cpu_attention.sparse_attention, query, store, indices, counts, scaling, out)
+    """Attention over the selected rows of a CPU store, copying the first rows into ``copies`` where given; see
+    :func:`.cpu_attention.sparse_attention` (the C++ kernel, or the torch reference without a compiler)."""
+    return _call("sparse_attention", cpu_attention.sparse_attention, query, store, indices, counts, scaling, out,
+                 copies)
 
 
 def select_topk(

@@ -138,19 +138,27 @@ def output_buffers(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sparse_attention(
     query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None, copies: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.sparse_attention`: query [B, Hq, D], indices [B, Hkv, K]
     (first ``counts`` [B, Hkv] valid, ascending) into a :class:`~a2ats_hf.store.KVStore`; returns out [B, Hq, D]
     and lse [B, Hq], float32 on the CPU, written into ``out`` (two contiguous float32 CPU tensors of those shapes,
-    e.g. pinned hand-off buffers) where given."""
+    e.g. pinned hand-off buffers) where given. Where ``copies`` [B, Hkv, F, 2, D] (the store's dtype) is given, the
+    first F valid rows of each selection, key and value, are copied into it as they are read (the row cache's fill:
+    one read of them, not two); its entries past ``counts`` are left as they were."""
     store.wait()  # decode tokens still staged reach their blocks
     ext = extension()
     if ext is None or store.length == 0:
         result = reference.sparse_attention(query, store, indices, counts, scaling)
+        if copies is not None and store.length:
+            copied = copies.shape[2]
+            keys, values = store.gather(indices[..., :copied].clamp(0, store.length - 1))
+            valid = (torch.arange(copied) < counts[..., None].cpu())[..., None, None]
+            copies.copy_(torch.where(valid, torch.stack([keys, values], dim=3), copies))
         return result if out is None else tuple(o.copy_(r) for o, r in zip(out, result))
     query = query.detach().to("cpu", torch.float32).contiguous()
     indices = indices.to("cpu", torch.int32).contiguous()
     counts = counts.to("cpu", torch.int32).contiguous()
     return tuple(ext.sparse_attention(query, store.blocks, indices, counts, float(scaling),
-                                      *(out or output_buffers(query))))
+                                      *(out or output_buffers(query)),
+                                      torch.empty(0, dtype=store.dtype) if copies is None else copies))

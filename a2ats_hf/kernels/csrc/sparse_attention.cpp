@@ -2,7 +2,8 @@
 // values (side by side in the store's blocks, [B, H, block, 2, D]: one contiguous read per token) are gathered
 // straight from the blocks and attended by the KV group's query heads, with float32 accumulation. Work is split
 // into (row, KV head, chunk of selected rows) tasks, which torch's threads take in turn, and the chunks' partial
-// softmaxes are merged by their log-sum-exps, so a batch of one still uses every core.
+// softmaxes are merged by their log-sum-exps, so a batch of one still uses every core. Where asked, the first rows
+// of each selection are also copied out as they are read (the row cache's fill), so they cross memory once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -136,7 +137,7 @@ inline void values_tiled(const T* const* rows, const float* weights, int64_t n, 
 template <typename T, int G>
 void run(const float* query, const std::vector<const T*>& blocks, const int32_t* indices, const int32_t* counts,
          int64_t batch, int64_t heads, int64_t group, int64_t d, int64_t width, int64_t block_size, float scaling,
-         float* out, float* lse) {
+         float* out, float* lse, T* copies, int64_t copied) {
   static_assert(G >= 0, "G is the group size, or 0 for one known only at run time");
   if (G) group = G;
   const bool tiled = G > 0 && d % 8 == 0;
@@ -203,6 +204,7 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       for (int64_t j = 0; j < n; ++j) {
         if (j + kPrefetch < n) prefetch_row(key_at(j + kPrefetch), 2 * row_bytes);  // its value too: read next
+        if (start + j < copied) std::memcpy(copies + (p * copied + start + j) * 2 * d, key_at(j), 2 * row_bytes);
         float* s = logits.data() + j * group;
         if constexpr (G > 0) {
           if (tiled) scores_tiled<G>(q, key_at(j), d, scaling, s);
@@ -257,10 +259,11 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
 }  // namespace
 
 // Writes into ``out`` [B, Hq, D] and ``lse`` [B, Hq] (contiguous float32: the caller's pinned hand-off buffers) and
-// returns them.
+// returns them; where ``copies`` [B, H, F, 2, D] (the blocks' dtype) is not empty, the first F selected rows of
+// each (row, KV head), key and value, are copied into it too (entries past the counts are left as they were).
 std::vector<torch::Tensor> sparse_attention(torch::Tensor query, std::vector<torch::Tensor> blocks,
                                             torch::Tensor indices, torch::Tensor counts, double scaling,
-                                            torch::Tensor out, torch::Tensor lse) {
+                                            torch::Tensor out, torch::Tensor lse, torch::Tensor copies) {
   TORCH_CHECK(query.dtype() == torch::kFloat32 && query.is_contiguous(), "query must be contiguous float32");
   TORCH_CHECK(indices.dtype() == torch::kInt32 && indices.is_contiguous(), "indices must be contiguous int32");
   TORCH_CHECK(counts.dtype() == torch::kInt32 && counts.is_contiguous(), "counts must be contiguous int32");
@@ -274,6 +277,11 @@ std::vector<torch::Tensor> sparse_attention(torch::Tensor query, std::vector<tor
               "out must be contiguous float32 shaped like the query");
   TORCH_CHECK(lse.dtype() == torch::kFloat32 && lse.is_contiguous() && lse.numel() == batch * heads * group,
               "lse must be contiguous float32 [B, Hq]");
+  const int64_t copied = copies.numel() ? copies.size(2) : 0;
+  TORCH_CHECK(!copied || (copies.dim() == 5 && copies.is_contiguous() && copies.scalar_type() == blocks[0].dtype()
+                          && copies.size(0) == batch && copies.size(1) == heads && copied <= width
+                          && copies.size(3) == 2 && copies.size(4) == d),
+              "copies must be contiguous [B, H, F <= K, 2, D] in the blocks' dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, blocks[0].scalar_type(), "sparse_attention", [&] {
     std::vector<const scalar_t*> bp;
     for (const auto& block : blocks) {
@@ -283,7 +291,8 @@ std::vector<torch::Tensor> sparse_attention(torch::Tensor query, std::vector<tor
     auto go = [&](auto fixed) {
       run<scalar_t, decltype(fixed)::value>(query.data_ptr<float>(), bp, indices.data_ptr<int32_t>(),
                                              counts.data_ptr<int32_t>(), batch, heads, group, d, width, block_size,
-                                             static_cast<float>(scaling), out.data_ptr<float>(), lse.data_ptr<float>());
+                                             static_cast<float>(scaling), out.data_ptr<float>(), lse.data_ptr<float>(),
+                                             copied ? copies.data_ptr<scalar_t>() : nullptr, copied);
     };
     switch (group) {  // group sizes of common models get register-tiled loops
       case 1: go(std::integral_constant<int, 1>{}); break;
