@@ -443,7 +443,8 @@ class A2ATSCache(Cache):
             percent of the K/V instead of all of it) or "auto" (layer by layer, on the device while the layers so
             far fit in ``gpu_kv_budget``, in CPU memory beyond).
         gpu_kv_budget: bytes of device memory the K/V may take with ``offload="auto"`` (default: 90% of what is
-            free when the first layer stores its prompt, less 2 GiB for activations; 0 on a CPU).
+            free when the first layer stores its prompt, less 2 GiB for activations; 0 on a CPU), the offloaded
+            layers' ``row_cache`` slots included.
         dense_below: a layer whose K/V is on the device attends every token exactly while its rows hold fewer
             than this many tokens (one attention over the stored K/V), where selecting a few percent would cost
             more than it saves; 0 retrieves always. The CPU store always retrieves.

@@ -11,17 +11,44 @@ from .store import DeviceKVStore, KVStore, Store, check_memory, kv_bytes
 
 class Placement:
     """One cache's placement of its ``layers`` A2ATS layers under ``config.offload``: "none" keeps every layer's K/V
-    on the device, "cpu" in CPU memory, "auto" on the device while ``config.gpu_kv_budget`` (default: 90% of the
-    device's free memory less 2 GiB, read when the first layer allocates) lasts. An offloaded layer with a row
-    cache keeps ``row_slots`` rows per (row, KV head) on the device besides."""
+    on the device, "cpu" in CPU memory, "auto" on the device for as many layers as ``config.gpu_kv_budget``
+    (default: 90% of the device's free memory less 2 GiB, read when the first layer allocates) holds, the first
+    layers first. An offloaded layer with a row cache keeps ``row_slots`` rows per (row, KV head) on the device
+    besides, and "auto" takes those from the same budget."""
 
     def __init__(self, config: A2ATSConfig, layers: int, row_slots: int = 0):
         self.config, self.layers, self.row_slots = config, layers, row_slots
-        self.device_left: int | None = None  # what "auto" may still place on the device, set by the first layer
+        self.resident_left: int | None = None  # layers "auto" still keeps on the device, set by the first layer
 
     def reset(self) -> None:
         """A new prompt: the budget is read again."""
-        self.device_left = None
+        self.resident_left = None
+
+    def slot_bytes(self, key_states: torch.Tensor, tokens: int) -> int:
+        """Device bytes of one offloaded layer's row cache (its slots' K/V, token and stamp, and the token -> slot
+        map) for keys shaped like ``key_states`` [B, Hkv, T, D] and room for ``tokens``."""
+        b, h, _, d = key_states.shape
+        return b * h * (self.row_slots * (2 * d * key_states.dtype.itemsize + 12) + 4 * (tokens + 1)) \
+            if self.row_slots else 0
+
+    def resident(self, key_states: torch.Tensor, tokens: int) -> int:
+        """How many layers keep their K/V on the device: all under "none", none under "cpu"; under "auto" as many as
+        the budget holds beside the row-cache slots of the layers it offloads (fixed by the first layer)."""
+        if self.config.offload != "auto":
+            return {"none": self.layers, "cpu": 0}[self.config.offload]
+        if self.resident_left is None:
+            b, h, _, d = key_states.shape
+            layer = kv_bytes(b, h, d, key_states.dtype, tokens, 1)
+            slots = self.slot_bytes(key_states, tokens)
+            budget = self.config.gpu_kv_budget
+            if budget is None:
+                device = key_states.device
+                budget = max(int(0.9 * torch.cuda.mem_get_info(device)[0]) - 2 * 2**30, 0) \
+                    if device.type == "cuda" else 0  # a CPU model: CPU memory is where "offloading" leads anyway
+            # r layers on the device and the others' slots: r * layer + (layers - r) * slots <= budget
+            room = budget - self.layers * slots
+            self.resident_left = min(self.layers, max(room // max(layer - slots, 1), 0)) if room > 0 else 0
+        return self.resident_left
 
     def check(self, key_states: torch.Tensor) -> None:
         """Before the first layer allocates: fail if every layer's K/V for the prompt (or ``max_length``) would
@@ -32,11 +59,9 @@ class Placement:
         if config.max_length is not None and t > config.max_length:
             raise ValueError(f"The prompt has {t} tokens, more than this A2ATSCache's max_length={config.max_length}.")
         tokens, device, dtype = max(t, config.max_length or 0), key_states.device, key_states.dtype
-        resident = {"none": layers, "cpu": 0}.get(config.offload)
-        if resident is None:  # "auto": the layers within the device budget stay on the device
-            resident = min(layers, self.device_budget(device) // kv_bytes(b, h, d, dtype, tokens, 1))
+        resident = self.resident(key_states, tokens)
         local = layers * b * h * (2 * (config.sink + config.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes
-        slots = b * h * (self.row_slots * (2 * d * dtype.itemsize + 12) + 4 * (tokens + 1)) if self.row_slots else 0
+        slots = self.slot_bytes(key_states, tokens)
         on_device = local + resident * kv_bytes(b, h, d, dtype, tokens, 1) + (layers - resident) * slots
         offloaded = (layers - resident) * kv_bytes(b, h, d, dtype, tokens)
         kv = f"The K/V of {layers - resident} layers x batch {b} x {tokens} tokens"
@@ -49,28 +74,17 @@ class Placement:
         else:
             check_memory(on_device + offloaded, f"{kv}, with {local},")
 
-    def device_budget(self, device: torch.device) -> int:
-        """Bytes of K/V that offload="auto" may still place on the device (fixed by the first layer)."""
-        if self.device_left is None:
-            if self.config.gpu_kv_budget is not None:
-                self.device_left = self.config.gpu_kv_budget
-            elif device.type == "cuda":
-                self.device_left = max(int(0.9 * torch.cuda.mem_get_info(device)[0]) - 2 * 2**30, 0)
-            else:
-                self.device_left = 0  # a CPU model: CPU memory is where "offloading" leads anyway
-        return self.device_left
-
     def new_store(self, key_states: torch.Tensor) -> Store:
         """Where a layer keeps its K/V, from its prompt's keys [B, Hkv, T, D]: the device (room for ``max_length``
-        or the prompt) under offload="none", or under "auto" while the budget lasts; CPU memory otherwise."""
+        or the prompt) while :meth:`resident` layers are left to place; CPU memory otherwise."""
         b, h, t, d = key_states.shape
         device, dtype = key_states.device, key_states.dtype
         capacity = max(t, self.config.max_length or 0)
-        resident = self.config.offload == "none"
         if self.config.offload == "auto":
-            need = kv_bytes(b, h, d, dtype, capacity, 1)
-            resident = need <= self.device_budget(device)
-            self.device_left -= need if resident else 0
+            resident = self.resident(key_states, capacity) > 0
+            self.resident_left -= resident
+        else:
+            resident = self.config.offload == "none"
         if resident:
             return DeviceKVStore(b, h, d, dtype, device, capacity)
         return KVStore(b, h, d, dtype, block_size=capacity if self.config.gpu_share else None)  # one block: mapped

@@ -103,3 +103,23 @@ def test_row_cache_slots_are_counted(monkeypatch):
     Placement(config, 3).check(keys)
     with pytest.raises(MemoryError, match="1000000 row-cache slots per row and KV head"):
         Placement(config, 3, row_slots=10**6).check(keys)
+
+
+@pytest.mark.parametrize("row_slots, resident", [(0, 2), (40, 1), (10**4, 0)])
+def test_auto_takes_row_cache_slots_from_its_budget(row_slots, resident):
+    """offload="auto" keeps on the device as many layers as its budget holds beside the row-cache slots of the
+    layers it offloads: room for two layers' K/V keeps two without a row cache, fewer as the slots grow."""
+    from a2ats_hf.config import A2ATSConfig
+    from a2ats_hf.placement import Placement
+    from a2ats_hf.store import DeviceKVStore, kv_bytes
+
+    keys = torch.zeros(2, 2, 100, 16)
+    budget = 2 * kv_bytes(2, 2, 16, keys.dtype, 1000, 1) + 1
+    config = A2ATSConfig(16, 4, max_length=1000, offload="auto", gpu_kv_budget=budget, row_cache=2)
+    placement = Placement(config, 3, row_slots)
+    assert placement.resident(keys, 1000) == resident
+    stores = [placement.new_store(keys) for _ in range(3)]
+    assert [isinstance(s, DeviceKVStore) for s in stores] == [True] * resident + [False] * (3 - resident)
+    if resident:  # (slots larger than the budget are the memory check's to refuse)
+        held = resident * kv_bytes(2, 2, 16, keys.dtype, 1000, 1) + (3 - resident) * placement.slot_bytes(keys, 1000)
+        assert held <= budget
