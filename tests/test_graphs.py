@@ -46,7 +46,8 @@ def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = Fal
     return out, selections, cache, runner
 
 
-ONE_LAYER = kv_bytes(3, 2, 16, torch.float32, 300, 1) + 1  # "auto": the tiny model's first layer on the device
+ONE_LAYER = 2 * kv_bytes(3, 2, 16, torch.float32, 300, 1) - 1  # "auto": the first of the tiny model's two layers on
+# the device (short of room for both, with room for the other's row-cache slots where there are some)
 
 
 @pytest.mark.parametrize("budget, sample, scoring, options", [
