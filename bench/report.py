@@ -311,6 +311,8 @@ OFFLOADED = {"context": kilo("context"), "method": cell("method"), "batch": cell
              "blocks on huge pages": lambda r: "yes" if r["huge_pages"] else "no",
              "two halves in a pipeline": lambda r: ("yes" if r["halves"] else "no") if "graphs" in r["method"] else "-",
              "ms / step": cell("step_ms", "{:.1f}"), "tokens/s": cell("tokens_per_s", "{:.1f}"),
+             "decode tokens": lambda r: "fresh" if r["fresh"] else "one, repeated",
+             "row cache found": lambda r: f"{r['row_cache_hits']:.0%}" if "row_cache_hits" in r else "-",
              "CPU attention": phase("CPU attention", "{:.1f} ms"), "gathered": cell("cpu_attention_gbs", "{} GB/s"),
              "of the CPU's copy bandwidth": lambda r: f"{r['cpu_attention_gbs'] / r['copy_gbs']:.0%}"}
 
@@ -332,10 +334,10 @@ def reuse_rows(result: dict) -> tuple[list[dict], dict[str, Callable[[dict], str
 
 
 def offloaded_rows(files: list[dict]) -> list[dict]:
-    """The throughput rows of offloaded runs, each with its run's huge-page and pipeline settings (runs before the
-    pipeline had none) and CPU copy bandwidth."""
+    """The throughput rows of offloaded runs, each with its run's huge-page, pipeline and decode-token settings (runs
+    before the pipeline had none) and CPU copy bandwidth."""
     return [{**r, "huge_pages": f["pinned_on_huge_pages"], "halves": f.get("halves", False),
-             "copy_gbs": f["cpu_copy_gbs"]} for f in files for r in f["runs"]]
+             "fresh": f.get("fresh_tokens", False), "copy_gbs": f["cpu_copy_gbs"]} for f in files for r in f["runs"]]
 
 
 def margin(value: float | None) -> str:
