@@ -29,6 +29,16 @@ def a2ats_attention_forward(
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    return cached_attention(layer, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+@torch.compiler.disable
+def cached_attention(layer, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """The attention of an A2ATS layer: its codes and store's bookkeeping, then exact attention over a prompt or
+    retrieval for a decode token. Never traced by torch.compile (it runs its own kernels and host-side logic
+    between the compiled pieces; a captured step is :mod:`a2ats_hf.graphs`' job)."""
     layer.awaiting_attention = False
     rope = layer.cache.bind(module)
     if layer.first:

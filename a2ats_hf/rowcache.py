@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 FILL_SHARE = 1 / 8  # misses a step may bring into the cache, as a share of the selection's width
 
 
@@ -66,39 +68,14 @@ class RowCache:
     def split(self, indices: torch.Tensor, counts: torch.Tensor, now: int | torch.Tensor) -> Split:
         """Split a selection (``indices`` [B, H, K], the first ``counts`` [B, H] valid) into the rows held and the
         rows missed, and stamp the held ones with ``now`` (a host int or a device tensor [1])."""
-        k = indices.shape[-1]
-        columns = torch.arange(k, device=indices.device)
-        valid = columns < counts[..., None]
-        held = self.slot.gather(-1, indices.long().clamp(0, self.slot.shape[-1] - 2))
-        hit = valid & (held >= 0)
-        order = torch.where(hit, 0, 1 + (~valid).long()).argsort(dim=-1, stable=True)  # hits, misses, padding
-        hit_counts = hit.sum(-1)
-        self.sought += counts
-        self.found += hit_counts
-        hit_slots = held.gather(-1, order).clamp_min(0)
-        self.stamp.scatter_reduce_(-1, hit_slots.long(), torch.where(columns < hit_counts[..., None], now, -1),
-                                   "amax")
-        shifted = (columns + hit_counts[..., None]).clamp(max=k - 1)  # past the hits
-        miss_indices = indices.gather(-1, order).gather(-1, shifted)
-        return Split(hit_slots.to(indices.dtype), hit_counts.to(counts.dtype), miss_indices,
-                     (counts - hit_counts).to(counts.dtype))
+        return Split(*kernels.split_rows(self.slot, self.stamp, self.sought, self.found, indices, counts, now))
 
-    def fill(self, split: Split, keys: torch.Tensor, values: torch.Tensor, now: int | torch.Tensor) -> None:
-        """Bring in the first misses of ``split`` with their ``keys`` and ``values`` [B, H, F, D] (F =
-        :meth:`fill_width`), each into the slot of the row picked longest ago (empty slots first), in place."""
-        f = keys.shape[2]
-        victims = self.stamp.topk(f, dim=-1, largest=False).indices  # [B, H, F], distinct per (row, head)
-        coming = torch.arange(f, device=keys.device) < split.miss_counts[..., None]  # [B, H, F]
-        new = split.miss_indices[..., :f].long()
-        old = self.token.gather(-1, victims).long()
-        spare = self.slot.shape[-1] - 1  # the column masked writes go to
-        self.slot.scatter_(-1, torch.where(coming & (old >= 0), old, spare), -1)
-        self.slot.scatter_(-1, torch.where(coming, new, spare), victims.int())
-        self.token.scatter_(-1, victims, torch.where(coming, new, old).int())
-        self.stamp.scatter_(-1, victims, torch.where(coming, now, self.stamp.gather(-1, victims)))
-        for held, rows in ((self.keys, keys), (self.values, values)):
-            index = victims[..., None].expand(-1, -1, -1, held.shape[-1])
-            held.scatter_(2, index, torch.where(coming[..., None], rows.to(held.dtype), held.gather(2, index)))
+    def fill(self, split: Split, incoming: torch.Tensor, now: int | torch.Tensor) -> None:
+        """Bring in the first misses of ``split`` with their keys and values ``incoming`` [B, H, F, 2, D] (F =
+        :meth:`fill_width`, on the device), each into a slot of the rows picked longest ago (empty slots first), in
+        place."""
+        kernels.fill_rows(self.keys, self.values, self.token, self.stamp, self.slot, split.miss_indices,
+                          split.miss_counts, incoming, now)
 
     def clear(self) -> None:
         """Hold nothing (after a crop: the rows past it are gone)."""

@@ -273,7 +273,7 @@ def _offloaded(
     out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
                                   far_lse.to(lse.device, non_blocking=True))
     if rows is not None:
-        rows.fill(split, *incoming.to(out.device, non_blocking=True).unbind(3), layer.length)
+        rows.fill(split, incoming.to(out.device, non_blocking=True), layer.length)
     if static is None and far is None:
         return out, int(counts.sum())  # on the host already
     return out, selection[1]  # the device's counts

@@ -34,7 +34,7 @@ def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = Fal
     try:
         torch.manual_seed(0)
         out = model.generate(ids, attention_mask=mask, **cache_argument(model, cache), max_new_tokens=new,
-                             do_sample=sample, top_k=None, top_p=None, pad_token_id=0)
+                             min_new_tokens=new, do_sample=sample, top_k=None, top_p=None, pad_token_id=0)
         runner = model.forward if graphs else None
     finally:
         kernels.select_topk = select

@@ -57,7 +57,7 @@ def test_split_and_fill_follow_the_rows_picked_most_recently():
                 last_picked[b, h, chosen] = step
         f = rows.fill_width(k)
         incoming = split.miss_indices[..., :f].long()
-        rows.fill(split, key_of(incoming), -key_of(incoming), step)
+        rows.fill(split, torch.stack([key_of(incoming), -key_of(incoming)], dim=3), step)
         check_consistent(rows)
         for b in range(2):
             for h in range(3):
@@ -74,7 +74,7 @@ def test_rows_views_write_through_and_select_copies():
     part = rows.rows(1, 3)
     indices, counts = torch.tensor([[[5, 7]], [[9, 11]]], dtype=torch.int32), torch.tensor([[2], [2]])
     split = part.split(indices, counts, 0)
-    part.fill(split, key_of(indices.long()[..., :1]), -key_of(indices.long()[..., :1]), 0)
+    part.fill(split, torch.stack([key_of(indices.long()[..., :1]), -key_of(indices.long()[..., :1])], dim=3), 0)
     assert rows.token[1:, 0].sort(-1).values[..., -1].tolist() == [5, 9] and (rows.token[:, 0] >= 0).sum() == 2
     picked = rows.select_rows(torch.tensor([2, 2]))
     assert picked.token[:, 0].max(-1).values.tolist() == [9, 9] and picked.keys.data_ptr() != rows.keys.data_ptr()
@@ -92,7 +92,8 @@ def test_a_row_cache_decodes_as_the_cpu_does(tiny, offload, budget):
     outs = [greedy(model, ids, cache, new=30) for cache in caches]
     assert torch.equal(outs[0], outs[1])
     assert caches[0].row_cache_hits != caches[0].row_cache_hits  # nan: none kept
-    assert 0.3 < caches[1].row_cache_hits < 1  # a step brings in at most an eighth of its width: they fill slowly
+    assert 0.15 < caches[1].row_cache_hits < 1  # a step brings in at most an eighth of its width: they fill slowly
+    # (0.24-0.45 over these 30 steps here and on an H200, where the tiny model's tokens differ)
     assert caches[0].stats.far_selected == caches[1].stats.far_selected > 0
     cache, shape = caches[1], books.fingerprint
     width = cache.budget_for(200 - cache.window - cache.sink)  # max_length's far tokens
@@ -105,9 +106,10 @@ def test_a_row_cache_decodes_as_the_cpu_does(tiny, offload, budget):
         assert rows.slots == cache.row_slots
         held = rows.token >= 0
         assert held.any(-1).all()
-        b, h = torch.nonzero(held, as_tuple=True)[:2]
-        tokens = rows.token[held].long()
-        assert torch.equal(rows.keys[held], keys[b, h, tokens]) and torch.equal(rows.values[held], values[b, h, tokens])
+        b, h = (t.cpu() for t in torch.nonzero(held, as_tuple=True)[:2])
+        tokens = rows.token[held].long().cpu()
+        assert torch.equal(rows.keys[held].cpu(), keys[b, h, tokens])
+        assert torch.equal(rows.values[held].cpu(), values[b, h, tokens])
 
 
 def test_a_row_cache_follows_beam_search_and_crop(tiny):

@@ -44,22 +44,25 @@ class Backend:
     select_topk: Callable
     candidate_scores: Callable
     gather_chosen: Callable
+    split_rows: Callable
+    fill_rows: Callable
 
 
 TORCH = Backend(reference.encode_keys, reference.rotated_lookup_table, reference.move_bucket_columns,
                 reference.write_token, reference.count_leaving, reference.attention_with_lse,
                 reference.local_and_far_attention, reference.merge_attention, reference.select_topk,
-                reference.candidate_scores, reference.gather_chosen)
+                reference.candidate_scores, reference.gather_chosen, reference.split_rows, reference.fill_rows)
 
 
 @functools.cache
 def _triton() -> Backend:
-    from . import triton_attention, triton_codes, triton_step, triton_topk  # Triton compiles on import
+    from . import triton_attention, triton_codes, triton_rows, triton_step, triton_topk  # Triton compiles on import
 
     return Backend(triton_codes.encode_keys, triton_codes.rotated_lookup_table, triton_codes.move_bucket_columns,
                    triton_step.write_token, triton_step.count_leaving, triton_attention.attention_with_lse,
                    triton_attention.attention_with_lse, triton_attention.merge_attention, triton_topk.select_topk,
-                   triton_attention.candidate_scores, triton_attention.gather_chosen)
+                   triton_attention.candidate_scores, triton_attention.gather_chosen, triton_rows.split_rows,
+                   triton_rows.fill_rows)
 
 
 def backend(device: torch.device) -> Backend:
@@ -187,6 +190,24 @@ def gather_chosen(
     return _on(indices, "gather_chosen", indices, counts, chosen, chosen_counts)
 
 
+def split_rows(
+    slot: torch.Tensor, stamp: torch.Tensor, sought: torch.Tensor, found: torch.Tensor, indices: torch.Tensor,
+    counts: torch.Tensor, now: int | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A selection split by a row cache into its hits and misses; see :func:`.reference.split_rows`. One Triton
+    launch on a GPU."""
+    return _on(indices, "split_rows", slot, stamp, sought, found, indices, counts, now)
+
+
+def fill_rows(
+    keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor, stamp: torch.Tensor, slot: torch.Tensor,
+    miss_indices: torch.Tensor, miss_counts: torch.Tensor, incoming: torch.Tensor, now: int | torch.Tensor,
+) -> None:
+    """A split's first misses brought into a row cache's oldest slots; see :func:`.reference.fill_rows`. One Triton
+    launch on a GPU."""
+    _on(keys, "fill_rows", keys, values, token, stamp, slot, miss_indices, miss_counts, incoming, now)
+
+
 def sparse_attention(
     query: torch.Tensor, store, indices: torch.Tensor, counts: torch.Tensor, scaling: float,
     out: tuple[torch.Tensor, torch.Tensor] | None = None, copies: torch.Tensor | None = None,
@@ -217,4 +238,5 @@ def select_topk(
 
 __all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram", "count_leaving",
            "encode_keys", "gather_chosen", "merge_attention", "move_bucket_columns", "output_buffers",
-           "rotated_lookup_table", "select_topk", "sparse_attention", "watching", "write_token"]
+           "rotated_lookup_table", "select_topk", "sparse_attention", "split_rows", "fill_rows", "watching",
+           "write_token"]

@@ -267,3 +267,59 @@ def merge_attention(
     wa = torch.exp(lse_a - finite)[..., None]
     wb = torch.exp(lse_b - finite)[..., None]
     return out_a * wa + out_b * wb
+
+
+AGE_CAP = 255  # a row cache's slots picked this many steps ago or more are equally old (empty ones too)
+
+
+def split_rows(
+    slot: torch.Tensor, stamp: torch.Tensor, sought: torch.Tensor, found: torch.Tensor, indices: torch.Tensor,
+    counts: torch.Tensor, now: int | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A selection (``indices`` [B, H, K], the first ``counts`` [B, H] valid) split by a row cache's token -> slot
+    map ``slot`` [B, H, N + 1] into the slots holding selected rows and the selected rows it lacks, each in the
+    selection's order: (hit_slots [B, H, K] int32, hit_counts, miss_indices [B, H, K], miss_counts), zeros past
+    the counts. The hits' ``stamp`` [B, H, S] becomes ``now`` (a host int or a device tensor [1]); ``sought`` and
+    ``found`` [B, H] count the selected rows and the hits, in place."""
+    k = indices.shape[-1]
+    columns = torch.arange(k, device=indices.device)
+    valid = columns < counts[..., None]
+    held = slot.gather(-1, indices.long().clamp(0, slot.shape[-1] - 2))
+    hit = valid & (held >= 0)
+    order = torch.where(hit, 0, 1 + (~valid).long()).argsort(dim=-1, stable=True)  # hits, misses, padding
+    hit_counts = hit.sum(-1)
+    miss_counts = counts - hit_counts
+    sought += counts
+    found += hit_counts
+    hit_slots = torch.where(columns < hit_counts[..., None], held.gather(-1, order), 0)
+    stamp.scatter_reduce_(-1, hit_slots.long(), torch.where(columns < hit_counts[..., None], now, -1), "amax")
+    shifted = (columns + hit_counts[..., None]).clamp(max=k - 1)  # past the hits
+    miss_indices = torch.where(columns < miss_counts[..., None], indices.gather(-1, order).gather(-1, shifted), 0)
+    return (hit_slots.int(), hit_counts.to(counts.dtype), miss_indices.to(indices.dtype),
+            miss_counts.to(counts.dtype))
+
+
+def fill_rows(
+    keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor, stamp: torch.Tensor, slot: torch.Tensor,
+    miss_indices: torch.Tensor, miss_counts: torch.Tensor, incoming: torch.Tensor, now: int | torch.Tensor,
+) -> None:
+    """The first F misses of a split (``miss_indices`` [B, H, K], ``miss_counts`` [B, H]) brought into a row cache
+    with their K/V ``incoming`` [B, H, F, 2, D] (on the cache's device), in place: into the F slots picked longest
+    ago (age ``now - stamp`` capped at :data:`AGE_CAP`; ties, and every slot at the cap, by slot number), the j-th
+    miss into the j-th of those in slot order. The slots' ``keys`` / ``values`` [B, H, S, D], ``token`` and
+    ``stamp`` [B, H, S] and the token -> slot map ``slot`` [B, H, N + 1] follow."""
+    f = incoming.shape[2]
+    age = (now - stamp).clamp(max=AGE_CAP)
+    victims = age.neg().argsort(dim=-1, stable=True)[..., :f].sort(dim=-1).values  # [B, H, F]
+    coming = torch.arange(f, device=incoming.device) < miss_counts[..., None]
+    new = miss_indices[..., :f].long()
+    old = token.gather(-1, victims).long()
+    spare = slot.shape[-1] - 1  # the column masked writes go to
+    slot.scatter_(-1, torch.where(coming & (old >= 0), old, spare), -1)
+    slot.scatter_(-1, torch.where(coming, new, spare), victims.int())
+    token.scatter_(-1, victims, torch.where(coming, new, old).int())
+    stamp.scatter_(-1, victims, torch.where(coming, now, stamp.gather(-1, victims)))
+    slot[..., spare] = -1
+    for held, rows in ((keys, incoming[..., 0, :]), (values, incoming[..., 1, :])):
+        index = victims[..., None].expand(-1, -1, -1, held.shape[-1])
+        held.scatter_(2, index, torch.where(coming[..., None], rows.to(held.dtype), held.gather(2, index)))

@@ -1,0 +1,59 @@
+"""The row cache's fused split and fill against the torch references (under TRITON_INTERPRET=1 without a GPU):
+random selections drifting over many steps, widths that are not powers of two and span several of a program's
+blocks, empty selections, a head dimension that is not a power of two, the step's length on the host or the
+device, and row views of a batch (the pipelined halves)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2ats_hf.kernels import reference, triton_rows
+from a2ats_hf.rowcache import RowCache
+
+from conftest import DEVICE
+
+pytestmark = pytest.mark.skipif(
+    DEVICE.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"),
+    reason="needs a GPU or TRITON_INTERPRET=1 (conftest sets it without a GPU)",
+)
+KERNEL_DEVICE = DEVICE if DEVICE.type == "cuda" else torch.device("cpu")
+
+
+@pytest.mark.parametrize("b, h, slots, d, tokens, width, steps, now_on_device, view", [
+    (2, 3, 40, 24, 300, 19, 30, False, False), (1, 2, 1500, 80, 4000, 1100, 4, True, False),
+    (3, 1, 64, 16, 200, 30, 12, True, True)],
+    ids=["small", "wide", "halves-view"])
+def test_split_and_fill_match_reference(b, h, slots, d, tokens, width, steps, now_on_device, view):
+    """Step after step, the fused kernels leave the cache exactly as the references do: the same hits, misses and
+    counts, the same victims (ties by slot number, ages capped), the same slots, map, stamps and K/V."""
+    g = torch.Generator().manual_seed(slots)
+    caches = [RowCache.empty(b, h, slots, d, tokens, torch.bfloat16, device) for device in
+              (torch.device("cpu"), KERNEL_DEVICE)]
+    fill, now = max(1, width // 8), 1000
+    for step in range(steps):
+        pool = torch.randperm(tokens // 3, generator=g) + (step % 4) * (tokens // 40)  # overlapping, drifting picks
+        indices = torch.stack([torch.stack([pool[torch.randperm(len(pool), generator=g)[:width]].sort().values
+                                            for _ in range(h)]) for _ in range(b)]).int()
+        counts = torch.randint(0, width + 1, (b, h), generator=g).int()
+        counts[0, 0] = width if step % 2 else 0
+        incoming = torch.randn(b, h, fill, 2, d, generator=g).bfloat16()
+        now += int(torch.randint(1, 90, (1,), generator=g))  # the step's length: gaps past the age cap too
+        results = []
+        for cache in caches:
+            device = cache.keys.device
+            part = cache.rows(1, b) if view else cache  # a half's row views write through to the cache
+            rows = slice(1, b) if view else slice(None)
+            at = torch.tensor([now], device=device) if now_on_device else now
+            kernels = triton_rows if device == KERNEL_DEVICE and cache is caches[1] else reference
+            split = kernels.split_rows(part.slot, part.stamp, part.sought, part.found, indices[rows].to(device),
+                                       counts[rows].to(device), at)
+            kernels.fill_rows(part.keys, part.values, part.token, part.stamp, part.slot, split[2], split[3],
+                              incoming[rows].to(device), at)
+            results.append([t.cpu() for t in split])
+        for want, got in zip(results[0], results[1]):
+            assert torch.equal(want, got)
+        for want, got in zip(caches[0].tensors(), caches[1].tensors()):
+            assert torch.equal(want, got.cpu())
+    held = caches[1].token >= 0
+    assert held.any() and caches[1].found.sum() > 0  # the caches did fill and find
