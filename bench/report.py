@@ -309,7 +309,8 @@ GREEDY_CHECK = {"GPUs": cell("gpus"), "dtype": cell("dtype"),
 
 OFFLOADED = {"context": kilo("context"), "method": cell("method"), "batch": cell("batch"),
              "blocks on huge pages": lambda r: "yes" if r["huge_pages"] else "no",
-             "two halves in a pipeline": lambda r: ("yes" if r["halves"] else "no") if "graphs" in r["method"] else "-",
+             "two halves in a pipeline": lambda r: (("yes" if r["halves"] and r["batch"] > 1 else "no")
+                                                  if "graphs" in r["method"] else "-"),
              "ms / step": cell("step_ms", "{:.1f}"), "tokens/s": cell("tokens_per_s", "{:.1f}"),
              "decode tokens": lambda r: "fresh" if r["fresh"] else "one, repeated",
              "row cache found": lambda r: f"{r['row_cache_hits']:.0%}" if "row_cache_hits" in r else "-",
@@ -362,6 +363,7 @@ class Block:
 
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
+ROW_CACHE = tuple(f"throughput/2026-12-05-17592c7-nvidia-h200{s}.json" for s in ("", "-2"))  # 128K x 1, x 5
 SCORING_COST = "throughput/2026-12-04-00a485c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
 FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
 REUSE_CPU = "selection-reuse/2026-12-05-91a80ea-cpu.json"  # SmolLM2, Persuasion: how much each step's pick repeats
@@ -383,6 +385,7 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h200-scoring-cost": Block((SCORING_COST,), lambda f: throughput_table(runs(f))),
     "throughput-h200-offloaded": Block(tuple(f"throughput/2026-12-04-7c4d3f1-nvidia-h200{s}.json" for s in ("", "-2")),
                                        lambda f: table(offloaded_rows(f), OFFLOADED)),
+    "throughput-h200-row-cache": Block(ROW_CACHE, lambda f: table(offloaded_rows(f), OFFLOADED)),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
