@@ -24,8 +24,7 @@ def _split_kernel(slot_ptr, stamp_ptr, sought_ptr, found_ptr, idx_ptr, counts_pt
     into the misses, both in the selection's order, zeros past them."""
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
-    if NOW_ON_DEVICE:
-        now = tl.load(now_ptr)
+    now = tl.load(now_ptr).to(tl.int64) if NOW_ON_DEVICE else tl.full([], 0, tl.int64) + now
     count = tl.load(counts_ptr + pid).to(tl.int32)
     slot_row = slot_ptr + b * s_slot_b + h * s_slot_h
     stamp_row = stamp_ptr + b * s_stamp_b + h * s_stamp_h
@@ -43,7 +42,7 @@ def _split_kernel(slot_ptr, stamp_ptr, sought_ptr, found_ptr, idx_ptr, counts_pt
         miss_at = misses + tl.cumsum(miss.to(tl.int32), 0) - 1
         tl.store(hit_ptr + out + hit_at, held, mask=hit)
         tl.store(miss_ptr + out + miss_at, idx, mask=miss)
-        tl.store(stamp_row + held, now.to(tl.int64), mask=hit)
+        tl.store(stamp_row + held, tl.zeros([BLOCK], tl.int64) + now, mask=hit)
         hits += tl.sum(hit.to(tl.int32), 0)
         misses += tl.sum(miss.to(tl.int32), 0)
     for start in range(0, K, BLOCK):
@@ -88,16 +87,14 @@ def _fill_kernel(keys_ptr, values_ptr, token_ptr, stamp_ptr, slot_ptr, miss_ptr,
     search on the age, listed in slot order, then the first misses written into them."""
     pid = tl.program_id(0)
     b, h = pid // H, pid % H
-    if NOW_ON_DEVICE:
-        now = tl.load(now_ptr)
-    now = now.to(tl.int64)
+    now = tl.load(now_ptr).to(tl.int64) if NOW_ON_DEVICE else tl.full([], 0, tl.int64) + now
     stamp_row = stamp_ptr + b * s_stamp_b + h * s_stamp_h
     # the largest age T with at least F slots as old or older
-    lo = 0
-    hi = AGE_CAP
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], AGE_CAP, tl.int32)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        older = 0
+        older = tl.full([], 0, tl.int32)
         for start in range(0, S, BLOCK):
             col = start + tl.arange(0, BLOCK)
             age = tl.minimum(now - tl.load(stamp_row + col, mask=col < S, other=0), AGE_CAP)
@@ -106,14 +103,14 @@ def _fill_kernel(keys_ptr, values_ptr, token_ptr, stamp_ptr, slot_ptr, miss_ptr,
             lo = mid
         else:
             hi = mid - 1
-    above = 0  # slots older than T: all taken; then those of age T in slot order
+    above = tl.full([], 0, tl.int32)  # slots older than T: all taken; then those of age T in slot order
     for start in range(0, S, BLOCK):
         col = start + tl.arange(0, BLOCK)
         age = tl.minimum(now - tl.load(stamp_row + col, mask=col < S, other=0), AGE_CAP)
         above += tl.sum(((age > lo) & (col < S)).to(tl.int32), 0)
     need = F - above
-    taken = 0
-    ties = 0
+    taken = tl.full([], 0, tl.int32)
+    ties = tl.full([], 0, tl.int32)
     victims_row = victims_ptr + pid * F
     for start in range(0, S, BLOCK):
         col = start + tl.arange(0, BLOCK)
