@@ -57,3 +57,30 @@ def test_split_and_fill_match_reference(b, h, slots, d, tokens, width, steps, no
             assert torch.equal(want, got.cpu())
     held = caches[1].token >= 0
     assert held.any() and caches[1].found.sum() > 0  # the caches did fill and find
+
+
+POINTERS = {"stamp_ptr": "*i64", "sought_ptr": "*i64", "found_ptr": "*i64", "keys_ptr": "*bf16", "values_ptr": "*bf16",
+            "in_ptr": "*bf16"}  # the rest are int32
+
+
+@pytest.mark.parametrize("kernel, constants", [
+    ("_split_kernel", {"H": 8, "BLOCK": 1024}),
+    ("_fill_kernel", {"H": 8, "D": 128, "D_PAD": 128, "BLOCK": 1024, "BLOCK_F": 64, "AGE_CAP": 255})])
+@pytest.mark.parametrize("now_on_device", [False, True])
+def test_kernels_compile_for_hopper(kernel, constants, now_on_device):
+    """Both kernels compile to PTX for an H100/H200 (sm_90), here without a GPU: what the interpreter lets pass
+    and the compiler does not (a loop-carried value changing type, a constexpr where a tensor is needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = getattr(triton_rows, kernel)
+    fn = fn if hasattr(fn, "cache_key") else JITFunction(fn.fn)  # interpreted: the function it wraps
+    constants = {**constants, "NOW_ON_DEVICE": now_on_device}
+    signature = {name: "constexpr" if name in constants else
+                 ("*i64" if name == "now_ptr" and now_on_device else POINTERS.get(name, "*i32"))
+                 if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32))
+    assert ".entry" in compiled.asm["ptx"]
