@@ -105,6 +105,13 @@ def wall_time(fn, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def hits_since(cache, counted: tuple[int, int]) -> float:
+    """The share of the selected rows an A2ATSCache's row caches found since they had ``counted`` (found, sought:
+    ``cache.row_cache_counts()`` then)."""
+    found, sought = (now - then for now, then in zip(cache.row_cache_counts(), counted))
+    return found / max(sought, 1)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

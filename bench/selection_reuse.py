@@ -27,7 +27,7 @@ from a2ats_eval.assets import austen_novels, smollm2_path
 from a2ats_eval.fidelity import FidelityProbe
 from a2ats_eval.reuse import lru_misses, reuse, union_size
 from a2ats_hf import A2ATSCache
-from bench.common import environment, results_path
+from bench.common import environment, hits_since, results_path
 from bench.evaluation import HELD_OUT, codebook_variants
 
 METHODS = {  # name -> the suite's method
@@ -68,8 +68,7 @@ def row_cache_hits(model, books, ids: torch.Tensor, method: Method, steps: int, 
 
     cache.observers.append(watch)
     tail_nll(model, ids, cache, steps)
-    found, sought = (now - then for now, then in zip(cache.row_cache_counts(), warmed))
-    return round(found / sought, 4)
+    return round(hits_since(cache, warmed), 4)
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ from bench.common import (
     WordTokenizer,
     build,
     environment,
+    hits_since,
     random_codebooks,
     release,
     results_path,
@@ -154,12 +155,6 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
     if kernel_profile and device.type == "cuda":
         result["gpu_profile"] = gpu_profile(step, device)
     return result
-
-
-def hits_since(cache: A2ATSCache, counted: tuple[int, int]) -> float:
-    """The share of the selected rows the cache's row caches found since they had ``counted`` (found, sought)."""
-    found, sought = (now - then for now, then in zip(cache.row_cache_counts(), counted))
-    return found / max(sought, 1)
 
 
 def gpu_profile(step, device: torch.device, steps: int = 8, top: int = 12) -> dict:
