@@ -133,11 +133,12 @@ class A2ATSLayer(CacheLayerMixin):
             self.store.append(key_states, value_states)
             self.fill_ring(key_states, value_states)
         else:  # a capture-ready step: written at the column the device holds, the host's length moved by the runner
-            on_device = self.store.resident
-            kernels.write_token(key_states, value_states, self.store.keys if on_device else None,
-                                self.store.values if on_device else None, self.local_keys, self.local_values,
+            # the device store, or the pinned block a GPU-attended layer's step reads in place (over PCIe)
+            target = self.store if self.store.resident else self.store.mapped() if self.attended_on_device() else None
+            kernels.write_token(key_states, value_states, None if target is None else target.keys,
+                                None if target is None else target.values, self.local_keys, self.local_values,
                                 static.column, self.config.sink, self.config.window)
-            if not on_device:  # to the CPU store's staging; it reaches its block at the layer's CPU attention
+            if target is None:  # to the CPU store's staging; it reaches its block at the layer's CPU attention
                 self.store.write(key_states, value_states)
         key_states.a2ats_layer = value_states.a2ats_layer = self  # read back by stored_by(key)
         self.awaiting_attention = True
@@ -156,6 +157,13 @@ class A2ATSLayer(CacheLayerMixin):
             slots = sink + torch.arange(n - last, n, device=self.device) % window
             self.local_keys.index_copy_(2, slots, keys[:, :, -last:].to(self.device, self.dtype))
             self.local_values.index_copy_(2, slots, values[:, :, -last:].to(self.device, self.dtype))
+
+    def attended_on_device(self) -> bool:
+        """Whether this layer's decode steps attend every selected row on the device although its K/V is in CPU
+        memory (``gpu_share=1``): the GPU reads the rows (or, with a row cache, its misses) in place from the
+        store's one pinned block over PCIe, and the CPU only holds the K/V. A store grown past ``max_length`` (two
+        blocks) goes back to the CPU attention."""
+        return self.config.gpu_share == 1 and not self.store.resident and self.store.one_block() is not None
 
     # The "a2ats" attention calls the methods below, which need positions and padding that `update` does not see.
 
@@ -452,14 +460,16 @@ class A2ATSCache(Cache):
             exact ``q . k`` of those candidates keeps the budget (one more gather of R x the selected keys),
             moving the selection towards the exact top-K. Layers whose K/V is in CPU memory select as with 1;
             offload="cpu" (where no layer could) refuses it.
-        gpu_share: a fraction in [0, 1) of each offloaded layer's selected rows that the GPU attends itself,
+        gpu_share: a fraction in [0, 1] of each offloaded layer's selected rows that the GPU attends itself,
             reading them in place from the pinned CPU store over PCIe (zero-copy) while the CPU attends the rest, so
-            PCIe's bandwidth adds to the CPU's. Needs ``max_length``: each offloaded layer's K/V is then one pinned
-            buffer for ``max_length`` tokens. 0 (the default): the CPU attends every selected row.
+            PCIe's bandwidth adds to the CPU's; 1: the GPU attends every row and the CPU only holds the K/V (no CPU
+            attention, no host wait: a decode step is one CUDA graph). Needs ``max_length``: each offloaded layer's
+            K/V is then one pinned buffer for ``max_length`` tokens. 0 (the default): the CPU attends every row.
         row_cache: R >= 2 keeps, for each offloaded layer, R budgets of the rows it picked most recently on the
             device (per row and KV head; the selection's whole width under the per-query-head rule): picked again,
             the device attends them from there and only the misses cross from CPU memory (consecutive steps pick
-            mostly the same rows). Needs ``max_length`` (the slots are sized once); not with ``gpu_share``.
+            mostly the same rows), attended by the CPU, or with ``gpu_share=1`` read by the GPU into the slots.
+            Needs ``max_length`` (the slots are sized once); with ``gpu_share`` 0 or 1 only.
             0 (the default): none.
     """
 

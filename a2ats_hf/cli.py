@@ -51,18 +51,14 @@ def _n_centroids(value: str) -> int:
     return number
 
 
-def _fraction(value: str, below_one: bool = False) -> float:
+def _fraction(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not 0.0 <= number <= 1.0 or below_one and number == 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1{')' if below_one else ']'}, got {value}")
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
     return number
-
-
-def _fraction_below_one(value: str) -> float:
-    return _fraction(value, below_one=True)
 
 
 def _topk(value: str) -> float | int:
@@ -284,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--offload", choices=["cpu", "none", "auto"], default="cpu",
                      help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")
-    gen.add_argument("--gpu-share", type=_fraction_below_one, default=0.0, metavar="F",
-                     help="share in [0, 1) of an offloaded layer's selected rows the GPU attends itself, reading "
-                          "them from the pinned CPU store over PCIe (default 0: the CPU attends them all)")
+    gen.add_argument("--gpu-share", type=_fraction, default=0.0, metavar="F",
+                     help="share in [0, 1] of an offloaded layer's selected rows the GPU attends itself, reading "
+                          "them from the pinned CPU store over PCIe (default 0: the CPU attends them all; 1: the CPU "
+                          "only holds the K/V)")
     gen.add_argument("--row-cache", type=float, default=0.0, metavar="R",
                      help="budgets (0, or 2 or more) of the rows each offloaded layer picked most recently kept on the "
                           "GPU, where picked again they are attended (default 0: none)")
@@ -353,8 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--row-cache is 0 (none) or at least 2 budgets, got {args.row_cache:g}")
     if args.command == "generate" and args.row_cache and args.offload == "none":
         parser.error("--row-cache keeps rows of offloaded layers on the GPU: it needs --offload cpu or auto")
-    if args.command == "generate" and args.row_cache and args.gpu_share:
-        parser.error("--row-cache and --gpu-share each give the GPU some of the rows: pick one")
+    if args.command == "generate" and args.row_cache and args.gpu_share not in (0, 1):
+        parser.error("--row-cache takes --gpu-share 0 (the CPU attends the misses) or 1 (the GPU reads them)")
     if args.command == "eval" and args.perplexity and args.tail >= min(args.lengths):
         parser.error(f"--tail {args.tail} must be shorter than every --lengths window (the shortest is "
                      f"{min(args.lengths)})")

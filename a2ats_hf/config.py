@@ -54,16 +54,16 @@ class A2ATSConfig:
             raise ValueError(f'rerank={self.rerank} re-ranks by the keys on the device: it needs offload="none" or '
                              '"auto" (with offload="cpu" no layer could)')
         self.check_offloaded_option(
-            "gpu_share", lambda f: 0 <= f < 1, "the fraction of an offloaded layer's selected rows the GPU attends "
-            "itself, in [0, 1)", "splits the rows of layers whose K/V is in CPU memory, which the GPU reads in place "
+            "gpu_share", lambda f: 0 <= f <= 1, "the fraction of an offloaded layer's selected rows the GPU attends "
+            "itself, in [0, 1]", "splits the rows of layers whose K/V is in CPU memory, which the GPU reads in place "
             "from one pinned buffer per layer")
         self.check_offloaded_option(
             "row_cache", lambda r: r == 0 or r >= 2, "how many budgets of recently picked rows an offloaded layer "
             "keeps on the device, 0 (none) or at least 2", "keeps rows of layers whose K/V is in CPU memory, in "
             "slots sized once")
-        if self.row_cache and self.gpu_share:
-            raise ValueError(f"row_cache={self.row_cache} does not combine with gpu_share (got {self.gpu_share}): "
-                             "each gives the GPU some of the offloaded rows")
+        if self.row_cache and self.gpu_share not in (0, 1):
+            raise ValueError(f"row_cache={self.row_cache} combines with gpu_share 0 (the CPU attends the misses) or 1 "
+                             f"(the GPU reads them), got {self.gpu_share}")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
 

@@ -8,7 +8,8 @@ over a fixed width, so the same captured graph serves every step until the lengt
 :class:`GraphRunner` as the model's forward: one-token steps over an :class:`~a2ats_hf.cache.A2ATSCache` whose
 layers all keep their K/V on one GPU (``offload="none"``, or ``"auto"`` where everything fits) with ``max_length``
 set run that way; every other call (the prompt, CPUs) goes to the model's own forward. Layers whose K/V is in
-CPU memory (``offload="cpu"``, or ``"auto"`` past the GPU's budget) split the step into pieces, as vLLM captures
+CPU memory (``offload="cpu"``, or ``"auto"`` past the GPU's budget) and whose rows the CPU attends (unless
+``gpu_share=1``: the GPU reads them in place, and the step stays one graph) split the step into pieces, as vLLM captures
 its "piecewise" graphs around attention: a piece ends where such a layer hands its selection to the CPU, and the
 runner replays piece after piece, between two of them waiting for that layer's selection (the step's only host
 waits, one per offloaded layer) and running its CPU attention, whose output the next piece copies back. With two
@@ -155,6 +156,8 @@ class GraphRunner:
                 return self.forward(**{**rest, **captured.inputs, "attention_mask": None, cache_name: part})
 
             steps.append((part, captured, run, key))
+        for layer in layers:  # tokens an eager step staged reach their blocks first: a replay places none
+            layer.store.wait()
         static.column.fill_(n)
         static.length.fill_(n + 1)
         try:
@@ -206,7 +209,7 @@ class GraphRunner:
         ``halves`` applies (views of the cache's rows, kept from step to step while only this runner's steps
         moved the cache), else the whole cache."""
         layers = cache.a2ats_layers
-        if (not self.halves or batch < 2 or all(layer.store.resident for layer in layers)
+        if (not self.halves or batch < 2 or all(layer.store.resident or layer.attended_on_device() for layer in layers)
                 or not set(tensors) <= {*ROW_INPUTS, "cache_position"}):
             return [(cache, slice(None))]
         made_for = (batch, cache.edits, cache.get_seq_length())
@@ -290,8 +293,11 @@ class GraphRunner:
 
 def capacity(layer) -> int:
     """Columns a capture-ready step of ``layer`` can address: its code buffer's, and its device store's where it
-    keeps the K/V on the device (a CPU store grows by blocks between pieces)."""
-    return min(layer.code_buffer.shape[-1], layer.store.keys.shape[2] if layer.store.resident else math.inf)
+    keeps the K/V on the device, or its CPU store's one block where the GPU writes and reads it in place (a CPU
+    store the CPU attends grows by blocks between pieces)."""
+    store = layer.store
+    bound = store.keys.shape[2] if store.resident else store.block_size if layer.attended_on_device() else math.inf
+    return min(layer.code_buffer.shape[-1], bound)
 
 
 def capture_decoding(model: nn.Module, capture: bool | None = None, bucket: int = BUCKET,

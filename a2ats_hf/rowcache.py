@@ -5,8 +5,10 @@ repeat the step before's, and a cache of 2 budgets misses 6-8% of them: ``bench/
 offloaded layer keeps R budgets of rows per (row, KV head) on the device: each step's selection splits into the
 rows it holds, attended by the device's kernel beside the window, and the misses, attended by the CPU as before;
 the CPU copies the first misses (up to :data:`FILL_SHARE` of the selection's width) into a pinned buffer, and after
-the merge they take the slots of the rows picked longest ago. Every shape is fixed by the selection's width, and
-nothing waits, so a captured step runs it.
+the merge they take the slots of the rows picked longest ago. With ``gpu_share=1`` the CPU attends nothing: the
+device reads every miss in place from the pinned store over PCIe into those slots, then attends the whole
+selection from the slots. Every shape is fixed by the selection's width, and nothing waits, so a captured step
+runs it.
 """
 
 from __future__ import annotations
@@ -70,12 +72,15 @@ class RowCache:
         rows missed, and stamp the held ones with ``now`` (a host int or a device tensor [1])."""
         return Split(*kernels.split_rows(self.slot, self.stamp, self.sought, self.found, indices, counts, now))
 
-    def fill(self, split: Split, incoming: torch.Tensor, now: int | torch.Tensor) -> None:
-        """Bring in the first misses of ``split`` with their keys and values ``incoming`` [B, H, F, 2, D] (F =
-        :meth:`fill_width`, on the device), each into a slot of the rows picked longest ago (empty slots first), in
-        place."""
+    def fill(self, split: Split, source: torch.Tensor, now: int | torch.Tensor, from_store: bool = False) -> None:
+        """Bring misses of ``split`` into the slots of the rows picked longest ago (empty slots first), in place:
+        the first of them (up to :meth:`fill_width`) with their keys and values ``source`` [B, H, F, 2, D] (the
+        CPU's copies), or with ``from_store`` every miss, read at its token from the store's block ``source``
+        [B, H, >= N, 2, D] (over PCIe where it is pinned) and listed after ``split``'s hits, whose slots then name
+        every selected row."""
         kernels.fill_rows(self.keys, self.values, self.token, self.stamp, self.slot, split.miss_indices,
-                          split.miss_counts, incoming, now)
+                          split.miss_counts, source, now, by_token=from_store,
+                          hits=(split.hit_slots, split.hit_counts) if from_store else None)
 
     def clear(self) -> None:
         """Hold nothing (after a crop: the rows past it are gone)."""

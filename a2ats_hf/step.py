@@ -222,9 +222,12 @@ def _offloaded(
     With ``gpu_share``, the device attends the first share of each selection itself, reading the rows in place
     from the pinned store over PCIe, beside the window; the CPU the rest. With a ``row_cache``, the device attends
     the selected rows its slots hold, beside the window, the CPU the misses, and the first misses the CPU copies
-    out take slots after the merge. Returns the output and the tokens selected (a host count; the device's counts
-    in a capture-ready step, with a device share or a row cache)."""
+    out take slots after the merge. With ``gpu_share=1`` the device attends them all (:func:`_read_in_place`).
+    Returns the output and the tokens selected (a host count; the device's counts in a capture-ready step, with a
+    device share or a row cache)."""
     selection = _select(layer, query, position_ids, masks, scaling)
+    if selection is not None and layer.attended_on_device():
+        return _read_in_place(layer, query, selection, masks, scaling), selection[1]
     static, on_gpu = layer.cache.static, query.is_cuda
     far = None  # the device's share of the selected rows (``gpu_share``), read in place from the pinned store
     rows, split = layer.row_cache, None
@@ -272,8 +275,31 @@ def _offloaded(
     far_out, far_lse = outputs
     out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
                                   far_lse.to(lse.device, non_blocking=True))
-    if rows is not None:
-        rows.fill(split, incoming.to(out.device, non_blocking=True), layer.length)
+    if rows is not None:  # the kernel reads the rows that come in place from the pinned buffer
+        rows.fill(split, incoming, layer.length)
     if static is None and far is None:
         return out, int(counts.sum())  # on the host already
     return out, selection[1]  # the device's counts
+
+
+def _read_in_place(
+    layer: "A2ATSLayer", query: torch.Tensor, selection: tuple[torch.Tensor, torch.Tensor], masks: StepMasks,
+    scaling: float,
+) -> torch.Tensor:
+    """``gpu_share=1``: the device attends every selected row beside the window, reading them in place from the
+    store's one pinned block over PCIe; with a row cache, it reads only the misses, into the slots of the rows
+    picked longest ago, then attends the whole selection from the slots. Nothing goes to the CPU and nothing
+    waits."""
+    store, rows = layer.store, layer.row_cache
+    if store.staged > layer.config.window:  # an eager step's staged tokens leave the window: into the block first
+        store.wait()
+    if rows is None:
+        far = kernels.FarRows(store.mapped(), *selection)
+    else:
+        split = rows.split(*selection, layer.length)
+        rows.fill(split, store.one_block(), layer.length, from_store=True)
+        far = kernels.FarRows(DeviceKVStore.over(rows.keys, rows.values, rows.slots), split.hit_slots,
+                              split.hit_counts)
+    out, _ = kernels.attention_with_lse(query, layer.local_keys, layer.local_values, _local_valid(layer, masks),
+                                        scaling, far)
+    return out

@@ -345,13 +345,16 @@ class KVStore:
         self.blocks = [torch.index_select(block, 0, index, out=self._new_block()) for block in self.blocks]
         self.staging = None  # of the old batch size
 
+    def one_block(self) -> torch.Tensor | None:
+        """The store's one block [B, H, N, 2, D] (a store allocated whole, for ``max_length`` tokens): pinned, a GPU
+        kernel reads and writes its rows in place over PCIe. None where the store has several blocks."""
+        return self.blocks[0] if len(self.blocks) == 1 else None
+
     def mapped(self) -> "DeviceKVStore | None":
-        """The stored keys and values as [B, H, N, D] views of the store's one block (a store allocated whole, for
-        ``max_length`` tokens), behind the device store's interface: pinned, a GPU kernel reads their rows in place
-        over PCIe. None where the store has several blocks."""
-        if len(self.blocks) != 1:
-            return None
-        return DeviceKVStore.over(self.blocks[0][:, :, :, 0], self.blocks[0][:, :, :, 1], self.length)
+        """The stored keys and values as [B, H, N, D] views of :meth:`one_block`, behind the device store's
+        interface; None where the store has several blocks."""
+        block = self.one_block()
+        return None if block is None else DeviceKVStore.over(block[:, :, :, 0], block[:, :, :, 1], self.length)
 
     def held(self) -> tuple[torch.Tensor | None, ...]:
         """What a captured step writes of the store, its staging (None until a capture-ready step first wrote), and

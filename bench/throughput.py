@@ -291,7 +291,8 @@ def main() -> None:
                         help="pinned CPU blocks from CUDA's allocator, not on huge pages (an ablation)")
     parser.add_argument("--gpu-share", type=float, nargs="+", default=[0.0],
                         help="shares of an offloaded layer's rows the GPU attends itself over PCIe (A2ATSCache's "
-                             "gpu_share; 0: the CPU attends them all)")
+                             "gpu_share; 0: the CPU attends them all; 1: none, and with --row-cache the GPU reads "
+                             "the misses)")
     parser.add_argument("--row-cache", type=float, nargs="+", default=[0.0],
                         help="budgets of recently picked rows an offloaded layer keeps on the GPU (A2ATSCache's "
                              "row_cache; 0: none)")
@@ -357,7 +358,8 @@ def main() -> None:
             for budget in ("query_head", "kv_head"):
                 reranks = [r for r in args.rerank if r == 1 or offload != "cpu"]  # re-ranking reads device keys
                 offloaded = [(f, 0.0) for f in args.gpu_share if f == 0 or offload != "none"]  # of offloaded rows
-                offloaded += [(0.0, c) for c in args.row_cache if c and offload != "none"]
+                offloaded += [(f, c) for c in args.row_cache for f in args.gpu_share
+                              if c and f in (0, 1) and offload != "none"]  # the CPU or (share 1) the GPU reads misses
                 for scoring, rerank, (share, held) in [(s, r, o) for s in args.scoring for r in reranks
                                                        for o in offloaded]:
                     name = (f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")

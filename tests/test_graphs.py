@@ -57,9 +57,11 @@ ONE_LAYER = 2 * kv_bytes(3, 2, 16, torch.float32, 300, 1) - 1  # "auto": the fir
     ("kv_head", False, "wrope", {"offload": "cpu", "gpu_share": 0.4}),
     ("kv_head", False, "wrope", {"offload": "auto", "gpu_kv_budget": ONE_LAYER}),
     ("query_head", False, "distance", {"offload": "cpu", "row_cache": 2}),
-    ("kv_head", False, "wrope", {"offload": "auto", "gpu_kv_budget": ONE_LAYER, "row_cache": 3, "halves": False})],
+    ("kv_head", False, "wrope", {"offload": "auto", "gpu_kv_budget": ONE_LAYER, "row_cache": 3, "halves": False}),
+    ("query_head", False, "distance", {"offload": "cpu", "gpu_share": 1.0}),
+    ("kv_head", False, "distance", {"offload": "auto", "gpu_kv_budget": ONE_LAYER, "gpu_share": 1.0, "row_cache": 2})],
     ids=["greedy", "sampling", "distance-buckets", "offloaded-halves", "offloaded-one-batch", "offloaded-gpu-share",
-         "auto-halves", "offloaded-row-cache", "auto-row-cache"])
+         "auto-halves", "offloaded-row-cache", "auto-row-cache", "offloaded-gpu-reads", "auto-gpu-reads-misses"])
 def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, scoring, options):
     """Three prompts, two of them left-padded, 200 new tokens from 90: seven width buckets of 32 and twelve wraps of
     the 16-token window; the same selections, tokens (greedy, or sampled from the same seed) and statistics, with
@@ -70,7 +72,9 @@ def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, s
     ids = ids_of(3, 90, seed=3)
     mask = torch.ones_like(ids)
     mask[1, :7], mask[2, :30] = 0, 0
-    halves = options.pop("halves", True) and options.get("offload") in ("cpu", "auto")
+    offered = options.pop("halves", True)
+    # halves where the CPU attends an offloaded layer's rows (with gpu_share=1 it attends none: one batch)
+    halves = offered and options.get("offload") in ("cpu", "auto") and options.get("gpu_share") != 1
     settings = {"new": 200, "sample": sample, "budget": budget, "scoring": scoring, **options}
     if halves:  # what the halves must reproduce: each half decoded alone (a batch's matmuls round by its size)
         first, second = (run(model, books, ids[rows], mask[rows], graphs=False, **settings)
@@ -80,7 +84,7 @@ def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, s
     else:
         eager = run(model, books, ids, mask, graphs=False, **settings)
         stats = [eager[2].stats]
-    static = run(model, books, ids, mask, graphs=True, halves=halves, **settings)
+    static = run(model, books, ids, mask, graphs=True, halves=offered, **settings)
     if options.get("offload") == "auto":
         assert [layer.store.resident for layer in static[2].a2ats_layers] == [True, False]
     runner = static[3]

@@ -7,12 +7,13 @@ import pytest
 import torch
 from test_step import ONE_LAYER, greedy
 
-from a2ats_hf import A2ATSCache, cache_argument
+from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.rowcache import RowCache
 
 from conftest import ids_of
 
 D, TOKENS = 4, 50
+attend = kernels.sparse_attention
 
 
 def key_of(token: torch.Tensor) -> torch.Tensor:
@@ -80,20 +81,31 @@ def test_rows_views_write_through_and_select_copies():
     assert picked.token[:, 0].max(-1).values.tolist() == [9, 9] and picked.keys.data_ptr() != rows.keys.data_ptr()
 
 
-@pytest.mark.parametrize("offload, budget", [("cpu", "query_head"), ("cpu", "kv_head"), ("auto", "kv_head")])
-def test_a_row_cache_decodes_as_the_cpu_does(tiny, offload, budget):
+@pytest.mark.parametrize("offload, budget, share", [
+    ("cpu", "query_head", 0), ("cpu", "kv_head", 0), ("auto", "kv_head", 0), ("cpu", "query_head", 1),
+    ("auto", "kv_head", 1)], ids=["cpu", "cpu-kv-head", "auto", "gpu-reads-misses", "auto-gpu-reads-misses"])
+def test_a_row_cache_decodes_as_the_cpu_does(tiny, offload, budget, share, monkeypatch):
     """With recently picked rows attended from device slots, the same tokens and statistics as the CPU attending
-    every row; once the slots have filled, most picks are found there, and they hold what the store holds."""
+    every row; once the slots have filled, most picks are found there, and they hold what the store holds. With
+    ``gpu_share=1`` the device reads the misses into the slots itself, and the CPU attends nothing."""
     model, books = tiny
     ids = ids_of(2, 150, seed=5)
     auto = {"gpu_kv_budget": ONE_LAYER} if offload == "auto" else {}
-    caches = [A2ATSCache(books, topk=0.1, offload=offload, budget=budget, max_length=200, row_cache=r, **auto)
-              for r in (0, 2)]
-    outs = [greedy(model, ids, cache, new=30) for cache in caches]
+    caches = [A2ATSCache(books, topk=0.1, offload=offload, budget=budget, max_length=200, row_cache=r,
+                         gpu_share=s, **auto) for r, s in ((0, 0), (2, share))]
+    outs = [greedy(model, ids, caches[0], new=30)]
+    cpu_calls = []
+    monkeypatch.setattr(kernels, "sparse_attention", lambda *args: cpu_calls.append(args) or attend(*args))
+    outs.append(greedy(model, ids, caches[1], new=30))
     assert torch.equal(outs[0], outs[1])
+    assert bool(cpu_calls) != (share == 1)
     assert caches[0].row_cache_hits != caches[0].row_cache_hits  # nan: none kept
-    assert 0.15 < caches[1].row_cache_hits < 1  # a step brings in at most an eighth of its width: they fill slowly
-    # (0.24-0.45 over these 30 steps here and on an H200, where the tiny model's tokens differ)
+    if share == 1:  # every miss comes in, not an eighth of the width: the slots fill faster
+        slow = A2ATSCache(books, topk=0.1, offload=offload, budget=budget, max_length=200, row_cache=2, **auto)
+        greedy(model, ids, slow, new=30)
+        assert slow.row_cache_hits < caches[1].row_cache_hits < 1
+    else:  # a step brings in at most an eighth of its width: they fill slowly (0.24-0.45 over these 30 steps here
+        assert 0.15 < caches[1].row_cache_hits < 1  # and on an H200, where the tiny model's tokens differ)
     assert caches[0].stats.far_selected == caches[1].stats.far_selected > 0
     cache, shape = caches[1], books.fingerprint
     width = cache.budget_for(200 - cache.window - cache.sink)  # max_length's far tokens
@@ -128,7 +140,7 @@ def test_a_row_cache_follows_beam_search_and_crop(tiny):
     ({"row_cache": 1.5, "max_length": 100}, "0 \\(none\\) or at least 2, got 1.5"),
     ({"row_cache": 2}, "needs offload=\"cpu\" or \"auto\" .* and max_length"),
     ({"row_cache": 2, "max_length": 100, "offload": "none"}, "got 'none'"),
-    ({"row_cache": 2, "max_length": 100, "gpu_share": 0.3}, "does not combine with gpu_share"),
+    ({"row_cache": 2, "max_length": 100, "gpu_share": 0.3}, r"combines with gpu_share 0 .* or 1 .*, got 0.3"),
 ])
 def test_a_row_cache_is_checked(tiny, settings, message):
     with pytest.raises(ValueError, match=message):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a2ats_hf import A2ATSCache, cache_argument
+from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.cache import A2ATSLayer
 from a2ats_hf.step import bucket_width, rerank_exact
 from a2ats_hf.store import kv_bytes
@@ -131,25 +131,28 @@ ONE_LAYER = 2 * kv_bytes(2, 2, 16, torch.float32, 200, 1) - 1  # "auto": the fir
 # the device (short of room for both, with room for the other's row-cache slots where there are some)
 
 
-@pytest.mark.parametrize("offload", ["cpu", "auto"])
-def test_a_gpu_share_attends_the_same_rows(tiny, offload):
+@pytest.mark.parametrize("offload, share", [("cpu", 0.4), ("auto", 0.4), ("cpu", 1.0), ("auto", 1.0)])
+def test_a_gpu_share_attends_the_same_rows(tiny, offload, share, monkeypatch):
     """``gpu_share`` splits each offloaded layer's selection: the device attends the first share itself, beside
-    the window, reading the rows in place from the store's one block, the CPU the rest; the same tokens and
-    statistics as the CPU attending every row."""
+    the window, reading the rows in place from the store's one block, the CPU the rest (with 1, none); the same
+    tokens and statistics as the CPU attending every row."""
     model, books = tiny
     ids = ids_of(2, 150, seed=3)
     auto = {"gpu_kv_budget": ONE_LAYER} if offload == "auto" else {}
-    caches = [A2ATSCache(books, topk=0.1, offload=offload, max_length=200, gpu_share=share, **auto)
-              for share in (0.0, 0.4)]
-    outs = [greedy(model, ids, cache, new=12) for cache in caches]
+    caches = [A2ATSCache(books, topk=0.1, offload=offload, max_length=200, gpu_share=s, **auto) for s in (0.0, share)]
+    outs = [greedy(model, ids, caches[0], new=12)]
+    attend, cpu_calls = kernels.sparse_attention, []
+    monkeypatch.setattr(kernels, "sparse_attention", lambda *args: cpu_calls.append(args) or attend(*args))
+    outs.append(greedy(model, ids, caches[1], new=12))
     assert torch.equal(outs[0], outs[1])
+    assert bool(cpu_calls) != (share == 1)
     offloaded = [layer for layer in caches[1].a2ats_layers if not layer.store.resident]
     assert offloaded and all(len(layer.store.blocks) == 1 for layer in offloaded)
     assert caches[0].stats.far_selected == caches[1].stats.far_selected > 0
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"gpu_share": 1.0, "max_length": 100}, r"in \[0, 1\), got 1.0"),
+    ({"gpu_share": 1.5, "max_length": 100}, r"in \[0, 1\], got 1.5"),
     ({"gpu_share": 0.3}, "needs offload=\"cpu\" or \"auto\" .* and max_length"),
     ({"gpu_share": 0.3, "max_length": 100, "offload": "none"}, "got 'none'"),
 ])

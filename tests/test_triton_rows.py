@@ -5,6 +5,11 @@ device, and row views of a batch (the pipelined halves)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,22 +19,30 @@ from a2ats_hf.rowcache import RowCache
 from conftest import DEVICE
 
 pytestmark = pytest.mark.skipif(
-    DEVICE.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"),
+    DEVICE.type == "cpu" and not os.environ.get("TRITON_INTERPRET"),
     reason="needs a GPU or TRITON_INTERPRET=1 (conftest sets it without a GPU)",
 )
 KERNEL_DEVICE = DEVICE if DEVICE.type == "cuda" else torch.device("cpu")
+
+
+def host(tensor: torch.Tensor) -> torch.Tensor:
+    """CPU memory a GPU kernel reads in place: pinned where there is a GPU."""
+    return tensor.pin_memory() if KERNEL_DEVICE.type == "cuda" else tensor
 
 
 @pytest.mark.parametrize("b, h, slots, d, tokens, width, steps, now_on_device, view", [
     (2, 3, 40, 24, 300, 19, 30, False, False), (1, 2, 1500, 80, 4000, 1100, 4, True, False),
     (3, 1, 64, 16, 200, 30, 12, True, True)],
     ids=["small", "wide", "halves-view"])
-def test_split_and_fill_match_reference(b, h, slots, d, tokens, width, steps, now_on_device, view):
+@pytest.mark.parametrize("from_store", [False, True], ids=["cpu-copies", "from-store"])
+def test_split_and_fill_match_reference(b, h, slots, d, tokens, width, steps, now_on_device, view, from_store):
     """Step after step, the fused kernels leave the cache exactly as the references do: the same hits, misses and
-    counts, the same victims (ties by slot number, ages capped), the same slots, map, stamps and K/V."""
+    counts, the same victims (ties by slot number, ages capped), the same slots, map, stamps and K/V; filled from
+    the CPU's copies of the first misses, or from the store's block (every miss, listed after the hits)."""
     g = torch.Generator().manual_seed(slots)
     caches = [RowCache.empty(b, h, slots, d, tokens, torch.bfloat16, device) for device in
               (torch.device("cpu"), KERNEL_DEVICE)]
+    block = host(torch.randn(b, h, tokens, 2, d, generator=g).bfloat16())  # the store's, read in place
     fill, now = max(1, width // 8), 1000
     for step in range(steps):
         pool = torch.randperm(tokens // 3, generator=g) + (step % 4) * (tokens // 40)  # overlapping, drifting picks
@@ -37,7 +50,7 @@ def test_split_and_fill_match_reference(b, h, slots, d, tokens, width, steps, no
                                             for _ in range(h)]) for _ in range(b)]).int()
         counts = torch.randint(0, width + 1, (b, h), generator=g).int()
         counts[0, 0] = width if step % 2 else 0
-        incoming = torch.randn(b, h, fill, 2, d, generator=g).bfloat16()
+        incoming = host(torch.randn(b, h, fill, 2, d, generator=g).bfloat16())  # the CPU's copies, read in place
         now += int(torch.randint(1, 90, (1,), generator=g))  # the step's length: gaps past the age cap too
         results = []
         for cache in caches:
@@ -48,13 +61,21 @@ def test_split_and_fill_match_reference(b, h, slots, d, tokens, width, steps, no
             kernels = triton_rows if device == KERNEL_DEVICE and cache is caches[1] else reference
             split = kernels.split_rows(part.slot, part.stamp, part.sought, part.found, indices[rows].to(device),
                                        counts[rows].to(device), at)
+            source = block[rows] if from_store else incoming[rows]
             kernels.fill_rows(part.keys, part.values, part.token, part.stamp, part.slot, split[2], split[3],
-                              incoming[rows].to(device), at)
+                              source, at, by_token=from_store, hits=split[:2] if from_store else None)
             results.append([t.cpu() for t in split])
         for want, got in zip(results[0], results[1]):
             assert torch.equal(want, got)
         for want, got in zip(caches[0].tensors(), caches[1].tensors()):
             assert torch.equal(want, got.cpu())
+        if from_store:  # every selected row is in the slots the hit list names
+            listed = caches[1].token[rows].gather(-1, results[1][0].to(KERNEL_DEVICE).long()).cpu()
+            for r, c in enumerate(range(b)[rows]):
+                for head in range(h):
+                    n = int(counts[c, head])
+                    assert int(results[1][1][r, head]) == n
+                    assert sorted(listed[r, head, :n].tolist()) == indices[c, head, :n].tolist()
     held = caches[1].token >= 0
     assert held.any() and caches[1].found.sum() > 0  # the caches did fill and find
 
@@ -62,25 +83,34 @@ def test_split_and_fill_match_reference(b, h, slots, d, tokens, width, steps, no
 POINTERS = {"stamp_ptr": "*i64", "sought_ptr": "*i64", "found_ptr": "*i64", "keys_ptr": "*bf16", "values_ptr": "*bf16",
             "in_ptr": "*bf16"}  # the rest are int32
 
+COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from a2ats_hf.kernels import triton_rows
+kernel, constants, pointers = eval(sys.argv[1])
+fn = getattr(triton_rows, kernel)
+signature = {name: "constexpr" if name in constants else pointers.get(name, "*i32") if name.endswith("_ptr") else "i32"
+             for name in fn.arg_names}
+compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+assert ".entry" in compiled.asm["ptx"]
+"""
+
 
 @pytest.mark.parametrize("kernel, constants", [
     ("_split_kernel", {"H": 8, "BLOCK": 1024}),
-    ("_fill_kernel", {"H": 8, "D": 128, "D_PAD": 128, "BLOCK": 1024, "BLOCK_F": 64, "AGE_CAP": 255})])
+    ("_fill_kernel", {"H": 8, "D": 128, "D_PAD": 128, "BLOCK": 1024, "BLOCK_F": 64, "AGE_CAP": 255,
+                      "BY_TOKEN": False, "APPEND": False}),
+    ("_fill_kernel", {"H": 8, "D": 128, "D_PAD": 128, "BLOCK": 1024, "BLOCK_F": 64, "AGE_CAP": 255,
+                      "BY_TOKEN": True, "APPEND": True})], ids=["split", "fill", "fill-from-store"])
 @pytest.mark.parametrize("now_on_device", [False, True])
 def test_kernels_compile_for_hopper(kernel, constants, now_on_device):
-    """Both kernels compile to PTX for an H100/H200 (sm_90), here without a GPU: what the interpreter lets pass
-    and the compiler does not (a loop-carried value changing type, a constexpr where a tensor is needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    fn = getattr(triton_rows, kernel)
-    fn = fn if hasattr(fn, "cache_key") else JITFunction(fn.fn)  # interpreted: the function it wraps
+    """The kernels compile to PTX for an H100/H200 (sm_90), here without a GPU: what the interpreter lets pass and
+    the compiler does not (a loop-carried value changing type, a constexpr where a tensor is needed). In a process
+    of its own: the interpreter's patches of Triton's language, once this one has run a kernel, break compiling."""
     constants = {**constants, "NOW_ON_DEVICE": now_on_device}
-    signature = {name: "constexpr" if name in constants else
-                 ("*i64" if name == "now_ptr" and now_on_device else POINTERS.get(name, "*i32"))
-                 if name.endswith("_ptr") else "i32" for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
-                              target=GPUTarget("cuda", 90, 32))
-    assert ".entry" in compiled.asm["ptx"]
+    pointers = {**POINTERS, "now_ptr": "*i64" if now_on_device else "*i32"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, repr((kernel, constants, pointers))], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]

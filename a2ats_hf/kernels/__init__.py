@@ -201,11 +201,13 @@ def split_rows(
 
 def fill_rows(
     keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor, stamp: torch.Tensor, slot: torch.Tensor,
-    miss_indices: torch.Tensor, miss_counts: torch.Tensor, incoming: torch.Tensor, now: int | torch.Tensor,
+    miss_indices: torch.Tensor, miss_counts: torch.Tensor, source: torch.Tensor, now: int | torch.Tensor,
+    by_token: bool = False, hits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """A split's first misses brought into a row cache's oldest slots; see :func:`.reference.fill_rows`. One Triton
-    launch on a GPU."""
-    _on(keys, "fill_rows", keys, values, token, stamp, slot, miss_indices, miss_counts, incoming, now)
+    """A split's misses brought into a row cache's oldest slots, their rows read from the CPU's copies or from the
+    store (``by_token``); see :func:`.reference.fill_rows`. One Triton launch on a GPU, which reads a pinned
+    ``source`` in place over PCIe."""
+    _on(keys, "fill_rows", keys, values, token, stamp, slot, miss_indices, miss_counts, source, now, by_token, hits)
 
 
 def sparse_attention(

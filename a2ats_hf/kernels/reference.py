@@ -301,17 +301,26 @@ def split_rows(
 
 def fill_rows(
     keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor, stamp: torch.Tensor, slot: torch.Tensor,
-    miss_indices: torch.Tensor, miss_counts: torch.Tensor, incoming: torch.Tensor, now: int | torch.Tensor,
+    miss_indices: torch.Tensor, miss_counts: torch.Tensor, source: torch.Tensor, now: int | torch.Tensor,
+    by_token: bool = False, hits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """The first F misses of a split (``miss_indices`` [B, H, K], ``miss_counts`` [B, H]) brought into a row cache
-    with their K/V ``incoming`` [B, H, F, 2, D] (on the cache's device), in place: into the F slots picked longest
-    ago (age ``now - stamp`` capped at :data:`AGE_CAP`; ties, and every slot at the cap, by slot number), the j-th
-    miss into the j-th of those in slot order. The slots' ``keys`` / ``values`` [B, H, S, D], ``token`` and
-    ``stamp`` [B, H, S] and the token -> slot map ``slot`` [B, H, N + 1] follow."""
-    f = incoming.shape[2]
+    """The first F misses of a split (``miss_indices`` [B, H, K], ``miss_counts`` [B, H]) brought into a row cache,
+    in place: into the slots picked longest ago, as many as come (age ``now - stamp`` capped at :data:`AGE_CAP`;
+    ties, and every slot at the cap, by slot number), the j-th miss into the j-th of those in slot order. Their K/V
+    come from ``source``: the misses' rows in order, [B, H, F, 2, D] (what the CPU copied out), or with
+    ``by_token`` a store's block [B, H, >= N, 2, D] read at each miss's token, and then F = K (every miss). The
+    slots' ``keys`` / ``values`` [B, H, S, D], ``token`` and ``stamp`` [B, H, S] and the token -> slot map ``slot``
+    [B, H, N + 1] follow. Where ``hits`` (the split's hit slots [B, H, >= hit count + F] and hit counts [B, H]) are
+    given, the filled slots are listed after the hits and counted with them: every selected row is then in the
+    slots the list names."""
+    f = miss_indices.shape[-1] if by_token else source.shape[2]
+    coming_counts = miss_counts.clamp(max=f)
     age = (now - stamp).clamp(max=AGE_CAP)
-    victims = age.neg().argsort(dim=-1, stable=True)[..., :f].sort(dim=-1).values  # [B, H, F]
-    coming = torch.arange(f, device=incoming.device) < miss_counts[..., None]
+    oldest = age.neg().argsort(dim=-1, stable=True)[..., :f]  # [B, H, F], oldest first
+    columns = torch.arange(f, device=stamp.device)
+    coming = columns < coming_counts[..., None]
+    victims = torch.where(coming, oldest, stamp.shape[-1]).sort(dim=-1).values  # the first coming, in slot order
+    victims = torch.where(coming, victims, oldest)  # (padding: slots left as they are)
     new = miss_indices[..., :f].long()
     old = token.gather(-1, victims).long()
     spare = slot.shape[-1] - 1  # the column masked writes go to
@@ -320,6 +329,17 @@ def fill_rows(
     token.scatter_(-1, victims, torch.where(coming, new, old).int())
     stamp.scatter_(-1, victims, torch.where(coming, now, stamp.gather(-1, victims)))
     slot[..., spare] = -1
-    for held, rows in ((keys, incoming[..., 0, :]), (values, incoming[..., 1, :])):
+    if by_token:
+        at = new.clamp(0, source.shape[2] - 1).to(source.device)
+        source = source.gather(2, at[..., None, None].expand(-1, -1, -1, *source.shape[3:]))
+    source = source.to(keys.device)
+    for half, held in enumerate((keys, values)):
         index = victims[..., None].expand(-1, -1, -1, held.shape[-1])
-        held.scatter_(2, index, torch.where(coming[..., None], rows.to(held.dtype), held.gather(2, index)))
+        rows = source[..., half, :].to(held.dtype)
+        held.scatter_(2, index, torch.where(coming[..., None], rows, held.gather(2, index)))
+    if hits is not None and f > 0:
+        hit_slots, hit_counts = hits
+        listed = torch.arange(hit_slots.shape[-1], device=hit_slots.device) - hit_counts[..., None]  # j past the hits
+        filled = (listed >= 0) & (listed < coming_counts[..., None])
+        hit_slots.copy_(torch.where(filled, victims.gather(-1, listed.clamp(0, f - 1).long()), hit_slots))
+        hit_counts += coming_counts.to(hit_counts.dtype)
