@@ -159,7 +159,7 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads:
     selections = [ROWS[rows](g, b, n, k).sort(-1).values.to(torch.int32) for _ in range(4)]  # ascending
     indices = selections[0]
     counts = torch.full((b, HKV), k, dtype=torch.int32)
-    query = torch.randn(b, HKV * GROUP, D, generator=g)
+    query = torch.randn(b, HKV * GROUP, D, generator=g).bfloat16().float()  # a bfloat16 model's, as decoding
     gathered = 2 * b * HKV * k * D * 2  # K and V rows, bf16
     turn = itertools.count()
     every = torch.get_num_threads()
