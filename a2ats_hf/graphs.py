@@ -157,7 +157,7 @@ class GraphRunner:
 
             steps.append((part, captured, run, key))
         for layer in layers:  # tokens an eager step staged reach their blocks first: a replay places none
-            layer.store.wait()
+            layer.store.place_staged()
         static.column.fill_(n)
         static.length.fill_(n + 1)
         try:
@@ -190,6 +190,12 @@ class GraphRunner:
         finally:
             for part, _ in parts:
                 part.static = None
+        written = [layer.store for layer in layers if layer.attended_on_device()]
+        if written and layers[0].device.type == "cuda":  # the step wrote its token into their pinned blocks: a
+            landed = torch.cuda.Event()  # host read of them waits for it
+            landed.record(torch.cuda.current_stream(layers[0].device))
+            for store in written:
+                store.landed = landed
         for part, _ in parts:  # the host's counts, which the step's writes at the device's column do not move
             for layer in part.a2ats_layers:
                 layer.store.length += 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .store import select
 
 FILL_SHARE = 1 / 8  # misses a step may bring into the cache, as a share of the selection's width
 
@@ -95,8 +96,9 @@ class RowCache:
             self.slot = grown
 
     def select_rows(self, index: torch.Tensor) -> "RowCache":
-        """The cache of batch rows ``index`` [B'] (a reorder, repeat or subset: a copy)."""
-        return RowCache(*(t.index_select(0, index) for t in self.tensors()))
+        """The cache of batch rows ``index`` [B'] (a reorder, repeat or subset): in place where the row count stays
+        (beam search reorders every step, and a captured step keeps reading the same addresses), else a copy."""
+        return RowCache(*(select(t, index) for t in self.tensors()))
 
     def rows(self, start: int, stop: int) -> "RowCache":
         """Batch rows [start, stop) as views: what a part of a pipelined step writes lands in this cache."""

@@ -175,6 +175,7 @@ class Store(Protocol):
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None: ...
     def wait(self) -> None: ...
+    def place_staged(self) -> None: ...
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
     def to_tensors(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
     def select_rows(self, index: torch.Tensor) -> None: ...
@@ -213,7 +214,8 @@ class KVStore:
         self.device = torch.device("cpu")
         self.staging: torch.Tensor | None = None  # [STAGING_SLOTS, B, H, 2, D] pinned, for decode tokens
         self.staged = 0  # the last `staged` tokens of `length` are in staging, not yet in their blocks
-        self.landed: torch.cuda.Event | None = None  # recorded after the last copy from a GPU, until waited on
+        self.landed: torch.cuda.Event | None = None  # after the last copy from a GPU (or a captured step's write
+        # into the block, where the GPU attends it in place), until waited on
 
     def wait(self) -> None:
         """Block until the copies from a GPU have landed (they have by the time a layer's CPU attention reads the
@@ -227,6 +229,11 @@ class KVStore:
             column = start + i
             self.blocks[column // self.block_size][:, :, column % self.block_size] = self.staging[i]
         self.staged = 0
+
+    def place_staged(self) -> None:
+        """The staged tokens into their blocks (waiting for their copies), if any are staged."""
+        if self.staged:
+            self.wait()
 
     def _new_block(self) -> torch.Tensor:
         """A new block on huge pages (:func:`on_huge_pages`: the hugetlb pool where it has room, else transparent
@@ -289,6 +296,16 @@ class KVStore:
             b, h, _, d = self.shape
             self.staging = torch.empty(STAGING_SLOTS, b, h, 2, d, dtype=self.dtype, pin_memory=self.pin)
         return self.staging
+
+    def __deepcopy__(self, memo: dict) -> "KVStore":
+        """An independent copy whose blocks are new ones of the same kind (pinned where these are: a GPU reads a
+        pinned block in place, a deep copy of a tensor is pageable), holding what is stored."""
+        self.wait()
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.blocks = [self._new_block().copy_(block) for block in self.blocks]
+        new.staging, new.landed = None, None
+        return new
 
     def rows(self, start: int, stop: int) -> "KVStoreRows":
         """Rows [start, stop) of this store, for one part of a pipelined decode step (:class:`KVStoreRows`)."""
@@ -423,6 +440,8 @@ class DeviceKVStore:
 
     def wait(self) -> None:
         """Nothing to wait for: appends are ordered on the device's stream."""
+
+    place_staged = wait  # nothing is staged
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append [B, H, T, D] keys and values, growing the buffers when full."""

@@ -3,6 +3,7 @@ DeviceKVStore's buffer); gather and to_tensors equal indexing the whole K/V."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -227,6 +228,19 @@ def test_a_one_block_store_is_mapped_as_views():
     assert all(torch.equal(a, b) for a, b in zip(mapped.gather(index), whole.gather(index)))
     whole.append(*torch.randn(2, 2, 3, 4, 8))
     assert whole.mapped() is None
+
+
+def test_a_deep_copy_has_blocks_of_its_own_kind():
+    """A deep copy of a CPU store holds what the store holds in blocks of its own, pinned where the store's are (a
+    GPU reads a pinned block in place; torch's deep copy of a tensor would be pageable)."""
+    store = KVStore(batch=2, heads=3, head_dim=8, dtype=torch.float32, block_size=10)
+    store.append(*torch.randn(2, 2, 3, 7, 8))
+    clone = copy.deepcopy(store)
+    assert [b.data_ptr() for b in clone.blocks] != [b.data_ptr() for b in store.blocks]
+    assert all(torch.equal(a, b) and a.is_pinned() == b.is_pinned() for a, b in zip(clone.blocks, store.blocks))
+    assert clone.mapped().length == 7 and all(torch.equal(a, b) for a, b in zip(clone.to_tensors(), store.to_tensors()))
+    clone.append(*torch.randn(2, 2, 3, 1, 8))
+    assert store.length == 7 and clone.length == 8
 
 
 def test_without_room_in_a_hugetlb_pool_blocks_are_ordinary_memory(monkeypatch):

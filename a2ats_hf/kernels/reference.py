@@ -305,7 +305,7 @@ def fill_rows(
     by_token: bool = False, hits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """The first F misses of a split (``miss_indices`` [B, H, K], ``miss_counts`` [B, H]) brought into a row cache,
-    in place: into the slots picked longest ago, as many as come (age ``now - stamp`` capped at :data:`AGE_CAP`;
+    in place: into the slots picked longest ago, as many as come (age ``now - stamp`` in [0, :data:`AGE_CAP`];
     ties, and every slot at the cap, by slot number), the j-th miss into the j-th of those in slot order. Their K/V
     come from ``source``: the misses' rows in order, [B, H, F, 2, D] (what the CPU copied out), or with
     ``by_token`` a store's block [B, H, >= N, 2, D] read at each miss's token, and then F = K (every miss). The
@@ -315,7 +315,7 @@ def fill_rows(
     slots the list names."""
     f = miss_indices.shape[-1] if by_token else source.shape[2]
     coming_counts = miss_counts.clamp(max=f)
-    age = (now - stamp).clamp(max=AGE_CAP)
+    age = (now - stamp).clamp(0, AGE_CAP)
     oldest = age.neg().argsort(dim=-1, stable=True)[..., :f]  # [B, H, F], oldest first
     columns = torch.arange(f, device=stamp.device)
     coming = columns < coming_counts[..., None]

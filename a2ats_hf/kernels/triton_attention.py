@@ -43,7 +43,7 @@ def _attention_lse_kernel(
     the pair's far rows (positions [split * per_split, (split + 1) * per_split) of that sequence), online
     softmax in float32; writes the split's output and log-sum-exp."""
     pid, split = tl.program_id(0), tl.program_id(1)
-    b, h = pid // HKV, pid % HKV
+    b, h = (pid // HKV).to(tl.int64), (pid % HKV).to(tl.int64)  # offsets past 2**31: a large batch's store
     g, d = tl.arange(0, G_PAD), tl.arange(0, D_PAD)
     g_ok, d_ok = g < G, d < D
     heads = h * G + g
@@ -192,7 +192,7 @@ def _candidate_scores_kernel(q_ptr, k_ptr, idx_ptr, count_ptr, out_ptr, c, sq_b,
     """Program (row, KV head, block of candidates): the block's key rows gathered once and scored by each of the G
     queries of the KV head in float32; -inf past the head's count."""
     pid, block = tl.program_id(0), tl.program_id(1)
-    b, h = pid // HKV, pid % HKV
+    b, h = (pid // HKV).to(tl.int64), (pid % HKV).to(tl.int64)  # offsets past 2**31: a large batch's store
     j = block * BLOCK_C + tl.arange(0, BLOCK_C)
     d = tl.arange(0, D_PAD)
     ok = j < tl.load(count_ptr + pid)

@@ -89,7 +89,7 @@ def _fill_kernel(keys_ptr, values_ptr, token_ptr, stamp_ptr, slot_ptr, miss_ptr,
     them, their K/V read from ``in_ptr`` at the miss's position, or (BY_TOKEN) at its token; (APPEND) the slots
     listed after the hits."""
     pid = tl.program_id(0)
-    b, h = pid // H, pid % H
+    b, h = (pid // H).to(tl.int64), (pid % H).to(tl.int64)  # offsets past 2**31: a large batch's pinned block
     now = tl.load(now_ptr).to(tl.int64) if NOW_ON_DEVICE else tl.full([], 0, tl.int64) + now
     need = tl.minimum(tl.load(miss_counts_ptr + pid).to(tl.int32), F)
     stamp_row = stamp_ptr + b * s_stamp_b + h * s_stamp_h
@@ -98,8 +98,8 @@ def _fill_kernel(keys_ptr, values_ptr, token_ptr, stamp_ptr, slot_ptr, miss_ptr,
     counts = tl.zeros([2 * (AGE_CAP + 1)], tl.int32)
     for start in range(0, S, BLOCK):
         col = start + tl.arange(0, BLOCK)
-        age = tl.minimum(now - tl.load(stamp_row + col, mask=col < S, other=0), AGE_CAP)
-        counts += tl.histogram(tl.where(col < S, tl.maximum(age, 0), 2 * AGE_CAP + 1).to(tl.int32),
+        age = tl.minimum(tl.maximum(now - tl.load(stamp_row + col, mask=col < S, other=0), 0), AGE_CAP)
+        counts += tl.histogram(tl.where(col < S, age, 2 * AGE_CAP + 1).to(tl.int32),
                                2 * (AGE_CAP + 1))  # (columns past S in the last bin, not counted)
     counts = tl.where(bins <= AGE_CAP, counts, 0)
     as_old = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts  # slots of age >= each bin's
@@ -111,7 +111,7 @@ def _fill_kernel(keys_ptr, values_ptr, token_ptr, stamp_ptr, slot_ptr, miss_ptr,
     victims_row = victims_ptr + pid * F
     for start in range(0, S, BLOCK):
         col = start + tl.arange(0, BLOCK)
-        age = tl.minimum(now - tl.load(stamp_row + col, mask=col < S, other=0), AGE_CAP)
+        age = tl.minimum(tl.maximum(now - tl.load(stamp_row + col, mask=col < S, other=0), 0), AGE_CAP)
         tie = (age == lo) & (col < S)
         tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0) - 1
         take = ((age > lo) & (col < S)) | (tie & (tie_rank < ties_needed))

@@ -19,7 +19,7 @@ def _write_token_kernel(k_ptr, v_ptr, sk_ptr, sv_ptr, lk_ptr, lv_ptr, column_ptr
     """Program (row, KV head): the token's key and value at the store's column (STORE: a device store) and at the
     ring's slot for it."""
     pid = tl.program_id(0)
-    b, h = pid // H, pid % H
+    b, h = (pid // H).to(tl.int64), (pid % H).to(tl.int64)  # offsets past 2**31: a large batch's store
     d = tl.arange(0, D_PAD)
     ok = d < D
     column = tl.load(column_ptr).to(tl.int64)
