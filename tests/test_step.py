@@ -131,15 +131,18 @@ ONE_LAYER = 2 * kv_bytes(2, 2, 16, torch.float32, 200, 1) - 1  # "auto": the fir
 # the device (short of room for both, with room for the other's row-cache slots where there are some)
 
 
-@pytest.mark.parametrize("offload, share", [("cpu", 0.4), ("auto", 0.4), ("cpu", 1.0), ("auto", 1.0)])
-def test_a_gpu_share_attends_the_same_rows(tiny, offload, share, monkeypatch):
+@pytest.mark.parametrize("offload, share, window", [("cpu", 0.4, None), ("auto", 0.4, None), ("cpu", 1.0, None),
+                                                    ("auto", 1.0, None), ("cpu", 1.0, 4)])
+def test_a_gpu_share_attends_the_same_rows(tiny, offload, share, window, monkeypatch):
     """``gpu_share`` splits each offloaded layer's selection: the device attends the first share itself, beside
     the window, reading the rows in place from the store's one block, the CPU the rest (with 1, none); the same
-    tokens and statistics as the CPU attending every row."""
+    tokens and statistics as the CPU attending every row. With a window narrower than the store's staging (on a
+    GPU, eager decode tokens wait there), staged tokens reach the block before they can be picked."""
     model, books = tiny
     ids = ids_of(2, 150, seed=3)
     auto = {"gpu_kv_budget": ONE_LAYER} if offload == "auto" else {}
-    caches = [A2ATSCache(books, topk=0.1, offload=offload, max_length=200, gpu_share=s, **auto) for s in (0.0, share)]
+    caches = [A2ATSCache(books, topk=0.1, offload=offload, max_length=200, gpu_share=s, window=window, **auto)
+              for s in (0.0, share)]
     outs = [greedy(model, ids, caches[0], new=12)]
     attend, cpu_calls = kernels.sparse_attention, []
     monkeypatch.setattr(kernels, "sparse_attention", lambda *args: cpu_calls.append(args) or attend(*args))
