@@ -270,8 +270,8 @@ def kilo(key: str) -> Callable[[dict], str]:
 
 
 def phase(name: str, form: str) -> Callable[[dict], str]:
-    """A column of one phase of a decode step's serial split, as ``form`` gives it."""
-    return lambda r: form.format(r["split_ms"][name])
+    """A column of one phase of a decode step's serial split, as ``form`` gives it, "-" where a step has none."""
+    return lambda r: "-" if name not in r.get("split_ms", {}) else form.format(r["split_ms"][name])
 
 
 TOPK = {"N": kilo("n"), "batch": cell("batch"), "MB read": cell("mb_read", "{:.1f}"),
@@ -309,13 +309,15 @@ GREEDY_CHECK = {"GPUs": cell("gpus"), "dtype": cell("dtype"),
 
 OFFLOADED = {"context": kilo("context"), "method": cell("method"), "batch": cell("batch"),
              "blocks on huge pages": lambda r: "yes" if r["huge_pages"] else "no",
-             "two halves in a pipeline": lambda r: (("yes" if r["halves"] and r["batch"] > 1 else "no")
-                                                  if "graphs" in r["method"] else "-"),
+             "two halves in a pipeline": lambda r: (("yes" if r["halves"] and r["batch"] > 1
+                                                          and "gpu share 1.0" not in r["method"] else "no")
+                                                  if "graphs" in r["method"] else "-"),  # (share 1: no CPU part)
              "ms / step": cell("step_ms", "{:.1f}"), "tokens/s": cell("tokens_per_s", "{:.1f}"),
              "decode tokens": lambda r: "fresh" if r["fresh"] else "one, repeated",
              "row cache found": lambda r: f"{r['row_cache_hits']:.0%}" if "row_cache_hits" in r else "-",
              "CPU attention": phase("CPU attention", "{:.1f} ms"), "gathered": cell("cpu_attention_gbs", "{} GB/s"),
-             "of the CPU's copy bandwidth": lambda r: f"{r['cpu_attention_gbs'] / r['copy_gbs']:.0%}"}
+             "of the CPU's copy bandwidth": lambda r: (f"{r['cpu_attention_gbs'] / r['copy_gbs']:.0%}"
+                                                       if r.get("cpu_attention_gbs") else "-")}
 
 
 REUSE = {"length": kilo("length"), "method": cell("method"), "reuse of the last step": cell("reuse", "{:.2f}"),
