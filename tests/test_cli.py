@@ -48,11 +48,13 @@ def test_calibrate_then_generate(model_dir, tmp_path, capsys, queries):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("A long letter. " * 80)
     buckets = ["--buckets-per-octave", "4"] if queries == "distance" else []
-    offload = ["--offload", "none"] if queries == "wrope" else []  # the K/V beside the model: the GPU's layout
+    offload = (["--offload", "none"] if queries == "wrope"  # the K/V beside the model: the GPU's layout
+               else ["--gpu-share", "1", "--row-cache", "2"])  # offloaded, the device reading what it misses
     main(["generate", str(model_dir), "--codebooks", str(out), "--prompt-file", str(prompt), "--topk", "0.1",
           "--max-new-tokens", "4", "--device", "cpu", "--scoring", queries, *buckets, *offload])
     err = capsys.readouterr().err
     assert "attended" in err and "MiB" in err
+    assert ("the row cache held" in err) == (queries == "distance")
 
 
 def test_generate_refuses_buckets_without_distance_scoring(model_dir, capsys):
