@@ -47,28 +47,35 @@ inline void prefetch_row(const T* p, int64_t bytes) {
 // scores of all G query heads in one pass over a key row (G accumulators), and the value sums one 8-float slice
 // of the head dimension at a time over every row of the chunk (G accumulators), so nothing but the rows streams
 // through memory. 8-float vectors are GCC/Clang vector extensions (AVX with -march=native on x86).
-typedef float v8f __attribute__((vector_size(32)));
+// W-float vectors (8: AVX; 16: AVX-512), and the bfloat16 and integer vectors a load converts through.
+template <int W>
+struct Lanes {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef uint16_t h __attribute__((vector_size(2 * W)));
+  typedef uint32_t u __attribute__((vector_size(4 * W)));
+};
+typedef Lanes<8>::f v8f;
 
-inline v8f load8(const float* p) {
-  v8f v;
+template <int W>
+inline typename Lanes<W>::f load(const float* p) {
+  typename Lanes<W>::f v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-template <typename T>
-inline v8f load8(const T* p) {
-  float tmp[8];
-  for (int i = 0; i < 8; ++i) tmp[i] = to_float(p[i]);
-  return load8(tmp);
+template <int W, typename T>
+inline typename Lanes<W>::f load(const T* p) {
+  float tmp[W];
+  for (int i = 0; i < W; ++i) tmp[i] = to_float(p[i]);
+  return load<W>(static_cast<const float*>(tmp));
 }
 
-inline v8f load8(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
-  typedef uint16_t v8h __attribute__((vector_size(16)));
-  typedef uint32_t v8u __attribute__((vector_size(32)));
-  v8h half;
+template <int W>
+inline typename Lanes<W>::f load(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
+  typename Lanes<W>::h half;
   std::memcpy(&half, p, sizeof(half));
-  const v8u bits = __builtin_convertvector(half, v8u) << 16;
-  v8f v;
+  const typename Lanes<W>::u bits = __builtin_convertvector(half, typename Lanes<W>::u) << 16;
+  typename Lanes<W>::f v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
 }
@@ -100,7 +107,7 @@ inline void weights_tiled(float* logits, int64_t n, const float* maxes, float* s
   v8f pattern, total = {};
   for (int i = 0; i < 8; ++i) pattern[i] = maxes[i % G];
   for (int64_t i = 0; i < n * G; i += 8) {
-    const v8f w = exp8(load8(logits + i) - pattern);
+    const v8f w = exp8(load<8>(logits + i) - pattern);
     std::memcpy(logits + i, &w, sizeof(w));
     total += i + 8 <= n * G ? w : v8f{};
   }
@@ -115,8 +122,8 @@ template <int G, typename T>
 inline void scores_tiled(const float* q, const T* key, int64_t d, float scaling, float* out) {
   v8f acc[G] = {};
   for (int64_t i = 0; i < d; i += 8) {
-    const v8f k = load8(key + i);
-    for (int g = 0; g < G; ++g) acc[g] += load8(q + g * d + i) * k;
+    const v8f k = load<8>(key + i);
+    for (int g = 0; g < G; ++g) acc[g] += load<8>(q + g * d + i) * k;
   }
   for (int g = 0; g < G; ++g) {
     const v8f a = acc[g];
@@ -142,47 +149,19 @@ inline void scores_bf16(const uint16_t* qb, const at::BFloat16* key, int64_t d, 
 }
 #endif
 
-template <int G, typename T>
+// The value sums W floats of the head dimension at a time: 16 (AVX-512, a bfloat16 store) takes half the loads,
+// conversions and FMAs of 8, each sum in the same order (the same result).
+template <int G, int W, typename T>
 inline void values_tiled(const T* const* rows, const float* weights, int64_t n, int64_t d, float* acc) {
-  for (int64_t i = 0; i < d; i += 8) {
-    v8f sum[G] = {};
+  for (int64_t i = 0; i < d; i += W) {
+    typename Lanes<W>::f sum[G] = {};
     for (int64_t j = 0; j < n; ++j) {
-      const v8f v = load8(rows[j] + i);
+      const typename Lanes<W>::f v = load<W>(rows[j] + i);
       for (int g = 0; g < G; ++g) sum[g] += weights[j * G + g] * v;
     }
-    for (int g = 0; g < G; ++g) std::memcpy(acc + g * d + i, &sum[g], sizeof(v8f));
+    for (int g = 0; g < G; ++g) std::memcpy(acc + g * d + i, &sum[g], sizeof(sum[g]));
   }
 }
-
-#ifdef __AVX512F__
-#define A2ATS_VALUES_16 1
-typedef float v16f __attribute__((vector_size(64)));
-
-inline v16f load16(const at::BFloat16* p) {
-  typedef uint16_t v16h __attribute__((vector_size(32)));
-  typedef uint32_t v16u __attribute__((vector_size(64)));
-  v16h half;
-  std::memcpy(&half, p, sizeof(half));
-  const v16u bits = __builtin_convertvector(half, v16u) << 16;
-  v16f v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-
-// values_tiled's sums 16 floats of the head dimension at a time (AVX-512): half the loads, conversions and FMAs,
-// each sum in the same order (the same result).
-template <int G>
-inline void values_tiled16(const at::BFloat16* const* rows, const float* weights, int64_t n, int64_t d, float* acc) {
-  for (int64_t i = 0; i < d; i += 16) {
-    v16f sum[G] = {};
-    for (int64_t j = 0; j < n; ++j) {
-      const v16f v = load16(rows[j] + i);
-      for (int g = 0; g < G; ++g) sum[g] += weights[j * G + g] * v;
-    }
-    for (int g = 0; g < G; ++g) std::memcpy(acc + g * d + i, &sum[g], sizeof(v16f));
-  }
-}
-#endif
 
 template <typename T, int G>
 void run(const float* query, const std::vector<const T*>& blocks, const int32_t* indices, const int32_t* counts,
@@ -299,19 +278,16 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
         if (tiled) {
           for (int64_t j = 0; j < n; ++j) value_rows[j] = value_at(j);  // fetched with their keys
           weights_tiled<G>(logits.data(), n, m.data(), l.data());
-#ifdef A2ATS_VALUES_16
-          if constexpr (std::is_same_v<T, at::BFloat16>) {
-            if (d % 16 == 0) {
-              values_tiled16<G>(value_rows.data(), logits.data(), n, d, a);
-            } else {
-              values_tiled<G>(value_rows.data(), logits.data(), n, d, a);
-            }
-          } else {
-            values_tiled<G>(value_rows.data(), logits.data(), n, d, a);
-          }
+#ifdef __AVX512F__
+          constexpr bool wide = std::is_same_v<T, at::BFloat16>;
 #else
-          values_tiled<G>(value_rows.data(), logits.data(), n, d, a);
+          constexpr bool wide = false;
 #endif
+          if (wide && d % 16 == 0) {
+            values_tiled<G, wide ? 16 : 8>(value_rows.data(), logits.data(), n, d, a);
+          } else {
+            values_tiled<G, 8>(value_rows.data(), logits.data(), n, d, a);
+          }
         }
       }
       if (!tiled) {
