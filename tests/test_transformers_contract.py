@@ -62,10 +62,12 @@ DYNAMIC_RESET_KEEPS = "transformers 5.4's DynamicCache.reset() zeroes its keys b
 
 @dataclass(frozen=True)
 class Kind:
-    """A cache to test: DynamicCache (``topk`` None) or A2ATSCache at ``topk`` with ``offload``."""
+    """A cache to test: DynamicCache (``topk`` None) or A2ATSCache at ``topk`` with ``offload`` (``gpu_reads``: the
+    device attends the offloaded rows itself, misses of a row cache read from the pinned store)."""
 
     topk: float | None = None
     offload: str | None = None
+    gpu_reads: bool = False
 
     @property
     def a2ats(self) -> bool:
@@ -77,11 +79,13 @@ class Kind:
         return self.topk is None or self.topk == 1.0
 
     def __str__(self) -> str:
-        return "dynamic" if self.topk is None else f"a2ats-{self.topk}-{self.offload}"
+        return ("dynamic" if self.topk is None
+                else f"a2ats-{self.topk}-{self.offload}" + ("-gpu-reads" if self.gpu_reads else ""))
 
 
 DYNAMIC = Kind()
-KINDS = [DYNAMIC] + [Kind(topk, offload) for topk in (1.0, 0.03) for offload in ("cpu", "none", "auto")]
+KINDS = [DYNAMIC] + [Kind(topk, offload) for topk in (1.0, 0.03) for offload in ("cpu", "none", "auto")] + [
+    Kind(topk, "cpu", gpu_reads=True) for topk in (1.0, 0.03)]
 kinds = pytest.mark.parametrize("kind", KINDS, ids=str)
 NOT_EXACT = "exact equality with DynamicCache is not part of topk=0.03's contract (a lossy retrieval)"
 
@@ -107,6 +111,8 @@ class Runner:
         options = dict(topk=kind.topk, offload=kind.offload, dense_below=0, scoring="wrope")
         if kind.offload == "auto":
             options["gpu_kv_budget"] = kv_bytes(batch, HEADS, HEAD_DIM, torch.float32, tokens, 1)
+        if kind.gpu_reads:  # (a store grown past max_length goes back to the CPU attention)
+            options.update(gpu_share=1, row_cache=2, max_length=max(256, tokens))
         return A2ATSCache(self.books, **options)
 
     def cache_for(self, ids: torch.Tensor, rows: int | None = None) -> Cache:
