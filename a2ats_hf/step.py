@@ -193,7 +193,7 @@ def rerank_exact(
     lut = kernels.candidate_scores(query, keys, indices, counts)  # [B, Hq or Hkv, C], -inf past the counts
     positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
     chosen, chosen_counts = kernels.select_topk(lut, positions, every[:, 0], k, budget, histogram=ones,
-                                                k_max=min(k_max, c))
+                                                k_max=min(k_max, c), unit=True)
     return kernels.gather_chosen(indices, counts, chosen, chosen_counts)
 
 

@@ -144,15 +144,24 @@ def test_matches_reference_on_smollm2(smollm2, austen):
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
-def test_matches_reference_on_rerank_inputs(budget):
-    """What exact re-ranking hands the kernel: exact scores with -inf past each head's candidates, each candidate's
-    position as its code (one arange broadcast over rows and heads: stride 0), every position a candidate."""
+@pytest.mark.parametrize("split_from", [None, 256], ids=["narrow", "split-select-by-histogram"])
+def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
+    """What exact re-ranking hands the kernel: exact scores (some tied) with -inf past each head's candidates, each
+    candidate's position as its code (one arange broadcast over rows and heads: stride 0), every position a
+    candidate, one candidate a code (``unit``); with a table this wide taken as wide, the split select counts each
+    round's digits by a histogram."""
+    if split_from:  # (three splits of 256 columns)
+        monkeypatch.setattr(triton_topk, "WIDE_UNIT_TABLE", split_from)
+        monkeypatch.setattr(triton_topk, "SPLIT_COLUMNS", split_from)
     g = torch.Generator().manual_seed(5)
     b, hkv, group, c = 2, 2, 3, 700
     counts = torch.tensor([[700, 412], [133, 650]])
     lut = torch.randn(b, hkv, group, c, generator=g)
+    lut[..., 100:160] = lut[..., 99:100]  # ties
     lut = lut.masked_fill(torch.arange(c) >= counts[:, :, None, None], float("-inf")).reshape(b, hkv * group, c)
     positions = torch.arange(c, dtype=torch.int32).expand(b, hkv, c)
-    k = torch.tensor([90, 133])
+    ones = torch.ones(c, dtype=torch.int32).expand(b, hkv, c)
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-    assert_same_selection(to(lut), to(positions), to(torch.ones(b, c, dtype=torch.bool)), to(k), budget, k_max=133)
+    for k in (torch.tensor([90, 133]), torch.tensor([700, 0]), torch.tensor([1, 5])):
+        assert_same_selection(to(lut), to(positions), to(torch.ones(b, c, dtype=torch.bool)), to(k), budget,
+                              k_max=int(k.max()), histogram=to(ones), unit=True)

@@ -228,14 +228,16 @@ def select_topk(
     budget: str = "query_head",
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
+    unit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K far tokens per (row, KV head) from LUT scores; see :func:`.reference.select_topk` for the contract.
 
     On a GPU with Triton, the fused kernel runs (``histogram`` of the candidates' codes and a host-side bound
-    ``k_max`` on ``k`` spare it a pass over the codes and a device sync); indices may then be int32 and padded
-    wider than the largest count.
+    ``k_max`` on ``k`` spare it a pass over the codes and a device sync; ``unit``, every code held by one
+    candidate, lets it count without atomic additions); indices may then be int32 and padded wider than the
+    largest count.
     """
-    return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max)
+    return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max, unit=unit)
 
 
 __all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram", "count_leaving",

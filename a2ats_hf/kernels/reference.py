@@ -100,6 +100,7 @@ def select_topk(
     budget: str = "query_head",
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
+    unit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose far tokens to attend from approximate scores ``lut[h, codes[j]]``.
 
@@ -111,8 +112,8 @@ def select_topk(
         k: [B] long, the per-row budget (already clamped to the number of candidates).
         budget: "query_head" takes the top ``k`` of every query head and unites them over the KV group;
             "kv_head" takes one top ``k`` per KV head from the group's summed scores.
-        histogram, k_max: what the fast kernel may be given to spare it work (the candidates' code histogram, a
-            host-side bound on ``k``); the reference needs neither.
+        histogram, k_max, unit: what the fast kernel may be given to spare it work (the candidates' code
+            histogram, a host-side bound on ``k``, whether every code is one candidate's); the reference needs none.
 
     Returns:
         indices [B, Hkv, K] (ascending token indices, padded with 0) and counts [B, Hkv]. Ties are broken towards

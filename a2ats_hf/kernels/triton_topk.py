@@ -25,6 +25,8 @@ import triton.language as tl
 from .reference import code_histogram
 
 WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
+WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ranking's), whose digits a split
+# counts with a histogram instead of atomic additions
 SPLIT_COLUMNS = 4096  # columns per program of a split select
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
@@ -145,11 +147,13 @@ def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND: tl.c
 @triton.jit
 def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_stride, sets, rows,
                         ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
-                        BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr):
+                        BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr,
+                        UNIT: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
     digit picked (:func:`_split_state`), then the candidates of the split's columns whose key's leading digits
     match the prefix counted by their next digit, into the split's own COPIES sets of counts (column c into set
-    c % COPIES), so the atomic additions of a head's many equal digits spread over its splits and their sets."""
+    c % COPIES), so the atomic additions of a head's many equal digits spread over its splits and their sets.
+    UNIT (one candidate a column): a histogram of the digits in the program, stored once into its first set."""
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
@@ -159,15 +163,24 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_s
     own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * sets + split * COPIES) * (1 << BITS)
     start = split * COLUMNS
     end = tl.minimum(start + COLUMNS, m)
+    if UNIT:  # the digits' bins, then one for the columns not taken
+        bins = tl.arange(0, 2 << BITS)
+        counts = tl.zeros([2 << BITS], tl.int32)
     for m0 in range(start, end, BLOCK_M):
         count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
         take = count > 0
         if ROUND > 0:
             take &= (key >> (shift + BITS)).to(tl.int64) == prefix
-        counter = own + ((key >> shift) & ((1 << BITS) - 1))
-        if COPIES > 1:
-            counter += ((m0 + tl.arange(0, BLOCK_M)) % COPIES) * (1 << BITS)
-        tl.atomic_add(counter, count, mask=take)
+        digit = (key >> shift) & ((1 << BITS) - 1)
+        if UNIT:
+            counts += tl.histogram(tl.where(take, digit, (2 << BITS) - 1).to(tl.int32), 2 << BITS)
+        else:
+            counter = own + digit
+            if COPIES > 1:
+                counter += ((m0 + tl.arange(0, BLOCK_M)) % COPIES) * (1 << BITS)
+            tl.atomic_add(counter, count, mask=take)
+    if UNIT:
+        tl.store(own + bins, counts, mask=bins < (1 << BITS))
 
 
 @triton.jit
@@ -188,31 +201,31 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, need_ptr, cl
               tl.minimum(start + COLUMNS, m), m, GROUP, G_PAD, BLOCK_M)
 
 
-def _split_shape(m: int) -> tuple[int, int, int] | None:
-    """(splits, sets of counters, rounds) of a split select over a table of ``m`` columns; None for a narrow table
-    (one program per head)."""
-    if m < WIDE_TABLE:
+def _split_shape(m: int, unit: bool = False) -> tuple[int, int, int] | None:
+    """(splits, sets of counters, rounds) of a split select over a table of ``m`` columns (``unit``: of one
+    candidate each); None for a narrow table (one program per head)."""
+    if m < (WIDE_UNIT_TABLE if unit else WIDE_TABLE):
         return None
     splits = triton.cdiv(m, SPLIT_COLUMNS)
     return splits, splits * COUNT_COPIES, 32 // RADIX_BITS
 
 
-def _counters(m: int, rows: int) -> int:
+def _counters(m: int, rows: int, unit: bool = False) -> int:
     """The zeroed int32 digit counters a split select needs (0 for a narrow table)."""
-    shape = _split_shape(m)
+    shape = _split_shape(m, unit)
     return 0 if shape is None else shape[2] * rows * shape[1] << RADIX_BITS
 
 
-def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad):
+def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
     program per head crossed in ~100 us) a split select, RADIX_BITS of the key a round, each round's candidates
     counted by programs over SPLIT_COLUMNS columns (into COUNT_COPIES sets of ``counted``'s zeroed counters each),
-    then the classes by programs as many."""
+    then the classes by programs as many (``unit``: one candidate a column, each round counted by a histogram)."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group)
     block_m = min(max(triton.next_power_of_2(m), 16), 2048)
-    shape = _split_shape(m)
+    shape = _split_shape(m, unit)
     if shape is None:
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
                                    BLOCK_M=block_m, num_warps=THRESHOLD_WARPS, **common)
@@ -223,7 +236,7 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, m, histogram.stride(1), sets, rows,
-                                            ROUND=r, COPIES=COUNT_COPIES, **split)
+                                            ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, **split)
     _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, need, classes, summary, m, histogram.stride(1),
                                      sets, rows, G_PAD=g_pad, **split)
 
@@ -328,6 +341,7 @@ def select_topk(
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
     block_n: int | None = None,
+    unit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv].
@@ -335,7 +349,8 @@ def select_topk(
     ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 (a view of wider rows
     is fine) counts each KV head's
     candidate codes (:func:`code_histogram`), computed here when not given (a cache keeps it up to date instead);
-    ``k_max`` bounds ``k`` from the host, read from ``k`` (a device sync) when not given.
+    ``k_max`` bounds ``k`` from the host, read from ``k`` (a device sync) when not given; ``unit`` says every
+    count of ``histogram`` is 1 (re-ranking's candidates, each its own code).
     """
     b, hkv, n = codes.shape
     block_n = block_n or SCAN_BLOCK
@@ -352,7 +367,7 @@ def select_topk(
         k_max = int(k.max()) if k.numel() else 0
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
-    sizes = [b * hkv * width, b * hkv * words, _counters(m, lut.shape[0] * lut.shape[1])]  # zeroed in one fill
+    sizes = [b * hkv * width, b * hkv * words, _counters(m, lut.shape[0] * lut.shape[1], unit)]  # one fill
     indices, summary, counted = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
@@ -366,7 +381,7 @@ def select_topk(
     histogram = histogram.to(torch.int32)
     if histogram.stride(-1) != 1 or histogram.stride(0) != hkv * histogram.stride(1):  # rows of one stride
         histogram = histogram.contiguous()
-    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad)
+    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad, unit)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
