@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +38,31 @@ def ids_of(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 def generate(model, ids: torch.Tensor, cache, new: int = 6) -> torch.Tensor:
     """Greedy tokens of ``new`` steps after ``ids`` with ``cache``."""
     return model.generate(ids, **cache_argument(model, cache), max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, kernel, constants, pointers = eval(sys.argv[1])
+fn = getattr(__import__(f"a2ats_hf.kernels.{module}", fromlist=[kernel]), kernel)
+signature = {name: "constexpr" if name in constants else pointers.get(name, "*i32") if name.endswith("_ptr") else "i32"
+             for name in fn.arg_names}
+compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+assert ".entry" in compiled.asm["ptx"]
+"""
+
+
+def compile_for_hopper(module: str, kernel: str, constants: dict, pointers: dict) -> None:
+    """Compile Triton kernel ``kernel`` of ``a2ats_hf.kernels.<module>`` to PTX for an H100/H200 (sm_90), without a
+    GPU: what the interpreter lets pass and the compiler does not (a loop-carried value changing type, a constexpr
+    where a tensor is needed). ``pointers`` types the ``*_ptr`` arguments (default int32), other arguments are
+    int32. In a process of its own: the interpreter's patches of Triton's language, once this one has run a
+    kernel, break compiling."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, repr((module, kernel, constants, pointers))], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def tiny_config(**overrides) -> LlamaConfig:

@@ -6,9 +6,6 @@ device, and row views of a batch (the pipelined halves)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ import torch
 from a2ats_hf.kernels import reference, triton_rows
 from a2ats_hf.rowcache import RowCache
 
-from conftest import DEVICE
+from conftest import DEVICE, compile_for_hopper
 
 pytestmark = pytest.mark.skipif(
     DEVICE.type == "cpu" and not os.environ.get("TRITON_INTERPRET"),
@@ -83,19 +80,6 @@ def test_split_and_fill_match_reference(b, h, slots, d, tokens, width, steps, no
 POINTERS = {"stamp_ptr": "*i64", "sought_ptr": "*i64", "found_ptr": "*i64", "keys_ptr": "*bf16", "values_ptr": "*bf16",
             "in_ptr": "*bf16"}  # the rest are int32
 
-COMPILE = """
-import sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from a2ats_hf.kernels import triton_rows
-kernel, constants, pointers = eval(sys.argv[1])
-fn = getattr(triton_rows, kernel)
-signature = {name: "constexpr" if name in constants else pointers.get(name, "*i32") if name.endswith("_ptr") else "i32"
-             for name in fn.arg_names}
-compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
-assert ".entry" in compiled.asm["ptx"]
-"""
-
 
 @pytest.mark.parametrize("kernel, constants", [
     ("_split_kernel", {"H": 8, "BLOCK": 1024}),
@@ -105,12 +89,6 @@ assert ".entry" in compiled.asm["ptx"]
                       "BY_TOKEN": True, "APPEND": True})], ids=["split", "fill", "fill-from-store"])
 @pytest.mark.parametrize("now_on_device", [False, True])
 def test_kernels_compile_for_hopper(kernel, constants, now_on_device):
-    """The kernels compile to PTX for an H100/H200 (sm_90), here without a GPU: what the interpreter lets pass and
-    the compiler does not (a loop-carried value changing type, a constexpr where a tensor is needed). In a process
-    of its own: the interpreter's patches of Triton's language, once this one has run a kernel, break compiling."""
-    constants = {**constants, "NOW_ON_DEVICE": now_on_device}
+    """The kernels compile to PTX for an H100/H200 (sm_90), here without a GPU."""
     pointers = {**POINTERS, "now_ptr": "*i64" if now_on_device else "*i32"}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE, repr((kernel, constants, pointers))], env=env,
-                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    assert done.returncode == 0, done.stderr[-3000:]
+    compile_for_hopper("triton_rows", kernel, {**constants, "NOW_ON_DEVICE": now_on_device}, pointers)

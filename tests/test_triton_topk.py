@@ -9,7 +9,7 @@ import torch
 from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.kernels import code_histogram, reference, triton_topk
 
-from conftest import DEVICE, ids_of
+from conftest import DEVICE, compile_for_hopper, ids_of
 
 pytestmark = pytest.mark.skipif(
     DEVICE.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"),
@@ -56,9 +56,11 @@ def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, block_n=64)
 
 
-def test_wide_table_with_mostly_one_score():
+@pytest.mark.parametrize("common", [0, 2])
+def test_wide_table_with_mostly_one_score(common, monkeypatch):
     """A wide table whose scores are mostly one value (one digit bin holds nine columns in ten, at every digit): the
-    split select's threshold and ties are the reference's."""
+    split select's threshold and ties are the reference's (round 0's common digits summed in the program or not)."""
+    monkeypatch.setattr(triton_topk, "COUNT_COMMON", common)
     g = torch.Generator().manual_seed(7)
     m, n = 40000, 30000
     lut = torch.randn(1, 2, m, generator=g)
@@ -70,11 +72,13 @@ def test_wide_table_with_mostly_one_score():
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", k_max=2000)
 
 
-@pytest.mark.parametrize("copies", [1, 4])
-def test_wide_table_with_heavy_columns(copies, monkeypatch):
+@pytest.mark.parametrize("copies, common", [(1, 0), (4, 0), (1, 2), (4, 3)])
+def test_wide_table_with_heavy_columns(copies, common, monkeypatch):
     """Columns holding thousands of candidates (one of 20000, three of ~2200): the split select counts them exactly,
-    into one set of digit counters per split or several."""
+    into one set of digit counters per split or several, with round 0's sampled digits summed in the program or
+    not."""
     monkeypatch.setattr(triton_topk, "COUNT_COPIES", copies)
+    monkeypatch.setattr(triton_topk, "COUNT_COMMON", common)
     g = torch.Generator().manual_seed(3)
     m, n = 9000, 40000
     lut = torch.randn(1, 2, m, generator=g)
@@ -165,3 +169,14 @@ def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
     for k in (torch.tensor([90, 133]), torch.tensor([700, 0]), torch.tensor([1, 5])):
         assert_same_selection(to(lut), to(positions), to(torch.ones(b, c, dtype=torch.bool)), to(k), budget,
                               k_max=int(k.max()), histogram=to(ones), unit=True)
+
+
+@pytest.mark.parametrize("unit, common", [(False, 0), (False, 2), (True, 0)], ids=["atomics", "common", "histogram"])
+@pytest.mark.parametrize("round_", [0, 1, 3])
+def test_digit_counts_compile_for_hopper(unit, common, round_):
+    """The split select's digit counts, in each way of counting, compile to PTX for sm_90 without a GPU."""
+    constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": 8, "COLUMNS": 4096, "BLOCK_M": 2048,
+                 "COPIES": 1, "UNIT": unit, "COMMON": common}
+    pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64"}
+    compile_for_hopper("triton_topk", "_digit_count_kernel", constants, pointers)
+

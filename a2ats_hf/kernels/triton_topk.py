@@ -30,6 +30,7 @@ WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ran
 SPLIT_COLUMNS = 4096  # columns per program of a split select
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
+COUNT_COMMON = 0  # round 0's digits sampled per block and summed in the program, one atomic addition each (0: off)
 
 
 @triton.jit
@@ -148,12 +149,14 @@ def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND: tl.c
 def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_stride, sets, rows,
                         ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
                         BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr,
-                        UNIT: tl.constexpr):
+                        UNIT: tl.constexpr, COMMON: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
     digit picked (:func:`_split_state`), then the candidates of the split's columns whose key's leading digits
     match the prefix counted by their next digit, into the split's own COPIES sets of counts (column c into set
     c % COPIES), so the atomic additions of a head's many equal digits spread over its splits and their sets.
-    UNIT (one candidate a column): a histogram of the digits in the program, stored once into its first set."""
+    UNIT (one candidate a column): a histogram of the digits in the program, stored once into its first set.
+    COMMON (round 0, whose digit, a score's sign and top exponent bits, most columns share): the digits of COMMON
+    columns spread over each block are summed in the program first, one atomic addition each."""
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
@@ -175,6 +178,13 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_s
         if UNIT:
             counts += tl.histogram(tl.where(take, digit, (2 << BITS) - 1).to(tl.int32), 2 << BITS)
         else:
+            if ROUND == 0 and COMMON > 0:
+                cols = m0 + tl.arange(0, BLOCK_M)
+                for i in tl.static_range(COMMON):
+                    sampled = tl.max(tl.where(cols == m0 + (2 * i + 1) * BLOCK_M // (2 * COMMON), digit, 0), axis=0)
+                    hit = take & (digit == sampled)
+                    tl.atomic_add(own + sampled, tl.sum(tl.where(hit, count, 0), axis=0))
+                    take &= ~hit
             counter = own + digit
             if COPIES > 1:
                 counter += ((m0 + tl.arange(0, BLOCK_M)) % COPIES) * (1 << BITS)
@@ -236,7 +246,7 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, m, histogram.stride(1), sets, rows,
-                                            ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, **split)
+                                            ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, COMMON=COUNT_COMMON, **split)
     _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, need, classes, summary, m, histogram.stride(1),
                                      sets, rows, G_PAD=g_pad, **split)
 
