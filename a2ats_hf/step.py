@@ -272,9 +272,7 @@ def _offloaded(
         attend_on_cpu()
     else:
         static.on_cpu(attend_on_cpu)
-    far_out, far_lse = outputs
-    out = kernels.merge_attention(out, lse, far_out.to(out.device, non_blocking=True),
-                                  far_lse.to(lse.device, non_blocking=True))
+    out = kernels.merge_attention(out, lse, *outputs)  # the kernel reads the CPU's outputs in place (pinned)
     if rows is not None:  # the kernel reads the rows that come in place from the pinned buffer
         rows.fill(split, incoming, layer.length)
     if static is None and far is None:

@@ -41,8 +41,10 @@ def test_attention_with_lse_matches_reference(b, hq, hkv, length, d, dtype):
     torch.testing.assert_close(lse.cpu(), expected_lse, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_matches_reference():
-    """Random parts, one part empty (lse -inf) in some rows, both empty in one."""
+@pytest.mark.parametrize("pinned", [False, True], ids=["device", "second-part-pinned"])
+def test_merge_matches_reference(pinned):
+    """Random parts, one part empty (lse -inf) in some rows, both empty in one; the second part on the device, or
+    (where there is one) in pinned host memory read in place, as the CPU attention's outputs are."""
     g = torch.Generator().manual_seed(0)
     out_a, out_b = torch.randn(2, 5, 3, 40, generator=g)
     lse_a, lse_b = torch.randn(2, 5, 3, generator=g) * 4
@@ -50,7 +52,8 @@ def test_merge_matches_reference():
     lse_a[2, 2] = lse_b[2, 2] = float("-inf")
     out_a[0, 0] = out_b[1, 1] = out_a[2, 2] = out_b[2, 2] = 0.0
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-    merged = triton_attention.merge_attention(to(out_a), to(lse_a), to(out_b), to(lse_b))
+    host = (lambda t: t.pin_memory()) if pinned and KERNEL_DEVICE.type == "cuda" else to
+    merged = triton_attention.merge_attention(to(out_a), to(lse_a), host(out_b), host(lse_b))
     torch.testing.assert_close(merged.cpu(), reference.merge_attention(out_a, lse_a, out_b, lse_b),
                                atol=1e-6, rtol=1e-5)
     assert merged[2, 2].abs().max() == 0

@@ -170,7 +170,8 @@ def merge_attention(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> torch.Tensor:
     """Two attentions over disjoint key sets merged by their log-sum-exps; see :func:`.reference.merge_attention`.
-    One Triton launch on a GPU, the torch reference elsewhere."""
+    One Triton launch on a GPU (``out_b`` and ``lse_b`` may be pinned host memory: read in place), the torch
+    reference elsewhere."""
     return _on(out_a, "merge_attention", out_a, lse_a, out_b, lse_b)
 
 

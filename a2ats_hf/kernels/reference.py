@@ -262,7 +262,9 @@ def local_and_far_attention(
 def merge_attention(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> torch.Tensor:
-    """Combine two attentions over disjoint key sets by their log-sum-exps: out [B, H, D], lse [B, H]."""
+    """Combine two attentions over disjoint key sets by their log-sum-exps: out [B, H, D], lse [B, H] (on ``out_a``'s
+    device)."""
+    out_b, lse_b = out_b.to(out_a.device), lse_b.to(lse_a.device)
     lse = torch.logaddexp(lse_a, lse_b)
     finite = lse.nan_to_num(neginf=0.0)
     wa = torch.exp(lse_a - finite)[..., None]
