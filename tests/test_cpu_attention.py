@@ -21,6 +21,48 @@ def test_fallback_can_be_forced(monkeypatch):
     assert cpu_attention.extension.__wrapped__() is None
 
 
+def test_a_failed_native_build_falls_back_to_a_portable_one(monkeypatch):
+    """Where the build for this CPU fails (a compiler without intrinsics the CPU offers), the kernel is built again
+    without its AVX-512 paths, with a warning, before the torch reference is considered; where that fails too, the
+    reference runs, with a warning."""
+    built = []
+
+    def build(name, flags):
+        built.append((name, flags))
+        if "-DA2ATS_PORTABLE" not in flags or fail_portable:
+            raise RuntimeError("error: unknown type name '__m512bh'")
+        return "portable module"
+
+    monkeypatch.setattr(cpu_attention, "_build", build)
+    fail_portable = False
+    with pytest.warns(UserWarning, match="using one without its AVX-512 paths"):
+        assert cpu_attention.extension.__wrapped__() == "portable module"
+    assert built[1][0] == built[0][0] + "_portable"
+    fail_portable = True
+    with pytest.warns(UserWarning, match="slower torch reference"):
+        assert cpu_attention.extension.__wrapped__() is None
+
+
+@pytest.mark.slow
+def test_the_portable_build_gives_the_same_results():
+    """The kernel built without its AVX-512 paths (``A2ATS_PORTABLE``) attends as the native build does."""
+    portable = cpu_attention._build(f"a2ats_cpu_{cpu_attention._machine_tag()}_portable",
+                                    ["-march=native", "-DA2ATS_PORTABLE"])
+    g = torch.Generator().manual_seed(3)
+    b, hkv, group, n, d = 2, 2, 4, 700, 128
+    store = KVStore(b, hkv, d, torch.bfloat16, block_size=300)
+    store.append(*torch.randn(2, b, hkv, n, d, generator=g).bfloat16())
+    indices = torch.stack([torch.randperm(n, generator=g)[:200].sort().values for _ in range(b * hkv)])
+    indices, counts = indices.view(b, hkv, 200).int(), torch.full((b, hkv), 200, dtype=torch.int32)
+    query = torch.randn(b, hkv * group, d, generator=g).bfloat16().float()
+    native = cpu_attention.sparse_attention(query, store, indices, counts, d**-0.5)
+    out, lse = cpu_attention.output_buffers(query)
+    none = torch.empty(0, dtype=store.dtype)  # no copies
+    portable.sparse_attention(query, store.blocks, indices, counts, d**-0.5, out, lse, none)
+    torch.testing.assert_close(out, native[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, native[1], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("bf16_query", [False, True], ids=["float32-query", "bfloat16-query"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(

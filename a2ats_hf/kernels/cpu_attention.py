@@ -4,8 +4,8 @@ as fallback.
 The kernel (``csrc/sparse_attention.cpp``) gathers the selected rows (a token's key and value side by side) straight
 from the store's blocks and attends them in parallel over (row, KV head, chunk) tasks on torch's thread pool. It is
 compiled once per machine by ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed; ninja is a
-dependency). Without a compiler the torch reference runs instead, with a warning; ``A2ATS_CPU_KERNEL=torch`` forces
-it.
+dependency), for the CPU it runs on, or without its AVX-512 paths where that build fails. Without a compiler the
+torch reference runs instead, with a warning; ``A2ATS_CPU_KERNEL=torch`` forces it.
 """
 
 from __future__ import annotations
@@ -107,26 +107,39 @@ def _needs_build(build_dir: Path | None, name: str) -> bool:
         return True
 
 
+def _build(name: str, flags: list[str]) -> object:
+    """Compile (or load the cached build of) the kernel as extension ``name`` with ``flags``, after any stale build
+    lock is cleared."""
+    from torch.utils.cpp_extension import load
+
+    build_dir = _build_directory(name)
+    if build_dir is not None:
+        _await_build_lock(build_dir / "lock", _lock_timeout())
+    if _needs_build(build_dir, name):
+        print("a2ats: building the CPU attention kernel (once per machine, about a minute)...", file=sys.stderr)
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
 @functools.cache
 def extension() -> object | None:
-    """The compiled kernel module, or None where it cannot be built (the torch reference is used then)."""
+    """The compiled kernel module, or None where it cannot be built (the torch reference is used then). Built for
+    this CPU (-march=native); where that fails (a compiler without the AVX-512 intrinsics the CPU offers), built
+    again without the optional vector paths (``A2ATS_PORTABLE``) before giving up."""
     if os.environ.get("A2ATS_CPU_KERNEL", "").lower() == "torch":
         return None
+    native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
+    name = f"a2ats_cpu_{_machine_tag()}"
     try:
-        from torch.utils.cpp_extension import load
-
-        name = f"a2ats_cpu_{_machine_tag()}"
-        build_dir = _build_directory(name)
-        if build_dir is not None:
-            _await_build_lock(build_dir / "lock", _lock_timeout())
-        if _needs_build(build_dir, name):
-            print("a2ats: building the CPU attention kernel (once per machine, about a minute)...", file=sys.stderr)
-        flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
-        return load(
-            name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no ninja, unsupported platform
+        return _build(name, native)
+    except Exception as error:  # no compiler, no ninja, unsupported platform, intrinsics this compiler lacks
+        first = error
+    try:
+        module = _build(f"{name}_portable", [*native, "-DA2ATS_PORTABLE"])
+        warnings.warn(f"A2ATS CPU kernel: the build for this CPU failed ({first!s:.300}); using one without its "
+                      "AVX-512 paths.")
+        return module
+    except Exception as error:
         warnings.warn(f"A2ATS CPU kernel could not be built ({error!s:.300}); using the slower torch reference.")
         return None
 

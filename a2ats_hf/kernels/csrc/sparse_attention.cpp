@@ -5,7 +5,8 @@
 // softmaxes are merged by their log-sum-exps, so a batch of one still uses every core. Where asked, the first rows
 // of each selection are also copied out as they are read (the row cache's fill), so they cross memory once. Built
 // with -march=native: on CPUs with AVX-512 a bfloat16 store's value sums run 16 floats wide, and with AVX512-BF16
-// a bfloat16 model's scores use the dot-product instructions (both ~22% faster on a 2-core Zen 4 VM at 128K).
+// a bfloat16 model's scores use the dot-product instructions (both ~22% faster on a 2-core Zen 4 VM at 128K);
+// -DA2ATS_PORTABLE leaves both out (the build tried where a compiler lacks the intrinsics).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -131,7 +132,7 @@ inline void scores_tiled(const float* q, const T* key, int64_t d, float scaling,
   }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(A2ATS_PORTABLE)
 #include <immintrin.h>
 #define A2ATS_BF16_DOT 1
 // Scores of G query heads against a bfloat16 key row with AVX512-BF16's pairwise dot products (32 products an
@@ -278,7 +279,7 @@ void run(const float* query, const std::vector<const T*>& blocks, const int32_t*
         if (tiled) {
           for (int64_t j = 0; j < n; ++j) value_rows[j] = value_at(j);  // fetched with their keys
           weights_tiled<G>(logits.data(), n, m.data(), l.data());
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && !defined(A2ATS_PORTABLE)
           constexpr bool wide = std::is_same_v<T, at::BFloat16>;
 #else
           constexpr bool wide = false;
