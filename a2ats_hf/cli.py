@@ -193,11 +193,10 @@ def generate_command(args: argparse.Namespace) -> None:
                          do_sample=False)
     print(tokenizer.decode(out[0, prompt_tokens:], skip_special_tokens=True))
     memory = cache.memory_footprint()
-    found = cache.row_cache_hits if args.row_cache else float("nan")
+    held = f"; the row cache held {cache.row_cache_hits:.0%} of them" if args.row_cache else ""
     print(
         f"[a2ats] attended {cache.stats.attended_fraction:.1%} of past tokens per step "
-        f"(far tokens retrieved: {cache.stats.far_fraction:.1%}"
-        + ("" if found != found else f"; the row cache held {found:.0%} of them") + "); cache holds "
+        f"(far tokens retrieved: {cache.stats.far_fraction:.1%}{held}); cache holds "
         f"{memory['device_bytes'] / 2**20:.1f} MiB on {args.device}, {memory['cpu_bytes'] / 2**20:.1f} MiB on the CPU",
         file=sys.stderr,
     )
