@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -130,6 +131,7 @@ class A2ATSLayer(CacheLayerMixin):
             )
         static = self.cache.static
         if static is None:
+            self.warn_past_one_block(key_states.shape[-2])
             self.store.append(key_states, value_states)
             self.fill_ring(key_states, value_states)
         else:  # a capture-ready step: written at the column the device holds, the host's length moved by the runner
@@ -143,6 +145,18 @@ class A2ATSLayer(CacheLayerMixin):
         key_states.a2ats_layer = value_states.a2ats_layer = self  # read back by stored_by(key)
         self.awaiting_attention = True
         return key_states, value_states
+
+    def warn_past_one_block(self, t: int) -> None:
+        """Warn when ``t`` more tokens take a ``gpu_share`` layer's K/V past its one pinned block of ``max_length``
+        tokens: the store then grows by another such block, and the GPU no longer reads its rows in place."""
+        block = None if self.store.resident else self.store.one_block()
+        if self.config.gpu_share and block is not None and self.store.length + t > self.store.block_size:
+            warnings.warn(
+                f"The sequence grew past this A2ATSCache's max_length={self.config.max_length}: with gpu_share, each "
+                f"offloaded layer's K/V is one pinned buffer of max_length tokens, so each now allocates another "
+                f"({block.nbytes / 2**30:.2f} GiB of CPU memory a layer) and the CPU attends its rows from here on "
+                "(the same result, slower). Pass a max_length that covers the prompt and every new token.",
+                stacklevel=3)
 
     def fill_ring(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Copy the window's share of ``keys`` / ``values`` [B, Hkv, T, D], the store's last T columns, into the ring

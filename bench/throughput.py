@@ -52,6 +52,7 @@ from bench.common import (
 )
 from bench.kernels_bench import bandwidths, phase_timers
 
+ROW_CACHE_WARMUP = 12  # extra warm-up steps with a row cache: a step fills at most an eighth of its slots
 TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                    num_key_value_heads=2, head_dim=32, vocab_size=1000, max_position_embeddings=8192)
 
@@ -217,7 +218,7 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
         model.forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
     try:
         resident = "graphs" in method and "offload=none" in method  # (a replay of such a step calls no kernel)
-        warmup = args.warmup + 12 * ("row cache" in method)  # a step fills at most an eighth of its width
+        warmup = args.warmup + ROW_CACHE_WARMUP * ("row cache" in method)
         row.update(decode(model, cache, batch, n, steps, warmup, 0 if resident else args.split_steps,
                           args.profile, args.gpu_profile, args.fresh_tokens))
     finally:
@@ -332,7 +333,8 @@ def main() -> None:
                "cpu_copy_gbs": bandwidths()["cpu_copy_gbs"], "runs": []}
     out = args.out or results_path("throughput-tiny" if args.tiny else "throughput")
     # tokens held
-    steps_total = args.warmup + args.steps + args.split_steps + 1 + 4 * args.profile + 8 * args.gpu_profile
+    steps_total = (args.warmup + ROW_CACHE_WARMUP + args.steps + args.split_steps + 1 + 4 * args.profile
+                   + 8 * args.gpu_profile)  # past max_length, gpu_share=1 would fall back to the CPU attention
     for n, forced in [(n, batch) for n in args.contexts for batch in args.batch or [None]]:
         per_row = kv_bytes_per_row(config, n)
         if device.type == "cuda":
@@ -373,6 +375,10 @@ def main() -> None:
                     if scoring in GRAPH_SCORERS:  # offloaded layers: graph pieces around the CPU attention
                         methods.append((f"{name} graphs", make, batch, "a2ats"))
                         methods.append((f"{name} graphs+compile", make, batch, "a2ats"))
+        unknown = sorted(set(args.methods or ()) - {method for method, *_ in methods})
+        if unknown:  # a misspelt name would be skipped silently
+            parser.error(f"no method named {', '.join(map(repr, unknown))} with these flags; they name: "
+                         + ", ".join(repr(method) for method, *_ in methods))
         for method, make_cache, batch, attention in methods:
             if ((args.methods and method not in args.methods) or batch < 1
                     or (device.type == "cpu" and "offloaded" in method)):

@@ -39,7 +39,8 @@ def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = Fal
     finally:
         kernels.select_topk = select
         release_decoding(model)
-    if graphs and runner.split is not None:  # each step: the first half's layers, then the second's
+    if graphs and runner.split is not None and DEVICE.type == "cpu":  # each step: the first half's layers, then
+        # the second's (a GPU's replayed steps run no Python to spy on: its selections are not compared)
         layers = len(cache.a2ats_layers)
         steps = [selections[i : i + 2 * layers] for i in range(0, len(selections), 2 * layers)]
         selections = [step[i] + step[layers + i] for step in steps for i in range(layers)]

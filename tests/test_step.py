@@ -154,6 +154,21 @@ def test_a_gpu_share_attends_the_same_rows(tiny, offload, share, window, monkeyp
     assert caches[0].stats.far_selected == caches[1].stats.far_selected > 0
 
 
+def test_a_gpu_share_past_max_length_warns_and_goes_to_the_cpu(tiny):
+    """Decoding past ``max_length`` with ``gpu_share=1``: a warning that names it and what it costs, another
+    block per layer, the CPU attending from then on, the tokens of the CPU attending throughout."""
+    model, books = tiny
+    ids = ids_of(1, 150, seed=4)
+    caches = [A2ATSCache(books, topk=0.1, offload="cpu", max_length=155, gpu_share=s) for s in (0.0, 1.0)]
+    run = lambda cache: model.generate(ids, **cache_argument(model, cache), max_new_tokens=12,  # noqa: E731
+                                       min_new_tokens=12, do_sample=False, pad_token_id=0)
+    reference = run(caches[0])
+    with pytest.warns(UserWarning, match=r"past this A2ATSCache's max_length=155.*GiB of CPU memory a layer"):
+        out = run(caches[1])
+    assert torch.equal(out, reference)
+    assert all(len(layer.store.blocks) == 2 and not layer.attended_on_device() for layer in caches[1].a2ats_layers)
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"gpu_share": 1.5, "max_length": 100}, r"in \[0, 1\], got 1.5"),
     ({"gpu_share": 0.3}, "needs offload=\"cpu\" or \"auto\" .* and max_length"),
