@@ -366,6 +366,7 @@ class Block:
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
 ROW_CACHE = tuple(f"throughput/2026-12-05-17592c7-nvidia-h200{s}.json" for s in ("", "-2"))  # 128K x 1, x 5
+ROW_CACHE_H100 = tuple(f"throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2", "-3"))
 SCORING_COST = "throughput/2026-12-04-00a485c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
 FIDELITY_CPU = "evaluation/2026-11-26-5127197-cpu.json"  # perplexity and fidelity against budget at 4K, CPU
 REUSE_CPU = "selection-reuse/2026-12-05-91a80ea-cpu.json"  # SmolLM2, Persuasion: how much each step's pick repeats
@@ -388,6 +389,9 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h200-offloaded": Block(tuple(f"throughput/2026-12-04-7c4d3f1-nvidia-h200{s}.json" for s in ("", "-2")),
                                        lambda f: table(offloaded_rows(f), OFFLOADED)),
     "throughput-h200-row-cache": Block(ROW_CACHE, lambda f: table(offloaded_rows(f), OFFLOADED)),
+    "throughput-h100-row-cache": Block(ROW_CACHE_H100, lambda f: table(offloaded_rows(f), OFFLOADED)),
+    "throughput-h100-rerank-cost": Block(("throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3-4.json",),
+                                         lambda f: throughput_table(runs(f))),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
