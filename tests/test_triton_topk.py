@@ -180,3 +180,10 @@ def test_digit_counts_compile_for_hopper(unit, common, round_):
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_digit_count_kernel", constants, pointers)
 
+
+
+def test_threshold_compiles_for_hopper():
+    """The narrow select, its widest table held in registers, compiles to PTX for sm_90 without a GPU."""
+    constants = {"HEADS": 8, "GROUP": 1, "G_PAD": 1, "TABLE": 8192, "BLOCK_M": 2048}
+    pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "class_ptr": "*u8"}
+    compile_for_hopper("triton_topk", "_threshold_kernel", constants, pointers)

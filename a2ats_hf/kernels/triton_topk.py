@@ -51,26 +51,19 @@ def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _radix_select(lut_row, hist_row, n, k, BLOCK: tl.constexpr):
-    """The largest key with >= k candidates at or above it among n entries: a radix select from the top, 2 bits per
-    round (3 trial prefixes a round: 48 compare-adds per entry where 4 bits took 128), the sums kept per lane and
-    reduced once a round, the next chunk's loads issued before this chunk's arithmetic."""
+def _radix_select(lut_row, hist_row, n, k, TABLE: tl.constexpr):
+    """The largest key with >= k candidates at or above it among n <= TABLE entries: a radix select from the top, 2
+    bits per round (3 trial prefixes a round: 48 compare-adds per entry where 4 bits took 128), over the table
+    loaded once into registers (a narrow table has at most WIDE_TABLE entries), so no round waits on memory."""
+    count, key = _entries(lut_row, hist_row, 0, n, TABLE)
     thr = tl.zeros([1], dtype=tl.uint32)
     one = tl.full([1], 1, dtype=tl.uint32)
     for r in range(16):
         shift = 30 - 2 * r
-        above1 = tl.zeros([BLOCK], dtype=tl.int32)  # candidates at or above the prefix + digit 1, 2, 3
-        above2 = tl.zeros([BLOCK], dtype=tl.int32)
-        above3 = tl.zeros([BLOCK], dtype=tl.int32)
-        count, key = _entries(lut_row, hist_row, 0, n, BLOCK)
-        for m0 in range(0, n, BLOCK):
-            next_count, next_key = _entries(lut_row, hist_row, m0 + BLOCK, n, BLOCK)
-            above1 += tl.where(key >= (thr | (one << shift)), count, 0)
-            above2 += tl.where(key >= (thr | (2 * one << shift)), count, 0)
-            above3 += tl.where(key >= (thr | (3 * one << shift)), count, 0)
-            count, key = next_count, next_key
-        best = ((tl.sum(above1, axis=0) >= k).to(tl.uint32) + (tl.sum(above2, axis=0) >= k).to(tl.uint32)
-                + (tl.sum(above3, axis=0) >= k).to(tl.uint32))  # `above` falls with the digit
+        best = tl.zeros([1], dtype=tl.uint32)
+        for digit in range(1, 4):  # candidates at or above the prefix + digit: `best` counts the digits that hold k
+            above = tl.sum(tl.where(key >= (thr | (digit * one << shift)), count, 0), axis=0)
+            best += (above >= k).to(tl.uint32)
         thr = thr | (best << shift)
     return thr
 
@@ -98,7 +91,8 @@ def _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, head, thr, start, e
 
 @triton.jit
 def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, m, hist_stride,
-                      HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+                      HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, TABLE: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
     """Per (row, head) of a narrow table: the k-th largest score (a radix select over the whole table), each
     centroid's class for this head and the group's summary (:func:`_classify`), and how many tokens scoring exactly
     the threshold to take."""
@@ -107,7 +101,7 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
     k = tl.load(k_ptr + row).to(tl.int32)
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
-    thr = _radix_select(lut_row, hist_row, m, k, BLOCK_M)
+    thr = _radix_select(lut_row, hist_row, m, k, TABLE)
     greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, 0, m, m, GROUP, G_PAD,
                         BLOCK_M)
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
@@ -238,7 +232,8 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     shape = _split_shape(m, unit)
     if shape is None:
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
-                                   BLOCK_M=block_m, num_warps=THRESHOLD_WARPS, **common)
+                                   TABLE=max(triton.next_power_of_2(m), 16), BLOCK_M=block_m,
+                                   num_warps=THRESHOLD_WARPS, **common)
         return
     splits, sets, rounds = shape
     split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
