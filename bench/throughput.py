@@ -28,6 +28,7 @@ import cProfile
 import json
 import pstats
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -305,6 +306,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, nargs="+", metavar="RESULTS... PNG", help="only draw the figure")
     args = parser.parse_args()
+    warnings.filterwarnings("error", message="The sequence grew past")  # a run past max_length times another path
     if args.plot:
         return plot(args.plot[:-1], args.plot[-1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -386,7 +388,7 @@ def main() -> None:
             model.set_attn_implementation(attention)
             try:
                 row = measure(model, method, make_cache, batch, n, args)
-            except (torch.OutOfMemoryError, MemoryError) as error:
+            except (torch.OutOfMemoryError, MemoryError, UserWarning) as error:
                 row = {"context": n, "method": method, "batch": batch, "error": str(error)[:300]}
             release(device)
             print(json.dumps(row), flush=True)
