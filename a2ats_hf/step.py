@@ -186,30 +186,10 @@ def rerank_exact(
     reads it: each query head keeps its own top k and the KV group unites them, or the group's summed scores pick
     one top k. Returns (indices [B, Hkv, K'], counts [B, Hkv]) with select_topk's contract (ascending token
     indices first, padding after; ties to the lower index). The candidates' exact scores come from one kernel
-    reading their key rows in place, select_topk's kernel picks among them (a candidate's position is its code,
-    held by one candidate), and one more gathers the kept rows; fixed shapes and no host sync, so a captured step
-    can run it."""
-    b, hkv, c = indices.shape
-    lut = kernels.candidate_scores(query, keys, indices, counts)  # [B, Hq or Hkv, C], -inf past the counts
-    positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
-    chosen, chosen_counts = kernels.select_topk(lut, positions, every[:, 0], k, budget, histogram=ones,
-                                                k_max=min(k_max, c), unit=True)
-    return kernels.gather_chosen(indices, counts, chosen, chosen_counts)
-
-
-_POSITION_CODES: dict[torch.device, list[tuple[torch.Tensor, ...]]] = {}
-
-
-def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(0, 1, ..., c - 1 as int32; c int32 ones; c True) on ``device``: re-ranking's constant codes, histogram and
-    candidates, as views of buffers kept per device, so a step spends no kernel on them. A buffer outgrown is
-    kept too: a captured graph may still read it."""
-    held = _POSITION_CODES.setdefault(device, [])
-    if not held or held[-1][0].numel() < c:
-        size = max(c, 2 * held[-1][0].numel() if held else 1024)
-        ones = torch.ones(size, dtype=torch.int32, device=device)
-        held.append((torch.arange(size, dtype=torch.int32, device=device), ones, ones.bool()))
-    return tuple(t[:c] for t in held[-1])
+    reading their key rows in place, and one more keeps the best (:func:`a2ats_hf.kernels.keep_top`); fixed shapes
+    and no host sync, so a captured step can run it."""
+    scores = kernels.candidate_scores(query, keys, indices, counts)  # [B, Hq or Hkv, C], -inf past the counts
+    return kernels.keep_top(indices, counts, scores, k, k_max, budget)
 
 
 def _offloaded(

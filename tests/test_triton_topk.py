@@ -187,3 +187,39 @@ def test_threshold_compiles_for_hopper():
     constants = {"HEADS": 8, "GROUP": 1, "G_PAD": 1, "TABLE": 8192, "BLOCK_M": 2048}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "class_ptr": "*u8"}
     compile_for_hopper("triton_topk", "_threshold_kernel", constants, pointers)
+
+
+@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
+@pytest.mark.parametrize("keep_table", [None, 256], ids=["in-registers", "as-a-select"])
+def test_keep_top_matches_reference(budget, keep_table, monkeypatch):
+    """Re-ranking's keep: exact scores (some tied, -inf past each head's count) over candidate rows with padding
+    past the counts; the rows kept, ascending, 0 after them, as the reference keeps them, whether the candidates
+    fit one program's registers or go through the select (past ``KEEP_TABLE``)."""
+    if keep_table:
+        monkeypatch.setattr(triton_topk, "KEEP_TABLE", keep_table)
+    g = torch.Generator().manual_seed(6)
+    b, hkv, group, c, n = 2, 2, 3, 700, 5000
+    counts = torch.tensor([[700, 412], [133, 650]])
+    scores = torch.randn(b, hkv, group, c, generator=g)
+    scores[..., 100:160] = scores[..., 99:100]  # ties
+    past = torch.arange(c) >= counts[..., None]
+    scores = scores.masked_fill(past[:, :, None], float("-inf")).reshape(b, hkv * group, c)
+    indices = torch.stack([torch.randperm(n, generator=g)[:c].sort().values for _ in range(b * hkv)]).view(b, hkv, c)
+    indices = indices.masked_fill(past, 10**6).to(torch.int32)  # garbage past the counts
+    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+    for k in (torch.tensor([90, 133]), torch.tensor([700, 0]), torch.tensor([1, 5])):
+        expected, expected_counts = reference.keep_top(indices, counts, scores, k, int(k.max()), budget)
+        got, got_counts = triton_topk.keep_top(to(indices), to(counts), to(scores), to(k), int(k.max()), budget)
+        assert torch.equal(got_counts.cpu().long(), expected_counts.long())
+        width = torch.arange(got.shape[-1])
+        assert not got.cpu().masked_fill(width < got_counts.cpu()[..., None], 0).any(), "0 past each count"
+        for row in range(b):
+            for head in range(hkv):
+                kept = int(got_counts[row, head])
+                assert torch.equal(got[row, head, :kept].cpu(), expected[row, head, :kept].to(torch.int32))
+
+
+def test_keep_top_compiles_for_hopper():
+    """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU."""
+    compile_for_hopper("triton_topk", "_keep_top_kernel", {"HKV": 8, "G": 4, "TABLE": 8192},
+                       {"score_ptr": "*fp32", "k_ptr": "*i64"})

@@ -43,7 +43,7 @@ class Backend:
     merge_attention: Callable
     select_topk: Callable
     candidate_scores: Callable
-    gather_chosen: Callable
+    keep_top: Callable
     split_rows: Callable
     fill_rows: Callable
 
@@ -51,7 +51,7 @@ class Backend:
 TORCH = Backend(reference.encode_keys, reference.rotated_lookup_table, reference.move_bucket_columns,
                 reference.write_token, reference.count_leaving, reference.attention_with_lse,
                 reference.local_and_far_attention, reference.merge_attention, reference.select_topk,
-                reference.candidate_scores, reference.gather_chosen, reference.split_rows, reference.fill_rows)
+                reference.candidate_scores, reference.keep_top, reference.split_rows, reference.fill_rows)
 
 
 @functools.cache
@@ -61,7 +61,7 @@ def _triton() -> Backend:
     return Backend(triton_codes.encode_keys, triton_codes.rotated_lookup_table, triton_codes.move_bucket_columns,
                    triton_step.write_token, triton_step.count_leaving, triton_attention.attention_with_lse,
                    triton_attention.attention_with_lse, triton_attention.merge_attention, triton_topk.select_topk,
-                   triton_attention.candidate_scores, triton_attention.gather_chosen, triton_rows.split_rows,
+                   triton_attention.candidate_scores, triton_topk.keep_top, triton_rows.split_rows,
                    triton_rows.fill_rows)
 
 
@@ -183,12 +183,13 @@ def candidate_scores(
     return _on(query, "candidate_scores", query, keys, indices, counts)
 
 
-def gather_chosen(
-    indices: torch.Tensor, counts: torch.Tensor, chosen: torch.Tensor, chosen_counts: torch.Tensor
+def keep_top(
+    indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
+    budget: str = "query_head",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-ranking's kept rows, the candidates at the chosen positions; see :func:`.reference.gather_chosen`. One
-    Triton launch on a GPU."""
-    return _on(indices, "gather_chosen", indices, counts, chosen, chosen_counts)
+    """Re-ranking's keep, the candidates with the top exact scores; see :func:`.reference.keep_top`. One Triton
+    launch on a GPU for up to ``KEEP_TABLE`` candidates."""
+    return _on(indices, "keep_top", indices, counts, scores, k, k_max, budget)
 
 
 def split_rows(
@@ -242,6 +243,6 @@ def select_topk(
 
 
 __all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram", "count_leaving",
-           "encode_keys", "gather_chosen", "merge_attention", "move_bucket_columns", "output_buffers",
+           "encode_keys", "keep_top", "merge_attention", "move_bucket_columns", "output_buffers",
            "rotated_lookup_table", "select_topk", "sparse_attention", "split_rows", "fill_rows", "watching",
            "write_token"]

@@ -51,11 +51,10 @@ def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _radix_select(lut_row, hist_row, n, k, TABLE: tl.constexpr):
-    """The largest key with >= k candidates at or above it among n <= TABLE entries: a radix select from the top, 2
-    bits per round (3 trial prefixes a round: 48 compare-adds per entry where 4 bits took 128), over the table
-    loaded once into registers (a narrow table has at most WIDE_TABLE entries), so no round waits on memory."""
-    count, key = _entries(lut_row, hist_row, 0, n, TABLE)
+def _radix_select(count, key, k):
+    """The largest key with >= k candidates at or above it, of a table held in registers (``count`` candidates
+    at each ``key``; a narrow table has under WIDE_TABLE entries, so no round waits on memory): a radix select from
+    the top, 2 bits per round (3 trial prefixes a round: 48 compare-adds per entry where 4 bits took 128)."""
     thr = tl.zeros([1], dtype=tl.uint32)
     one = tl.full([1], 1, dtype=tl.uint32)
     for r in range(16):
@@ -101,7 +100,7 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
     k = tl.load(k_ptr + row).to(tl.int32)
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
-    thr = _radix_select(lut_row, hist_row, m, k, TABLE)
+    thr = _radix_select(*_entries(lut_row, hist_row, 0, m, TABLE), k)
     greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, 0, m, m, GROUP, G_PAD,
                         BLOCK_M)
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
@@ -244,6 +243,81 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
                                             ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, COMMON=COUNT_COMMON, **split)
     _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, need, classes, summary, m, histogram.stride(1),
                                      sets, rows, G_PAD=g_pad, **split)
+
+
+@triton.jit
+def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c, width,
+                     HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr):
+    """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers: each of the G
+    score rows' top k (:func:`_radix_select`, ties to the lower position) united, then the kept candidates' rows
+    written in order, 0 after them to ``width``."""
+    pid = tl.program_id(0)
+    j = tl.arange(0, TABLE)
+    inside = j < c
+    k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
+    kept = tl.zeros([TABLE], dtype=tl.int1)
+    for g in tl.static_range(G):
+        key = _order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0))
+        count = inside.to(tl.int32)
+        thr = _radix_select(count, key, k)
+        tie = inside & (key == thr)
+        need = k - tl.sum(tl.where(key > thr, count, 0), axis=0)
+        kept = kept | (inside & (key > thr)) | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+    kept = kept & (j < tl.load(count_ptr + pid))  # positions past the count scored -inf: chosen only to fill k
+    at = tl.cumsum(kept.to(tl.int32), 0) - 1
+    total = tl.sum(kept.to(tl.int32), 0)
+    row = tl.load(idx_ptr + pid.to(tl.int64) * c + j, mask=kept, other=0)
+    out_row = out_ptr + pid.to(tl.int64) * width
+    tl.store(out_row + at, row, mask=kept & (at < width))
+    tl.store(out_row + j, tl.zeros([TABLE], dtype=row.dtype), mask=(j >= total) & (j < width))
+    tl.store(kept_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
+
+
+_POSITION_CODES: dict[torch.device, list[tuple[torch.Tensor, ...]]] = {}
+
+
+def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(0, 1, ..., c - 1 as int32; c int32 ones; c True) on ``device``: re-ranking's constant codes, histogram and
+    candidates, as views of buffers kept per device, so a step spends no kernel on them. A buffer outgrown is
+    kept too: a captured graph may still read it."""
+    held = _POSITION_CODES.setdefault(device, [])
+    if not held or held[-1][0].numel() < c:
+        size = max(c, 2 * held[-1][0].numel() if held else 1024)
+        ones = torch.ones(size, dtype=torch.int32, device=device)
+        held.append((torch.arange(size, dtype=torch.int32, device=device), ones, ones.bool()))
+    return tuple(t[:c] for t in held[-1])
+
+
+KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one program's registers (else a select)
+
+
+def keep_top(
+    indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
+    budget: str = "query_head",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
+    (a program per row and KV head), else :func:`select_topk` over their positions and a gather."""
+    b, hkv, c = indices.shape
+    if budget == "kv_head" and scores.shape[1] != hkv:
+        scores = scores.view(b, hkv, -1, c).sum(2)
+    elif budget not in ("query_head", "kv_head"):
+        raise ValueError(f"budget must be 'query_head' or 'kv_head', got {budget!r}")
+    k_max = min(k_max, c)
+    if c > KEEP_TABLE:
+        from .triton_attention import gather_chosen
+        positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
+        chosen, chosen_counts = select_topk(scores, positions, every[:, 0], k, budget, histogram=ones, k_max=k_max,
+                                            unit=True)
+        return gather_chosen(indices, counts, chosen, chosen_counts)
+    group = scores.shape[1] // hkv
+    width = max(1, min(group * k_max, c))
+    out = torch.empty(b, hkv, width, dtype=indices.dtype, device=indices.device)
+    kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
+    table = max(16, triton.next_power_of_2(c))
+    _keep_top_kernel[(b * hkv,)](scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(),
+                                 k.contiguous(), out, kept, c, width, HKV=hkv, G=group, TABLE=table,
+                                 num_warps=min(16, max(4, table // 512)))  # 16 entries a thread: no spills
+    return out, kept
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
