@@ -56,15 +56,23 @@ def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, block_n=64)
 
 
-@pytest.mark.parametrize("common", [0, 2])
-def test_wide_table_with_mostly_one_score(common, monkeypatch):
-    """A wide table whose scores are mostly one value (one digit bin holds nine columns in ten, at every digit): the
-    split select's threshold and ties are the reference's (round 0's common digits summed in the program or not)."""
-    monkeypatch.setattr(triton_topk, "COUNT_COMMON", common)
+@pytest.mark.parametrize("scores", ["nine-in-ten-tie", "all-equal", "narrow-range", "far-apart"])
+def test_wide_table_with_mostly_one_score(scores):
+    """Wide tables whose keys crowd (nine columns in ten one value; every column one value; every score within
+    1e-6 of 1, so the keys share their top 20 bits; both signs and magnitudes 1e-30 to 1e30): the split select,
+    which counts the keys less the head's lowest, shifted by their span's leading zeros, finds the reference's
+    threshold and ties."""
     g = torch.Generator().manual_seed(7)
     m, n = 40000, 30000
     lut = torch.randn(1, 2, m, generator=g)
-    lut[:, :, : int(0.9 * m)] = 0.5  # nine columns in ten tie
+    if scores == "nine-in-ten-tie":
+        lut[:, :, : int(0.9 * m)] = 0.5
+    elif scores == "all-equal":
+        lut[:] = -0.25
+    elif scores == "narrow-range":
+        lut = 1 + 1e-6 * lut
+    else:
+        lut = lut * 10.0 ** torch.randint(-30, 31, lut.shape, generator=g)
     codes = torch.randint(0, m, (1, 1, n), generator=g).to(torch.uint16)
     candidates = torch.rand(1, n, generator=g) > 0.1
     k = torch.tensor([2000])
@@ -72,13 +80,11 @@ def test_wide_table_with_mostly_one_score(common, monkeypatch):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", k_max=2000)
 
 
-@pytest.mark.parametrize("copies, common", [(1, 0), (4, 0), (1, 2), (4, 3)])
-def test_wide_table_with_heavy_columns(copies, common, monkeypatch):
+@pytest.mark.parametrize("copies", [1, 4])
+def test_wide_table_with_heavy_columns(copies, monkeypatch):
     """Columns holding thousands of candidates (one of 20000, three of ~2200): the split select counts them exactly,
-    into one set of digit counters per split or several, with round 0's sampled digits summed in the program or
-    not."""
+    into one set of digit counters per split or several."""
     monkeypatch.setattr(triton_topk, "COUNT_COPIES", copies)
-    monkeypatch.setattr(triton_topk, "COUNT_COMMON", common)
     g = torch.Generator().manual_seed(3)
     m, n = 9000, 40000
     lut = torch.randn(1, 2, m, generator=g)
@@ -171,15 +177,25 @@ def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
                               k_max=int(k.max()), histogram=to(ones), unit=True)
 
 
-@pytest.mark.parametrize("unit, common", [(False, 0), (False, 2), (True, 0)], ids=["atomics", "common", "histogram"])
+@pytest.mark.parametrize("unit", [False, True], ids=["atomics", "histogram"])
 @pytest.mark.parametrize("round_", [0, 1, 3])
-def test_digit_counts_compile_for_hopper(unit, common, round_):
+def test_digit_counts_compile_for_hopper(unit, round_):
     """The split select's digit counts, in each way of counting, compile to PTX for sm_90 without a GPU."""
     constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": 8, "COLUMNS": 4096, "BLOCK_M": 2048,
-                 "COPIES": 1, "UNIT": unit, "COMMON": common}
-    pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64"}
+                 "COPIES": 1, "UNIT": unit}
+    pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_digit_count_kernel", constants, pointers)
 
+
+def test_key_range_and_classes_compile_for_hopper():
+    """The split select's key span and its classes compile to PTX for sm_90 without a GPU."""
+    compile_for_hopper("triton_topk", "_key_range_kernel",
+                       {"HEADS": 8, "GROUP": 1, "COLUMNS": 4096, "BLOCK_M": 2048},
+                       {"lut_ptr": "*fp32", "span_ptr": "*i64"})
+    compile_for_hopper("triton_topk", "_classify_kernel",
+                       {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "S_PAD": 16, "BITS": 8, "COLUMNS": 4096, "BLOCK_M": 2048},
+                       {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64",
+                        "class_ptr": "*u8"})
 
 
 def test_threshold_compiles_for_hopper():

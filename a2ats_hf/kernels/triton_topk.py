@@ -30,7 +30,6 @@ WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ran
 SPLIT_COLUMNS = 4096  # columns per program of a split select
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
-COUNT_COMMON = 0  # round 0's digits sampled per block and summed in the program, one atomic addition each (0: off)
 
 
 @triton.jit
@@ -139,23 +138,56 @@ def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND: tl.c
 
 
 @triton.jit
-def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_stride, sets, rows,
+def _key_range_kernel(lut_ptr, hist_ptr, span_ptr, m, hist_stride, HEADS: tl.constexpr, GROUP: tl.constexpr,
+                      COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (row-head, split of COLUMNS columns) of a wide table's select, before its rounds: the largest key
+    of the split's candidates and the largest complement (2**32 - 1 - key), into the head's two zeroed ``span``
+    words by an atomic maximum each."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
+    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
+    start = split * COLUMNS
+    end = tl.minimum(start + COLUMNS, m)
+    high = tl.zeros([BLOCK_M], tl.int64)
+    low = tl.zeros([BLOCK_M], tl.int64)
+    for m0 in range(start, end, BLOCK_M):
+        count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
+        wide = key.to(tl.int64)
+        high = tl.maximum(high, tl.where(count > 0, wide, 0))
+        low = tl.maximum(low, tl.where(count > 0, 4294967295 - wide, 0))
+    tl.atomic_max(span_ptr + 2 * pid, tl.max(high, axis=0))
+    tl.atomic_max(span_ptr + 2 * pid + 1, tl.max(low, axis=0))
+
+
+@triton.jit
+def _key_span(span_ptr, pid):
+    """(lowest candidate key, left shift) of a head: its candidates' keys less the lowest, shifted left by the
+    leading zero bits of their span (at most 31), fill 32 bits, so the rounds' first digit spreads them over its
+    bins instead of the few that a score's sign and top exponent bits leave (where the counts' atomic additions
+    serialise)."""
+    low = 4294967295 - tl.load(span_ptr + 2 * pid + 1)
+    span = tl.maximum(tl.load(span_ptr + 2 * pid) - low, 0)
+    bits = tl.arange(0, 32)
+    return low, tl.minimum(tl.sum(((span >> (31 - bits)) == 0).to(tl.int32), axis=0), 31).to(tl.int64)
+
+
+@triton.jit
+def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, m, hist_stride, sets, rows,
                         ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
                         BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr,
-                        UNIT: tl.constexpr, COMMON: tl.constexpr):
+                        UNIT: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
-    digit picked (:func:`_split_state`), then the candidates of the split's columns whose key's leading digits
-    match the prefix counted by their next digit, into the split's own COPIES sets of counts (column c into set
-    c % COPIES), so the atomic additions of a head's many equal digits spread over its splits and their sets.
-    UNIT (one candidate a column): a histogram of the digits in the program, stored once into its first set.
-    COMMON (round 0, whose digit, a score's sign and top exponent bits, most columns share): the digits of COMMON
-    columns spread over each block are summed in the program first, one atomic addition each."""
+    digit picked (:func:`_split_state`), then the candidates of the split's columns whose shifted key's
+    (:func:`_key_span`) leading digits match the prefix counted by their next digit, into the split's own COPIES
+    sets of counts (column c into set c % COPIES). UNIT (one candidate a column): a histogram of the digits in the
+    program, stored once into its first set."""
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
     if ROUND > 0:
         prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND, HEADS, S_PAD, BITS)[0]
+    low, left = _key_span(span_ptr, pid)
     own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * sets + split * COPIES) * (1 << BITS)
     start = split * COLUMNS
     end = tl.minimum(start + COLUMNS, m)
@@ -164,20 +196,14 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_s
         counts = tl.zeros([2 << BITS], tl.int32)
     for m0 in range(start, end, BLOCK_M):
         count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
+        key = ((key.to(tl.int64) - low) << left) & 4294967295  # (garbage where no candidate: not taken)
         take = count > 0
         if ROUND > 0:
-            take &= (key >> (shift + BITS)).to(tl.int64) == prefix
+            take &= (key >> (shift + BITS)) == prefix
         digit = (key >> shift) & ((1 << BITS) - 1)
         if UNIT:
             counts += tl.histogram(tl.where(take, digit, (2 << BITS) - 1).to(tl.int32), 2 << BITS)
         else:
-            if ROUND == 0 and COMMON > 0:
-                cols = m0 + tl.arange(0, BLOCK_M)
-                for i in tl.static_range(COMMON):
-                    sampled = tl.max(tl.where(cols == m0 + (2 * i + 1) * BLOCK_M // (2 * COMMON), digit, 0), axis=0)
-                    hit = take & (digit == sampled)
-                    tl.atomic_add(own + sampled, tl.sum(tl.where(hit, count, 0), axis=0))
-                    take &= ~hit
             counter = own + digit
             if COPIES > 1:
                 counter += ((m0 + tl.arange(0, BLOCK_M)) % COPIES) * (1 << BITS)
@@ -187,12 +213,12 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, m, hist_s
 
 
 @triton.jit
-def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, need_ptr, class_ptr, summary_ptr, m, hist_stride,
-                     sets, rows, HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
-                     BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, need_ptr, class_ptr, summary_ptr, m,
+                     hist_stride, sets, rows, HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                     S_PAD: tl.constexpr, BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table: the last digit picked, which completes the
-    threshold key (the ties left to take written by split 0), then the split's columns classed against it
-    (:func:`_classify`)."""
+    shifted threshold key (the ties left to take written by split 0), then the split's columns classed against it
+    shifted back (:func:`_classify`)."""
     pid, split = tl.program_id(0), tl.program_id(1)
     kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
@@ -200,7 +226,8 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, need_ptr, cl
     if split == 0:
         tl.store(need_ptr + pid, rest.to(tl.int32))
     start = split * COLUMNS
-    _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr.to(tl.uint32), start,
+    low, left = _key_span(span_ptr, pid)
+    _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, ((thr >> left) + low).to(tl.uint32), start,
               tl.minimum(start + COLUMNS, m), m, GROUP, G_PAD, BLOCK_M)
 
 
@@ -214,17 +241,19 @@ def _split_shape(m: int, unit: bool = False) -> tuple[int, int, int] | None:
 
 
 def _counters(m: int, rows: int, unit: bool = False) -> int:
-    """The zeroed int32 digit counters a split select needs (0 for a narrow table)."""
+    """The zeroed int32 words a split select needs: each head's key span (two int64), then the digit counters (0
+    for a narrow table)."""
     shape = _split_shape(m, unit)
-    return 0 if shape is None else shape[2] * rows * shape[1] << RADIX_BITS
+    return 0 if shape is None else 4 * rows + (shape[2] * rows * shape[1] << RADIX_BITS)
 
 
 def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
-    program per head crossed in ~100 us) a split select, RADIX_BITS of the key a round, each round's candidates
-    counted by programs over SPLIT_COLUMNS columns (into COUNT_COPIES sets of ``counted``'s zeroed counters each),
-    then the classes by programs as many (``unit``: one candidate a column, each round counted by a histogram)."""
+    program per head crossed in ~100 us) a split select: the head's key span (:func:`_key_span`) found first, then
+    RADIX_BITS of the shifted key a round, each round's candidates counted by programs over SPLIT_COLUMNS columns
+    (into COUNT_COPIES sets of ``counted``'s zeroed counters each), then the classes by programs as many (``unit``:
+    one candidate a column, each round counted by a histogram)."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group)
     block_m = min(max(triton.next_power_of_2(m), 16), 2048)
@@ -238,11 +267,14 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
                  **common)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
+    span, counted = counted[: 4 * rows].view(torch.int64), counted[4 * rows :]  # (``counted`` starts 8-byte aligned)
+    _key_range_kernel[(rows, splits)](lut, histogram, span, m, histogram.stride(1), HEADS=lut.shape[1], GROUP=group,
+                                      COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m)
     for r in range(rounds):
-        _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, m, histogram.stride(1), sets, rows,
-                                            ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, COMMON=COUNT_COMMON, **split)
-    _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, need, classes, summary, m, histogram.stride(1),
-                                     sets, rows, G_PAD=g_pad, **split)
+        _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, span, m, histogram.stride(1), sets,
+                                            rows, ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, **split)
+    _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, span, need, classes, summary, m,
+                                     histogram.stride(1), sets, rows, G_PAD=g_pad, **split)
 
 
 @triton.jit
@@ -446,8 +478,8 @@ def select_topk(
         k_max = int(k.max()) if k.numel() else 0
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
-    sizes = [b * hkv * width, b * hkv * words, _counters(m, lut.shape[0] * lut.shape[1], unit)]  # one fill
-    indices, summary, counted = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
+    sizes = [_counters(m, lut.shape[0] * lut.shape[1], unit), b * hkv * width, b * hkv * words]  # one fill
+    counted, indices, summary = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
