@@ -138,16 +138,25 @@ def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND: tl.c
 
 
 @triton.jit
+def _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS: tl.constexpr, GROUP: tl.constexpr,
+                   COLUMNS: tl.constexpr):
+    """(row-head, split, KV head, the head's table row, the KV head's histogram row, first and end column) of a
+    split select's program over COLUMNS columns."""
+    pid, split = tl.program_id(0), tl.program_id(1)
+    kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
+    start = split * COLUMNS
+    return (pid, split, kv, lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride, start,
+            tl.minimum(start + COLUMNS, m))
+
+
+@triton.jit
 def _key_range_kernel(lut_ptr, hist_ptr, span_ptr, m, hist_stride, HEADS: tl.constexpr, GROUP: tl.constexpr,
                       COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, before its rounds: the largest key
     of the split's candidates and the largest complement (2**32 - 1 - key), into the head's two zeroed ``span``
     words by an atomic maximum each."""
-    pid, split = tl.program_id(0), tl.program_id(1)
-    kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
-    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
-    start = split * COLUMNS
-    end = tl.minimum(start + COLUMNS, m)
+    pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
+                                                                   COLUMNS)
     high = tl.zeros([BLOCK_M], tl.int64)
     low = tl.zeros([BLOCK_M], tl.int64)
     for m0 in range(start, end, BLOCK_M):
@@ -181,16 +190,13 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr,
     (:func:`_key_span`) leading digits match the prefix counted by their next digit, into the split's own COPIES
     sets of counts (column c into set c % COPIES). UNIT (one candidate a column): a histogram of the digits in the
     program, stored once into its first set."""
-    pid, split = tl.program_id(0), tl.program_id(1)
-    kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
-    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
+    pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
+                                                                   COLUMNS)
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
     if ROUND > 0:
         prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND, HEADS, S_PAD, BITS)[0]
     low, left = _key_span(span_ptr, pid)
     own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * sets + split * COPIES) * (1 << BITS)
-    start = split * COLUMNS
-    end = tl.minimum(start + COLUMNS, m)
     if UNIT:  # the digits' bins, then one for the columns not taken
         bins = tl.arange(0, 2 << BITS)
         counts = tl.zeros([2 << BITS], tl.int32)
@@ -219,16 +225,14 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, ne
     """Program (row-head, split of COLUMNS columns) of a wide table: the last digit picked, which completes the
     shifted threshold key (the ties left to take written by split 0), then the split's columns classed against it
     shifted back (:func:`_classify`)."""
-    pid, split = tl.program_id(0), tl.program_id(1)
-    kv = (pid // HEADS) * (HEADS // GROUP) + (pid % HEADS) // GROUP
-    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
+    pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
+                                                                   COLUMNS)
     thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, 32 // BITS, HEADS, S_PAD, BITS)
     if split == 0:
         tl.store(need_ptr + pid, rest.to(tl.int32))
-    start = split * COLUMNS
     low, left = _key_span(span_ptr, pid)
     _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, ((thr >> left) + low).to(tl.uint32), start,
-              tl.minimum(start + COLUMNS, m), m, GROUP, G_PAD, BLOCK_M)
+              end, m, GROUP, G_PAD, BLOCK_M)
 
 
 def _split_shape(m: int, unit: bool = False) -> tuple[int, int, int] | None:
@@ -288,9 +292,9 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     inside = j < c
     k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
     kept = tl.zeros([TABLE], dtype=tl.int1)
+    count = inside.to(tl.int32)
     for g in tl.static_range(G):
         key = _order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0))
-        count = inside.to(tl.int32)
         thr = _radix_select(count, key, k)
         tie = inside & (key == thr)
         need = k - tl.sum(tl.where(key > thr, count, 0), axis=0)
@@ -303,6 +307,16 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     tl.store(out_row + at, row, mask=kept & (at < width))
     tl.store(out_row + j, tl.zeros([TABLE], dtype=row.dtype), mask=(j >= total) & (j < width))
     tl.store(kept_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
+
+
+def _per_budget(scores: torch.Tensor, hkv: int, budget: str) -> torch.Tensor:
+    """``scores`` [B, Hq or Hkv, M] as the budget rule ranks them: each query head's, or under "kv_head" the KV
+    group's sums (a scorer may hand those already)."""
+    if budget == "kv_head" and scores.shape[1] != hkv:
+        return scores.view(scores.shape[0], hkv, -1, scores.shape[-1]).sum(2)
+    if budget not in ("query_head", "kv_head"):
+        raise ValueError(f"budget must be 'query_head' or 'kv_head', got {budget!r}")
+    return scores
 
 
 _POSITION_CODES: dict[torch.device, list[tuple[torch.Tensor, ...]]] = {}
@@ -330,10 +344,7 @@ def keep_top(
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
     (a program per row and KV head), else :func:`select_topk` over their positions and a gather."""
     b, hkv, c = indices.shape
-    if budget == "kv_head" and scores.shape[1] != hkv:
-        scores = scores.view(b, hkv, -1, c).sum(2)
-    elif budget not in ("query_head", "kv_head"):
-        raise ValueError(f"budget must be 'query_head' or 'kv_head', got {budget!r}")
+    scores = _per_budget(scores, hkv, budget)
     k_max = min(k_max, c)
     if c > KEEP_TABLE:
         from .triton_attention import gather_chosen
@@ -465,11 +476,7 @@ def select_topk(
     """
     b, hkv, n = codes.shape
     block_n = block_n or SCAN_BLOCK
-    if budget == "kv_head" and lut.shape[1] != hkv:  # (a scorer may hand the group's sums already)
-        lut = lut.view(b, hkv, -1, lut.shape[-1]).sum(2)
-    elif budget not in ("query_head", "kv_head"):
-        raise ValueError(f"budget must be 'query_head' or 'kv_head', got {budget!r}")
-    lut = lut.float().contiguous()
+    lut = _per_budget(lut, hkv, budget).float().contiguous()
     m = lut.shape[-1]
     group = lut.shape[1] // hkv
     if histogram is None:
