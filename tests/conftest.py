@@ -41,7 +41,7 @@ def generate(model, ids: torch.Tensor, cache, new: int = 6) -> torch.Tensor:
 
 
 COMPILE = """
-import sys, triton
+import re, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 module, kernel, constants, pointers = eval(sys.argv[1])
@@ -50,15 +50,18 @@ signature = {name: "constexpr" if name in constants else pointers.get(name, "*i3
              for name in fn.arg_names}
 compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
 assert ".entry" in compiled.asm["ptx"]
+ordered = re.findall(r"(?:atom|red)\\.[\\w.]*(?:acq_rel|acquire|release)[\\w.]*", compiled.asm["ptx"])
+assert not ordered, f"ordered atomics (Triton's default; pass sem='relaxed'): {sorted(set(ordered))}"
 """
 
 
 def compile_for_hopper(module: str, kernel: str, constants: dict, pointers: dict) -> None:
     """Compile Triton kernel ``kernel`` of ``a2ats_hf.kernels.<module>`` to PTX for an H100/H200 (sm_90), without a
     GPU: what the interpreter lets pass and the compiler does not (a loop-carried value changing type, a constexpr
-    where a tensor is needed). ``pointers`` types the ``*_ptr`` arguments (default int32), other arguments are
-    int32. In a process of its own: the interpreter's patches of Triton's language, once this one has run a
-    kernel, break compiling."""
+    where a tensor is needed), and whether its atomics are relaxed (Triton's default, acq_rel, orders each atomic
+    behind the one before: the split select's digit counts took ~16 us a launch so). ``pointers`` types the
+    ``*_ptr`` arguments (default int32), other arguments are int32. In a process of its own: the interpreter's
+    patches of Triton's language, once this one has run a kernel, break compiling."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE, repr((module, kernel, constants, pointers))], env=env,
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)

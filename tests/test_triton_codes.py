@@ -9,7 +9,7 @@ import torch
 from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.kernels import reference, triton_codes
 
-from conftest import DEVICE
+from conftest import DEVICE, compile_for_hopper
 
 pytestmark = pytest.mark.skipif(
     DEVICE.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"),
@@ -201,3 +201,10 @@ def test_move_bucket_columns_matches_reference(b, hkv, n, m, window, buckets):
         kernel(*moved, to(codes), to(far_wide), to(later), to(torch.tensor([n])), m, window)
         assert torch.equal(moved[0][:, :, :n].cpu(), expected[0][:, :, :n]) and torch.equal(moved[1].cpu(), expected[1])
     assert wide == far_wide.shape[1]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_move_bucket_columns_compiles_for_hopper(on_device):
+    """The columns' move compiles to PTX for sm_90 without a GPU."""
+    compile_for_hopper("triton_codes", "_move_columns_kernel", {"HKV": 8, "S_PAD": 16, "N_ON_DEVICE": on_device},
+                       {"code_ptr": "*u16", "far_ptr": "*i1", "starts_ptr": "*i64", "n_ptr": "*i64"})

@@ -9,7 +9,7 @@ import torch
 
 from a2ats_hf.kernels import reference, triton_step
 
-from conftest import DEVICE
+from conftest import DEVICE, compile_for_hopper
 
 pytestmark = pytest.mark.skipif(
     DEVICE.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"),
@@ -60,3 +60,10 @@ def test_count_leaving_matches_reference(column, offset):
     added = int((expected - histogram).sum())
     leaving = column + offset
     assert added == (0 if leaving < 0 else int(far[:, leaving].sum()) * h)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_count_leaving_compiles_for_hopper(on_device):
+    """The leaving token's count compiles to PTX for sm_90 without a GPU."""
+    compile_for_hopper("triton_step", "_count_leaving_kernel", {"H": 8, "ON_DEVICE": on_device},
+                       {"codes_ptr": "*u16", "far_ptr": "*i1", "column_ptr": "*i64"})

@@ -225,11 +225,11 @@ def _move_columns_kernel(col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n_ptr
     old = tl.load(cols + c, mask=live, other=0)
     tl.store(cols + c, old + m, mask=live)
     w = tl.load(far_ptr + b * sf_b + c, mask=live, other=0).to(tl.int32)
-    tl.atomic_add(hist + old, -w, mask=live & (w != 0))
-    tl.atomic_add(hist + old + m, w, mask=live & (w != 0))
+    tl.atomic_add(hist + old, -w, mask=live & (w != 0), sem="relaxed")
+    tl.atomic_add(hist + old + m, w, mask=live & (w != 0), sem="relaxed")
     left = last - window  # the token that just left the window (bucket 0 reaches past it: it did not move)
     if left >= 0:
-        tl.atomic_add(hist + tl.load(cols + left), tl.load(far_ptr + b * sf_b + left).to(tl.int32))
+        tl.atomic_add(hist + tl.load(cols + left), tl.load(far_ptr + b * sf_b + left).to(tl.int32), sem="relaxed")
 
 
 def move_bucket_columns(

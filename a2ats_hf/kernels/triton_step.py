@@ -64,7 +64,7 @@ def _count_leaving_kernel(hist_ptr, codes_ptr, far_ptr, column_ptr, column, offs
     at = tl.maximum(column, 0)
     counted = (column >= 0) & (tl.load(far_ptr + b * sf_b + at) != 0)
     code = tl.load(codes_ptr + b * sc_b + h * sc_h + at).to(tl.int64)
-    tl.atomic_add(hist_ptr + b * sh_b + h * sh_h + code, counted.to(tl.int32))
+    tl.atomic_add(hist_ptr + b * sh_b + h * sh_h + code, counted.to(tl.int32), sem="relaxed")
 
 
 def count_leaving(histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, column: int | torch.Tensor,

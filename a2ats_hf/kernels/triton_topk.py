@@ -83,7 +83,8 @@ def _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, head, thr, start, e
         tl.store(class_ptr + entry, category.to(tl.uint8), mask=ok)
         packed = tl.sum(tl.reshape(category << (2 * (cols % 16)), [BLOCK_M // 16, 16]), axis=1)
         words = m0 // 16 + tl.arange(0, BLOCK_M // 16)
-        tl.atomic_or(summary_ptr + kv.to(tl.int64) * tl.cdiv(m, 16) + words, packed, mask=words * 16 < end)
+        tl.atomic_or(summary_ptr + kv.to(tl.int64) * tl.cdiv(m, 16) + words, packed, mask=words * 16 < end,
+                     sem="relaxed")
     return greater
 
 
@@ -164,8 +165,8 @@ def _key_range_kernel(lut_ptr, hist_ptr, span_ptr, m, hist_stride, HEADS: tl.con
         wide = key.to(tl.int64)
         high = tl.maximum(high, tl.where(count > 0, wide, 0))
         low = tl.maximum(low, tl.where(count > 0, 4294967295 - wide, 0))
-    tl.atomic_max(span_ptr + 2 * pid, tl.max(high, axis=0))
-    tl.atomic_max(span_ptr + 2 * pid + 1, tl.max(low, axis=0))
+    tl.atomic_max(span_ptr + 2 * pid, tl.max(high, axis=0), sem="relaxed")
+    tl.atomic_max(span_ptr + 2 * pid + 1, tl.max(low, axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -213,7 +214,9 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr,
             counter = own + digit
             if COPIES > 1:
                 counter += ((m0 + tl.arange(0, BLOCK_M)) % COPIES) * (1 << BITS)
-            tl.atomic_add(counter, count, mask=take)
+            # relaxed, as every atomic here: only later launches read the counts (Triton's default, acq_rel, puts
+            # each addition behind the last one's round trip: ~16 us a launch at 128K)
+            tl.atomic_add(counter, count, mask=take, sem="relaxed")
     if UNIT:
         tl.store(own + bins, counts, mask=bins < (1 << BITS))
 
