@@ -392,6 +392,11 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h100-row-cache": Block(ROW_CACHE_H100, lambda f: table(offloaded_rows(f), OFFLOADED)),
     "throughput-h100-rerank-cost": Block(("throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3-4.json",),
                                          lambda f: throughput_table(runs(f))),
+    "throughput-h100-row-cache-share": Block(tuple(f"throughput/2026-12-05-b68fa75-nvidia-h100-80gb-hbm3{s}.json"
+                                                   for s in ("-3", "-4")),
+                                             lambda f: table(offloaded_rows(f), OFFLOADED)),
+    "throughput-h100-scoring-cost": Block(("throughput/2026-12-05-b68fa75-nvidia-h100-80gb-hbm3.json",),
+                                          lambda f: throughput_table(runs(f))),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
