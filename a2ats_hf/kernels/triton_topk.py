@@ -338,6 +338,7 @@ def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one program's registers (else a select)
+KEEP_WARPS = 16  # keep_top's most warps (16 candidates a thread up to there: no spills at KEEP_TABLE)
 
 
 def keep_top(
@@ -362,7 +363,7 @@ def keep_top(
     table = max(16, triton.next_power_of_2(c))
     _keep_top_kernel[(b * hkv,)](scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(),
                                  k.contiguous(), out, kept, c, width, HKV=hkv, G=group, TABLE=table,
-                                 num_warps=min(16, max(4, table // 512)))  # 16 entries a thread: no spills
+                                 num_warps=min(KEEP_WARPS, max(4, table // 512)))
     return out, kept
 
 
