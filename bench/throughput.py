@@ -269,7 +269,8 @@ def plot(files: list[Path], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The benchmark's options (bench/tune_step.py times its steps with their defaults)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 65536, 32768])
     parser.add_argument("--steps", type=int, default=32)
@@ -305,6 +306,11 @@ def main() -> None:
                         help="graph steps over offloaded layers as one batch, not two halves in a pipeline (ablation)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, nargs="+", metavar="RESULTS... PNG", help="only draw the figure")
+    return parser
+
+
+def main() -> None:
+    parser = arguments()
     args = parser.parse_args()
     # a run past max_length times another path (the fragment tests/test_step.py pins in the library's warning)
     warnings.filterwarnings("error", message=r".*past this A2ATSCache's max_length=")

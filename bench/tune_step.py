@@ -18,7 +18,7 @@ from pathlib import Path
 from a2ats_hf import A2ATSCache
 from a2ats_hf.kernels import triton_attention, triton_codes, triton_topk
 from bench.common import build, environment, random_codebooks, release, results_path
-from bench.throughput import measure
+from bench.throughput import arguments, measure
 
 SETTINGS = {  # (module, constant): values to try; the module's own value is the default
     (triton_attention, "PROGRAMS_PER_UNIT"): [4, 16], (triton_attention, "MIN_SPLIT_KEYS"): [64, 256],
@@ -44,8 +44,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or results_path("tune-step")
-    run_args = argparse.Namespace(steps=args.steps, warmup=3, split_steps=0, profile=False, gpu_profile=False,
-                                  no_halves=False)
+    run_args = arguments().parse_args(["--steps", str(args.steps), "--split-steps", "0"])
     model = build([0])
     model.set_attn_implementation("a2ats")
     books = random_codebooks(centroids=4096, config=model.config)
