@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.kernels import code_histogram, reference, triton_topk
@@ -199,41 +198,11 @@ def test_key_range_and_classes_compile_for_hopper():
                         "class_ptr": "*u8"})
 
 
-@pytest.mark.parametrize("field", [0, triton_topk.PACKED_BITS], ids=["three-sums", "packed"])
-def test_threshold_compiles_for_hopper(field):
+def test_threshold_compiles_for_hopper():
     """The narrow select, its widest table held in registers, compiles to PTX for sm_90 without a GPU."""
-    constants = {"HEADS": 8, "GROUP": 1, "G_PAD": 1, "TABLE": 8192, "BLOCK_M": 2048, "FIELD": field}
+    constants = {"HEADS": 8, "GROUP": 1, "G_PAD": 1, "TABLE": 8192, "BLOCK_M": 2048}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "class_ptr": "*u8"}
     compile_for_hopper("triton_topk", "_threshold_kernel", constants, pointers)
-
-
-def test_packed_counts_match_three_sums():
-    """The narrow select's packed trial counts (one int64 sum of three 21-bit fields) give the thresholds, ties
-    and classes the three separate sums give, on a table whose counts fill a field to one below its limit (a
-    carry between fields would change the threshold) and a tied run straddling it."""
-    g = torch.Generator().manual_seed(7)
-    b, heads, m = 2, 4, 300
-    lut = torch.randn(b, heads, m, generator=g)
-    lut[..., 40:90] = lut[..., 39:40]
-    histogram = torch.randint(0, 200, (b, heads, m), generator=g, dtype=torch.int32)
-    histogram[0, :, 0] = 2**triton_topk.PACKED_BITS - 1 - histogram[0, :, 1:].sum(-1)  # each head's total: 2**21 - 1
-    k = torch.tensor([2**20, 5000])
-    outputs = []
-    for tokens in (2**triton_topk.PACKED_BITS - 1, 2**triton_topk.PACKED_BITS):  # packed, then three sums
-        to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-        need = torch.zeros(b, heads, dtype=torch.int32, device=KERNEL_DEVICE)
-        classes = torch.zeros(b * heads, m, 1, dtype=torch.uint8, device=KERNEL_DEVICE)
-        summary = torch.zeros(b * heads, triton.cdiv(m, 16), dtype=torch.int32, device=KERNEL_DEVICE)
-        counted = torch.zeros(triton_topk._counters(m, b * heads), dtype=torch.int32, device=KERNEL_DEVICE)
-        triton_topk._thresholds(to(lut), to(histogram), to(k), need, classes, summary, counted, 1, 1, tokens)
-        outputs.append((need.cpu(), classes.cpu(), summary.cpu()))
-    for packed, separate in zip(*outputs):
-        assert torch.equal(packed, separate)
-    need, classes = outputs[0][0].view(-1), outputs[0][1][..., 0]
-    above = (histogram.view(b * heads, m) * (classes == 2)).sum(-1)
-    tied = (histogram.view(b * heads, m) * (classes == 1)).sum(-1)
-    assert torch.equal(above + need, k.repeat_interleave(heads))
-    assert ((need >= 1) & (need <= tied)).all(), "the threshold: the k-th candidate's key, its ties taken in part"
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
@@ -268,6 +237,5 @@ def test_keep_top_matches_reference(budget, keep_table, monkeypatch):
 
 def test_keep_top_compiles_for_hopper():
     """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU."""
-    compile_for_hopper("triton_topk", "_keep_top_kernel", {"HKV": 8, "G": 4, "TABLE": 8192,
-                                                           "FIELD": triton_topk.PACKED_BITS},
+    compile_for_hopper("triton_topk", "_keep_top_kernel", {"HKV": 8, "G": 4, "TABLE": 8192},
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})

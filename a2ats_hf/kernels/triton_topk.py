@@ -50,32 +50,19 @@ def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr):
     return count, _order_key(tl.load(lut_row + i, mask=ok, other=0.0))
 
 
-PACKED_BITS = 21  # a narrow select's count field: three share one int64 sum below 2**21 candidates
-
-
 @triton.jit
-def _radix_select(count, key, k, FIELD: tl.constexpr):
+def _radix_select(count, key, k):
     """The largest key with >= k candidates at or above it, of a table held in registers (``count`` candidates
     at each ``key``; a narrow table has under WIDE_TABLE entries, so no round waits on memory): a radix select from
-    the top, 2 bits per round, 3 trial prefixes a round. ``FIELD`` > 0 (the table's candidates under 2**FIELD):
-    the three trial counts as FIELD-bit fields of one int64 sum, one block-wide reduction a round, not three."""
+    the top, 2 bits per round (3 trial prefixes a round: 48 compare-adds per entry where 4 bits took 128)."""
     thr = tl.zeros([1], dtype=tl.uint32)
     one = tl.full([1], 1, dtype=tl.uint32)
     for r in range(16):
         shift = 30 - 2 * r
-        if FIELD > 0:
-            wide = count.to(tl.int64)
-            field = (1 << FIELD) - 1
-            sums = tl.sum(tl.where(key >= (thr | (one << shift)), wide, 0)
-                          + tl.where(key >= (thr | (2 * one << shift)), wide << FIELD, 0)
-                          + tl.where(key >= (thr | (3 * one << shift)), wide << (2 * FIELD), 0), axis=0)
-            best = ((sums & field) >= k).to(tl.uint32) + (((sums >> FIELD) & field) >= k).to(tl.uint32) \
-                + ((sums >> (2 * FIELD)) >= k).to(tl.uint32)
-        else:
-            best = tl.zeros([1], dtype=tl.uint32)
-            for digit in range(1, 4):  # candidates at or above the prefix + digit: `best` counts the digits holding k
-                above = tl.sum(tl.where(key >= (thr | (digit * one << shift)), count, 0), axis=0)
-                best += (above >= k).to(tl.uint32)
+        best = tl.zeros([1], dtype=tl.uint32)
+        for digit in range(1, 4):  # candidates at or above the prefix + digit: `best` counts the digits that hold k
+            above = tl.sum(tl.where(key >= (thr | (digit * one << shift)), count, 0), axis=0)
+            best += (above >= k).to(tl.uint32)
         thr = thr | (best << shift)
     return thr
 
@@ -105,7 +92,7 @@ def _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, head, thr, start, e
 @triton.jit
 def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, m, hist_stride,
                       HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, TABLE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, FIELD: tl.constexpr):
+                      BLOCK_M: tl.constexpr):
     """Per (row, head) of a narrow table: the k-th largest score (a radix select over the whole table), each
     centroid's class for this head and the group's summary (:func:`_classify`), and how many tokens scoring exactly
     the threshold to take."""
@@ -114,7 +101,7 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
     k = tl.load(k_ptr + row).to(tl.int32)
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
-    thr = _radix_select(*_entries(lut_row, hist_row, 0, m, TABLE), k, FIELD)
+    thr = _radix_select(*_entries(lut_row, hist_row, 0, m, TABLE), k)
     greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, 0, m, m, GROUP, G_PAD,
                         BLOCK_M)
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
@@ -268,14 +255,13 @@ def _counters(m: int, rows: int, unit: bool = False) -> int:
     return 0 if shape is None else 4 * rows + (shape[2] * rows * shape[1] << RADIX_BITS)
 
 
-def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, tokens, unit=False):
+def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
     program per head crossed in ~100 us) a split select: the head's key span (:func:`_key_span`) found first, then
     RADIX_BITS of the shifted key a round, each round's candidates counted by programs over SPLIT_COLUMNS columns
     (into COUNT_COPIES sets of ``counted``'s zeroed counters each), then the classes by programs as many (``unit``:
-    one candidate a column, each round counted by a histogram). ``tokens`` bounds a head's candidates (the codes'
-    length)."""
+    one candidate a column, each round counted by a histogram)."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group)
     block_m = min(max(triton.next_power_of_2(m), 16), 2048)
@@ -283,8 +269,7 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     if shape is None:
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
                                    TABLE=max(triton.next_power_of_2(m), 16), BLOCK_M=block_m,
-                                   FIELD=PACKED_BITS if tokens < 2**PACKED_BITS else 0, num_warps=THRESHOLD_WARPS,
-                                   **common)
+                                   num_warps=THRESHOLD_WARPS, **common)
         return
     splits, sets, rounds = shape
     split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
@@ -302,7 +287,7 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
 
 @triton.jit
 def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c, width,
-                     HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr, FIELD: tl.constexpr):
+                     HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr):
     """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers: each of the G
     score rows' top k (:func:`_radix_select`, ties to the lower position) united, then the kept candidates' rows
     written in order, 0 after them to ``width``."""
@@ -314,7 +299,7 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     count = inside.to(tl.int32)
     for g in tl.static_range(G):
         key = _order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0))
-        thr = _radix_select(count, key, k, FIELD)
+        thr = _radix_select(count, key, k)
         tie = inside & (key == thr)
         need = k - tl.sum(tl.where(key > thr, count, 0), axis=0)
         kept = kept | (inside & (key > thr)) | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
@@ -377,7 +362,7 @@ def keep_top(
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     table = max(16, triton.next_power_of_2(c))
     _keep_top_kernel[(b * hkv,)](scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(),
-                                 k.contiguous(), out, kept, c, width, HKV=hkv, G=group, TABLE=table, FIELD=PACKED_BITS,
+                                 k.contiguous(), out, kept, c, width, HKV=hkv, G=group, TABLE=table,
                                  num_warps=min(KEEP_WARPS, max(4, table // 512)))
     return out, kept
 
@@ -518,7 +503,7 @@ def select_topk(
     histogram = histogram.to(torch.int32)
     if histogram.stride(-1) != 1 or histogram.stride(0) != hkv * histogram.stride(1):  # rows of one stride
         histogram = histogram.contiguous()
-    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad, n, unit)
+    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad, unit)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
