@@ -399,6 +399,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                           lambda f: throughput_table(runs(f))),
     "throughput-h100-scoring-cost-relaxed": Block(("throughput/2026-12-05-99c9481-nvidia-h100-80gb-hbm3.json",),
                                                   lambda f: throughput_table(runs(f))),
+    "throughput-h100-scoring-cost-packed": Block(tuple(f"throughput/2026-12-05-018f3ee-nvidia-h100-80gb-hbm3{s}.json"
+                                                       for s in ("", "-2")), lambda f: throughput_table(runs(f))),
     "throughput-h100-auto": Block(("throughput/2026-12-05-99c9481-nvidia-h100-80gb-hbm3-3.json",),
                                   lambda f: throughput_table(runs(f), per_batch=False, memory=True)),
     "kernels-cpu-attention-h100-rows": Block(("kernels/2026-12-05-99c9481-nvidia-h100-80gb-hbm3.json",),
