@@ -8,7 +8,9 @@
 3. Attention over the selected rows where the K/V stays on the GPU (Triton, one launch plus the splits' combine):
    GB/s over the rows it gathers vs HBM bandwidth, beside sdpa over the whole K/V (a single call, so small shapes
    show its launch; its launch settings are tuned on the captured step by ``bench/tune_step.py``).
-4. One decode step of one Llama-3.1-8B-shaped layer (32 query / 8 KV heads, head dim 128, 4096 centroids), its time
+4. Re-ranking's keep (``keep_top``, one program per (row, KV head) over 2 x 3% of N candidates) beside its parts
+   alone: the radix select, and the scores' load (the launch and read it cannot go below): where its time goes.
+5. One decode step of one Llama-3.1-8B-shaped layer (32 query / 8 KV heads, head dim 128, 4096 centroids), its time
    split by phase (each phase timed alone, with syncs) and the real overlapped step; beside it, sdpa over the full
    K/V on the GPU (DynamicCache) and the offloaded-cache way (copy the layer's K/V to the GPU, then sdpa).
 
@@ -27,13 +29,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from a2ats_hf import A2ATSCache, Codebooks, kernels
 from a2ats_hf import step as step_module
 from a2ats_hf.codebooks import fingerprint
-from a2ats_hf.kernels import code_histogram, cpu_attention, reference
+from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_topk
+from a2ats_hf.kernels.triton_topk import _order_key, _radix_select
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore, hugetlb_pool
 from bench.common import cuda_time, environment, results_path, wall_time
@@ -125,6 +130,59 @@ def bench_device_attention(n: int, b: int, rows: int, hbm: float) -> dict:
     result["sdpa_full_us"] = round(cuda_time(lambda: F.scaled_dot_product_attention(
         query[:, :, None], keys, store.values[:, :, :n], enable_gqa=True)) * 1e6, 1)
     return result
+
+
+@triton.jit
+def _keep_part_kernel(score_ptr, k_ptr, out_ptr, c, TABLE: tl.constexpr, SELECT: tl.constexpr):
+    """One of keep_top's parts alone, a program per (row, KV head): its scores loaded as order keys, then the radix
+    select (SELECT) or only their largest (the floor: a launch and a read), one word stored."""
+    pid = tl.program_id(0)
+    j = tl.arange(0, TABLE)
+    inside = j < c
+    key = _order_key(tl.load(score_ptr + pid.to(tl.int64) * c + j, mask=inside, other=0.0))
+    if SELECT:
+        word = _radix_select(inside.to(tl.int32), key, tl.load(k_ptr).to(tl.int32))
+    else:
+        word = tl.max(key, axis=0) + tl.zeros([1], dtype=tl.uint32)
+    tl.store(out_ptr + pid + tl.arange(0, 1), word)
+
+
+def kernel_us(fn, calls: int = 20) -> dict[str, float]:
+    """GPU microseconds a call of ``fn`` spends in each kernel it launches (the profiler's device time)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    spent: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            spent[event.name] = spent.get(event.name, 0.0) + event.time_range.elapsed_us() / calls
+    return {name: round(us, 1) for name, us in spent.items()}
+
+
+def bench_keep(n: int, b: int) -> dict:
+    """keep_top over ``rerank=2``'s candidates at N tokens (2 x 3% of N a (row, KV head), scores summed per KV head
+    as the per-KV-head rule hands them) beside its select alone and its floor, each the kernel's GPU time."""
+    k_max = int(0.03 * n)
+    c = 2 * k_max
+    g = torch.Generator(device="cuda").manual_seed(n + b)
+    scores = torch.randn(b, HKV, c, device="cuda", generator=g)
+    indices = torch.arange(c, dtype=torch.int32, device="cuda").expand(b, HKV, c).contiguous()
+    counts = torch.full((b, HKV), c, dtype=torch.int32, device="cuda")
+    k = torch.full((b,), k_max, device="cuda")
+    table = max(16, triton.next_power_of_2(c))
+    warps = min(triton_topk.KEEP_WARPS, max(4, table // 512))
+    out = torch.empty(b * HKV, dtype=torch.int32, device="cuda")
+
+    def part(select: bool):
+        return lambda: _keep_part_kernel[(b * HKV,)](scores, k, out, c, TABLE=table, SELECT=select, num_warps=warps)
+
+    full = kernel_us(lambda: triton_topk.keep_top(indices, counts, scores, k, k_max, "kv_head"))
+    return {"n": n, "batch": b, "candidates": c, "warps": warps,
+            "keep_top_us": sum(us for name, us in full.items() if "keep_top" in name), "keep_top_kernels": full,
+            "select_us": sum(kernel_us(part(True)).values()), "floor_us": sum(kernel_us(part(False)).values())}
 
 
 def random_store(b: int, n: int, dtype=torch.bfloat16, pinned: bool = False) -> KVStore:
@@ -290,8 +348,8 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
-    parser.add_argument("--parts", default="topk,cpu,attention,decode",
-                        help="comma-separated subset of topk,cpu,attention,decode")
+    parser.add_argument("--parts", default="topk,cpu,attention,keep,decode",
+                        help="comma-separated subset of topk,cpu,attention,keep,decode")
     parser.add_argument("--scoring", default="wrope", help="comma-separated scorers for the decode step")
     parser.add_argument("--offload", default="cpu", help="comma-separated offload modes for the decode step (cpu,none)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of the first decode step")
@@ -315,7 +373,7 @@ def main() -> None:
     lengths = args.lengths or ([32768] if args.quick else [32768, 131072, 524288])
     batches = args.batches or ([1, 4] if args.quick else [1, 4, 16])
     results = {"environment": environment(), "quick": args.quick, "bandwidth": bw, "topk": [], "cpu_attention": [],
-               "device_attention": [], "decode_layer": []}
+               "device_attention": [], "keep": [], "decode_layer": []}
     for n in lengths if "topk" in parts else []:
         for b in batches:
             results["topk"].append(bench_topk(n, b, bw["hbm_gbs"]))
@@ -334,6 +392,10 @@ def main() -> None:
                 results["device_attention"].append(
                     bench_device_attention(n, b, int(share * n), bw["hbm_gbs"]))
                 print(results["device_attention"][-1], flush=True)
+    for n in lengths if "keep" in parts else []:
+        for b in batches if 2 * int(0.03 * n) <= triton_topk.KEEP_TABLE else []:  # in one program's registers
+            results["keep"].append(bench_keep(n, b))
+            print(results["keep"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "decode" in parts else []:
         for b in [1, 4]:
             for scoring in args.scoring.split(","):
@@ -344,6 +406,10 @@ def main() -> None:
     out = args.out or results_path("kernels")
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n")
+    print("| keep N | batch | candidates | warps | keep_top us | its select alone us | load floor us |")
+    for r in results["keep"]:
+        print(f"| {r['n']} | {r['batch']} | {r['candidates']} | {r['warps']} | {r['keep_top_us']:.1f} | "
+              f"{r['select_us']:.1f} | {r['floor_us']:.1f} |")
     print("| top-K N | batch | MB read | Triton us | GB/s | % HBM | torch topk us | GPU us by kernel | exact |")
     for r in results["topk"]:
         print(f"| {r['n']} | {r['batch']} | {r['mb_read']} | {r['triton_us']} | {r['triton_gbs']} | {r['pct_hbm']} | "

@@ -281,6 +281,9 @@ def arguments() -> argparse.ArgumentParser:
                         help="batches every method runs at, in turn (0: each method's largest, the default)")
     parser.add_argument("--cpu-fraction", type=float, default=0.7, help="share of available CPU memory offload may use")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as printed)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the methods in turn this many times (a difference of a few percent needs them "
+                             "alternated: one run's spread is as large)")
     parser.add_argument("--scoring", nargs="+", default=["wrope"],
                         help="A2ATS scorers to run (wrope, distance, distance:P for P buckets per octave)")
     parser.add_argument("--rerank", type=int, nargs="+", default=[1],
@@ -388,7 +391,7 @@ def main() -> None:
         if unknown:  # a misspelt name would be skipped silently
             parser.error(f"no method named {', '.join(map(repr, unknown))} with these flags; they name: "
                          + ", ".join(repr(method) for method, *_ in methods))
-        for method, make_cache, batch, attention in methods:
+        for method, make_cache, batch, attention in methods * args.repeat:
             if ((args.methods and method not in args.methods) or batch < 1
                     or (device.type == "cpu" and "offloaded" in method)):
                 continue
