@@ -40,7 +40,7 @@ from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_topk
 from a2ats_hf.kernels.triton_topk import _order_key, _radix_select
 from a2ats_hf.rope import RoPE
-from a2ats_hf.store import DeviceKVStore, KVStore, hugetlb_pool
+from a2ats_hf.store import DeviceKVStore, KVStore, hugetlb_pool, meminfo
 from bench.common import cuda_time, environment, results_path, wall_time
 
 HKV, GROUP, D, M = 8, 4, 128, 4096
@@ -209,9 +209,10 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads:
     """The C++ kernel over 3% of the rows of an N-token store (``rows``: random by default, as decoding selects),
     each call a new selection of four in turn (one repeated would be served by the last-level cache where it fits
     there); ``threads``: torch's, for the call; ``pinned``: the store's blocks pinned as decoding pins them."""
-    pool = hugetlb_pool()[0]
+    pool, huge = hugetlb_pool()[0], meminfo("AnonHugePages") or 0
     store = random_store(b, n, pinned=pinned)
     pool_gib = round((pool - hugetlb_pool()[0]) / 2**30, 2)  # the store's blocks from the hugetlb pool
+    huge_gib = round(((meminfo("AnonHugePages") or 0) - huge) / 2**30, 2)  # and on transparent huge pages
     g = torch.Generator().manual_seed(n)
     k = int(0.03 * n)
     selections = [ROWS[rows](g, b, n, k).sort(-1).values.to(torch.int32) for _ in range(4)]  # ascending
@@ -228,6 +229,7 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads:
     finally:
         torch.set_num_threads(every)
     row = {"n": n, "batch": b, "threads": threads or every, "rows": rows, "pinned": pinned, "hugetlb_gib": pool_gib,
+           "huge_pages_gib": huge_gib,
            "mb_gathered": round(gathered / 1e6, 1),
            "cpp_ms": round(fast * 1e3, 2), "cpp_gbs": round(gathered / fast / 1e9, 1),
            "pct_cpu_bw": round(100 * gathered / fast / 1e9 / cpu_bw, 1), "bound_ms": round(gathered / cpu_bw / 1e6, 2)}
