@@ -52,18 +52,24 @@ def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _radix_select(count, key, k):
-    """The largest key with >= k candidates at or above it, of a table held in registers (``count`` candidates
-    at each ``key``; a narrow table has under WIDE_TABLE entries, so no round waits on memory): a radix select from
-    the top, 2 bits per round (3 trial prefixes a round: 48 compare-adds per entry where 4 bits took 128)."""
+    """A threshold key with the top k candidates at or above it, of a table held in registers (``count``
+    candidates at each ``key``; a narrow table has under WIDE_TABLE entries, so no round waits on memory): a radix
+    select from the top, 2 bits per round (3 trial prefixes a round), giving the largest key with >= k candidates
+    at or above it, unless a round finds exactly k at or above its prefix (float scores: about half-way), where it
+    stops and gives the prefix: the same candidates lie above it, and none ties."""
     thr = tl.zeros([1], dtype=tl.uint32)
     one = tl.full([1], 1, dtype=tl.uint32)
-    for r in range(16):
+    at_least = k * 0 - 1  # candidates at or above the prefix, where a round has counted them
+    r = 0
+    while (r < 16) & (at_least != k):
         shift = 30 - 2 * r
-        best = tl.zeros([1], dtype=tl.uint32)
-        for digit in range(1, 4):  # candidates at or above the prefix + digit: `best` counts the digits that hold k
-            above = tl.sum(tl.where(key >= (thr | (digit * one << shift)), count, 0), axis=0)
-            best += (above >= k).to(tl.uint32)
+        a1 = tl.sum(tl.where(key >= (thr | (one << shift)), count, 0), axis=0)
+        a2 = tl.sum(tl.where(key >= (thr | (2 * one << shift)), count, 0), axis=0)
+        a3 = tl.sum(tl.where(key >= (thr | (3 * one << shift)), count, 0), axis=0)
+        best = (a1 >= k).to(tl.uint32) + (a2 >= k).to(tl.uint32) + (a3 >= k).to(tl.uint32)
+        at_least = tl.where(best == 3, a3, tl.where(best == 2, a2, tl.where(best == 1, a1, at_least)))
         thr = thr | (best << shift)
+        r += 1
     return thr
 
 
@@ -300,9 +306,11 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     for g in tl.static_range(G):
         key = _order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0))
         thr = _radix_select(count, key, k)
-        tie = inside & (key == thr)
-        need = k - tl.sum(tl.where(key > thr, count, 0), axis=0)
-        kept = kept | (inside & (key > thr)) | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+        above, tie = inside & (key > thr), inside & (key == thr)
+        need = k - tl.sum(above.to(tl.int32), axis=0)
+        if tl.sum(tie.to(tl.int32), axis=0) > need:  # more ties than places (equal scores, -inf padding)
+            tie = tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)  # the lower positions first
+        kept = kept | above | tie
     kept = kept & (j < tl.load(count_ptr + pid))  # positions past the count scored -inf: chosen only to fill k
     at = tl.cumsum(kept.to(tl.int32), 0) - 1
     total = tl.sum(kept.to(tl.int32), 0)
