@@ -56,7 +56,7 @@ def _radix_select(count, key, k):
     candidates at each ``key``; a narrow table has under WIDE_TABLE entries, so no round waits on memory): a radix
     select from the top, 2 bits per round (3 trial prefixes a round), giving the largest key with >= k candidates
     at or above it, unless a round finds exactly k at or above its prefix (float scores: about half-way), where it
-    stops and gives the prefix: the same candidates lie above it, and none ties."""
+    stops and gives the prefix: the same k candidates lie at or above either, so every tie at it is taken."""
     thr = tl.zeros([1], dtype=tl.uint32)
     one = tl.full([1], 1, dtype=tl.uint32)
     at_least = k * 0 - 1  # candidates at or above the prefix, where a round has counted them
