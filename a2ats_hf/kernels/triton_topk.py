@@ -63,11 +63,11 @@ def _radix_select(count, key, k):
     r = 0
     while (r < 16) & (at_least != k):
         shift = 30 - 2 * r
-        a1 = tl.sum(tl.where(key >= (thr | (one << shift)), count, 0), axis=0)
-        a2 = tl.sum(tl.where(key >= (thr | (2 * one << shift)), count, 0), axis=0)
-        a3 = tl.sum(tl.where(key >= (thr | (3 * one << shift)), count, 0), axis=0)
-        best = (a1 >= k).to(tl.uint32) + (a2 >= k).to(tl.uint32) + (a3 >= k).to(tl.uint32)
-        at_least = tl.where(best == 3, a3, tl.where(best == 2, a2, tl.where(best == 1, a1, at_least)))
+        best = tl.zeros([1], dtype=tl.uint32)
+        for digit in range(1, 4):  # candidates at or above the prefix + digit: `best` counts the digits that hold k
+            above = tl.sum(tl.where(key >= (thr | (digit * one << shift)), count, 0), axis=0)
+            best += (above >= k).to(tl.uint32)
+            at_least = tl.where(above >= k, above, at_least)  # (fewer at each digit: the last that holds k)
         thr = thr | (best << shift)
         r += 1
     return thr
