@@ -17,6 +17,7 @@ import torch
 import transformers
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from a2ats_hf import Codebooks
@@ -103,6 +104,31 @@ def wall_time(fn, reps: int = 5) -> float:
         sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def gpu_profile(step, device: torch.device, steps: int = 8, top: int = 12) -> dict:
+    """The GPU's share of a step's wall time (kernel time summed, over ``steps`` synced steps) and the kernels that
+    take it, by name (ms per step), printed and returned."""
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = time.perf_counter() - start
+    kernels, launches = {}, 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
+            launches += 1
+    busy = sum(kernels.values())
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    print(f"  GPU busy {busy:.2f} ms of a {1e3 * wall / steps:.2f} ms step ({100 * busy / (1e3 * wall / steps):.0f}%), "
+          f"{launches // steps} kernels a step")
+    for name, ms in rows:
+        print(f"  {ms:7.3f} ms  {name[:110]}")
+    return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3), "kernels_per_step": launches // steps,
+            "kernels_ms": [[name[:200], round(ms, 4)] for name, ms in rows]}
 
 
 def hits_since(cache, counted: tuple[int, int]) -> float:

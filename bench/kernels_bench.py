@@ -26,6 +26,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_to
 from a2ats_hf.kernels.triton_topk import _order_key, _radix_select
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore, hugetlb_pool, meminfo
-from bench.common import cuda_time, environment, results_path, wall_time
+from bench.common import cuda_time, environment, gpu_profile, results_path, wall_time
 
 HKV, GROUP, D, M = 8, 4, 128, 4096
 LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -148,18 +149,10 @@ def _keep_part_kernel(score_ptr, k_ptr, out_ptr, c, TABLE: tl.constexpr, SELECT:
 
 
 def kernel_us(fn, calls: int = 20) -> dict[str, float]:
-    """GPU microseconds a call of ``fn`` spends in each kernel it launches (the profiler's device time)."""
+    """GPU microseconds a call of ``fn`` spends in each kernel it launches (after a call that compiles them)."""
     fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    spent: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            spent[event.name] = spent.get(event.name, 0.0) + event.time_range.elapsed_us() / calls
-    return {name: round(us, 1) for name, us in spent.items()}
+    profile = gpu_profile(fn, torch.device("cuda"), steps=calls)
+    return {name: round(1e3 * ms, 1) for name, ms in profile["kernels_ms"]}
 
 
 def bench_keep(n: int, b: int) -> dict:
@@ -181,11 +174,8 @@ def bench_keep(n: int, b: int) -> dict:
         return lambda: _keep_part_kernel[(b * HKV,)](scores, k, out, c, TABLE=table, SELECT=select, num_warps=warps)
 
     def keep_us(most_warps: int) -> float:  # keep_top's own kernel, under KEEP_WARPS = most_warps
-        default, triton_topk.KEEP_WARPS = triton_topk.KEEP_WARPS, most_warps
-        try:
+        with mock.patch.object(triton_topk, "KEEP_WARPS", most_warps):
             spent = kernel_us(lambda: triton_topk.keep_top(indices, counts, scores, k, k_max, "kv_head"))
-        finally:
-            triton_topk.KEEP_WARPS = default
         return sum(us for name, us in spent.items() if "keep_top" in name)
 
     return {"n": n, "batch": b, "candidates": c, "warps": warps, "keep_top_us": keep_us(triton_topk.KEEP_WARPS),

@@ -44,6 +44,7 @@ from bench.common import (
     WordTokenizer,
     build,
     environment,
+    gpu_profile,
     hits_since,
     random_codebooks,
     release,
@@ -157,33 +158,6 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
     if kernel_profile and device.type == "cuda":
         result["gpu_profile"] = gpu_profile(step, device)
     return result
-
-
-def gpu_profile(step, device: torch.device, steps: int = 8, top: int = 12) -> dict:
-    """The GPU's share of a step's wall time (kernel time summed, over ``steps`` synced steps) and the kernels that
-    take it, by name (ms per step), printed and returned."""
-    from torch.profiler import ProfilerActivity, profile
-
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        wall = time.perf_counter() - start
-    kernels, launches = {}, 0
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
-            launches += 1
-    busy = sum(kernels.values())
-    rows = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    print(f"  GPU busy {busy:.2f} ms of a {1e3 * wall / steps:.2f} ms step ({100 * busy / (1e3 * wall / steps):.0f}%), "
-          f"{launches // steps} kernels a step")
-    for name, ms in rows:
-        print(f"  {ms:7.3f} ms  {name[:110]}")
-    return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3), "kernels_per_step": launches // steps,
-            "kernels_ms": [[name[:200], round(ms, 4)] for name, ms in rows]}
 
 
 def host_profile(step, steps: int = 4, top: int = 30) -> list:
