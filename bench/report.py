@@ -280,11 +280,15 @@ TOPK = {"N": kilo("n"), "batch": cell("batch"), "MB read": cell("mb_read", "{:.1
         "bound": cell("bound_us", "{:.1f} us"), "% HBM": cell("pct_hbm", "{:.1f}"),
         "`gather` + `torch.topk`": cell("torch_topk_us", "{:.0f} us"),
         "exact": lambda r: "yes" if r["matches_reference"] else "no"}
-CPU_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "threads": cell("threads"), "rows": cell("rows"),
+CPU_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "threads": cell("threads"),
+                 "rows": lambda r: r.get("rows", "-") + (", pinned store" if r.get("pinned") else ""),
                  "MB gathered": cell("mb_gathered", "{:.1f}"),
                  "C++ kernel": cell("cpp_ms", "{:.2f} ms"), "GB/s": cell("cpp_gbs", "{:.1f}"),
                  "% CPU bw": cell("pct_cpu_bw", "{:.0f}"), "torch reference": cell("reference_ms", "{:.2f} ms"),
                  "`index_select` + matmul": cell("index_select_ms", "{:.2f} ms")}
+KEEP = {"version": cell("version"), "N": kilo("n"), "batch": cell("batch"), "candidates": cell("candidates"),
+        "keep_top (16 warps)": cell("keep_top_us", "{:.1f} us"), "at 8 warps": cell("keep_top_8_warps_us", "{:.1f} us"),
+        "its radix select alone": cell("select_us", "{:.1f} us"), "load floor": cell("floor_us", "{:.1f} us")}
 DECODE_LAYER = {"N": kilo("n"), "batch": cell("batch"), "scorer": cell("scoring"),
                 "A2ATS": cell("a2ats_ms", "{:.1f} ms"), "serial split": cell("serial_ms", "{:.1f} ms"),
                 "GPU sdpa (K/V resident)": cell("gpu_sdpa_ms", "{:.2f} ms"),
@@ -405,6 +409,13 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                   lambda f: throughput_table(runs(f), per_batch=False, memory=True)),
     "kernels-cpu-attention-h100-rows": Block(("kernels/2026-12-05-99c9481-nvidia-h100-80gb-hbm3.json",),
                                              lambda f: table(f[0]["cpu_attention"], CPU_ATTENTION)),
+    "kernels-keep-h100": Block(tuple(f"kernels/2026-12-05-4d11df0-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2")),
+                               lambda f: table(versioned(f, "keep"), KEEP)),
+    "kernels-cpu-attention-h100-pinned": Block(tuple(f"kernels/2026-12-05-4d11df0-nvidia-h100-80gb-hbm3-{s}.json"
+                                                     for s in range(3, 7)),
+                                               lambda f: table(versioned(f, "cpu_attention"), CPU_ATTENTION)),
+    "throughput-h100-scoring-cost-early-exit": Block(("throughput/2026-12-05-4d11df0-nvidia-h100-80gb-hbm3.json",),
+                                                     lambda f: throughput_table(runs(f))),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
@@ -433,6 +444,11 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
 def runs(files: list[dict]) -> list[dict]:
     """The throughput rows of several runs, in order."""
     return [r for f in files for r in f["runs"]]
+
+
+def versioned(files: list[dict], part: str) -> list[dict]:
+    """The ``part`` rows of several kernel runs, each labelled with its file's variant (else its commit)."""
+    return [{**r, "version": f.get("variant", f["environment"]["commit"])} for f in files for r in f[part]]
 
 
 def provenance(name: str, result: dict) -> str:
