@@ -3,8 +3,6 @@ which :mod:`a2ats_hf.step` holds)."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -50,15 +48,12 @@ def cached_attention(layer, module: nn.Module, query: torch.Tensor, key: torch.T
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(n - length, n, device=query.device)[None]
-    encode = functools.partial(layer.append_codes, key, position_ids, rope)
+    layer.append_codes(key, position_ids, rope)
     scaling = module.scaling if scaling is None else scaling
     if length == 1 and n > 1:
-        encoded = step.beside(layer, encode)
         masks = step.step_masks(layer, attention_mask)
         out = step.decode_attention(layer, query[:, :, 0], key, value, position_ids, masks, scaling)
-        encoded()
         return out.to(query.dtype)[:, None], None
-    encode()
     if n > length:  # a later chunk: earlier tokens' K/V come back from the CPU for this layer only
         past_keys, past_values = layer.store.to_tensors(end=n - length)
         key = torch.cat([past_keys.to(key.device, non_blocking=True), key], dim=2)

@@ -51,11 +51,9 @@ class StaticStep:
     source: torch.Tensor  # the cache's validity record prompt_valid was built from
     columns: torch.Tensor = field(init=False)
     breaks: Callable[[Callable[[], None]], None] | None = None  # set by the graph runner while it captures
-    side: torch.cuda.Stream | None = field(init=False)  # where a layer's new code is encoded (see :func:`beside`)
 
     def __post_init__(self):
         self.columns = torch.arange(self.width, device=self.column.device)
-        self.side = torch.cuda.Stream(self.column.device) if self.column.is_cuda else None
 
     def on_cpu(self, work: Callable[[], None]) -> None:
         """An offloaded layer's CPU part of the step (wait for its selection, attend the selected rows): run now,
@@ -69,23 +67,6 @@ class StaticStep:
     def validity(self) -> torch.Tensor:
         """[B, width] bool: the keys a decode token may see (not padding, already stored)."""
         return self.prompt_valid[:, : self.width] & (self.columns < self.length)
-
-
-def beside(layer: "A2ATSLayer", work: Callable[[], None]) -> Callable[[], None]:
-    """Run ``work`` (the new token's code) beside the rest of a decode step where it can: in a capture-ready step of
-    a layer whose K/V is on a GPU, on the step's side stream, after what is queued so far; the returned call makes
-    the current stream wait for it (a captured graph forks there and joins there). The selection never reads the
-    new token's code (the token is in the window), and at batch 1 it runs on a few SMs, so the encoding (two
-    launches, ~12 us a layer at 128K) then costs the step nothing. Elsewhere ``work`` runs now."""
-    static = layer.cache.static
-    if static is None or static.side is None or not layer.store.resident or layer.cache.observers:
-        work()
-        return lambda: None
-    current = torch.cuda.current_stream(layer.device)
-    static.side.wait_stream(current)
-    with torch.cuda.stream(static.side):
-        work()
-    return lambda: current.wait_stream(static.side)
 
 
 def bucket_width(tokens: int, capacity: int, bucket: int = BUCKET) -> int:

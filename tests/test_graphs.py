@@ -160,27 +160,6 @@ def test_replayed_steps_issue_no_host_sync(tiny):
         release_decoding(model)
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="streams need a GPU")
-def test_the_new_code_is_encoded_beside_the_selection(tiny, monkeypatch):
-    """In a captured step of layers on the device, the new token's code is encoded on the step's side stream (a
-    branch of the graph, joined before the layer's output is used): the same tokens as the eager run."""
-    model, books = tiny
-    ids = ids_of(2, 70, seed=4)
-    mask = torch.ones_like(ids)
-    eager = run(model, books, ids, mask, graphs=False, new=20)
-    streams, encode = [], kernels.encode_keys
-
-    def spy(keys, *args):
-        if keys.shape[2] == 1 and torch.cuda.is_current_stream_capturing():
-            streams.append(torch.cuda.current_stream())
-        return encode(keys, *args)
-
-    monkeypatch.setattr(kernels, "encode_keys", spy)
-    static = run(model, books, ids, mask, graphs=True, new=20)
-    assert torch.equal(eager[0], static[0])
-    assert streams and all(stream != static[3].stream for stream in streams)
-
-
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
 def test_a_failed_capture_warns_and_decodes_without_a_graph(tiny, monkeypatch):
     """Where CUDA cannot capture what a model runs, the runner says so once and decodes through the capture-ready

@@ -8,7 +8,7 @@ import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.cache import A2ATSLayer
-from a2ats_hf.step import beside, bucket_width, rerank_exact
+from a2ats_hf.step import bucket_width, rerank_exact
 from a2ats_hf.store import kv_bytes
 
 from conftest import DEVICE, ids_of
@@ -36,18 +36,6 @@ def test_bucket_width_rounds_up_within_capacity():
     """A step over N tokens reads N rounded up to the bucket, never past the buffers' capacity."""
     assert [bucket_width(n, 10000, 4096) for n in (1, 4096, 4097, 9000)] == [4096, 4096, 8192, 10000]
     assert bucket_width(33, 300, 32) == 64 and bucket_width(299, 300, 32) == 300
-
-
-def test_beside_runs_the_work_now_outside_a_captured_step(tiny):
-    """Without a capture-ready step (eager decoding, a CPU) the new code is encoded in place, before the selection,
-    and the join is a no-op."""
-    model, books = tiny
-    cache = A2ATSCache(books, topk=0.1, offload="none")
-    greedy(model, ids_of(1, 40), cache, new=2)
-    done = []
-    join = beside(cache.a2ats_layers[0], lambda: done.append(True))
-    assert done == [True]
-    join()
 
 
 def test_observers_watch_every_decode_step(tiny):
