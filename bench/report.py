@@ -416,6 +416,16 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                                lambda f: table(versioned(f, "cpu_attention"), CPU_ATTENTION)),
     "throughput-h100-scoring-cost-early-exit": Block(("throughput/2026-12-05-4d11df0-nvidia-h100-80gb-hbm3.json",),
                                                      lambda f: throughput_table(runs(f))),
+    "throughput-h200-auto": Block(("throughput/2026-12-05-4d11df0-nvidia-h200.json",),
+                                  lambda f: throughput_table(runs(f), per_batch=False, memory=True)),
+    "throughput-h200-scoring-cost-alternated": Block(tuple(f"throughput/2026-12-05-4d11df0-nvidia-h200-{s}.json"
+                                                           for s in (2, 3)), lambda f: throughput_table(runs(f))),
+    "throughput-h200-offloaded-4d11df0": Block(tuple(f"throughput/2026-12-05-4d11df0-nvidia-h200-{s}.json"
+                                                     for s in (4, 5)), lambda f: table(offloaded_rows(f), OFFLOADED)),
+    "kernels-cpu-attention-h200": Block(("kernels/2026-12-05-4d11df0-nvidia-h200.json",),
+                                        lambda f: table(f[0]["cpu_attention"], CPU_ATTENTION)),
+    "throughput-h200-beside": Block(tuple(f"throughput/2026-12-05-d008031-nvidia-h200{s}.json" for s in ("", "-2")),
+                                    lambda f: throughput_table(runs(f))),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
