@@ -426,6 +426,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                         lambda f: table(f[0]["cpu_attention"], CPU_ATTENTION)),
     "throughput-h200-beside": Block(tuple(f"throughput/2026-12-05-d008031-nvidia-h200{s}.json" for s in ("", "-2")),
                                     lambda f: throughput_table(runs(f))),
+    "throughput-h100-rules-offloaded": Block(("throughput/2026-12-05-4d11df0-nvidia-h100-80gb-hbm3-2.json",),
+                                             lambda f: table(offloaded_rows(f), OFFLOADED)),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
