@@ -203,12 +203,15 @@ ROWS = {  # which 3% of the rows a call gathers, per (row, KV head): where the g
 
 
 def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads: int | None = None,
-                        rows: str = "random", pinned: bool = False) -> dict:
+                        rows: str = "random", pinned: bool = False, stores: int = 1) -> dict:
     """The C++ kernel over 3% of the rows of an N-token store (``rows``: random by default, as decoding selects),
     each call a new selection of four in turn (one repeated would be served by the last-level cache where it fits
-    there); ``threads``: torch's, for the call; ``pinned``: the store's blocks pinned as decoding pins them."""
+    there); ``threads``: torch's, for the call; ``pinned``: the store's blocks pinned as decoding pins them;
+    ``stores``: that many stores, one per call in turn, as a decode step's layers take theirs (each call then
+    finds a store whose pages the last calls did not touch, as decoding does)."""
     pool, huge = hugetlb_pool()[0], meminfo("AnonHugePages") or 0
-    store = random_store(b, n, pinned=pinned)
+    layers = [random_store(b, n, pinned=pinned) for _ in range(stores)]
+    store = layers[0]
     pool_gib = round((pool - hugetlb_pool()[0]) / 2**30, 2)  # the store's blocks from the hugetlb pool
     huge_gib = round(((meminfo("AnonHugePages") or 0) - huge) / 2**30, 2)  # and on transparent huge pages
     g = torch.Generator().manual_seed(n)
@@ -222,11 +225,15 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads:
     every = torch.get_num_threads()
     torch.set_num_threads(threads or every)
     try:
-        fast = wall_time(lambda: cpu_attention.sparse_attention(query, store, selections[next(turn) % 4], counts,
-                                                                D**-0.5), 8)
+        def call():
+            t = next(turn)
+            return cpu_attention.sparse_attention(query, layers[t % stores], selections[t % 4], counts, D**-0.5)
+
+        fast = wall_time(call, max(8, 2 * stores))
     finally:
         torch.set_num_threads(every)
-    row = {"n": n, "batch": b, "threads": threads or every, "rows": rows, "pinned": pinned, "hugetlb_gib": pool_gib,
+    row = {"n": n, "batch": b, "threads": threads or every, "rows": rows, "pinned": pinned, "stores": stores,
+           "hugetlb_gib": pool_gib,
            "huge_pages_gib": huge_gib,
            "mb_gathered": round(gathered / 1e6, 1),
            "cpp_ms": round(fast * 1e3, 2), "cpp_gbs": round(gathered / fast / 1e9, 1),
@@ -359,6 +366,8 @@ def main() -> None:
                         help="the CPU attention's row patterns: random (as decoding), near (random within 4 MB of "
                              "each (row, KV head): few TLB misses), consecutive (no page walks)")
     parser.add_argument("--pinned", action="store_true", help="the CPU attention's store pinned, as decoding pins it")
+    parser.add_argument("--stores", type=int, default=1,
+                        help="the CPU attention over this many stores in turn, one a call, as a step's layers")
     parser.add_argument("--lengths", type=int, nargs="+", help="N of the top-K and CPU attention (default: by --quick)")
     parser.add_argument("--batches", type=int, nargs="+", help="their batch sizes (default: by --quick)")
     parser.add_argument("--out", type=Path, help="default: bench/results/kernels/<date>-<commit>-<gpu>.json")
@@ -384,7 +393,8 @@ def main() -> None:
                 for threads in [None, *(args.threads or [])]:
                     baselines = threads is None and rows == "random" and n * b <= 131072 * 4
                     results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"], baselines,
-                                                                        threads, rows, args.pinned))
+                                                                        threads, rows, args.pinned,
+                                                                        args.stores))
                     print(results["cpu_attention"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "attention" in parts else []:
         for b in [1, 7]:
