@@ -427,7 +427,7 @@ def main() -> None:
     print("| CPU attn N | batch | rows | threads | MB gathered | C++ ms | GB/s | % CPU bw | reference ms | "
           "index_select ms |")
     for r in results["cpu_attention"]:
-        rows = r["rows"] + (", pinned" if r["pinned"] else "")
+        rows = r["rows"] + (", pinned" if r["pinned"] else "") + (f", {r['stores']} stores" if r["stores"] > 1 else "")
         print(f"| {r['n']} | {r['batch']} | {rows} | {r['threads']} | {r['mb_gathered']} | {r['cpp_ms']} | "
               f"{r['cpp_gbs']} | "
               f"{r['pct_cpu_bw']} | {r.get('reference_ms', '-')} | {r.get('index_select_ms', '-')} |")

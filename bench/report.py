@@ -414,7 +414,7 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                lambda f: table(versioned(f, "keep"), KEEP)),
     "kernels-cpu-attention-h100-pinned": Block(tuple(f"kernels/2026-12-05-4d11df0-nvidia-h100-80gb-hbm3-{s}.json"
                                                      for s in range(3, 7)),
-                                               lambda f: table(versioned(f, "cpu_attention"), CPU_ATTENTION)),
+                                               lambda f: table(runs(f, "cpu_attention"), CPU_ATTENTION)),
     "throughput-h100-scoring-cost-early-exit": Block(("throughput/2026-12-05-4d11df0-nvidia-h100-80gb-hbm3.json",),
                                                      lambda f: throughput_table(runs(f))),
     "throughput-h200-auto": Block(("throughput/2026-12-05-4d11df0-nvidia-h200.json",),
@@ -454,9 +454,9 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
 }
 
 
-def runs(files: list[dict]) -> list[dict]:
-    """The throughput rows of several runs, in order."""
-    return [r for f in files for r in f["runs"]]
+def runs(files: list[dict], part: str = "runs") -> list[dict]:
+    """The rows of several runs (``part``: the throughput runs, or a kernel benchmark's part), in order."""
+    return [r for f in files for r in f[part]]
 
 
 def versioned(files: list[dict], part: str) -> list[dict]:
