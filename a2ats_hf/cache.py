@@ -105,8 +105,9 @@ class A2ATSLayer(CacheLayerMixin):
         self.whitened_centroids = books.whitened_centroids[self.book].to(self.device)
         self.centroid_norms = self.whitened_centroids.pow(2).sum(-1)[:, None, :]
         self.centroids = books.centroids[self.book].to(self.device)
-        self.row_cache = (RowCache.empty(b, h, self.cache.row_slots, d, capacity, self.dtype, self.device)
-                          if self.cache.row_slots and not self.store.resident else None)  # a new prompt: fresh slots
+        slots = self.cache.placement.row_slots  # (settled for this prompt by the placement's check)
+        self.row_cache = (RowCache.empty(b, h, slots, d, capacity, self.dtype, self.device)
+                          if slots and not self.store.resident else None)  # a new prompt: fresh slots
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -483,8 +484,10 @@ class A2ATSCache(Cache):
             device (per row and KV head; the selection's whole width under the per-query-head rule): picked again,
             the device attends them from there and only the misses cross from CPU memory (consecutive steps pick
             mostly the same rows), attended by the CPU, or with ``gpu_share=1`` read by the GPU into the slots.
-            Needs ``max_length`` (the slots are sized once); with ``gpu_share`` 0 or 1 only.
-            0 (the default): none.
+            Needs ``max_length`` (the slots are sized once); with ``gpu_share`` 0 or 1 only. 0: none. None (the
+            default): 2 where the cache offloads layers from a GPU with ``max_length`` and ``gpu_share`` 0 or 1,
+            and every layer's slots fit the device's budget (``gpu_kv_budget``'s; checked at each prompt), else
+            none; ``row_cache`` then says which.
     """
 
     def __init__(
@@ -501,7 +504,7 @@ class A2ATSCache(Cache):
         dense_below: int = 4096,
         rerank: int = 1,
         gpu_share: float = 0.0,
-        row_cache: float = 0.0,
+        row_cache: float | None = None,
     ):
         if not isinstance(codebooks, Codebooks):
             hint = (f" To load codebooks from {codebooks!r}, use A2ATSCache.from_pretrained({codebooks!r}) or "
@@ -538,8 +541,7 @@ class A2ATSCache(Cache):
             for idx in range(n_layers)
         ])
         self.a2ats_layers = [layer for layer in self.layers if isinstance(layer, A2ATSLayer)]
-        self.row_slots = self.slots_for_rows()
-        self.placement = Placement(self.config, len(self.a2ats_layers), self.row_slots)
+        self.placement = Placement(self.config, len(self.a2ats_layers), self.slots_for_rows())
 
     # The settings, read-only, as attributes of the cache too (they live in its immutable config).
     topk = property(lambda self: self.config.topk)
@@ -552,7 +554,17 @@ class A2ATSCache(Cache):
     dense_below = property(lambda self: self.config.dense_below)
     rerank = property(lambda self: self.config.rerank)
     gpu_share = property(lambda self: self.config.gpu_share)
-    row_cache = property(lambda self: self.config.row_cache)
+
+    @property
+    def row_cache(self) -> float:
+        """Budgets of recent picks each offloaded layer keeps on the device: ``row_cache`` as given, or by default
+        2 or 0 as the placement settled it (what it wants until the first prompt is placed)."""
+        return self.config.rows_wanted if self.placement.row_slots else 0.0
+
+    @property
+    def row_slots(self) -> int:
+        """An offloaded layer's row-cache slots per (row, KV head), as the placement settled them."""
+        return self.placement.row_slots
 
     @property
     def row_cache_hits(self) -> float:
@@ -641,16 +653,17 @@ class A2ATSCache(Cache):
                 raise ValueError(MASK_CHANGED)
 
     def slots_for_rows(self) -> int:
-        """An offloaded layer's row-cache slots per (row, KV head): ``row_cache`` budgets of the widest selection a
-        step reads up to ``max_length`` tokens (each query head's pick, united over the KV group, under the
-        per-query-head rule); 0 without a row cache."""
+        """An offloaded layer's row-cache slots per (row, KV head) as the config wants them (its
+        :attr:`~a2ats_hf.config.A2ATSConfig.rows_wanted` budgets of the widest selection a step reads up to
+        ``max_length`` tokens: each query head's pick, united over the KV group, under the per-query-head rule);
+        0 without a row cache."""
         config, shape = self.config, self.codebooks.fingerprint
-        if not config.row_cache:
+        if not config.rows_wanted:
             return 0
         width = self.budget_for(max(config.max_length - config.window - config.sink, 1))
         if config.budget == "query_head":
             width *= shape["num_attention_heads"] // shape["num_key_value_heads"]
-        return math.ceil(config.row_cache * width)
+        return math.ceil(config.rows_wanted * width)
 
     def budget_for(self, n_far: torch.Tensor | int) -> torch.Tensor | int:
         """Tokens to retrieve per row from its number of far tokens (a tensor [B], or one int on the host)."""

@@ -193,7 +193,7 @@ def generate_command(args: argparse.Namespace) -> None:
                          do_sample=False)
     print(tokenizer.decode(out[0, prompt_tokens:], skip_special_tokens=True))
     memory = cache.memory_footprint()
-    held = f"; the row cache held {cache.row_cache_hits:.0%} of them" if args.row_cache else ""
+    held = f"; the row cache held {cache.row_cache_hits:.0%} of them" if cache.row_cache else ""
     print(
         f"[a2ats] attended {cache.stats.attended_fraction:.1%} of past tokens per step "
         f"(far tokens retrieved: {cache.stats.far_fraction:.1%}{held}); cache holds "
@@ -285,9 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share in [0, 1] of an offloaded layer's selected rows the GPU attends itself, reading "
                           "them from the pinned CPU store over PCIe (default 0: the CPU attends them all; 1: the CPU "
                           "only holds the K/V)")
-    gen.add_argument("--row-cache", type=float, default=0.0, metavar="R",
+    gen.add_argument("--row-cache", type=float, default=None, metavar="R",
                      help="budgets (0, or 2 or more) of the rows each offloaded layer picked most recently kept on the "
-                          "GPU, where picked again they are attended (default 0: none)")
+                          "GPU, where picked again they are attended (default: 2 where layers are offloaded from a GPU "
+                          "with room for them, else none; 0: none)")
     gen.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                      help="decode as captured CUDA graphs, in pieces around the CPU attention of offloaded layers "
                           "(default: on a CUDA --device; --cuda-graphs insists, needing one)")

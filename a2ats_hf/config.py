@@ -35,7 +35,7 @@ class A2ATSConfig:
     dense_below: int = 4096
     rerank: int = 1
     gpu_share: float = 0.0
-    row_cache: float = 0.0
+    row_cache: float | None = None
 
     def __post_init__(self):
         check_topk(self.topk)
@@ -57,15 +57,25 @@ class A2ATSConfig:
             "gpu_share", lambda f: 0 <= f <= 1, "the fraction of an offloaded layer's selected rows the GPU attends "
             "itself, in [0, 1]", "splits the rows of layers whose K/V is in CPU memory, which the GPU reads in place "
             "from one pinned buffer per layer")
-        self.check_offloaded_option(
-            "row_cache", lambda r: r == 0 or r >= 2, "how many budgets of recently picked rows an offloaded layer "
-            "keeps on the device, 0 (none) or at least 2", "keeps rows of layers whose K/V is in CPU memory, in "
-            "slots sized once")
+        if self.row_cache is not None:  # None: the default, where it serves (see rows_wanted)
+            self.check_offloaded_option(
+                "row_cache", lambda r: r == 0 or r >= 2, "how many budgets of recently picked rows an offloaded layer "
+                "keeps on the device, 0 (none) or at least 2", "keeps rows of layers whose K/V is in CPU memory, in "
+                "slots sized once")
         if self.row_cache and self.gpu_share not in (0, 1):
             raise ValueError(f"row_cache={self.row_cache} combines with gpu_share 0 (the CPU attends the misses) or 1 "
                              f"(the GPU reads them), got {self.gpu_share}")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+
+    @property
+    def rows_wanted(self) -> float:
+        """Budgets of recent picks each offloaded layer keeps on the device: ``row_cache`` where given; by default
+        2 where a cache offloads, sizes them once (``max_length``) and serves them (``gpu_share`` 0 or 1), which
+        the placement then keeps only on a GPU with room for them (:meth:`~a2ats_hf.placement.Placement.check`)."""
+        if self.row_cache is not None:
+            return self.row_cache
+        return 2.0 if self.offload != "none" and self.max_length is not None and self.gpu_share in (0, 1) else 0.0
 
     def check_offloaded_option(self, name: str, valid, meaning: str, what: str) -> None:
         """ValueError unless option ``name`` is a number ``valid`` accepts (``meaning`` says which), and, where set,

@@ -9,15 +9,24 @@ from .config import A2ATSConfig
 from .store import DeviceKVStore, KVStore, Store, check_memory, kv_bytes
 
 
+def device_budget(device: torch.device) -> int:
+    """Bytes of the device's memory the K/V may take by default: 90% of what is free less 2 GiB for activations;
+    0 on a CPU (CPU memory is where offloading leads anyway)."""
+    if device.type != "cuda":
+        return 0
+    return max(int(0.9 * torch.cuda.mem_get_info(device)[0]) - 2 * 2**30, 0)
+
+
 class Placement:
     """One cache's placement of its ``layers`` A2ATS layers under ``config.offload``: "none" keeps every layer's K/V
     on the device, "cpu" in CPU memory, "auto" on the device for as many layers as ``config.gpu_kv_budget``
-    (default: 90% of the device's free memory less 2 GiB, read when the first layer allocates) holds, the first
-    layers first. An offloaded layer with a row cache keeps ``row_slots`` rows per (row, KV head) on the device
-    besides, and "auto" takes those from the same budget."""
+    (default: :func:`device_budget`, read when the first layer allocates) holds, the first layers first. An
+    offloaded layer with a row cache keeps ``row_slots`` rows per (row, KV head) on the device besides, and "auto"
+    takes those from the same budget; the default row cache (``row_cache=None``) is kept only where that budget
+    holds every layer's slots."""
 
     def __init__(self, config: A2ATSConfig, layers: int, row_slots: int = 0):
-        self.config, self.layers, self.row_slots = config, layers, row_slots
+        self.config, self.layers, self.wanted_slots, self.row_slots = config, layers, row_slots, row_slots
         self.resident_left: int | None = None  # layers "auto" still keeps on the device, set by the first layer
 
     def reset(self) -> None:
@@ -40,25 +49,36 @@ class Placement:
             b, h, _, d = key_states.shape
             layer = kv_bytes(b, h, d, key_states.dtype, tokens, 1)
             slots = self.slot_bytes(key_states, tokens)
-            budget = self.config.gpu_kv_budget
-            if budget is None:
-                device = key_states.device
-                budget = max(int(0.9 * torch.cuda.mem_get_info(device)[0]) - 2 * 2**30, 0) \
-                    if device.type == "cuda" else 0  # a CPU model: CPU memory is where "offloading" leads anyway
+            budget = self.budget(key_states.device)
             # r layers on the device and the others' slots: r * layer + (layers - r) * slots <= budget
             room = budget - self.layers * slots
             self.resident_left = min(self.layers, max(room // max(layer - slots, 1), 0)) if room > 0 else 0
         return self.resident_left
 
+    def budget(self, device: torch.device) -> int:
+        """Bytes of ``device`` memory "auto"'s K/V and the offloaded layers' row caches may take."""
+        return device_budget(device) if self.config.gpu_kv_budget is None else self.config.gpu_kv_budget
+
+    def settle_rows(self, key_states: torch.Tensor, tokens: int) -> None:
+        """Each prompt's row-cache slots: those asked for (the memory check refuses them where they do not fit);
+        by default, those of :attr:`~a2ats_hf.config.A2ATSConfig.rows_wanted` where every layer's fit the device's
+        :meth:`budget` (on a GPU: it pays where PCIe or the CPU would bring the rows), else none."""
+        self.row_slots = self.wanted_slots
+        if self.config.row_cache is None and self.row_slots:
+            device = key_states.device
+            if device.type == "cpu" or self.layers * self.slot_bytes(key_states, tokens) > self.budget(device):
+                self.row_slots = 0
+
     def check(self, key_states: torch.Tensor) -> None:
-        """Before the first layer allocates: fail if every layer's K/V for the prompt (or ``max_length``) would
-        not fit where it is kept (CPU memory, or the device's with ``offload="none"``), or the codes, sinks and
-        window would not fit on the device."""
+        """Before the first layer allocates: settle the row caches (:meth:`settle_rows`), then fail if every
+        layer's K/V for the prompt (or ``max_length``) would not fit where it is kept (CPU memory, or the device's
+        with ``offload="none"``), or the codes, sinks and window would not fit on the device."""
         b, h, t, d = key_states.shape
         config, layers = self.config, self.layers
         if config.max_length is not None and t > config.max_length:
             raise ValueError(f"The prompt has {t} tokens, more than this A2ATSCache's max_length={config.max_length}.")
         tokens, device, dtype = max(t, config.max_length or 0), key_states.device, key_states.dtype
+        self.settle_rows(key_states, tokens)
         resident = self.resident(key_states, tokens)
         local = layers * b * h * (2 * (config.sink + config.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes
         slots = self.slot_bytes(key_states, tokens)

@@ -123,3 +123,19 @@ def test_auto_takes_row_cache_slots_from_its_budget(row_slots, resident):
     if resident:  # (slots larger than the budget are the memory check's to refuse)
         held = resident * kv_bytes(2, 2, 16, keys.dtype, 1000, 1) + (3 - resident) * placement.slot_bytes(keys, 1000)
         assert held <= budget
+
+
+@pytest.mark.parametrize("row_cache, budget, kept", [(None, 10**9, True), (None, 10**4, False), (2, 10**4, True)])
+def test_the_default_row_cache_is_kept_where_the_budget_holds_every_layers_slots(row_cache, budget, kept):
+    """A row cache asked for keeps its slots (the memory check refuses them where they do not fit); the default's
+    are settled at each prompt: kept where the device's budget holds every layer's, else none. (Keys on the meta
+    device: not a CPU, and only their shape counts.)"""
+    from a2ats_hf.config import A2ATSConfig
+    from a2ats_hf.placement import Placement
+
+    config = A2ATSConfig(16, 4, max_length=1000, offload="auto", gpu_kv_budget=budget, row_cache=row_cache)
+    placement = Placement(config, 3, row_slots=40)
+    placement.settle_rows(torch.empty(2, 2, 100, 16, device="meta"), 1000)
+    assert placement.row_slots == (40 if kept else 0)
+    placement.settle_rows(torch.empty(2, 2, 100, 16), 1000)  # a CPU model's keys: the default keeps none
+    assert placement.row_slots == (40 if row_cache else 0)

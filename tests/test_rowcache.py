@@ -10,7 +10,7 @@ from test_step import ONE_LAYER, greedy
 from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.rowcache import RowCache
 
-from conftest import ids_of
+from conftest import DEVICE, ids_of
 
 D, TOKENS = 4, 50
 attend = kernels.sparse_attention
@@ -145,3 +145,27 @@ def test_a_row_cache_follows_beam_search_and_crop(tiny):
 def test_a_row_cache_is_checked(tiny, settings, message):
     with pytest.raises(ValueError, match=message):
         A2ATSCache(tiny[1], **settings)
+
+
+@pytest.mark.parametrize("settings, wanted", [
+    ({"max_length": 100}, 2), ({"max_length": 100, "offload": "auto"}, 2), ({"max_length": 100, "gpu_share": 1}, 2),
+    ({}, 0), ({"max_length": 100, "offload": "none"}, 0), ({"max_length": 100, "gpu_share": 0.3}, 0),
+    ({"max_length": 100, "row_cache": 0}, 0), ({"max_length": 100, "row_cache": 3}, 3)])
+def test_the_default_row_cache_is_wanted_where_it_can_serve(tiny, settings, wanted):
+    """By default an offloading cache with max_length (its slots are sized once) and gpu_share 0 or 1 wants 2
+    budgets of slots; without max_length, with the K/V on the device or a partial share it wants none; a value given
+    is kept."""
+    assert A2ATSCache(tiny[1], **settings).config.rows_wanted == wanted
+
+
+def test_the_default_row_cache_decodes_as_none_and_holds_rows_only_on_a_gpu(tiny):
+    """The default row cache on the test device: kept on a GPU (the same tokens as none), settled to none on a CPU,
+    where it would only copy CPU memory into CPU memory."""
+    model, books = tiny
+    ids = ids_of(2, 150, seed=5).to(DEVICE)
+    caches = [A2ATSCache(books, topk=0.1, max_length=200, **extra) for extra in ({"row_cache": 0}, {})]
+    outs = [greedy(model, ids, cache, new=20) for cache in caches]
+    assert torch.equal(outs[0], outs[1])
+    on_gpu = DEVICE.type == "cuda"
+    assert caches[1].row_cache == (2 if on_gpu else 0) and (caches[1].row_slots > 0) == on_gpu
+    assert all((layer.row_cache is not None) == on_gpu for layer in caches[1].a2ats_layers)
