@@ -27,7 +27,8 @@ def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = Fal
             selections.append([row[:c].tolist() for row, c in zip(indices.flatten(0, 1), counts.flatten().tolist())])
         return indices, counts
 
-    cache = A2ATSCache(books, **{"topk": 0.1, "offload": "none", "dense_below": 0, "max_length": 300, **options})
+    cache = A2ATSCache(books, **{"topk": 0.1, "offload": "none", "dense_below": 0, "max_length": 300, "row_cache": 0,
+                                 **options})  # (a row cache only where a case names one)
     kernels.select_topk = spy
     if graphs:
         capture_decoding(model, capture=DEVICE.type == "cuda", bucket=32, halves=halves)

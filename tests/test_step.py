@@ -141,8 +141,8 @@ def test_a_gpu_share_attends_the_same_rows(tiny, offload, share, window, monkeyp
     model, books = tiny
     ids = ids_of(2, 150, seed=3)
     auto = {"gpu_kv_budget": ONE_LAYER} if offload == "auto" else {}
-    caches = [A2ATSCache(books, topk=0.1, offload=offload, max_length=200, gpu_share=s, window=window, **auto)
-              for s in (0.0, share)]
+    caches = [A2ATSCache(books, topk=0.1, offload=offload, max_length=200, gpu_share=s, window=window, row_cache=0,
+                         **auto) for s in (0.0, share)]
     outs = [greedy(model, ids, caches[0], new=12)]
     attend, cpu_calls = kernels.sparse_attention, []
     monkeypatch.setattr(kernels, "sparse_attention", lambda *args: cpu_calls.append(args) or attend(*args))
@@ -159,7 +159,7 @@ def test_a_gpu_share_past_max_length_warns_and_goes_to_the_cpu(tiny):
     block per layer, the CPU attending from then on, the tokens of the CPU attending throughout."""
     model, books = tiny
     ids = ids_of(1, 150, seed=4)
-    caches = [A2ATSCache(books, topk=0.1, offload="cpu", max_length=155, gpu_share=s) for s in (0.0, 1.0)]
+    caches = [A2ATSCache(books, topk=0.1, offload="cpu", max_length=155, gpu_share=s, row_cache=0) for s in (0.0, 1.0)]
     run = lambda cache: model.generate(ids, **cache_argument(model, cache), max_new_tokens=12,  # noqa: E731
                                        min_new_tokens=12, do_sample=False, pad_token_id=0)
     reference = run(caches[0])
