@@ -28,10 +28,11 @@ class Placement:
     def __init__(self, config: A2ATSConfig, layers: int, row_slots: int = 0):
         self.config, self.layers, self.wanted_slots, self.row_slots = config, layers, row_slots, row_slots
         self.resident_left: int | None = None  # layers "auto" still keeps on the device, set by the first layer
+        self.budget_read: int | None = None  # this prompt's :meth:`budget`, read once
 
     def reset(self) -> None:
         """A new prompt: the budget is read again."""
-        self.resident_left = None
+        self.resident_left = self.budget_read = None
 
     def slot_bytes(self, key_states: torch.Tensor, tokens: int) -> int:
         """Device bytes of one offloaded layer's row cache (its slots' K/V, token and stamp, and the token -> slot
@@ -56,8 +57,13 @@ class Placement:
         return self.resident_left
 
     def budget(self, device: torch.device) -> int:
-        """Bytes of ``device`` memory "auto"'s K/V and the offloaded layers' row caches may take."""
-        return device_budget(device) if self.config.gpu_kv_budget is None else self.config.gpu_kv_budget
+        """Bytes of ``device`` memory "auto"'s K/V and the offloaded layers' row caches may take: ``gpu_kv_budget``,
+        else :func:`device_budget`, read once a prompt (the row caches and "auto" settle on the same figure)."""
+        if self.config.gpu_kv_budget is not None:
+            return self.config.gpu_kv_budget
+        if self.budget_read is None:
+            self.budget_read = device_budget(device)
+        return self.budget_read
 
     def settle_rows(self, key_states: torch.Tensor, tokens: int) -> None:
         """Each prompt's row-cache slots: those asked for (the memory check refuses them where they do not fit);

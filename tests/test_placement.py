@@ -139,3 +139,20 @@ def test_the_default_row_cache_is_kept_where_the_budget_holds_every_layers_slots
     assert placement.row_slots == (40 if kept else 0)
     placement.settle_rows(torch.empty(2, 2, 100, 16), 1000)  # a CPU model's keys: the default keeps none
     assert placement.row_slots == (40 if row_cache else 0)
+
+
+def test_the_device_budget_is_read_once_a_prompt(monkeypatch):
+    """The default row cache and "auto"'s resident layers settle on one reading of the device's free memory, and a
+    new prompt reads it again."""
+    from a2ats_hf import placement as placement_module
+    from a2ats_hf.config import A2ATSConfig
+
+    reads = []
+    monkeypatch.setattr(placement_module, "device_budget", lambda device: reads.append(device) or 10**9)
+    placement = placement_module.Placement(A2ATSConfig(16, 4, max_length=1000, offload="auto"), 3, row_slots=40)
+    keys = torch.empty(2, 2, 100, 16, device="meta")
+    for prompt in (1, 2):
+        placement.settle_rows(keys, 1000)
+        assert placement.resident(keys, 1000) == 3 and placement.row_slots == 40
+        assert len(reads) == prompt
+        placement.reset()
