@@ -43,6 +43,7 @@ from a2ats_hf.kernels.triton_topk import _order_key, _radix_select
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore, hugetlb_pool, meminfo
 from bench.common import cuda_time, environment, gpu_profile, results_path, wall_time
+from bench.report import CPU_ATTENTION, DECODE_LAYER, DEVICE_ATTENTION, KEEP, TOPK, table
 
 HKV, GROUP, D, M = 8, 4, 128, 4096
 LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -416,30 +417,10 @@ def main() -> None:
     out = args.out or results_path("kernels")
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n")
-    print("| keep N | batch | candidates | warps | keep_top us | at 8 warps | its select alone us | load floor us |")
-    for r in results["keep"]:
-        print(f"| {r['n']} | {r['batch']} | {r['candidates']} | {r['warps']} | {r['keep_top_us']:.1f} | "
-              f"{r['keep_top_8_warps_us']:.1f} | {r['select_us']:.1f} | {r['floor_us']:.1f} |")
-    print("| top-K N | batch | MB read | Triton us | GB/s | % HBM | torch topk us | GPU us by kernel | exact |")
-    for r in results["topk"]:
-        print(f"| {r['n']} | {r['batch']} | {r['mb_read']} | {r['triton_us']} | {r['triton_gbs']} | {r['pct_hbm']} | "
-              f"{r['torch_topk_us']} | {r['device_us']} | {r['matches_reference']} |")
-    print("| CPU attn N | batch | rows | threads | MB gathered | C++ ms | GB/s | % CPU bw | reference ms | "
-          "index_select ms |")
-    for r in results["cpu_attention"]:
-        rows = r["rows"] + (", pinned" if r["pinned"] else "") + (f", {r['stores']} stores" if r["stores"] > 1 else "")
-        print(f"| {r['n']} | {r['batch']} | {rows} | {r['threads']} | {r['mb_gathered']} | {r['cpp_ms']} | "
-              f"{r['cpp_gbs']} | "
-              f"{r['pct_cpu_bw']} | {r.get('reference_ms', '-')} | {r.get('index_select_ms', '-')} |")
-    print("| GPU attn N | batch | rows | MB gathered | Triton us | GB/s | bound us | sdpa over all us | max error |")
-    for r in results["device_attention"]:
-        print(f"| {r['n']} | {r['batch']} | {r['rows']} | {r['mb_gathered']} | {r['triton_us']} | {r['gbs']} | "
-              f"{r['bound_us']} | {r['sdpa_full_us']} | {r['max_error']:.1e} |")
-    print("| layer step N | batch | scoring | offload | A2ATS ms | serial ms | GPU sdpa ms | offloaded ms | split |")
-    for r in results["decode_layer"]:
-        print(f"| {r['n']} | {r['batch']} | {r['scoring']} | {r['offload']} | {r['a2ats_ms']} | {r['serial_ms']} | "
-              f"{r['gpu_sdpa_ms']} | {r['offloaded_ms']} | {r['split_ms']} |")
-
+    for part, columns in (("keep", KEEP), ("topk", TOPK), ("cpu_attention", CPU_ATTENTION),
+                          ("device_attention", DEVICE_ATTENTION), ("decode_layer", DECODE_LAYER)):
+        if results[part]:
+            print(f"{part}:\n{table(results[part], columns)}\n")
 
 if __name__ == "__main__":
     main()

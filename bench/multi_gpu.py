@@ -26,6 +26,7 @@ from transformers import DynamicCache, LogitsProcessor
 from a2ats_hf import A2ATSCache, Codebooks, cache_argument
 from a2ats_hf.kernels import cpu_attention
 from bench.common import LLAMA31_8B, build, environment, random_codebooks, results_path
+from bench.report import MULTI_GPU, table
 
 
 class Clock(LogitsProcessor):
@@ -123,12 +124,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     out = args.out or results_path("multi-gpu")
     out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {out}\n\n"
-          "| GPUs | context | method | decode ms/token | tokens/s | prefill s | peak GPU GiB | CPU K/V GiB |")
-    for r in results["runs"]:
-        print(f"| {r['gpus']} | {r['context'] // 1024}K | {r['method']} | {r['decode_ms']} | {r['tokens_per_s']} | "
-              f"{r['prefill_s']} | {r['peak_gpu_gib']} | {r.get('cpu_kv_gib', '-')} |")
-
+    print(f"\nwrote {out}\n\n{table(results['runs'], MULTI_GPU)}")
 
 if __name__ == "__main__":
     main()

@@ -22,12 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from a2ats_eval.suite import summarize  # noqa: E402
+from a2ats_eval.suite import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -240,7 +235,7 @@ def throughput_table(runs: list[dict], methods: str = "", per_batch: bool = True
         ratio = r["tokens_per_s"] / full[base(r)] if full[base(r)] else None
         out.append(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {r['step_ms']:.1f} | "
                    f"{r['tokens_per_s']:.1f} | " + (f"{ratio:.2f}x" if ratio else "-") + " |"
-                   + (f" {r['peak_gpu_gib']:.1f} | {r['cpu_gib']:.0f} |" if memory else ""))
+                   + (f" {cell('peak_gpu_gib', '{:.1f}')(r)} | {cell('cpu_gib', '{:.0f}')(r)} |" if memory else ""))
     return "\n".join(out)
 
 
@@ -290,6 +285,10 @@ CPU_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "threads": cell("thread
 KEEP = {"version": cell("version"), "N": kilo("n"), "batch": cell("batch"), "candidates": cell("candidates"),
         "keep_top (16 warps)": cell("keep_top_us", "{:.1f} us"), "at 8 warps": cell("keep_top_8_warps_us", "{:.1f} us"),
         "its radix select alone": cell("select_us", "{:.1f} us"), "load floor": cell("floor_us", "{:.1f} us")}
+DEVICE_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "rows": cell("rows"),
+                    "MB gathered": cell("mb_gathered", "{:.1f}"), "Triton": cell("triton_us", "{:.0f} us"),
+                    "GB/s": cell("gbs", "{:.0f}"), "bound": cell("bound_us", "{:.1f} us"),
+                    "sdpa over all rows": cell("sdpa_full_us", "{:.0f} us"), "max error": cell("max_error", "{:.1e}")}
 DECODE_LAYER = {"N": kilo("n"), "batch": cell("batch"), "scorer": cell("scoring"),
                 "A2ATS": cell("a2ats_ms", "{:.1f} ms"), "serial split": cell("serial_ms", "{:.1f} ms"),
                 "GPU sdpa (K/V resident)": cell("gpu_sdpa_ms", "{:.2f} ms"),
@@ -529,8 +528,19 @@ def save(fig, ax, name: str) -> Path:
         fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.1 if len(fig.axes) <= 2 else 0.05, 1, 1))
     fig.savefig(FIGURES / name, dpi=150)
-    plt.close(fig)
+    pyplot().close(fig)
     return FIGURES / name
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing into files: imported where a figure is drawn, so that the benchmarks print
+    this module's tables on machines without matplotlib (the GPU machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def figures(suite: dict, fidelity: list[dict]) -> list[Path]:
@@ -538,7 +548,7 @@ def figures(suite: dict, fidelity: list[dict]) -> list[Path]:
     and attention mass against budget (one row of panels per length)."""
     FIGURES.mkdir(parents=True, exist_ok=True)
     lengths = lengths_of(suite["summary"])
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         relative = at_length(suite["summary"]["relative_to_full"], length)
         prompts, tasks = suite["summary"]["prompts"][f"full | {length}"], len(suite["summary"]["tasks"])
@@ -548,7 +558,7 @@ def figures(suite: dict, fidelity: list[dict]) -> list[Path]:
     written = [save(fig, axes[0][0], "accuracy-vs-budget.png")]
     lengths = sorted({r["length"] for r in fidelity})
     if lengths:
-        fig, axes = plt.subplots(len(lengths), 2, figsize=(10, 3.8 * len(lengths)), squeeze=False)
+        fig, axes = pyplot().subplots(len(lengths), 2, figsize=(10, 3.8 * len(lengths)), squeeze=False)
         for row, length in zip(axes, lengths):
             rows = {r["method"]: r for r in fidelity if r["length"] == length}
             for ax, metric, ylabel in zip(row, ("recall", "mass"),
@@ -576,7 +586,7 @@ def cost_accuracy_figure(suite: dict, throughput: dict, batch: int = 7) -> Path:
     speed = {r["method"]: r["tokens_per_s"] for r in throughput["runs"]
              if r["context"] == 131072 and r["batch"] == batch and "tokens_per_s" in r}
     lengths = lengths_of(suite["summary"])
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         relative = at_length(suite["summary"]["relative_to_full"], length)
         for method, step in COSTS.items():

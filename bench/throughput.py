@@ -53,6 +53,7 @@ from bench.common import (
     texts,
 )
 from bench.kernels_bench import bandwidths, phase_timers
+from bench.report import throughput_table
 
 ROW_CACHE_WARMUP = 12  # extra warm-up steps with a row cache: a step fills at most an eighth of its slots
 TINY = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
@@ -378,23 +379,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             results["runs"].append(row)
             out.write_text(json.dumps(results, indent=1))
-    full = {}  # per context, the faster of the two full-attention baselines: the one a user would pick
-    for r in results["runs"]:
-        if r["method"].startswith(("full", "StaticCache")) and "tokens_per_s" in r:
-            if r["tokens_per_s"] > full.get(r["context"], {}).get("tokens_per_s", 0):
-                full[r["context"]] = r
-    print(f"\nwrote {out}\n\n"
-          "| context | method | batch | ms/step | tokens/s | vs full attention (the faster baseline) | peak GPU GiB | "
-          "CPU GiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results["runs"]:
-        if "tokens_per_s" not in r:
-            print(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | - | - | - | - | {r['error'][:60]} |")
-            continue
-        full_rate = full[r["context"]]["tokens_per_s"] if r["context"] in full else None  # not run this time: "-"
-        ratio = f"{r['tokens_per_s'] / full_rate:.2f}x" if full_rate else "-"
-        print(f"| {r['context'] // 1024}K | {r['method']} | {r['batch']} | {r['step_ms']} | {r['tokens_per_s']} | "
-              f"{ratio} | {r.get('peak_gpu_gib', '-')} | {r['cpu_gib']} |")
+    # against the faster of the two full-attention baselines at each context, at whatever batch: the one a user
+    # would pick
+    print(f"\nwrote {out}\n\n{throughput_table(results['runs'], per_batch=False, memory=True)}")
     copy = results["cpu_copy_gbs"]
     for r in results["runs"]:
         if "cpu_attention_gbs" in r:

@@ -72,6 +72,19 @@ def test_throughput_table_per_context_divides_by_full_attention_at_any_batch_and
     assert lines[2].endswith("| 1.00x | 72.7 | 0 |") and lines[3].endswith("| 0.09x | 19.9 | 98 |")
     assert lines[4] == "| 32K | A2ATS offload=cpu kv_head | 21 | 100.0 | 210.0 | 1.50x | 31.0 | 98 |"
     assert lines[5].count("|") == 9  # a failed run keeps the table's eight columns
+    cpu_run = {k: v for k, v in runs[0].items() if k != "peak_gpu_gib"}  # (a run on a CPU has no GPU peak)
+    assert report.throughput_table([cpu_run], memory=True).splitlines()[2].endswith("| - | 98 |")
+
+
+def test_the_benchmarks_print_these_tables_without_matplotlib():
+    """The GPU machines lack matplotlib: the benchmarks' summaries come from this module, which imports it only
+    where a figure is drawn."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['matplotlib'] = None; "  # (an import of it now fails)
+            "import bench.throughput, bench.kernels_bench, bench.multi_gpu, bench.report")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=report.ROOT)
 
 
 def test_column_tables_sum_the_profile_and_mark_what_a_run_lacks():
