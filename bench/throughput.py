@@ -130,6 +130,8 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
         sync(device)
         times.append(time.perf_counter() - start)
     result = {"step_ms": round(1e3 * sorted(times)[len(times) // 2], 2), "steps": steps}
+    if isinstance(cache, A2ATSCache):
+        result["row_cache"] = cache.row_cache  # as the placement settled it (the library's default chooses)
     if rows_cached:  # over the timed steps (the warm-up filled the slots)
         result["row_cache_hits"] = round(hits_since(cache, counted), 4)
     if isinstance(cache, A2ATSCache) and device.type == "cuda" and split_steps:
@@ -274,9 +276,9 @@ def arguments() -> argparse.ArgumentParser:
                         help="shares of an offloaded layer's rows the GPU attends itself over PCIe (A2ATSCache's "
                              "gpu_share; 0: the CPU attends them all; 1: none, and with --row-cache the GPU reads "
                              "the misses)")
-    parser.add_argument("--row-cache", type=float, nargs="+", default=[0.0],
+    parser.add_argument("--row-cache", type=lambda v: None if v == "default" else float(v), nargs="+", default=[0.0],
                         help="budgets of recently picked rows an offloaded layer keeps on the GPU (A2ATSCache's "
-                             "row_cache; 0: none)")
+                             "row_cache; 0: none; default: the library's, as it settles on this GPU)")
     parser.add_argument("--fresh-tokens", action="store_true",
                         help="a new random token every decode step, so picks barely repeat (the row cache's worst "
                              "case; by default one token repeats, its best)")
@@ -347,13 +349,14 @@ def main() -> None:
             for budget in ("query_head", "kv_head"):
                 reranks = [r for r in args.rerank if r == 1 or offload != "cpu"]  # re-ranking reads device keys
                 offloaded = [(f, 0.0) for f in args.gpu_share if f == 0 or offload != "none"]  # of offloaded rows
+                # the CPU or (share 1) the GPU reads the misses; None: the library's default row cache
                 offloaded += [(f, c) for c in args.row_cache for f in args.gpu_share
-                              if c and f in (0, 1) and offload != "none"]  # the CPU or (share 1) the GPU reads misses
+                              if c != 0 and f in (0, 1) and offload != "none"]
                 for scoring, rerank, (share, held) in [(s, r, o) for s in args.scoring for r in reranks
                                                        for o in offloaded]:
                     name = (f"A2ATS offload={offload} {budget}" + ("" if scoring == "wrope" else f" {scoring}")
                             + ("" if rerank == 1 else f" rerank {rerank}") + (f" gpu share {share}" if share else "")
-                            + (f" row cache {held:g}" if held else ""))
+                            + ("" if held == 0 else " row cache " + ("default" if held is None else f"{held:g}")))
                     def make(o=offload, b=budget, s=scorer(scoring), rows=batch, r=rerank, f=share, c=held):
                         return A2ATSCache(books, topk=0.03, budget=b, offload=o, scoring=s, max_length=n + steps_total,
                                           gpu_kv_budget=kv_budget(device, config, rows, n) if o == "auto" else None,
