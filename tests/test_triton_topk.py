@@ -205,6 +205,19 @@ def test_threshold_compiles_for_hopper():
     compile_for_hopper("triton_topk", "_threshold_kernel", constants, pointers)
 
 
+@pytest.mark.parametrize("group, phase", [(1, 0), (1, 2), (4, 0), (4, 1), (4, 2), (6, 2)])
+def test_scans_compile_for_hopper(group, phase):
+    """The scans over the codes compile to PTX for sm_90 without a GPU, for a group of one head (no union count:
+    PHASE 0 counts the tokens above, PHASE 2 adds the ties taken), of four (a word of four bytes) and of six (a
+    word of eight)."""
+    g_pad = {1: 1, 4: 4, 6: 8}[group]
+    constants = {"PHASE": phase, "HKV": 8, "G": group, "G_PAD": g_pad, "S_PAD": 128, "BLOCK_N": 512, "BLOCKS": 4,
+                 "WORDS": True, "PACKED": g_pad <= 4, "HEAD_BYTES": (1 << 8 * group) - 1}
+    pointers = {"class_ptr": {1: "*u8", 4: "*i32", 8: "*i64"}[g_pad], "codes_ptr": "*u16", "cand_ptr": "*i1",
+                "k_ptr": "*i64"}
+    compile_for_hopper("triton_topk", "_scan_kernel", constants, pointers)
+
+
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
 @pytest.mark.parametrize("keep_table", [None, 256], ids=["in-registers", "as-a-select"])
 def test_keep_top_matches_reference(budget, keep_table, monkeypatch):

@@ -11,8 +11,10 @@ table of 1 KB per 4096 centroids, so a warp's lookups touch at most 8 cache line
 touch 32) and only a token tied for some head reads its class word. The passes count each head's ties per segment;
 count the tokens the KV group unites per segment (a tie is taken while fewer than the head's remaining budget of
 ties precede it, so ties go to the lowest token indices); write the chosen indices compacted and ascending at each
-segment's offset. For groups of up to 4 heads the words are counted with bit operations (one 16-bit counter per
-head in a 64-bit lane) and unpacked to a [group, block] tile only in the block where a head's budget runs out.
+segment's offset (a group of one head skips the second pass: the first counts its tokens above the threshold
+too, and the ties its budget takes follow from the tie counts). For groups of up to 4 heads the words are counted
+with bit operations (one 16-bit counter per head in a 64-bit lane) and unpacked to a [group, block] tile only in
+the block where a head's budget runs out.
 The result equals :func:`a2ats_hf.kernels.reference.select_topk` exactly.
 """
 
@@ -383,7 +385,8 @@ def _scan_kernel(
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr, HEAD_BYTES: tl.constexpr,
 ):
     """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
-    choice, 2 writes the chosen indices."""
+    choice, 2 writes the chosen indices. A group of one head needs no PHASE 1: its choice in a segment is the
+    tokens above its threshold there, which PHASE 0 counts too, and the ties its budget still takes there."""
     pair = tl.program_id(0)
     seg = tl.program_id(1)
     row = pair // HKV
@@ -409,7 +412,11 @@ def _scan_kernel(
         earlier = tl.load(ties_ptr + (pair * segments + s[:, None]) * G_PAD + g[None, :], mask=before[:, None], other=0)
         ties_seen += tl.sum(earlier, axis=0)
     if PHASE == 2:  # where this segment's indices start
-        chosen_before += tl.sum(tl.load(union_ptr + pair * segments + s, mask=before, other=0), axis=0)
+        chosen = tl.load(union_ptr + pair * segments + s, mask=before, other=0)
+        if G == 1:  # PHASE 0 counted each segment's tokens above: add the ties the budget took there
+            ties = tl.load(ties_ptr + pair * segments + s, mask=before, other=0)
+            chosen += tl.minimum(tl.maximum(tl.sum(need, axis=0) - (tl.cumsum(ties, axis=0) - ties), 0), ties)
+        chosen_before += tl.sum(chosen, axis=0)
     for i in range(BLOCKS):
         tokens = (seg * BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         t_ok = tokens < n
@@ -453,9 +460,13 @@ def _scan_kernel(
                 slot = tl.cumsum(union, axis=0) - union + chosen_before
                 tl.store(out_ptr + pair.to(tl.int64) * out_width + slot, tokens, mask=union != 0)
             chosen_before += tl.sum(union, axis=0)
+        elif G == 1:  # the tokens above the threshold
+            chosen_before += tl.sum(((word & 2) != 0).to(tl.int32), axis=0)
         ties_seen += here
     if PHASE == 0:
         tl.store(ties_ptr + (pair * segments + seg) * G_PAD + g, ties_seen)
+        if G == 1:
+            tl.store(union_ptr + pair * segments + seg, chosen_before)
     elif PHASE == 1:
         tl.store(union_ptr + pair * segments + seg, chosen_before)
     elif seg == segments - 1:
@@ -518,7 +529,7 @@ def select_topk(
     union = torch.empty(b * hkv, segments, dtype=torch.int32, device=codes.device)
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(g_pad)
     entries = classes.view(word).view(b * hkv, m) if word else classes
-    for phase in range(3):
+    for phase in (0, 2) if group == 1 else (0, 1, 2):  # (see _scan_kernel)
         _scan_kernel[(b * hkv, segments)](
             entries, summary, codes, cand, k, need, ties, union, indices, counts,
             n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
