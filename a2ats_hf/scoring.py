@@ -30,9 +30,8 @@ if TYPE_CHECKING:
 
 def group_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """Each KV group's queries [B, Hq, D] summed, [B, Hkv, D] float32: the group's summed q . k, what the per-KV-head
-    budget rule ranks by, is the summed query's q . k."""
-    b, hq, d = query.shape
-    return query.float().view(b, kv_heads, hq // kv_heads, d).sum(2)
+    budget rule ranks by, is the summed query's q . k. One kernel: the sum casts as it reads."""
+    return query.unflatten(1, (kv_heads, -1)).sum(2, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
