@@ -486,7 +486,8 @@ class A2ATSCache(Cache):
             mostly the same rows), attended by the CPU, or with ``gpu_share=1`` read by the GPU into the slots.
             Needs ``max_length`` (the slots are sized once); with ``gpu_share`` 0 or 1 only. 0: none. None (the
             default): 2 where the cache offloads layers from a GPU with ``max_length`` and ``gpu_share`` 0 or 1,
-            and every layer's slots fit the device's budget (``gpu_kv_budget``'s; checked at each prompt), else
+            and every layer's slots fit the device's budget beside the codes and windows (``gpu_kv_budget``'s;
+            checked at each prompt), else
             none; ``row_cache`` then says which.
     """
 

@@ -23,7 +23,7 @@ class Placement:
     (default: :func:`device_budget`, read when the first layer allocates) holds, the first layers first. An
     offloaded layer with a row cache keeps ``row_slots`` rows per (row, KV head) on the device besides, and "auto"
     takes those from the same budget; the default row cache (``row_cache=None``) is kept only where that budget
-    holds every layer's slots."""
+    holds every layer's slots beside the codes and windows."""
 
     def __init__(self, config: A2ATSConfig, layers: int, row_slots: int = 0):
         self.config, self.layers, self.wanted_slots, self.row_slots = config, layers, row_slots, row_slots
@@ -40,6 +40,13 @@ class Placement:
         b, h, _, d = key_states.shape
         return b * h * (self.row_slots * (2 * d * key_states.dtype.itemsize + 12) + 4 * (tokens + 1)) \
             if self.row_slots else 0
+
+    def local_bytes(self, key_states: torch.Tensor, tokens: int) -> int:
+        """Device bytes every layer keeps wherever its K/V is: the codes of ``tokens`` and the ring of sinks and
+        window, for keys shaped like ``key_states`` [B, Hkv, T, D]."""
+        b, h, _, d = key_states.shape
+        window = self.config.sink + self.config.window
+        return self.layers * b * h * (2 * window * d * key_states.dtype.itemsize + 2 * tokens)
 
     def resident(self, key_states: torch.Tensor, tokens: int) -> int:
         """How many layers keep their K/V on the device: all under "none", none under "cpu"; under "auto" as many as
@@ -68,11 +75,13 @@ class Placement:
     def settle_rows(self, key_states: torch.Tensor, tokens: int) -> None:
         """Each prompt's row-cache slots: those asked for (the memory check refuses them where they do not fit);
         by default, those of :attr:`~a2ats_hf.config.A2ATSConfig.rows_wanted` where every layer's fit the device's
-        :meth:`budget` (on a GPU: it pays where PCIe or the CPU would bring the rows), else none."""
+        :meth:`budget` beside the codes and windows (on a GPU: it pays where PCIe or the CPU would bring the rows),
+        else none: a default never turns a cache that fits into a memory error."""
         self.row_slots = self.wanted_slots
         if self.config.row_cache is None and self.row_slots:
             device = key_states.device
-            if device.type == "cpu" or self.layers * self.slot_bytes(key_states, tokens) > self.budget(device):
+            needed = self.layers * self.slot_bytes(key_states, tokens) + self.local_bytes(key_states, tokens)
+            if device.type == "cpu" or needed > self.budget(device):
                 self.row_slots = 0
 
     def check(self, key_states: torch.Tensor) -> None:
@@ -86,19 +95,18 @@ class Placement:
         tokens, device, dtype = max(t, config.max_length or 0), key_states.device, key_states.dtype
         self.settle_rows(key_states, tokens)
         resident = self.resident(key_states, tokens)
-        local = layers * b * h * (2 * (config.sink + config.window) * d * dtype.itemsize + 2 * tokens)  # ring, codes
-        slots = self.slot_bytes(key_states, tokens)
+        local, slots = self.local_bytes(key_states, tokens), self.slot_bytes(key_states, tokens)
         on_device = local + resident * kv_bytes(b, h, d, dtype, tokens, 1) + (layers - resident) * slots
         offloaded = (layers - resident) * kv_bytes(b, h, d, dtype, tokens)
         kv = f"The K/V of {layers - resident} layers x batch {b} x {tokens} tokens"
         slots_held = f", and {self.row_slots} row-cache slots per row and KV head of the others" if slots else ""
-        local = (f"the codes, {config.sink} sinks and {config.window}-token window of {layers} layers (with the K/V of "
-                 f"{resident} layers kept on {device}{slots_held})")
+        held = (f"the codes, {config.sink} sinks and {config.window}-token window of {layers} layers (with the K/V of "
+                f"{resident} layers kept on {device}{slots_held})")
         if device.type == "cuda":
-            check_memory(on_device, local[0].upper() + local[1:], device)
+            check_memory(on_device, held[0].upper() + held[1:], device)
             check_memory(offloaded, kv)
         else:
-            check_memory(on_device + offloaded, f"{kv}, with {local},")
+            check_memory(on_device + offloaded, f"{kv}, with {held},")
 
     def new_store(self, key_states: torch.Tensor) -> Store:
         """Where a layer keeps its K/V, from its prompt's keys [B, Hkv, T, D]: the device (room for ``max_length``

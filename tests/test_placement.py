@@ -141,6 +141,23 @@ def test_the_default_row_cache_is_kept_where_the_budget_holds_every_layers_slots
     assert placement.row_slots == (40 if row_cache else 0)
 
 
+@pytest.mark.parametrize("short", [0, 1])
+def test_the_default_row_cache_counts_the_codes_and_windows_beside_its_slots(short):
+    """Slots that fit the budget alone but not beside every layer's codes, sinks and window are not kept: the
+    default would turn a cache that fits into a memory error."""
+    from a2ats_hf.config import A2ATSConfig
+    from a2ats_hf.placement import Placement
+
+    keys = torch.empty(2, 2, 100, 16, device="meta")
+    probe = Placement(A2ATSConfig(16, 4, max_length=1000, offload="cpu"), 3, row_slots=40)
+    needed = 3 * probe.slot_bytes(keys, 1000) + probe.local_bytes(keys, 1000)
+    assert probe.local_bytes(keys, 1000) > 0
+    placement = Placement(A2ATSConfig(16, 4, max_length=1000, offload="auto", gpu_kv_budget=needed - short), 3,
+                          row_slots=40)
+    placement.settle_rows(keys, 1000)
+    assert placement.row_slots == (0 if short else 40)
+
+
 def test_the_device_budget_is_read_once_a_prompt(monkeypatch):
     """The default row cache and "auto"'s resident layers settle on one reading of the device's free memory, and a
     new prompt reads it again."""
