@@ -92,12 +92,15 @@ def cuda_time(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps / 1e3
 
 
-def wall_time(fn, reps: int = 5) -> float:
-    """Median wall seconds per call (after a warm-up call), syncing the GPU if one is used."""
+def wall_time(fn, reps: int = 5, before=None) -> float:
+    """Median wall seconds per call (after a warm-up call), syncing the GPU if one is used; ``before``, if given,
+    runs untimed before each call."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     fn()
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         sync()
         t = time.perf_counter()
         fn()

@@ -204,12 +204,14 @@ ROWS = {  # which 3% of the rows a call gathers, per (row, KV head): where the g
 
 
 def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads: int | None = None,
-                        rows: str = "random", pinned: bool = False, stores: int = 1) -> dict:
+                        rows: str = "random", pinned: bool = False, stores: int = 1, pause_ms: float = 0.0) -> dict:
     """The C++ kernel over 3% of the rows of an N-token store (``rows``: random by default, as decoding selects),
     each call a new selection of four in turn (one repeated would be served by the last-level cache where it fits
     there); ``threads``: torch's, for the call; ``pinned``: the store's blocks pinned as decoding pins them;
     ``stores``: that many stores, one per call in turn, as a decode step's layers take theirs (each call then
-    finds a store whose pages the last calls did not touch, as decoding does)."""
+    finds a store whose pages the last calls did not touch, as decoding does); ``pause_ms``: the host idle that
+    long before each call, as it waits on a layer's GPU part between two calls in a decode step (the threads and
+    caches then start cold)."""
     pool, huge = hugetlb_pool()[0], meminfo("AnonHugePages") or 0
     layers = [random_store(b, n, pinned=pinned) for _ in range(stores)]
     store = layers[0]
@@ -230,10 +232,11 @@ def bench_cpu_attention(n: int, b: int, cpu_bw: float, baselines: bool, threads:
             t = next(turn)
             return cpu_attention.sparse_attention(query, layers[t % stores], selections[t % 4], counts, D**-0.5)
 
-        fast = wall_time(call, max(8, 2 * stores))
+        fast = wall_time(call, max(8, 2 * stores), (lambda: time.sleep(pause_ms / 1e3)) if pause_ms else None)
     finally:
         torch.set_num_threads(every)
     row = {"n": n, "batch": b, "threads": threads or every, "rows": rows, "pinned": pinned, "stores": stores,
+           "pause_ms": pause_ms,
            "hugetlb_gib": pool_gib,
            "huge_pages_gib": huge_gib,
            "mb_gathered": round(gathered / 1e6, 1),
@@ -369,6 +372,8 @@ def main() -> None:
     parser.add_argument("--pinned", action="store_true", help="the CPU attention's store pinned, as decoding pins it")
     parser.add_argument("--stores", type=int, default=1,
                         help="the CPU attention over this many stores in turn, one a call, as a step's layers")
+    parser.add_argument("--pause", type=float, nargs="+", default=[0.0], metavar="MS",
+                        help="the CPU attention timed after the host idled this long, as between a step's layers")
     parser.add_argument("--lengths", type=int, nargs="+", help="N of the top-K and CPU attention (default: by --quick)")
     parser.add_argument("--batches", type=int, nargs="+", help="their batch sizes (default: by --quick)")
     parser.add_argument("--out", type=Path, help="default: bench/results/kernels/<date>-<commit>-<gpu>.json")
@@ -391,11 +396,12 @@ def main() -> None:
     for n in lengths if "cpu" in parts else []:
         for b in batches:
             for rows in args.rows:
-                for threads in [None, *(args.threads or [])]:
-                    baselines = threads is None and rows == "random" and n * b <= 131072 * 4
+                for threads, pause in [(None, 0.0), *((t, 0.0) for t in args.threads or []),
+                                       *((None, p) for p in args.pause if p)]:
+                    baselines = threads is None and not pause and rows == "random" and n * b <= 131072 * 4
                     results["cpu_attention"].append(bench_cpu_attention(n, b, bw["cpu_copy_gbs"], baselines,
                                                                         threads, rows, args.pinned,
-                                                                        args.stores))
+                                                                        args.stores, pause))
                     print(results["cpu_attention"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "attention" in parts else []:
         for b in [1, 7]:

@@ -277,7 +277,8 @@ TOPK = {"N": kilo("n"), "batch": cell("batch"), "MB read": cell("mb_read", "{:.1
         "exact": lambda r: "yes" if r["matches_reference"] else "no"}
 CPU_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "threads": cell("threads"),
                  "rows": lambda r: r.get("rows", "-") + (", pinned store" if r.get("pinned") else "")
-                 + (f", {r['stores']} stores in turn" if r.get("stores", 1) > 1 else ""),
+                 + (f", {r['stores']} stores in turn" if r.get("stores", 1) > 1 else "")
+                 + (f", after {r['pause_ms']:g} ms idle" if r.get("pause_ms") else ""),
                  "MB gathered": cell("mb_gathered", "{:.1f}"),
                  "C++ kernel": cell("cpp_ms", "{:.2f} ms"), "GB/s": cell("cpp_gbs", "{:.1f}"),
                  "% CPU bw": cell("pct_cpu_bw", "{:.0f}"), "torch reference": cell("reference_ms", "{:.2f} ms"),
