@@ -487,8 +487,7 @@ class A2ATSCache(Cache):
             Needs ``max_length`` (the slots are sized once); with ``gpu_share`` 0 or 1 only. 0: none. None (the
             default): 2 where the cache offloads layers from a GPU with ``max_length`` and ``gpu_share`` 0 or 1,
             and every layer's slots fit the device's budget beside the codes and windows (``gpu_kv_budget``'s;
-            checked at each prompt), else
-            none; ``row_cache`` then says which.
+            checked at each prompt), else none; ``row_cache`` then says which.
     """
 
     def __init__(
