@@ -109,9 +109,9 @@ def wall_time(fn, reps: int = 5, before=None) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gpu_profile(step, device: torch.device, steps: int = 8, top: int = 12) -> dict:
-    """The GPU's share of a step's wall time (kernel time summed, over ``steps`` synced steps) and the kernels that
-    take it, by name (ms per step), printed and returned."""
+def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12) -> dict:
+    """The GPU's share of a step's wall time (kernel time summed, over ``steps`` synced steps) and the ``top``
+    kernels that take it (None: all), by name (ms per step), printed and returned."""
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()

@@ -152,7 +152,7 @@ def _keep_part_kernel(score_ptr, k_ptr, out_ptr, c, TABLE: tl.constexpr, SELECT:
 def kernel_us(fn, calls: int = 20) -> dict[str, float]:
     """GPU microseconds a call of ``fn`` spends in each kernel it launches (after a call that compiles them)."""
     fn()
-    profile = gpu_profile(fn, torch.device("cuda"), steps=calls)
+    profile = gpu_profile(fn, torch.device("cuda"), steps=calls, top=None)
     return {name: round(1e3 * ms, 1) for name, ms in profile["kernels_ms"]}
 
 
@@ -427,6 +427,7 @@ def main() -> None:
                           ("device_attention", DEVICE_ATTENTION), ("decode_layer", DECODE_LAYER)):
         if results[part]:
             print(f"{part}:\n{table(results[part], columns)}\n")
+
 
 if __name__ == "__main__":
     main()

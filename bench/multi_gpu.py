@@ -126,5 +126,6 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n\n{table(results['runs'], MULTI_GPU)}")
 
+
 if __name__ == "__main__":
     main()
