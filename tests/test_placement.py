@@ -80,14 +80,16 @@ def test_auto_keeps_layers_on_the_device_while_the_budget_lasts(tiny):
 
 
 def test_auto_checks_cpu_memory_for_the_layers_it_offloads(tiny, monkeypatch):
-    """Before allocating, offload="auto" counts against CPU memory only the layers beyond the device budget."""
+    """Before allocating, offload="auto" counts against CPU memory only the layers beyond the device budget (no row
+    cache: on a GPU the default one's slots would take from the budget too)."""
     from a2ats_hf import store
 
     model, books = tiny
     monkeypatch.setattr(store, "available_memory", lambda: 2**20)
     layer_bytes = store.kv_bytes(1, 2, 16, torch.float32, 100_000, 1)
     with pytest.raises(MemoryError, match=f"The K/V of {len(books.layers) - 1} layers"):
-        generate(model, ids_of(1, 50), A2ATSCache(books, max_length=100_000, offload="auto", gpu_kv_budget=layer_bytes))
+        generate(model, ids_of(1, 50), A2ATSCache(books, max_length=100_000, offload="auto", gpu_kv_budget=layer_bytes,
+                                                    row_cache=0))
 
 
 def test_row_cache_slots_are_counted(monkeypatch):
