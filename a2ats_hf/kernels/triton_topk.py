@@ -31,6 +31,7 @@ WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (s
 WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ranking's), whose digits a split
 # counts with a histogram instead of atomic additions
 SPLIT_COLUMNS = 4096  # columns per program of a split select
+ONE_PROGRAM_ROWS = 128  # heads up to which a wide table (not a unit one) is walked by one program per head
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 
@@ -179,15 +180,21 @@ def _key_range_kernel(lut_ptr, hist_ptr, span_ptr, m, hist_stride, HEADS: tl.con
 
 
 @triton.jit
-def _key_span(span_ptr, pid):
-    """(lowest candidate key, left shift) of a head: its candidates' keys less the lowest, shifted left by the
-    leading zero bits of their span (at most 31), fill 32 bits, so the rounds' first digit spreads them over its
-    bins instead of the few that a score's sign and top exponent bits leave, which keeps the counts' atomic
-    additions off one address (while they were ordered, acq_rel, this gained nothing measurable: v67)."""
-    low = 4294967295 - tl.load(span_ptr + 2 * pid + 1)
-    span = tl.maximum(tl.load(span_ptr + 2 * pid) - low, 0)
+def _span_shift(low, high):
+    """(lowest candidate key, left shift) of a head whose candidates' keys (int64) lie in [low, high]: the keys
+    less the lowest, shifted left by the leading zero bits of their span (at most 31), fill 32 bits, so the rounds'
+    first digit spreads them over its bins instead of the few that a score's sign and top exponent bits leave,
+    which keeps the counts' atomic additions off one address (while they were ordered, acq_rel, this gained nothing
+    measurable: v67)."""
+    span = tl.maximum(high - low, 0)
     bits = tl.arange(0, 32)
     return low, tl.minimum(tl.sum(((span >> (31 - bits)) == 0).to(tl.int32), axis=0), 31).to(tl.int64)
+
+
+@triton.jit
+def _key_span(span_ptr, pid):
+    """:func:`_span_shift` of a head from its two ``span`` words (:func:`_key_range_kernel`)."""
+    return _span_shift(4294967295 - tl.load(span_ptr + 2 * pid + 1), tl.load(span_ptr + 2 * pid))
 
 
 @triton.jit
@@ -247,19 +254,62 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, ne
               end, m, GROUP, G_PAD, BLOCK_M)
 
 
-def _split_shape(m: int, unit: bool = False) -> tuple[int, int, int] | None:
-    """(splits, sets of counters, rounds) of a split select over a table of ``m`` columns (``unit``: of one
-    candidate each); None for a narrow table (one program per head)."""
+@triton.jit
+def _wide_threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, bins_ptr, m, hist_stride,
+                           HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, BITS: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+    """Per (row, head) of a wide table, walking it in one program: the head's key span (:func:`_span_shift`), then
+    BITS of the shifted key a round, counted by atomic additions into the head's own zeroed ``bins`` (after the
+    first round only the few columns under the prefix add), then the classes (:func:`_classify`) and the ties to
+    take: one launch where the split select takes 32 // BITS + 2."""
+    pid = tl.program_id(0)
+    row = pid // HEADS
+    kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
+    k = tl.load(k_ptr + row).to(tl.int32)
+    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
+    high = tl.zeros([BLOCK_M], tl.int64)
+    low = tl.full([BLOCK_M], 4294967295, tl.int64)
+    for m0 in range(0, m, BLOCK_M):
+        count, key = _entries(lut_row, hist_row, m0, m, BLOCK_M)
+        high = tl.maximum(high, tl.where(count > 0, key.to(tl.int64), 0))
+        low = tl.minimum(low, tl.where(count > 0, key.to(tl.int64), 4294967295))
+    low, left = _span_shift(tl.min(low, axis=0), tl.max(high, axis=0))
+    d = tl.arange(0, 1 << BITS)
+    prefix, rest = tl.full([], 0, tl.int64), k.to(tl.int64)
+    for r in tl.static_range(32 // BITS):
+        own = bins_ptr + (pid.to(tl.int64) * (32 // BITS) + r) * (1 << BITS)
+        for m0 in range(0, m, BLOCK_M):
+            count, key = _entries(lut_row, hist_row, m0, m, BLOCK_M)
+            key = ((key.to(tl.int64) - low) << left) & 4294967295
+            take = count > 0
+            if r > 0:
+                take &= (key >> (32 - BITS * r)) == prefix
+            tl.atomic_add(own + ((key >> (32 - BITS * (r + 1))) & ((1 << BITS) - 1)), count, mask=take,
+                          sem="relaxed")
+        tl.debug_barrier()  # the program's additions, then its reads of them (from L2, past the SM's cache)
+        counts = tl.load(own + d, cache_modifier=".cg").to(tl.int64)
+        at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+        digit = tl.max(tl.where(at_or_above >= rest, d, 0), axis=0)
+        prefix, rest = (prefix << BITS) | digit, rest - tl.sum(tl.where(d > digit, counts, 0), axis=0)
+    greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS,
+                        ((prefix >> left) + low).to(tl.uint32), 0, m, m, GROUP, G_PAD, BLOCK_M)
+    tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
+
+
+def _split_shape(m: int, rows: int, unit: bool = False) -> tuple[int, int, int] | None:
+    """(splits, sets of counters, rounds) of the select over a table of ``m`` columns (``unit``: of one candidate
+    each) for ``rows`` heads: None for a narrow table (one program per head, in registers); one split for a wide
+    table of at most ONE_PROGRAM_ROWS heads (:func:`_wide_threshold_kernel`), else a split select."""
     if m < (WIDE_UNIT_TABLE if unit else WIDE_TABLE):
         return None
-    splits = triton.cdiv(m, SPLIT_COLUMNS)
-    return splits, splits * COUNT_COPIES, 32 // RADIX_BITS
+    splits = 1 if rows <= ONE_PROGRAM_ROWS and not unit else triton.cdiv(m, SPLIT_COLUMNS)
+    return splits, splits * (COUNT_COPIES if splits > 1 else 1), 32 // RADIX_BITS
 
 
 def _counters(m: int, rows: int, unit: bool = False) -> int:
-    """The zeroed int32 words a split select needs: each head's key span (two int64), then the digit counters (0
-    for a narrow table)."""
-    shape = _split_shape(m, unit)
+    """The zeroed int32 words a wide table's select needs: each head's key span (two int64), then the digit
+    counters (0 for a narrow table)."""
+    shape = _split_shape(m, rows, unit)
     return 0 if shape is None else 4 * rows + (shape[2] * rows * shape[1] << RADIX_BITS)
 
 
@@ -273,13 +323,18 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group)
     block_m = min(max(triton.next_power_of_2(m), 16), 2048)
-    shape = _split_shape(m, unit)
+    shape = _split_shape(m, rows, unit)
     if shape is None:
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
                                    TABLE=max(triton.next_power_of_2(m), 16), BLOCK_M=block_m,
                                    num_warps=THRESHOLD_WARPS, **common)
         return
     splits, sets, rounds = shape
+    if splits == 1:
+        _wide_threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, counted[4 * rows:], m,
+                                        histogram.stride(1), G_PAD=g_pad, BITS=RADIX_BITS, BLOCK_M=block_m,
+                                        num_warps=THRESHOLD_WARPS, **common)
+        return
     split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
                  **common)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
@@ -294,22 +349,42 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
 
 
 @triton.jit
+def _unit_select(key, inside, k):
+    """(threshold key, ties to take at it) of the top k of the candidates ``key`` where ``inside``, each counting
+    once, held in registers: a radix select from the top, 8 bits a round, each round's digits counted by one
+    histogram (4 rounds, where :func:`_radix_select`'s weighted sums take up to 48 reductions)."""
+    bins = tl.arange(0, 512)  # 256 digits, then a bin for the candidates not taken
+    digits = bins < 256
+    prefix = tl.full([], 0, tl.uint32)
+    rest = k
+    for r in tl.static_range(4):
+        take = inside
+        if r > 0:
+            take = take & ((key >> (32 - 8 * r)) == prefix)
+        counts = tl.histogram(tl.where(take, (key >> (24 - 8 * r)) & 255, 256).to(tl.int32), 512)
+        counts = tl.where(digits, counts, 0)
+        at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+        digit = tl.max(tl.where(digits & (at_or_above >= rest), bins, 0), axis=0)
+        rest -= tl.sum(tl.where(bins > digit, counts, 0), axis=0)
+        prefix = (prefix << 8) | digit.to(tl.uint32)
+    return prefix, rest
+
+
+@triton.jit
 def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c, width,
                      HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr):
     """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers: each of the G
-    score rows' top k (:func:`_radix_select`, ties to the lower position) united, then the kept candidates' rows
+    score rows' top k (:func:`_unit_select`, ties to the lower position) united, then the kept candidates' rows
     written in order, 0 after them to ``width``."""
     pid = tl.program_id(0)
     j = tl.arange(0, TABLE)
     inside = j < c
     k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
     kept = tl.zeros([TABLE], dtype=tl.int1)
-    count = inside.to(tl.int32)
     for g in tl.static_range(G):
         key = _order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0))
-        thr = _radix_select(count, key, k)
+        thr, need = _unit_select(key, inside, k)
         above, tie = inside & (key > thr), inside & (key == thr)
-        need = k - tl.sum(above.to(tl.int32), axis=0)
         if tl.sum(tie.to(tl.int32), axis=0) > need:  # more ties than places (equal scores, -inf padding)
             tie = tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)  # the lower positions first
         kept = kept | above | tie
