@@ -3,7 +3,8 @@
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
 order-preserving integer keys, weighted by the histogram (2 bits per round in one program per head; a table of 8192
-columns or more, as the distance scorer's, 8 bits per round, each round counted by programs over 4096 columns),
+columns or more, as the distance scorer's, 8 bits per round, counted by one program per head walking the table at
+small batches, else by programs over 4096 columns each),
 which also classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
 bytes side by side in one word), and ORs the classes over the KV group into 2 bits per centroid (above / tied for
 some head). Then three passes over segments of the codes, each fully parallel: a token looks up its 2 bits (a
@@ -315,11 +316,12 @@ def _counters(m: int, rows: int, unit: bool = False) -> int:
 
 def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
-    program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
-    program per head crossed in ~100 us) a split select: the head's key span (:func:`_key_span`) found first, then
-    RADIX_BITS of the shifted key a round, each round's candidates counted by programs over SPLIT_COLUMNS columns
-    (into COUNT_COPIES sets of ``counted``'s zeroed counters each), then the classes by programs as many (``unit``:
-    one candidate a column, each round counted by a histogram)."""
+    program per head over a narrow table, in registers; over a wide one (the distance scorer's buckets x centroids)
+    of at most ONE_PROGRAM_ROWS heads, one program per head walking it (:func:`_wide_threshold_kernel`: one launch);
+    else a split select: the head's key span (:func:`_key_span`) found first, then RADIX_BITS of the shifted key a
+    round, each round's candidates counted by programs over SPLIT_COLUMNS columns (into COUNT_COPIES sets of
+    ``counted``'s zeroed counters each), then the classes by programs as many (``unit``: one candidate a column,
+    each round counted by a histogram)."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group)
     block_m = min(max(triton.next_power_of_2(m), 16), 2048)
