@@ -41,29 +41,8 @@ def assert_same_selection(lut, codes, candidates, k, budget, **kwargs):
 )
 def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
     """Random LUTs (with repeated values), codes and candidate masks; k from 0 to every candidate; several blocks.
-    The wide tables (8192 columns and more, as the distance scorer's) take the wide select (k = 0 and every
+    The wide tables (16384 columns and more, as the distance scorer's) take the split select (k = 0 and every
     candidate included)."""
-    random_selection(budget, b, hq, hkv, n, m)
-
-
-@pytest.fixture(params=["one-program", "split"])
-def wide_select(request, monkeypatch):
-    """A wide table's select walked by one program per head (as at small batches) or split over programs of
-    SPLIT_COLUMNS columns (as at large ones)."""
-    monkeypatch.setattr(triton_topk, "ONE_PROGRAM_ROWS", 128 if request.param == "one-program" else 0)
-    return request.param
-
-
-@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
-def test_split_select_matches_reference(budget, monkeypatch):
-    """The wide random tables above, split over programs as at large batches."""
-    monkeypatch.setattr(triton_topk, "ONE_PROGRAM_ROWS", 0)
-    random_selection(budget, 3, 4, 2, 6000, 20000)
-    random_selection(budget, 2, 4, 1, 3000, 40000)
-
-
-def random_selection(budget: str, b: int, hq: int, hkv: int, n: int, m: int) -> None:
-    """Random LUTs, codes, candidates and k of these sizes (seeded by them) select as the reference does."""
     g = torch.Generator().manual_seed(n + m)
     lut = torch.randn(b, hq, m, generator=g)
     lut[:, :, ::5] = lut[:, :, :1]  # equal scores across centroids
@@ -78,11 +57,11 @@ def random_selection(budget: str, b: int, hq: int, hkv: int, n: int, m: int) -> 
 
 
 @pytest.mark.parametrize("scores", ["nine-in-ten-tie", "all-equal", "narrow-range", "far-apart"])
-def test_wide_table_with_mostly_one_score(scores, wide_select):
+def test_wide_table_with_mostly_one_score(scores):
     """Wide tables whose keys crowd (nine columns in ten one value; every column one value; every score within
-    1e-6 of 1, so the keys share their top 20 bits; both signs and magnitudes 1e-30 to 1e30): the wide select,
+    1e-6 of 1, so the keys share their top 20 bits; both signs and magnitudes 1e-30 to 1e30): the split select,
     which counts the keys less the head's lowest, shifted by their span's leading zeros, finds the reference's
-    threshold and ties, walked by one program or split."""
+    threshold and ties."""
     g = torch.Generator().manual_seed(7)
     m, n = 40000, 30000
     lut = torch.randn(1, 2, m, generator=g)
@@ -102,9 +81,9 @@ def test_wide_table_with_mostly_one_score(scores, wide_select):
 
 
 @pytest.mark.parametrize("copies", [1, 4])
-def test_wide_table_with_heavy_columns(copies, wide_select, monkeypatch):
-    """Columns holding thousands of candidates (one of 20000, three of ~2200): the wide select counts them exactly,
-    by one program per head or split, into one set of digit counters per split or several."""
+def test_wide_table_with_heavy_columns(copies, monkeypatch):
+    """Columns holding thousands of candidates (one of 20000, three of ~2200): the split select counts them exactly,
+    into one set of digit counters per split or several."""
     monkeypatch.setattr(triton_topk, "COUNT_COPIES", copies)
     g = torch.Generator().manual_seed(3)
     m, n = 9000, 40000
@@ -219,14 +198,6 @@ def test_key_range_and_classes_compile_for_hopper():
                         "class_ptr": "*u8"})
 
 
-def test_wide_threshold_compiles_for_hopper():
-    """The wide select walked by one program per head compiles to PTX for sm_90 without a GPU, its atomics
-    relaxed."""
-    compile_for_hopper("triton_topk", "_wide_threshold_kernel",
-                       {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "BITS": 8, "BLOCK_M": 2048},
-                       {"lut_ptr": "*fp32", "k_ptr": "*i64", "class_ptr": "*u8"})
-
-
 def test_threshold_compiles_for_hopper():
     """The narrow select, its widest table held in registers, compiles to PTX for sm_90 without a GPU."""
     constants = {"HEADS": 8, "GROUP": 1, "G_PAD": 1, "TABLE": 8192, "BLOCK_M": 2048}
@@ -249,16 +220,18 @@ def test_scans_compile_for_hopper(group, phase):
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
 @pytest.mark.parametrize("keep_table", [None, 256], ids=["in-registers", "as-a-select"])
-def test_keep_top_matches_reference(budget, keep_table, monkeypatch):
-    """Re-ranking's keep: exact scores (some tied, -inf past each head's count) over candidate rows with padding
-    past the counts; the rows kept, ascending, 0 after them, as the reference keeps them, whether the candidates
-    fit one program's registers or go through the select (past ``KEEP_TABLE``)."""
+@pytest.mark.parametrize("spread", [1.0, 1e-6], ids=["random", "narrow-range"])
+def test_keep_top_matches_reference(budget, keep_table, spread, monkeypatch):
+    """Re-ranking's keep: exact scores (some tied, -inf past each head's count; or all within 1e-6 of 1, so only
+    the keys' last digits tell them apart) over candidate rows with padding past the counts; the rows kept,
+    ascending, 0 after them, as the reference keeps them, whether the candidates fit one program's registers or go
+    through the select (past ``KEEP_TABLE``)."""
     if keep_table:
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", keep_table)
     g = torch.Generator().manual_seed(6)
     b, hkv, group, c, n = 2, 2, 3, 700, 5000
     counts = torch.tensor([[700, 412], [133, 650]])
-    scores = torch.randn(b, hkv, group, c, generator=g)
+    scores = 1 + spread * torch.randn(b, hkv, group, c, generator=g)
     scores[..., 100:160] = scores[..., 99:100]  # ties
     past = torch.arange(c) >= counts[..., None]
     scores = scores.masked_fill(past[:, :, None], float("-inf")).reshape(b, hkv * group, c)

@@ -3,8 +3,7 @@
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
 order-preserving integer keys, weighted by the histogram (2 bits per round in one program per head; a table of 8192
-columns or more, as the distance scorer's, 8 bits per round, counted by one program per head walking the table at
-small batches, else by programs over 4096 columns each),
+columns or more, as the distance scorer's, 8 bits per round, each round counted by programs over 4096 columns),
 which also classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
 bytes side by side in one word), and ORs the classes over the KV group into 2 bits per centroid (above / tied for
 some head). Then three passes over segments of the codes, each fully parallel: a token looks up its 2 bits (a
@@ -32,7 +31,6 @@ WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (s
 WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ranking's), whose digits a split
 # counts with a histogram instead of atomic additions
 SPLIT_COLUMNS = 4096  # columns per program of a split select
-ONE_PROGRAM_ROWS = 128  # heads up to which a wide table (not a unit one) is walked by one program per head
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 
@@ -181,21 +179,15 @@ def _key_range_kernel(lut_ptr, hist_ptr, span_ptr, m, hist_stride, HEADS: tl.con
 
 
 @triton.jit
-def _span_shift(low, high):
-    """(lowest candidate key, left shift) of a head whose candidates' keys (int64) lie in [low, high]: the keys
-    less the lowest, shifted left by the leading zero bits of their span (at most 31), fill 32 bits, so the rounds'
-    first digit spreads them over its bins instead of the few that a score's sign and top exponent bits leave,
-    which keeps the counts' atomic additions off one address (while they were ordered, acq_rel, this gained nothing
-    measurable: v67)."""
-    span = tl.maximum(high - low, 0)
+def _key_span(span_ptr, pid):
+    """(lowest candidate key, left shift) of a head: its candidates' keys less the lowest, shifted left by the
+    leading zero bits of their span (at most 31), fill 32 bits, so the rounds' first digit spreads them over its
+    bins instead of the few that a score's sign and top exponent bits leave, which keeps the counts' atomic
+    additions off one address (while they were ordered, acq_rel, this gained nothing measurable: v67)."""
+    low = 4294967295 - tl.load(span_ptr + 2 * pid + 1)
+    span = tl.maximum(tl.load(span_ptr + 2 * pid) - low, 0)
     bits = tl.arange(0, 32)
     return low, tl.minimum(tl.sum(((span >> (31 - bits)) == 0).to(tl.int32), axis=0), 31).to(tl.int64)
-
-
-@triton.jit
-def _key_span(span_ptr, pid):
-    """:func:`_span_shift` of a head from its two ``span`` words (:func:`_key_range_kernel`)."""
-    return _span_shift(4294967295 - tl.load(span_ptr + 2 * pid + 1), tl.load(span_ptr + 2 * pid))
 
 
 @triton.jit
@@ -255,88 +247,39 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, ne
               end, m, GROUP, G_PAD, BLOCK_M)
 
 
-@triton.jit
-def _wide_threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, bins_ptr, m, hist_stride,
-                           HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, BITS: tl.constexpr,
-                           BLOCK_M: tl.constexpr):
-    """Per (row, head) of a wide table, walking it in one program: the head's key span (:func:`_span_shift`), then
-    BITS of the shifted key a round, counted by atomic additions into the head's own zeroed ``bins`` (after the
-    first round only the few columns under the prefix add), then the classes (:func:`_classify`) and the ties to
-    take: one launch where the split select takes 32 // BITS + 2."""
-    pid = tl.program_id(0)
-    row = pid // HEADS
-    kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
-    k = tl.load(k_ptr + row).to(tl.int32)
-    lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
-    high = tl.zeros([BLOCK_M], tl.int64)
-    low = tl.full([BLOCK_M], 4294967295, tl.int64)
-    for m0 in range(0, m, BLOCK_M):
-        count, key = _entries(lut_row, hist_row, m0, m, BLOCK_M)
-        high = tl.maximum(high, tl.where(count > 0, key.to(tl.int64), 0))
-        low = tl.minimum(low, tl.where(count > 0, key.to(tl.int64), 4294967295))
-    low, left = _span_shift(tl.min(low, axis=0), tl.max(high, axis=0))
-    d = tl.arange(0, 1 << BITS)
-    prefix, rest = tl.full([], 0, tl.int64), k.to(tl.int64)
-    for r in tl.static_range(32 // BITS):
-        own = bins_ptr + (pid.to(tl.int64) * (32 // BITS) + r) * (1 << BITS)
-        for m0 in range(0, m, BLOCK_M):
-            count, key = _entries(lut_row, hist_row, m0, m, BLOCK_M)
-            key = ((key.to(tl.int64) - low) << left) & 4294967295
-            take = count > 0
-            if r > 0:
-                take &= (key >> (32 - BITS * r)) == prefix
-            tl.atomic_add(own + ((key >> (32 - BITS * (r + 1))) & ((1 << BITS) - 1)), count, mask=take,
-                          sem="relaxed")
-        tl.debug_barrier()  # the program's additions, then its reads of them (from L2, past the SM's cache)
-        counts = tl.load(own + d, cache_modifier=".cg").to(tl.int64)
-        at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
-        digit = tl.max(tl.where(at_or_above >= rest, d, 0), axis=0)
-        prefix, rest = (prefix << BITS) | digit, rest - tl.sum(tl.where(d > digit, counts, 0), axis=0)
-    greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS,
-                        ((prefix >> left) + low).to(tl.uint32), 0, m, m, GROUP, G_PAD, BLOCK_M)
-    tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
-
-
-def _split_shape(m: int, rows: int, unit: bool = False) -> tuple[int, int, int] | None:
-    """(splits, sets of counters, rounds) of the select over a table of ``m`` columns (``unit``: of one candidate
-    each) for ``rows`` heads: None for a narrow table (one program per head, in registers); one split for a wide
-    table of at most ONE_PROGRAM_ROWS heads (:func:`_wide_threshold_kernel`), else a split select."""
+def _split_shape(m: int, unit: bool = False) -> tuple[int, int, int] | None:
+    """(splits, sets of counters, rounds) of a split select over a table of ``m`` columns (``unit``: of one
+    candidate each); None for a narrow table (one program per head)."""
     if m < (WIDE_UNIT_TABLE if unit else WIDE_TABLE):
         return None
-    splits = 1 if rows <= ONE_PROGRAM_ROWS and not unit else triton.cdiv(m, SPLIT_COLUMNS)
-    return splits, splits * (COUNT_COPIES if splits > 1 else 1), 32 // RADIX_BITS
+    splits = triton.cdiv(m, SPLIT_COLUMNS)
+    return splits, splits * COUNT_COPIES, 32 // RADIX_BITS
 
 
 def _counters(m: int, rows: int, unit: bool = False) -> int:
-    """The zeroed int32 words a wide table's select needs: each head's key span (two int64), then the digit
-    counters (0 for a narrow table)."""
-    shape = _split_shape(m, rows, unit)
+    """The zeroed int32 words a split select needs: each head's key span (two int64), then the digit counters (0
+    for a narrow table)."""
+    shape = _split_shape(m, unit)
     return 0 if shape is None else 4 * rows + (shape[2] * rows * shape[1] << RADIX_BITS)
 
 
 def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
-    program per head over a narrow table, in registers; over a wide one (the distance scorer's buckets x centroids)
-    of at most ONE_PROGRAM_ROWS heads, one program per head walking it (:func:`_wide_threshold_kernel`: one launch);
-    else a split select: the head's key span (:func:`_key_span`) found first, then RADIX_BITS of the shifted key a
-    round, each round's candidates counted by programs over SPLIT_COLUMNS columns (into COUNT_COPIES sets of
-    ``counted``'s zeroed counters each), then the classes by programs as many (``unit``: one candidate a column,
-    each round counted by a histogram)."""
+    program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
+    program per head crossed in ~100 us) a split select: the head's key span (:func:`_key_span`) found first, then
+    RADIX_BITS of the shifted key a round, each round's candidates counted by programs over SPLIT_COLUMNS columns
+    (into COUNT_COPIES sets of ``counted``'s zeroed counters each), then the classes by programs as many (``unit``:
+    one candidate a column, each round counted by a histogram)."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group)
     block_m = min(max(triton.next_power_of_2(m), 16), 2048)
-    shape = _split_shape(m, rows, unit)
+    shape = _split_shape(m, unit)
     if shape is None:
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
                                    TABLE=max(triton.next_power_of_2(m), 16), BLOCK_M=block_m,
                                    num_warps=THRESHOLD_WARPS, **common)
         return
     splits, sets, rounds = shape
-    if splits == 1:
-        _wide_threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, counted[4 * rows:], m,
-                                        histogram.stride(1), G_PAD=g_pad, BITS=RADIX_BITS, BLOCK_M=block_m,
-                                        num_warps=THRESHOLD_WARPS, **common)
-        return
     split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
                  **common)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
