@@ -116,17 +116,23 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
 
 
 @triton.jit
+def _next_digit(counts, d, prefix, rest, BITS: tl.constexpr):
+    """(prefix, rest) after a digit of a radix select: of the candidates under ``prefix`` counted by their next
+    digit ``d`` (int64 ``counts``; bins from 1 << BITS on are empty), the largest digit with at least ``rest``
+    candidates at or above it (0 where none has: every candidate is then taken) appended to ``prefix``, and the
+    candidates above it taken out of ``rest``."""
+    at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+    digit = tl.max(tl.where((d < (1 << BITS)) & (at_or_above >= rest), d, 0), axis=0)
+    return (prefix << BITS) | digit, rest - tl.sum(tl.where(d > digit, counts, 0), axis=0)
+
+
+@triton.jit
 def _pick_digit(bins_ptr, pid, sets, prefix, rest, S_PAD: tl.constexpr, BITS: tl.constexpr):
-    """(prefix, rest) after a digit of a split select: the largest digit with at least ``rest`` candidates at or
-    above it among the head's counts of this round (summed over its ``sets`` of counters; 0 where none has: every
-    candidate is then taken) appended to ``prefix``, and the candidates above it taken out of ``rest``."""
+    """:func:`_next_digit` of a split select's round: the head's counts summed over its ``sets`` of counters."""
     s, d = tl.arange(0, S_PAD), tl.arange(0, 1 << BITS)
     counts = tl.load(bins_ptr + (pid.to(tl.int64) * sets + s[:, None]) * (1 << BITS) + d[None, :],
                      mask=(s < sets)[:, None], other=0)
-    counts = tl.sum(counts, axis=0).to(tl.int64)
-    at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
-    digit = tl.max(tl.where(at_or_above >= rest, d, 0), axis=0)
-    return (prefix << BITS) | digit, rest - tl.sum(tl.where(d > digit, counts, 0), axis=0)
+    return _next_digit(tl.sum(counts, axis=0).to(tl.int64), d, prefix, rest, BITS)
 
 
 @triton.jit
@@ -299,20 +305,14 @@ def _unit_select(key, inside, k):
     once, held in registers: a radix select from the top, 8 bits a round, each round's digits counted by one
     histogram (4 rounds, where :func:`_radix_select`'s weighted sums take up to 48 reductions)."""
     bins = tl.arange(0, 512)  # 256 digits, then a bin for the candidates not taken
-    digits = bins < 256
-    prefix = tl.full([], 0, tl.uint32)
-    rest = k
+    prefix, rest = tl.full([], 0, tl.int64), k.to(tl.int64)
     for r in tl.static_range(4):
         take = inside
         if r > 0:
-            take = take & ((key >> (32 - 8 * r)) == prefix)
+            take = take & ((key >> (32 - 8 * r)).to(tl.int64) == prefix)
         counts = tl.histogram(tl.where(take, (key >> (24 - 8 * r)) & 255, 256).to(tl.int32), 512)
-        counts = tl.where(digits, counts, 0)
-        at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
-        digit = tl.max(tl.where(digits & (at_or_above >= rest), bins, 0), axis=0)
-        rest -= tl.sum(tl.where(bins > digit, counts, 0), axis=0)
-        prefix = (prefix << 8) | digit.to(tl.uint32)
-    return prefix, rest
+        prefix, rest = _next_digit(tl.where(bins < 256, counts, 0).to(tl.int64), bins, prefix, rest, 8)
+    return prefix.to(tl.uint32), rest
 
 
 @triton.jit
