@@ -111,7 +111,7 @@ def wall_time(fn, reps: int = 5, before=None) -> float:
 
 def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12) -> dict:
     """The GPU's share of a step's wall time (kernel time summed, over ``steps`` synced steps) and the ``top``
-    kernels that take it (None: all), by name (ms per step), printed and returned."""
+    kernels that take it (None: all), by name (ms and launches per step), printed and returned."""
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
@@ -119,19 +119,20 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
             step()
         sync(device)
         wall = time.perf_counter() - start
-    kernels, launches = {}, 0
+    kernels, calls, launches = {}, {}, 0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
+            calls[event.name] = calls.get(event.name, 0) + 1
             launches += 1
     busy = sum(kernels.values())
     rows = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     print(f"  GPU busy {busy:.2f} ms of a {1e3 * wall / steps:.2f} ms step ({100 * busy / (1e3 * wall / steps):.0f}%), "
           f"{launches // steps} kernels a step")
     for name, ms in rows:
-        print(f"  {ms:7.3f} ms  {name[:110]}")
+        print(f"  {ms:7.3f} ms  {calls[name] // steps:5d}x  {name[:100]}")
     return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3), "kernels_per_step": launches // steps,
-            "kernels_ms": [[name[:200], round(ms, 4)] for name, ms in rows]}
+            "kernels_ms": [[name[:200], round(ms, 4), calls[name] // steps] for name, ms in rows]}
 
 
 def hits_since(cache, counted: tuple[int, int]) -> float:

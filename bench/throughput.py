@@ -101,10 +101,11 @@ def kv_budget(device: torch.device, config, batch: int, n: int) -> int | None:
 
 
 def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_steps: int, profile: bool = False,
-           kernel_profile: bool = False, fresh_tokens: bool = False) -> dict:
+           kernel_profile: int = 0, fresh_tokens: bool = False) -> dict:
     """Median seconds per decode step over ``steps`` after ``warmup``, and (for A2ATS) the split of a step and, with
-    ``profile``, the host's time by function. Every step decodes one token at one position (so a step's picks
-    repeat the last step's almost exactly), or with ``fresh_tokens`` a new random token (so they barely do)."""
+    ``profile``, the host's time by function (with ``kernel_profile``, the GPU's top that many kernels). Every step
+    decodes one token at one position (so a step's picks repeat the last step's almost exactly), or with
+    ``fresh_tokens`` a new random token (so they barely do)."""
     device = model.device
     token = torch.full((batch, 1), 7, device=device)
     kwargs = cache_argument(model, cache)
@@ -159,7 +160,7 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
     if profile:
         result["host_profile"] = host_profile(step)
     if kernel_profile and device.type == "cuda":
-        result["gpu_profile"] = gpu_profile(step, device)
+        result["gpu_profile"] = gpu_profile(step, device, top=kernel_profile)
     return result
 
 
@@ -268,7 +269,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--calibrate-tokens", type=int, default=0,
                         help="calibrate A2ATS's codebooks on this many tokens of the model's own keys (0: random)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of each method's decode steps")
-    parser.add_argument("--gpu-profile", action="store_true", help="the GPU's busy share of a step and its top kernels")
+    parser.add_argument("--gpu-profile", type=int, nargs="?", const=12, default=0, metavar="TOP",
+                        help="the GPU's busy share of a step and its TOP kernels (default 12)")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="pinned CPU blocks from CUDA's allocator, not on huge pages (an ablation)")
@@ -323,7 +325,7 @@ def main() -> None:
     out = args.out or results_path("throughput-tiny" if args.tiny else "throughput")
     # tokens held
     steps_total = (args.warmup + ROW_CACHE_WARMUP + args.steps + args.split_steps + 1 + 4 * args.profile
-                   + 8 * args.gpu_profile)  # past max_length, gpu_share=1 would fall back to the CPU attention
+                   + 8 * bool(args.gpu_profile))  # past max_length, gpu_share=1 would fall back to the CPU attention
     for n, forced in [(n, batch) for n in args.contexts for batch in args.batch or [None]]:
         per_row = kv_bytes_per_row(config, n)
         if device.type == "cuda":
