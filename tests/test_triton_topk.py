@@ -56,12 +56,14 @@ def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, block_n=64)
 
 
+@pytest.mark.parametrize("span", [True, False], ids=["span", "no-span"])
 @pytest.mark.parametrize("scores", ["nine-in-ten-tie", "all-equal", "narrow-range", "far-apart"])
-def test_wide_table_with_mostly_one_score(scores):
+def test_wide_table_with_mostly_one_score(scores, span, monkeypatch):
     """Wide tables whose keys crowd (nine columns in ten one value; every column one value; every score within
     1e-6 of 1, so the keys share their top 20 bits; both signs and magnitudes 1e-30 to 1e30): the split select,
-    which counts the keys less the head's lowest, shifted by their span's leading zeros, finds the reference's
-    threshold and ties."""
+    which counts the keys less the head's lowest, shifted by their span's leading zeros (or as they are), finds
+    the reference's threshold and ties."""
+    monkeypatch.setattr(triton_topk, "KEY_SPAN", span)
     g = torch.Generator().manual_seed(7)
     m, n = 40000, 30000
     lut = torch.randn(1, 2, m, generator=g)
@@ -80,11 +82,12 @@ def test_wide_table_with_mostly_one_score(scores):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", k_max=2000)
 
 
-@pytest.mark.parametrize("copies", [1, 4])
-def test_wide_table_with_heavy_columns(copies, monkeypatch):
+@pytest.mark.parametrize("copies,span", [(1, True), (4, True), (1, False)])
+def test_wide_table_with_heavy_columns(copies, span, monkeypatch):
     """Columns holding thousands of candidates (one of 20000, three of ~2200): the split select counts them exactly,
-    into one set of digit counters per split or several."""
+    into one set of digit counters per split or several, with the keys shifted by their span or as they are."""
     monkeypatch.setattr(triton_topk, "COUNT_COPIES", copies)
+    monkeypatch.setattr(triton_topk, "KEY_SPAN", span)
     g = torch.Generator().manual_seed(3)
     m, n = 9000, 40000
     lut = torch.randn(1, 2, m, generator=g)
@@ -182,7 +185,7 @@ def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
 def test_digit_counts_compile_for_hopper(unit, round_):
     """The split select's digit counts, in each way of counting, compile to PTX for sm_90 without a GPU."""
     constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": 8, "COLUMNS": 4096, "BLOCK_M": 2048,
-                 "COPIES": 1, "UNIT": unit}
+                 "COPIES": 1, "UNIT": unit, "SPAN": True}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_digit_count_kernel", constants, pointers)
 
@@ -193,7 +196,8 @@ def test_key_range_and_classes_compile_for_hopper():
                        {"HEADS": 8, "GROUP": 1, "COLUMNS": 4096, "BLOCK_M": 2048},
                        {"lut_ptr": "*fp32", "span_ptr": "*i64"})
     compile_for_hopper("triton_topk", "_classify_kernel",
-                       {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "S_PAD": 16, "BITS": 8, "COLUMNS": 4096, "BLOCK_M": 2048},
+                       {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "S_PAD": 16, "BITS": 8, "COLUMNS": 4096, "BLOCK_M": 2048,
+                        "SPAN": True},
                        {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64",
                         "class_ptr": "*u8"})
 

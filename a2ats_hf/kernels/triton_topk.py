@@ -33,6 +33,7 @@ WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ran
 SPLIT_COLUMNS = 4096  # columns per program of a split select
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
+KEY_SPAN = True  # a split select first finds each head's key span and counts keys shifted by it (see _key_span)
 
 
 @triton.jit
@@ -185,11 +186,14 @@ def _key_range_kernel(lut_ptr, hist_ptr, span_ptr, m, hist_stride, HEADS: tl.con
 
 
 @triton.jit
-def _key_span(span_ptr, pid):
+def _key_span(span_ptr, pid, SPAN: tl.constexpr):
     """(lowest candidate key, left shift) of a head: its candidates' keys less the lowest, shifted left by the
     leading zero bits of their span (at most 31), fill 32 bits, so the rounds' first digit spreads them over its
     bins instead of the few that a score's sign and top exponent bits leave, which keeps the counts' atomic
-    additions off one address (while they were ordered, acq_rel, this gained nothing measurable: v67)."""
+    additions off one address (while they were ordered, acq_rel, this gained nothing measurable: v67). Without
+    SPAN (no span launched), (0, 0): the keys as they are."""
+    if not SPAN:
+        return tl.full([], 0, tl.int64), tl.full([], 0, tl.int64)
     low = 4294967295 - tl.load(span_ptr + 2 * pid + 1)
     span = tl.maximum(tl.load(span_ptr + 2 * pid) - low, 0)
     bits = tl.arange(0, 32)
@@ -200,7 +204,7 @@ def _key_span(span_ptr, pid):
 def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, m, hist_stride, sets, rows,
                         ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
                         BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr,
-                        UNIT: tl.constexpr):
+                        UNIT: tl.constexpr, SPAN: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
     digit picked (:func:`_split_state`), then the candidates of the split's columns whose shifted key's
     (:func:`_key_span`) leading digits match the prefix counted by their next digit, into the split's own COPIES
@@ -211,7 +215,7 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr,
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
     if ROUND > 0:
         prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND, HEADS, S_PAD, BITS)[0]
-    low, left = _key_span(span_ptr, pid)
+    low, left = _key_span(span_ptr, pid, SPAN)
     own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * sets + split * COPIES) * (1 << BITS)
     if UNIT:  # the digits' bins, then one for the columns not taken
         bins = tl.arange(0, 2 << BITS)
@@ -239,7 +243,8 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr,
 @triton.jit
 def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, need_ptr, class_ptr, summary_ptr, m,
                      hist_stride, sets, rows, HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-                     S_PAD: tl.constexpr, BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
+                     S_PAD: tl.constexpr, BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     SPAN: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table: the last digit picked, which completes the
     shifted threshold key (the ties left to take written by split 0), then the split's columns classed against it
     shifted back (:func:`_classify`)."""
@@ -248,7 +253,7 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, ne
     thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, 32 // BITS, HEADS, S_PAD, BITS)
     if split == 0:
         tl.store(need_ptr + pid, rest.to(tl.int32))
-    low, left = _key_span(span_ptr, pid)
+    low, left = _key_span(span_ptr, pid, SPAN)
     _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, ((thr >> left) + low).to(tl.uint32), start,
               end, m, GROUP, G_PAD, BLOCK_M)
 
@@ -287,11 +292,12 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
         return
     splits, sets, rounds = shape
     split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
-                 **common)
+                 SPAN=KEY_SPAN, **common)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
     span, counted = counted[: 4 * rows].view(torch.int64), counted[4 * rows :]  # (``counted`` starts 8-byte aligned)
-    _key_range_kernel[(rows, splits)](lut, histogram, span, m, histogram.stride(1), HEADS=lut.shape[1], GROUP=group,
-                                      COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m)
+    if KEY_SPAN:
+        _key_range_kernel[(rows, splits)](lut, histogram, span, m, histogram.stride(1), HEADS=lut.shape[1],
+                                          GROUP=group, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m)
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, span, m, histogram.stride(1), sets,
                                             rows, ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, **split)
