@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from a2ats_hf import A2ATSCache
-from a2ats_hf.kernels import triton_attention, triton_codes, triton_topk
+from a2ats_hf.kernels import triton_attention, triton_codes, triton_launch, triton_topk
 from bench.common import build, environment, random_codebooks, release, results_path
 from bench.throughput import arguments, measure
 
@@ -27,7 +27,7 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_codes, "LUT_BLOCK_M"): [16, 32], (triton_topk, "SCAN_BLOCK"): [256, 1024],
     (triton_topk, "THRESHOLD_WARPS"): [4, 16], (triton_topk, "COUNT_COPIES"): [4, 16],
     (triton_topk, "SPLIT_COLUMNS"): [1024, 2048], (triton_topk, "WIDE_UNIT_TABLE"): [2048, 4096],
-    (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEY_SPAN"): [False],
+    (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEY_SPAN"): [False], (triton_launch, "PDL"): [True],
 }
 
 

@@ -46,12 +46,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 module, kernel, constants, pointers = eval(sys.argv[1])
 fn = getattr(__import__(f"a2ats_hf.kernels.{module}", fromlist=[kernel]), kernel)
+if "PDL" in fn.arg_names:
+    constants.setdefault("PDL", True)
 signature = {name: "constexpr" if name in constants else pointers.get(name, "*i32") if name.endswith("_ptr") else "i32"
              for name in fn.arg_names}
 compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
 assert ".entry" in compiled.asm["ptx"]
 ordered = re.findall(r"(?:atom|red)\\.[\\w.]*(?:acq_rel|acquire|release)[\\w.]*", compiled.asm["ptx"])
 assert not ordered, f"ordered atomics (Triton's default; pass sem='relaxed'): {sorted(set(ordered))}"
+assert not constants.get("PDL") or "griddepcontrol.wait" in compiled.asm["ptx"], "PDL without its wait"
 """
 
 
@@ -59,7 +62,8 @@ def compile_for_hopper(module: str, kernel: str, constants: dict, pointers: dict
     """Compile Triton kernel ``kernel`` of ``a2ats_hf.kernels.<module>`` to PTX for an H100/H200 (sm_90), without a
     GPU: what the interpreter lets pass and the compiler does not (a loop-carried value changing type, a constexpr
     where a tensor is needed), and whether its atomics are relaxed (Triton's default, acq_rel, orders each atomic
-    behind the one before: the split select's digit counts took ~16 us a launch so). ``pointers`` types the
+    behind the one before: the split select's digit counts took ~16 us a launch so); a kernel taking ``PDL`` is
+    compiled with it on (unless ``constants`` say otherwise) and waits first. ``pointers`` types the
     ``*_ptr`` arguments (default int32), other arguments are int32. In a process of its own: the interpreter's
     patches of Triton's language, once this one has run a kernel, break compiling."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

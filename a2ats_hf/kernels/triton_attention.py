@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .reference import FarRows
+from .triton_launch import pdl, wait_previous
 
 
 @triton.jit
@@ -37,11 +38,12 @@ def _attention_lse_kernel(
     sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_l,
     sfk_b, sfk_h, sfk_l, sfv_b, sfv_h, sfv_l, si_b, si_h, n_rows,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_L: tl.constexpr, FAR: tl.constexpr,
+    BLOCK_L: tl.constexpr, FAR: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row, KV head, split): its G query heads over the split's share of the L local keys followed by
     the pair's far rows (positions [split * per_split, (split + 1) * per_split) of that sequence), online
     softmax in float32; writes the split's output and log-sum-exp."""
+    wait_previous(PDL)
     pid, split = tl.program_id(0), tl.program_id(1)
     b, h = (pid // HKV).to(tl.int64), (pid % HKV).to(tl.int64)  # offsets past 2**31: a large batch's store
     g, d = tl.arange(0, G_PAD), tl.arange(0, D_PAD)
@@ -126,6 +128,7 @@ def attention_with_lse(
         query.stride(0), query.stride(1), *keys.stride()[:3], *values.stride()[:3], *valid.stride(),
         *far_keys.stride()[:3], *far_values.stride()[:3], *indices.stride()[:2], b * hq,
         HKV=hkv, G=group, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_L=block, FAR=far is not None, num_warps=WARPS,
+        **pdl(query.device),
     )
     if splits == 1:
         return parts[0], parts_lse[0]
@@ -188,9 +191,10 @@ def merge_attention(
 @triton.jit
 def _candidate_scores_kernel(q_ptr, k_ptr, idx_ptr, count_ptr, out_ptr, c, sq_b, sq_h, sk_b, sk_h, sk_l, si_b, si_h,
                              HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
+                             BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """Program (row, KV head, block of candidates): the block's key rows gathered once and scored by each of the G
     queries of the KV head in float32; -inf past the head's count."""
+    wait_previous(PDL)
     pid, block = tl.program_id(0), tl.program_id(1)
     b, h = (pid // HKV).to(tl.int64), (pid % HKV).to(tl.int64)  # offsets past 2**31: a large batch's store
     j = block * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -221,7 +225,7 @@ def candidate_scores(
     _candidate_scores_kernel[(b * hkv, triton.cdiv(c, CANDIDATE_BLOCK))](
         query, keys, indices, counts, out, c, query.stride(0), query.stride(1), *keys.stride()[:3],
         *indices.stride()[:2], HKV=hkv, G=h // hkv, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
-        BLOCK_C=CANDIDATE_BLOCK,
+        BLOCK_C=CANDIDATE_BLOCK, **pdl(query.device),
     )
     return out
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import pdl, wait_previous
+
 
 @triton.jit
 def _rotate_half(ptr, d, ok, ROT: tl.constexpr):
@@ -148,11 +150,12 @@ def encode_keys(
 @triton.jit
 def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, ROWS, sq_b, sq_h, sr_b, sr_r,
                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (KV head, block of centroids): the block read once, then for each tile of BLOCK_R (row, query head
     of the group, rotation) triples the turned queries against it as one tensor-core product (PRECISION "tf32x3":
     float32's accuracy from three TF32 products; the CUDA cores' float32 took ~0.7 ms a layer at 12 rotations x 4096
     centroids)."""
+    wait_previous(PDL)
     h, block = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, D_PAD)
     m = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -198,7 +201,7 @@ def rotated_lookup_table(
     _lut_kernel[(hkv, triton.cdiv(m, block_m))](
         query, cos, sin, centroids, lut, m, turns, rows, query.stride(0), query.stride(1), *strides,
         HKV=hkv, G=group, D=d, D_PAD=d_pad, ROT=rot, BLOCK_R=block_r, BLOCK_M=block_m,
-        PRECISION=_dot_precision(query.device), num_stages=1,
+        PRECISION=_dot_precision(query.device), num_stages=1, **pdl(query.device),
     )
     return lut
 
@@ -206,11 +209,12 @@ def rotated_lookup_table(
 @triton.jit
 def _move_columns_kernel(col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n_ptr, n, m, window, S,
                          sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b, HKV: tl.constexpr, S_PAD: tl.constexpr,
-                         N_ON_DEVICE: tl.constexpr):
+                         N_ON_DEVICE: tl.constexpr, PDL: tl.constexpr):
     """Program (row, KV head): its columns and histogram moved on by one token, every bucket's crossing token at
     once (they sit at distinct positions; two may share a column value, so the histogram's updates are atomic
     additions, which commute). N_ON_DEVICE: the length is read from ``n_ptr`` (a capture-ready step), and a bucket
     that starts past the tokens moves none."""
+    wait_previous(PDL)
     pid = tl.program_id(0)
     b, h = pid // HKV, pid % HKV
     cols, hist = col_ptr + b * sc_b + h * sc_h, hist_ptr + b * sh_b + h * sh_h
@@ -244,5 +248,5 @@ def move_bucket_columns(
         columns, histogram, codes, far, starts, n if on_device else starts, 0 if on_device else n, m, window,
         starts.numel(), columns.stride(0), columns.stride(1), histogram.stride(0), histogram.stride(1),
         codes.stride(0), codes.stride(1), far.stride(0), HKV=hkv, S_PAD=max(2, triton.next_power_of_2(starts.numel())),
-        N_ON_DEVICE=on_device,
+        N_ON_DEVICE=on_device, **pdl(columns.device),
     )

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .reference import code_histogram
 from .triton_attention import gather_chosen
+from .triton_launch import pdl, wait_previous
 
 WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
 WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ranking's), whose digits a split
@@ -101,10 +102,11 @@ def _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, head, thr, start, e
 @triton.jit
 def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, m, hist_stride,
                       HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, TABLE: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
+                      BLOCK_M: tl.constexpr, PDL: tl.constexpr):
     """Per (row, head) of a narrow table: the k-th largest score (a radix select over the whole table), each
     centroid's class for this head and the group's summary (:func:`_classify`), and how many tokens scoring exactly
     the threshold to take."""
+    wait_previous(PDL)
     pid = tl.program_id(0)
     row = pid // HEADS
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
@@ -168,10 +170,11 @@ def _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS: tl.constexpr, GROUP
 
 @triton.jit
 def _key_range_kernel(lut_ptr, hist_ptr, span_ptr, m, hist_stride, HEADS: tl.constexpr, GROUP: tl.constexpr,
-                      COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr):
+                      COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, before its rounds: the largest key
     of the split's candidates and the largest complement (2**32 - 1 - key), into the head's two zeroed ``span``
     words by an atomic maximum each."""
+    wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
     high = tl.zeros([BLOCK_M], tl.int64)
@@ -204,12 +207,13 @@ def _key_span(span_ptr, pid, SPAN: tl.constexpr):
 def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, m, hist_stride, sets, rows,
                         ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
                         BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr,
-                        UNIT: tl.constexpr, SPAN: tl.constexpr):
+                        UNIT: tl.constexpr, SPAN: tl.constexpr, PDL: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
     digit picked (:func:`_split_state`), then the candidates of the split's columns whose shifted key's
     (:func:`_key_span`) leading digits match the prefix counted by their next digit, into the split's own COPIES
     sets of counts (column c into set c % COPIES). UNIT (one candidate a column): a histogram of the digits in the
     program, stored once into its first set."""
+    wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
@@ -244,10 +248,11 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr,
 def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, need_ptr, class_ptr, summary_ptr, m,
                      hist_stride, sets, rows, HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
                      S_PAD: tl.constexpr, BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     SPAN: tl.constexpr):
+                     SPAN: tl.constexpr, PDL: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table: the last digit picked, which completes the
     shifted threshold key (the ties left to take written by split 0), then the split's columns classed against it
     shifted back (:func:`_classify`)."""
+    wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
     thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, 32 // BITS, HEADS, S_PAD, BITS)
@@ -288,16 +293,16 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     if shape is None:
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
                                    TABLE=max(triton.next_power_of_2(m), 16), BLOCK_M=block_m,
-                                   num_warps=THRESHOLD_WARPS, **common)
+                                   num_warps=THRESHOLD_WARPS, **common, **pdl(lut.device))
         return
     splits, sets, rounds = shape
     split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
-                 SPAN=KEY_SPAN, **common)
+                 SPAN=KEY_SPAN, **common, **pdl(lut.device))
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
     span, counted = counted[: 4 * rows].view(torch.int64), counted[4 * rows :]  # (``counted`` starts 8-byte aligned)
     if KEY_SPAN:
         _key_range_kernel[(rows, splits)](lut, histogram, span, m, histogram.stride(1), HEADS=lut.shape[1],
-                                          GROUP=group, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m)
+                                          GROUP=group, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m, **pdl(lut.device))
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, span, m, histogram.stride(1), sets,
                                             rows, ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, **split)
@@ -323,10 +328,11 @@ def _unit_select(key, inside, k):
 
 @triton.jit
 def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c, width,
-                     HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr):
+                     HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr, PDL: tl.constexpr):
     """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers: each of the G
     score rows' top k (:func:`_unit_select`, ties to the lower position) united, then the kept candidates' rows
     written in order, 0 after them to ``width``."""
+    wait_previous(PDL)
     pid = tl.program_id(0)
     j = tl.arange(0, TABLE)
     inside = j < c
@@ -399,7 +405,7 @@ def keep_top(
     table = max(16, triton.next_power_of_2(c))
     _keep_top_kernel[(b * hkv,)](scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(),
                                  k.contiguous(), out, kept, c, width, HKV=hkv, G=group, TABLE=table,
-                                 num_warps=min(KEEP_WARPS, max(4, table // 512)))
+                                 num_warps=min(KEEP_WARPS, max(4, table // 512)), **pdl(indices.device))
     return out, kept
 
 
@@ -409,10 +415,12 @@ def _scan_kernel(
     n, m, stride_cb, stride_ch, stride_mb, out_width, segments,
     PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr, HEAD_BYTES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
     choice, 2 writes the chosen indices. A group of one head needs no PHASE 1: its choice in a segment is the
     tokens above its threshold there, which PHASE 0 counts too, and the ties its budget still takes there."""
+    wait_previous(PDL)
     pair = tl.program_id(0)
     seg = tl.program_id(1)
     row = pair // HKV
@@ -561,6 +569,7 @@ def select_topk(
             n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
             BLOCKS=blocks, WORDS=word is not None, PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1,
+            **pdl(codes.device),
         )
     return indices, counts
 
