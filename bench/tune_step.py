@@ -26,7 +26,8 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_codes, "ENCODE_PROGRAMS_PER_UNIT"): [1, 4], (triton_codes, "ENCODE_WARPS"): [4],
     (triton_codes, "LUT_BLOCK_M"): [16, 32], (triton_topk, "SCAN_BLOCK"): [256, 1024],
     (triton_topk, "THRESHOLD_WARPS"): [4, 16], (triton_topk, "COUNT_COPIES"): [4, 16],
-    (triton_topk, "SPLIT_COLUMNS"): [1024, 2048], (triton_topk, "WIDE_UNIT_TABLE"): [2048, 4096],
+    (triton_topk, "SPLIT_COLUMNS"): [1024, 2048], (triton_topk, "SPLIT_WARPS"): [4, 16],
+    (triton_topk, "WIDE_UNIT_TABLE"): [2048, 4096],
     (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEY_SPAN"): [False], (triton_launch, "PDL"): [True],
 }
 

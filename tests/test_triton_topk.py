@@ -184,8 +184,8 @@ def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
 @pytest.mark.parametrize("round_", [0, 1, 3])
 def test_digit_counts_compile_for_hopper(unit, round_):
     """The split select's digit counts, in each way of counting, compile to PTX for sm_90 without a GPU."""
-    constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": 8, "COLUMNS": 4096, "BLOCK_M": 2048,
-                 "COPIES": 1, "UNIT": unit, "SPAN": True}
+    constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": 8, "COLUMNS": 4096, "COPIES": 1,
+                 "UNIT": unit, "SPAN": True}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_digit_count_kernel", constants, pointers)
 
@@ -193,11 +193,10 @@ def test_digit_counts_compile_for_hopper(unit, round_):
 def test_key_range_and_classes_compile_for_hopper():
     """The split select's key span and its classes compile to PTX for sm_90 without a GPU."""
     compile_for_hopper("triton_topk", "_key_range_kernel",
-                       {"HEADS": 8, "GROUP": 1, "COLUMNS": 4096, "BLOCK_M": 2048},
+                       {"HEADS": 8, "GROUP": 1, "COLUMNS": 4096},
                        {"lut_ptr": "*fp32", "span_ptr": "*i64"})
     compile_for_hopper("triton_topk", "_classify_kernel",
-                       {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "S_PAD": 16, "BITS": 8, "COLUMNS": 4096, "BLOCK_M": 2048,
-                        "SPAN": True},
+                       {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "S_PAD": 16, "BITS": 8, "COLUMNS": 4096, "SPAN": True},
                        {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64",
                         "class_ptr": "*u8"})
 

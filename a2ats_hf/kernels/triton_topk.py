@@ -31,7 +31,8 @@ from .triton_launch import pdl, wait_previous
 WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
 WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ranking's), whose digits a split
 # counts with a histogram instead of atomic additions
-SPLIT_COLUMNS = 4096  # columns per program of a split select
+SPLIT_COLUMNS = 4096  # columns per program of a split select, read as one block
+SPLIT_WARPS = 8  # warps per program of a split select
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 KEY_SPAN = True  # a split select first finds each head's key span and counts keys shifted by it (see _key_span)
@@ -78,24 +79,33 @@ def _radix_select(count, key, k):
 
 
 @triton.jit
-def _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, head, thr, start, end, m, GROUP: tl.constexpr,
+def _class_block(count, key, first, end, class_ptr, summary_ptr, kv, head, thr, m, GROUP: tl.constexpr,
+                 G_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """A block of a head's table, its entries ``(count, key)`` at columns [first, first + BLOCK) (``first`` a
+    multiple of 16; those from ``end`` on left alone), classed against the threshold key ``thr`` (2: above, 1:
+    equal, 0: below) in byte ``head % GROUP`` of their [G_PAD]-byte entries, and OR-ed into the KV group's 2-bit
+    summary. Returns its candidates scoring above the threshold."""
+    cols = first + tl.arange(0, BLOCK)
+    ok = cols < end
+    category = tl.where(ok, tl.where(key > thr, 2, tl.where(key == thr, 1, 0)), 0)
+    entry = (kv.to(tl.int64) * m + cols) * G_PAD + head % GROUP
+    tl.store(class_ptr + entry, category.to(tl.uint8), mask=ok)
+    packed = tl.sum(tl.reshape(category << (2 * (cols % 16)), [BLOCK // 16, 16]), axis=1)
+    words = first // 16 + tl.arange(0, BLOCK // 16)
+    tl.atomic_or(summary_ptr + kv.to(tl.int64) * tl.cdiv(m, 16) + words, packed, mask=words * 16 < end,
+                 sem="relaxed")
+    return tl.sum(tl.where(key > thr, count, 0), axis=0)
+
+
+@triton.jit
+def _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, head, thr, m, GROUP: tl.constexpr,
               G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Columns [start, end) of a head's table classed against its threshold key ``thr`` (2: above, 1: equal, 0:
-    below) in byte ``head % GROUP`` of their [G_PAD]-byte entries, and OR-ed into the KV group's 2-bit summary
-    (``start`` a multiple of 16). Returns the candidates scoring above the threshold."""
+    """A head's whole table classed against its threshold key ``thr`` (:func:`_class_block`), block by block.
+    Returns the candidates scoring above the threshold."""
     greater = tl.zeros([1], dtype=tl.int32)
-    for m0 in range(start, end, BLOCK_M):
-        count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
-        cols = m0 + tl.arange(0, BLOCK_M)
-        ok = cols < end
-        greater += tl.sum(tl.where(key > thr, count, 0), axis=0)
-        category = tl.where(ok, tl.where(key > thr, 2, tl.where(key == thr, 1, 0)), 0)
-        entry = (kv.to(tl.int64) * m + cols) * G_PAD + head % GROUP
-        tl.store(class_ptr + entry, category.to(tl.uint8), mask=ok)
-        packed = tl.sum(tl.reshape(category << (2 * (cols % 16)), [BLOCK_M // 16, 16]), axis=1)
-        words = m0 // 16 + tl.arange(0, BLOCK_M // 16)
-        tl.atomic_or(summary_ptr + kv.to(tl.int64) * tl.cdiv(m, 16) + words, packed, mask=words * 16 < end,
-                     sem="relaxed")
+    for m0 in range(0, m, BLOCK_M):
+        count, key = _entries(lut_row, hist_row, m0, m, BLOCK_M)
+        greater += _class_block(count, key, m0, m, class_ptr, summary_ptr, kv, head, thr, m, GROUP, G_PAD, BLOCK_M)
     return greater
 
 
@@ -113,8 +123,7 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
     k = tl.load(k_ptr + row).to(tl.int32)
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
     thr = _radix_select(*_entries(lut_row, hist_row, 0, m, TABLE), k)
-    greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, 0, m, m, GROUP, G_PAD,
-                        BLOCK_M)
+    greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, m, GROUP, G_PAD, BLOCK_M)
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
 
 
@@ -170,22 +179,17 @@ def _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS: tl.constexpr, GROUP
 
 @triton.jit
 def _key_range_kernel(lut_ptr, hist_ptr, span_ptr, m, hist_stride, HEADS: tl.constexpr, GROUP: tl.constexpr,
-                      COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+                      COLUMNS: tl.constexpr, PDL: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, before its rounds: the largest key
     of the split's candidates and the largest complement (2**32 - 1 - key), into the head's two zeroed ``span``
     words by an atomic maximum each."""
     wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
-    high = tl.zeros([BLOCK_M], tl.int64)
-    low = tl.zeros([BLOCK_M], tl.int64)
-    for m0 in range(start, end, BLOCK_M):
-        count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
-        wide = key.to(tl.int64)
-        high = tl.maximum(high, tl.where(count > 0, wide, 0))
-        low = tl.maximum(low, tl.where(count > 0, 4294967295 - wide, 0))
-    tl.atomic_max(span_ptr + 2 * pid, tl.max(high, axis=0), sem="relaxed")
-    tl.atomic_max(span_ptr + 2 * pid + 1, tl.max(low, axis=0), sem="relaxed")
+    count, key = _entries(lut_row, hist_row, start, end, COLUMNS)
+    wide = key.to(tl.int64)
+    tl.atomic_max(span_ptr + 2 * pid, tl.max(tl.where(count > 0, wide, 0), axis=0), sem="relaxed")
+    tl.atomic_max(span_ptr + 2 * pid + 1, tl.max(tl.where(count > 0, 4294967295 - wide, 0), axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -206,61 +210,58 @@ def _key_span(span_ptr, pid, SPAN: tl.constexpr):
 @triton.jit
 def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, m, hist_stride, sets, rows,
                         ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
-                        BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, COPIES: tl.constexpr,
-                        UNIT: tl.constexpr, SPAN: tl.constexpr, PDL: tl.constexpr):
-    """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the previous round's
-    digit picked (:func:`_split_state`), then the candidates of the split's columns whose shifted key's
-    (:func:`_key_span`) leading digits match the prefix counted by their next digit, into the split's own COPIES
-    sets of counts (column c into set c % COPIES). UNIT (one candidate a column): a histogram of the digits in the
-    program, stored once into its first set."""
+                        BITS: tl.constexpr, COLUMNS: tl.constexpr, COPIES: tl.constexpr, UNIT: tl.constexpr,
+                        SPAN: tl.constexpr, PDL: tl.constexpr):
+    """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the split's columns
+    read, and meanwhile the previous round's digit picked (:func:`_split_state`); then the candidates whose shifted
+    key's (:func:`_key_span`) leading digits match the prefix counted by their next digit, into the split's own
+    COPIES sets of counts (column c into set c % COPIES). UNIT (one candidate a column): a histogram of the digits
+    in the program, stored once into its first set."""
     wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
+    count, key = _entries(lut_row, hist_row, start, end, COLUMNS)  # issued before the pick's loads: they overlap
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
     if ROUND > 0:
         prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND, HEADS, S_PAD, BITS)[0]
     low, left = _key_span(span_ptr, pid, SPAN)
     own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * sets + split * COPIES) * (1 << BITS)
+    key = ((key.to(tl.int64) - low) << left) & 4294967295  # (garbage where no candidate: not taken)
+    take = count > 0
+    if ROUND > 0:
+        take &= (key >> (shift + BITS)) == prefix
+    digit = (key >> shift) & ((1 << BITS) - 1)
     if UNIT:  # the digits' bins, then one for the columns not taken
         bins = tl.arange(0, 2 << BITS)
-        counts = tl.zeros([2 << BITS], tl.int32)
-    for m0 in range(start, end, BLOCK_M):
-        count, key = _entries(lut_row, hist_row, m0, end, BLOCK_M)
-        key = ((key.to(tl.int64) - low) << left) & 4294967295  # (garbage where no candidate: not taken)
-        take = count > 0
-        if ROUND > 0:
-            take &= (key >> (shift + BITS)) == prefix
-        digit = (key >> shift) & ((1 << BITS) - 1)
-        if UNIT:
-            counts += tl.histogram(tl.where(take, digit, (2 << BITS) - 1).to(tl.int32), 2 << BITS)
-        else:
-            counter = own + digit
-            if COPIES > 1:
-                counter += ((m0 + tl.arange(0, BLOCK_M)) % COPIES) * (1 << BITS)
-            # relaxed, as every atomic here: only later launches read the counts (Triton's default, acq_rel, puts
-            # each addition behind the last one's round trip: ~16 us a launch at 128K)
-            tl.atomic_add(counter, count, mask=take, sem="relaxed")
-    if UNIT:
+        counts = tl.histogram(tl.where(take, digit, (2 << BITS) - 1).to(tl.int32), 2 << BITS)
         tl.store(own + bins, counts, mask=bins < (1 << BITS))
+    else:
+        counter = own + digit
+        if COPIES > 1:
+            counter += ((start + tl.arange(0, COLUMNS)) % COPIES) * (1 << BITS)
+        # relaxed, as every atomic here: only later launches read the counts (Triton's default, acq_rel, puts each
+        # addition behind the last one's round trip: ~16 us a launch at 128K)
+        tl.atomic_add(counter, count, mask=take, sem="relaxed")
 
 
 @triton.jit
 def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, need_ptr, class_ptr, summary_ptr, m,
                      hist_stride, sets, rows, HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-                     S_PAD: tl.constexpr, BITS: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     SPAN: tl.constexpr, PDL: tl.constexpr):
-    """Program (row-head, split of COLUMNS columns) of a wide table: the last digit picked, which completes the
-    shifted threshold key (the ties left to take written by split 0), then the split's columns classed against it
-    shifted back (:func:`_classify`)."""
+                     S_PAD: tl.constexpr, BITS: tl.constexpr, COLUMNS: tl.constexpr, SPAN: tl.constexpr,
+                     PDL: tl.constexpr):
+    """Program (row-head, split of COLUMNS columns) of a wide table: the split's columns read, and meanwhile the
+    last digit picked, which completes the shifted threshold key (the ties left to take written by split 0); then
+    the columns classed against it shifted back (:func:`_class_block`)."""
     wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
+    count, key = _entries(lut_row, hist_row, start, end, COLUMNS)
     thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, 32 // BITS, HEADS, S_PAD, BITS)
     if split == 0:
         tl.store(need_ptr + pid, rest.to(tl.int32))
     low, left = _key_span(span_ptr, pid, SPAN)
-    _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, ((thr >> left) + low).to(tl.uint32), start,
-              end, m, GROUP, G_PAD, BLOCK_M)
+    _class_block(count, key, start, end, class_ptr, summary_ptr, kv, pid % HEADS, ((thr >> left) + low).to(tl.uint32),
+                 m, GROUP, G_PAD, COLUMNS)
 
 
 def _split_shape(m: int, unit: bool = False) -> tuple[int, int, int] | None:
@@ -296,13 +297,13 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
                                    num_warps=THRESHOLD_WARPS, **common, **pdl(lut.device))
         return
     splits, sets, rounds = shape
-    split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m,
-                 SPAN=KEY_SPAN, **common, **pdl(lut.device))
+    split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, SPAN=KEY_SPAN,
+                 num_warps=SPLIT_WARPS, **common, **pdl(lut.device))
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
     span, counted = counted[: 4 * rows].view(torch.int64), counted[4 * rows :]  # (``counted`` starts 8-byte aligned)
     if KEY_SPAN:
         _key_range_kernel[(rows, splits)](lut, histogram, span, m, histogram.stride(1), HEADS=lut.shape[1],
-                                          GROUP=group, COLUMNS=SPLIT_COLUMNS, BLOCK_M=block_m, **pdl(lut.device))
+                                          GROUP=group, COLUMNS=SPLIT_COLUMNS, num_warps=SPLIT_WARPS, **pdl(lut.device))
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, span, m, histogram.stride(1), sets,
                                             rows, ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, **split)
