@@ -36,6 +36,8 @@ def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, d
 
 
 BUCKET = BLOCK_SIZE  # width granularity: a new graph every 4096 tokens
+CANDIDATE_KEY_BITS = 16  # re-ranking's candidates ranked by their scores' top 16 bits (bfloat16's precision): the
+# exact scores order them after, and a split select of 16-bit keys takes 2 rounds where 32 bits take 4
 
 
 @dataclass
@@ -171,7 +173,7 @@ def _select(
     if rerank == 1:
         return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max)
     indices, counts = kernels.select_topk(lut, codes, masks.far, masks.candidates, rule, histogram=histogram,
-                                          k_max=min(k_max * rerank, far_max))
+                                          k_max=min(k_max * rerank, far_max), key_bits=CANDIDATE_KEY_BITS)
     return rerank_exact(inputs.table_query, layer.store.keys, indices, counts, masks.budget, k_max, rule)
 
 

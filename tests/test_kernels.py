@@ -57,6 +57,19 @@ def test_select_topk_rejects_unknown_budget():
                             torch.tensor([1]), "layer")
 
 
+def test_select_topk_keyed_by_top_bits_ties_what_they_cannot_tell_apart():
+    """With ``key_bits=16`` scores equal in their top 16 bits (bfloat16's precision, rounded down) tie, and ties go
+    to the lower token index; with 32 the larger float wins. Other widths are refused by name."""
+    lut = torch.tensor([[[1.0, 1.0 + 2**-10, 0.5]]])  # 1 + 2**-10 rounds down to 1 in bfloat16
+    codes = torch.tensor([[[0, 1, 2]]])
+    candidates, k = torch.ones(1, 3, dtype=torch.bool), torch.tensor([1])
+    assert kernels.select_topk(lut, codes, candidates, k, key_bits=16)[0].flatten().tolist() == [0]
+    assert kernels.select_topk(lut, codes, candidates, k)[0].flatten().tolist() == [1]
+    assert kernels.select_topk(-lut, codes, candidates, k, key_bits=16)[0].flatten().tolist() == [2]
+    with pytest.raises(ValueError, match="key_bits"):
+        kernels.select_topk(lut, codes, candidates, k, key_bits=12)
+
+
 def dense_reference(query, keys, values, valid, scaling):
     b, hq, d = query.shape
     hkv = keys.shape[1]

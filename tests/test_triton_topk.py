@@ -19,7 +19,8 @@ KERNEL_DEVICE = DEVICE if DEVICE.type == "cuda" else torch.device("cpu")
 
 
 def assert_same_selection(lut, codes, candidates, k, budget, **kwargs):
-    expected, expected_counts = reference.select_topk(lut, codes, candidates, k, budget)
+    expected, expected_counts = reference.select_topk(lut, codes, candidates, k, budget,
+                                                      key_bits=kwargs.get("key_bits", 32))
     got, counts = triton_topk.select_topk(lut, codes, candidates, k, budget, **kwargs)
     assert got.dtype == torch.int32 and counts.dtype == torch.int32
     assert torch.equal(counts.cpu().long(), expected_counts.cpu().long())
@@ -54,6 +55,23 @@ def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
         k[1] = 0
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, block_n=64)
+
+
+@pytest.mark.parametrize("key_bits", [8, 16, 24])
+@pytest.mark.parametrize("budget,m", [("query_head", 1000), ("kv_head", 1000), ("query_head", 20000),
+                                      ("kv_head", 20000)], ids=["narrow-group", "narrow", "wide-group", "wide"])
+def test_scores_keyed_by_their_top_bits(key_bits, budget, m):
+    """Ranked by the top 8, 16 or 24 bits of their order (re-ranking's candidates take 16), scores equal in those
+    bits tie and go to the lower token index, narrow tables and split selects alike (this one's 2 rounds for 16
+    bits); the scores spread over a few octaves, so many share their top bits."""
+    g = torch.Generator().manual_seed(key_bits + m)
+    b, hkv, n = 2, 2, 5000
+    lut = torch.rand(b, 2 * hkv, m, generator=g) * 4 - 1
+    codes = torch.randint(0, m, (b, hkv, n), generator=g)
+    candidates = torch.rand(b, n, generator=g) > 0.2
+    k = torch.tensor([150, 1700])
+    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+    assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, key_bits=key_bits)
 
 
 @pytest.mark.parametrize("span", [True, False], ids=["span", "no-span"])
@@ -185,7 +203,7 @@ def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
 def test_digit_counts_compile_for_hopper(unit, round_):
     """The split select's digit counts, in each way of counting, compile to PTX for sm_90 without a GPU."""
     constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": 8, "COLUMNS": 4096, "COPIES": 1,
-                 "UNIT": unit, "SPAN": True}
+                 "UNIT": unit, "SPAN": True, "KEY_BITS": 32}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_digit_count_kernel", constants, pointers)
 
@@ -193,17 +211,18 @@ def test_digit_counts_compile_for_hopper(unit, round_):
 def test_key_range_and_classes_compile_for_hopper():
     """The split select's key span and its classes compile to PTX for sm_90 without a GPU."""
     compile_for_hopper("triton_topk", "_key_range_kernel",
-                       {"HEADS": 8, "GROUP": 1, "COLUMNS": 4096},
+                       {"HEADS": 8, "GROUP": 1, "COLUMNS": 4096, "KEY_BITS": 32},
                        {"lut_ptr": "*fp32", "span_ptr": "*i64"})
     compile_for_hopper("triton_topk", "_classify_kernel",
-                       {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "S_PAD": 16, "BITS": 8, "COLUMNS": 4096, "SPAN": True},
+                       {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "S_PAD": 16, "BITS": 8, "COLUMNS": 4096, "SPAN": True,
+                        "KEY_BITS": 16},
                        {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64",
                         "class_ptr": "*u8"})
 
 
 def test_threshold_compiles_for_hopper():
     """The narrow select, its widest table held in registers, compiles to PTX for sm_90 without a GPU."""
-    constants = {"HEADS": 8, "GROUP": 1, "G_PAD": 1, "TABLE": 8192, "BLOCK_M": 2048}
+    constants = {"HEADS": 8, "GROUP": 1, "G_PAD": 1, "TABLE": 8192, "BLOCK_M": 2048, "KEY_BITS": 32}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "class_ptr": "*u8"}
     compile_for_hopper("triton_topk", "_threshold_kernel", constants, pointers)
 

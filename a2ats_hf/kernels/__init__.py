@@ -231,6 +231,7 @@ def select_topk(
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
     unit: bool = False,
+    key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K far tokens per (row, KV head) from LUT scores; see :func:`.reference.select_topk` for the contract.
 
@@ -239,7 +240,8 @@ def select_topk(
     candidate, lets it count without atomic additions); indices may then be int32 and padded wider than the
     largest count.
     """
-    return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max, unit=unit)
+    return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max, unit=unit,
+               key_bits=key_bits)
 
 
 __all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram", "count_leaving",

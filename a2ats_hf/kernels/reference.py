@@ -92,6 +92,17 @@ def _move_bucket_columns_masked(columns, histogram, codes, far, starts, n, m, wi
     histogram.scatter_add_(-1, torch.where(weights != 0, index, 0), weights)  # columns past n hold no token
 
 
+def check_key_bits(key_bits: int) -> None:
+    if key_bits not in (8, 16, 24, 32):
+        raise ValueError(f"key_bits must be 8, 16, 24 or 32, got {key_bits!r}")
+
+
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """float32 scores -> int64 keys in [0, 2**32) whose order is the scores' (the kernels' unsigned keys)."""
+    bits = scores.float().contiguous().view(torch.int32).long()
+    return torch.where(bits < 0, -1 - bits, bits + 2**31)
+
+
 def select_topk(
     lut: torch.Tensor,
     codes: torch.Tensor,
@@ -101,6 +112,7 @@ def select_topk(
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
     unit: bool = False,
+    key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose far tokens to attend from approximate scores ``lut[h, codes[j]]``.
 
@@ -114,6 +126,9 @@ def select_topk(
             "kv_head" takes one top ``k`` per KV head from the group's summed scores.
         histogram, k_max, unit: what the fast kernel may be given to spare it work (the candidates' code
             histogram, a host-side bound on ``k``, whether every code is one candidate's); the reference needs none.
+        key_bits: the scores ranked by the top ``key_bits`` bits of their float32 order (8, 16, 24 or 32; 16:
+            bfloat16's precision, rounded down), scores equal in those bits tying; fewer take the kernel fewer
+            rounds (re-ranking's candidates, whose order the exact scores set anyway).
 
     Returns:
         indices [B, Hkv, K] (ascending token indices, padded with 0) and counts [B, Hkv]. Ties are broken towards
@@ -128,7 +143,10 @@ def select_topk(
         raise ValueError(f"budget must be 'query_head' or 'kv_head', got {budget!r}")
     heads = lut.shape[1]
     code_idx = codes.long().repeat_interleave(heads // hkv, dim=1)  # [B, heads, N]
+    check_key_bits(key_bits)
     scores = lut.gather(-1, code_idx).masked_fill(~candidates[:, None, :], float("-inf"))
+    if key_bits < 32:
+        scores = order_keys(scores) >> (32 - key_bits)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=lut.device).expand_as(order))
     chosen = (rank < k.view(b, 1, 1)) & candidates[:, None, :]

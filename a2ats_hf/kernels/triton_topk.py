@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import code_histogram
+from .reference import check_key_bits, code_histogram
 from .triton_attention import gather_chosen
 from .triton_launch import pdl, wait_previous
 
@@ -47,26 +47,31 @@ def _order_key(values):
 
 
 @triton.jit
-def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr):
-    """Entries [m0, m0 + BLOCK) of a head's table as (candidate counts, score keys), 0 past ``n``."""
+def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Entries [m0, m0 + BLOCK) of a head's table as (candidate counts, score keys), 0 past ``n``; a key keeps its
+    top KEY_BITS bits (the rest 0: scores equal in those bits tie)."""
     i = m0 + tl.arange(0, BLOCK)
     ok = i < n
     count = tl.load(hist_row + i, mask=ok, other=0)
-    return count, _order_key(tl.load(lut_row + i, mask=ok, other=0.0))
+    key = _order_key(tl.load(lut_row + i, mask=ok, other=0.0))
+    if KEY_BITS < 32:
+        key = key & ((1 << 32) - (1 << (32 - KEY_BITS)))
+    return count, key
 
 
 @triton.jit
-def _radix_select(count, key, k):
+def _radix_select(count, key, k, KEY_BITS: tl.constexpr):
     """A threshold key with the top k candidates at or above it, of a table held in registers (``count``
     candidates at each ``key``; a narrow table has under WIDE_TABLE entries, so no round waits on memory): a radix
     select from the top, 2 bits per round (3 trial prefixes a round), giving the largest key with >= k candidates
     at or above it, unless a round finds exactly k at or above its prefix (float scores: about half-way), where it
-    stops and gives the prefix: the same k candidates lie at or above either, so every tie at it is taken."""
+    stops and gives the prefix: the same k candidates lie at or above either, so every tie at it is taken. Keys
+    of KEY_BITS bits (:func:`_entries`) take KEY_BITS / 2 rounds."""
     thr = tl.zeros([1], dtype=tl.uint32)
     one = tl.full([1], 1, dtype=tl.uint32)
     at_least = k * 0 - 1  # candidates at or above the prefix, where a round has counted them
     r = 0
-    while (r < 16) & (at_least != k):
+    while (r < KEY_BITS // 2) & (at_least != k):
         shift = 30 - 2 * r
         best = tl.zeros([1], dtype=tl.uint32)
         for digit in range(1, 4):  # candidates at or above the prefix + digit: `best` counts the digits that hold k
@@ -99,12 +104,12 @@ def _class_block(count, key, first, end, class_ptr, summary_ptr, kv, head, thr, 
 
 @triton.jit
 def _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, head, thr, m, GROUP: tl.constexpr,
-              G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+              G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BITS: tl.constexpr):
     """A head's whole table classed against its threshold key ``thr`` (:func:`_class_block`), block by block.
     Returns the candidates scoring above the threshold."""
     greater = tl.zeros([1], dtype=tl.int32)
     for m0 in range(0, m, BLOCK_M):
-        count, key = _entries(lut_row, hist_row, m0, m, BLOCK_M)
+        count, key = _entries(lut_row, hist_row, m0, m, BLOCK_M, KEY_BITS)
         greater += _class_block(count, key, m0, m, class_ptr, summary_ptr, kv, head, thr, m, GROUP, G_PAD, BLOCK_M)
     return greater
 
@@ -112,7 +117,7 @@ def _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, head, thr, m, GROUP
 @triton.jit
 def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr, m, hist_stride,
                       HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, TABLE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+                      BLOCK_M: tl.constexpr, KEY_BITS: tl.constexpr, PDL: tl.constexpr):
     """Per (row, head) of a narrow table: the k-th largest score (a radix select over the whole table), each
     centroid's class for this head and the group's summary (:func:`_classify`), and how many tokens scoring exactly
     the threshold to take."""
@@ -122,8 +127,9 @@ def _threshold_kernel(lut_ptr, hist_ptr, k_ptr, need_ptr, class_ptr, summary_ptr
     kv = row * (HEADS // GROUP) + (pid % HEADS) // GROUP
     k = tl.load(k_ptr + row).to(tl.int32)
     lut_row, hist_row = lut_ptr + pid.to(tl.int64) * m, hist_ptr + kv.to(tl.int64) * hist_stride
-    thr = _radix_select(*_entries(lut_row, hist_row, 0, m, TABLE), k)
-    greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, m, GROUP, G_PAD, BLOCK_M)
+    thr = _radix_select(*_entries(lut_row, hist_row, 0, m, TABLE, KEY_BITS), k, KEY_BITS)
+    greater = _classify(lut_row, hist_row, class_ptr, summary_ptr, kv, pid % HEADS, thr, m, GROUP, G_PAD, BLOCK_M,
+                        KEY_BITS)
     tl.store(need_ptr + pid + tl.arange(0, 1), k - greater)
 
 
@@ -179,14 +185,14 @@ def _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS: tl.constexpr, GROUP
 
 @triton.jit
 def _key_range_kernel(lut_ptr, hist_ptr, span_ptr, m, hist_stride, HEADS: tl.constexpr, GROUP: tl.constexpr,
-                      COLUMNS: tl.constexpr, PDL: tl.constexpr):
+                      COLUMNS: tl.constexpr, KEY_BITS: tl.constexpr, PDL: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, before its rounds: the largest key
     of the split's candidates and the largest complement (2**32 - 1 - key), into the head's two zeroed ``span``
     words by an atomic maximum each."""
     wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
-    count, key = _entries(lut_row, hist_row, start, end, COLUMNS)
+    count, key = _entries(lut_row, hist_row, start, end, COLUMNS, KEY_BITS)
     wide = key.to(tl.int64)
     tl.atomic_max(span_ptr + 2 * pid, tl.max(tl.where(count > 0, wide, 0), axis=0), sem="relaxed")
     tl.atomic_max(span_ptr + 2 * pid + 1, tl.max(tl.where(count > 0, 4294967295 - wide, 0), axis=0), sem="relaxed")
@@ -211,7 +217,7 @@ def _key_span(span_ptr, pid, SPAN: tl.constexpr):
 def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, m, hist_stride, sets, rows,
                         ROUND: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr, S_PAD: tl.constexpr,
                         BITS: tl.constexpr, COLUMNS: tl.constexpr, COPIES: tl.constexpr, UNIT: tl.constexpr,
-                        SPAN: tl.constexpr, PDL: tl.constexpr):
+                        SPAN: tl.constexpr, KEY_BITS: tl.constexpr, PDL: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the split's columns
     read, and meanwhile the previous round's digit picked (:func:`_split_state`); then the candidates whose shifted
     key's (:func:`_key_span`) leading digits match the prefix counted by their next digit, into the split's own
@@ -220,7 +226,7 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr,
     wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
-    count, key = _entries(lut_row, hist_row, start, end, COLUMNS)  # issued before the pick's loads: they overlap
+    count, key = _entries(lut_row, hist_row, start, end, COLUMNS, KEY_BITS)  # issued before the pick's: they overlap
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
     if ROUND > 0:
         prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND, HEADS, S_PAD, BITS)[0]
@@ -248,15 +254,17 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr,
 def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, need_ptr, class_ptr, summary_ptr, m,
                      hist_stride, sets, rows, HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
                      S_PAD: tl.constexpr, BITS: tl.constexpr, COLUMNS: tl.constexpr, SPAN: tl.constexpr,
-                     PDL: tl.constexpr):
+                     KEY_BITS: tl.constexpr, PDL: tl.constexpr):
     """Program (row-head, split of COLUMNS columns) of a wide table: the split's columns read, and meanwhile the
-    last digit picked, which completes the shifted threshold key (the ties left to take written by split 0); then
-    the columns classed against it shifted back (:func:`_class_block`)."""
+    last digit picked, which completes the shifted threshold key's KEY_BITS top bits (its others are 0, as every
+    shifted key's: :func:`_key_span` shifts the keys' span up to the top) and the ties left to take (written by
+    split 0); then the columns classed against it shifted back (:func:`_class_block`)."""
     wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
-    count, key = _entries(lut_row, hist_row, start, end, COLUMNS)
-    thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, 32 // BITS, HEADS, S_PAD, BITS)
+    count, key = _entries(lut_row, hist_row, start, end, COLUMNS, KEY_BITS)
+    thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, KEY_BITS // BITS, HEADS, S_PAD, BITS)
+    thr = thr << (32 - KEY_BITS)
     if split == 0:
         tl.store(need_ptr + pid, rest.to(tl.int32))
     low, left = _key_span(span_ptr, pid, SPAN)
@@ -264,33 +272,34 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, ne
                  m, GROUP, G_PAD, COLUMNS)
 
 
-def _split_shape(m: int, unit: bool = False) -> tuple[int, int, int] | None:
+def _split_shape(m: int, unit: bool = False, key_bits: int = 32) -> tuple[int, int, int] | None:
     """(splits, sets of counters, rounds) of a split select over a table of ``m`` columns (``unit``: of one
-    candidate each); None for a narrow table (one program per head)."""
+    candidate each) keyed by ``key_bits`` bits; None for a narrow table (one program per head)."""
     if m < (WIDE_UNIT_TABLE if unit else WIDE_TABLE):
         return None
     splits = triton.cdiv(m, SPLIT_COLUMNS)
-    return splits, splits * COUNT_COPIES, 32 // RADIX_BITS
+    return splits, splits * COUNT_COPIES, key_bits // RADIX_BITS
 
 
-def _counters(m: int, rows: int, unit: bool = False) -> int:
+def _counters(m: int, rows: int, unit: bool = False, key_bits: int = 32) -> int:
     """The zeroed int32 words a split select needs: each head's key span (two int64), then the digit counters (0
     for a narrow table)."""
-    shape = _split_shape(m, unit)
+    shape = _split_shape(m, unit, key_bits)
     return 0 if shape is None else 4 * rows + (shape[2] * rows * shape[1] << RADIX_BITS)
 
 
-def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False):
+def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False, key_bits=32):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
     program per head crossed in ~100 us) a split select: the head's key span (:func:`_key_span`) found first, then
     RADIX_BITS of the shifted key a round, each round's candidates counted by programs over SPLIT_COLUMNS columns
     (into COUNT_COPIES sets of ``counted``'s zeroed counters each), then the classes by programs as many (``unit``:
-    one candidate a column, each round counted by a histogram)."""
+    one candidate a column, each round counted by a histogram). Scores are keyed by their top ``key_bits`` bits:
+    a split select takes ``key_bits`` / RADIX_BITS rounds."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
-    common = dict(HEADS=lut.shape[1], GROUP=group)
+    common = dict(HEADS=lut.shape[1], GROUP=group, KEY_BITS=key_bits)
     block_m = min(max(triton.next_power_of_2(m), 16), 2048)
-    shape = _split_shape(m, unit)
+    shape = _split_shape(m, unit, key_bits)
     if shape is None:
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
                                    TABLE=max(triton.next_power_of_2(m), 16), BLOCK_M=block_m,
@@ -302,8 +311,8 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
     span, counted = counted[: 4 * rows].view(torch.int64), counted[4 * rows :]  # (``counted`` starts 8-byte aligned)
     if KEY_SPAN:
-        _key_range_kernel[(rows, splits)](lut, histogram, span, m, histogram.stride(1), HEADS=lut.shape[1],
-                                          GROUP=group, COLUMNS=SPLIT_COLUMNS, num_warps=SPLIT_WARPS, **pdl(lut.device))
+        _key_range_kernel[(rows, splits)](lut, histogram, span, m, histogram.stride(1), COLUMNS=SPLIT_COLUMNS,
+                                          num_warps=SPLIT_WARPS, **common, **pdl(lut.device))
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, span, m, histogram.stride(1), sets,
                                             rows, ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, **split)
@@ -522,6 +531,7 @@ def select_topk(
     k_max: int | None = None,
     block_n: int | None = None,
     unit: bool = False,
+    key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv].
@@ -532,6 +542,7 @@ def select_topk(
     ``k_max`` bounds ``k`` from the host, read from ``k`` (a device sync) when not given; ``unit`` says every
     count of ``histogram`` is 1 (re-ranking's candidates, each its own code).
     """
+    check_key_bits(key_bits)
     b, hkv, n = codes.shape
     block_n = block_n or SCAN_BLOCK
     lut = _per_budget(lut, hkv, budget).float().contiguous()
@@ -543,7 +554,7 @@ def select_topk(
         k_max = int(k.max()) if k.numel() else 0
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
-    sizes = [_counters(m, lut.shape[0] * lut.shape[1], unit), b * hkv * width, b * hkv * words]  # one fill
+    sizes = [_counters(m, lut.shape[0] * lut.shape[1], unit, key_bits), b * hkv * width, b * hkv * words]  # one fill
     counted, indices, summary = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
@@ -557,7 +568,7 @@ def select_topk(
     histogram = histogram.to(torch.int32)
     if histogram.stride(-1) != 1 or histogram.stride(0) != hkv * histogram.stride(1):  # rows of one stride
         histogram = histogram.contiguous()
-    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad, unit)
+    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad, unit, key_bits)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
