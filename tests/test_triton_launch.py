@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from a2ats_hf.kernels import triton_launch
-from tests.conftest import compile_for_hopper
+
+from conftest import compile_for_hopper
 
 
 def test_off_without_a_hopper_gpu(monkeypatch):
