@@ -220,9 +220,11 @@ def test_key_range_and_classes_compile_for_hopper():
                         "class_ptr": "*u8"})
 
 
-def test_threshold_compiles_for_hopper():
-    """The narrow select, its widest table held in registers, compiles to PTX for sm_90 without a GPU."""
-    constants = {"HEADS": 8, "GROUP": 1, "G_PAD": 1, "TABLE": 8192, "BLOCK_M": 2048, "KEY_BITS": 32}
+@pytest.mark.parametrize("key_bits", [32, 16])
+def test_threshold_compiles_for_hopper(key_bits):
+    """The narrow select, its widest table held in registers, compiles to PTX for sm_90 without a GPU, its keys
+    whole or cut to their top 16 bits (re-ranking's candidates)."""
+    constants = {"HEADS": 8, "GROUP": 1, "G_PAD": 1, "TABLE": 8192, "BLOCK_M": 2048, "KEY_BITS": key_bits}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "class_ptr": "*u8"}
     compile_for_hopper("triton_topk", "_threshold_kernel", constants, pointers)
 
