@@ -39,7 +39,7 @@ from a2ats_hf import A2ATSCache, Codebooks, kernels
 from a2ats_hf import step as step_module
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_topk
-from a2ats_hf.kernels.triton_topk import _order_key, _radix_select
+from a2ats_hf.kernels.triton_topk import _order_key, _unit_select
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore, hugetlb_pool, meminfo
 from bench.common import cuda_time, environment, gpu_profile, results_path, wall_time
@@ -136,14 +136,15 @@ def bench_device_attention(n: int, b: int, rows: int, hbm: float) -> dict:
 
 @triton.jit
 def _keep_part_kernel(score_ptr, k_ptr, out_ptr, c, TABLE: tl.constexpr, SELECT: tl.constexpr):
-    """One of keep_top's parts alone, a program per (row, KV head): its scores loaded as order keys, then the radix
-    select (SELECT) or only their largest (the floor: a launch and a read), one word stored."""
+    """One of keep_top's parts alone, a program per (row, KV head): its scores loaded as order keys, then its select
+    (SELECT, :func:`_unit_select`'s threshold) or only their largest (the floor: a launch and a read), one word
+    stored."""
     pid = tl.program_id(0)
     j = tl.arange(0, TABLE)
     inside = j < c
     key = _order_key(tl.load(score_ptr + pid.to(tl.int64) * c + j, mask=inside, other=0.0))
     if SELECT:
-        word = _radix_select(inside.to(tl.int32), key, tl.load(k_ptr).to(tl.int32))
+        word = _unit_select(key, inside, tl.load(k_ptr).to(tl.int32))[0] + tl.zeros([1], dtype=tl.uint32)
     else:
         word = tl.max(key, axis=0) + tl.zeros([1], dtype=tl.uint32)
     tl.store(out_ptr + pid + tl.arange(0, 1), word)
@@ -153,7 +154,7 @@ def kernel_us(fn, calls: int = 20) -> dict[str, float]:
     """GPU microseconds a call of ``fn`` spends in each kernel it launches (after a call that compiles them)."""
     fn()
     profile = gpu_profile(fn, torch.device("cuda"), steps=calls, top=None)
-    return {name: round(1e3 * ms, 1) for name, ms in profile["kernels_ms"]}
+    return {name: round(1e3 * ms, 1) for name, ms, _ in profile["kernels_ms"]}
 
 
 def bench_keep(n: int, b: int) -> dict:
