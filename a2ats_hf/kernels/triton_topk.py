@@ -298,11 +298,11 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
     a split select takes ``key_bits`` / RADIX_BITS rounds."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group, KEY_BITS=key_bits)
-    block_m = min(max(triton.next_power_of_2(m), 16), 2048)
     shape = _split_shape(m, unit, key_bits)
     if shape is None:
+        table = max(triton.next_power_of_2(m), 16)
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
-                                   TABLE=max(triton.next_power_of_2(m), 16), BLOCK_M=block_m,
+                                   TABLE=table, BLOCK_M=min(table, 2048),
                                    num_warps=THRESHOLD_WARPS, **common, **pdl(lut.device))
         return
     splits, sets, rounds = shape
