@@ -135,7 +135,8 @@ def bench_device_attention(n: int, b: int, rows: int, hbm: float) -> dict:
 
 
 @triton.jit
-def _keep_part_kernel(score_ptr, k_ptr, out_ptr, c, TABLE: tl.constexpr, SELECT: tl.constexpr):
+def _keep_part_kernel(score_ptr, k_ptr, out_ptr, c, TABLE: tl.constexpr, SELECT: tl.constexpr,
+                      DIGIT_BITS: tl.constexpr):
     """One of keep_top's parts alone, a program per (row, KV head): its scores loaded as order keys, then its select
     (SELECT, :func:`_unit_select`'s threshold) or only their largest (the floor: a launch and a read), one word
     stored."""
@@ -144,7 +145,7 @@ def _keep_part_kernel(score_ptr, k_ptr, out_ptr, c, TABLE: tl.constexpr, SELECT:
     inside = j < c
     key = _order_key(tl.load(score_ptr + pid.to(tl.int64) * c + j, mask=inside, other=0.0))
     if SELECT:
-        word = _unit_select(key, inside, tl.load(k_ptr).to(tl.int32))[0] + tl.zeros([1], dtype=tl.uint32)
+        word = _unit_select(key, inside, tl.load(k_ptr).to(tl.int32), DIGIT_BITS)[0] + tl.zeros([1], dtype=tl.uint32)
     else:
         word = tl.max(key, axis=0) + tl.zeros([1], dtype=tl.uint32)
     tl.store(out_ptr + pid + tl.arange(0, 1), word)
@@ -173,16 +174,19 @@ def bench_keep(n: int, b: int) -> dict:
     out = torch.empty(b * HKV, dtype=torch.int32, device="cuda")
 
     def part(select: bool):
-        return lambda: _keep_part_kernel[(b * HKV,)](scores, k, out, c, TABLE=table, SELECT=select, num_warps=warps)
+        return lambda: _keep_part_kernel[(b * HKV,)](scores, k, out, c, TABLE=table, SELECT=select,
+                                                     DIGIT_BITS=triton_topk.KEEP_DIGIT_BITS, num_warps=warps)
 
-    def keep_us(most_warps: int) -> float:  # keep_top's own kernel, under KEEP_WARPS = most_warps
-        with mock.patch.object(triton_topk, "KEEP_WARPS", most_warps):
+    def keep_us(most_warps: int, digit_bits: int) -> float:  # keep_top's own kernel under these settings
+        with mock.patch.multiple(triton_topk, KEEP_WARPS=most_warps, KEEP_DIGIT_BITS=digit_bits):
             spent = kernel_us(lambda: triton_topk.keep_top(indices, counts, scores, k, k_max, "kv_head"))
         return sum(us for name, us in spent.items() if "keep_top" in name)
 
-    return {"n": n, "batch": b, "candidates": c, "warps": warps, "keep_top_us": keep_us(triton_topk.KEEP_WARPS),
-            "keep_top_8_warps_us": keep_us(8), "select_us": sum(kernel_us(part(True)).values()),
-            "floor_us": sum(kernel_us(part(False)).values())}
+    most, digits = triton_topk.KEEP_WARPS, triton_topk.KEEP_DIGIT_BITS
+    return {"n": n, "batch": b, "candidates": c, "warps": warps, "keep_top_us": keep_us(most, digits),
+            "keep_top_8_warps_us": keep_us(8, digits),
+            **{f"keep_top_{bits}_bit_digits_us": keep_us(most, bits) for bits in (2, 4, 8) if bits != digits},
+            "select_us": sum(kernel_us(part(True)).values()), "floor_us": sum(kernel_us(part(False)).values())}
 
 
 def random_store(b: int, n: int, dtype=torch.bfloat16, pinned: bool = False) -> KVStore:

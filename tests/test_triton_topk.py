@@ -243,13 +243,15 @@ def test_scans_compile_for_hopper(group, phase):
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
-@pytest.mark.parametrize("keep_table", [None, 256], ids=["in-registers", "as-a-select"])
+@pytest.mark.parametrize("keep_table,digit_bits", [(None, 4), (None, 2), (None, 8), (256, 4)],
+                         ids=["in-registers", "2-bit-digits", "8-bit-digits", "as-a-select"])
 @pytest.mark.parametrize("spread", [1.0, 1e-6], ids=["random", "narrow-range"])
-def test_keep_top_matches_reference(budget, keep_table, spread, monkeypatch):
+def test_keep_top_matches_reference(budget, keep_table, digit_bits, spread, monkeypatch):
     """Re-ranking's keep: exact scores (some tied, -inf past each head's count; or all within 1e-6 of 1, so only
     the keys' last digits tell them apart) over candidate rows with padding past the counts; the rows kept,
     ascending, 0 after them, as the reference keeps them, whether the candidates fit one program's registers or go
-    through the select (past ``KEEP_TABLE``)."""
+    through the select (past ``KEEP_TABLE``), by digits of any width the register select takes."""
+    monkeypatch.setattr(triton_topk, "KEEP_DIGIT_BITS", digit_bits)
     if keep_table:
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", keep_table)
     g = torch.Generator().manual_seed(6)
@@ -274,7 +276,8 @@ def test_keep_top_matches_reference(budget, keep_table, spread, monkeypatch):
                 assert torch.equal(got[row, head, :kept].cpu(), expected[row, head, :kept].to(torch.int32))
 
 
-def test_keep_top_compiles_for_hopper():
+@pytest.mark.parametrize("digit_bits", [2, 4, 8])
+def test_keep_top_compiles_for_hopper(digit_bits):
     """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU."""
-    compile_for_hopper("triton_topk", "_keep_top_kernel", {"HKV": 8, "G": 4, "TABLE": 8192},
+    compile_for_hopper("triton_topk", "_keep_top_kernel", {"HKV": 8, "G": 4, "TABLE": 8192, "DIGIT_BITS": digit_bits},
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})

@@ -321,24 +321,28 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
 
 
 @triton.jit
-def _unit_select(key, inside, k):
+def _unit_select(key, inside, k, DIGIT_BITS: tl.constexpr):
     """(threshold key, ties to take at it) of the top k of the candidates ``key`` where ``inside``, each counting
-    once, held in registers: a radix select from the top, 8 bits a round, each round's digits counted by one
-    histogram (4 rounds, where :func:`_radix_select`'s weighted sums take up to 48 reductions)."""
-    bins = tl.arange(0, 512)  # 256 digits, then a bin for the candidates not taken
+    once, held in registers: a radix select from the top, DIGIT_BITS bits a round, each round's digits counted by
+    one ``tl.histogram``. Its cost grows with the bins (a ballot per bit of the bin, then each lane's bins), so
+    4-bit digits (8 rounds of 32 bins) cost less than 8-bit ones (4 rounds of 512)."""
+    digits: tl.constexpr = 1 << DIGIT_BITS
+    bins = tl.arange(0, 2 * digits)  # the digits, then a bin for the candidates not taken
     prefix, rest = tl.full([], 0, tl.int64), k.to(tl.int64)
-    for r in tl.static_range(4):
+    for r in tl.static_range(32 // DIGIT_BITS):
         take = inside
         if r > 0:
-            take = take & ((key >> (32 - 8 * r)).to(tl.int64) == prefix)
-        counts = tl.histogram(tl.where(take, (key >> (24 - 8 * r)) & 255, 256).to(tl.int32), 512)
-        prefix, rest = _next_digit(tl.where(bins < 256, counts, 0).to(tl.int64), bins, prefix, rest, 8)
+            take = take & ((key >> (32 - DIGIT_BITS * r)).to(tl.int64) == prefix)
+        digit = (key >> (32 - DIGIT_BITS * (r + 1))) & (digits - 1)
+        counts = tl.histogram(tl.where(take, digit, digits).to(tl.int32), 2 * digits)
+        prefix, rest = _next_digit(tl.where(bins < digits, counts, 0).to(tl.int64), bins, prefix, rest, DIGIT_BITS)
     return prefix.to(tl.uint32), rest
 
 
 @triton.jit
 def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c, width,
-                     HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr, PDL: tl.constexpr):
+                     HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                     PDL: tl.constexpr):
     """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers: each of the G
     score rows' top k (:func:`_unit_select`, ties to the lower position) united, then the kept candidates' rows
     written in order, 0 after them to ``width``."""
@@ -350,7 +354,7 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     kept = tl.zeros([TABLE], dtype=tl.int1)
     for g in tl.static_range(G):
         key = _order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0))
-        thr, need = _unit_select(key, inside, k)
+        thr, need = _unit_select(key, inside, k, DIGIT_BITS)
         above, tie = inside & (key > thr), inside & (key == thr)
         if tl.sum(tie.to(tl.int32), axis=0) > need:  # more ties than places (equal scores, -inf padding)
             tie = tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)  # the lower positions first
@@ -392,6 +396,7 @@ def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one program's registers (else a select)
 KEEP_WARPS = 16  # keep_top's most warps (16 candidates a thread up to there: no spills at KEEP_TABLE)
+KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (4 or 8; see _unit_select)
 
 
 def keep_top(
@@ -415,6 +420,7 @@ def keep_top(
     table = max(16, triton.next_power_of_2(c))
     _keep_top_kernel[(b * hkv,)](scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(),
                                  k.contiguous(), out, kept, c, width, HKV=hkv, G=group, TABLE=table,
+                                 DIGIT_BITS=KEEP_DIGIT_BITS,
                                  num_warps=min(KEEP_WARPS, max(4, table // 512)), **pdl(indices.device))
     return out, kept
 
