@@ -38,6 +38,7 @@ def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, d
 BUCKET = BLOCK_SIZE  # width granularity: a new graph every 4096 tokens
 CANDIDATE_KEY_BITS = 16  # re-ranking's candidates ranked by their scores' top 16 bits (bfloat16's precision): the
 # exact scores order them after, and a split select of 16-bit keys takes 2 rounds where 32 bits take 4
+KEEP_KEY_BITS = 32  # the keep ranks the candidates' exact scores by this many top bits of their float32 order
 
 
 @dataclass
@@ -191,7 +192,7 @@ def rerank_exact(
     reading their key rows in place, and one more keeps the best (:func:`a2ats_hf.kernels.keep_top`); fixed shapes
     and no host sync, so a captured step can run it."""
     scores = kernels.candidate_scores(query, keys, indices, counts)  # [B, Hq or Hkv, C], -inf past the counts
-    return kernels.keep_top(indices, counts, scores, k, k_max, budget)
+    return kernels.keep_top(indices, counts, scores, k, k_max, budget, KEEP_KEY_BITS)
 
 
 def _offloaded(

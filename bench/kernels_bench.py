@@ -145,7 +145,8 @@ def _keep_part_kernel(score_ptr, k_ptr, out_ptr, c, TABLE: tl.constexpr, SELECT:
     inside = j < c
     key = _order_key(tl.load(score_ptr + pid.to(tl.int64) * c + j, mask=inside, other=0.0))
     if SELECT:
-        word = _unit_select(key, inside, tl.load(k_ptr).to(tl.int32), DIGIT_BITS)[0] + tl.zeros([1], dtype=tl.uint32)
+        thr = _unit_select(key, inside, tl.load(k_ptr).to(tl.int32), DIGIT_BITS, 32)[0]
+        word = thr + tl.zeros([1], dtype=tl.uint32)
     else:
         word = tl.max(key, axis=0) + tl.zeros([1], dtype=tl.uint32)
     tl.store(out_ptr + pid + tl.arange(0, 1), word)
@@ -177,15 +178,17 @@ def bench_keep(n: int, b: int) -> dict:
         return lambda: _keep_part_kernel[(b * HKV,)](scores, k, out, c, TABLE=table, SELECT=select,
                                                      DIGIT_BITS=triton_topk.KEEP_DIGIT_BITS, num_warps=warps)
 
-    def keep_us(most_warps: int, digit_bits: int) -> float:  # keep_top's own kernel under these settings
+    def keep_us(most_warps: int, digit_bits: int, key_bits: int = step_module.KEEP_KEY_BITS) -> float:
         with mock.patch.multiple(triton_topk, KEEP_WARPS=most_warps, KEEP_DIGIT_BITS=digit_bits):
-            spent = kernel_us(lambda: triton_topk.keep_top(indices, counts, scores, k, k_max, "kv_head"))
+            spent = kernel_us(lambda: triton_topk.keep_top(indices, counts, scores, k, k_max, "kv_head", key_bits))
         return sum(us for name, us in spent.items() if "keep_top" in name)
 
     most, digits = triton_topk.KEEP_WARPS, triton_topk.KEEP_DIGIT_BITS
     return {"n": n, "batch": b, "candidates": c, "warps": warps, "keep_top_us": keep_us(most, digits),
             "keep_top_8_warps_us": keep_us(8, digits),
             **{f"keep_top_{bits}_bit_digits_us": keep_us(most, bits) for bits in (2, 4, 8) if bits != digits},
+            **{f"keep_top_{bits}_bit_keys_us": keep_us(most, digits, bits) for bits in (16, 32)
+               if bits != step_module.KEEP_KEY_BITS},
             "select_us": sum(kernel_us(part(True)).values()), "floor_us": sum(kernel_us(part(False)).values())}
 
 

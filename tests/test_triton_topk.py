@@ -243,14 +243,17 @@ def test_scans_compile_for_hopper(group, phase):
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
-@pytest.mark.parametrize("keep_table,digit_bits", [(None, 4), (None, 2), (None, 8), (256, 4)],
-                         ids=["in-registers", "2-bit-digits", "8-bit-digits", "as-a-select"])
+@pytest.mark.parametrize("keep_table,digit_bits,key_bits", [(None, 4, 32), (None, 2, 32), (None, 8, 32), (256, 4, 32),
+                                                            (None, 4, 16), (None, 8, 24), (256, 4, 16)],
+                         ids=["in-registers", "2-bit-digits", "8-bit-digits", "as-a-select", "16-bit-keys",
+                              "24-bit-keys", "16-bit-keys-as-a-select"])
 @pytest.mark.parametrize("spread", [1.0, 1e-6], ids=["random", "narrow-range"])
-def test_keep_top_matches_reference(budget, keep_table, digit_bits, spread, monkeypatch):
+def test_keep_top_matches_reference(budget, keep_table, digit_bits, key_bits, spread, monkeypatch):
     """Re-ranking's keep: exact scores (some tied, -inf past each head's count; or all within 1e-6 of 1, so only
     the keys' last digits tell them apart) over candidate rows with padding past the counts; the rows kept,
     ascending, 0 after them, as the reference keeps them, whether the candidates fit one program's registers or go
-    through the select (past ``KEEP_TABLE``), by digits of any width the register select takes."""
+    through the select (past ``KEEP_TABLE``), by digits of any width the register select takes, on keys of any
+    width (16 bits: scores equal in bfloat16 tie, to the lower position)."""
     monkeypatch.setattr(triton_topk, "KEEP_DIGIT_BITS", digit_bits)
     if keep_table:
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", keep_table)
@@ -265,8 +268,9 @@ def test_keep_top_matches_reference(budget, keep_table, digit_bits, spread, monk
     indices = indices.masked_fill(past, 10**6).to(torch.int32)  # garbage past the counts
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
     for k in (torch.tensor([90, 133]), torch.tensor([700, 0]), torch.tensor([1, 5])):
-        expected, expected_counts = reference.keep_top(indices, counts, scores, k, int(k.max()), budget)
-        got, got_counts = triton_topk.keep_top(to(indices), to(counts), to(scores), to(k), int(k.max()), budget)
+        expected, expected_counts = reference.keep_top(indices, counts, scores, k, int(k.max()), budget, key_bits)
+        got, got_counts = triton_topk.keep_top(to(indices), to(counts), to(scores), to(k), int(k.max()), budget,
+                                               key_bits)
         assert torch.equal(got_counts.cpu().long(), expected_counts.long())
         width = torch.arange(got.shape[-1])
         assert not got.cpu().masked_fill(width < got_counts.cpu()[..., None], 0).any(), "0 past each count"
@@ -279,5 +283,7 @@ def test_keep_top_matches_reference(budget, keep_table, digit_bits, spread, monk
 @pytest.mark.parametrize("digit_bits", [2, 4, 8])
 def test_keep_top_compiles_for_hopper(digit_bits):
     """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU."""
-    compile_for_hopper("triton_topk", "_keep_top_kernel", {"HKV": 8, "G": 4, "TABLE": 8192, "DIGIT_BITS": digit_bits},
+    compile_for_hopper("triton_topk", "_keep_top_kernel",
+                       {"HKV": 8, "G": 4, "TABLE": 8192, "DIGIT_BITS": digit_bits,
+                        "KEY_BITS": 32 if digit_bits < 8 else 16},
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})

@@ -185,11 +185,11 @@ def candidate_scores(
 
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head",
+    budget: str = "query_head", key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep, the candidates with the top exact scores; see :func:`.reference.keep_top`. One Triton
     launch on a GPU for up to ``KEEP_TABLE`` candidates."""
-    return _on(indices, "keep_top", indices, counts, scores, k, k_max, budget)
+    return _on(indices, "keep_top", indices, counts, scores, k, k_max, budget, key_bits)
 
 
 def split_rows(

@@ -244,17 +244,18 @@ def gather_chosen(
 
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head",
+    budget: str = "query_head", key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep: of each (row, KV head)'s candidates ``indices`` [B, Hkv, C] (the first ``counts`` valid,
     ascending), the top ``k`` [B] (``k_max`` >= every k) by ``scores`` [B, Hq or Hkv, C] (:func:`candidate_scores`:
     -inf past the counts), per query head and united over the group or, with ``budget="kv_head"``, one top k of
-    the group's summed scores; ties to the lower index. Returns (rows [B, Hkv, W] ascending, 0 past each count,
-    W at least the largest count; counts [B, Hkv] int32)."""
+    the group's summed scores; ties to the lower index; scores ranked by their top ``key_bits`` bits as
+    :func:`select_topk` ranks them. Returns (rows [B, Hkv, W] ascending, 0 past each count, W at least the
+    largest count; counts [B, Hkv] int32)."""
     b, hkv, c = indices.shape
     positions = torch.arange(c, device=indices.device).expand(b, hkv, c)
     every = torch.ones(b, c, dtype=torch.bool, device=indices.device)
-    chosen, chosen_counts = select_topk(scores, positions, every, k, budget, k_max=min(k_max, c))
+    chosen, chosen_counts = select_topk(scores, positions, every, k, budget, k_max=min(k_max, c), key_bits=key_bits)
     return gather_chosen(indices, counts, chosen, chosen_counts)
 
 

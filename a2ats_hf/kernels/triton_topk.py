@@ -35,7 +35,7 @@ SPLIT_COLUMNS = 4096  # columns per program of a split select, read as one block
 SPLIT_WARPS = 8  # warps per program of a split select
 RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
-KEY_SPAN = True  # a split select first finds each head's key span and counts keys shifted by it (see _key_span)
+KEY_SPAN = False  # True: a split select first finds each head's key span, counts keys shifted by it (_key_span)
 
 
 @triton.jit
@@ -321,28 +321,29 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
 
 
 @triton.jit
-def _unit_select(key, inside, k, DIGIT_BITS: tl.constexpr):
-    """(threshold key, ties to take at it) of the top k of the candidates ``key`` where ``inside``, each counting
-    once, held in registers: a radix select from the top, DIGIT_BITS bits a round, each round's digits counted by
-    one ``tl.histogram``. Its cost grows with the bins (a ballot per bit of the bin, then each lane's bins), so
-    4-bit digits (8 rounds of 32 bins) cost less than 8-bit ones (4 rounds of 512)."""
+def _unit_select(key, inside, k, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """(threshold key, ties to take at it) of the top k of the candidates ``key`` (their bits below the top
+    KEY_BITS 0) where ``inside``, each counting once, held in registers: a radix select from the top, DIGIT_BITS
+    bits a round (KEY_BITS / DIGIT_BITS rounds), each round's digits counted by one ``tl.histogram``. A round
+    costs ~2 us whatever its digits (H100): 4-bit digits (32 bins) beat 2 (twice the rounds) and 8 (a ballot
+    per bit of the bin, then 16 bins a lane)."""
     digits: tl.constexpr = 1 << DIGIT_BITS
     bins = tl.arange(0, 2 * digits)  # the digits, then a bin for the candidates not taken
     prefix, rest = tl.full([], 0, tl.int64), k.to(tl.int64)
-    for r in tl.static_range(32 // DIGIT_BITS):
+    for r in tl.static_range(KEY_BITS // DIGIT_BITS):
         take = inside
         if r > 0:
             take = take & ((key >> (32 - DIGIT_BITS * r)).to(tl.int64) == prefix)
         digit = (key >> (32 - DIGIT_BITS * (r + 1))) & (digits - 1)
         counts = tl.histogram(tl.where(take, digit, digits).to(tl.int32), 2 * digits)
         prefix, rest = _next_digit(tl.where(bins < digits, counts, 0).to(tl.int64), bins, prefix, rest, DIGIT_BITS)
-    return prefix.to(tl.uint32), rest
+    return (prefix << (32 - KEY_BITS)).to(tl.uint32), rest
 
 
 @triton.jit
 def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c, width,
                      HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                     PDL: tl.constexpr):
+                     KEY_BITS: tl.constexpr, PDL: tl.constexpr):
     """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers: each of the G
     score rows' top k (:func:`_unit_select`, ties to the lower position) united, then the kept candidates' rows
     written in order, 0 after them to ``width``."""
@@ -354,7 +355,9 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     kept = tl.zeros([TABLE], dtype=tl.int1)
     for g in tl.static_range(G):
         key = _order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0))
-        thr, need = _unit_select(key, inside, k, DIGIT_BITS)
+        if KEY_BITS < 32:
+            key = key & ((1 << 32) - (1 << (32 - KEY_BITS)))
+        thr, need = _unit_select(key, inside, k, DIGIT_BITS, KEY_BITS)
         above, tie = inside & (key > thr), inside & (key == thr)
         if tl.sum(tie.to(tl.int32), axis=0) > need:  # more ties than places (equal scores, -inf padding)
             tie = tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)  # the lower positions first
@@ -401,17 +404,18 @@ KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (4 or 8; see _unit_sele
 
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head",
+    budget: str = "query_head", key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
     (a program per row and KV head), else :func:`select_topk` over their positions and a gather."""
+    check_key_bits(key_bits)
     b, hkv, c = indices.shape
     scores = _per_budget(scores, hkv, budget)
     k_max = min(k_max, c)
     if c > KEEP_TABLE:
         positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
         chosen, chosen_counts = select_topk(scores, positions, every[:, 0], k, budget, histogram=ones, k_max=k_max,
-                                            unit=True)
+                                            unit=True, key_bits=key_bits)
         return gather_chosen(indices, counts, chosen, chosen_counts)
     group = scores.shape[1] // hkv
     width = max(1, min(group * k_max, c))
@@ -420,7 +424,7 @@ def keep_top(
     table = max(16, triton.next_power_of_2(c))
     _keep_top_kernel[(b * hkv,)](scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(),
                                  k.contiguous(), out, kept, c, width, HKV=hkv, G=group, TABLE=table,
-                                 DIGIT_BITS=KEEP_DIGIT_BITS,
+                                 DIGIT_BITS=KEEP_DIGIT_BITS, KEY_BITS=key_bits,
                                  num_warps=min(KEEP_WARPS, max(4, table // 512)), **pdl(indices.device))
     return out, kept
 
