@@ -38,7 +38,8 @@ def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, d
 BUCKET = BLOCK_SIZE  # width granularity: a new graph every 4096 tokens
 CANDIDATE_KEY_BITS = 16  # re-ranking's candidates ranked by their scores' top 16 bits (bfloat16's precision): the
 # exact scores order them after, and a split select of 16-bit keys takes 2 rounds where 32 bits take 4
-KEEP_KEY_BITS = 32  # the keep ranks the candidates' exact scores by this many top bits of their float32 order
+KEEP_KEY_BITS = 16  # the keep ranks the candidates' exact scores by their top 16 bits too: its select takes 4
+# rounds where 32 bits take 8, at the same accuracy (perplexity, recall and mass to the third decimal at 3%, 4K)
 
 
 @dataclass
