@@ -291,11 +291,11 @@ def _counters(m: int, rows: int, unit: bool = False, key_bits: int = 32) -> int:
 def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False, key_bits=32):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
-    program per head crossed in ~100 us) a split select: the head's key span (:func:`_key_span`) found first, then
-    RADIX_BITS of the shifted key a round, each round's candidates counted by programs over SPLIT_COLUMNS columns
-    (into COUNT_COPIES sets of ``counted``'s zeroed counters each), then the classes by programs as many (``unit``:
-    one candidate a column, each round counted by a histogram). Scores are keyed by their top ``key_bits`` bits:
-    a split select takes ``key_bits`` / RADIX_BITS rounds."""
+    program per head crossed in ~100 us) a split select: with KEY_SPAN, the head's key span (:func:`_key_span`)
+    found first; then RADIX_BITS of the (shifted) key a round, each round's candidates counted by programs over
+    SPLIT_COLUMNS columns (into COUNT_COPIES sets of ``counted``'s zeroed counters each), then the classes by
+    programs as many (``unit``: one candidate a column, each round counted by a histogram). Scores are keyed by
+    their top ``key_bits`` bits: a split select takes ``key_bits`` / RADIX_BITS rounds."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group, KEY_BITS=key_bits)
     shape = _split_shape(m, unit, key_bits)
