@@ -280,10 +280,10 @@ def test_keep_top_matches_reference(budget, keep_table, digit_bits, key_bits, sp
                 assert torch.equal(got[row, head, :kept].cpu(), expected[row, head, :kept].to(torch.int32))
 
 
-@pytest.mark.parametrize("digit_bits", [2, 4, 8])
-def test_keep_top_compiles_for_hopper(digit_bits):
+@pytest.mark.parametrize("digit_bits,group", [(2, 4), (4, 4), (8, 4), (4, 1)])
+def test_keep_top_compiles_for_hopper(digit_bits, group):
     """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU."""
     compile_for_hopper("triton_topk", "_keep_top_kernel",
-                       {"HKV": 8, "G": 4, "TABLE": 8192, "DIGIT_BITS": digit_bits,
+                       {"HKV": 8, "G": group, "TABLE": 8192, "DIGIT_BITS": digit_bits,
                         "KEY_BITS": 32 if digit_bits < 8 else 16},
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})

@@ -346,7 +346,9 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
                      KEY_BITS: tl.constexpr, PDL: tl.constexpr):
     """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers: each of the G
     score rows' top k (:func:`_unit_select`, ties to the lower position) united, then the kept candidates' rows
-    written in order, 0 after them to ``width``."""
+    written in order, 0 after them to ``width``. A group of one (the per-KV-head rule) counts its ties taken and
+    its places in one scan: both running counts packed in an int32 (TABLE < 2**14)."""
+    tl.static_assert(TABLE < 16384)
     wait_previous(PDL)
     pid = tl.program_id(0)
     j = tl.arange(0, TABLE)
@@ -359,11 +361,17 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
             key = key & ((1 << 32) - (1 << (32 - KEY_BITS)))
         thr, need = _unit_select(key, inside, k, DIGIT_BITS, KEY_BITS)
         above, tie = inside & (key > thr), inside & (key == thr)
-        if tl.sum(tie.to(tl.int32), axis=0) > need:  # more ties than places (equal scores, -inf padding)
+        if G == 1:  # above and ties so far, in one scan; a kept candidate's place is both, the ties capped at need
+            counted = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 14), 0)
+            tie = tie & ((counted >> 14) <= need)  # the lower positions first
+            at = (counted & 16383) + tl.minimum(counted >> 14, need).to(tl.int32) - 1
+        elif tl.sum(tie.to(tl.int32), axis=0) > need:  # more ties than places (equal scores, -inf padding)
             tie = tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)  # the lower positions first
         kept = kept | above | tie
-    kept = kept & (j < tl.load(count_ptr + pid))  # positions past the count scored -inf: chosen only to fill k
-    at = tl.cumsum(kept.to(tl.int32), 0) - 1
+    # positions past the count scored -inf: chosen only to fill k, and after every kept one (their places stand)
+    kept = kept & (j < tl.load(count_ptr + pid))
+    if G > 1:
+        at = tl.cumsum(kept.to(tl.int32), 0) - 1
     total = tl.sum(kept.to(tl.int32), 0)
     row = tl.load(idx_ptr + pid.to(tl.int64) * c + j, mask=kept, other=0)
     out_row = out_ptr + pid.to(tl.int64) * width
