@@ -407,7 +407,7 @@ def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one program's registers (else a select)
 KEEP_WARPS = 16  # keep_top's most warps (16 candidates a thread up to there: no spills at KEEP_TABLE)
-KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (4 or 8; see _unit_select)
+KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_select)
 
 
 def keep_top(
