@@ -39,7 +39,7 @@ from a2ats_hf import A2ATSCache, Codebooks, kernels
 from a2ats_hf import step as step_module
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_topk
-from a2ats_hf.kernels.triton_topk import _order_key, _unit_select
+from a2ats_hf.kernels.triton_topk import _order_key, _top_bits, _unit_select
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore, hugetlb_pool, meminfo
 from bench.common import cuda_time, environment, gpu_profile, results_path, wall_time
@@ -136,16 +136,16 @@ def bench_device_attention(n: int, b: int, rows: int, hbm: float) -> dict:
 
 @triton.jit
 def _keep_part_kernel(score_ptr, k_ptr, out_ptr, c, TABLE: tl.constexpr, SELECT: tl.constexpr,
-                      DIGIT_BITS: tl.constexpr):
-    """One of keep_top's parts alone, a program per (row, KV head): its scores loaded as order keys, then its select
-    (SELECT, :func:`_unit_select`'s threshold) or only their largest (the floor: a launch and a read), one word
-    stored."""
+                      DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """One of keep_top's parts alone, a program per (row, KV head): its scores loaded as order keys (their top
+    KEY_BITS), then its select (SELECT, :func:`_unit_select`'s threshold) or only their largest (the floor: a launch
+    and a read), one word stored."""
     pid = tl.program_id(0)
     j = tl.arange(0, TABLE)
     inside = j < c
-    key = _order_key(tl.load(score_ptr + pid.to(tl.int64) * c + j, mask=inside, other=0.0))
+    key = _top_bits(_order_key(tl.load(score_ptr + pid.to(tl.int64) * c + j, mask=inside, other=0.0)), KEY_BITS)
     if SELECT:
-        thr = _unit_select(key, inside, tl.load(k_ptr).to(tl.int32), DIGIT_BITS, 32)[0]
+        thr = _unit_select(key, inside, tl.load(k_ptr).to(tl.int32), DIGIT_BITS, KEY_BITS)[0]
         word = thr + tl.zeros([1], dtype=tl.uint32)
     else:
         word = tl.max(key, axis=0) + tl.zeros([1], dtype=tl.uint32)
@@ -176,7 +176,8 @@ def bench_keep(n: int, b: int) -> dict:
 
     def part(select: bool):
         return lambda: _keep_part_kernel[(b * HKV,)](scores, k, out, c, TABLE=table, SELECT=select,
-                                                     DIGIT_BITS=triton_topk.KEEP_DIGIT_BITS, num_warps=warps)
+                                                     DIGIT_BITS=triton_topk.KEEP_DIGIT_BITS,
+                                                     KEY_BITS=step_module.KEEP_KEY_BITS, num_warps=warps)
 
     def keep_us(most_warps: int, digit_bits: int, key_bits: int = step_module.KEEP_KEY_BITS) -> float:
         with mock.patch.multiple(triton_topk, KEEP_WARPS=most_warps, KEEP_DIGIT_BITS=digit_bits):

@@ -47,16 +47,21 @@ def _order_key(values):
 
 
 @triton.jit
+def _top_bits(key, KEY_BITS: tl.constexpr):
+    """``key`` with only its top KEY_BITS bits (the rest 0: scores equal in those bits tie)."""
+    if KEY_BITS < 32:
+        key = key & ((1 << 32) - (1 << (32 - KEY_BITS)))
+    return key
+
+
+@triton.jit
 def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
     """Entries [m0, m0 + BLOCK) of a head's table as (candidate counts, score keys), 0 past ``n``; a key keeps its
     top KEY_BITS bits (the rest 0: scores equal in those bits tie)."""
     i = m0 + tl.arange(0, BLOCK)
     ok = i < n
     count = tl.load(hist_row + i, mask=ok, other=0)
-    key = _order_key(tl.load(lut_row + i, mask=ok, other=0.0))
-    if KEY_BITS < 32:
-        key = key & ((1 << 32) - (1 << (32 - KEY_BITS)))
-    return count, key
+    return count, _top_bits(_order_key(tl.load(lut_row + i, mask=ok, other=0.0)), KEY_BITS)
 
 
 @triton.jit
@@ -356,9 +361,8 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
     kept = tl.zeros([TABLE], dtype=tl.int1)
     for g in tl.static_range(G):
-        key = _order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0))
-        if KEY_BITS < 32:
-            key = key & ((1 << 32) - (1 << (32 - KEY_BITS)))
+        key = _top_bits(_order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0)),
+                        KEY_BITS)
         thr, need = _unit_select(key, inside, k, DIGIT_BITS, KEY_BITS)
         above, tie = inside & (key > thr), inside & (key == thr)
         if G == 1:  # above and ties so far, in one scan; a kept candidate's place is both, the ties capped at need
