@@ -211,17 +211,19 @@ class DistanceBuckets(Scorer):
 
         return step.memo(("distance", self.per_octave, self.rotation, width, position, step.far, device), compute)
 
-    def columns(self, step: ScoreInputs, bucket: torch.Tensor, starts: torch.Tensor, width: int) -> BucketColumns:
+    def columns(self, step: ScoreInputs, bucket: torch.Tensor, starts: torch.Tensor,
+                width: int) -> tuple[BucketColumns, kernels.ColumnMove | None]:
         """The layer's :class:`BucketColumns` at the step's length, with a histogram at least ``width`` columns
-        wide: moved on from the last step's, or rebuilt (after a prompt, when the buffers are too small, or after
-        steps that did not move them). A capture-ready step moves them with the length on the device; its buffers
-        hold the layer's whole capacity, so they keep their addresses."""
+        wide, and the move that brings them there from the last step's (run by the lookup table's launch), or none
+        where they were rebuilt (after a prompt, when the buffers are too small, or after steps that did not move
+        them). A capture-ready step moves them with the length on the device; its buffers hold the layer's whole
+        capacity, so they keep their addresses."""
         static = step.device_length is not None
-        n, m, state = step.length, step.centroids.shape[1], self.state
+        n, m, state, move = step.length, step.centroids.shape[1], self.state, None
         fits = state is not None and state.histogram.shape[-1] >= width and state.buffer.shape[-1] >= step.width
         if fits and state.length == n - 1:
-            kernels.move_bucket_columns(state.buffer, state.histogram, step.code_buffer, step.far, starts,
-                                        length=step.device_length if static else n, centroids=m, window=step.window)
+            move = kernels.ColumnMove(state.buffer, state.histogram, step.code_buffer, step.far, starts,
+                                      step.device_length if static else n, m, step.window)
         elif not (fits and state.length == n):
             capacity = step.code_buffer.shape[-1] if static else 2 * n
             buckets = int(distance_buckets(torch.tensor([capacity - 1]), step.window, self.per_octave)) + 1
@@ -230,7 +232,7 @@ class DistanceBuckets(Scorer):
             histogram = code_histogram(buffer[:, :, :n], step.far[:, :n], max(buckets * m, width))
             state = self.state = BucketColumns(n, buffer, histogram)
         state.length = n - static  # a capture-ready step's: moved on with the store's by :meth:`stepped`
-        return state
+        return state, move
 
     def stepped(self):
         if self.state is not None:
@@ -238,9 +240,10 @@ class DistanceBuckets(Scorer):
 
     def scores(self, step):
         cos, sin, bucket, starts = self.turns(step)
-        lut = kernels.rotated_lookup_table(step.table_query, (cos, sin), step.centroids)  # [B, H, buckets * M]
-        state = self.columns(step, bucket, starts, lut.shape[-1])
-        return lut, state.buffer[:, :, : step.width], state.histogram[:, :, : lut.shape[-1]]
+        width = cos.shape[2] * step.centroids.shape[1]  # the table's: buckets * M
+        state, move = self.columns(step, bucket, starts, width)
+        lut = kernels.rotated_lookup_table(step.table_query, (cos, sin), step.centroids, move)  # [B, H, width]
+        return lut, state.buffer[:, :, : step.width], state.histogram[:, :, :width]
 
     def held(self):
         return () if self.state is None else (self.state.buffer, self.state.histogram)

@@ -168,7 +168,7 @@ def test_match_reference_on_smollm2(smollm2, austen):
                                        to(torch.zeros_like(out)))
         expected = reference.encode_keys(keys, rotation, whitener, centroids, norms, out)
         assert_nearest(got, expected, keys.float(), rotation, whitener, centroids)
-    for query, rotation, centroids in calls["rotated_lookup_table"]:
+    for query, rotation, centroids, _ in calls["rotated_lookup_table"]:
         got = triton_codes.rotated_lookup_table(to(query), tuple(map(to, rotation)), to(centroids))
         torch.testing.assert_close(got.cpu(), reference.rotated_lookup_table(query, rotation, centroids),
                                    atol=1e-4, rtol=1e-5)
@@ -177,34 +177,49 @@ def test_match_reference_on_smollm2(smollm2, austen):
 @pytest.mark.parametrize("b, hkv, n, m, window, buckets", [(2, 3, 300, 7, 16, 5), (1, 2, 40, 5, 16, 2),
                                                            (3, 1, 17, 4, 16, 1)],
                          ids=["five-buckets", "one-move", "just-left-the-window"])
-def test_move_bucket_columns_matches_reference(b, hkv, n, m, window, buckets):
-    """The distance scorer's columns and histogram moved on by a token as the reference moves them, with moved tokens
-    sharing a column value (the histogram updates must not collide) and masked candidates."""
+def test_lookup_table_moves_bucket_columns_as_reference(b, hkv, n, m, window, buckets):
+    """The distance scorer's columns and histogram moved on by a token in the lookup table's launch as the reference
+    moves them, with moved tokens sharing a column value (the histogram updates must not collide) and masked
+    candidates; the table is the one computed without a move."""
     g = torch.Generator().manual_seed(n)
     columns = torch.randint(0, 2, (b, hkv, n + 5), generator=g, dtype=torch.int32) * m  # few values: collisions
     histogram = torch.randint(0, 50, (b, hkv, buckets * m + m), generator=g, dtype=torch.int32)
     codes = torch.randint(0, m, (b, hkv, n + 5), generator=g).to(torch.uint16)
     far = torch.rand(b, n, generator=g) > 0.3
     starts = torch.sort(torch.randperm(max(n - 2 * window, 0), generator=g)[: buckets - 1] + 2 * window).values
-    expected = [columns.clone(), histogram.clone()]
-    reference.move_bucket_columns(*expected, codes, far, starts, n, m, window)
-    got = [to(columns.clone()), to(histogram.clone())]  # the inputs stay as they were (to() may not copy)
-    triton_codes.move_bucket_columns(*got, to(codes), to(far), to(starts), n, m, window)
-    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+    query, centroids = torch.randn(b, 2 * hkv, 16, generator=g), torch.randn(hkv, m, 16, generator=g)
+    rotation = random_rotation(g, b, buckets, 16)
+    table = reference.rotated_lookup_table(query, rotation, centroids)
+
+    def moved(lookup, columns, far, starts, n):
+        state = [to(columns.clone()), to(histogram.clone())]  # the inputs stay as they were (to() may not copy)
+        move = reference.ColumnMove(*state, to(codes), to(far), to(starts), n, m, window)
+        lut = lookup(to(query), tuple(map(to, rotation)), to(centroids), move)
+        torch.testing.assert_close(lut.cpu(), table, atol=1e-5, rtol=1e-5)
+        return [t.cpu() for t in state]
+
+    expected = moved(reference.rotated_lookup_table, columns, far, starts, n)
+    expected_columns = columns.clone()
+    reference.move_bucket_columns(expected_columns, histogram.clone(), codes, far, starts, n, m, window)
+    assert torch.equal(expected[0], expected_columns)  # the reference moves as move_bucket_columns does
+    got = moved(triton_codes.rotated_lookup_table, columns, far, starts, n)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     # a capture-ready step: the length on the device, a wider step (columns past n hold no token, and may hold
     # anything), and buckets that start past the tokens, which move none
-    wide, later = n + 5, torch.cat([starts, torch.tensor([n + 1, n + 3])])
+    later = torch.cat([starts, torch.tensor([n + 1, n + 3])])
     far_wide = torch.cat([far, torch.rand(b, 5, generator=g) > 0.3], 1)
-    for kernel in (reference.move_bucket_columns, triton_codes.move_bucket_columns):
-        moved = [to(columns.clone()), to(histogram.clone())]
-        moved[0][:, :, n:] = 7 * m  # stale columns past the tokens
-        kernel(*moved, to(codes), to(far_wide), to(later), to(torch.tensor([n])), m, window)
-        assert torch.equal(moved[0][:, :, :n].cpu(), expected[0][:, :, :n]) and torch.equal(moved[1].cpu(), expected[1])
-    assert wide == far_wide.shape[1]
+    stale = columns.clone()
+    stale[:, :, n:] = 7 * m
+    for lookup in (reference.rotated_lookup_table, triton_codes.rotated_lookup_table):
+        got = moved(lookup, stale, far_wide, later, to(torch.tensor([n])))
+        assert torch.equal(got[0][:, :, :n], expected[0][:, :, :n]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.parametrize("on_device", [False, True])
-def test_move_bucket_columns_compiles_for_hopper(on_device):
-    """The columns' move compiles to PTX for sm_90 without a GPU."""
-    compile_for_hopper("triton_codes", "_move_columns_kernel", {"HKV": 8, "S_PAD": 16, "N_ON_DEVICE": on_device},
-                       {"code_ptr": "*u16", "far_ptr": "*i1", "starts_ptr": "*i64", "n_ptr": "*i64"})
+def test_lookup_table_with_move_compiles_for_hopper(on_device):
+    """The lookup table with the columns' move in its launch compiles to PTX for sm_90 without a GPU."""
+    compile_for_hopper("triton_codes", "_lut_kernel",
+                       {"HKV": 8, "G": 1, "D": 128, "D_PAD": 128, "ROT": 128, "BLOCK_R": 16, "BLOCK_M": 64,
+                        "PRECISION": "tf32x3", "MOVE": True, "S_PAD": 16, "N_ON_DEVICE": on_device},
+                       {"q_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "c_ptr": "*fp32", "out_ptr": "*fp32",
+                        "code_ptr": "*u16", "far_ptr": "*i1", "starts_ptr": "*i64", "n_ptr": "*i64"})

@@ -1,7 +1,7 @@
-"""Kernels behind A2ATS decode: encoding new keys, the lookup table of a turned query, the distance scorer's columns
-moving on, a capture-ready step's writes, top-K selection over codes, exact scores of re-ranking's candidates,
-attention with log-sum-exp over the local window (and, where the K/V stays on the GPU, the selected rows), sparse
-attention over the CPU store, LSE merge.
+"""Kernels behind A2ATS decode: encoding new keys, the lookup table of a turned query (and in its launch the distance
+scorer's columns moving on), a capture-ready step's writes, top-K selection over codes, exact scores of re-ranking's
+candidates, attention with log-sum-exp over the local window (and, where the K/V stays on the GPU, the selected
+rows), sparse attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
 exported here, which pick the fast implementation where it applies (Triton top-K, attention and merge on a GPU, the
@@ -23,7 +23,7 @@ import torch
 
 from . import cpu_attention, reference
 from .cpu_attention import output_buffers
-from .reference import FarRows, code_histogram
+from .reference import ColumnMove, FarRows, code_histogram
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 FUSED_ENCODE_TOKENS = 16  # new keys per row up to which one Triton program per key encodes (a prompt: the matmul)
@@ -35,7 +35,6 @@ class Backend:
 
     encode_keys: Callable
     rotated_lookup_table: Callable
-    move_bucket_columns: Callable
     write_token: Callable
     count_leaving: Callable
     attention_with_lse: Callable
@@ -48,21 +47,20 @@ class Backend:
     fill_rows: Callable
 
 
-TORCH = Backend(reference.encode_keys, reference.rotated_lookup_table, reference.move_bucket_columns,
-                reference.write_token, reference.count_leaving, reference.attention_with_lse,
-                reference.local_and_far_attention, reference.merge_attention, reference.select_topk,
-                reference.candidate_scores, reference.keep_top, reference.split_rows, reference.fill_rows)
+TORCH = Backend(reference.encode_keys, reference.rotated_lookup_table, reference.write_token, reference.count_leaving,
+                reference.attention_with_lse, reference.local_and_far_attention, reference.merge_attention,
+                reference.select_topk, reference.candidate_scores, reference.keep_top, reference.split_rows,
+                reference.fill_rows)
 
 
 @functools.cache
 def _triton() -> Backend:
     from . import triton_attention, triton_codes, triton_rows, triton_step, triton_topk  # Triton compiles on import
 
-    return Backend(triton_codes.encode_keys, triton_codes.rotated_lookup_table, triton_codes.move_bucket_columns,
-                   triton_step.write_token, triton_step.count_leaving, triton_attention.attention_with_lse,
-                   triton_attention.attention_with_lse, triton_attention.merge_attention, triton_topk.select_topk,
-                   triton_attention.candidate_scores, triton_topk.keep_top, triton_rows.split_rows,
-                   triton_rows.fill_rows)
+    return Backend(triton_codes.encode_keys, triton_codes.rotated_lookup_table, triton_step.write_token,
+                   triton_step.count_leaving, triton_attention.attention_with_lse, triton_attention.attention_with_lse,
+                   triton_attention.merge_attention, triton_topk.select_topk, triton_attention.candidate_scores,
+                   triton_topk.keep_top, triton_rows.split_rows, triton_rows.fill_rows)
 
 
 def backend(device: torch.device) -> Backend:
@@ -119,21 +117,14 @@ def encode_keys(
 
 
 def rotated_lookup_table(
-    query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor
+    query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor,
+    move: ColumnMove | None = None,
 ) -> torch.Tensor:
-    """LUT of a turned query against the centroids; see :func:`.reference.rotated_lookup_table`. One Triton launch
-    on a GPU."""
-    return _on(query, "rotated_lookup_table", query, rotation, centroids)
-
-
-def move_bucket_columns(
-    columns: torch.Tensor, histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, starts: torch.Tensor, *,
-    length: int | torch.Tensor, centroids: int, window: int,
-) -> None:
-    """The distance scorer's columns and their histogram moved on to ``length`` tokens (on the host, or on the
-    device in a capture-ready step), in place, with ``centroids`` codes per bucket; see
-    :func:`.reference.move_bucket_columns`. One Triton launch on a GPU."""
-    _on(columns, "move_bucket_columns", columns, histogram, codes, far, starts, length, centroids, window)
+    """LUT of a turned query against the centroids, and with ``move`` the distance scorer's columns moved on to
+    ``move.n`` tokens (on the host, or on the device in a capture-ready step), in place; see
+    :func:`.reference.rotated_lookup_table` and :func:`.reference.move_bucket_columns`. One Triton launch on a
+    GPU."""
+    return _on(query, "rotated_lookup_table", query, rotation, centroids, move)
 
 
 def write_token(
@@ -244,7 +235,6 @@ def select_topk(
                key_bits=key_bits)
 
 
-__all__ = ["Backend", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram", "count_leaving",
-           "encode_keys", "keep_top", "merge_attention", "move_bucket_columns", "output_buffers",
-           "rotated_lookup_table", "select_topk", "sparse_attention", "split_rows", "fill_rows", "watching",
-           "write_token"]
+__all__ = ["Backend", "ColumnMove", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram",
+           "count_leaving", "encode_keys", "keep_top", "merge_attention", "output_buffers", "rotated_lookup_table",
+           "select_topk", "sparse_attention", "split_rows", "fill_rows", "watching", "write_token"]

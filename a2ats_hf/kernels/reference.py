@@ -35,18 +35,39 @@ def encode_keys(
     return out
 
 
+@dataclass(frozen=True)
+class ColumnMove:
+    """The arguments of :func:`move_bucket_columns`, handed to :func:`rotated_lookup_table` so that a GPU moves the
+    distance scorer's columns in the table's launch (the move is a few loads and atomic additions a (row, KV head):
+    a launch of its own cost more than its work)."""
+
+    columns: torch.Tensor
+    histogram: torch.Tensor
+    codes: torch.Tensor
+    far: torch.Tensor
+    starts: torch.Tensor
+    n: int | torch.Tensor
+    m: int
+    window: int
+
+
 def rotated_lookup_table(
-    query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor
+    query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor,
+    move: ColumnMove | None = None,
 ) -> torch.Tensor:
     """LUT [B, Hq, R * M] (float32) of ``query`` [B, Hq, D] turned by each of R rotations (``cos``, ``sin``
     [B, 1, R, D']; None: as it is, R = 1) against each KV head's ``centroids`` [Hkv, M, D]: column ``r * M + m``
-    scores centroid m under rotation r; see :func:`a2ats_hf.encoding.lookup_table`."""
+    scores centroid m under rotation r; see :func:`a2ats_hf.encoding.lookup_table`. With ``move``, the distance
+    scorer's columns are moved on too (:func:`move_bucket_columns`; the table does not read them)."""
     query = query.float()[:, :, None]
     if rotation is not None:  # [B, Hq, R, D] (expanded first: with partial rotary the rest passes through R times)
         query = apply_rope(query.expand(-1, -1, rotation[0].shape[2], -1), *rotation)
     b, hq, turns, d = query.shape
     hkv, m = centroids.shape[0], centroids.shape[1]
-    return lookup_table(query.reshape(b, hq * turns, d), centroids, hq * turns // hkv).view(b, hq, turns * m)
+    lut = lookup_table(query.reshape(b, hq * turns, d), centroids, hq * turns // hkv).view(b, hq, turns * m)
+    if move is not None:
+        move_bucket_columns(**vars(move))
+    return lut
 
 
 def move_bucket_columns(

@@ -1,9 +1,9 @@
 """Triton kernels for the codes side of a decode step: encoding the new keys (un-rotate, whiten, nearest centroid,
-written straight into the code buffer) and the windowed-RoPE lookup table (rotate the query, score every
-centroid). Each is one launch where the torch reference (:func:`a2ats_hf.kernels.reference.encode_keys`,
-:func:`~a2ats_hf.kernels.reference.rotated_lookup_table`) takes twenty to forty small operations, which on a
-GPU cost more host time than the arithmetic: the host time of these operations is what bounds decode with the
-K/V on the GPU.
+written straight into the code buffer) and the lookup table (turn the query, score every centroid; in the same
+launch, the distance scorer's columns moved on). Each is one launch where the torch reference
+(:func:`a2ats_hf.kernels.reference.encode_keys`, :func:`~a2ats_hf.kernels.reference.rotated_lookup_table`) takes
+twenty to forty small operations, which on a GPU cost more host time than the arithmetic: the host time of these
+operations is what bounds decode with the K/V on the GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import ColumnMove
 from .triton_launch import pdl, wait_previous
 
 
@@ -148,15 +149,13 @@ def encode_keys(
 
 
 @triton.jit
-def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, ROWS, sq_b, sq_h, sr_b, sr_r,
-                HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Program (KV head, block of centroids): the block read once, then for each tile of BLOCK_R (row, query head
-    of the group, rotation) triples the turned queries against it as one tensor-core product (PRECISION "tf32x3":
-    float32's accuracy from three TF32 products; the CUDA cores' float32 took ~0.7 ms a layer at 12 rotations x 4096
-    centroids)."""
-    wait_previous(PDL)
-    h, block = tl.program_id(0), tl.program_id(1)
+def _lut_block(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, h, block, M, R, ROWS, sq_b, sq_h, sr_b, sr_r,
+               HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """KV head ``h``'s block ``block`` of centroids: the block read once, then for each tile of BLOCK_R (row, query
+    head of the group, rotation) triples the turned queries against it as one tensor-core product (PRECISION
+    "tf32x3": float32's accuracy from three TF32 products; the CUDA cores' float32 took ~0.7 ms a layer at 12
+    rotations x 4096 centroids)."""
     d = tl.arange(0, D_PAD)
     m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
@@ -177,46 +176,13 @@ def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, ROWS, sq_b, sq_h,
         tl.store(out, lut, mask=ok & m_ok[None, :])
 
 
-def rotated_lookup_table(
-    query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor
-) -> torch.Tensor:
-    """Same contract as :func:`a2ats_hf.kernels.reference.rotated_lookup_table`: query [B, Hq, D], R rotations
-    ``cos``/``sin`` [B, 1, R, D'] (or none), centroids [Hkv, M, D] -> lut [B, Hq, R * M] float32."""
-    b, hq, d = query.shape
-    hkv, m = centroids.shape[0], centroids.shape[1]
-    group = hq // hkv
-    query = _unit_stride(query)
-    centroids = centroids.float().contiguous()
-    if rotation is None:
-        cos = sin = centroids  # not read
-        rot, turns, strides = 0, 1, (0, 0)
-    else:
-        turns = rotation[0].shape[2]
-        cos, sin = (_unit_stride(t.float().expand(b, 1, turns, -1)) for t in rotation)
-        rot, strides = cos.shape[-1], (cos.stride(0), cos.stride(2))
-    lut = torch.empty(b, hq, turns * m, dtype=torch.float32, device=query.device)
-    rows, d_pad = b * group * turns, max(16, triton.next_power_of_2(d))
-    block_m = max(16, min(LUT_BLOCK_M, 8192 // d_pad))  # the centroid block and a tile of turned queries
-    block_r = max(16, min(block_m, triton.next_power_of_2(rows)))
-    _lut_kernel[(hkv, triton.cdiv(m, block_m))](
-        query, cos, sin, centroids, lut, m, turns, rows, query.stride(0), query.stride(1), *strides,
-        HKV=hkv, G=group, D=d, D_PAD=d_pad, ROT=rot, BLOCK_R=block_r, BLOCK_M=block_m,
-        PRECISION=_dot_precision(query.device), num_stages=1, **pdl(query.device),
-    )
-    return lut
-
-
 @triton.jit
-def _move_columns_kernel(col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n_ptr, n, m, window, S,
-                         sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b, HKV: tl.constexpr, S_PAD: tl.constexpr,
-                         N_ON_DEVICE: tl.constexpr, PDL: tl.constexpr):
-    """Program (row, KV head): its columns and histogram moved on by one token, every bucket's crossing token at
+def _move_columns(col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n_ptr, n, m, window, S, b, h,
+                  sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b, S_PAD: tl.constexpr, N_ON_DEVICE: tl.constexpr):
+    """Row ``b``, KV head ``h``: its columns and histogram moved on by one token, every bucket's crossing token at
     once (they sit at distinct positions; two may share a column value, so the histogram's updates are atomic
     additions, which commute). N_ON_DEVICE: the length is read from ``n_ptr`` (a capture-ready step), and a bucket
     that starts past the tokens moves none."""
-    wait_previous(PDL)
-    pid = tl.program_id(0)
-    b, h = pid // HKV, pid % HKV
     cols, hist = col_ptr + b * sc_b + h * sc_h, hist_ptr + b * sh_b + h * sh_h
     if N_ON_DEVICE:
         n = tl.load(n_ptr).to(tl.int32)
@@ -236,17 +202,70 @@ def _move_columns_kernel(col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n_ptr
         tl.atomic_add(hist + tl.load(cols + left), tl.load(far_ptr + b * sf_b + left).to(tl.int32), sem="relaxed")
 
 
-def move_bucket_columns(
-    columns: torch.Tensor, histogram: torch.Tensor, codes: torch.Tensor, far: torch.Tensor, starts: torch.Tensor,
-    n: int | torch.Tensor, m: int, window: int,
-) -> None:
-    """Same contract as :func:`a2ats_hf.kernels.reference.move_bucket_columns`, in one launch."""
-    b, hkv = columns.shape[:2]
-    assert columns.stride(-1) == histogram.stride(-1) == codes.stride(-1) == far.stride(-1) == 1
-    on_device = isinstance(n, torch.Tensor)
-    _move_columns_kernel[(b * hkv,)](
-        columns, histogram, codes, far, starts, n if on_device else starts, 0 if on_device else n, m, window,
-        starts.numel(), columns.stride(0), columns.stride(1), histogram.stride(0), histogram.stride(1),
-        codes.stride(0), codes.stride(1), far.stride(0), HKV=hkv, S_PAD=max(2, triton.next_power_of_2(starts.numel())),
-        N_ON_DEVICE=on_device, **pdl(columns.device),
+@triton.jit
+def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, ROWS, sq_b, sq_h, sr_b, sr_r,
+                col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n_ptr, n, window, S,
+                sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b,
+                HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MOVE: tl.constexpr,
+                S_PAD: tl.constexpr, N_ON_DEVICE: tl.constexpr, PDL: tl.constexpr):
+    """Program (KV head, block of centroids): :func:`_lut_block`. MOVE: the programs past the blocks, one a row,
+    move the distance scorer's columns (:func:`_move_columns`), which the table does not read."""
+    wait_previous(PDL)
+    h, block = tl.program_id(0), tl.program_id(1)
+    blocks = tl.cdiv(M, BLOCK_M)
+    if MOVE:
+        if block >= blocks:
+            _move_columns(col_ptr, hist_ptr, code_ptr, far_ptr, starts_ptr, n_ptr, n, M, window, S, block - blocks,
+                          h, sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b, S_PAD, N_ON_DEVICE)
+    if block < blocks:
+        _lut_block(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, h, block, M, R, ROWS, sq_b, sq_h, sr_b, sr_r, HKV, G, D,
+                   D_PAD, ROT, BLOCK_R, BLOCK_M, PRECISION)
+
+
+def rotated_lookup_table(
+    query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor,
+    move: ColumnMove | None = None,
+) -> torch.Tensor:
+    """Same contract as :func:`a2ats_hf.kernels.reference.rotated_lookup_table`: query [B, Hq, D], R rotations
+    ``cos``/``sin`` [B, 1, R, D'] (or none), centroids [Hkv, M, D] -> lut [B, Hq, R * M] float32; with ``move``,
+    a program per row and KV head more moves the columns."""
+    b, hq, d = query.shape
+    hkv, m = centroids.shape[0], centroids.shape[1]
+    group = hq // hkv
+    query = _unit_stride(query)
+    centroids = centroids.float().contiguous()
+    if rotation is None:
+        cos = sin = centroids  # not read
+        rot, turns, strides = 0, 1, (0, 0)
+    else:
+        turns = rotation[0].shape[2]
+        cos, sin = (_unit_stride(t.float().expand(b, 1, turns, -1)) for t in rotation)
+        rot, strides = cos.shape[-1], (cos.stride(0), cos.stride(2))
+    lut = torch.empty(b, hq, turns * m, dtype=torch.float32, device=query.device)
+    rows, d_pad = b * group * turns, max(16, triton.next_power_of_2(d))
+    block_m = max(16, min(LUT_BLOCK_M, 8192 // d_pad))  # the centroid block and a tile of turned queries
+    block_r = max(16, min(block_m, triton.next_power_of_2(rows)))
+    blocks = triton.cdiv(m, block_m)
+    assert move is None or move.m == m, "the columns' centroids per bucket are the table's"
+    arguments, constants = _move_arguments(move, lut, hkv)
+    _lut_kernel[(hkv, blocks + (b if move else 0))](
+        query, cos, sin, centroids, lut, m, turns, rows, query.stride(0), query.stride(1), *strides, *arguments,
+        HKV=hkv, G=group, D=d, D_PAD=d_pad, ROT=rot, BLOCK_R=block_r, BLOCK_M=block_m,
+        PRECISION=_dot_precision(query.device), num_stages=1, **constants, **pdl(query.device),
     )
+    return lut
+
+
+def _move_arguments(move: ColumnMove | None, lut: torch.Tensor, hkv: int) -> tuple[list, dict]:
+    """:func:`_lut_kernel`'s arguments and constants for ``move`` (for none, the table's own: not read)."""
+    if move is None:
+        return [lut] * 6 + [0] * 10, dict(MOVE=False, S_PAD=2, N_ON_DEVICE=False)
+    columns, histogram, codes, far, starts = move.columns, move.histogram, move.codes, move.far, move.starts
+    assert columns.stride(-1) == histogram.stride(-1) == codes.stride(-1) == far.stride(-1) == 1
+    assert columns.shape[:2] == (lut.shape[0], hkv)
+    on_device = isinstance(move.n, torch.Tensor)
+    arguments = [columns, histogram, codes, far, starts, move.n if on_device else starts, 0 if on_device else move.n,
+                 move.window, starts.numel(), columns.stride(0), columns.stride(1), histogram.stride(0),
+                 histogram.stride(1), codes.stride(0), codes.stride(1), far.stride(0)]
+    return arguments, dict(MOVE=True, S_PAD=max(2, triton.next_power_of_2(starts.numel())), N_ON_DEVICE=on_device)

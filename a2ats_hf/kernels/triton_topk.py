@@ -359,6 +359,7 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     j = tl.arange(0, TABLE)
     inside = j < c
     k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
+    row = tl.load(idx_ptr + pid.to(tl.int64) * c + j, mask=inside, other=0)  # issued first: waits beside the select
     kept = tl.zeros([TABLE], dtype=tl.int1)
     for g in tl.static_range(G):
         key = _top_bits(_order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0)),
@@ -377,7 +378,6 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     if G > 1:
         at = tl.cumsum(kept.to(tl.int32), 0) - 1
     total = tl.sum(kept.to(tl.int32), 0)
-    row = tl.load(idx_ptr + pid.to(tl.int64) * c + j, mask=kept, other=0)
     out_row = out_ptr + pid.to(tl.int64) * width
     tl.store(out_row + at, row, mask=kept & (at < width))
     tl.store(out_row + j, tl.zeros([TABLE], dtype=row.dtype), mask=(j >= total) & (j < width))
