@@ -110,8 +110,10 @@ def wall_time(fn, reps: int = 5, before=None) -> float:
 
 
 def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12) -> dict:
-    """The GPU's share of a step's wall time (kernel time summed, over ``steps`` synced steps) and the ``top``
-    kernels that take it (None: all), by name (ms and launches per step), printed and returned."""
+    """The GPU's share of a step's wall time (kernel time summed, over ``steps`` synced steps), the ``top`` kernels
+    that take it (None: all), by name (ms and launches per step), and where the GPU idles: the gaps before each
+    kernel (from the latest end of those before it), summed by the name of the kernel after the gap, the ``top``
+    of them; printed and returned."""
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
@@ -119,20 +121,30 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
             step()
         sync(device)
         wall = time.perf_counter() - start
-    kernels, calls, launches = {}, {}, 0
+    kernels, calls, idle, launches, spans = {}, {}, {}, 0, []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
             calls[event.name] = calls.get(event.name, 0) + 1
+            spans.append((event.time_range.start, event.time_range.end, event.name))
             launches += 1
+    spans.sort()
+    for (_, end, _), (begin, _, name) in zip(spans, spans[1:]):  # (an end past the next start: overlapping, PDL)
+        idle[name] = idle.get(name, 0.0) + max(0.0, begin - end) / 1e3 / steps
     busy = sum(kernels.values())
     rows = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    gaps = sorted(idle.items(), key=lambda kv: -kv[1])[:top]
     print(f"  GPU busy {busy:.2f} ms of a {1e3 * wall / steps:.2f} ms step ({100 * busy / (1e3 * wall / steps):.0f}%), "
-          f"{launches // steps} kernels a step")
+          f"{launches // steps} kernels a step; idle {sum(idle.values()):.2f} ms between them")
     for name, ms in rows:
         print(f"  {ms:7.3f} ms  {calls[name] // steps:5d}x  {name[:100]}")
+    print("  idle before:")
+    for name, ms in gaps:
+        print(f"  {ms:7.3f} ms  {calls[name] // steps:5d}x  {name[:100]}")
     return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3), "kernels_per_step": launches // steps,
-            "kernels_ms": [[name[:200], round(ms, 4), calls[name] // steps] for name, ms in rows]}
+            "kernels_ms": [[name[:200], round(ms, 4), calls[name] // steps] for name, ms in rows],
+            "idle_ms": round(sum(idle.values()), 3),
+            "idle_before_ms": [[name[:200], round(ms, 4), calls[name] // steps] for name, ms in gaps]}
 
 
 def hits_since(cache, counted: tuple[int, int]) -> float:
