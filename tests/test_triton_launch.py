@@ -21,7 +21,8 @@ def test_off_without_a_hopper_gpu(monkeypatch):
 
 @pytest.mark.parametrize("module,kernel,constants,pointers", [
     ("triton_codes", "_lut_kernel",
-     {"HKV": 8, "G": 1, "D": 128, "D_PAD": 128, "ROT": 128, "BLOCK_R": 16, "BLOCK_M": 64, "PRECISION": "tf32x3"},
+     {"HKV": 8, "G": 1, "D": 128, "D_PAD": 128, "ROT": 128, "BLOCK_R": 16, "BLOCK_M": 64, "PRECISION": "tf32x3",
+      "MOVE": False, "S_PAD": 2, "N_ON_DEVICE": False},
      {"q_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "c_ptr": "*fp32", "out_ptr": "*fp32"}),
     ("triton_attention", "_candidate_scores_kernel", {"HKV": 8, "G": 1, "D": 128, "D_PAD": 128, "BLOCK_C": 64},
      {"q_ptr": "*bf16", "k_ptr": "*bf16", "out_ptr": "*fp32"}),
