@@ -174,26 +174,12 @@ def _select(
     rerank, rule = layer.config.rerank if layer.store.resident else 1, layer.config.budget
     if rerank == 1:
         return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max)
-    indices, counts = kernels.select_topk(lut, codes, masks.far, masks.candidates, rule, histogram=histogram,
-                                          k_max=min(k_max * rerank, far_max), key_bits=CANDIDATE_KEY_BITS)
-    return rerank_exact(inputs.table_query, layer.store.keys, indices, counts, masks.budget, k_max, rule)
-
-
-def rerank_exact(
-    query: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, k: torch.Tensor,
-    k_max: int, budget: str = "query_head",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the top ``k`` [B] of each row's candidates by their exact ``q . k``: query [B, Hq, D] (or, under the
-    per-KV-head rule, the group's summed query [B, Hkv, D]: the same ranking, one product per KV head), the stored
-    keys [B, Hkv, >= N, D] on the same device, candidates ``indices`` [B, Hkv, C] (ascending; the first ``counts``
-    [B, Hkv] of each valid), ``k_max`` >= every k on the host. ``budget`` as :func:`a2ats_hf.kernels.select_topk`
-    reads it: each query head keeps its own top k and the KV group unites them, or the group's summed scores pick
-    one top k. Returns (indices [B, Hkv, K'], counts [B, Hkv]) with select_topk's contract (ascending token
-    indices first, padding after; ties to the lower index). The candidates' exact scores come from one kernel
-    reading their key rows in place, and one more keeps the best (:func:`a2ats_hf.kernels.keep_top`); fixed shapes
-    and no host sync, so a captured step can run it."""
-    scores = kernels.candidate_scores(query, keys, indices, counts)  # [B, Hq or Hkv, C], -inf past the counts
-    return kernels.keep_top(indices, counts, scores, k, k_max, budget, KEEP_KEY_BITS)
+    # re-ranking: R x the budget by the table, scored exactly where the select writes them (the table's query:
+    # under the per-KV-head rule the group's summed query, one product per KV head), then the budget's best kept
+    indices, counts, scores = kernels.select_topk(lut, codes, masks.far, masks.candidates, rule, histogram=histogram,
+                                                  k_max=min(k_max * rerank, far_max), key_bits=CANDIDATE_KEY_BITS,
+                                                  exact=(inputs.table_query, layer.store.keys))
+    return kernels.keep_top(indices, counts, scores, masks.budget, k_max, rule, KEEP_KEY_BITS)
 
 
 def _offloaded(

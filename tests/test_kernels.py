@@ -1,4 +1,5 @@
-"""Reference kernels against brute-force loops: top-K selection, attention with LSE, sparse attention, merge."""
+"""Reference kernels against brute-force loops: top-K selection, re-ranking's keep, attention with LSE, sparse
+attention, merge."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from a2ats_hf import kernels
+from a2ats_hf.kernels import reference
 from a2ats_hf.store import KVStore
 
 
@@ -152,3 +154,32 @@ def test_watchers_see_every_kernel_call_by_name():
         kernels.merge_attention(out_a, lse_a, out_b, lse_b)
     kernels.merge_attention(out_a, lse_a, out_b, lse_b)
     assert seen == ["merge_attention"]
+
+
+@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
+def test_keep_top_keeps_the_exact_top_k_of_the_candidates(budget):
+    """Re-ranking's keep of candidates scored exactly, against a loop over rows and heads: each query head's top k
+    of its KV head's candidates by q . k, united over the group (or one top k of the group's summed scores),
+    ascending, padded with 0; awkward sizes, rows with fewer candidates than k, and garbage in the padding of the
+    indices and the scores (the select leaves the scores past each count unwritten)."""
+    torch.manual_seed(0)
+    b, hkv, group, d, n, c = 3, 2, 3, 24, 97, 41
+    query, keys = torch.randn(b, hkv * group, d), torch.randn(b, hkv, n, d)
+    counts = torch.tensor([[41, 30], [7, 0], [25, 41]])
+    indices = torch.stack([torch.stack([torch.randperm(n)[:c].sort().values for _ in range(hkv)]) for _ in range(b)])
+    indices = torch.where(torch.arange(c) < counts[..., None], indices, 10**6)  # padding out of range
+    k = torch.tensor([5, 9, 12])
+    table_query = query.view(b, hkv, group, d).sum(2) if budget == "kv_head" else query
+    scores = reference.candidate_scores(table_query, keys, indices, counts)
+    scores = scores.masked_fill(scores.isinf(), 1e30)  # past the counts: not to be read
+    got, got_counts = kernels.keep_top(indices, counts, scores, k, 12, budget)
+    for row in range(b):
+        for h in range(hkv):
+            tokens = indices[row, h, : counts[row, h]]
+            scores = query[row, h * group : (h + 1) * group] @ keys[row, h, tokens].T  # [G, count]
+            if budget == "kv_head":
+                scores = scores.sum(0, keepdim=True)
+            keep = min(int(k[row]), len(tokens))
+            chosen = sorted({int(tokens[j]) for head in scores for j in head.topk(keep).indices})
+            assert got_counts[row, h] == len(chosen)
+            assert got[row, h, : len(chosen)].tolist() == chosen and not got[row, h, len(chosen):].any()

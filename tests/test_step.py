@@ -8,7 +8,7 @@ import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels, step
 from a2ats_hf.cache import A2ATSLayer
-from a2ats_hf.step import bucket_width, rerank_exact
+from a2ats_hf.step import bucket_width
 from a2ats_hf.store import kv_bytes
 
 from conftest import DEVICE, ids_of
@@ -50,31 +50,6 @@ def test_observers_watch_every_decode_step(tiny):
     layers = cache.a2ats_layers
     assert [layer for layer, _ in seen] == layers * 3 and {shape for _, shape in seen} == {(2, 6, 16)}
     assert copy.deepcopy(cache).observers == []
-
-
-@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
-def test_rerank_keeps_the_exact_top_k_of_the_candidates(budget):
-    """Against a loop over rows and heads: each query head's top k of its KV head's candidates by exact q . k,
-    united over the group (or one top k of the group's summed scores), ascending, padded with 0; awkward sizes,
-    rows with fewer candidates than k, and garbage in the padding."""
-    torch.manual_seed(0)
-    b, hkv, group, d, n, c = 3, 2, 3, 24, 97, 41
-    query, keys = torch.randn(b, hkv * group, d), torch.randn(b, hkv, n, d)
-    counts = torch.tensor([[41, 30], [7, 0], [25, 41]])
-    indices = torch.stack([torch.stack([torch.randperm(n)[:c].sort().values for _ in range(hkv)]) for _ in range(b)])
-    indices = torch.where(torch.arange(c) < counts[..., None], indices, 10**6)  # padding out of range
-    k = torch.tensor([5, 9, 12])
-    got, got_counts = rerank_exact(query, keys, indices, counts, k, 12, budget)
-    for row in range(b):
-        for h in range(hkv):
-            tokens = indices[row, h, : counts[row, h]]
-            scores = query[row, h * group : (h + 1) * group] @ keys[row, h, tokens].T  # [G, count]
-            if budget == "kv_head":
-                scores = scores.sum(0, keepdim=True)
-            keep = min(int(k[row]), len(tokens))
-            chosen = sorted({int(tokens[j]) for head in scores for j in head.topk(keep).indices})
-            assert got_counts[row, h] == len(chosen)
-            assert got[row, h, : len(chosen)].tolist() == chosen and not got[row, h, len(chosen):].any()
 
 
 def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny, monkeypatch):

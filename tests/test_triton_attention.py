@@ -108,28 +108,6 @@ def test_combine_matches_logsumexp():
     torch.testing.assert_close(out.cpu(), (parts * weights[..., None]).sum(0), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("b, h, hkv, d, stored, width, dtype",
-                         [(2, 6, 2, 24, 300, 70, torch.float32), (3, 3, 3, 64, 129, 129, torch.bfloat16),
-                          (1, 4, 1, 80, 50, 3, torch.float16)],
-                         ids=["group3", "summed-queries-bf16", "mha-like-d80"])
-def test_candidate_scores_match_reference(b, h, hkv, d, stored, width, dtype):
-    """Exact q . k of the candidate rows of a store buffer wider than the tokens stored, for grouped or summed
-    queries; -inf past each head's count, whatever the padding indices hold."""
-    g = torch.Generator().manual_seed(d + width)
-    query = torch.randn(b, h, d, generator=g)
-    keys = torch.randn(b, hkv, stored + 17, d, generator=g).to(dtype)
-    indices = torch.randint(0, stored, (b, hkv, width), generator=g, dtype=torch.int32)
-    counts = torch.randint(0, width + 1, (b, hkv), generator=g)
-    counts[0, 0] = width
-    indices = torch.where(torch.arange(width) < counts[..., None], indices, 10**6)  # padding out of range
-    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-    got = triton_attention.candidate_scores(to(query), to(keys), to(indices), to(counts))
-    expected = reference.candidate_scores(query, keys, indices, counts)
-    assert got.dtype == torch.float32 and got.shape == (b, h, width)
-    assert torch.equal(got.cpu().isinf(), expected.isinf())
-    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("b, hkv, c, k", [(2, 3, 70, 33), (1, 2, 3000, 1500)], ids=["small", "two-blocks"])
 def test_gather_chosen_matches_reference(b, hkv, c, k):
     """Re-ranking's kept rows: the candidates at ascending chosen positions, the chosen padding of a head with fewer

@@ -24,13 +24,11 @@ def test_off_without_a_hopper_gpu(monkeypatch):
      {"HKV": 8, "G": 1, "D": 128, "D_PAD": 128, "ROT": 128, "BLOCK_R": 16, "BLOCK_M": 64, "PRECISION": "tf32x3",
       "MOVE": False, "S_PAD": 2, "N_ON_DEVICE": False},
      {"q_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "c_ptr": "*fp32", "out_ptr": "*fp32"}),
-    ("triton_attention", "_candidate_scores_kernel", {"HKV": 8, "G": 1, "D": 128, "D_PAD": 128, "BLOCK_C": 64},
-     {"q_ptr": "*bf16", "k_ptr": "*bf16", "out_ptr": "*fp32"}),
     ("triton_attention", "_attention_lse_kernel",
      {"HKV": 8, "G": 4, "G_PAD": 16, "D": 128, "D_PAD": 128, "BLOCK_L": 32, "FAR": True},
      {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i1", "fk_ptr": "*bf16",
       "fv_ptr": "*bf16", "out_ptr": "*fp32", "lse_ptr": "*fp32"}),
-], ids=["lut", "candidate-scores", "attention"])
+], ids=["lut", "attention"])
 def test_kernels_compile_with_pdl(module, kernel, constants, pointers):
     """The kernels outside the top-K's module that take PDL compile with it for sm_90 (the top-K's own compile
     tests take it on too)."""

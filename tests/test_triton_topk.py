@@ -229,17 +229,52 @@ def test_threshold_compiles_for_hopper(key_bits):
     compile_for_hopper("triton_topk", "_threshold_kernel", constants, pointers)
 
 
-@pytest.mark.parametrize("group, phase", [(1, 0), (1, 2), (4, 0), (4, 1), (4, 2), (6, 2)])
-def test_scans_compile_for_hopper(group, phase):
+@pytest.mark.parametrize("group, phase, score", [(1, 0, False), (1, 2, False), (4, 0, False), (4, 1, False),
+                                                (4, 2, False), (6, 2, False), (1, 2, True), (4, 2, True)])
+def test_scans_compile_for_hopper(group, phase, score):
     """The scans over the codes compile to PTX for sm_90 without a GPU, for a group of one head (no union count:
     PHASE 0 counts the tokens above, PHASE 2 adds the ties taken), of four (a word of four bytes) and of six (a
-    word of eight)."""
+    word of eight); the last scoring the tokens it writes (re-ranking's candidates)."""
     g_pad = {1: 1, 4: 4, 6: 8}[group]
     constants = {"PHASE": phase, "HKV": 8, "G": group, "G_PAD": g_pad, "S_PAD": 128, "BLOCK_N": 512, "BLOCKS": 4,
-                 "WORDS": True, "PACKED": g_pad <= 4, "HEAD_BYTES": (1 << 8 * group) - 1}
+                 "WORDS": True, "PACKED": g_pad <= 4, "HEAD_BYTES": (1 << 8 * group) - 1, "SCORE": score,
+                 "D": 128, "D_PAD": 128, "SCORE_ROWS": 64}
     pointers = {"class_ptr": {1: "*u8", 4: "*i32", 8: "*i64"}[g_pad], "codes_ptr": "*u16", "cand_ptr": "*i1",
-                "k_ptr": "*i64"}
+                "k_ptr": "*i64", "q_ptr": "*fp32", "key_ptr": "*bf16", "score_ptr": "*fp32"}
     compile_for_hopper("triton_topk", "_scan_kernel", constants, pointers)
+
+
+@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
+@pytest.mark.parametrize("b, hq, hkv, d, n, m, dtype",
+                         [(2, 6, 2, 24, 700, 50, torch.float32), (3, 3, 3, 64, 300, 9000, torch.bfloat16),
+                          (1, 4, 1, 80, 3000, 20, torch.float16)],
+                         ids=["group3", "mha-wide-table-bf16", "group4-d80-segments"])
+def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype):
+    """With ``exact``, the select's last scan scores the tokens it writes: the reference's indices and counts, and
+    up to each count their exact q . k by the table's query heads (or the group's summed query) against a store
+    buffer wider than the tokens."""
+    g = torch.Generator().manual_seed(d + n)
+    lut = torch.randn(b, hq, m, generator=g)
+    codes = torch.randint(0, m, (b, hkv, n), generator=g).to(torch.uint16)
+    candidates = torch.rand(b, n, generator=g) > 0.3
+    k = torch.randint(1, int(candidates.sum(-1).min()) // 3, (b,), generator=g)
+    heads = hkv if budget == "kv_head" else hq
+    query, keys = torch.randn(b, heads, d, generator=g), torch.randn(b, hkv, n + 17, d, generator=g).to(dtype)
+    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
+    expected, expected_counts, expected_scores = reference.select_topk(lut, codes, candidates, k, budget,
+                                                                       exact=(query, keys))
+    got, counts, scores = triton_topk.select_topk(to(lut), to(codes), to(candidates), to(k), budget, block_n=64,
+                                                  exact=(to(query), to(keys)))
+    assert torch.equal(counts.cpu().long(), expected_counts.long()) and scores.dtype == torch.float32
+    assert scores.shape == (b, heads, got.shape[-1])
+    group = heads // hkv
+    for row in range(b):
+        for head in range(hkv):
+            c = int(counts[row, head])
+            assert torch.equal(got[row, head, :c].cpu().long(), expected[row, head, :c].long())
+            rows = slice(head * group, (head + 1) * group)
+            torch.testing.assert_close(scores[row, rows, :c].cpu(), expected_scores[row, rows, :c], atol=1e-4,
+                                       rtol=1e-4)
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
@@ -249,8 +284,9 @@ def test_scans_compile_for_hopper(group, phase):
                               "24-bit-keys", "16-bit-keys-as-a-select"])
 @pytest.mark.parametrize("spread", [1.0, 1e-6], ids=["random", "narrow-range"])
 def test_keep_top_matches_reference(budget, keep_table, digit_bits, key_bits, spread, monkeypatch):
-    """Re-ranking's keep: exact scores (some tied, -inf past each head's count; or all within 1e-6 of 1, so only
-    the keys' last digits tell them apart) over candidate rows with padding past the counts; the rows kept,
+    """Re-ranking's keep: exact scores (some tied, garbage past each head's count, which the keep must not read; or
+    all within 1e-6 of 1, so only the keys' last digits tell them apart) over candidate rows with padding past the
+    counts; the rows kept,
     ascending, 0 after them, as the reference keeps them, whether the candidates fit one program's registers or go
     through the select (past ``KEEP_TABLE``), by digits of any width the register select takes, on keys of any
     width (16 bits: scores equal in bfloat16 tie, to the lower position)."""
@@ -263,7 +299,7 @@ def test_keep_top_matches_reference(budget, keep_table, digit_bits, key_bits, sp
     scores = 1 + spread * torch.randn(b, hkv, group, c, generator=g)
     scores[..., 100:160] = scores[..., 99:100]  # ties
     past = torch.arange(c) >= counts[..., None]
-    scores = scores.masked_fill(past[:, :, None], float("-inf")).reshape(b, hkv * group, c)
+    scores = scores.masked_fill(past[:, :, None], float("inf")).reshape(b, hkv * group, c)  # not written, not read
     indices = torch.stack([torch.randperm(n, generator=g)[:c].sort().values for _ in range(b * hkv)]).view(b, hkv, c)
     indices = indices.masked_fill(past, 10**6).to(torch.int32)  # garbage past the counts
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731

@@ -1,7 +1,7 @@
 """Kernels behind A2ATS decode: encoding new keys, the lookup table of a turned query (and in its launch the distance
-scorer's columns moving on), a capture-ready step's writes, top-K selection over codes, exact scores of re-ranking's
-candidates, attention with log-sum-exp over the local window (and, where the K/V stays on the GPU, the selected
-rows), sparse attention over the CPU store, LSE merge.
+scorer's columns moving on), a capture-ready step's writes, top-K selection over codes (with re-ranking's
+candidates' exact scores), attention with log-sum-exp over the local window (and, where the K/V stays on the GPU,
+the selected rows), sparse attention over the CPU store, LSE merge.
 
 Every kernel has a plain torch reference in :mod:`.reference`; the rest of the package calls only the names
 exported here, which pick the fast implementation where it applies (Triton top-K, attention and merge on a GPU, the
@@ -41,7 +41,6 @@ class Backend:
     local_and_far_attention: Callable
     merge_attention: Callable
     select_topk: Callable
-    candidate_scores: Callable
     keep_top: Callable
     split_rows: Callable
     fill_rows: Callable
@@ -49,8 +48,7 @@ class Backend:
 
 TORCH = Backend(reference.encode_keys, reference.rotated_lookup_table, reference.write_token, reference.count_leaving,
                 reference.attention_with_lse, reference.local_and_far_attention, reference.merge_attention,
-                reference.select_topk, reference.candidate_scores, reference.keep_top, reference.split_rows,
-                reference.fill_rows)
+                reference.select_topk, reference.keep_top, reference.split_rows, reference.fill_rows)
 
 
 @functools.cache
@@ -59,8 +57,8 @@ def _triton() -> Backend:
 
     return Backend(triton_codes.encode_keys, triton_codes.rotated_lookup_table, triton_step.write_token,
                    triton_step.count_leaving, triton_attention.attention_with_lse, triton_attention.attention_with_lse,
-                   triton_attention.merge_attention, triton_topk.select_topk, triton_attention.candidate_scores,
-                   triton_topk.keep_top, triton_rows.split_rows, triton_rows.fill_rows)
+                   triton_attention.merge_attention, triton_topk.select_topk, triton_topk.keep_top,
+                   triton_rows.split_rows, triton_rows.fill_rows)
 
 
 def backend(device: torch.device) -> Backend:
@@ -166,14 +164,6 @@ def merge_attention(
     return _on(out_a, "merge_attention", out_a, lse_a, out_b, lse_b)
 
 
-def candidate_scores(
-    query: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
-    """Exact scores of re-ranking's candidate rows; see :func:`.reference.candidate_scores`. One Triton launch on a
-    GPU."""
-    return _on(query, "candidate_scores", query, keys, indices, counts)
-
-
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
     budget: str = "query_head", key_bits: int = 32,
@@ -223,18 +213,20 @@ def select_topk(
     k_max: int | None = None,
     unit: bool = False,
     key_bits: int = 32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K far tokens per (row, KV head) from LUT scores; see :func:`.reference.select_topk` for the contract.
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Top-K far tokens per (row, KV head) from LUT scores, and with ``exact`` (query, keys) their exact scores
+    (re-ranking's candidates); see :func:`.reference.select_topk` for the contract.
 
     On a GPU with Triton, the fused kernel runs (``histogram`` of the candidates' codes and a host-side bound
     ``k_max`` on ``k`` spare it a pass over the codes and a device sync; ``unit``, every code held by one
-    candidate, lets it count without atomic additions); indices may then be int32 and padded wider than the
-    largest count.
+    candidate, lets it count without atomic additions; the exact scores come from the pass that writes the
+    indices); indices may then be int32 and padded wider than the largest count.
     """
     return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max, unit=unit,
-               key_bits=key_bits)
+               key_bits=key_bits, exact=exact)
 
 
-__all__ = ["Backend", "ColumnMove", "FarRows", "attention_with_lse", "backend", "candidate_scores", "code_histogram",
+__all__ = ["Backend", "ColumnMove", "FarRows", "attention_with_lse", "backend", "code_histogram",
            "count_leaving", "encode_keys", "keep_top", "merge_attention", "output_buffers", "rotated_lookup_table",
            "select_topk", "sparse_attention", "split_rows", "fill_rows", "watching", "write_token"]

@@ -134,7 +134,8 @@ def select_topk(
     k_max: int | None = None,
     unit: bool = False,
     key_bits: int = 32,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Choose far tokens to attend from approximate scores ``lut[h, codes[j]]``.
 
     Args:
@@ -150,10 +151,13 @@ def select_topk(
         key_bits: the scores ranked by the top ``key_bits`` bits of their float32 order (8, 16, 24 or 32; 16:
             bfloat16's precision, rounded down), scores equal in those bits tying; fewer take the kernel fewer
             rounds (re-ranking's candidates, whose order the exact scores set anyway).
+        exact: (query [B, H, D], keys [B, Hkv, >= N, D]): re-ranking's candidates, scored exactly too (H: the
+            lut's heads; :func:`candidate_scores`).
 
     Returns:
-        indices [B, Hkv, K] (ascending token indices, padded with 0) and counts [B, Hkv]. Ties are broken towards
-        the lower token index.
+        indices [B, Hkv, K] (ascending token indices, padded with 0) and counts [B, Hkv]; with ``exact``, their
+        exact scores [B, H, K] third (past each count: -inf here, not written by the kernel). Ties are broken
+        towards the lower token index.
     """
     b, hq, m = lut.shape
     hkv, n = codes.shape[1], codes.shape[2]
@@ -175,7 +179,10 @@ def select_topk(
     counts = chosen.sum(-1)
     width = int(counts.max()) if counts.numel() else 0
     indices = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
-    return indices.masked_fill(torch.arange(width, device=lut.device) >= counts[..., None], 0), counts
+    indices = indices.masked_fill(torch.arange(width, device=lut.device) >= counts[..., None], 0)
+    if exact is None:
+        return indices, counts
+    return indices, counts, candidate_scores(*exact, indices, counts)
 
 
 def write_token(
@@ -263,17 +270,24 @@ def gather_chosen(
     return indices.gather(-1, chosen.long() * valid) * valid, kept
 
 
+def scores_within_counts(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``scores`` [B, H, C] with -inf past each KV head's ``counts`` [B, Hkv] (what the select left unwritten)."""
+    past = torch.arange(scores.shape[-1], device=scores.device) >= counts[..., None]
+    return scores.masked_fill(past.repeat_interleave(scores.shape[1] // counts.shape[1], dim=1), float("-inf"))
+
+
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
     budget: str = "query_head", key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep: of each (row, KV head)'s candidates ``indices`` [B, Hkv, C] (the first ``counts`` valid,
-    ascending), the top ``k`` [B] (``k_max`` >= every k) by ``scores`` [B, Hq or Hkv, C] (:func:`candidate_scores`:
-    -inf past the counts), per query head and united over the group or, with ``budget="kv_head"``, one top k of
-    the group's summed scores; ties to the lower index; scores ranked by their top ``key_bits`` bits as
+    ascending), the top ``k`` [B] (``k_max`` >= every k) by ``scores`` [B, Hq or Hkv, C] (:func:`candidate_scores`;
+    past the counts not read), per query head and united over the group or, with ``budget="kv_head"``, one top k
+    of the group's summed scores; ties to the lower index; scores ranked by their top ``key_bits`` bits as
     :func:`select_topk` ranks them. Returns (rows [B, Hkv, W] ascending, 0 past each count, W at least the
     largest count; counts [B, Hkv] int32)."""
     b, hkv, c = indices.shape
+    scores = scores_within_counts(scores, counts)
     positions = torch.arange(c, device=indices.device).expand(b, hkv, c)
     every = torch.ones(b, c, dtype=torch.bool, device=indices.device)
     chosen, chosen_counts = select_topk(scores, positions, every, k, budget, k_max=min(k_max, c), key_bits=key_bits)

@@ -189,48 +189,6 @@ def merge_attention(
 
 
 @triton.jit
-def _candidate_scores_kernel(q_ptr, k_ptr, idx_ptr, count_ptr, out_ptr, c, sq_b, sq_h, sk_b, sk_h, sk_l, si_b, si_h,
-                             HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                             BLOCK_C: tl.constexpr, PDL: tl.constexpr):
-    """Program (row, KV head, block of candidates): the block's key rows gathered once and scored by each of the G
-    queries of the KV head in float32; -inf past the head's count."""
-    wait_previous(PDL)
-    pid, block = tl.program_id(0), tl.program_id(1)
-    b, h = (pid // HKV).to(tl.int64), (pid % HKV).to(tl.int64)  # offsets past 2**31: a large batch's store
-    j = block * BLOCK_C + tl.arange(0, BLOCK_C)
-    d = tl.arange(0, D_PAD)
-    ok = j < tl.load(count_ptr + pid)
-    rows = tl.load(idx_ptr + b * si_b + h * si_h + j, mask=ok, other=0).to(tl.int64)
-    keys = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_l + d[None, :], mask=ok[:, None] & (d < D)[None, :],
-                   other=0.0).to(tl.float32)
-    for g in tl.static_range(G):
-        q = tl.load(q_ptr + b * sq_b + (h * G + g) * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
-        score = tl.where(ok, tl.sum(keys * q[None, :], axis=1), float("-inf"))
-        tl.store(out_ptr + (pid * G + g).to(tl.int64) * c + j, score, mask=j < c)
-
-
-CANDIDATE_BLOCK = 64  # candidate rows per program of candidate_scores
-
-
-def candidate_scores(
-    query: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
-    """Same contract as :func:`a2ats_hf.kernels.reference.candidate_scores`, in one launch: the candidates' rows
-    are read once, straight from the store, with no gathered copy."""
-    b, hkv, c = indices.shape
-    h, d = query.shape[1], query.shape[-1]
-    query = query if query.stride(-1) == 1 else query.contiguous()
-    counts = counts.to(torch.int32).contiguous()
-    out = torch.empty(b, h, c, dtype=torch.float32, device=query.device)
-    _candidate_scores_kernel[(b * hkv, triton.cdiv(c, CANDIDATE_BLOCK))](
-        query, keys, indices, counts, out, c, query.stride(0), query.stride(1), *keys.stride()[:3],
-        *indices.stride()[:2], HKV=hkv, G=h // hkv, D=d, D_PAD=max(16, triton.next_power_of_2(d)),
-        BLOCK_C=CANDIDATE_BLOCK, **pdl(query.device),
-    )
-    return out
-
-
-@triton.jit
 def _gather_chosen_kernel(idx_ptr, count_ptr, chosen_ptr, chosen_count_ptr, out_ptr, kept_ptr, c, k,
                           BLOCK: tl.constexpr):
     """Program (row-KV head pair, block of K): the chosen positions' candidate rows, 0 past the kept count."""

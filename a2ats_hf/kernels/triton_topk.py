@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_key_bits, code_histogram
+from .reference import check_key_bits, code_histogram, scores_within_counts
 from .triton_attention import gather_chosen
 from .triton_launch import pdl, wait_previous
 
@@ -349,15 +349,15 @@ def _unit_select(key, inside, k, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexp
 def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c, width,
                      HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr,
                      KEY_BITS: tl.constexpr, PDL: tl.constexpr):
-    """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers: each of the G
-    score rows' top k (:func:`_unit_select`, ties to the lower position) united, then the kept candidates' rows
-    written in order, 0 after them to ``width``. A group of one (the per-KV-head rule) counts its ties taken and
-    its places in one scan: both running counts packed in an int32 (TABLE < 2**14)."""
+    """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers (those up to its
+    count): each of the G score rows' top k (:func:`_unit_select`, ties to the lower position) united, then the
+    kept candidates' rows written in order, 0 after them to ``width``. A group of one (the per-KV-head rule)
+    counts its ties taken and its places in one scan: both running counts packed in an int32 (TABLE < 2**14)."""
     tl.static_assert(TABLE < 16384)
     wait_previous(PDL)
     pid = tl.program_id(0)
     j = tl.arange(0, TABLE)
-    inside = j < c
+    inside = j < tl.minimum(tl.load(count_ptr + pid), c)  # (scores past the count are not written)
     k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
     row = tl.load(idx_ptr + pid.to(tl.int64) * c + j, mask=inside, other=0)  # issued first: waits beside the select
     kept = tl.zeros([TABLE], dtype=tl.int1)
@@ -373,8 +373,6 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
         elif tl.sum(tie.to(tl.int32), axis=0) > need:  # more ties than places (equal scores, -inf padding)
             tie = tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)  # the lower positions first
         kept = kept | above | tie
-    # positions past the count scored -inf: chosen only to fill k, and after every kept one (their places stand)
-    kept = kept & (j < tl.load(count_ptr + pid))
     if G > 1:
         at = tl.cumsum(kept.to(tl.int32), 0) - 1
     total = tl.sum(kept.to(tl.int32), 0)
@@ -424,7 +422,8 @@ def keep_top(
     b, hkv, c = indices.shape
     scores = _per_budget(scores, hkv, budget)
     k_max = min(k_max, c)
-    if c > KEEP_TABLE:
+    if c > KEEP_TABLE:  # (the select reads every position: those past the counts are set to -inf first)
+        scores = scores_within_counts(scores, counts)
         positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
         chosen, chosen_counts = select_topk(scores, positions, every[:, 0], k, budget, histogram=ones, k_max=k_max,
                                             unit=True, key_bits=key_bits)
@@ -441,17 +440,37 @@ def keep_top(
     return out, kept
 
 
+@triton.jit
+def _score_chosen(out_row, score_row, q_row, key_row, sq_h, sk_l, first, end, width, G: tl.constexpr,
+                  D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Exact ``q . k`` of the chosen tokens a program wrote at places [first, end) of ``out_row``, by each of the
+    G queries (``q_row``, ``sq_h`` apart) into the G score rows (``width`` apart): the tokens read back (after a
+    barrier: other threads of the program wrote them), their key rows gathered ROWS at a time."""
+    tl.debug_barrier()
+    d = tl.arange(0, D_PAD)
+    for s0 in range(first, end, ROWS):
+        places = s0 + tl.arange(0, ROWS)
+        ok = places < end
+        rows = tl.load(out_row + places, mask=ok, other=0).to(tl.int64)
+        keys = tl.load(key_row + rows[:, None] * sk_l + d[None, :], mask=ok[:, None] & (d < D)[None, :],
+                       other=0.0).to(tl.float32)
+        for g in tl.static_range(G):
+            q = tl.load(q_row + g * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
+            tl.store(score_row + g * width + places, tl.sum(keys * q[None, :], axis=1), mask=ok)
+
+
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
 def _scan_kernel(
     class_ptr, summary_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
-    n, m, stride_cb, stride_ch, stride_mb, out_width, segments,
-    PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    q_ptr, key_ptr, score_ptr, n, m, stride_cb, stride_ch, stride_mb, out_width, segments, sq_b, sq_h, sk_b, sk_h,
+    sk_l, PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr, HEAD_BYTES: tl.constexpr,
-    PDL: tl.constexpr,
+    SCORE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SCORE_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
-    choice, 2 writes the chosen indices. A group of one head needs no PHASE 1: its choice in a segment is the
-    tokens above its threshold there, which PHASE 0 counts too, and the ties its budget still takes there."""
+    choice, 2 writes the chosen indices (SCORE: and their exact scores, :func:`_score_chosen`). A group of one head
+    needs no PHASE 1: its choice in a segment is the tokens above its threshold there, which PHASE 0 counts too, and
+    the ties its budget still takes there."""
     wait_previous(PDL)
     pair = tl.program_id(0)
     seg = tl.program_id(1)
@@ -483,6 +502,7 @@ def _scan_kernel(
             ties = tl.load(ties_ptr + pair * segments + s, mask=before, other=0)
             chosen += tl.minimum(tl.maximum(tl.sum(need, axis=0) - (tl.cumsum(ties, axis=0) - ties), 0), ties)
         chosen_before += tl.sum(chosen, axis=0)
+    first = chosen_before
     for i in range(BLOCKS):
         tokens = (seg * BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         t_ok = tokens < n
@@ -535,11 +555,18 @@ def _scan_kernel(
             tl.store(union_ptr + pair * segments + seg, chosen_before)
     elif PHASE == 1:
         tl.store(union_ptr + pair * segments + seg, chosen_before)
-    elif seg == segments - 1:
-        tl.store(count_ptr + pair, chosen_before)
+    else:
+        if seg == segments - 1:
+            tl.store(count_ptr + pair, chosen_before)
+        if SCORE:
+            kv, at = (pair % HKV).to(tl.int64), row.to(tl.int64)
+            _score_chosen(out_ptr + pair.to(tl.int64) * out_width, score_ptr + pair.to(tl.int64) * G * out_width,
+                          q_ptr + at * sq_b + kv * G * sq_h, key_ptr + at * sk_b + kv * sk_h, sq_h, sk_l, first,
+                          chosen_before, out_width, G, D, D_PAD, SCORE_ROWS)
 
 
 SCAN_BLOCK = 512  # codes per block of a scan program (default of ``block_n``)
+SCORE_ROWS = 64  # key rows a scan program gathers at a time to score the tokens it chose (re-ranking's)
 THRESHOLD_WARPS = 8
 
 
@@ -554,9 +581,11 @@ def select_topk(
     block_n: int | None = None,
     unit: bool = False,
     key_bits: int = 32,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
-    entries past each count are 0) and int32 counts [B, Hkv].
+    entries past each count are 0) and int32 counts [B, Hkv]; with ``exact``, float32 scores [B, H, W] third, the
+    last scan's programs scoring the tokens they write (no launch of their own; past each count not written).
 
     ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 (a view of wider rows
     is fine) counts each KV head's
@@ -597,13 +626,34 @@ def select_topk(
     union = torch.empty(b * hkv, segments, dtype=torch.int32, device=codes.device)
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(g_pad)
     entries = classes.view(word).view(b * hkv, m) if word else classes
+    plain, scored = (_exact_arguments(e, b, heads, width, indices) for e in (None, exact))
     for phase in (0, 2) if group == 1 else (0, 1, 2):  # (see _scan_kernel)
+        arguments, constants = scored if phase == 2 else plain
         _scan_kernel[(b * hkv, segments)](
-            entries, summary, codes, cand, k, need, ties, union, indices, counts,
-            n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments,
+            entries, summary, codes, cand, k, need, ties, union, indices, counts, *arguments[:3],
+            n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments, *arguments[3:],
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
             BLOCKS=blocks, WORDS=word is not None, PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1,
-            **pdl(codes.device),
+            **constants, **pdl(codes.device),
         )
-    return indices, counts
+    return (indices, counts) if exact is None else (indices, counts, scored[0][2])
+
+
+def _exact_arguments(exact: tuple[torch.Tensor, torch.Tensor] | None, b: int, heads: int, width: int,
+                     dummy: torch.Tensor) -> tuple[list, dict]:
+    """:func:`_scan_kernel`'s scoring arguments (query, keys, the scores' buffer [B, heads, width], then the
+    strides) and constants for ``exact`` (query [B, heads, D], keys [B, Hkv, >= N, D]); for none, ``dummy``'s
+    (not read)."""
+    if exact is None:
+        return [dummy] * 3 + [0] * 5, dict(SCORE=False, D=1, D_PAD=16, SCORE_ROWS=16)
+    query, keys = exact
+    if query.shape[:2] != (b, heads) or query.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"exact scores need a query [{b}, {heads}, D] and keys [B, Hkv, N, D], got "
+                         f"{tuple(query.shape)} and {tuple(keys.shape)}")
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    assert keys.stride(-1) == 1
+    scores = torch.empty(b, heads, width, dtype=torch.float32, device=query.device)
+    d = query.shape[-1]
+    return ([query, keys, scores, query.stride(0), query.stride(1), *keys.stride()[:3]],
+            dict(SCORE=True, D=d, D_PAD=max(16, triton.next_power_of_2(d)), SCORE_ROWS=SCORE_ROWS))
 
