@@ -449,6 +449,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                               lambda f: throughput_table(runs(f))),
     "throughput-h100-scoring-cost-v81": Block(("throughput/2026-12-06-9887e0b-nvidia-h100-80gb-hbm3-2.json",),
                                               lambda f: throughput_table(runs(f))),
+    "throughput-h100-scoring-cost-v82": Block(("throughput/2026-12-06-40a5aaa-nvidia-h100-80gb-hbm3.json",),
+                                              lambda f: throughput_table(runs(f))),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
