@@ -316,6 +316,14 @@ def test_keep_top_matches_reference(budget, keep_table, digit_bits, key_bits, sp
                 assert torch.equal(got[row, head, :kept].cpu(), expected[row, head, :kept].to(torch.int32))
 
 
+def test_keep_top_rejects_a_digit_width_that_would_skip_bits(monkeypatch):
+    """A keep's digit width (a tuning knob) that does not divide every key width is refused, not run short."""
+    monkeypatch.setattr(triton_topk, "KEEP_DIGIT_BITS", 3)
+    indices, counts = torch.zeros(1, 1, 4, dtype=torch.int32), torch.tensor([[4]])
+    with pytest.raises(ValueError, match="KEEP_DIGIT_BITS must be 2, 4 or 8, got 3"):
+        triton_topk.keep_top(indices, counts, torch.randn(1, 1, 4), torch.tensor([2]), 2)
+
+
 @pytest.mark.parametrize("digit_bits,group", [(2, 4), (4, 4), (8, 4), (4, 1)])
 def test_keep_top_compiles_for_hopper(digit_bits, group):
     """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU."""

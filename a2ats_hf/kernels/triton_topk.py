@@ -419,6 +419,8 @@ def keep_top(
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
     (a program per row and KV head), else :func:`select_topk` over their positions and a gather."""
     check_key_bits(key_bits)
+    if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
+        raise ValueError(f"triton_topk.KEEP_DIGIT_BITS must be 2, 4 or 8, got {KEEP_DIGIT_BITS!r}")
     b, hkv, c = indices.shape
     scores = _per_budget(scores, hkv, budget)
     k_max = min(k_max, c)
