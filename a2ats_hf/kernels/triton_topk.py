@@ -370,7 +370,7 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
             counted = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 14), 0)
             tie = tie & ((counted >> 14) <= need)  # the lower positions first
             at = (counted & 16383) + tl.minimum(counted >> 14, need).to(tl.int32) - 1
-        elif tl.sum(tie.to(tl.int32), axis=0) > need:  # more ties than places (equal scores, -inf padding)
+        elif tl.sum(tie.to(tl.int32), axis=0) > need:  # more ties than places (equal scores)
             tie = tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)  # the lower positions first
         kept = kept | above | tie
     if G > 1:
