@@ -111,9 +111,10 @@ def wall_time(fn, reps: int = 5, before=None) -> float:
 
 def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12) -> dict:
     """The GPU's share of a step's wall time (kernel time summed, over ``steps`` synced steps), the ``top`` kernels
-    that take it (None: all), by name (ms and launches per step), and where the GPU idles: the gaps before each
-    kernel (from the latest end of those before it), summed by the name of the kernel after the gap, the ``top``
-    of them; printed and returned."""
+    that take it (None: all), by name (ms and launches per step, and a launch's shortest and longest: a kernel
+    launched for several jobs, as the select's digit rounds, shows their spread), and where the GPU idles: the gaps
+    before each kernel (from the latest end of those before it), summed by the name of the kernel after the gap,
+    the ``top`` of them; printed and returned."""
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
@@ -121,11 +122,12 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
             step()
         sync(device)
         wall = time.perf_counter() - start
-    kernels, calls, idle, launches, spans = {}, {}, {}, 0, []
+    kernels, calls, idle, launches, spans, each = {}, {}, {}, 0, [], {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
             calls[event.name] = calls.get(event.name, 0) + 1
+            each.setdefault(event.name, []).append(event.device_time_total)
             spans.append((event.time_range.start, event.time_range.end, event.name))
             launches += 1
     spans.sort()
@@ -137,12 +139,15 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
     print(f"  GPU busy {busy:.2f} ms of a {1e3 * wall / steps:.2f} ms step ({100 * busy / (1e3 * wall / steps):.0f}%), "
           f"{launches // steps} kernels a step; idle {sum(idle.values()):.2f} ms between them")
     for name, ms in rows:
-        print(f"  {ms:7.3f} ms  {calls[name] // steps:5d}x  {name[:100]}")
+        low, high = min(each[name]), max(each[name])
+        print(f"  {ms:7.3f} ms  {calls[name] // steps:5d}x  {low:6.1f}-{high:6.1f} us  {name[:100]}")
     print("  idle before:")
     for name, ms in gaps:
         print(f"  {ms:7.3f} ms  {calls[name] // steps:5d}x  {name[:100]}")
     return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3), "kernels_per_step": launches // steps,
             "kernels_ms": [[name[:200], round(ms, 4), calls[name] // steps] for name, ms in rows],
+            "kernels_us_range": [[name[:200], round(min(each[name]), 1), round(max(each[name]), 1)]
+                                 for name, _ in rows],
             "idle_ms": round(sum(idle.values()), 3),
             "idle_before_ms": [[name[:200], round(ms, 4), calls[name] // steps] for name, ms in gaps]}
 
