@@ -122,14 +122,14 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
             step()
         sync(device)
         wall = time.perf_counter() - start
-    kernels, calls, idle, launches, spans, each = {}, {}, {}, 0, [], {}
+    each, spans, idle = {}, [], {}  # each kernel's launches' device us; (start, end, name) of every launch
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time_total / 1e3 / steps
-            calls[event.name] = calls.get(event.name, 0) + 1
             each.setdefault(event.name, []).append(event.device_time_total)
             spans.append((event.time_range.start, event.time_range.end, event.name))
-            launches += 1
+    kernels = {name: sum(times) / 1e3 / steps for name, times in each.items()}
+    calls = {name: len(times) // steps for name, times in each.items()}
+    launches = len(spans) // steps
     spans.sort()
     for (_, end, _), (begin, _, name) in zip(spans, spans[1:]):  # (an end past the next start: overlapping, PDL)
         idle[name] = idle.get(name, 0.0) + max(0.0, begin - end) / 1e3 / steps
@@ -137,19 +137,19 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
     rows = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     gaps = sorted(idle.items(), key=lambda kv: -kv[1])[:top]
     print(f"  GPU busy {busy:.2f} ms of a {1e3 * wall / steps:.2f} ms step ({100 * busy / (1e3 * wall / steps):.0f}%), "
-          f"{launches // steps} kernels a step; idle {sum(idle.values()):.2f} ms between them")
+          f"{launches} kernels a step; idle {sum(idle.values()):.2f} ms between them")
     for name, ms in rows:
         low, high = min(each[name]), max(each[name])
-        print(f"  {ms:7.3f} ms  {calls[name] // steps:5d}x  {low:6.1f}-{high:6.1f} us  {name[:100]}")
+        print(f"  {ms:7.3f} ms  {calls[name]:5d}x  {low:6.1f}-{high:6.1f} us  {name[:100]}")
     print("  idle before:")
     for name, ms in gaps:
-        print(f"  {ms:7.3f} ms  {calls[name] // steps:5d}x  {name[:100]}")
-    return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3), "kernels_per_step": launches // steps,
-            "kernels_ms": [[name[:200], round(ms, 4), calls[name] // steps] for name, ms in rows],
+        print(f"  {ms:7.3f} ms  {calls[name]:5d}x  {name[:100]}")
+    return {"busy_ms": round(busy, 3), "step_ms": round(1e3 * wall / steps, 3), "kernels_per_step": launches,
+            "kernels_ms": [[name[:200], round(ms, 4), calls[name]] for name, ms in rows],
             "kernels_us_range": [[name[:200], round(min(each[name]), 1), round(max(each[name]), 1)]
                                  for name, _ in rows],
             "idle_ms": round(sum(idle.values()), 3),
-            "idle_before_ms": [[name[:200], round(ms, 4), calls[name] // steps] for name, ms in gaps]}
+            "idle_before_ms": [[name[:200], round(ms, 4), calls[name]] for name, ms in gaps]}
 
 
 def hits_since(cache, counted: tuple[int, int]) -> float:
