@@ -628,7 +628,8 @@ def select_topk(
     union = torch.empty(b * hkv, segments, dtype=torch.int32, device=codes.device)
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(g_pad)
     entries = classes.view(word).view(b * hkv, m) if word else classes
-    plain, scored = (_exact_arguments(e, b, heads, width, indices) for e in (None, exact))
+    plain = _exact_arguments(None, b, heads, width, indices)
+    scored = plain if exact is None else _exact_arguments(exact, b, heads, width, indices)
     for phase in (0, 2) if group == 1 else (0, 1, 2):  # (see _scan_kernel)
         arguments, constants = scored if phase == 2 else plain
         _scan_kernel[(b * hkv, segments)](
