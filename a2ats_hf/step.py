@@ -37,9 +37,10 @@ def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, d
 
 BUCKET = BLOCK_SIZE  # width granularity: a new graph every 4096 tokens
 CANDIDATE_KEY_BITS = 16  # re-ranking's candidates ranked by their scores' top 16 bits (bfloat16's precision): the
-# exact scores order them after, and a split select of 16-bit keys takes 2 rounds where 32 bits take 4
-KEEP_KEY_BITS = 16  # the keep ranks the candidates' exact scores by their top 16 bits too: its select takes 4
-# rounds where 32 bits take 8, at the same accuracy (perplexity, recall and mass to the third decimal at 3%, 4K)
+# exact scores order them after, and a split select of 16-bit keys takes 1 round where 32 bits take 2
+KEEP_KEY_BITS = 16  # the keep ranks the candidates' exact scores by their top 16 bits too: it picks its threshold
+# from the select's counts of those keys, at the same accuracy as 32 bits (perplexity, recall and mass to the third
+# decimal at 3%, 4K)
 
 
 @dataclass
@@ -176,10 +177,10 @@ def _select(
         return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max)
     # re-ranking: R x the budget by the table, scored exactly where the select writes them (the table's query:
     # under the per-KV-head rule the group's summed query, one product per KV head), then the budget's best kept
-    indices, counts, scores = kernels.select_topk(lut, codes, masks.far, masks.candidates, rule, histogram=histogram,
-                                                  k_max=min(k_max * rerank, far_max), key_bits=CANDIDATE_KEY_BITS,
-                                                  exact=(inputs.table_query, layer.store.keys))
-    return kernels.keep_top(indices, counts, scores, masks.budget, k_max, rule, KEEP_KEY_BITS)
+    indices, counts, scores, bins = kernels.select_topk(
+        lut, codes, masks.far, masks.candidates, rule, histogram=histogram, k_max=min(k_max * rerank, far_max),
+        key_bits=CANDIDATE_KEY_BITS, exact=(inputs.table_query, layer.store.keys))
+    return kernels.keep_top(indices, counts, scores, masks.budget, k_max, rule, KEEP_KEY_BITS, bins)
 
 
 def _offloaded(

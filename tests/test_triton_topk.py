@@ -57,13 +57,14 @@ def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, block_n=64)
 
 
-@pytest.mark.parametrize("key_bits", [8, 16, 24])
+@pytest.mark.parametrize("key_bits,digit_bits", [(8, 8), (16, 16), (16, 8), (24, 8)])
 @pytest.mark.parametrize("budget,m", [("query_head", 1000), ("kv_head", 1000), ("query_head", 20000),
                                       ("kv_head", 20000)], ids=["narrow-group", "narrow", "wide-group", "wide"])
-def test_scores_keyed_by_their_top_bits(key_bits, budget, m):
+def test_scores_keyed_by_their_top_bits(key_bits, digit_bits, budget, m, monkeypatch):
     """Ranked by the top 8, 16 or 24 bits of their order (re-ranking's candidates take 16), scores equal in those
-    bits tie and go to the lower token index, narrow tables and split selects alike (this one's 2 rounds for 16
-    bits); the scores spread over a few octaves, so many share their top bits."""
+    bits tie and go to the lower token index, narrow tables and split selects alike (this one's one round of 16
+    bits or two of 8 for 16-bit keys); the scores spread over a few octaves, so many share their top bits."""
+    count_digits(digit_bits, monkeypatch)
     g = torch.Generator().manual_seed(key_bits + m)
     b, hkv, n = 2, 2, 5000
     lut = torch.rand(b, 2 * hkv, m, generator=g) * 4 - 1
@@ -74,14 +75,23 @@ def test_scores_keyed_by_their_top_bits(key_bits, budget, m):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, key_bits=key_bits)
 
 
+def count_digits(bits: int, monkeypatch) -> None:
+    """Split selects count ``bits`` of the key a round: 16 (the default, within COUNT16_BYTES) or 8 (past it)."""
+    if bits == 8:
+        monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
+
+
+@pytest.mark.parametrize("digit_bits", [16, 8])
 @pytest.mark.parametrize("span", [True, False], ids=["span", "no-span"])
 @pytest.mark.parametrize("scores", ["nine-in-ten-tie", "all-equal", "narrow-range", "far-apart"])
-def test_wide_table_with_mostly_one_score(scores, span, monkeypatch):
+def test_wide_table_with_mostly_one_score(scores, span, digit_bits, monkeypatch):
     """Wide tables whose keys crowd (nine columns in ten one value; every column one value; every score within
-    1e-6 of 1, so the keys share their top 20 bits; both signs and magnitudes 1e-30 to 1e30): the split select,
-    which counts the keys less the head's lowest, shifted by their span's leading zeros (or as they are), finds
-    the reference's threshold and ties."""
+    1e-6 of 1, so the keys share their top 20 bits; both signs and magnitudes 1e-30 to 1e30, so 16-bit digits'
+    picks read many chunks down from the largest): the split select, which counts the keys less the head's
+    lowest, shifted by their span's leading zeros (or as they are), 16 or 8 bits a round, finds the reference's
+    threshold and ties."""
     monkeypatch.setattr(triton_topk, "KEY_SPAN", span)
+    count_digits(digit_bits, monkeypatch)
     g = torch.Generator().manual_seed(7)
     m, n = 40000, 30000
     lut = torch.randn(1, 2, m, generator=g)
@@ -100,12 +110,15 @@ def test_wide_table_with_mostly_one_score(scores, span, monkeypatch):
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", k_max=2000)
 
 
-@pytest.mark.parametrize("copies,span", [(1, True), (4, True), (1, False)])
-def test_wide_table_with_heavy_columns(copies, span, monkeypatch):
+@pytest.mark.parametrize("copies,span,digit_bits", [(1, True, 8), (4, True, 8), (1, False, 8), (1, True, 16),
+                                                    (1, False, 16)])
+def test_wide_table_with_heavy_columns(copies, span, digit_bits, monkeypatch):
     """Columns holding thousands of candidates (one of 20000, three of ~2200): the split select counts them exactly,
-    into one set of digit counters per split or several, with the keys shifted by their span or as they are."""
+    8-bit digits into one set of counters per split or several, 16-bit ones into a set for every split, with the
+    keys shifted by their span or as they are."""
     monkeypatch.setattr(triton_topk, "COUNT_COPIES", copies)
     monkeypatch.setattr(triton_topk, "KEY_SPAN", span)
+    count_digits(digit_bits, monkeypatch)
     g = torch.Generator().manual_seed(3)
     m, n = 9000, 40000
     lut = torch.randn(1, 2, m, generator=g)
@@ -198,11 +211,12 @@ def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
                               k_max=int(k.max()), histogram=to(ones), unit=True)
 
 
-@pytest.mark.parametrize("unit", [False, True], ids=["atomics", "histogram"])
-@pytest.mark.parametrize("round_", [0, 1, 3])
-def test_digit_counts_compile_for_hopper(unit, round_):
-    """The split select's digit counts, in each way of counting, compile to PTX for sm_90 without a GPU."""
-    constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": 8, "COLUMNS": 4096, "COPIES": 1,
+@pytest.mark.parametrize("unit,round_,bits", [(False, 0, 8), (False, 1, 8), (False, 3, 8), (True, 0, 8), (True, 3, 8),
+                                             (False, 0, 16), (False, 1, 16)])
+def test_digit_counts_compile_for_hopper(unit, round_, bits):
+    """The split select's digit counts, in each way of counting (8-bit digits by atomic additions or a histogram,
+    16-bit ones by atomic additions), compile to PTX for sm_90 without a GPU."""
+    constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": bits, "COLUMNS": 4096, "COPIES": 1,
                  "UNIT": unit, "SPAN": True, "KEY_BITS": 32}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_digit_count_kernel", constants, pointers)
@@ -213,11 +227,12 @@ def test_key_range_and_classes_compile_for_hopper():
     compile_for_hopper("triton_topk", "_key_range_kernel",
                        {"HEADS": 8, "GROUP": 1, "COLUMNS": 4096, "KEY_BITS": 32},
                        {"lut_ptr": "*fp32", "span_ptr": "*i64"})
-    compile_for_hopper("triton_topk", "_classify_kernel",
-                       {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "S_PAD": 16, "BITS": 8, "COLUMNS": 4096, "SPAN": True,
-                        "KEY_BITS": 16},
-                       {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64",
-                        "class_ptr": "*u8"})
+    for bits in (8, 16):
+        compile_for_hopper("triton_topk", "_classify_kernel",
+                           {"HEADS": 8, "GROUP": 4, "G_PAD": 4, "S_PAD": 16, "BITS": bits, "COLUMNS": 4096,
+                            "SPAN": True, "KEY_BITS": 16},
+                           {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64",
+                            "class_ptr": "*u8"})
 
 
 @pytest.mark.parametrize("key_bits", [32, 16])
@@ -234,11 +249,11 @@ def test_threshold_compiles_for_hopper(key_bits):
 def test_scans_compile_for_hopper(group, phase, score):
     """The scans over the codes compile to PTX for sm_90 without a GPU, for a group of one head (no union count:
     PHASE 0 counts the tokens above, PHASE 2 adds the ties taken), of four (a word of four bytes) and of six (a
-    word of eight); the last scoring the tokens it writes (re-ranking's candidates)."""
+    word of eight); the last scoring the tokens it writes and counting their keys (re-ranking's candidates)."""
     g_pad = {1: 1, 4: 4, 6: 8}[group]
     constants = {"PHASE": phase, "HKV": 8, "G": group, "G_PAD": g_pad, "S_PAD": 128, "BLOCK_N": 512, "BLOCKS": 4,
                  "WORDS": True, "PACKED": g_pad <= 4, "HEAD_BYTES": (1 << 8 * group) - 1, "SCORE": score,
-                 "D": 128, "D_PAD": 128, "SCORE_ROWS": 64}
+                 "D": 128, "D_PAD": 128, "SCORE_ROWS": 64, "BINS": score}
     pointers = {"class_ptr": {1: "*u8", 4: "*i32", 8: "*i64"}[g_pad], "codes_ptr": "*u16", "cand_ptr": "*i1",
                 "k_ptr": "*i64", "q_ptr": "*fp32", "key_ptr": "*bf16", "score_ptr": "*fp32"}
     compile_for_hopper("triton_topk", "_scan_kernel", constants, pointers)
@@ -249,10 +264,15 @@ def test_scans_compile_for_hopper(group, phase, score):
                          [(2, 6, 2, 24, 700, 50, torch.float32), (3, 3, 3, 64, 300, 9000, torch.bfloat16),
                           (1, 4, 1, 80, 3000, 20, torch.float16)],
                          ids=["group3", "mha-wide-table-bf16", "group4-d80-segments"])
-def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype):
+@pytest.mark.parametrize("binned", [True, False], ids=["binned", "past-COUNT16_BYTES"])
+def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, binned, monkeypatch):
     """With ``exact``, the select's last scan scores the tokens it writes: the reference's indices and counts, and
     up to each count their exact q . k by the table's query heads (or the group's summed query) against a store
-    buffer wider than the tokens."""
+    buffer wider than the tokens, and counts each score row's 16-bit keys (the largest last), unless those counts
+    would pass COUNT16_BYTES; the keep, handed those counts or not, keeps what the reference keeps of those
+    scores (many tied in 16 bits)."""
+    if not binned:
+        monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
     g = torch.Generator().manual_seed(d + n)
     lut = torch.randn(b, hq, m, generator=g)
     codes = torch.randint(0, m, (b, hkv, n), generator=g).to(torch.uint16)
@@ -261,10 +281,11 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype):
     heads = hkv if budget == "kv_head" else hq
     query, keys = torch.randn(b, heads, d, generator=g), torch.randn(b, hkv, n + 17, d, generator=g).to(dtype)
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-    expected, expected_counts, expected_scores = reference.select_topk(lut, codes, candidates, k, budget,
-                                                                       exact=(query, keys))
-    got, counts, scores = triton_topk.select_topk(to(lut), to(codes), to(candidates), to(k), budget, block_n=64,
-                                                  exact=(to(query), to(keys)))
+    expected, expected_counts, expected_scores, no_bins = reference.select_topk(lut, codes, candidates, k, budget,
+                                                                                exact=(query, keys))
+    got, counts, scores, bins = triton_topk.select_topk(to(lut), to(codes), to(candidates), to(k), budget,
+                                                        block_n=64, exact=(to(query), to(keys)))
+    assert no_bins is None and (bins is None) == (not binned)
     assert torch.equal(counts.cpu().long(), expected_counts.long()) and scores.dtype == torch.float32
     assert scores.shape == (b, heads, got.shape[-1])
     group = heads // hkv
@@ -275,6 +296,19 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype):
             rows = slice(head * group, (head + 1) * group)
             torch.testing.assert_close(scores[row, rows, :c].cpu(), expected_scores[row, rows, :c], atol=1e-4,
                                        rtol=1e-4)
+            if binned:
+                keys16 = reference.order_keys(scores[row, rows, :c].cpu()) >> 16
+                counted = torch.zeros(group, 1 << 16, dtype=torch.long).scatter_add_(1, keys16, torch.ones_like(keys16))
+                assert torch.equal(bins[row, rows, :-1].cpu().long(), counted)
+                assert torch.equal(bins[row, rows, -1].cpu().long(), keys16.amax(1) if c else torch.zeros(group))
+    for keep in (torch.div(k, 2, rounding_mode="floor"), k):
+        kept, kept_counts = reference.keep_top(got.cpu(), counts.cpu(), scores.cpu(), keep, int(keep.max()), budget, 16)
+        got_kept, got_counts = triton_topk.keep_top(got, counts, scores, to(keep), int(keep.max()), budget, 16, bins)
+        assert torch.equal(got_counts.cpu().long(), kept_counts.long())
+        for row in range(b):
+            for head in range(hkv):
+                c = int(got_counts[row, head])
+                assert torch.equal(got_kept[row, head, :c].cpu().long(), kept[row, head, :c].long())
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
@@ -324,10 +358,12 @@ def test_keep_top_rejects_a_digit_width_that_would_skip_bits(monkeypatch):
         triton_topk.keep_top(indices, counts, torch.randn(1, 1, 4), torch.tensor([2]), 2)
 
 
-@pytest.mark.parametrize("digit_bits,group", [(2, 4), (4, 4), (8, 4), (4, 1)])
-def test_keep_top_compiles_for_hopper(digit_bits, group):
-    """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU."""
+@pytest.mark.parametrize("digit_bits,group,bins", [(2, 4, False), (4, 4, False), (8, 4, False), (4, 1, False),
+                                                  (4, 4, True), (4, 1, True)])
+def test_keep_top_compiles_for_hopper(digit_bits, group, bins):
+    """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU,
+    selecting by digits or picking from the select's counts of 16-bit keys."""
     compile_for_hopper("triton_topk", "_keep_top_kernel",
                        {"HKV": 8, "G": group, "TABLE": 8192, "DIGIT_BITS": digit_bits,
-                        "KEY_BITS": 32 if digit_bits < 8 else 16},
+                        "KEY_BITS": 32 if digit_bits < 8 and not bins else 16, "BINS": bins},
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})

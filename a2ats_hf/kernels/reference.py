@@ -156,8 +156,9 @@ def select_topk(
 
     Returns:
         indices [B, Hkv, K] (ascending token indices, padded with 0) and counts [B, Hkv]; with ``exact``, their
-        exact scores [B, H, K] third (past each count: -inf here, not written by the kernel). Ties are broken
-        towards the lower token index.
+        exact scores [B, H, K] third (past each count: -inf here, not written by the kernel) and fourth what
+        :func:`keep_top` may be handed to spare it work (the kernel's counts of the scores' keys; None here).
+        Ties are broken towards the lower token index.
     """
     b, hq, m = lut.shape
     hkv, n = codes.shape[1], codes.shape[2]
@@ -182,7 +183,7 @@ def select_topk(
     indices = indices.masked_fill(torch.arange(width, device=lut.device) >= counts[..., None], 0)
     if exact is None:
         return indices, counts
-    return indices, counts, candidate_scores(*exact, indices, counts)
+    return indices, counts, candidate_scores(*exact, indices, counts), None
 
 
 def write_token(
@@ -278,14 +279,15 @@ def scores_within_counts(scores: torch.Tensor, counts: torch.Tensor) -> torch.Te
 
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head", key_bits: int = 32,
+    budget: str = "query_head", key_bits: int = 32, bins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep: of each (row, KV head)'s candidates ``indices`` [B, Hkv, C] (the first ``counts`` valid,
     ascending), the top ``k`` [B] (``k_max`` >= every k) by ``scores`` [B, Hq or Hkv, C] (:func:`candidate_scores`;
     past the counts not read), per query head and united over the group or, with ``budget="kv_head"``, one top k
     of the group's summed scores; ties to the lower index; scores ranked by their top ``key_bits`` bits as
-    :func:`select_topk` ranks them. Returns (rows [B, Hkv, W] ascending, 0 past each count, W at least the
-    largest count; counts [B, Hkv] int32)."""
+    :func:`select_topk` ranks them (``bins``, the select's fourth result, spare the kernel work; not read here).
+    Returns (rows [B, Hkv, W] ascending, 0 past each count, W at least the largest count; counts [B, Hkv]
+    int32)."""
     b, hkv, c = indices.shape
     scores = scores_within_counts(scores, counts)
     positions = torch.arange(c, device=indices.device).expand(b, hkv, c)

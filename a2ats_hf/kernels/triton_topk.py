@@ -3,8 +3,8 @@
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
 order-preserving integer keys, weighted by the histogram (2 bits per round in one program per head; a table of 8192
-columns or more, as the distance scorer's, 8 bits per round, each round counted by programs over 4096 columns),
-which also classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
+columns or more, as the distance scorer's, 16 bits per round (8 past COUNT16_BYTES of counters), each round counted
+by programs over 4096 columns and picked down from its largest digit), which also classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
 bytes side by side in one word), and ORs the classes over the KV group into 2 bits per centroid (above / tied for
 some head). Then three passes over segments of the codes, each fully parallel: a token looks up its 2 bits (a
 table of 1 KB per 4096 centroids, so a warp's lookups touch at most 8 cache lines where the class words could
@@ -33,7 +33,11 @@ WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ran
 # counts with a histogram instead of atomic additions
 SPLIT_COLUMNS = 4096  # columns per program of a split select, read as one block
 SPLIT_WARPS = 8  # warps per program of a split select
-RADIX_BITS = 8  # bits of the 32-bit score key a split select picks per round
+RADIX_BITS = 8  # bits of the score key a split select picks per round where 16 would pass COUNT16_BYTES
+COUNT16_BYTES = 8 << 20  # the most bytes of 16-bit digits' counters (256 KB a head and round) a select zeroes:
+# below it a split select of 16- or 32-bit keys counts 16 bits a round, and re-ranking's keep picks from counters
+BIN_WORDS = tl.constexpr((1 << 16) + 1)  # a score row's counts of its 16-bit keys, then the largest key
+PICK_CHUNK = tl.constexpr(4096)  # 16-bit digits' counters a pick reads at a time, down from the round's largest digit
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 KEY_SPAN = False  # True: a split select first finds each head's key span, counts keys shifted by it (_key_span)
 
@@ -159,17 +163,47 @@ def _pick_digit(bins_ptr, pid, sets, prefix, rest, S_PAD: tl.constexpr, BITS: tl
 
 
 @triton.jit
+def _pick_from_top(counts_row, top, prefix, rest, BITS: tl.constexpr, CHUNK: tl.constexpr):
+    """:func:`_next_digit` over ``counts_row``'s 1 << BITS counters (too many for registers), read CHUNK at a time
+    down from ``top``, the largest digit counted (0 where none was), until a digit has at least ``rest``
+    candidates at or above it (else digit 0: every candidate is then taken); the candidates above it taken out of
+    ``rest``. Scores crowd near the top, so one chunk mostly does."""
+    hi, above = top.to(tl.int64), tl.zeros([], dtype=tl.int64)
+    digit, left = tl.full([], -1, tl.int64), rest
+    while digit < 0:
+        d = hi - (CHUNK - 1) + tl.arange(0, CHUNK)
+        counts = tl.load(counts_row + d, mask=d >= 0, other=0).to(tl.int64)
+        at_or_above = above + tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+        digit = tl.max(tl.where((d >= 0) & ((at_or_above >= rest) | (d == 0)), d, -1), axis=0)
+        left = rest - above - tl.sum(tl.where(d > digit, counts, 0), axis=0)
+        above += tl.sum(counts, axis=0)
+        hi -= CHUNK
+    return (prefix << BITS) | digit, left
+
+
+@triton.jit
+def _tops(bins_ptr, rows, sets, BITS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Where a split select's largest digit of each (round, head) is kept: after every round's counters."""
+    return bins_ptr + (KEY_BITS // BITS) * rows * sets * (1 << BITS)
+
+
+@triton.jit
 def _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND: tl.constexpr, HEADS: tl.constexpr,
-                 S_PAD: tl.constexpr, BITS: tl.constexpr):
+                 S_PAD: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr):
     """(prefix, rest) after the digits of rounds before ROUND: the last of them picked here from its counts (each
-    program of a launch picks it alike; split 0 keeps it in ``state`` for the next launch)."""
+    program of a launch picks it alike; split 0 keeps it in ``state`` for the next launch); 16-bit digits' from
+    the round's largest digit down (:func:`_pick_from_top`)."""
     if ROUND == 1:
         prefix, rest = tl.full([], 0, tl.int64), tl.load(k_ptr + pid // HEADS).to(tl.int64)
     else:
         prefix = tl.load(state_ptr + 2 * ((ROUND - 2) * rows + pid))
         rest = tl.load(state_ptr + 2 * ((ROUND - 2) * rows + pid) + 1)
-    prefix, rest = _pick_digit(bins_ptr + (ROUND - 1) * rows * sets * (1 << BITS), pid, sets, prefix, rest, S_PAD,
-                               BITS)
+    counts = bins_ptr + (ROUND - 1) * rows * sets * (1 << BITS)
+    if BITS == 16:
+        top = tl.load(_tops(bins_ptr, rows, sets, BITS, KEY_BITS) + (ROUND - 1) * rows + pid)
+        prefix, rest = _pick_from_top(counts + pid.to(tl.int64) * (1 << BITS), top, prefix, rest, BITS, PICK_CHUNK)
+    else:
+        prefix, rest = _pick_digit(counts, pid, sets, prefix, rest, S_PAD, BITS)
     if split == 0:
         tl.store(state_ptr + 2 * ((ROUND - 1) * rows + pid), prefix)
         tl.store(state_ptr + 2 * ((ROUND - 1) * rows + pid) + 1, rest)
@@ -226,22 +260,29 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr,
     """Program (row-head, split of COLUMNS columns) of a wide table's select, round ROUND: the split's columns
     read, and meanwhile the previous round's digit picked (:func:`_split_state`); then the candidates whose shifted
     key's (:func:`_key_span`) leading digits match the prefix counted by their next digit, into the split's own
-    COPIES sets of counts (column c into set c % COPIES). UNIT (one candidate a column): a histogram of the digits
-    in the program, stored once into its first set."""
+    COPIES sets of counts (column c into set c % COPIES); 16-bit digits into one set
+    shared by the splits, the largest digit counted kept by an atomic maximum. UNIT (one candidate a column): a
+    histogram of the digits in the program, stored once into its first set."""
     wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
     count, key = _entries(lut_row, hist_row, start, end, COLUMNS, KEY_BITS)  # issued before the pick's: they overlap
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
     if ROUND > 0:
-        prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND, HEADS, S_PAD, BITS)[0]
+        prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND, HEADS, S_PAD, BITS,
+                              KEY_BITS)[0]
     low, left = _key_span(span_ptr, pid, SPAN)
-    own = bins_ptr + ((ROUND * rows + pid).to(tl.int64) * sets + split * COPIES) * (1 << BITS)
+    own = bins_ptr + (ROUND * rows + pid).to(tl.int64) * sets * (1 << BITS)
+    if BITS < 16:
+        own += split * COPIES * (1 << BITS)
     key = ((key.to(tl.int64) - low) << left) & 4294967295  # (garbage where no candidate: not taken)
     take = count > 0
     if ROUND > 0:
         take &= (key >> (shift + BITS)) == prefix
     digit = (key >> shift) & ((1 << BITS) - 1)
+    if BITS == 16:
+        top = tl.max(tl.where(take, digit, 0), axis=0).to(tl.int32)
+        tl.atomic_max(_tops(bins_ptr, rows, sets, BITS, KEY_BITS) + ROUND * rows + pid, top, sem="relaxed")
     if UNIT:  # the digits' bins, then one for the columns not taken
         bins = tl.arange(0, 2 << BITS)
         counts = tl.histogram(tl.where(take, digit, (2 << BITS) - 1).to(tl.int32), 2 << BITS)
@@ -268,7 +309,8 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, ne
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
     count, key = _entries(lut_row, hist_row, start, end, COLUMNS, KEY_BITS)
-    thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, KEY_BITS // BITS, HEADS, S_PAD, BITS)
+    thr, rest = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, KEY_BITS // BITS, HEADS, S_PAD, BITS,
+                             KEY_BITS)
     thr = thr << (32 - KEY_BITS)
     if split == 0:
         tl.store(need_ptr + pid, rest.to(tl.int32))
@@ -277,41 +319,45 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, ne
                  m, GROUP, G_PAD, COLUMNS)
 
 
-def _split_shape(m: int, unit: bool = False, key_bits: int = 32) -> tuple[int, int, int] | None:
-    """(splits, sets of counters, rounds) of a split select over a table of ``m`` columns (``unit``: of one
-    candidate each) keyed by ``key_bits`` bits; None for a narrow table (one program per head)."""
+def _split_shape(m: int, rows: int, unit: bool = False, key_bits: int = 32) -> tuple[int, int, int, int] | None:
+    """(splits, sets of counters, rounds, bits a round) of a split select over ``rows`` heads' tables of ``m``
+    columns (``unit``: of one candidate each) keyed by ``key_bits`` bits; None for a narrow table (one program per
+    head). 16 bits a round where the counters stay within COUNT16_BYTES (one round fewer for 16-bit keys, two for
+    32: each a launch, and its digits spread the atomic additions that the few top digits of a score crowd)."""
     if m < (WIDE_UNIT_TABLE if unit else WIDE_TABLE):
         return None
     splits = triton.cdiv(m, SPLIT_COLUMNS)
-    return splits, splits * COUNT_COPIES, key_bits // RADIX_BITS
+    if not unit and key_bits % 16 == 0 and (key_bits // 16) * rows * 4 << 16 <= COUNT16_BYTES:
+        return splits, 1, key_bits // 16, 16
+    return splits, splits * COUNT_COPIES, key_bits // RADIX_BITS, RADIX_BITS
 
 
 def _counters(m: int, rows: int, unit: bool = False, key_bits: int = 32) -> int:
-    """The zeroed int32 words a split select needs: each head's key span (two int64), then the digit counters (0
-    for a narrow table)."""
-    shape = _split_shape(m, unit, key_bits)
-    return 0 if shape is None else 4 * rows + (shape[2] * rows * shape[1] << RADIX_BITS)
+    """The zeroed int32 words a split select needs: each head's key span (two int64), then the digit counters,
+    then each round's largest digit a head (0 for a narrow table)."""
+    shape = _split_shape(m, rows, unit, key_bits)
+    return 0 if shape is None else 4 * rows + shape[2] * rows * ((shape[1] << shape[3]) + 1)
 
 
 def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False, key_bits=32):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
     program per head crossed in ~100 us) a split select: with KEY_SPAN, the head's key span (:func:`_key_span`)
-    found first; then RADIX_BITS of the (shifted) key a round, each round's candidates counted by programs over
-    SPLIT_COLUMNS columns (into COUNT_COPIES sets of ``counted``'s zeroed counters each), then the classes by
-    programs as many (``unit``: one candidate a column, each round counted by a histogram). Scores are keyed by
-    their top ``key_bits`` bits: a split select takes ``key_bits`` / RADIX_BITS rounds."""
+    found first; then 16 or RADIX_BITS of the (shifted) key a round (:func:`_split_shape`), each round's candidates
+    counted by programs over SPLIT_COLUMNS columns (into COUNT_COPIES sets of ``counted``'s zeroed counters each,
+    or one set for 16 bits), then the classes by programs as many (``unit``: one candidate a column, each round
+    counted by a histogram). Scores are keyed by their top ``key_bits`` bits."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group, KEY_BITS=key_bits)
-    shape = _split_shape(m, unit, key_bits)
+    shape = _split_shape(m, rows, unit, key_bits)
     if shape is None:
         table = max(triton.next_power_of_2(m), 16)
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
                                    TABLE=table, BLOCK_M=min(table, 2048),
                                    num_warps=THRESHOLD_WARPS, **common, **pdl(lut.device))
         return
-    splits, sets, rounds = shape
-    split = dict(S_PAD=triton.next_power_of_2(sets), BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, SPAN=KEY_SPAN,
+    splits, sets, rounds, bits = shape
+    split = dict(S_PAD=triton.next_power_of_2(sets), BITS=bits, COLUMNS=SPLIT_COLUMNS, SPAN=KEY_SPAN,
                  num_warps=SPLIT_WARPS, **common, **pdl(lut.device))
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=lut.device)
     span, counted = counted[: 4 * rows].view(torch.int64), counted[4 * rows :]  # (``counted`` starts 8-byte aligned)
@@ -320,7 +366,8 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
                                           num_warps=SPLIT_WARPS, **common, **pdl(lut.device))
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, span, m, histogram.stride(1), sets,
-                                            rows, ROUND=r, COPIES=COUNT_COPIES, UNIT=unit, **split)
+                                            rows, ROUND=r, COPIES=COUNT_COPIES if bits == RADIX_BITS else 1, UNIT=unit,
+                                            **split)
     _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, span, need, classes, summary, m,
                                      histogram.stride(1), sets, rows, G_PAD=g_pad, **split)
 
@@ -346,13 +393,14 @@ def _unit_select(key, inside, k, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexp
 
 
 @triton.jit
-def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c, width,
+def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, bins_ptr, c, width,
                      HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                     KEY_BITS: tl.constexpr, PDL: tl.constexpr):
+                     KEY_BITS: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr):
     """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers (those up to its
-    count): each of the G score rows' top k (:func:`_unit_select`, ties to the lower position) united, then the
-    kept candidates' rows written in order, 0 after them to ``width``. A group of one (the per-KV-head rule)
-    counts its ties taken and its places in one scan: both running counts packed in an int32 (TABLE < 2**14)."""
+    count): each of the G score rows' top k (:func:`_unit_select`, or with BINS picked from the rows' counts of
+    their 16-bit keys, :func:`_pick_from_top`; ties to the lower position) united, then the kept candidates' rows
+    written in order, 0 after them to ``width``. A group of one (the per-KV-head rule) counts its ties taken and
+    its places in one scan: both running counts packed in an int32 (TABLE < 2**14)."""
     tl.static_assert(TABLE < 16384)
     wait_previous(PDL)
     pid = tl.program_id(0)
@@ -364,7 +412,13 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
     for g in tl.static_range(G):
         key = _top_bits(_order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0)),
                         KEY_BITS)
-        thr, need = _unit_select(key, inside, k, DIGIT_BITS, KEY_BITS)
+        if BINS:  # (KEY_BITS 16)
+            counts_row = bins_ptr + (pid * G + g).to(tl.int64) * BIN_WORDS
+            thr, need = _pick_from_top(counts_row, tl.load(counts_row + 65536), tl.zeros([], dtype=tl.int64),
+                                       k.to(tl.int64), 16, PICK_CHUNK)
+            thr = (thr << 16).to(tl.uint32)
+        else:
+            thr, need = _unit_select(key, inside, k, DIGIT_BITS, KEY_BITS)
         above, tie = inside & (key > thr), inside & (key == thr)
         if G == 1:  # above and ties so far, in one scan; a kept candidate's place is both, the ties capped at need
             counted = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 14), 0)
@@ -414,16 +468,22 @@ KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_s
 
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head", key_bits: int = 32,
+    budget: str = "query_head", key_bits: int = 32, bins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
-    (a program per row and KV head), else :func:`select_topk` over their positions and a gather."""
+    (a program per row and KV head), else :func:`select_topk` over their positions and a gather. ``bins``, the
+    select's counts of ``scores``' 16-bit keys (:func:`select_topk`'s fourth result), spare a keep of 16-bit keys
+    its select's rounds (scores the budget rule sums are not the ones counted: then they are not read)."""
     check_key_bits(key_bits)
     if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
         raise ValueError(f"triton_topk.KEEP_DIGIT_BITS must be 2, 4 or 8, got {KEEP_DIGIT_BITS!r}")
     b, hkv, c = indices.shape
-    scores = _per_budget(scores, hkv, budget)
-    k_max = min(k_max, c)
+    summed = _per_budget(scores, hkv, budget)
+    binned = bins is not None and key_bits == 16 and summed is scores
+    scores, k_max = summed, min(k_max, c)
+    if binned and bins.shape != (b, scores.shape[1], BIN_WORDS.value):
+        raise ValueError(f"bins must be [{b}, {scores.shape[1]}, {BIN_WORDS.value}] (the select's), got "
+                         f"{tuple(bins.shape)}")
     if c > KEEP_TABLE:  # (the select reads every position: those past the counts are set to -inf first)
         scores = scores_within_counts(scores, counts)
         positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
@@ -436,18 +496,20 @@ def keep_top(
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     table = max(16, triton.next_power_of_2(c))
     _keep_top_kernel[(b * hkv,)](scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(),
-                                 k.contiguous(), out, kept, c, width, HKV=hkv, G=group, TABLE=table,
-                                 DIGIT_BITS=KEEP_DIGIT_BITS, KEY_BITS=key_bits,
+                                 k.contiguous(), out, kept, bins if binned else kept, c, width, HKV=hkv, G=group,
+                                 TABLE=table, DIGIT_BITS=KEEP_DIGIT_BITS, KEY_BITS=key_bits, BINS=binned,
                                  num_warps=min(KEEP_WARPS, max(4, table // 512)), **pdl(indices.device))
     return out, kept
 
 
 @triton.jit
-def _score_chosen(out_row, score_row, q_row, key_row, sq_h, sk_l, first, end, width, G: tl.constexpr,
-                  D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr):
+def _score_chosen(out_row, score_row, bins_row, q_row, key_row, sq_h, sk_l, first, end, width, G: tl.constexpr,
+                  D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, BINS: tl.constexpr):
     """Exact ``q . k`` of the chosen tokens a program wrote at places [first, end) of ``out_row``, by each of the
     G queries (``q_row``, ``sq_h`` apart) into the G score rows (``width`` apart): the tokens read back (after a
-    barrier: other threads of the program wrote them), their key rows gathered ROWS at a time."""
+    barrier: other threads of the program wrote them), their key rows gathered ROWS at a time. BINS: each score
+    also counted by its top 16 bits into the G rows of ``bins_row`` (BIN_WORDS apart; the largest such key in
+    each row's last word), from which the keep picks its threshold."""
     tl.debug_barrier()
     d = tl.arange(0, D_PAD)
     for s0 in range(first, end, ROWS):
@@ -458,21 +520,27 @@ def _score_chosen(out_row, score_row, q_row, key_row, sq_h, sk_l, first, end, wi
                        other=0.0).to(tl.float32)
         for g in tl.static_range(G):
             q = tl.load(q_row + g * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
-            tl.store(score_row + g * width + places, tl.sum(keys * q[None, :], axis=1), mask=ok)
+            score = tl.sum(keys * q[None, :], axis=1)
+            tl.store(score_row + g * width + places, score, mask=ok)
+            if BINS:
+                key = (_order_key(score) >> 16).to(tl.int32)
+                tl.atomic_add(bins_row + g * BIN_WORDS + key, 1, mask=ok, sem="relaxed")
+                tl.atomic_max(bins_row + g * BIN_WORDS + 65536, tl.max(tl.where(ok, key, 0), axis=0), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
 def _scan_kernel(
     class_ptr, summary_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
-    q_ptr, key_ptr, score_ptr, n, m, stride_cb, stride_ch, stride_mb, out_width, segments, sq_b, sq_h, sk_b, sk_h,
-    sk_l, PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr, HEAD_BYTES: tl.constexpr,
-    SCORE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SCORE_ROWS: tl.constexpr, PDL: tl.constexpr,
+    q_ptr, key_ptr, score_ptr, bins_ptr, n, m, stride_cb, stride_ch, stride_mb, out_width, segments, sq_b, sq_h,
+    sk_b, sk_h, sk_l, PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr,
+    HEAD_BYTES: tl.constexpr, SCORE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SCORE_ROWS: tl.constexpr,
+    BINS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
-    choice, 2 writes the chosen indices (SCORE: and their exact scores, :func:`_score_chosen`). A group of one head
-    needs no PHASE 1: its choice in a segment is the tokens above its threshold there, which PHASE 0 counts too, and
-    the ties its budget still takes there."""
+    choice, 2 writes the chosen indices (SCORE: and their exact scores, BINS: counted; :func:`_score_chosen`). A
+    group of one head needs no PHASE 1: its choice in a segment is the tokens above its threshold there, which
+    PHASE 0 counts too, and the ties its budget still takes there."""
     wait_previous(PDL)
     pair = tl.program_id(0)
     seg = tl.program_id(1)
@@ -563,8 +631,9 @@ def _scan_kernel(
         if SCORE:
             kv, at = (pair % HKV).to(tl.int64), row.to(tl.int64)
             _score_chosen(out_ptr + pair.to(tl.int64) * out_width, score_ptr + pair.to(tl.int64) * G * out_width,
-                          q_ptr + at * sq_b + kv * G * sq_h, key_ptr + at * sk_b + kv * sk_h, sq_h, sk_l, first,
-                          chosen_before, out_width, G, D, D_PAD, SCORE_ROWS)
+                          bins_ptr + pair.to(tl.int64) * G * BIN_WORDS, q_ptr + at * sq_b + kv * G * sq_h,
+                          key_ptr + at * sk_b + kv * sk_h, sq_h, sk_l, first, chosen_before, out_width, G, D, D_PAD,
+                          SCORE_ROWS, BINS)
 
 
 SCAN_BLOCK = 512  # codes per block of a scan program (default of ``block_n``)
@@ -587,7 +656,9 @@ def select_topk(
 ) -> tuple[torch.Tensor, ...]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv]; with ``exact``, float32 scores [B, H, W] third, the
-    last scan's programs scoring the tokens they write (no launch of their own; past each count not written).
+    last scan's programs scoring the tokens they write (no launch of their own; past each count not written), and
+    fourth each score row's counts of its 16-bit keys [B, H, BIN_WORDS] (the largest key last), from which
+    :func:`keep_top` picks its threshold, or None where they would pass COUNT16_BYTES.
 
     ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 (a view of wider rows
     is fine) counts each KV head's
@@ -607,14 +678,17 @@ def select_topk(
         k_max = int(k.max()) if k.numel() else 0
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
-    sizes = [_counters(m, lut.shape[0] * lut.shape[1], unit, key_bits), b * hkv * width, b * hkv * words]  # one fill
-    counted, indices, summary = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
+    heads = lut.shape[1]
+    binned = exact is not None and 4 * b * heads * BIN_WORDS.value <= COUNT16_BYTES
+    sizes = [_counters(m, b * heads, unit, key_bits), b * hkv * width, b * hkv * words,
+             b * heads * BIN_WORDS.value if binned else 0]
+    counted, indices, summary, bins = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
+    bins = bins.view(b, heads, BIN_WORDS.value) if binned else None
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     cand = candidates if candidates.stride(-1) == 1 else candidates.contiguous()  # bool, read as such
-    heads = lut.shape[1]
     g_pad = triton.next_power_of_2(group)
     need = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
     classes = torch.empty(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)  # padding bytes: masked
@@ -629,26 +703,26 @@ def select_topk(
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(g_pad)
     entries = classes.view(word).view(b * hkv, m) if word else classes
     plain = _exact_arguments(None, b, heads, width, indices)
-    scored = plain if exact is None else _exact_arguments(exact, b, heads, width, indices)
+    scored = plain if exact is None else _exact_arguments(exact, b, heads, width, bins)
     for phase in (0, 2) if group == 1 else (0, 1, 2):  # (see _scan_kernel)
         arguments, constants = scored if phase == 2 else plain
         _scan_kernel[(b * hkv, segments)](
-            entries, summary, codes, cand, k, need, ties, union, indices, counts, *arguments[:3],
-            n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments, *arguments[3:],
+            entries, summary, codes, cand, k, need, ties, union, indices, counts, *arguments[:4],
+            n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments, *arguments[4:],
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
             BLOCKS=blocks, WORDS=word is not None, PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1,
             **constants, **pdl(codes.device),
         )
-    return (indices, counts) if exact is None else (indices, counts, scored[0][2])
+    return (indices, counts) if exact is None else (indices, counts, scored[0][2], bins)
 
 
 def _exact_arguments(exact: tuple[torch.Tensor, torch.Tensor] | None, b: int, heads: int, width: int,
-                     dummy: torch.Tensor) -> tuple[list, dict]:
-    """:func:`_scan_kernel`'s scoring arguments (query, keys, the scores' buffer [B, heads, width], then the
-    strides) and constants for ``exact`` (query [B, heads, D], keys [B, Hkv, >= N, D]); for none, ``dummy``'s
-    (not read)."""
+                     bins: torch.Tensor | None) -> tuple[list, dict]:
+    """:func:`_scan_kernel`'s scoring arguments (query, keys, the scores' buffer [B, heads, width], the zeroed
+    ``bins`` that count their keys or None, then the strides) and constants for ``exact`` (query [B, heads, D],
+    keys [B, Hkv, >= N, D]); for none, ``bins``' (not read)."""
     if exact is None:
-        return [dummy] * 3 + [0] * 5, dict(SCORE=False, D=1, D_PAD=16, SCORE_ROWS=16)
+        return [bins] * 4 + [0] * 5, dict(SCORE=False, D=1, D_PAD=16, SCORE_ROWS=16, BINS=False)
     query, keys = exact
     if query.shape[:2] != (b, heads) or query.shape[-1] != keys.shape[-1]:
         raise ValueError(f"exact scores need a query [{b}, {heads}, D] and keys [B, Hkv, N, D], got "
@@ -657,6 +731,8 @@ def _exact_arguments(exact: tuple[torch.Tensor, torch.Tensor] | None, b: int, he
     assert keys.stride(-1) == 1
     scores = torch.empty(b, heads, width, dtype=torch.float32, device=query.device)
     d = query.shape[-1]
-    return ([query, keys, scores, query.stride(0), query.stride(1), *keys.stride()[:3]],
-            dict(SCORE=True, D=d, D_PAD=max(16, triton.next_power_of_2(d)), SCORE_ROWS=SCORE_ROWS))
+    return ([query, keys, scores, scores if bins is None else bins, query.stride(0), query.stride(1),
+             *keys.stride()[:3]],
+            dict(SCORE=True, D=d, D_PAD=max(16, triton.next_power_of_2(d)), SCORE_ROWS=SCORE_ROWS,
+                 BINS=bins is not None))
 
