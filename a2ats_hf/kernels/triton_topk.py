@@ -4,17 +4,17 @@ Scores take only ``M`` distinct values per head (one per centroid), so the K-th 
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
 order-preserving integer keys, weighted by the histogram (2 bits per round in one program per head; a table of 8192
 columns or more, as the distance scorer's, 16 bits per round (8 past COUNT16_BYTES of counters), each round counted
-by programs over 4096 columns and picked down from its largest digit), which also classes every centroid as above, equal to or below that threshold for the head (one byte each, the KV group's
-bytes side by side in one word), and ORs the classes over the KV group into 2 bits per centroid (above / tied for
-some head). Then three passes over segments of the codes, each fully parallel: a token looks up its 2 bits (a
-table of 1 KB per 4096 centroids, so a warp's lookups touch at most 8 cache lines where the class words could
-touch 32) and only a token tied for some head reads its class word. The passes count each head's ties per segment;
-count the tokens the KV group unites per segment (a tie is taken while fewer than the head's remaining budget of
-ties precede it, so ties go to the lowest token indices); write the chosen indices compacted and ascending at each
-segment's offset (a group of one head skips the second pass: the first counts its tokens above the threshold
-too, and the ties its budget takes follow from the tie counts). For groups of up to 4 heads the words are counted
-with bit operations (one 16-bit counter per head in a 64-bit lane) and unpacked to a [group, block] tile only in
-the block where a head's budget runs out.
+by programs over 4096 columns and picked down from its largest digit), which also classes every centroid as above,
+equal to or below that threshold for the head (one byte each, the KV group's bytes side by side in one word), and
+ORs the classes over the KV group into 2 bits per centroid (above / tied for some head). Then three passes over
+segments of the codes, each fully parallel: a token looks up its 2 bits (a table of 1 KB per 4096 centroids, so a
+warp's lookups touch at most 8 cache lines where the class words could touch 32) and only a token tied for some head
+reads its class word. The passes count each head's ties per segment; count the tokens the KV group unites per
+segment (a tie is taken while fewer than the head's remaining budget of ties precede it, so ties go to the lowest
+token indices); write the chosen indices compacted and ascending at each segment's offset (a group of one head skips
+the second pass: the first counts its tokens above the threshold too, and the ties its budget takes follow from the
+tie counts). For groups of up to 4 heads the words are counted with bit operations (one 16-bit counter per head in a
+64-bit lane) and unpacked to a [group, block] tile only in the block where a head's budget runs out.
 The result equals :func:`a2ats_hf.kernels.reference.select_topk` exactly.
 """
 
@@ -36,7 +36,7 @@ SPLIT_WARPS = 8  # warps per program of a split select
 RADIX_BITS = 8  # bits of the score key a split select picks per round where 16 would pass COUNT16_BYTES
 COUNT16_BYTES = 8 << 20  # the most bytes of 16-bit digits' counters (256 KB a head and round) a select zeroes:
 # below it a split select of 16- or 32-bit keys counts 16 bits a round, and re-ranking's keep picks from counters
-BIN_WORDS = tl.constexpr((1 << 16) + 1)  # a score row's counts of its 16-bit keys, then the largest key
+BIN_WORDS = tl.constexpr(1 << 16)  # a score row's counts of its 16-bit keys
 PICK_CHUNK = tl.constexpr(4096)  # 16-bit digits' counters a pick reads at a time, down from the round's largest digit
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 KEY_SPAN = False  # True: a split select first finds each head's key span, counts keys shifted by it (_key_span)
@@ -405,17 +405,18 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, bi
     wait_previous(PDL)
     pid = tl.program_id(0)
     j = tl.arange(0, TABLE)
-    inside = j < tl.minimum(tl.load(count_ptr + pid), c)  # (scores past the count are not written)
+    # every load issued at once: what lies past the count (not written) is loaded but not used
+    inside = j < tl.minimum(tl.load(count_ptr + pid), c)
     k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
-    row = tl.load(idx_ptr + pid.to(tl.int64) * c + j, mask=inside, other=0)  # issued first: waits beside the select
+    row = tl.load(idx_ptr + pid.to(tl.int64) * c + j, mask=j < c, other=0)
     kept = tl.zeros([TABLE], dtype=tl.int1)
     for g in tl.static_range(G):
-        key = _top_bits(_order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=inside, other=0.0)),
+        key = _top_bits(_order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=j < c, other=0.0)),
                         KEY_BITS)
-        if BINS:  # (KEY_BITS 16)
-            counts_row = bins_ptr + (pid * G + g).to(tl.int64) * BIN_WORDS
-            thr, need = _pick_from_top(counts_row, tl.load(counts_row + 65536), tl.zeros([], dtype=tl.int64),
-                                       k.to(tl.int64), 16, PICK_CHUNK)
+        if BINS:  # (KEY_BITS 16) down from the largest key
+            top = tl.max(tl.where(inside, key >> 16, 0), axis=0)
+            thr, need = _pick_from_top(bins_ptr + (pid * G + g).to(tl.int64) * BIN_WORDS, top,
+                                       tl.zeros([], dtype=tl.int64), k.to(tl.int64), 16, PICK_CHUNK)
             thr = (thr << 16).to(tl.uint32)
         else:
             thr, need = _unit_select(key, inside, k, DIGIT_BITS, KEY_BITS)
@@ -508,8 +509,8 @@ def _score_chosen(out_row, score_row, bins_row, q_row, key_row, sq_h, sk_l, firs
     """Exact ``q . k`` of the chosen tokens a program wrote at places [first, end) of ``out_row``, by each of the
     G queries (``q_row``, ``sq_h`` apart) into the G score rows (``width`` apart): the tokens read back (after a
     barrier: other threads of the program wrote them), their key rows gathered ROWS at a time. BINS: each score
-    also counted by its top 16 bits into the G rows of ``bins_row`` (BIN_WORDS apart; the largest such key in
-    each row's last word), from which the keep picks its threshold."""
+    also counted by its top 16 bits into the G rows of ``bins_row`` (BIN_WORDS apart), from which the keep picks
+    its threshold."""
     tl.debug_barrier()
     d = tl.arange(0, D_PAD)
     for s0 in range(first, end, ROWS):
@@ -525,7 +526,6 @@ def _score_chosen(out_row, score_row, bins_row, q_row, key_row, sq_h, sk_l, firs
             if BINS:
                 key = (_order_key(score) >> 16).to(tl.int32)
                 tl.atomic_add(bins_row + g * BIN_WORDS + key, 1, mask=ok, sem="relaxed")
-                tl.atomic_max(bins_row + g * BIN_WORDS + 65536, tl.max(tl.where(ok, key, 0), axis=0), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
@@ -657,7 +657,7 @@ def select_topk(
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv]; with ``exact``, float32 scores [B, H, W] third, the
     last scan's programs scoring the tokens they write (no launch of their own; past each count not written), and
-    fourth each score row's counts of its 16-bit keys [B, H, BIN_WORDS] (the largest key last), from which
+    fourth each score row's counts of its 16-bit keys [B, H, BIN_WORDS], from which
     :func:`keep_top` picks its threshold, or None where they would pass COUNT16_BYTES.
 
     ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 (a view of wider rows
