@@ -32,6 +32,14 @@ def assert_same_selection(lut, codes, candidates, k, budget, **kwargs):
             assert torch.equal(got[row, head, :n].cpu().long(), expected[row, head, :n].cpu().long()), (row, head)
 
 
+def count_digits(bits: int, monkeypatch) -> int:
+    """Split selects of 16-bit keys count ``bits`` of the key a round: 16 (the default, within COUNT16_BYTES) or 8
+    (past it). Returns the key width for a test of ``bits``: 16, or 32 where 8-bit digits are tested."""
+    if bits == 8:
+        monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
+    return 16 if bits == 16 else 32
+
+
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
 @pytest.mark.parametrize(
     "b, hq, hkv, n, m",
@@ -64,7 +72,8 @@ def test_scores_keyed_by_their_top_bits(key_bits, digit_bits, budget, m, monkeyp
     """Ranked by the top 8, 16 or 24 bits of their order (re-ranking's candidates take 16), scores equal in those
     bits tie and go to the lower token index, narrow tables and split selects alike (this one's one round of 16
     bits or two of 8 for 16-bit keys); the scores spread over a few octaves, so many share their top bits."""
-    count_digits(digit_bits, monkeypatch)
+    if key_bits == 16:
+        count_digits(digit_bits, monkeypatch)
     g = torch.Generator().manual_seed(key_bits + m)
     b, hkv, n = 2, 2, 5000
     lut = torch.rand(b, 2 * hkv, m, generator=g) * 4 - 1
@@ -75,12 +84,6 @@ def test_scores_keyed_by_their_top_bits(key_bits, digit_bits, budget, m, monkeyp
     assert_same_selection(to(lut), to(codes), to(candidates), to(k), budget, key_bits=key_bits)
 
 
-def count_digits(bits: int, monkeypatch) -> None:
-    """Split selects count ``bits`` of the key a round: 16 (the default, within COUNT16_BYTES) or 8 (past it)."""
-    if bits == 8:
-        monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
-
-
 @pytest.mark.parametrize("digit_bits", [16, 8])
 @pytest.mark.parametrize("span", [True, False], ids=["span", "no-span"])
 @pytest.mark.parametrize("scores", ["nine-in-ten-tie", "all-equal", "narrow-range", "far-apart"])
@@ -88,10 +91,10 @@ def test_wide_table_with_mostly_one_score(scores, span, digit_bits, monkeypatch)
     """Wide tables whose keys crowd (nine columns in ten one value; every column one value; every score within
     1e-6 of 1, so the keys share their top 20 bits; both signs and magnitudes 1e-30 to 1e30, so 16-bit digits'
     picks read many chunks down from the largest): the split select, which counts the keys less the head's
-    lowest, shifted by their span's leading zeros (or as they are), 16 or 8 bits a round, finds the reference's
-    threshold and ties."""
+    lowest, shifted by their span's leading zeros (or as they are), 16-bit keys in one round or 32-bit keys 8 bits
+    a round, finds the reference's threshold and ties."""
     monkeypatch.setattr(triton_topk, "KEY_SPAN", span)
-    count_digits(digit_bits, monkeypatch)
+    key_bits = count_digits(digit_bits, monkeypatch)
     g = torch.Generator().manual_seed(7)
     m, n = 40000, 30000
     lut = torch.randn(1, 2, m, generator=g)
@@ -107,18 +110,18 @@ def test_wide_table_with_mostly_one_score(scores, span, digit_bits, monkeypatch)
     candidates = torch.rand(1, n, generator=g) > 0.1
     k = torch.tensor([2000])
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-    assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", k_max=2000)
+    assert_same_selection(to(lut), to(codes), to(candidates), to(k), "query_head", k_max=2000, key_bits=key_bits)
 
 
 @pytest.mark.parametrize("copies,span,digit_bits", [(1, True, 8), (4, True, 8), (1, False, 8), (1, True, 16),
                                                     (1, False, 16)])
 def test_wide_table_with_heavy_columns(copies, span, digit_bits, monkeypatch):
     """Columns holding thousands of candidates (one of 20000, three of ~2200): the split select counts them exactly,
-    8-bit digits into one set of counters per split or several, 16-bit ones into a set for every split, with the
-    keys shifted by their span or as they are."""
+    8-bit digits (of 32-bit keys) into one set of counters per split or several, 16-bit ones (of 16-bit keys) into
+    a set for every split, with the keys shifted by their span or as they are."""
     monkeypatch.setattr(triton_topk, "COUNT_COPIES", copies)
     monkeypatch.setattr(triton_topk, "KEY_SPAN", span)
-    count_digits(digit_bits, monkeypatch)
+    key_bits = count_digits(digit_bits, monkeypatch)
     g = torch.Generator().manual_seed(3)
     m, n = 9000, 40000
     lut = torch.randn(1, 2, m, generator=g)
@@ -128,7 +131,8 @@ def test_wide_table_with_heavy_columns(copies, span, digit_bits, monkeypatch):
     candidates = torch.ones(1, n, dtype=torch.bool)
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
     for k in (25000, 30000):
-        assert_same_selection(to(lut), to(codes.to(torch.int32)), to(candidates), to(torch.tensor([k])), "kv_head")
+        assert_same_selection(to(lut), to(codes.to(torch.int32)), to(candidates), to(torch.tensor([k])), "kv_head",
+                              key_bits=key_bits)
 
 
 def test_codes_view_histogram_and_k_bound():
@@ -212,12 +216,12 @@ def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
 
 
 @pytest.mark.parametrize("unit,round_,bits", [(False, 0, 8), (False, 1, 8), (False, 3, 8), (True, 0, 8), (True, 3, 8),
-                                             (False, 0, 16), (False, 1, 16)])
+                                             (False, 0, 16)])
 def test_digit_counts_compile_for_hopper(unit, round_, bits):
     """The split select's digit counts, in each way of counting (8-bit digits by atomic additions or a histogram,
     16-bit ones by atomic additions), compile to PTX for sm_90 without a GPU."""
     constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": bits, "COLUMNS": 4096, "COPIES": 1,
-                 "UNIT": unit, "SPAN": True, "KEY_BITS": 32}
+                 "UNIT": unit, "SPAN": True, "KEY_BITS": 32 if bits == 8 else 16}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_digit_count_kernel", constants, pointers)
 
@@ -264,15 +268,17 @@ def test_scans_compile_for_hopper(group, phase, score):
                          [(2, 6, 2, 24, 700, 50, torch.float32), (3, 3, 3, 64, 300, 9000, torch.bfloat16),
                           (1, 4, 1, 80, 3000, 20, torch.float16)],
                          ids=["group3", "mha-wide-table-bf16", "group4-d80-segments"])
-@pytest.mark.parametrize("binned", [True, False], ids=["binned", "past-COUNT16_BYTES"])
-def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, binned, monkeypatch):
+@pytest.mark.parametrize("keep", ["parts", "whole", "past-COUNT16_BYTES"])
+def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, keep, monkeypatch):
     """With ``exact``, the select's last scan scores the tokens it writes: the reference's indices and counts, and
     up to each count their exact q . k by the table's query heads (or the group's summed query) against a store
     buffer wider than the tokens, and counts each score row's 16-bit keys, unless those counts
     would pass COUNT16_BYTES; the keep, handed those counts or not, keeps what the reference keeps of those
-    scores (many tied in 16 bits)."""
+    scores (many tied in 16 bits), a group of one head in parts of 64 candidates a program or whole."""
+    binned = keep != "past-COUNT16_BYTES"
     if not binned:
         monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
+    monkeypatch.setattr(triton_topk, "KEEP_CHUNK", 64 if keep == "parts" else 0)
     g = torch.Generator().manual_seed(d + n)
     lut = torch.randn(b, hq, m, generator=g)
     codes = torch.randint(0, m, (b, hkv, n), generator=g).to(torch.uint16)
@@ -300,9 +306,9 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, bi
                 keys16 = reference.order_keys(scores[row, rows, :c].cpu()) >> 16
                 counted = torch.zeros(group, 1 << 16, dtype=torch.long).scatter_add_(1, keys16, torch.ones_like(keys16))
                 assert torch.equal(bins[row, rows].cpu().long(), counted)
-    for keep in (torch.div(k, 2, rounding_mode="floor"), k):
-        kept, kept_counts = reference.keep_top(got.cpu(), counts.cpu(), scores.cpu(), keep, int(keep.max()), budget, 16)
-        got_kept, got_counts = triton_topk.keep_top(got, counts, scores, to(keep), int(keep.max()), budget, 16, bins)
+    for top in (torch.div(k, 2, rounding_mode="floor"), k):
+        kept, kept_counts = reference.keep_top(got.cpu(), counts.cpu(), scores.cpu(), top, int(top.max()), budget, 16)
+        got_kept, got_counts = triton_topk.keep_top(got, counts, scores, to(top), int(top.max()), budget, 16, bins)
         assert torch.equal(got_counts.cpu().long(), kept_counts.long())
         for row in range(b):
             for head in range(hkv):
@@ -357,12 +363,13 @@ def test_keep_top_rejects_a_digit_width_that_would_skip_bits(monkeypatch):
         triton_topk.keep_top(indices, counts, torch.randn(1, 1, 4), torch.tensor([2]), 2)
 
 
-@pytest.mark.parametrize("digit_bits,group,bins", [(2, 4, False), (4, 4, False), (8, 4, False), (4, 1, False),
-                                                  (4, 4, True), (4, 1, True)])
-def test_keep_top_compiles_for_hopper(digit_bits, group, bins):
+@pytest.mark.parametrize("digit_bits,group,bins,chunk", [(2, 4, False, 0), (4, 4, False, 0), (8, 4, False, 0),
+                                                        (4, 1, False, 0), (4, 4, True, 0), (4, 1, True, 0),
+                                                        (4, 1, True, 1024)])
+def test_keep_top_compiles_for_hopper(digit_bits, group, bins, chunk):
     """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU,
-    selecting by digits or picking from the select's counts of 16-bit keys."""
+    selecting by digits or picking from the select's counts of 16-bit keys, whole or in parts."""
     compile_for_hopper("triton_topk", "_keep_top_kernel",
                        {"HKV": 8, "G": group, "TABLE": 8192, "DIGIT_BITS": digit_bits,
-                        "KEY_BITS": 32 if digit_bits < 8 and not bins else 16, "BINS": bins},
+                        "KEY_BITS": 32 if digit_bits < 8 and not bins else 16, "BINS": bins, "CHUNK": chunk},
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})

@@ -3,8 +3,8 @@
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
 order-preserving integer keys, weighted by the histogram (2 bits per round in one program per head; a table of 8192
-columns or more, as the distance scorer's, 16 bits per round (8 past COUNT16_BYTES of counters), each round counted
-by programs over 4096 columns and picked down from its largest digit), which also classes every centroid as above,
+columns or more, as the distance scorer's, 8 bits per round, or 16-bit keys in one round below COUNT16_BYTES of
+counters, each round counted by programs over 4096 columns), which also classes every centroid as above,
 equal to or below that threshold for the head (one byte each, the KV group's bytes side by side in one word), and
 ORs the classes over the KV group into 2 bits per centroid (above / tied for some head). Then three passes over
 segments of the codes, each fully parallel: a token looks up its 2 bits (a table of 1 KB per 4096 centroids, so a
@@ -33,9 +33,9 @@ WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ran
 # counts with a histogram instead of atomic additions
 SPLIT_COLUMNS = 4096  # columns per program of a split select, read as one block
 SPLIT_WARPS = 8  # warps per program of a split select
-RADIX_BITS = 8  # bits of the score key a split select picks per round where 16 would pass COUNT16_BYTES
-COUNT16_BYTES = 8 << 20  # the most bytes of 16-bit digits' counters (256 KB a head and round) a select zeroes:
-# below it a split select of 16- or 32-bit keys counts 16 bits a round, and re-ranking's keep picks from counters
+RADIX_BITS = 8  # bits of the score key a split select picks per round (but see COUNT16_BYTES)
+COUNT16_BYTES = 8 << 20  # the most bytes of 16-bit digits' counters (256 KB a head) a select zeroes: below it a
+# split select of 16-bit keys counts them in one round, and re-ranking's keep picks from counts of its scores' keys
 BIN_WORDS = tl.constexpr(1 << 16)  # a score row's counts of its 16-bit keys
 PICK_CHUNK = tl.constexpr(4096)  # 16-bit digits' counters a pick reads at a time, down from the round's largest digit
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
@@ -322,13 +322,15 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, ne
 def _split_shape(m: int, rows: int, unit: bool = False, key_bits: int = 32) -> tuple[int, int, int, int] | None:
     """(splits, sets of counters, rounds, bits a round) of a split select over ``rows`` heads' tables of ``m``
     columns (``unit``: of one candidate each) keyed by ``key_bits`` bits; None for a narrow table (one program per
-    head). 16 bits a round where the counters stay within COUNT16_BYTES (one round fewer for 16-bit keys, two for
-    32: each a launch, and its digits spread the atomic additions that the few top digits of a score crowd)."""
+    head). 16-bit keys take one round of 16 bits where its counters stay within COUNT16_BYTES (a launch fewer, and
+    its digits spread the atomic additions that a score's few top digits crowd); 32-bit keys take 8 bits a round
+    (two rounds of 16 cost more: the second's digits spread wide below its largest, so its pick reads many
+    chunks)."""
     if m < (WIDE_UNIT_TABLE if unit else WIDE_TABLE):
         return None
     splits = triton.cdiv(m, SPLIT_COLUMNS)
-    if not unit and key_bits % 16 == 0 and (key_bits // 16) * rows * 4 << 16 <= COUNT16_BYTES:
-        return splits, 1, key_bits // 16, 16
+    if not unit and key_bits == 16 and rows * 4 << 16 <= COUNT16_BYTES:
+        return splits, 1, 1, 16
     return splits, splits * COUNT_COPIES, key_bits // RADIX_BITS, RADIX_BITS
 
 
@@ -393,21 +395,67 @@ def _unit_select(key, inside, k, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexp
 
 
 @triton.jit
+def _keep_part(score_row, idx_row, bins_row, out_row, kept_ptr, pid, part, count, k, c, width,
+               TABLE: tl.constexpr, CHUNK: tl.constexpr):
+    """Part ``part`` of the keep of a group of one head (the per-KV-head rule), its threshold picked from the
+    select's counts of the scores' 16-bit keys: candidates [part * CHUNK, part * CHUNK + CHUNK) placed by the kept
+    before them (one sum over the earlier candidates, which the part reads whole anyway for the largest key) and
+    a scan of its own; 0 written over its places past the kept, to ``width``. Of ``count`` candidates the top
+    ``k`` (k or fewer: every one) are kept, so their number is known before any is placed."""
+    j = tl.arange(0, TABLE)
+    inside = j < count
+    key = _top_bits(_order_key(tl.load(score_row + j, mask=j < c, other=0.0)), 16)
+    thr, need = _pick_from_top(bins_row, tl.max(tl.where(inside, key >> 16, 0), axis=0), tl.zeros([], tl.int64),
+                               k.to(tl.int64), 16, PICK_CHUNK)
+    thr = (thr << 16).to(tl.uint32)
+    first = part * CHUNK
+    earlier = tl.where(inside & (j < first), (key > thr).to(tl.int32) + ((key == thr).to(tl.int32) << 14), 0)
+    own = first + tl.arange(0, CHUNK)
+    mine = own < count
+    own_key = _top_bits(_order_key(tl.load(score_row + own, mask=own < c, other=0.0)), 16)
+    row = tl.load(idx_row + own, mask=own < c, other=0)
+    above, tie = mine & (own_key > thr), mine & (own_key == thr)
+    counted = tl.sum(earlier, axis=0) + tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 14), 0)
+    tie = tie & ((counted >> 14) <= need)  # the lower positions first
+    at = (counted & 16383) + tl.minimum(counted >> 14, need).to(tl.int32) - 1
+    tl.store(out_row + at, row, mask=above | tie)
+    total = tl.minimum(k, count)
+    tl.store(out_row + own, tl.zeros([CHUNK], dtype=row.dtype), mask=(own >= total) & (own < width))
+    if part == 0:
+        tl.store(kept_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
+
+
+@triton.jit
 def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, bins_ptr, c, width,
                      HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                     KEY_BITS: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr):
+                     KEY_BITS: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers (those up to its
     count): each of the G score rows' top k (:func:`_unit_select`, or with BINS picked from the rows' counts of
     their 16-bit keys, :func:`_pick_from_top`; ties to the lower position) united, then the kept candidates' rows
     written in order, 0 after them to ``width``. A group of one (the per-KV-head rule) counts its ties taken and
-    its places in one scan: both running counts packed in an int32 (TABLE < 2**14)."""
+    its places in one scan: both running counts packed in an int32 (TABLE < 2**14); with BINS and CHUNK, in parts
+    of CHUNK candidates, a program each (:func:`_keep_part`)."""
     tl.static_assert(TABLE < 16384)
     wait_previous(PDL)
     pid = tl.program_id(0)
+    count = tl.minimum(tl.load(count_ptr + pid), c)
+    k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
+    if CHUNK:  # (a group of one, BINS)
+        at = pid.to(tl.int64)
+        _keep_part(score_ptr + at * c, idx_ptr + at * c, bins_ptr + at * BIN_WORDS, out_ptr + at * width, kept_ptr,
+                   pid, tl.program_id(1), count, k, c, width, TABLE, CHUNK)
+    else:
+        _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, c, width, G, TABLE, DIGIT_BITS,
+                    KEY_BITS, BINS)
+
+
+@triton.jit
+def _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, c, width, G: tl.constexpr,
+                TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexpr, BINS: tl.constexpr):
+    """The keep of row-KV head ``pid`` in one program (:func:`_keep_top_kernel`)."""
     j = tl.arange(0, TABLE)
     # every load issued at once: what lies past the count (not written) is loaded but not used
-    inside = j < tl.minimum(tl.load(count_ptr + pid), c)
-    k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
+    inside = j < count
     row = tl.load(idx_ptr + pid.to(tl.int64) * c + j, mask=j < c, other=0)
     kept = tl.zeros([TABLE], dtype=tl.int1)
     for g in tl.static_range(G):
@@ -465,6 +513,8 @@ def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one program's registers (else a select)
 KEEP_WARPS = 16  # keep_top's most warps (16 candidates a thread up to there: no spills at KEEP_TABLE)
 KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_select)
+KEEP_CHUNK = 1024  # candidates a program of a keep in parts places (a group of one with the select's counts; 0: one
+# program a row and KV head)
 
 
 def keep_top(
@@ -496,10 +546,12 @@ def keep_top(
     out = torch.empty(b, hkv, width, dtype=indices.dtype, device=indices.device)
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     table = max(16, triton.next_power_of_2(c))
-    _keep_top_kernel[(b * hkv,)](scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(),
-                                 k.contiguous(), out, kept, bins if binned else kept, c, width, HKV=hkv, G=group,
-                                 TABLE=table, DIGIT_BITS=KEEP_DIGIT_BITS, KEY_BITS=key_bits, BINS=binned,
-                                 num_warps=min(KEEP_WARPS, max(4, table // 512)), **pdl(indices.device))
+    chunk = min(KEEP_CHUNK, table) if binned and group == 1 else 0
+    _keep_top_kernel[(b * hkv, triton.cdiv(c, chunk) if chunk else 1)](
+        scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(), k.contiguous(), out,
+        kept, bins if binned else kept, c, width, HKV=hkv, G=group, TABLE=table, DIGIT_BITS=KEEP_DIGIT_BITS,
+        KEY_BITS=key_bits, BINS=binned, CHUNK=chunk, num_warps=min(KEEP_WARPS, max(4, table // 512)),
+        **pdl(indices.device))
     return out, kept
 
 
