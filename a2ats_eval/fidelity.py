@@ -84,7 +84,7 @@ class FidelityProbe:
         if cache.budget == "kv_head":
             lut = per_group(lut)
         approx = lut.gather(-1, codes.long().repeat_interleave(group, dim=1))
-        rerank = layer.config.rerank if layer.store.resident else 1
+        rerank = cache.rerank if layer.store.resident else 1
         hit = top(approx, far[:, None], min(k * rerank, n))
         if rerank > 1:
             pool = hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1)

@@ -35,6 +35,8 @@ NOT_A2ATS_ATTENTION = (
 )
 
 
+RERANK = 2  # R x the budget re-ranked by default where a layer's K/V is on the device: the exact top-K's accuracy
+# on the suite at +6-7% decode time over the distance scorer's table alone (H100, 128K, f814fbe; docs/results.md)
 EMPTY_INPUT = "A2ATSCache got an empty input (0 tokens): give the prompt at least one token."
 NOT_COMPILABLE = (
     "A model holding an A2ATSCache cannot run under torch.compile (its decode step reads host state and custom "
@@ -473,8 +475,9 @@ class A2ATSCache(Cache):
             more than it saves; 0 retrieves always. The CPU store always retrieves.
         rerank: R > 1 re-ranks where a layer's K/V is on the device: the scorer picks R times the budget, the
             exact ``q . k`` of those candidates keeps the budget (one more gather of R x the selected keys),
-            moving the selection towards the exact top-K. Layers whose K/V is in CPU memory select as with 1;
-            offload="cpu" (where no layer could) refuses it.
+            moving the selection towards the exact top-K (1: off). Layers whose K/V is in CPU memory select as
+            with 1; offload="cpu" (where no layer could) refuses R > 1. None (the default): RERANK for the
+            codebooks' scorers, 1 for the baselines (see :attr:`rerank`).
         gpu_share: a fraction in [0, 1] of each offloaded layer's selected rows that the GPU attends itself,
             reading them in place from the pinned CPU store over PCIe (zero-copy) while the CPU attends the rest, so
             PCIe's bandwidth adds to the CPU's; 1: the GPU attends every row and the CPU only holds the K/V (no CPU
@@ -502,7 +505,7 @@ class A2ATSCache(Cache):
         offload: str = "cpu",
         gpu_kv_budget: int | None = None,
         dense_below: int = 4096,
-        rerank: int = 1,
+        rerank: int | None = None,
         gpu_share: float = 0.0,
         row_cache: float | None = None,
     ):
@@ -552,8 +555,16 @@ class A2ATSCache(Cache):
     offload = property(lambda self: self.config.offload)
     gpu_kv_budget = property(lambda self: self.config.gpu_kv_budget)
     dense_below = property(lambda self: self.config.dense_below)
-    rerank = property(lambda self: self.config.rerank)
     gpu_share = property(lambda self: self.config.gpu_share)
+
+    @property
+    def rerank(self) -> int:
+        """How many times the budget a layer whose K/V is on the device picks before exact ``q . k`` keeps the
+        budget: ``rerank`` as given, or by default RERANK for the scorers that re-ranking sharpens (the codebooks'
+        "distance" and "wrope") and 1 for the others and with offload="cpu" (no layer's K/V on the device)."""
+        if self.config.rerank is not None:
+            return self.config.rerank
+        return RERANK if self.scorer.reranks and self.offload != "cpu" else 1
 
     @property
     def row_cache(self) -> float:

@@ -276,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--buckets-per-octave", type=positive_int, metavar="P",
                      help="distance buckets per doubling of the distance "
                           "(default 1; 4 ranks better for 5-14%% more decode time)")
-    gen.add_argument("--rerank", type=positive_int, default=1, metavar="R",
-                     help="with the K/V on the GPU (--offload none or auto), re-rank R x the budget by exact q.k")
+    gen.add_argument("--rerank", type=positive_int, metavar="R",
+                     help="with the K/V on the GPU (--offload none or auto), re-rank R x the budget by exact q.k "
+                          "(default 2 there, 1: off)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--offload", choices=["cpu", "none", "auto"], default="cpu",
                      help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("calibrate needs --out DIR and/or --push-to-hub REPO")
     if args.command == "generate" and args.buckets_per_octave is not None and args.scoring != "distance":
         parser.error("--buckets-per-octave applies to --scoring distance only")
-    if args.command == "generate" and args.rerank > 1 and args.offload == "cpu":
+    if args.command == "generate" and (args.rerank or 1) > 1 and args.offload == "cpu":
         parser.error("--rerank needs the K/V on the GPU (--offload none or auto)")
     if args.command == "generate" and args.compile_layers and args.cuda_graphs is False:
         parser.error("--compile-layers goes with CUDA graphs (not --no-cuda-graphs)")

@@ -33,7 +33,7 @@ class A2ATSConfig:
     offload: str = "cpu"
     gpu_kv_budget: int | None = None
     dense_below: int = 4096
-    rerank: int = 1
+    rerank: int | None = None
     gpu_share: float = 0.0
     row_cache: float | None = None
 
@@ -49,8 +49,9 @@ class A2ATSConfig:
             raise ValueError(f'gpu_kv_budget must be a number of bytes >= 0 with offload="auto", got '
                              f"{self.gpu_kv_budget!r} with offload={self.offload!r}")
         check_int("dense_below", self.dense_below, 0)
-        check_int("rerank", self.rerank, 1)
-        if self.rerank > 1 and self.offload == "cpu":
+        if self.rerank is not None:  # None: the default, where it serves (see A2ATSCache.rerank)
+            check_int("rerank", self.rerank, 1)
+        if self.rerank is not None and self.rerank > 1 and self.offload == "cpu":
             raise ValueError(f'rerank={self.rerank} re-ranks by the keys on the device: it needs offload="none" or '
                              '"auto" (with offload="cpu" no layer could)')
         self.check_offloaded_option(

@@ -84,6 +84,9 @@ class Scorer:
     the codebooks' kind the scorer reads codes of (None: it reads no codes); ``reads_code_histogram``: it hands the
     top-K the layer's histogram of the candidates' codes, which the layer then keeps up to date.
 
+    ``reranks``: exact ``q . k`` re-ranking of R x the budget sharpens its choice, so the cache re-ranks by default
+    where a layer's K/V is on the device (the codebooks' scorers; baselines and ablations stay as published).
+
     A cache holds the scorer it was given; each of its layers scores with its own copy (:meth:`for_layer`), which
     owns whatever the scorer keeps from step to step for that layer."""
 
@@ -91,6 +94,7 @@ class Scorer:
     retrieves = True
     keys = None  # type: str | None
     reads_code_histogram = False
+    reranks = False
 
     def for_layer(self) -> "Scorer":
         """A copy with the same settings and no state of its own yet, for one layer."""
@@ -150,6 +154,7 @@ class WindowedRoPE(Scorer):
 
     name = "wrope"
     keys = "pre_rope"
+    reranks = True
     reads_code_histogram = True
 
     def scores(self, step):
@@ -184,6 +189,7 @@ class DistanceBuckets(Scorer):
     rotation: str = "mean"
     name = "distance"
     keys = "pre_rope"
+    reranks = True
 
     def __post_init__(self):
         if self.per_octave < 1 or self.rotation not in ("mean", "center"):

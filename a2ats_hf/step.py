@@ -112,7 +112,7 @@ def step_masks(layer: "A2ATSLayer", attention_mask: torch.Tensor | None) -> Step
         n_far = far.sum(-1)
         local_valid = layer.local_validity(valid)
         totals = torch.stack([n_far.sum(), local_valid.sum(), valid.sum()])
-        budget, rerank = cache.budget_for(n_far), layer.config.rerank
+        budget, rerank = cache.budget_for(n_far), cache.rerank
         candidates = budget if rerank == 1 else torch.minimum(budget * rerank, n_far)
         return StepMasks(valid, far, n_far, budget, candidates, local_valid, totals)
 
@@ -172,7 +172,7 @@ def _select(
         return None
     inputs = layer.score_inputs(query, position_ids, scaling, masks.far)
     lut, codes, histogram = layer.scorer.scores(inputs)
-    rerank, rule = layer.config.rerank if layer.store.resident else 1, layer.config.budget
+    rerank, rule = cache.rerank if layer.store.resident else 1, layer.config.budget
     if rerank == 1:
         return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max)
     # re-ranking: R x the budget by the table, scored exactly where the select writes them (the table's query:

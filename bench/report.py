@@ -35,9 +35,9 @@ LABELS = {"wrope": "A2ATS (windowed RoPE)", "oracle": "exact top-K (oracle)", "q
 COLORS = {label: f"C{i}" for i, label in enumerate([*LABELS.values(), LABELS["wrope"] + ", per KV head"])}
 HEADLINE = {  # the README's accuracy rows: method -> label
     "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
-    "distance 0.03": 'A2ATS, distance buckets (`scoring="distance"`, the default)',
+    "distance 0.03": 'A2ATS, distance buckets (`scoring="distance"`, the default; K/V in CPU memory)',
     "wrope 0.03": 'A2ATS, windowed RoPE (`scoring="wrope"`, the paper\'s)',
-    "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2`",
+    "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2` (the default with the K/V on the GPU)",
     "distance 0.03 (rerank 4)": "A2ATS, distance buckets, `rerank=4`",
     "quest 0.03": "Quest (16-token pages)", "window": "sinks + window only (StreamingLLM)"}
 
@@ -451,6 +451,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                               lambda f: throughput_table(runs(f))),
     "throughput-h100-scoring-cost-v82": Block(("throughput/2026-12-06-40a5aaa-nvidia-h100-80gb-hbm3.json",),
                                               lambda f: throughput_table(runs(f))),
+    "throughput-h100-scoring-cost-v85": Block(tuple(f"throughput/2026-12-06-f814fbe-nvidia-h100-80gb-hbm3-{s}.json"
+                                                    for s in (2, 3)), lambda f: throughput_table(runs(f))),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),

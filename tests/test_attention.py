@@ -88,7 +88,7 @@ def test_resident_kv_equals_offloaded(tiny, topk):
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
     logits, stats = {}, {}
     for offload in ("cpu", "none"):
-        cache = A2ATSCache(books, topk=topk, offload=offload, dense_below=0)
+        cache = A2ATSCache(books, topk=topk, offload=offload, dense_below=0, rerank=1)  # (as the CPU store selects)
         with torch.no_grad():
             model(ids, attention_mask=mask, **cache_argument(model, cache))
             steps = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
@@ -301,8 +302,6 @@ def test_torch_compile_fullgraph_names_the_graph_route(tiny):
 def test_settings_live_in_one_immutable_config(tiny):
     """The cache's settings are one validated, frozen A2ATSConfig that its layers hold; the cache's attributes read
     it and cannot be assigned."""
-    import dataclasses
-
     from a2ats_hf import A2ATSConfig
 
     books = tiny[1]
@@ -316,3 +315,18 @@ def test_settings_live_in_one_immutable_config(tiny):
         cache.topk = 0.5
     with pytest.raises(ValueError, match="offload must be one of"):
         A2ATSConfig(window=8, sink=0, offload="gpu")
+
+
+@pytest.mark.parametrize("offload, scoring, rerank, expected", [
+    ("none", "distance", None, 2), ("none", "wrope", None, 2), ("auto", "distance", None, 2),
+    ("cpu", "distance", None, 1), ("none", "distance", 1, 1), ("none", "distance", 4, 4),
+    ("none", "oracle", None, 1), ("none", "quest", None, 1), ("none", "random", None, 1),
+    ("none", "postrope", None, 1)])
+def test_rerank_defaults_to_two_where_the_keys_are_on_the_device(tiny, offload, scoring, rerank, expected):
+    """Re-ranking is on by default (R = 2) for the codebooks' scorers wherever a layer's K/V can be on the device,
+    off with offload="cpu" and for the baselines and ablations (which stay as published); a given R is kept."""
+    books = tiny[1]
+    if scoring == "postrope":  # (it reads codes of post-RoPE keys)
+        books = dataclasses.replace(books, keys="post_rope")
+    cache = A2ATSCache(books, offload=offload, scoring=scoring, rerank=rerank)
+    assert cache.rerank == expected and cache.config.rerank == rerank

@@ -21,11 +21,12 @@ def run(model, books, ids, mask, graphs: bool, new: int = 40, sample: bool = Fal
     selections = []
     select = kernels.select_topk
 
-    def spy(*args, **kwargs):
-        indices, counts = select(*args, **kwargs)
+    def spy(*args, **kwargs):  # (re-ranking's candidates where it is on)
+        chosen = select(*args, **kwargs)
+        indices, counts = chosen[:2]
         if not (DEVICE.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # replays run no Python
             selections.append([row[:c].tolist() for row, c in zip(indices.flatten(0, 1), counts.flatten().tolist())])
-        return indices, counts
+        return chosen
 
     cache = A2ATSCache(books, **{"topk": 0.1, "offload": "none", "dense_below": 0, "max_length": 300, "row_cache": 0,
                                  **options})  # (a row cache only where a case names one)
@@ -78,9 +79,15 @@ def test_static_step_selects_what_the_eager_step_selects(tiny, budget, sample, s
     # halves where the CPU attends an offloaded layer's rows (with gpu_share=1 it attends none: one batch)
     halves = offered and options.get("offload") in ("cpu", "auto") and options.get("gpu_share") != 1
     settings = {"new": 200, "sample": sample, "budget": budget, "scoring": scoring, **options}
-    if halves:  # what the halves must reproduce: each half decoded alone (a batch's matmuls round by its size)
-        first, second = (run(model, books, ids[rows], mask[rows], graphs=False, **settings)
+    if halves:  # what the halves must reproduce: each half decoded alone (a batch's matmuls round by its size), its
+        # device budget scaled to its rows, so the same layers keep their K/V on the device (and re-rank)
+        first, second = (run(model, books, ids[rows], mask[rows], graphs=False,
+                             **{**settings, **({"gpu_kv_budget": ONE_LAYER * (rows.stop - rows.start) // 3}
+                                               if "gpu_kv_budget" in options else {})})
                          for rows in (slice(0, 2), slice(2, 3)))
+        if options.get("offload") == "auto":
+            assert [layer.store.resident for layer in first[2].a2ats_layers] == [True, False]
+            assert [layer.store.resident for layer in second[2].a2ats_layers] == [True, False]
         eager = (torch.cat([first[0], second[0]]), [a + b for a, b in zip(first[1], second[1])], None)
         stats = [first[2].stats, second[2].stats]
     else:

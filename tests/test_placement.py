@@ -63,7 +63,8 @@ def test_auto_keeps_layers_on_the_device_while_the_budget_lasts(tiny):
     layer_bytes = kv_bytes(1, 2, 16, torch.float32, 200, 1)
     logits = {}
     for offload, budget in (("cpu", None), ("auto", layer_bytes + 1)):
-        cache = A2ATSCache(books, topk=0.1, offload=offload, gpu_kv_budget=budget, dense_below=0)
+        cache = A2ATSCache(books, topk=0.1, offload=offload, gpu_kv_budget=budget, dense_below=0,
+                           rerank=1)  # (its device layer selects as the CPU store does)
         with torch.no_grad():
             model(ids.to(DEVICE), **cache_argument(model, cache))
             logits[offload] = torch.cat([model(torch.full((1, 1), t, device=DEVICE),

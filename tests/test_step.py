@@ -55,8 +55,9 @@ def test_observers_watch_every_decode_step(tiny):
 def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny, monkeypatch):
     """With R x the budget covering every far token and the keep ranking by full float32 keys, re-ranked windowed
     RoPE decodes as the oracle does (the exact top-K) where the K/V is on the device; layers in CPU memory select
-    as without it, and offload="cpu" (where no layer could re-rank) is refused. (Token 0 may not come: its
-    embedding is the zero padding vector, whose query scores every key 0, and such ties break differently.)"""
+    as without it, and offload="cpu" (where no layer could re-rank) is refused; R = 2 by default. (Token 0 may not
+    come: its embedding is the zero padding vector, whose query scores every key 0, and such ties break
+    differently.)"""
     monkeypatch.setattr(step, "KEEP_KEY_BITS", 32)  # the default 16 ties scores equal in bfloat16 (to lower indices)
     model, books = tiny
     ids = ids_of(2, 150, seed=11)
@@ -74,7 +75,8 @@ def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny, monkeypat
     assert torch.equal(logits(**cpu_layers, rerank=40), logits(**cpu_layers))
     with pytest.raises(ValueError, match='rerank=40 re-ranks by the keys on the device: it needs offload="none"'):
         A2ATSCache(books, offload="cpu", rerank=40)  # where no layer could, refused
-    assert (reranked - logits(offload="none")).nan_to_num().abs().max() > 1e-3  # the scorer alone picks otherwise
+    assert (reranked - logits(offload="none", rerank=1)).nan_to_num().abs().max() > 1e-3  # the scorer alone: others
+    assert torch.equal(logits(offload="none"), logits(offload="none", rerank=2))  # on by default (RERANK)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the hand-off between a GPU and the CPU needs a GPU")
