@@ -274,11 +274,14 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
     up to each count their exact q . k by the table's query heads (or the group's summed query) against a store
     buffer wider than the tokens, and counts each score row's 16-bit keys, unless those counts
     would pass COUNT16_BYTES; the keep, handed those counts or not, keeps what the reference keeps of those
-    scores (many tied in 16 bits), a group of one head in parts of 64 candidates a program or whole."""
+    scores (many tied in 16 bits), a group of one head in parts of 64 candidates a program (also past KEEP_TABLE, where
+    a group of several heads goes through the select) or whole."""
     binned = keep != "past-COUNT16_BYTES"
     if not binned:
         monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
     monkeypatch.setattr(triton_topk, "KEEP_CHUNK", 64 if keep == "parts" else 0)
+    if keep == "parts":
+        monkeypatch.setattr(triton_topk, "KEEP_TABLE", 96)
     g = torch.Generator().manual_seed(d + n)
     lut = torch.randn(b, hq, m, generator=g)
     codes = torch.randint(0, m, (b, hkv, n), generator=g).to(torch.uint16)
@@ -367,9 +370,9 @@ def test_keep_top_rejects_a_digit_width_that_would_skip_bits(monkeypatch):
                                                         (4, 1, False, 0), (4, 4, True, 0), (4, 1, True, 0),
                                                         (4, 1, True, 1024)])
 def test_keep_top_compiles_for_hopper(digit_bits, group, bins, chunk):
-    """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU,
-    selecting by digits or picking from the select's counts of 16-bit keys, whole or in parts."""
+    """Re-ranking's keep over the widest table it holds in registers (in parts, twice as wide) compiles to PTX
+    for sm_90 without a GPU, selecting by digits or picking from the select's counts of 16-bit keys."""
     compile_for_hopper("triton_topk", "_keep_top_kernel",
-                       {"HKV": 8, "G": group, "TABLE": 8192, "DIGIT_BITS": digit_bits,
+                       {"HKV": 8, "G": group, "TABLE": 16384 if chunk else 8192, "DIGIT_BITS": digit_bits,
                         "KEY_BITS": 32 if digit_bits < 8 and not bins else 16, "BINS": bins, "CHUNK": chunk},
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})

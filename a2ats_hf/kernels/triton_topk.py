@@ -401,7 +401,9 @@ def _keep_part(score_row, idx_row, bins_row, out_row, kept_ptr, pid, part, count
     select's counts of the scores' 16-bit keys: candidates [part * CHUNK, part * CHUNK + CHUNK) placed by the kept
     before them (one sum over the earlier candidates, which the part reads whole anyway for the largest key) and
     a scan of its own; 0 written over its places past the kept, to ``width``. Of ``count`` candidates the top
-    ``k`` (k or fewer: every one) are kept, so their number is known before any is placed."""
+    ``k`` (k or fewer: every one) are kept, so their number is known before any is placed. The running counts of
+    kept candidates above the threshold and of ties ride one int32, 16 bits each (TABLE <= 2**14)."""
+    tl.static_assert(TABLE <= 16384)
     j = tl.arange(0, TABLE)
     inside = j < count
     key = _top_bits(_order_key(tl.load(score_row + j, mask=j < c, other=0.0)), 16)
@@ -409,15 +411,15 @@ def _keep_part(score_row, idx_row, bins_row, out_row, kept_ptr, pid, part, count
                                k.to(tl.int64), 16, PICK_CHUNK)
     thr = (thr << 16).to(tl.uint32)
     first = part * CHUNK
-    earlier = tl.where(inside & (j < first), (key > thr).to(tl.int32) + ((key == thr).to(tl.int32) << 14), 0)
+    earlier = tl.where(inside & (j < first), (key > thr).to(tl.int32) + ((key == thr).to(tl.int32) << 16), 0)
     own = first + tl.arange(0, CHUNK)
     mine = own < count
     own_key = _top_bits(_order_key(tl.load(score_row + own, mask=own < c, other=0.0)), 16)
     row = tl.load(idx_row + own, mask=own < c, other=0)
     above, tie = mine & (own_key > thr), mine & (own_key == thr)
-    counted = tl.sum(earlier, axis=0) + tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 14), 0)
-    tie = tie & ((counted >> 14) <= need)  # the lower positions first
-    at = (counted & 16383) + tl.minimum(counted >> 14, need).to(tl.int32) - 1
+    counted = tl.sum(earlier, axis=0) + tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), 0)
+    tie = tie & ((counted >> 16) <= need)  # the lower positions first
+    at = (counted & 65535) + tl.minimum(counted >> 16, need).to(tl.int32) - 1
     tl.store(out_row + at, row, mask=above | tie)
     total = tl.minimum(k, count)
     tl.store(out_row + own, tl.zeros([CHUNK], dtype=row.dtype), mask=(own >= total) & (own < width))
@@ -435,7 +437,6 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, bi
     written in order, 0 after them to ``width``. A group of one (the per-KV-head rule) counts its ties taken and
     its places in one scan: both running counts packed in an int32 (TABLE < 2**14); with BINS and CHUNK, in parts
     of CHUNK candidates, a program each (:func:`_keep_part`)."""
-    tl.static_assert(TABLE < 16384)
     wait_previous(PDL)
     pid = tl.program_id(0)
     count = tl.minimum(tl.load(count_ptr + pid), c)
@@ -453,6 +454,7 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, bi
 def _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, c, width, G: tl.constexpr,
                 TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexpr, BINS: tl.constexpr):
     """The keep of row-KV head ``pid`` in one program (:func:`_keep_top_kernel`)."""
+    tl.static_assert(TABLE < 16384)
     j = tl.arange(0, TABLE)
     # every load issued at once: what lies past the count (not written) is loaded but not used
     inside = j < count
@@ -511,6 +513,7 @@ def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one program's registers (else a select)
+KEEP_PARTS_TABLE = 16384  # the same for a keep in parts (each part holds every score in registers)
 KEEP_WARPS = 16  # keep_top's most warps (16 candidates a thread up to there: no spills at KEEP_TABLE)
 KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_select)
 KEEP_CHUNK = 1024  # candidates a program of a keep in parts places (a group of one with the select's counts; 0: one
@@ -522,7 +525,8 @@ def keep_top(
     budget: str = "query_head", key_bits: int = 32, bins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
-    (a program per row and KV head), else :func:`select_topk` over their positions and a gather. ``bins``, the
+    (a program per row and KV head; in parts, up to KEEP_PARTS_TABLE), else :func:`select_topk` over their
+    positions and a gather. ``bins``, the
     select's counts of ``scores``' 16-bit keys (:func:`select_topk`'s fourth result), spare a keep of 16-bit keys
     its select's rounds (scores the budget rule sums are not the ones counted: then they are not read)."""
     check_key_bits(key_bits)
@@ -535,18 +539,19 @@ def keep_top(
     if binned and bins.shape != (b, scores.shape[1], BIN_WORDS.value):
         raise ValueError(f"bins must be [{b}, {scores.shape[1]}, {BIN_WORDS.value}] (the select's), got "
                          f"{tuple(bins.shape)}")
-    if c > KEEP_TABLE:  # (the select reads every position: those past the counts are set to -inf first)
+    group = scores.shape[1] // hkv
+    chunk = KEEP_CHUNK if binned and group == 1 else 0
+    if c > (KEEP_PARTS_TABLE if chunk else KEEP_TABLE):  # (the select reads every position: -inf past the counts)
         scores = scores_within_counts(scores, counts)
         positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
         chosen, chosen_counts = select_topk(scores, positions, every[:, 0], k, budget, histogram=ones, k_max=k_max,
                                             unit=True, key_bits=key_bits)
         return gather_chosen(indices, counts, chosen, chosen_counts)
-    group = scores.shape[1] // hkv
     width = max(1, min(group * k_max, c))
     out = torch.empty(b, hkv, width, dtype=indices.dtype, device=indices.device)
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     table = max(16, triton.next_power_of_2(c))
-    chunk = min(KEEP_CHUNK, table) if binned and group == 1 else 0
+    chunk = min(chunk, table)
     _keep_top_kernel[(b * hkv, triton.cdiv(c, chunk) if chunk else 1)](
         scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(), k.contiguous(), out,
         kept, bins if binned else kept, c, width, HKV=hkv, G=group, TABLE=table, DIGIT_BITS=KEEP_DIGIT_BITS,
