@@ -453,6 +453,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                               lambda f: throughput_table(runs(f))),
     "throughput-h100-scoring-cost-v85": Block(tuple(f"throughput/2026-12-06-f814fbe-nvidia-h100-80gb-hbm3-{s}.json"
                                                     for s in (2, 3)), lambda f: throughput_table(runs(f))),
+    "throughput-h100-rerank-factors": Block(tuple(f"throughput/2026-12-06-8f6b240-nvidia-h100-80gb-hbm3{s}.json"
+                                                  for s in ("", "-2")), lambda f: throughput_table(runs(f))),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),
