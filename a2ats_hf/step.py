@@ -37,7 +37,7 @@ def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, d
 
 BUCKET = BLOCK_SIZE  # width granularity: a new graph every 4096 tokens
 CANDIDATE_KEY_BITS = 16  # re-ranking's candidates ranked by their scores' top 16 bits (bfloat16's precision): the
-# exact scores order them after, and a split select of 16-bit keys takes 1 round where 32 bits take 2
+# exact scores order them after, and a split select of 16-bit keys takes 1 round where 32 bits take 4
 KEEP_KEY_BITS = 16  # the keep ranks the candidates' exact scores by their top 16 bits too: it picks its threshold
 # from the select's counts of those keys, at the same accuracy as 32 bits (perplexity, recall and mass to the third
 # decimal at 3%, 4K)
