@@ -169,8 +169,8 @@ def keep_top(
     budget: str = "query_head", key_bits: int = 32, bins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep, the candidates with the top exact scores; see :func:`.reference.keep_top`. One Triton
-    launch on a GPU for up to ``KEEP_TABLE`` candidates, which picks its threshold from ``bins`` (the select's
-    counts of the scores' 16-bit keys) where given."""
+    launch on a GPU for up to ``KEEP_TABLE`` candidates (``KEEP_PARTS_TABLE`` in parts), which picks its threshold
+    from ``bins`` (the select's counts of the scores' 16-bit keys) where given."""
     return _on(indices, "keep_top", indices, counts, scores, k, k_max, budget, key_bits, bins)
 
 

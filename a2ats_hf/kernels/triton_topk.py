@@ -329,9 +329,14 @@ def _split_shape(m: int, rows: int, unit: bool = False, key_bits: int = 32) -> t
     if m < (WIDE_UNIT_TABLE if unit else WIDE_TABLE):
         return None
     splits = triton.cdiv(m, SPLIT_COLUMNS)
-    if not unit and key_bits == 16 and rows * 4 << 16 <= COUNT16_BYTES:
+    if not unit and key_bits == 16 and _counts16_fit(rows):
         return splits, 1, 1, 16
     return splits, splits * COUNT_COPIES, key_bits // RADIX_BITS, RADIX_BITS
+
+
+def _counts16_fit(rows: int) -> bool:
+    """Whether ``rows`` heads' counters of 16-bit keys (one int32 a key) stay within COUNT16_BYTES."""
+    return 4 * rows * BIN_WORDS.value <= COUNT16_BYTES
 
 
 def _counters(m: int, rows: int, unit: bool = False, key_bits: int = 32) -> int:
@@ -395,6 +400,15 @@ def _unit_select(key, inside, k, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexp
 
 
 @triton.jit
+def _counted_threshold(bins_row, key, inside, k):
+    """(threshold key, ties to take at it) of the top ``k`` of the candidates' 16-bit ``key`` where ``inside``,
+    picked from the select's counts of those keys (``bins_row``) down from the largest of them."""
+    thr, need = _pick_from_top(bins_row, tl.max(tl.where(inside, key >> 16, 0), axis=0), tl.zeros([], tl.int64),
+                               k.to(tl.int64), 16, PICK_CHUNK)
+    return (thr << 16).to(tl.uint32), need
+
+
+@triton.jit
 def _keep_part(score_row, idx_row, bins_row, out_row, kept_ptr, pid, part, count, k, c, width,
                TABLE: tl.constexpr, CHUNK: tl.constexpr):
     """Part ``part`` of the keep of a group of one head (the per-KV-head rule), its threshold picked from the
@@ -407,9 +421,7 @@ def _keep_part(score_row, idx_row, bins_row, out_row, kept_ptr, pid, part, count
     j = tl.arange(0, TABLE)
     inside = j < count
     key = _top_bits(_order_key(tl.load(score_row + j, mask=j < c, other=0.0)), 16)
-    thr, need = _pick_from_top(bins_row, tl.max(tl.where(inside, key >> 16, 0), axis=0), tl.zeros([], tl.int64),
-                               k.to(tl.int64), 16, PICK_CHUNK)
-    thr = (thr << 16).to(tl.uint32)
+    thr, need = _counted_threshold(bins_row, key, inside, k)
     first = part * CHUNK
     earlier = tl.where(inside & (j < first), (key > thr).to(tl.int32) + ((key == thr).to(tl.int32) << 16), 0)
     own = first + tl.arange(0, CHUNK)
@@ -463,11 +475,8 @@ def _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, 
     for g in tl.static_range(G):
         key = _top_bits(_order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=j < c, other=0.0)),
                         KEY_BITS)
-        if BINS:  # (KEY_BITS 16) down from the largest key
-            top = tl.max(tl.where(inside, key >> 16, 0), axis=0)
-            thr, need = _pick_from_top(bins_ptr + (pid * G + g).to(tl.int64) * BIN_WORDS, top,
-                                       tl.zeros([], dtype=tl.int64), k.to(tl.int64), 16, PICK_CHUNK)
-            thr = (thr << 16).to(tl.uint32)
+        if BINS:  # (KEY_BITS 16)
+            thr, need = _counted_threshold(bins_ptr + (pid * G + g).to(tl.int64) * BIN_WORDS, key, inside, k)
         else:
             thr, need = _unit_select(key, inside, k, DIGIT_BITS, KEY_BITS)
         above, tie = inside & (key > thr), inside & (key == thr)
@@ -736,7 +745,7 @@ def select_topk(
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
     heads = lut.shape[1]
-    binned = exact is not None and 4 * b * heads * BIN_WORDS.value <= COUNT16_BYTES
+    binned = exact is not None and _counts16_fit(b * heads)
     sizes = [_counters(m, b * heads, unit, key_bits), b * hkv * width, b * hkv * words,
              b * heads * BIN_WORDS.value if binned else 0]
     counted, indices, summary, bins = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
