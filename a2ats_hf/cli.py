@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-# The evaluation suite's tasks and scorers, named here so that parsing needs no import of the library (a test checks
-# them against a2ats_eval.tasks.TASKS and a2ats_hf.scoring.SCORERS).
+# The evaluation suite's tasks and scorers and the default re-ranking factor, named here so that parsing needs no
+# import of the library (a test checks them against a2ats_eval.tasks.TASKS, a2ats_hf.scoring.SCORERS and
+# a2ats_hf.cache.RERANK).
 TASKS = ("niah_word", "niah_number", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_multiquery",
          "variable_tracking", "common_words")
 SCORERS = ("distance", "oracle", "postrope", "quest", "random", "window", "wrope")
+RERANK = 3  # a2ats_hf.cache.RERANK, for --rerank's help (the same test checks it)
 
 # Raised by the library, torch, transformers or the Hub for what the user gave (a bad value, a missing file or
 # repository, too little memory): one line, no traceback. Anything else is a bug and keeps its traceback.
@@ -278,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 1; 4 ranks better for 5-14%% more decode time)")
     gen.add_argument("--rerank", type=positive_int, metavar="R",
                      help="with the K/V on the GPU (--offload none or auto), re-rank R x the budget by exact q.k "
-                          "(default 2 there, 1: off)")
+                          f"(default {RERANK} there, 1: off)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--offload", choices=["cpu", "none", "auto"], default="cpu",
                      help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")

@@ -37,7 +37,7 @@ HEADLINE = {  # the README's accuracy rows: method -> label
     "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
     "distance 0.03": 'A2ATS, distance buckets (`scoring="distance"`, the default; K/V in CPU memory)',
     "wrope 0.03": 'A2ATS, windowed RoPE (`scoring="wrope"`, the paper\'s)',
-    "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2` (the default with the K/V on the GPU)",
+    "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2`",
     "distance 0.03 (rerank 4)": "A2ATS, distance buckets, `rerank=4`",
     "quest 0.03": "Quest (16-token pages)", "window": "sinks + window only (StreamingLLM)"}
 
@@ -455,6 +455,10 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                                     for s in (2, 3)), lambda f: throughput_table(runs(f))),
     "throughput-h100-rerank-factors": Block(tuple(f"throughput/2026-12-06-8f6b240-nvidia-h100-80gb-hbm3{s}.json"
                                                   for s in ("", "-2")), lambda f: throughput_table(runs(f))),
+    "throughput-h100-rerank-default": Block(tuple(f"throughput/2026-12-06-f4f8bed-nvidia-h100-80gb-hbm3{s}.json"
+                                                  for s in ("", "-2")), lambda f: throughput_table(runs(f))),
+    "fidelity-rerank3-cpu": Block(("evaluation/2026-12-06-841b5b9-cpu.json",),
+                                  lambda f: fidelity_table(f[0]["perplexity"])),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
     "ruler": Block((SUITE,), lambda f: ruler_tables(f[0])),
     "ruler-budgets": Block((SUITE,), lambda f: ruler_budget_tables(f[0])),

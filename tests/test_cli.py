@@ -223,9 +223,10 @@ def test_topk_parsing_agrees_with_the_cache():
 
 def test_choices_match_the_library():
     from a2ats_eval.tasks import TASKS
+    from a2ats_hf.cache import RERANK
     from a2ats_hf.scoring import SCORERS
 
-    assert list(cli.TASKS) == list(TASKS) and sorted(cli.SCORERS) == sorted(SCORERS)
+    assert list(cli.TASKS) == list(TASKS) and sorted(cli.SCORERS) == sorted(SCORERS) and cli.RERANK == RERANK
 
 
 def test_library_errors_are_one_line(model_dir, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels, step
-from a2ats_hf.cache import A2ATSLayer
+from a2ats_hf.cache import RERANK, A2ATSLayer
 from a2ats_hf.step import bucket_width
 from a2ats_hf.store import kv_bytes
 
@@ -76,7 +76,7 @@ def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny, monkeypat
     with pytest.raises(ValueError, match='rerank=40 re-ranks by the keys on the device: it needs offload="none"'):
         A2ATSCache(books, offload="cpu", rerank=40)  # where no layer could, refused
     assert (reranked - logits(offload="none", rerank=1)).nan_to_num().abs().max() > 1e-3  # the scorer alone: others
-    assert torch.equal(logits(offload="none"), logits(offload="none", rerank=2))  # on by default (RERANK)
+    assert torch.equal(logits(offload="none"), logits(offload="none", rerank=RERANK))  # on by default
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the hand-off between a GPU and the CPU needs a GPU")
