@@ -37,6 +37,7 @@ HEADLINE = {  # the README's accuracy rows: method -> label
     "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
     "distance 0.03": 'A2ATS, distance buckets (`scoring="distance"`, the default; K/V in CPU memory)',
     "wrope 0.03": 'A2ATS, windowed RoPE (`scoring="wrope"`, the paper\'s)',
+    "distance 0.03 (rerank 3)": "A2ATS, distance buckets, `rerank=3` (the default with the K/V on the GPU)",
     "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2`",
     "distance 0.03 (rerank 4)": "A2ATS, distance buckets, `rerank=4`",
     "quest 0.03": "Quest (16-token pages)", "window": "sinks + window only (StreamingLLM)"}
@@ -189,11 +190,17 @@ def ruler_budget_tables(suite: dict) -> str:
     return "\n\n".join(tables)
 
 
-def headline_accuracy(suite: dict) -> str:
+def headline_accuracy(suite: dict, *later: dict) -> str:
     """The README's table: mean score and its share of full attention's for HEADLINE's methods at each length
-    ("not run" where a run lacks a cell; a method it lacks at every length is left out)."""
+    ("not run" where a run lacks a cell; a method it lacks at every length is left out). ``later`` runs add the
+    cells ``suite`` lacks, their share taken of ``suite``'s full attention at the same length."""
     lengths = lengths_of(suite["summary"])
-    mean, relative = suite["summary"]["mean"], suite["summary"]["relative_to_full"]
+    mean, relative = dict(suite["summary"]["mean"]), dict(suite["summary"]["relative_to_full"])
+    for run in later:
+        for key, score in run["summary"]["mean"].items():
+            full = mean.get("full | " + key.rsplit(" | ", 1)[1])
+            if key not in mean and full:
+                mean[key], relative[key] = score, score / full
     out = ["| method (3%) | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     def cell(key: str) -> str:
         return f"{mean[key]:.3f} ({relative[key]:.0%})" if key in mean else "not run"
@@ -456,7 +463,9 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h100-rerank-factors": Block(tuple(f"throughput/2026-12-06-8f6b240-nvidia-h100-80gb-hbm3{s}.json"
                                                   for s in ("", "-2")), lambda f: throughput_table(runs(f))),
     "throughput-h100-rerank-default": Block(tuple(f"throughput/2026-12-06-f4f8bed-nvidia-h100-80gb-hbm3{s}.json"
-                                                  for s in ("", "-2")), lambda f: throughput_table(runs(f))),
+                                                  for s in ("", "-2")) + (
+                                                      "throughput/2026-12-06-81d38aa-nvidia-h100-80gb-hbm3.json",),
+                                            lambda f: throughput_table(runs(f))),
     "fidelity-rerank3-cpu": Block(("evaluation/2026-12-06-841b5b9-cpu.json",),
                                   lambda f: fidelity_table(f[0]["perplexity"])),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),

@@ -114,3 +114,15 @@ def test_budget_table_keeps_each_rule_and_reranking_factor_apart_and_drops_ablat
     assert lines[0] == "| 4K | 1% | 5% |"
     assert lines[2:] == ["| A2ATS, distance buckets | a | b |", "| A2ATS, distance buckets, rerank=4 | c | - |",
                          "| A2ATS (windowed RoPE), per KV head, rerank=2 | - | d |"]
+
+
+def test_headline_takes_a_later_runs_cells_relative_to_the_suites_full_attention():
+    suite = {"summary": {"mean": {"full | 4096": 0.4, "oracle 0.03 | 4096": 0.3, "distance 0.03 | 4096": 0.2},
+                         "relative_to_full": {"full | 4096": 1.0, "oracle 0.03 | 4096": 0.75,
+                                              "distance 0.03 | 4096": 0.5}}}
+    later = {"summary": {"mean": {"oracle 0.03 | 4096": 0.9, "distance 0.03 (rerank 3) | 4096": 0.3,
+                                  "distance 0.03 (rerank 3) | 8192": 0.1}}}
+    rows = report.headline_accuracy(suite, later).splitlines()
+    assert rows[0] == "| method (3%) | 4K |"  # the suite's lengths only: no full attention at 8K to compare with
+    assert "| exact top-K (oracle) | 0.300 (75%) |" in rows  # the suite's own cells stand
+    assert any(r.startswith("| A2ATS, distance buckets, `rerank=3`") and r.endswith("| 0.300 (75%) |") for r in rows)
