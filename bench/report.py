@@ -384,6 +384,7 @@ class Block:
 
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
+RERANK3_RULER_CPU = "evaluation/2026-12-06-841b5b9-cpu-2.json"  # rerank=3's RULER cells at 4K (the default's)
 ROW_CACHE = tuple(f"throughput/2026-12-05-17592c7-nvidia-h200{s}.json" for s in ("", "-2"))  # 128K x 1, x 5
 ROW_CACHE_H100 = tuple(f"throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2", "-3"))
 SCORING_COST = "throughput/2026-12-04-00a485c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
@@ -396,7 +397,7 @@ H100 = tuple(f"throughput/2026-11-26-6981eb1-nvidia-h100-80gb-hbm3{s}.json" for 
 MULTI_GPU_H100 = "multi-gpu/2026-11-25-e2b5eb2-nvidia-h100-80gb-hbm3.json"  # one H100 and two, and greedy checks
 BLOCKS = {  # table name in the markdown -> its results files; a newer run replaces one by editing its line
     "speed": Block(H200, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
-    "accuracy": Block((DEFAULTS,), lambda f: headline_accuracy(f[0])),
+    "accuracy": Block((DEFAULTS, RERANK3_RULER_CPU), lambda f: headline_accuracy(*f)),
     "accuracy-1024": Block((SUITE,), lambda f: headline_accuracy(f[0])),
     "fidelity-defaults": Block((DEFAULTS,), lambda f: fidelity_table(f[0]["perplexity"])),
     "throughput-h200": Block(H200, lambda f: throughput_table(runs(f))),
