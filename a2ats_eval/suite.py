@@ -140,7 +140,7 @@ def evaluate(
     prompts = [(t, n, d, s) for n in lengths for t in tasks for d in depths for s in seeds]
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     records, started = [], time.perf_counter()
-    for batch in tqdm(batches, desc="evaluation", disable=not progress):
+    for batch in tqdm(batches, desc=f"RULER-style prompts, {', '.join(m.name for m in methods)}", disable=not progress):
         fitted = [fitted_prompt(tokenizer, haystack_ids, t, n, d, s) for t, n, d, s in batch]
         limits = [ANSWER_TOKENS.get(t, 32) for t, *_ in batch]
         ids, mask = left_padded([f[1] for f in fitted], pad, device)

@@ -171,9 +171,9 @@ def main() -> None:
         for method in methods:
             started = time.perf_counter()
             if "ruler" in args.suites and not held("ruler", method, length):
-                result["ruler"] += evaluate(model, tokenizer, books, novels[HELD_OUT], [method], args.tasks, [length],
-                                            args.depths, range(args.samples), args.batch_size, args.prefill_chunk,
-                                            progress=False)["records"]
+                answered = evaluate(model, tokenizer, books, novels[HELD_OUT], [method], args.tasks, [length],
+                                    args.depths, range(args.samples), args.batch_size, args.prefill_chunk)
+                result["ruler"] += answered["records"]
                 save()
             if "perplexity" in args.suites and not held("perplexity", method, length):
                 result["perplexity"] += evaluate_perplexity(model, books, held_out, [method], [length], args.windows,
