@@ -64,6 +64,9 @@ def codebook_variants(model, tokenizer, novels, names) -> dict[str, Codebooks]:
     return books
 
 
+PROMPT = ("method", "length", "task", "depth", "seed")  # what names one RULER-style record
+
+
 def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> list[Method]:
     """Full attention and sinks + window; the 3% methods first (the headline table), then the other budgets."""
     ordered = sorted(budgets, key=lambda t: (t != 0.03, t))
@@ -88,6 +91,27 @@ def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> li
                         for w in (128, 256)]
             methods += [Method("distance", topk, sink=k) for k in (0, 32) if "distance" in scorers]
     return methods
+
+
+def merge(parts: list[dict]) -> dict:
+    """Result files of one suite as one, each record keeping the device it ran on: a RULER-style prompt (a
+    perplexity cell) an earlier part already holds is not taken twice, so parts may split a cell's prompts (one
+    ``--depths`` each, as parallel processes)."""
+    merged = {**parts[0], "settings": dict(parts[0]["settings"])}
+    for part in parts:
+        for record in part["ruler"] + part["perplexity"]:
+            record.setdefault("device", part["device"])
+    for suite, fields in (("ruler", PROMPT), ("perplexity", ("method", "length"))):
+        merged[suite], seen = [], set()
+        for part in parts:
+            found = {tuple(r[f] for f in fields) for r in part[suite]} - seen
+            merged[suite] += [r for r in part[suite] if tuple(r[f] for f in fields) in found]
+            seen |= found
+    for key, value in merged["settings"].items():  # the lists the parts split (lengths, depths, methods' grids)
+        if isinstance(value, list):
+            merged["settings"][key] = sorted({v for part in parts for v in part["settings"][key]})
+    merged["summary"] = summarize(merged["ruler"])
+    return merged
 
 
 def main() -> None:
@@ -118,18 +142,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.merge:
-        parts = [json.loads(p.read_text()) for p in args.merge]
-        for part in parts:  # each record keeps the device it ran on
-            for record in part["ruler"] + part["perplexity"]:
-                record.setdefault("device", part["device"])
-        merged = {**parts[0]}
-        for suite in ("ruler", "perplexity"):  # a (method, length) another part already holds is not taken twice
-            merged[suite], seen = [], set()
-            for part in parts:
-                found = {(r["method"], r["length"]) for r in part[suite]} - seen
-                merged[suite] += [r for r in part[suite] if (r["method"], r["length"]) in found]
-                seen |= found
-        merged["summary"] = summarize(merged["ruler"])
+        merged = merge([json.loads(p.read_text()) for p in args.merge])
         args.out.write_text(json.dumps(merged, indent=1) + "\n")
         return
     if args.threads:

@@ -115,32 +115,42 @@ def fidelity_table(rows: list[dict], every_budget: bool = False) -> str:
     return "\n".join(out)
 
 
-def paired_stderr(records: list[dict], method: str, length: int) -> float:
-    """Standard error of the method's mean score minus full attention's, over the prompts both answered (nan where
-    fewer than two were: a shard of a run may hold no full-attention records)."""
+def paired_stderr(records: list[dict], method: str, length: int, reference: str = "full") -> tuple[float, float]:
+    """Mean and standard error of the method's score minus ``reference``'s, over the prompts both answered (nan
+    where fewer than two were: a shard of a run may hold no records of the reference)."""
     key = lambda r: (r["task"], r["depth"], r["seed"])  # noqa: E731
-    full = {key(r): r["score"] for r in records if r["method"] == "full" and r["length"] == length}
-    d = [r["score"] - full[key(r)] for r in records
-         if r["method"] == method and r["length"] == length and key(r) in full]
+    base = {key(r): r["score"] for r in records if r["method"] == reference and r["length"] == length}
+    d = [r["score"] - base[key(r)] for r in records
+         if r["method"] == method and r["length"] == length and key(r) in base]
     if len(d) < 2:
-        return float("nan")
+        return float("nan"), float("nan")
     mean = sum(d) / len(d)
-    return (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    return mean, (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+
+
+def oracle_of(method: str) -> str | None:
+    """The exact top-K at a retrieval method's budget ("oracle 0.03" for "distance 0.03 (rerank 3)")."""
+    parsed = parse(method)
+    return f"oracle {parsed[1]:g}" if parsed and parsed[0] != "oracle" else None
 
 
 def summarize_run(raw: dict) -> dict:
     """An evaluation run without its per-prompt records: what the tables and figures need of them (means per
-    method, task and length; per method and length the prompts answered and the paired standard error against full
-    attention), beside the run's settings and its perplexity rows."""
+    method, task and length; per method and length the prompts answered, the paired standard error against full
+    attention and, where the run holds the exact top-K at the method's budget, the paired difference from it and
+    its standard error), beside the run's settings and its perplexity rows."""
     records = raw["ruler"]
     pairs = list(dict.fromkeys((r["method"], r["length"]) for r in records))
     prompts = defaultdict(int)
     for r in records:
         prompts[f"{r['method']} | {r['length']}"] += 1
-    stderr = {f"{m} | {n}": paired_stderr(records, m, n) for m, n in pairs if m != "full"}
+    stderr = {f"{m} | {n}": paired_stderr(records, m, n)[1] for m, n in pairs if m != "full"}
+    vs_oracle = {f"{m} | {n}": list(paired_stderr(records, m, n, oracle_of(m))) for m, n in pairs
+                 if oracle_of(m) and (oracle_of(m), n) in pairs}
     return rounded({**{k: v for k, v in raw.items() if k != "ruler"},
                     "summary": {**summarize(records), "tasks": sorted({r["task"] for r in records}),
-                                "prompts": dict(prompts), "paired_stderr": stderr}})
+                                "prompts": dict(prompts), "paired_stderr": stderr,
+                                **({"vs_oracle": vs_oracle} if vs_oracle else {})}})
 
 
 def rounded(value, digits: int = 6):
@@ -193,12 +203,14 @@ def ruler_budget_tables(suite: dict) -> str:
 def headline_accuracy(suite: dict, *later: dict) -> str:
     """The README's table: mean score and its share of full attention's for HEADLINE's methods at each length
     ("not run" where a run lacks a cell; a method it lacks at every length is left out). ``later`` runs add the
-    cells ``suite`` lacks, their share taken of ``suite``'s full attention at the same length."""
+    cells ``suite`` lacks, their share taken of full attention's on the same prompts (the later run's own where it
+    holds it, else ``suite``'s)."""
     lengths = lengths_of(suite["summary"])
     mean, relative = dict(suite["summary"]["mean"]), dict(suite["summary"]["relative_to_full"])
     for run in later:
         for key, score in run["summary"]["mean"].items():
-            full = mean.get("full | " + key.rsplit(" | ", 1)[1])
+            full_key = "full | " + key.rsplit(" | ", 1)[1]
+            full = run["summary"]["mean"].get(full_key) or mean.get(full_key)
             if key not in mean and full:
                 mean[key], relative[key] = score, score / full
     out = ["| method (3%) | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
@@ -207,6 +219,27 @@ def headline_accuracy(suite: dict, *later: dict) -> str:
 
     out += [f"| {label} | " + " | ".join(cell(f"{m} | {n}") for n in lengths) + " |" for m, label in HEADLINE.items()
             if any(f"{m} | {n}" in mean for n in lengths)]
+    return "\n".join(out)
+
+
+def oracle_table(run: dict) -> str:
+    """HEADLINE's methods of a run that holds the exact top-K: mean score, its share of the exact top-K's and the
+    paired difference from it with its standard error, at each length."""
+    summary, lengths = run["summary"], lengths_of(run["summary"])
+    out = ["| method (3%) | " + " | ".join(f"{n // 1024}K: mean (of the exact top-K's), difference ± s.e."
+                                         for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    def cell(method: str, length: int) -> str:
+        key = f"{method} | {length}"
+        if key not in summary["mean"]:
+            return "not run"
+        if key not in summary.get("vs_oracle", {}):
+            return f"{summary['mean'][key]:.3f}"
+        oracle = summary["mean"][f"{oracle_of(method)} | {length}"]
+        diff, se = summary["vs_oracle"][key]
+        return f"{summary['mean'][key]:.3f} ({summary['mean'][key] / oracle:.0%}), {diff:+.3f} ± {se:.3f}"
+
+    out += [f"| {label} | " + " | ".join(cell(m, n) for n in lengths) + " |" for m, label in HEADLINE.items()
+            if any(f"{m} | {n}" in summary["mean"] for n in lengths)]
     return "\n".join(out)
 
 
@@ -384,7 +417,7 @@ class Block:
 
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
-RERANK3_RULER_CPU = "evaluation/2026-12-06-841b5b9-cpu-2.json"  # rerank=3's RULER cells at 4K (the default's)
+RERANKED = "evaluation/2026-12-06-9e97ee7-nvidia-h100-80gb-hbm3.json"  # 256 prompts: full, exact top-K, rerank=2-4
 ROW_CACHE = tuple(f"throughput/2026-12-05-17592c7-nvidia-h200{s}.json" for s in ("", "-2"))  # 128K x 1, x 5
 ROW_CACHE_H100 = tuple(f"throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2", "-3"))
 SCORING_COST = "throughput/2026-12-04-00a485c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
@@ -397,7 +430,8 @@ H100 = tuple(f"throughput/2026-11-26-6981eb1-nvidia-h100-80gb-hbm3{s}.json" for 
 MULTI_GPU_H100 = "multi-gpu/2026-11-25-e2b5eb2-nvidia-h100-80gb-hbm3.json"  # one H100 and two, and greedy checks
 BLOCKS = {  # table name in the markdown -> its results files; a newer run replaces one by editing its line
     "speed": Block(H200, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
-    "accuracy": Block((DEFAULTS, RERANK3_RULER_CPU), lambda f: headline_accuracy(*f)),
+    "accuracy": Block((DEFAULTS, RERANKED), lambda f: headline_accuracy(*f)),
+    "accuracy-reranked": Block((RERANKED,), lambda f: oracle_table(f[0])),
     "accuracy-1024": Block((SUITE,), lambda f: headline_accuracy(f[0])),
     "fidelity-defaults": Block((DEFAULTS,), lambda f: fidelity_table(f[0]["perplexity"])),
     "throughput-h200": Block(H200, lambda f: throughput_table(runs(f))),

@@ -124,3 +124,22 @@ def test_smoke_run_of_perplexity(tiny):
     assert "recall" not in by["window"] and by["window"]["mass"] < by["wrope 1"]["mass"]
     with pytest.raises(ValueError, match="fewer than"):
         evaluate_perplexity(model, books, ids, methods, lengths=[800], progress=False)
+
+
+def test_merge_joins_parts_that_split_a_cells_prompts():
+    """bench/evaluation.py --merge: parts that split one cell's prompts (one depth each) make the whole cell; a
+    prompt or perplexity cell two parts hold is taken once, from the first; the settings list what all parts ran."""
+    from bench.evaluation import merge
+
+    def part(depths, device, score=1.0):
+        ruler = [{"method": "full", "length": 4096, "task": "niah_word", "depth": d, "seed": s, "score": score}
+                 for d in depths for s in (0, 1)]
+        return {"ruler": ruler, "perplexity": [{"method": "full", "length": 4096, "perplexity": 9.0 + score}],
+                "settings": {"depths": depths, "samples": 2}, "device": device}
+
+    merged = merge([part([0.125], "gpu"), part([0.875], "cpu", 0.0), part([0.125], "cpu", 0.5)])
+    assert [(r["depth"], r["score"], r["device"]) for r in merged["ruler"]] == [
+        (0.125, 1.0, "gpu"), (0.125, 1.0, "gpu"), (0.875, 0.0, "cpu"), (0.875, 0.0, "cpu")]
+    assert merged["perplexity"] == [{"method": "full", "length": 4096, "perplexity": 10.0, "device": "gpu"}]
+    assert merged["settings"] == {"depths": [0.125, 0.875], "samples": 2}
+    assert merged["summary"]["mean"]["full | 4096"] == 0.5
