@@ -35,9 +35,9 @@ NOT_A2ATS_ATTENTION = (
 )
 
 
-RERANK = 3  # R x the budget re-ranked by default where a layer's K/V is on the device: the exact top-K's recall
-# (0.85-0.88) and attention mass (within 0.006) on the suite at +9% decode time over windowed RoPE (H100, 128K,
-# f4f8bed; 2 recalls 0.78-0.81 at +7%, 4 costs +10-12%; docs/results.md)
+RERANK = 4  # R x the budget re-ranked by default where a layer's K/V is on the device: 97-98% of the exact top-K's
+# RULER-style score on 256 prompts a length (3: 93-94%), recall 0.89-0.91, at the cost of 3 (+10% decode time over
+# windowed RoPE per KV head, H100, 128K, d948682; docs/results.md)
 EMPTY_INPUT = "A2ATSCache got an empty input (0 tokens): give the prompt at least one token."
 NOT_COMPILABLE = (
     "A model holding an A2ATSCache cannot run under torch.compile (its decode step reads host state and custom "

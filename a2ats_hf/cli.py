@@ -21,7 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 TASKS = ("niah_word", "niah_number", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_multiquery",
          "variable_tracking", "common_words")
 SCORERS = ("distance", "oracle", "postrope", "quest", "random", "window", "wrope")
-RERANK = 3  # a2ats_hf.cache.RERANK, for --rerank's help (the same test checks it)
+RERANK = 4  # a2ats_hf.cache.RERANK, for --rerank's help (the same test checks it)
 
 # Raised by the library, torch, transformers or the Hub for what the user gave (a bad value, a missing file or
 # repository, too little memory): one line, no traceback. Anything else is a bug and keeps its traceback.

@@ -37,10 +37,13 @@ HEADLINE = {  # the README's accuracy rows: method -> label
     "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
     "distance 0.03": 'A2ATS, distance buckets (`scoring="distance"`, the default; K/V in CPU memory)',
     "wrope 0.03": 'A2ATS, windowed RoPE (`scoring="wrope"`, the paper\'s)',
-    "distance 0.03 (rerank 3)": "A2ATS, distance buckets, `rerank=3` (the default with the K/V on the GPU)",
-    "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2`",
-    "distance 0.03 (rerank 4)": "A2ATS, distance buckets, `rerank=4`",
     "quest 0.03": "Quest (16-token pages)", "window": "sinks + window only (StreamingLLM)"}
+RERANKED_ROWS = {  # the README's re-ranking rows, beside full attention and the exact top-K on the same prompts
+    "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
+    "distance 0.03 (rerank 4)": "A2ATS, distance buckets, `rerank=4` (the default with the K/V on the GPU)",
+    "distance 0.03 (rerank 3)": "A2ATS, distance buckets, `rerank=3`",
+    "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2`",
+    "distance 0.03": "A2ATS, distance buckets, no re-ranking"}
 
 
 def parse(method: str) -> tuple[str, float, str] | None:
@@ -200,19 +203,11 @@ def ruler_budget_tables(suite: dict) -> str:
     return "\n\n".join(tables)
 
 
-def headline_accuracy(suite: dict, *later: dict) -> str:
+def headline_accuracy(suite: dict) -> str:
     """The README's table: mean score and its share of full attention's for HEADLINE's methods at each length
-    ("not run" where a run lacks a cell; a method it lacks at every length is left out). ``later`` runs add the
-    cells ``suite`` lacks, their share taken of full attention's on the same prompts (the later run's own where it
-    holds it, else ``suite``'s)."""
-    lengths = lengths_of(suite["summary"])
-    mean, relative = dict(suite["summary"]["mean"]), dict(suite["summary"]["relative_to_full"])
-    for run in later:
-        for key, score in run["summary"]["mean"].items():
-            full_key = "full | " + key.rsplit(" | ", 1)[1]
-            full = run["summary"]["mean"].get(full_key) or mean.get(full_key)
-            if key not in mean and full:
-                mean[key], relative[key] = score, score / full
+    ("not run" where the run lacks a cell; a method it lacks at every length is left out)."""
+    summary = suite["summary"]
+    lengths, mean, relative = lengths_of(summary), summary["mean"], summary["relative_to_full"]
     out = ["| method (3%) | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     def cell(key: str) -> str:
         return f"{mean[key]:.3f} ({relative[key]:.0%})" if key in mean else "not run"
@@ -223,7 +218,7 @@ def headline_accuracy(suite: dict, *later: dict) -> str:
 
 
 def oracle_table(run: dict) -> str:
-    """HEADLINE's methods of a run that holds the exact top-K: mean score, its share of the exact top-K's and the
+    """RERANKED_ROWS's methods of a run that holds the exact top-K: mean score, its share of the exact top-K's and the
     paired difference from it with its standard error, at each length."""
     summary, lengths = run["summary"], lengths_of(run["summary"])
     out = ["| method (3%) | " + " | ".join(f"{n // 1024}K: mean (of the exact top-K's), difference ± s.e."
@@ -238,7 +233,7 @@ def oracle_table(run: dict) -> str:
         diff, se = summary["vs_oracle"][key]
         return f"{summary['mean'][key]:.3f} ({summary['mean'][key] / oracle:.0%}), {diff:+.3f} ± {se:.3f}"
 
-    out += [f"| {label} | " + " | ".join(cell(m, n) for n in lengths) + " |" for m, label in HEADLINE.items()
+    out += [f"| {label} | " + " | ".join(cell(m, n) for n in lengths) + " |" for m, label in RERANKED_ROWS.items()
             if any(f"{m} | {n}" in summary["mean"] for n in lengths)]
     return "\n".join(out)
 
@@ -430,7 +425,7 @@ H100 = tuple(f"throughput/2026-11-26-6981eb1-nvidia-h100-80gb-hbm3{s}.json" for 
 MULTI_GPU_H100 = "multi-gpu/2026-11-25-e2b5eb2-nvidia-h100-80gb-hbm3.json"  # one H100 and two, and greedy checks
 BLOCKS = {  # table name in the markdown -> its results files; a newer run replaces one by editing its line
     "speed": Block(H200, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
-    "accuracy": Block((DEFAULTS, RERANKED), lambda f: headline_accuracy(*f)),
+    "accuracy": Block((DEFAULTS,), lambda f: headline_accuracy(f[0])),
     "accuracy-reranked": Block((RERANKED,), lambda f: oracle_table(f[0])),
     "accuracy-1024": Block((SUITE,), lambda f: headline_accuracy(f[0])),
     "fidelity-defaults": Block((DEFAULTS,), lambda f: fidelity_table(f[0]["perplexity"])),

@@ -318,12 +318,12 @@ def test_settings_live_in_one_immutable_config(tiny):
 
 
 @pytest.mark.parametrize("offload, scoring, rerank, expected", [
-    ("none", "distance", None, 3), ("none", "wrope", None, 3), ("auto", "distance", None, 3),
-    ("cpu", "distance", None, 1), ("none", "distance", 1, 1), ("none", "distance", 4, 4),
+    ("none", "distance", None, 4), ("none", "wrope", None, 4), ("auto", "distance", None, 4),
+    ("cpu", "distance", None, 1), ("none", "distance", 1, 1), ("none", "distance", 3, 3),
     ("none", "oracle", None, 1), ("none", "quest", None, 1), ("none", "random", None, 1),
     ("none", "postrope", None, 1)])
-def test_rerank_defaults_to_three_where_the_keys_are_on_the_device(tiny, offload, scoring, rerank, expected):
-    """Re-ranking is on by default (R = 3) for the codebooks' scorers wherever a layer's K/V can be on the device,
+def test_rerank_defaults_to_four_where_the_keys_are_on_the_device(tiny, offload, scoring, rerank, expected):
+    """Re-ranking is on by default (R = 4) for the codebooks' scorers wherever a layer's K/V can be on the device,
     off with offload="cpu" and for the baselines and ablations (which stay as published); a given R is kept."""
     books = tiny[1]
     if scoring == "postrope":  # (it reads codes of post-RoPE keys)

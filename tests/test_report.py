@@ -116,20 +116,6 @@ def test_budget_table_keeps_each_rule_and_reranking_factor_apart_and_drops_ablat
                          "| A2ATS (windowed RoPE), per KV head, rerank=2 | - | d |"]
 
 
-def test_headline_takes_a_later_runs_cells_relative_to_full_attention_on_the_same_prompts():
-    suite = {"summary": {"mean": {"full | 4096": 0.4, "oracle 0.03 | 4096": 0.3, "distance 0.03 | 4096": 0.2},
-                         "relative_to_full": {"full | 4096": 1.0, "oracle 0.03 | 4096": 0.75,
-                                              "distance 0.03 | 4096": 0.5}}}
-    later = {"summary": {"mean": {"oracle 0.03 | 4096": 0.9, "distance 0.03 (rerank 3) | 4096": 0.3,
-                                  "distance 0.03 (rerank 3) | 8192": 0.1}}}
-    rows = report.headline_accuracy(suite, later).splitlines()
-    assert rows[0] == "| method (3%) | 4K |"  # the suite's lengths only: no full attention at 8K to compare with
-    assert "| exact top-K (oracle) | 0.300 (75%) |" in rows  # the suite's own cells stand
-    assert any(r.startswith("| A2ATS, distance buckets, `rerank=3`") and r.endswith("| 0.300 (75%) |") for r in rows)
-    own = {"summary": {"mean": {"full | 4096": 0.6, "distance 0.03 (rerank 3) | 4096": 0.3}}}  # its own full
-    assert any(r.endswith("| 0.300 (50%) |") for r in report.headline_accuracy(suite, own).splitlines())
-
-
 def test_a_run_with_the_exact_top_k_gives_each_method_its_paired_difference_from_it():
     scores = {"full": (1, 1, 1, 0), "oracle 0.03": (1, 1, 0, 0), "distance 0.03 (rerank 3)": (1, 0, 0, 0)}
     records = [{"task": "a", "depth": 0.5, "seed": s, "length": 4096, "method": m, "score": float(v[s])}
