@@ -496,6 +496,10 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                                   for s in ("", "-2")) + (
                                                       "throughput/2026-12-06-81d38aa-nvidia-h100-80gb-hbm3.json",),
                                             lambda f: throughput_table(runs(f))),
+    "throughput-h100-rerank4": Block(("throughput/2026-12-06-9e97ee7-nvidia-h100-80gb-hbm3.json",)
+                                     + tuple(f"throughput/2026-12-06-d948682-nvidia-h100-80gb-hbm3{s}.json"
+                                             for s in ("", "-2")), lambda f: throughput_table(runs(f))),
+    "ruler-reranked": Block((RERANKED,), lambda f: ruler_tables(f[0])),
     "fidelity-rerank3-cpu": Block(("evaluation/2026-12-06-841b5b9-cpu.json",),
                                   lambda f: fidelity_table(f[0]["perplexity"])),
     "selection-reuse": Block((REUSE_CPU,), lambda f: table(*reuse_rows(f[0]))),
