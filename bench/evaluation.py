@@ -34,6 +34,7 @@ from a2ats_eval import TASKS, Method, evaluate, evaluate_perplexity
 from a2ats_eval.assets import CALIBRATION, austen_novels, codebooks_path, smollm2_path
 from a2ats_eval.suite import summarize
 from a2ats_hf import Codebooks, calibrate  # noqa: E402
+from a2ats_hf.cache import RERANK
 from bench.common import RESULTS, environment, results_path
 from bench.report import summarize_run
 
@@ -73,6 +74,7 @@ def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> li
     methods = [Method(), Method("window")]
     for topk in ordered:
         methods += [Method(s, topk) for s in scorers] + [Method("wrope", topk, "kv_head")] * ("wrope" in scorers)
+        methods += [Method("distance", topk, "kv_head", rerank=RERANK)] * ("distance" in scorers)  # its rule's cost
         methods += [Method(s, topk, rerank=r) for s in scorers if s in ("wrope", "distance") for r in (2, 3, 4)]
         if ablations and topk == 0.03:
             methods += [Method("wrope", topk, codebooks=v) for v in VARIANTS
