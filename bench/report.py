@@ -500,7 +500,7 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                      + tuple(f"throughput/2026-12-06-d948682-nvidia-h100-80gb-hbm3{s}.json"
                                              for s in ("", "-2")), lambda f: throughput_table(runs(f))),
     "ruler-reranked": Block((RERANKED,), lambda f: ruler_tables(f[0])),
-    "fidelity-kv-head-rerank-cpu": Block(("evaluation/2026-12-06-a34f38e-cpu.json",),
+    "fidelity-kv-head-rerank-cpu": Block(("evaluation/2026-12-06-84e1f49-cpu.json",),
                                          lambda f: fidelity_table(f[0]["perplexity"])),
     "fidelity-rerank3-cpu": Block(("evaluation/2026-12-06-841b5b9-cpu.json",),
                                   lambda f: fidelity_table(f[0]["perplexity"])),
