@@ -5,6 +5,7 @@ environment record every results file carries."""
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import random
@@ -32,8 +33,10 @@ LLAMA31_8B = LlamaConfig(
 )
 
 
-def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16) -> AutoModelForCausalLM:
-    """Random-weight model on ``gpus`` (one: all of it there; two: accelerate's balanced map over both)."""
+def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16, group_correlation: float = 0.0) -> AutoModelForCausalLM:
+    """Random-weight model on ``gpus`` (one: all of it there; two: accelerate's balanced map over both); with
+    ``group_correlation`` rho, each KV group's query heads share that part of their projections' variance
+    (:func:`correlate_groups`)."""
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(LLAMA31_8B, dtype=dtype)
     if len(gpus) == 1:
@@ -50,7 +53,29 @@ def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16) -> AutoModelForC
         value = torch.empty(param.shape, dtype=dtype, device=device)
         value.fill_(1.0) if param.dim() == 1 else value.normal_(0.0, 0.02)  # norms at 1, matrices small
         set_module_tensor_to_device(model, name, device, value=value)
-    return dispatch_model(model, device_map).eval()
+    model = dispatch_model(model, device_map).eval()
+    if group_correlation:
+        correlate_groups(model, group_correlation)
+    return model
+
+
+@torch.no_grad()
+def correlate_groups(model, rho: float) -> None:
+    """Each layer's query projection rows of a KV group's heads mixed with one shared random draw:
+    sqrt(rho) * shared + sqrt(1 - rho) * own, so the group's queries correlate by ``rho`` at the same norm. A
+    trained model's heads of a group attend alike (their top tokens overlap); random weights make them independent,
+    which inflates whatever grows with the union of the group's picks (re-ranking's candidates under the
+    per-query-head rule)."""
+    if not 0 <= rho < 1:
+        raise ValueError(f"group correlation must be in [0, 1), got {rho}")
+    config = model.config
+    group, d = config.num_attention_heads // config.num_key_value_heads, config.head_dim
+    g = torch.Generator().manual_seed(1)
+    for layer in model.model.layers:
+        weight = layer.self_attn.q_proj.weight  # [Hq * D, hidden]
+        heads = weight.view(config.num_key_value_heads, group, d, -1)
+        shared = torch.empty(heads.shape[0], 1, *heads.shape[2:]).normal_(0.0, 0.02, generator=g)
+        heads.mul_(math.sqrt(1 - rho)).add_(math.sqrt(rho) * shared.to(heads))
 
 
 def random_codebooks(seed: int = 0, centroids: int = 4096, config=LLAMA31_8B) -> Codebooks:

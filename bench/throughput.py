@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
-from a2ats_hf import A2ATSCache, cache_argument, calibrate, store
+from a2ats_hf import A2ATSCache, cache_argument, calibrate, kernels, store
 from a2ats_hf.graphs import GRAPH_SCORERS, capture_decoding, release_decoding
 from a2ats_hf.kernels import cpu_attention
 from a2ats_hf.scoring import DistanceBuckets, Scorer, scorer_of
@@ -43,6 +43,7 @@ from bench.common import (
     LLAMA31_8B,
     WordTokenizer,
     build,
+    correlate_groups,
     environment,
     gpu_profile,
     hits_since,
@@ -205,11 +206,32 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
         model.__dict__.pop("forward", None)
         if "compile" in method:  # its graphs' memory pool and compiled code would stay for the next method
             torch.compiler.reset()
+    if isinstance(cache, A2ATSCache) and cache.rerank > 1:
+        row["candidate_union"] = candidate_union(model, cache, batch, n)
     row["tokens_per_s"] = round(batch * 1e3 / row["step_ms"], 2)
     if device.type == "cuda":
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
     row["cpu_gib"] = round(max(cpu_before - (available_memory() or 0), 0) / 2**30, 1)
     return row
+
+
+def candidate_union(model, cache: A2ATSCache, batch: int, n: int) -> float:
+    """Re-ranking's candidates a (row, KV head) holds over the device layers, in heads' worth of R x the budget (a
+    group of query heads unites its picks): one more decode step, eager, with the keep watched."""
+    seen, keep = [], kernels.keep_top
+
+    def watched(indices, counts, scores, k, *rest):
+        seen.append(float(counts.float().mean() / (cache.rerank * k.float().mean())))
+        return keep(indices, counts, scores, k, *rest)
+
+    kernels.keep_top = watched
+    try:
+        with torch.no_grad():
+            model(torch.full((batch, 1), 7, device=model.device), use_cache=True,
+                  position_ids=torch.full((batch, 1), n, device=model.device), **cache_argument(model, cache))
+    finally:
+        kernels.keep_top = keep
+    return round(sum(seen) / max(len(seen), 1), 3)
 
 
 def scorer(name: str) -> Scorer:
@@ -272,6 +294,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-profile", type=int, nargs="?", const=12, default=0, metavar="TOP",
                         help="the GPU's busy share of a step and its TOP kernels (default 12)")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
+    parser.add_argument("--group-correlation", type=float, default=0.0, metavar="RHO",
+                        help="a KV group's query heads correlate by RHO (random weights: 0), as a trained model's "
+                             "heads overlap in what they pick (bench.common.correlate_groups)")
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="pinned CPU blocks from CUDA's allocator, not on huge pages (an ablation)")
     parser.add_argument("--gpu-share", type=float, nargs="+", default=[0.0],
@@ -304,8 +329,10 @@ def main() -> None:
         config = TINY
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
                                                  attn_implementation="a2ats").to(device).eval()
+        if args.group_correlation:
+            correlate_groups(model, args.group_correlation)
     else:
-        config, model = LLAMA31_8B, build([0])
+        config, model = LLAMA31_8B, build([0], group_correlation=args.group_correlation)
         model.set_attn_implementation("a2ats")
     cpu_attention.extension()  # built outside the timings
     centroids = 64 if args.tiny else 4096
@@ -318,13 +345,14 @@ def main() -> None:
     results = {"environment": environment(),
                "model": "tiny" if args.tiny else "Llama-3.1-8B architecture, random bf16 weights",
                "codebooks": f"calibrated on {args.calibrate_tokens} tokens" if args.calibrate_tokens else "random",
+               "group_correlation": args.group_correlation,
                "pinned_on_huge_pages": store.PIN_ON_HUGE_PAGES, "halves": not args.no_halves,
                "fresh_tokens": args.fresh_tokens,
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1),
                "cpu_copy_gbs": bandwidths()["cpu_copy_gbs"], "runs": []}
     out = args.out or results_path("throughput-tiny" if args.tiny else "throughput")
     # tokens held
-    steps_total = (args.warmup + ROW_CACHE_WARMUP + args.steps + args.split_steps + 1 + 4 * args.profile
+    steps_total = (args.warmup + ROW_CACHE_WARMUP + args.steps + args.split_steps + 2 + 4 * args.profile
                    + 8 * bool(args.gpu_profile))  # past max_length, gpu_share=1 would fall back to the CPU attention
     for n, forced in [(n, batch) for n in args.contexts for batch in args.batch or [None]]:
         per_row = kv_bytes_per_row(config, n)

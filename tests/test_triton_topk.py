@@ -268,20 +268,25 @@ def test_scans_compile_for_hopper(group, phase, score):
                          [(2, 6, 2, 24, 700, 50, torch.float32), (3, 3, 3, 64, 300, 9000, torch.bfloat16),
                           (1, 4, 1, 80, 3000, 20, torch.float16)],
                          ids=["group3", "mha-wide-table-bf16", "group4-d80-segments"])
-@pytest.mark.parametrize("keep", ["parts", "whole", "past-COUNT16_BYTES"])
+@pytest.mark.parametrize("keep", ["parts", "whole", "scans", "past-COUNT16_BYTES"])
 def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, keep, monkeypatch):
     """With ``exact``, the select's last scan scores the tokens it writes: the reference's indices and counts, and
     up to each count their exact q . k by the table's query heads (or the group's summed query) against a store
     buffer wider than the tokens, and counts each score row's 16-bit keys, unless those counts
     would pass COUNT16_BYTES; the keep, handed those counts or not, keeps what the reference keeps of those
-    scores (many tied in 16 bits), a group of one head in parts of 64 candidates a program (also past KEEP_TABLE, where
-    a group of several heads goes through the select) or whole."""
+    scores (many tied in 16 bits): a group of one head in parts of 64 candidates a program (past KEEP_TABLE, where
+    a group of several heads goes by scans), whole, or every group by scans over parts of 32 candidates (past
+    both tables: thresholds from the counts; without them, through the select)."""
     binned = keep != "past-COUNT16_BYTES"
     if not binned:
         monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
     monkeypatch.setattr(triton_topk, "KEEP_CHUNK", 64 if keep == "parts" else 0)
     if keep == "parts":
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", 96)
+    if keep in ("scans", "past-COUNT16_BYTES"):
+        monkeypatch.setattr(triton_topk, "KEEP_TABLE", 16)
+        monkeypatch.setattr(triton_topk, "KEEP_PARTS_TABLE", 16)
+        monkeypatch.setattr(triton_topk, "KEEP_SCAN_BLOCK", 32)
     g = torch.Generator().manual_seed(d + n)
     lut = torch.randn(b, hq, m, generator=g)
     codes = torch.randint(0, m, (b, hkv, n), generator=g).to(torch.uint16)
@@ -376,3 +381,15 @@ def test_keep_top_compiles_for_hopper(digit_bits, group, bins, chunk):
                        {"HKV": 8, "G": group, "TABLE": 16384 if chunk else 8192, "DIGIT_BITS": digit_bits,
                         "KEY_BITS": 32 if digit_bits < 8 and not bins else 16, "BINS": bins, "CHUNK": chunk},
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})
+
+
+@pytest.mark.parametrize("phase", [0, 1, 2])
+@pytest.mark.parametrize("group", [1, 4, 6])
+def test_keep_by_scans_compiles_for_hopper(phase, group):
+    """The keep by scans' passes (groups of one, four and six heads, 2,048 parts) and its threshold pick compile to
+    PTX for sm_90 without a GPU."""
+    compile_for_hopper("triton_topk", "_keep_scan_kernel",
+                       {"PHASE": phase, "G": group, "G_PAD": {1: 1, 4: 4, 6: 8}[group], "P_PAD": 2048, "BLOCK": 1024},
+                       {"score_ptr": "*fp32", "count_ptr": "*i32"})
+    if phase == 0 and group == 1:
+        compile_for_hopper("triton_topk", "_counted_threshold_kernel", {"HEADS": 32}, {"k_ptr": "*i64"})

@@ -496,6 +496,87 @@ def _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, 
     tl.store(kept_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
 
 
+@triton.jit
+def _counted_threshold_kernel(bins_ptr, k_ptr, thr_ptr, need_ptr, c, HEADS: tl.constexpr, PDL: tl.constexpr):
+    """Program (row-head) of a keep by scans: the 16-bit threshold digit of the top k of the head's score row and
+    the ties to take at it, picked from the select's counts of its keys down from the largest digit (where the
+    scores crowd, one or a few chunks of PICK_CHUNK counters)."""
+    wait_previous(PDL)
+    pid = tl.program_id(0)
+    k = tl.minimum(tl.load(k_ptr + pid // HEADS).to(tl.int64), c)
+    digit, need = _pick_from_top(bins_ptr + pid.to(tl.int64) * BIN_WORDS, tl.full([], 65535, tl.int64),
+                                 tl.zeros([], tl.int64), k, 16, PICK_CHUNK)
+    tl.store(thr_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + digit.to(tl.int32))
+    tl.store(need_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + need.to(tl.int32))
+
+
+@triton.jit
+def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, thr_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, kept_ptr, c,
+                      width, parts, PHASE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, P_PAD: tl.constexpr,
+                      BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Program (row-KV head, part of BLOCK candidates) of a keep by scans, the scores' 16-bit keys against each
+    head's threshold digit (:func:`_counted_threshold_kernel`). PHASE 0 counts each head's ties in the part; 1
+    counts the candidates the group keeps there (a tie is kept while fewer than the head's ties to take precede
+    it, so ties go to the lower positions); 2 writes their rows at the part's offset, 0 over its places past the
+    group's total to ``width``, and the total."""
+    wait_previous(PDL)
+    pair, part = tl.program_id(0), tl.program_id(1)
+    g = tl.arange(0, G_PAD)
+    heads = pair * G + g
+    j = part * BLOCK + tl.arange(0, BLOCK)
+    live = (g < G)[:, None] & (j < tl.minimum(tl.load(count_ptr + pair), c))[None, :]
+    score = tl.load(score_ptr + heads[:, None].to(tl.int64) * c + j[None, :], mask=live, other=0.0)
+    digit = (_order_key(score) >> 16).to(tl.int32)
+    thr = tl.load(thr_ptr + heads, mask=g < G, other=0)
+    tie = (live & (digit == thr[:, None])).to(tl.int32)
+    if PHASE == 0:
+        tl.store(ties_ptr + (pair * parts + part) * G_PAD + g, tl.sum(tie, axis=1))
+    else:
+        p = tl.arange(0, P_PAD)
+        earlier = tl.load(ties_ptr + (pair * parts + p[:, None]) * G_PAD + g[None, :], mask=(p < part)[:, None],
+                          other=0)
+        need = tl.load(need_ptr + heads, mask=g < G, other=0) - tl.sum(earlier, axis=0)
+        taken = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie) < need[:, None])
+        kept = tl.max(((live & (digit > thr[:, None])) | taken).to(tl.int32), axis=0)
+        if PHASE == 1:
+            tl.store(union_ptr + pair * parts + part, tl.sum(kept, axis=0))
+        else:
+            unions = tl.load(union_ptr + pair * parts + p, mask=p < parts, other=0)
+            total = tl.sum(unions, axis=0)
+            slot = tl.sum(tl.where(p < part, unions, 0), axis=0) + tl.cumsum(kept, axis=0) - kept
+            rows = tl.load(idx_ptr + pair.to(tl.int64) * c + j, mask=kept != 0, other=0)
+            out_row = out_ptr + pair.to(tl.int64) * width
+            tl.store(out_row + slot, rows, mask=kept != 0)
+            tl.store(out_row + j, tl.zeros([BLOCK], dtype=rows.dtype), mask=(j >= total) & (j < width))
+            if part == 0:
+                tl.store(kept_ptr + pair + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
+
+
+def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor,
+                   bins: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`keep_top` past what one program holds, with the select's counts of the scores' 16-bit keys: each
+    head's threshold picked from them, then three scans over parts of KEEP_SCAN_BLOCK candidates (ties, the
+    group's kept, their rows; see :func:`_keep_scan_kernel`), the select's scans over positions without their
+    table, classes or gather."""
+    b, hkv, c = indices.shape
+    heads, group = scores.shape[1], scores.shape[1] // hkv
+    g_pad, parts = triton.next_power_of_2(group), triton.cdiv(c, KEEP_SCAN_BLOCK)
+    thr, need = torch.empty(2, b * heads, dtype=torch.int32, device=indices.device)
+    ties = torch.empty(b * hkv, parts, g_pad, dtype=torch.int32, device=indices.device)
+    union = torch.empty(b * hkv, parts, dtype=torch.int32, device=indices.device)
+    out = torch.empty(b, hkv, width, dtype=indices.dtype, device=indices.device)
+    kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
+    launch = pdl(indices.device)
+    _counted_threshold_kernel[(b * heads,)](bins, k, thr, need, c, HEADS=heads, num_warps=4, **launch)
+    scores, indices, counts = scores.contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous()
+    for phase in (0, 1, 2):
+        _keep_scan_kernel[(b * hkv, parts)](
+            scores, indices, counts, thr, need, ties, union, out, kept, c, width, parts, PHASE=phase, G=group,
+            G_PAD=g_pad, P_PAD=triton.next_power_of_2(parts), BLOCK=KEEP_SCAN_BLOCK,
+            num_warps=max(4, min(16, g_pad * KEEP_SCAN_BLOCK // 512)), **launch)
+    return out, kept
+
+
 def _per_budget(scores: torch.Tensor, hkv: int, budget: str) -> torch.Tensor:
     """``scores`` [B, Hq or Hkv, M] as the budget rule ranks them: each query head's, or under "kv_head" the KV
     group's sums (a scorer may hand those already)."""
@@ -527,6 +608,7 @@ KEEP_WARPS = 16  # keep_top's most warps (16 candidates a thread up to there: no
 KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_select)
 KEEP_CHUNK = 1024  # candidates a program of a keep in parts places (a group of one with the select's counts; 0: one
 # program a row and KV head)
+KEEP_SCAN_BLOCK = 1024  # candidates a program of a keep by scans reads (past the tables above, with the counts)
 
 
 def keep_top(
@@ -534,10 +616,11 @@ def keep_top(
     budget: str = "query_head", key_bits: int = 32, bins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
-    (a program per row and KV head; in parts, up to KEEP_PARTS_TABLE), else :func:`select_topk` over their
-    positions and a gather. ``bins``, the
-    select's counts of ``scores``' 16-bit keys (:func:`select_topk`'s fourth result), spare a keep of 16-bit keys
-    its select's rounds (scores the budget rule sums are not the ones counted: then they are not read)."""
+    (a program per row and KV head; in parts, up to KEEP_PARTS_TABLE). ``bins``, the select's counts of
+    ``scores``' 16-bit keys (:func:`select_topk`'s fourth result), spare a keep of 16-bit keys its select's rounds
+    (scores the budget rule sums are not the ones counted: then they are not read); past those tables they give
+    each head's threshold, then three scans keep (:func:`_keep_by_scans`: four launches); without them,
+    :func:`select_topk` over the candidates' positions and a gather."""
     check_key_bits(key_bits)
     if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
         raise ValueError(f"triton_topk.KEEP_DIGIT_BITS must be 2, 4 or 8, got {KEEP_DIGIT_BITS!r}")
@@ -550,13 +633,15 @@ def keep_top(
                          f"{tuple(bins.shape)}")
     group = scores.shape[1] // hkv
     chunk = KEEP_CHUNK if binned and group == 1 else 0
+    width = max(1, min(group * k_max, c))
+    if binned and c > (KEEP_PARTS_TABLE if chunk else KEEP_TABLE):
+        return _keep_by_scans(indices, counts, scores.float(), k, bins, width)
     if c > (KEEP_PARTS_TABLE if chunk else KEEP_TABLE):  # (the select reads every position: -inf past the counts)
         scores = scores_within_counts(scores, counts)
         positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
         chosen, chosen_counts = select_topk(scores, positions, every[:, 0], k, budget, histogram=ones, k_max=k_max,
                                             unit=True, key_bits=key_bits)
         return gather_chosen(indices, counts, chosen, chosen_counts)
-    width = max(1, min(group * k_max, c))
     out = torch.empty(b, hkv, width, dtype=indices.dtype, device=indices.device)
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     table = max(16, triton.next_power_of_2(c))
