@@ -274,6 +274,24 @@ def throughput_table(runs: list[dict], methods: str = "", per_batch: bool = True
     return "\n".join(out)
 
 
+def against_wrope(files: list[dict]) -> list[dict]:
+    """Every run's rows, labelled with its commit and group correlation (``bench.throughput --group-correlation``),
+    each with its step over the mean windowed-RoPE step (a method naming neither "distance" nor "rerank") of the
+    runs at the same correlation."""
+    plain = defaultdict(list)
+    for f in files:
+        for r in f["runs"]:
+            if "step_ms" in r and not re.search("distance|rerank", r["method"]):
+                plain[f.get("group_correlation", 0.0)].append(r["step_ms"])
+    rows = []
+    for f in files:
+        rho = f.get("group_correlation", 0.0)
+        mean = sum(plain[rho]) / len(plain[rho]) if plain[rho] else None
+        rows += [{**r, "commit": f["environment"]["commit"], "rho": rho,
+                  "excess": r["step_ms"] / mean - 1 if mean and "step_ms" in r else None} for r in f["runs"]]
+    return rows
+
+
 KINDS = ("full", "StaticCache", "offloaded", "offload=none", "offload=auto", "offload=cpu")
 
 
@@ -318,6 +336,11 @@ CPU_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "threads": cell("thread
                  "C++ kernel": cell("cpp_ms", "{:.2f} ms"), "GB/s": cell("cpp_gbs", "{:.1f}"),
                  "% CPU bw": cell("pct_cpu_bw", "{:.0f}"), "torch reference": cell("reference_ms", "{:.2f} ms"),
                  "`index_select` + matmul": cell("index_select_ms", "{:.2f} ms")}
+AGAINST_WROPE = {"commit": cell("commit"), "group correlation": cell("rho", "{:g}"), "method": cell("method"),
+                 "ms / step": cell("step_ms", "{:.2f}"), "over windowed RoPE": cell("excess", "{:+.1%}"),
+                 "candidates (heads' worth)": cell("candidate_union", "{:.2f}")}
+
+
 KEEP = {"version": cell("version"), "N": kilo("n"), "batch": cell("batch"), "candidates": cell("candidates"),
         "keep_top (16 warps)": cell("keep_top_us", "{:.1f} us"), "at 8 warps": cell("keep_top_8_warps_us", "{:.1f} us"),
         "its radix select alone": cell("select_us", "{:.1f} us"), "load floor": cell("floor_us", "{:.1f} us")}

@@ -287,6 +287,7 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", 16)
         monkeypatch.setattr(triton_topk, "KEEP_PARTS_TABLE", 16)
         monkeypatch.setattr(triton_topk, "KEEP_SCAN_BLOCK", 32)
+        monkeypatch.setattr(triton_topk, "KEEP_TOP_BLOCK", 64)
     g = torch.Generator().manual_seed(d + n)
     lut = torch.randn(b, hq, m, generator=g)
     codes = torch.randint(0, m, (b, hkv, n), generator=g).to(torch.uint16)
@@ -392,4 +393,5 @@ def test_keep_by_scans_compiles_for_hopper(phase, group):
                        {"PHASE": phase, "G": group, "G_PAD": {1: 1, 4: 4, 6: 8}[group], "P_PAD": 2048, "BLOCK": 1024},
                        {"score_ptr": "*fp32", "count_ptr": "*i32"})
     if phase == 0 and group == 1:
-        compile_for_hopper("triton_topk", "_counted_threshold_kernel", {"HEADS": 32}, {"k_ptr": "*i64"})
+        compile_for_hopper("triton_topk", "_counted_threshold_kernel", {"G": 4, "HEADS": 32, "BLOCK": 8192},
+                           {"score_ptr": "*fp32", "k_ptr": "*i64"})
