@@ -277,17 +277,18 @@ def throughput_table(runs: list[dict], methods: str = "", per_batch: bool = True
 def against_wrope(files: list[dict]) -> list[dict]:
     """Every run's rows, labelled with its commit and group correlation (``bench.throughput --group-correlation``),
     each with its step over the mean windowed-RoPE step (a method naming neither "distance" nor "rerank") of the
-    runs at the same correlation."""
+    runs of the same commit at the same correlation."""
+    def key(f: dict) -> tuple:
+        return f["environment"]["commit"], f.get("group_correlation", 0.0)
+
     plain = defaultdict(list)
     for f in files:
-        for r in f["runs"]:
-            if "step_ms" in r and not re.search("distance|rerank", r["method"]):
-                plain[f.get("group_correlation", 0.0)].append(r["step_ms"])
+        plain[key(f)] += [r["step_ms"] for r in f["runs"]
+                          if "step_ms" in r and not re.search("distance|rerank", r["method"])]
     rows = []
     for f in files:
-        rho = f.get("group_correlation", 0.0)
-        mean = sum(plain[rho]) / len(plain[rho]) if plain[rho] else None
-        rows += [{**r, "commit": f["environment"]["commit"], "rho": rho,
+        mean = sum(plain[key(f)]) / len(plain[key(f)]) if plain[key(f)] else None
+        rows += [{**r, "commit": key(f)[0], "rho": key(f)[1],
                   "excess": r["step_ms"] / mean - 1 if mean and "step_ms" in r else None} for r in f["runs"]]
     return rows
 
@@ -522,6 +523,9 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h100-rerank4": Block(("throughput/2026-12-06-9e97ee7-nvidia-h100-80gb-hbm3.json",)
                                      + tuple(f"throughput/2026-12-06-d948682-nvidia-h100-80gb-hbm3{s}.json"
                                              for s in ("", "-2")), lambda f: throughput_table(runs(f))),
+    "throughput-h100-query-head-rerank": Block(tuple(f"throughput/2026-12-06-8e05a79-nvidia-h100-80gb-hbm3{s}.json"
+                                                     for s in ("", "-2")),
+                                               lambda f: table(against_wrope(f), AGAINST_WROPE)),
     "ruler-reranked": Block((RERANKED,), lambda f: ruler_tables(f[0])),
     "fidelity-kv-head-rerank-cpu": Block(("evaluation/2026-12-06-84e1f49-cpu.json",),
                                          lambda f: fidelity_table(f[0]["perplexity"])),

@@ -128,3 +128,16 @@ def test_a_run_with_the_exact_top_k_gives_each_method_its_paired_difference_from
     assert "| exact top-K (oracle) | 0.500 |" in rows
     assert any(r.endswith("| 0.250 (50%), -0.250 ± 0.250 |") for r in rows)
     assert "vs_oracle" not in report.summarize_run({"ruler": records[:4], "perplexity": []})["summary"]
+
+
+def test_against_wrope_divides_by_windowed_ropes_mean_of_the_same_commit_and_correlation():
+    def run(commit, rho, *steps):
+        return {"environment": {"commit": commit}, "group_correlation": rho,
+                "runs": [{"method": m, "step_ms": ms} for m, ms in steps]}
+
+    wrope, rerank = "A2ATS offload=none query_head graphs", "A2ATS offload=none query_head distance rerank 4 graphs"
+    rows = report.against_wrope([run("a", 0.9, (wrope, 10.0), (rerank, 13.0), (wrope, 12.0)),
+                                 run("a", 0.0, (wrope, 20.0), (rerank, 22.0)),
+                                 run("b", 0.9, (rerank, 11.0))])
+    assert [r["excess"] for r in rows[:5]] == pytest.approx([-1 / 11, 2 / 11, 1 / 11, 0.0, 0.1])
+    assert rows[-1]["excess"] is None and [r["rho"] for r in rows] == [0.9, 0.9, 0.9, 0.0, 0.0, 0.9]
