@@ -55,7 +55,7 @@ def test_observers_watch_every_decode_step(tiny):
 def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny, monkeypatch):
     """With R x the budget covering every far token and the keep ranking by full float32 keys, re-ranked windowed
     RoPE decodes as the oracle does (the exact top-K) where the K/V is on the device; layers in CPU memory select
-    as without it, and offload="cpu" (where no layer could re-rank) is refused; R = 2 by default. (Token 0 may not
+    as without it, and offload="cpu" (where no layer could re-rank) is refused; R = RERANK by default. (Token 0 may not
     come: its embedding is the zero padding vector, whose query scores every key 0, and such ties break
     differently.)"""
     monkeypatch.setattr(step, "KEEP_KEY_BITS", 32)  # the default 16 ties scores equal in bfloat16 (to lower indices)
