@@ -4,7 +4,8 @@ after a run of the defaults (the machine drifts more than most settings gain), t
 at every batch that fits; ms per step (a kernel timed alone is bound by its Python launch, so only the captured step
 can rank them).
 
-    python -m bench.tune_step [--batch 1] [--budget kv_head] [--scoring distance] [--settings COUNT_COPIES ...]
+    python -m bench.tune_step [--batch 1] [--budget kv_head] [--scoring distance] [--group-correlation 0.9]
+                              [--settings COUNT_COPIES ...]
 
 (GPU only; writes bench/results/tune-step/<date>-<commit>-<gpu>.json after every row)
 """
@@ -30,6 +31,8 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_topk, "WIDE_UNIT_TABLE"): [2048, 4096],
     (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEEP_DIGIT_BITS"): [2, 8], (triton_topk, "KEY_SPAN"): [True],
     (triton_topk, "KEEP_CHUNK"): [2048, 4096], (triton_topk, "SCORE_ROWS"): [32, 128],
+    (triton_topk, "KEEP_SCAN_BLOCK"): [512, 2048], (triton_topk, "KEEP_TOP_BLOCK"): [4096, 16384],
+    (triton_topk, "COUNT16_BYTES"): [0],  # the exact scores not counted: the keep goes through the select
     (triton_launch, "PDL"): [True],
 }
 
@@ -41,6 +44,9 @@ def main() -> None:
     parser.add_argument("--budget", default="kv_head", choices=["kv_head", "query_head"])
     parser.add_argument("--scoring", default="distance", choices=["distance", "wrope"])
     parser.add_argument("--rerank", type=int, default=1)
+    parser.add_argument("--group-correlation", type=float, default=0.0, metavar="RHO",
+                        help="a KV group's query heads correlate by RHO (bench.common.correlate_groups; 0.9 holds "
+                             "SmolLM2's re-ranking candidates a KV head)")
     parser.add_argument("--settings", nargs="+", choices=sorted(name for _, name in SETTINGS),
                         help="try only these constants (default: all)")
     parser.add_argument("--steps", type=int, default=16)
@@ -48,12 +54,13 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or results_path("tune-step")
     run_args = arguments().parse_args(["--steps", str(args.steps), "--split-steps", "0"])
-    model = build([0])
+    model = build([0], group_correlation=args.group_correlation)
     model.set_attn_implementation("a2ats")
     books = random_codebooks(centroids=4096, config=model.config)
     n, method = args.context, f"A2ATS offload=none {args.budget} {args.scoring} rerank {args.rerank} graphs"
     settings = {key: values for key, values in SETTINGS.items() if not args.settings or key[1] in args.settings}
-    results = {"environment": environment(), "context": n, "method": method, "rows": []}
+    results = {"environment": environment(), "context": n, "method": method,
+               "group_correlation": args.group_correlation, "rows": []}
 
     def step_ms(batch: int, label: str) -> float:
         make = lambda: A2ATSCache(books, topk=0.03, budget=args.budget, offload="none",  # noqa: E731
