@@ -274,9 +274,9 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
     up to each count their exact q . k by the table's query heads (or the group's summed query) against a store
     buffer wider than the tokens, and counts each score row's 16-bit keys, unless those counts
     would pass COUNT16_BYTES; the keep, handed those counts or not, keeps what the reference keeps of those
-    scores (many tied in 16 bits): a group of one head in parts of 64 candidates a program (past KEEP_TABLE, where
-    a group of several heads goes by scans), whole, or every group by scans over parts of 32 candidates (past
-    both tables: thresholds from the counts; without them, through the select)."""
+    scores (many tied in 16 bits; budgets up to past every count): a group of one head in parts of 64 candidates a
+    program (past KEEP_TABLE, where a group of several heads goes by scans), whole, or every group by scans over
+    parts of 32 candidates (past both tables: thresholds from the counts; without them, through the select)."""
     binned = keep != "past-COUNT16_BYTES"
     if not binned:
         monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
@@ -315,7 +315,7 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
                 keys16 = reference.order_keys(scores[row, rows, :c].cpu()) >> 16
                 counted = torch.zeros(group, 1 << 16, dtype=torch.long).scatter_add_(1, keys16, torch.ones_like(keys16))
                 assert torch.equal(bins[row, rows].cpu().long(), counted)
-    for top in (torch.div(k, 2, rounding_mode="floor"), k):
+    for top in (torch.div(k, 2, rounding_mode="floor"), k, torch.full_like(k, n)):  # (n: past every count)
         kept, kept_counts = reference.keep_top(got.cpu(), counts.cpu(), scores.cpu(), top, int(top.max()), budget, 16)
         got_kept, got_counts = triton_topk.keep_top(got, counts, scores, to(top), int(top.max()), budget, 16, bins)
         assert torch.equal(got_counts.cpu().long(), kept_counts.long())
