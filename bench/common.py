@@ -33,10 +33,8 @@ LLAMA31_8B = LlamaConfig(
 )
 
 
-def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16, group_correlation: float = 0.0) -> AutoModelForCausalLM:
-    """Random-weight model on ``gpus`` (one: all of it there; two: accelerate's balanced map over both); with
-    ``group_correlation`` rho, each KV group's query heads share that part of their projections' variance
-    (:func:`correlate_groups`)."""
+def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16) -> AutoModelForCausalLM:
+    """Random-weight model on ``gpus`` (one: all of it there; two: accelerate's balanced map over both)."""
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(LLAMA31_8B, dtype=dtype)
     if len(gpus) == 1:
@@ -53,10 +51,7 @@ def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16, group_correlatio
         value = torch.empty(param.shape, dtype=dtype, device=device)
         value.fill_(1.0) if param.dim() == 1 else value.normal_(0.0, 0.02)  # norms at 1, matrices small
         set_module_tensor_to_device(model, name, device, value=value)
-    model = dispatch_model(model, device_map).eval()
-    if group_correlation:
-        correlate_groups(model, group_correlation)
-    return model
+    return dispatch_model(model, device_map).eval()
 
 
 @torch.no_grad()
@@ -65,9 +60,11 @@ def correlate_groups(model, rho: float) -> None:
     sqrt(rho) * shared + sqrt(1 - rho) * own, so the group's queries correlate by ``rho`` at the same norm. A
     trained model's heads of a group attend alike (their top tokens overlap); random weights make them independent,
     which inflates whatever grows with the union of the group's picks (re-ranking's candidates under the
-    per-query-head rule)."""
+    per-query-head rule). 0 leaves the model as it is."""
     if not 0 <= rho < 1:
         raise ValueError(f"group correlation must be in [0, 1), got {rho}")
+    if rho == 0:
+        return
     config = model.config
     group, d = config.num_attention_heads // config.num_key_value_heads, config.head_dim
     g = torch.Generator().manual_seed(1)

@@ -329,11 +329,10 @@ def main() -> None:
         config = TINY
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
                                                  attn_implementation="a2ats").to(device).eval()
-        if args.group_correlation:
-            correlate_groups(model, args.group_correlation)
     else:
-        config, model = LLAMA31_8B, build([0], group_correlation=args.group_correlation)
+        config, model = LLAMA31_8B, build([0])
         model.set_attn_implementation("a2ats")
+    correlate_groups(model, args.group_correlation)
     cpu_attention.extension()  # built outside the timings
     centroids = 64 if args.tiny else 4096
     if args.calibrate_tokens:  # random words through the random model: its own keys and queries

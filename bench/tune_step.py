@@ -18,7 +18,7 @@ from pathlib import Path
 
 from a2ats_hf import A2ATSCache
 from a2ats_hf.kernels import triton_attention, triton_codes, triton_launch, triton_topk
-from bench.common import build, environment, random_codebooks, release, results_path
+from bench.common import build, correlate_groups, environment, random_codebooks, release, results_path
 from bench.throughput import arguments, measure
 
 SETTINGS = {  # (module, constant): values to try; the module's own value is the default
@@ -54,7 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or results_path("tune-step")
     run_args = arguments().parse_args(["--steps", str(args.steps), "--split-steps", "0"])
-    model = build([0], group_correlation=args.group_correlation)
+    model = build([0])
+    correlate_groups(model, args.group_correlation)
     model.set_attn_implementation("a2ats")
     books = random_codebooks(centroids=4096, config=model.config)
     n, method = args.context, f"A2ATS offload=none {args.budget} {args.scoring} rerank {args.rerank} graphs"

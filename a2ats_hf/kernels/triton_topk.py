@@ -644,9 +644,10 @@ def keep_top(
     group = scores.shape[1] // hkv
     chunk = KEEP_CHUNK if binned and group == 1 else 0
     width = max(1, min(group * k_max, c))
-    if binned and c > (KEEP_PARTS_TABLE if chunk else KEEP_TABLE):
+    past_tables = c > (KEEP_PARTS_TABLE if chunk else KEEP_TABLE)
+    if past_tables and binned:
         return _keep_by_scans(indices, counts, scores.float(), k, bins, width)
-    if c > (KEEP_PARTS_TABLE if chunk else KEEP_TABLE):  # (the select reads every position: -inf past the counts)
+    if past_tables:  # (the select reads every position: -inf past the counts)
         scores = scores_within_counts(scores, counts)
         positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
         chosen, chosen_counts = select_topk(scores, positions, every[:, 0], k, budget, histogram=ones, k_max=k_max,
