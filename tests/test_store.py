@@ -237,7 +237,10 @@ def test_a_deep_copy_has_blocks_of_its_own_kind():
     store.append(*torch.randn(2, 2, 3, 7, 8))
     clone = copy.deepcopy(store)
     assert [b.data_ptr() for b in clone.blocks] != [b.data_ptr() for b in store.blocks]
-    assert all(torch.equal(a, b) and a.is_pinned() == b.is_pinned() for a, b in zip(clone.blocks, store.blocks))
+    assert len(clone.blocks) == len(store.blocks) == 1
+    # Only the 7 written tokens: a block's unwritten tail is uninitialised memory (a NaN there is unequal to itself).
+    assert all(torch.equal(a[:, :, :7], b[:, :, :7]) and a.is_pinned() == b.is_pinned()
+               for a, b in zip(clone.blocks, store.blocks))
     assert clone.mapped().length == 7 and all(torch.equal(a, b) for a, b in zip(clone.to_tensors(), store.to_tensors()))
     clone.append(*torch.randn(2, 2, 3, 1, 8))
     assert store.length == 7 and clone.length == 8
