@@ -249,21 +249,22 @@ def test_threshold_compiles_for_hopper(key_bits):
 
 
 @pytest.mark.parametrize("group, phase, score", [(1, 0, False), (1, 2, False), (4, 0, False), (4, 1, False),
-                                                (4, 2, False), (6, 2, False), (1, 2, True), (4, 2, True)])
+                                                (4, 2, False), (6, 2, False), (1, 2, 1), (4, 2, 4), (1, 2, 4)])
 def test_scans_compile_for_hopper(group, phase, score):
     """The scans over the codes compile to PTX for sm_90 without a GPU, for a group of one head (no union count:
     PHASE 0 counts the tokens above, PHASE 2 adds the ties taken), of four (a word of four bytes) and of six (a
-    word of eight); the last scoring the tokens it writes and counting their keys (re-ranking's candidates)."""
+    word of eight); the last scoring the tokens it writes by ``score`` queries a pair and counting their keys
+    (re-ranking's candidates; a group of one choosing for four: a pool for the query heads)."""
     g_pad = {1: 1, 4: 4, 6: 8}[group]
     constants = {"PHASE": phase, "HKV": 8, "G": group, "G_PAD": g_pad, "S_PAD": 128, "BLOCK_N": 512, "BLOCKS": 4,
-                 "WORDS": True, "PACKED": g_pad <= 4, "HEAD_BYTES": (1 << 8 * group) - 1, "SCORE": score,
-                 "D": 128, "D_PAD": 128, "SCORE_ROWS": 64, "BINS": score}
+                 "WORDS": True, "PACKED": g_pad <= 4, "HEAD_BYTES": (1 << 8 * group) - 1, "SCORE": bool(score),
+                 "SG": int(score) or 1, "D": 128, "D_PAD": 128, "SCORE_ROWS": 64, "BINS": bool(score)}
     pointers = {"class_ptr": {1: "*u8", 4: "*i32", 8: "*i64"}[g_pad], "codes_ptr": "*u16", "cand_ptr": "*i1",
                 "k_ptr": "*i64", "q_ptr": "*fp32", "key_ptr": "*bf16", "score_ptr": "*fp32"}
     compile_for_hopper("triton_topk", "_scan_kernel", constants, pointers)
 
 
-@pytest.mark.parametrize("budget", ["query_head", "kv_head"])
+@pytest.mark.parametrize("budget", ["query_head", "kv_head", "pool"])
 @pytest.mark.parametrize("b, hq, hkv, d, n, m, dtype",
                          [(2, 6, 2, 24, 700, 50, torch.float32), (3, 3, 3, 64, 300, 9000, torch.bfloat16),
                           (1, 4, 1, 80, 3000, 20, torch.float16)],
@@ -271,7 +272,8 @@ def test_scans_compile_for_hopper(group, phase, score):
 @pytest.mark.parametrize("keep", ["parts", "whole", "scans", "past-COUNT16_BYTES"])
 def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, keep, monkeypatch):
     """With ``exact``, the select's last scan scores the tokens it writes: the reference's indices and counts, and
-    up to each count their exact q . k by the table's query heads (or the group's summed query) against a store
+    up to each count their exact q . k by the table's query heads (or the group's summed query; or, as a "pool"
+    for the query heads, the group's summed table choosing and each query head scoring) against a store
     buffer wider than the tokens, and counts each score row's 16-bit keys, unless those counts
     would pass COUNT16_BYTES; the keep, handed those counts or not, keeps what the reference keeps of those
     scores (many tied in 16 bits; budgets up to past every count): a group of one head in parts of 64 candidates a
@@ -294,11 +296,12 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
     candidates = torch.rand(b, n, generator=g) > 0.3
     k = torch.randint(1, int(candidates.sum(-1).min()) // 3, (b,), generator=g)
     heads = hkv if budget == "kv_head" else hq
+    chooser, budget = ("kv_head", "query_head") if budget == "pool" else (budget, budget)  # (select's, keep's rule)
     query, keys = torch.randn(b, heads, d, generator=g), torch.randn(b, hkv, n + 17, d, generator=g).to(dtype)
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-    expected, expected_counts, expected_scores, no_bins = reference.select_topk(lut, codes, candidates, k, budget,
+    expected, expected_counts, expected_scores, no_bins = reference.select_topk(lut, codes, candidates, k, chooser,
                                                                                 exact=(query, keys))
-    got, counts, scores, bins = triton_topk.select_topk(to(lut), to(codes), to(candidates), to(k), budget,
+    got, counts, scores, bins = triton_topk.select_topk(to(lut), to(codes), to(candidates), to(k), chooser,
                                                         block_n=64, exact=(to(query), to(keys)))
     assert no_bins is None and (bins is None) == (not binned)
     assert torch.equal(counts.cpu().long(), expected_counts.long()) and scores.dtype == torch.float32

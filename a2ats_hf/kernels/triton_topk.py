@@ -696,11 +696,12 @@ def _scan_kernel(
     q_ptr, key_ptr, score_ptr, bins_ptr, n, m, stride_cb, stride_ch, stride_mb, out_width, segments, sq_b, sq_h,
     sk_b, sk_h, sk_l, PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr,
-    HEAD_BYTES: tl.constexpr, SCORE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SCORE_ROWS: tl.constexpr,
-    BINS: tl.constexpr, PDL: tl.constexpr,
+    HEAD_BYTES: tl.constexpr, SCORE: tl.constexpr, SG: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    SCORE_ROWS: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
-    choice, 2 writes the chosen indices (SCORE: and their exact scores, BINS: counted; :func:`_score_chosen`). A
+    choice, 2 writes the chosen indices (SCORE: and their exact scores by SG queries a pair, BINS: counted;
+    :func:`_score_chosen`). A
     group of one head needs no PHASE 1: its choice in a segment is the tokens above its threshold there, which
     PHASE 0 counts too, and the ties its budget still takes there."""
     wait_previous(PDL)
@@ -792,9 +793,9 @@ def _scan_kernel(
             tl.store(count_ptr + pair, chosen_before)
         if SCORE:
             kv, at = (pair % HKV).to(tl.int64), row.to(tl.int64)
-            _score_chosen(out_ptr + pair.to(tl.int64) * out_width, score_ptr + pair.to(tl.int64) * G * out_width,
-                          bins_ptr + pair.to(tl.int64) * G * BIN_WORDS, q_ptr + at * sq_b + kv * G * sq_h,
-                          key_ptr + at * sk_b + kv * sk_h, sq_h, sk_l, first, chosen_before, out_width, G, D, D_PAD,
+            _score_chosen(out_ptr + pair.to(tl.int64) * out_width, score_ptr + pair.to(tl.int64) * SG * out_width,
+                          bins_ptr + pair.to(tl.int64) * SG * BIN_WORDS, q_ptr + at * sq_b + kv * SG * sq_h,
+                          key_ptr + at * sk_b + kv * sk_h, sq_h, sk_l, first, chosen_before, out_width, SG, D, D_PAD,
                           SCORE_ROWS, BINS)
 
 
@@ -841,12 +842,13 @@ def select_topk(
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
     heads = lut.shape[1]
-    binned = exact is not None and _counts16_fit(b * heads)
+    scored_heads = heads if exact is None else exact[0].shape[1]  # a KV group's queries may score its one choice
+    binned = exact is not None and _counts16_fit(b * scored_heads)
     sizes = [_counters(m, b * heads, unit, key_bits), b * hkv * width, b * hkv * words,
-             b * heads * BIN_WORDS.value if binned else 0]
+             b * scored_heads * BIN_WORDS.value if binned else 0]
     counted, indices, summary, bins = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
-    bins = bins.view(b, heads, BIN_WORDS.value) if binned else None
+    bins = bins.view(b, scored_heads, BIN_WORDS.value) if binned else None
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
@@ -880,21 +882,22 @@ def select_topk(
 
 def _exact_arguments(exact: tuple[torch.Tensor, torch.Tensor] | None, b: int, heads: int, width: int,
                      bins: torch.Tensor | None) -> tuple[list, dict]:
-    """:func:`_scan_kernel`'s scoring arguments (query, keys, the scores' buffer [B, heads, width], the zeroed
-    ``bins`` that count their keys or None, then the strides) and constants for ``exact`` (query [B, heads, D],
-    keys [B, Hkv, >= N, D]); for none, ``bins``' (not read)."""
+    """:func:`_scan_kernel`'s scoring arguments (query, keys, the scores' buffer [B, H, width], the zeroed
+    ``bins`` that count their keys or None, then the strides) and constants for ``exact`` (query [B, H, D], H a
+    multiple of the ``heads`` that choose: each scores its chooser's tokens; keys [B, Hkv, >= N, D]); for none,
+    ``bins``' (not read)."""
     if exact is None:
-        return [bins] * 4 + [0] * 5, dict(SCORE=False, D=1, D_PAD=16, SCORE_ROWS=16, BINS=False)
+        return [bins] * 4 + [0] * 5, dict(SCORE=False, SG=1, D=1, D_PAD=16, SCORE_ROWS=16, BINS=False)
     query, keys = exact
-    if query.shape[:2] != (b, heads) or query.shape[-1] != keys.shape[-1]:
-        raise ValueError(f"exact scores need a query [{b}, {heads}, D] and keys [B, Hkv, N, D], got "
+    if query.shape[0] != b or query.shape[1] % heads or query.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"exact scores need a query [{b}, a multiple of {heads}, D] and keys [B, Hkv, N, D], got "
                          f"{tuple(query.shape)} and {tuple(keys.shape)}")
     query = query if query.stride(-1) == 1 else query.contiguous()
     assert keys.stride(-1) == 1
-    scores = torch.empty(b, heads, width, dtype=torch.float32, device=query.device)
+    scores = torch.empty(b, query.shape[1], width, dtype=torch.float32, device=query.device)
     d = query.shape[-1]
     return ([query, keys, scores, scores if bins is None else bins, query.stride(0), query.stride(1),
              *keys.stride()[:3]],
-            dict(SCORE=True, D=d, D_PAD=max(16, triton.next_power_of_2(d)), SCORE_ROWS=SCORE_ROWS,
-                 BINS=bins is not None))
+            dict(SCORE=True, SG=query.shape[1] // keys.shape[1], D=d, D_PAD=max(16, triton.next_power_of_2(d)),
+                 SCORE_ROWS=SCORE_ROWS, BINS=bins is not None))
 
