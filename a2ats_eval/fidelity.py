@@ -68,9 +68,9 @@ class FidelityProbe:
 
     def selection(self, layer, query, position_ids, far, logits, k) -> torch.Tensor:
         """Record the recall of each query head's exact top-k by the scorer's top-k (re-ranked where the cache
-        re-ranks this layer: the scorer's top R x k of the KV group, then each head's top k of those by its exact
-        logits); return what is attended far [B, Hq, N] (the KV group's union, or the KV head's pick under
-        ``budget="kv_head"``)."""
+        re-ranks this layer: the top R x k of the KV group's summed table, then each head's top k of those by its
+        exact logits, or the group's by their sum); return what is attended far [B, Hq, N] (the KV group's union,
+        or the KV head's pick under ``budget="kv_head"``)."""
         cache, (b, hq, n) = layer.cache, logits.shape
         hkv = layer.codes.shape[1]
         group = hq // hkv
@@ -80,15 +80,15 @@ class FidelityProbe:
             return summed.repeat_interleave(group, dim=1)
 
         exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
-        lut, codes, _ = layer.scorer.scores(layer.score_inputs(query, position_ids, 1.0, far))
-        if cache.budget == "kv_head":
+        rerank = cache.rerank if layer.store.resident else 1
+        ranked_by = "kv_head" if rerank > 1 else cache.budget  # (re-ranking's pool: the group's summed table)
+        lut, codes, _ = layer.scorer.scores(layer.score_inputs(query, position_ids, 1.0, far, ranked_by))
+        if ranked_by == "kv_head":
             lut = per_group(lut)
         approx = lut.gather(-1, codes.long().repeat_interleave(group, dim=1))
-        rerank = cache.rerank if layer.store.resident else 1
         hit = top(approx, far[:, None], min(k * rerank, n))
         if rerank > 1:
-            pool = hit.view(b, hkv, group, n).any(2).repeat_interleave(group, dim=1)
-            hit = top(per_group(logits) if cache.budget == "kv_head" else logits, far[:, None] & pool, k)
+            hit = top(per_group(logits) if cache.budget == "kv_head" else logits, far[:, None] & hit, k)
         self.values["recall"][layer.layer_idx].append(hit.gather(-1, exact).float().mean().item())
         rows = hit.view(b, hkv, group, n).any(2)  # what each KV head reads: its group's union
         if self.picks is not None:

@@ -246,14 +246,15 @@ class A2ATSLayer(CacheLayerMixin):
             self.histogram = code_histogram(self.codes, self.far_candidates(valid), self.centroids.shape[1])
 
     def score_inputs(self, query: torch.Tensor, position_ids: torch.Tensor, scaling: float,
-                     far: torch.Tensor) -> ScoreInputs:
+                     far: torch.Tensor, budget: str | None = None) -> ScoreInputs:
         """What the layer's scorer reads of this step (``query`` [B, Hq, D] post-RoPE at ``position_ids`` [B or 1,
-        T], the candidates ``far`` [B, width])."""
+        T], the candidates ``far`` [B, width]), for a table ranked by the ``budget`` rule (default: the layer's;
+        re-ranking's pool ranks by the KV group's)."""
         cache, static = self.cache, self.cache.static
         return ScoreInputs(query, position_ids[:, -1:], scaling, far, self.codes, self.code_buffer, self.histogram,
                            self.centroids, cache.rope, cache.codebooks.offset, self.config.window,
                            self.store.length + (0 if static is None else 1), None if static is None else static.length,
-                           cache.pass_memo, self.store, self.config.budget, self.first_token)
+                           cache.pass_memo, self.store, budget or self.config.budget, self.first_token)
 
     # The masks below take the key validity [B, width]; the length may be a host int or (capture-ready) a tensor.
 

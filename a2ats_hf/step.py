@@ -170,16 +170,19 @@ def _select(
     k_max = cache.budget_for(far_max)  # host-side: nothing waits
     if k_max == 0 or not cache.scorer.retrieves:
         return None
-    inputs = layer.score_inputs(query, position_ids, scaling, masks.far)
-    lut, codes, histogram = layer.scorer.scores(inputs)
     rerank, rule = cache.rerank if layer.store.resident else 1, layer.config.budget
+    # re-ranking's candidates are one pool a KV group: R x the budget by the table of the group's summed query
+    # (the union of each query head's own R x budget holds no more of their exact top-K, and costs G tables)
+    inputs = layer.score_inputs(query, position_ids, scaling, masks.far, "kv_head" if rerank > 1 else rule)
+    lut, codes, histogram = layer.scorer.scores(inputs)
     if rerank == 1:
         return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max)
-    # re-ranking: R x the budget by the table, scored exactly where the select writes them (the table's query:
-    # under the per-KV-head rule the group's summed query, one product per KV head), then the budget's best kept
+    # scored exactly where the select writes them, by each query head (or the group's summed query), which then
+    # keeps its budget's best (or the group keeps one budget by the sum)
     indices, counts, scores, bins = kernels.select_topk(
-        lut, codes, masks.far, masks.candidates, rule, histogram=histogram, k_max=min(k_max * rerank, far_max),
-        key_bits=CANDIDATE_KEY_BITS, exact=(inputs.table_query, layer.store.keys))
+        lut, codes, masks.far, masks.candidates, "kv_head", histogram=histogram,
+        k_max=min(k_max * rerank, far_max), key_bits=CANDIDATE_KEY_BITS,
+        exact=(inputs.table_query if rule == "kv_head" else query, layer.store.keys))
     return kernels.keep_top(indices, counts, scores, masks.budget, k_max, rule, KEEP_KEY_BITS, bins)
 
 

@@ -79,6 +79,36 @@ def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny, monkeypat
     assert torch.equal(logits(offload="none"), logits(offload="none", rerank=RERANK))  # on by default
 
 
+def test_rerank_pools_a_kv_groups_candidates_by_its_summed_table(tiny, monkeypatch):
+    """Under the per-query-head rule, re-ranking's candidates are one pool a KV group: the top R x k by the table of
+    the group's summed query; each query head keeps its own exact top k of that pool, united over the group (not
+    the union of each head's own R x k, which holds no more of their exact top-K and costs a table a head)."""
+    monkeypatch.setattr(step, "KEEP_KEY_BITS", 32)  # full float32 keys: the order below, no ties in bfloat16
+    monkeypatch.setattr(step, "CANDIDATE_KEY_BITS", 32)
+    seen, original = [], step._select
+    monkeypatch.setattr(step, "_select", lambda *args: seen.append((*args, original(*args))) or seen[-1][-1])
+    model, books = tiny
+    rerank = 3
+    cache = A2ATSCache(books, topk=0.05, offload="none", dense_below=0, scoring="wrope", rerank=rerank)
+    greedy(model, ids_of(2, 150, seed=3), cache, new=2)
+    layer, query, position_ids, masks, _, (indices, counts) = seen[0]  # the first decode step's first layer
+    lut, codes, _ = layer.scorer.scores(layer.score_inputs(query, position_ids, 1.0, masks.far, "kv_head"))
+    approx = lut.gather(-1, codes.long()).masked_fill(~masks.far[:, None], float("-inf"))  # [B, Hkv, W]
+    b, hkv, width = approx.shape
+    group = query.shape[1] // hkv
+    exact = torch.einsum("bkgd,bknd->bkgn", query.float().view(b, hkv, group, -1),
+                         layer.store.keys[:, :, :width].float())
+    for row in range(b):
+        k = int(masks.budget[row])
+        assert 0 < k and rerank * k < int(masks.far[row].sum())  # a pool narrower than the far tokens
+        for head in range(hkv):
+            pool = approx[row, head].sort(descending=True, stable=True).indices[: rerank * k]  # ties: lower first
+            kept = exact[row, head][:, pool].topk(k, dim=-1).indices  # [group, k] places in the pool
+            expected = sorted(set(pool[kept.flatten()].tolist()))
+            got = indices[row, head, : int(counts[row, head])].tolist()
+            assert got == expected
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the hand-off between a GPU and the CPU needs a GPU")
 def test_offloaded_step_waits_once_per_layer(tiny, monkeypatch):
     """An offloaded decode step issues no host synchronisation (torch's sync debug mode raises on one) besides one
