@@ -35,9 +35,10 @@ NOT_A2ATS_ATTENTION = (
 )
 
 
-RERANK = 4  # R x the budget re-ranked by default where a layer's K/V is on the device: 97-98% of the exact top-K's
-# RULER-style score on 256 prompts a length (3: 93-94%), recall 0.89-0.91, at the cost of 3 (+10% decode time over
-# windowed RoPE per KV head, H100, 128K, d948682; docs/results.md)
+RERANK = {"query_head": 6, "kv_head": 4}  # R x the budget re-ranked by default where a layer's K/V is on the device,
+# per budget rule: the smallest factor whose pool keeps recall of the exact top-K past 0.8 and attention mass within
+# 0.01 of it on SmolLM2 at 4K and 8K (per query head: R = 4 recalls 0.80, 0.012 of mass short; 6: 0.87 / 0.91,
+# within 0.007), +19% over windowed RoPE per query head, +10% per KV head (H100, 128K; docs/results.md)
 EMPTY_INPUT = "A2ATSCache got an empty input (0 tokens): give the prompt at least one token."
 NOT_COMPILABLE = (
     "A model holding an A2ATSCache cannot run under torch.compile (its decode step reads host state and custom "
@@ -475,11 +476,13 @@ class A2ATSCache(Cache):
         dense_below: a layer whose K/V is on the device attends every token exactly while its rows hold fewer
             than this many tokens (one attention over the stored K/V), where selecting a few percent would cost
             more than it saves; 0 retrieves always. The CPU store always retrieves.
-        rerank: R > 1 re-ranks where a layer's K/V is on the device: the scorer picks R times the budget, the
-            exact ``q . k`` of those candidates keeps the budget (one more gather of R x the selected keys),
-            moving the selection towards the exact top-K (1: off). Layers whose K/V is in CPU memory select as
-            with 1; offload="cpu" (where no layer could) refuses R > 1. None (the default): RERANK for the
-            codebooks' scorers, 1 for the baselines (see :attr:`rerank`).
+        rerank: R > 1 re-ranks where a layer's K/V is on the device: the scorer picks R times the budget a KV
+            head by the table of the KV group's summed query, and each query head's exact ``q . k`` of those
+            candidates keeps its budget (the group's summed one under ``budget="kv_head"``; one more gather of
+            R x the selected keys), moving the selection towards the exact top-K (1: off). Layers whose K/V is
+            in CPU memory select as with 1; offload="cpu" (where no layer could) refuses R > 1. None (the
+            default): RERANK[budget] for the codebooks' scorers (6 per query head, 4 per KV head), 1 for the
+            baselines (see :attr:`rerank`).
         gpu_share: a fraction in [0, 1] of each offloaded layer's selected rows that the GPU attends itself,
             reading them in place from the pinned CPU store over PCIe (zero-copy) while the CPU attends the rest, so
             PCIe's bandwidth adds to the CPU's; 1: the GPU attends every row and the CPU only holds the K/V (no CPU
@@ -562,11 +565,12 @@ class A2ATSCache(Cache):
     @property
     def rerank(self) -> int:
         """How many times the budget a layer whose K/V is on the device picks before exact ``q . k`` keeps the
-        budget: ``rerank`` as given, or by default RERANK for the scorers that re-ranking sharpens (the codebooks'
-        "distance" and "wrope") and 1 for the others and with offload="cpu" (no layer's K/V on the device)."""
+        budget: ``rerank`` as given, or by default RERANK[budget] for the scorers that re-ranking sharpens (the
+        codebooks' "distance" and "wrope") and 1 for the others and with offload="cpu" (no layer's K/V on the
+        device)."""
         if self.config.rerank is not None:
             return self.config.rerank
-        return RERANK if self.scorer.reranks and self.offload != "cpu" else 1
+        return RERANK[self.config.budget] if self.scorer.reranks and self.offload != "cpu" else 1
 
     @property
     def row_cache(self) -> float:

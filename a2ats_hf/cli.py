@@ -21,7 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 TASKS = ("niah_word", "niah_number", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_multiquery",
          "variable_tracking", "common_words")
 SCORERS = ("distance", "oracle", "postrope", "quest", "random", "window", "wrope")
-RERANK = 4  # a2ats_hf.cache.RERANK, for --rerank's help (the same test checks it)
+RERANK = {"query_head": 6, "kv_head": 4}  # a2ats_hf.cache.RERANK, for --rerank's help (the same test checks it)
 
 # Raised by the library, torch, transformers or the Hub for what the user gave (a bad value, a missing file or
 # repository, too little memory): one line, no traceback. Anything else is a bug and keeps its traceback.
@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 1; 4 ranks better for 5-14%% more decode time)")
     gen.add_argument("--rerank", type=positive_int, metavar="R",
                      help="with the K/V on the GPU (--offload none or auto), re-rank R x the budget by exact q.k "
-                          f"(default {RERANK} there, 1: off)")
+                          f"(default there {RERANK['query_head']}, {RERANK['kv_head']} with --budget kv_head; "
+                          "1: off)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.add_argument("--offload", choices=["cpu", "none", "auto"], default="cpu",
                      help="where the full K/V lives: CPU memory (default), the GPU, or the GPU while it fits")

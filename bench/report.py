@@ -40,7 +40,7 @@ HEADLINE = {  # the README's accuracy rows: method -> label
     "quest 0.03": "Quest (16-token pages)", "window": "sinks + window only (StreamingLLM)"}
 RERANKED_ROWS = {  # the README's re-ranking rows, beside full attention and the exact top-K on the same prompts
     "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
-    "distance 0.03 (rerank 4)": "A2ATS, distance buckets, `rerank=4` (the default with the K/V on the GPU)",
+    "distance 0.03 (rerank 4)": "A2ATS, distance buckets, `rerank=4`, each head's own picks united (before a769a41)",
     "distance 0.03 (rerank 3)": "A2ATS, distance buckets, `rerank=3`",
     "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2`",
     "distance 0.03": "A2ATS, distance buckets, no re-ranking"}
@@ -436,6 +436,7 @@ class Block:
 
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
+POOL_CPU = "evaluation/2026-12-06-a769a41-cpu.json"  # re-ranking's pool against each head's picks united, 4K and 8K
 RERANKED = "evaluation/2026-12-06-9e97ee7-nvidia-h100-80gb-hbm3.json"  # 256 prompts: full, exact top-K, rerank=2-4
 ROW_CACHE = tuple(f"throughput/2026-12-05-17592c7-nvidia-h200{s}.json" for s in ("", "-2"))  # 128K x 1, x 5
 ROW_CACHE_H100 = tuple(f"throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2", "-3"))
@@ -526,6 +527,12 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h100-query-head-rerank": Block(tuple(f"throughput/2026-12-06-8e05a79-nvidia-h100-80gb-hbm3{s}.json"
                                                      for s in ("", "-2")),
                                                lambda f: table(against_wrope(f), AGAINST_WROPE)),
+    "throughput-h100-rerank-pool": Block(tuple(f"throughput/2026-12-06-a769a41-nvidia-h100-80gb-hbm3{s}.json"
+                                               for s in ("", "-2", "-3", "-4", "-6")),
+                                         lambda f: table(against_wrope(f), AGAINST_WROPE)),
+    "fidelity-rerank-pool-cpu": Block((POOL_CPU, "evaluation/2026-12-06-841b5b9-cpu.json"),  # (its exact top-K)
+                                      lambda f: fidelity_table(f[0]["perplexity"] + [
+                                          r for r in f[1]["perplexity"] if r["method"] == "oracle 0.03"])),
     "ruler-reranked": Block((RERANKED,), lambda f: ruler_tables(f[0])),
     "fidelity-kv-head-rerank-cpu": Block(("evaluation/2026-12-06-84e1f49-cpu.json",),
                                          lambda f: fidelity_table(f[0]["perplexity"])),

@@ -317,16 +317,20 @@ def test_settings_live_in_one_immutable_config(tiny):
         A2ATSConfig(window=8, sink=0, offload="gpu")
 
 
-@pytest.mark.parametrize("offload, scoring, rerank, expected", [
-    ("none", "distance", None, 4), ("none", "wrope", None, 4), ("auto", "distance", None, 4),
-    ("cpu", "distance", None, 1), ("none", "distance", 1, 1), ("none", "distance", 3, 3),
-    ("none", "oracle", None, 1), ("none", "quest", None, 1), ("none", "random", None, 1),
-    ("none", "postrope", None, 1)])
-def test_rerank_defaults_to_four_where_the_keys_are_on_the_device(tiny, offload, scoring, rerank, expected):
-    """Re-ranking is on by default (R = 4) for the codebooks' scorers wherever a layer's K/V can be on the device,
-    off with offload="cpu" and for the baselines and ablations (which stay as published); a given R is kept."""
+@pytest.mark.parametrize("offload, scoring, rerank, budget, expected", [
+    ("none", "distance", None, "query_head", 6), ("none", "wrope", None, "query_head", 6),
+    ("auto", "distance", None, "query_head", 6), ("none", "distance", None, "kv_head", 4),
+    ("cpu", "distance", None, "query_head", 1), ("none", "distance", 1, "query_head", 1),
+    ("none", "distance", 3, "kv_head", 3), ("none", "oracle", None, "query_head", 1),
+    ("none", "quest", None, "query_head", 1), ("none", "random", None, "query_head", 1),
+    ("none", "postrope", None, "query_head", 1)])
+def test_rerank_defaults_per_budget_rule_where_the_keys_are_on_the_device(tiny, offload, scoring, rerank, budget,
+                                                                          expected):
+    """Re-ranking is on by default for the codebooks' scorers wherever a layer's K/V can be on the device (R = 6
+    per query head, 4 per KV head), off with offload="cpu" and for the baselines and ablations (which stay as
+    published); a given R is kept."""
     books = tiny[1]
     if scoring == "postrope":  # (it reads codes of post-RoPE keys)
         books = dataclasses.replace(books, keys="post_rope")
-    cache = A2ATSCache(books, offload=offload, scoring=scoring, rerank=rerank)
+    cache = A2ATSCache(books, offload=offload, scoring=scoring, rerank=rerank, budget=budget)
     assert cache.rerank == expected and cache.config.rerank == rerank

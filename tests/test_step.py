@@ -76,7 +76,7 @@ def test_rerank_wide_enough_selects_what_the_exact_top_k_selects(tiny, monkeypat
     with pytest.raises(ValueError, match='rerank=40 re-ranks by the keys on the device: it needs offload="none"'):
         A2ATSCache(books, offload="cpu", rerank=40)  # where no layer could, refused
     assert (reranked - logits(offload="none", rerank=1)).nan_to_num().abs().max() > 1e-3  # the scorer alone: others
-    assert torch.equal(logits(offload="none"), logits(offload="none", rerank=RERANK))  # on by default
+    assert torch.equal(logits(offload="none"), logits(offload="none", rerank=RERANK["query_head"]))  # on by default
 
 
 def test_rerank_pools_a_kv_groups_candidates_by_its_summed_table(tiny, monkeypatch):
