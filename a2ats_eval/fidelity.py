@@ -80,8 +80,7 @@ class FidelityProbe:
             return summed.repeat_interleave(group, dim=1)
 
         exact = logits.masked_fill(~far[:, None], float("-inf")).topk(k, dim=-1).indices
-        rerank = cache.rerank if layer.store.resident else 1
-        ranked_by = "kv_head" if rerank > 1 else cache.budget  # (re-ranking's pool: the group's summed table)
+        rerank, ranked_by = layer.rerank, layer.table_rule
         lut, codes, _ = layer.scorer.scores(layer.score_inputs(query, position_ids, 1.0, far, ranked_by))
         if ranked_by == "kv_head":
             lut = per_group(lut)

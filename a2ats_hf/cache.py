@@ -184,6 +184,17 @@ class A2ATSLayer(CacheLayerMixin):
         blocks) goes back to the CPU attention."""
         return self.config.gpu_share == 1 and not self.store.resident and self.store.one_block() is not None
 
+    @property
+    def rerank(self) -> int:
+        """The cache's re-ranking factor where this layer's K/V is on the device, else 1 (no keys to re-rank by)."""
+        return self.cache.rerank if self.store.resident else 1
+
+    @property
+    def table_rule(self) -> str:
+        """The budget rule this layer's lookup table ranks by: the layer's, or for re-ranking's pool the KV group's
+        ("kv_head": the group's summed query picks R x the budget once for its query heads)."""
+        return "kv_head" if self.rerank > 1 else self.config.budget
+
     # The "a2ats" attention calls the methods below, which need positions and padding that `update` does not see.
 
     @property

@@ -170,10 +170,10 @@ def _select(
     k_max = cache.budget_for(far_max)  # host-side: nothing waits
     if k_max == 0 or not cache.scorer.retrieves:
         return None
-    rerank, rule = cache.rerank if layer.store.resident else 1, layer.config.budget
+    rerank, rule = layer.rerank, layer.config.budget
     # re-ranking's candidates are one pool a KV group: R x the budget by the table of the group's summed query
     # (the union of each query head's own R x budget holds no more of their exact top-K, and costs G tables)
-    inputs = layer.score_inputs(query, position_ids, scaling, masks.far, "kv_head" if rerank > 1 else rule)
+    inputs = layer.score_inputs(query, position_ids, scaling, masks.far, layer.table_rule)
     lut, codes, histogram = layer.scorer.scores(inputs)
     if rerank == 1:
         return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max)
