@@ -31,7 +31,7 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_topk, "WIDE_UNIT_TABLE"): [2048, 4096],
     (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEEP_DIGIT_BITS"): [2, 8], (triton_topk, "KEY_SPAN"): [True],
     (triton_topk, "KEEP_CHUNK"): [2048, 4096], (triton_topk, "SCORE_ROWS"): [32, 128],
-    (triton_topk, "KEEP_SCAN_BLOCK"): [512, 2048], (triton_topk, "KEEP_TOP_BLOCK"): [4096, 16384],
+    (triton_topk, "KEEP_SCAN_BLOCK"): [512, 2048], (triton_topk, "SCAN_WARPS"): [2, 8],
     (triton_topk, "COUNT16_BYTES"): [0],  # the exact scores not counted: the keep goes through the select
     (triton_launch, "PDL"): [True],
 }

@@ -166,11 +166,12 @@ def merge_attention(
 
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head", key_bits: int = 32, bins: torch.Tensor | None = None,
+    budget: str = "query_head", key_bits: int = 32,
+    bins: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep, the candidates with the top exact scores; see :func:`.reference.keep_top`. One Triton
     launch on a GPU for up to ``KEEP_TABLE`` candidates (``KEEP_PARTS_TABLE`` in parts), which picks its threshold
-    from ``bins`` (the select's counts of the scores' 16-bit keys) where given."""
+    from ``bins`` (the select's counts of the scores' 16-bit keys and the largest) where given."""
     return _on(indices, "keep_top", indices, counts, scores, k, k_max, budget, key_bits, bins)
 
 

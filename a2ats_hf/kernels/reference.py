@@ -279,7 +279,8 @@ def scores_within_counts(scores: torch.Tensor, counts: torch.Tensor) -> torch.Te
 
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head", key_bits: int = 32, bins: torch.Tensor | None = None,
+    budget: str = "query_head", key_bits: int = 32,
+    bins: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep: of each (row, KV head)'s candidates ``indices`` [B, Hkv, C] (the first ``counts`` valid,
     ascending), the top ``k`` [B] (``k_max`` >= every k) by ``scores`` [B, Hq or Hkv, C] (:func:`candidate_scores`;

@@ -20,6 +20,8 @@ The result equals :func:`a2ats_hf.kernels.reference.select_topk` exactly.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -497,22 +499,16 @@ def _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, 
 
 
 @triton.jit
-def _counted_threshold_kernel(score_ptr, count_ptr, bins_ptr, k_ptr, thr_ptr, need_ptr, c, G: tl.constexpr,
-                              HEADS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _counted_threshold_kernel(top_ptr, bins_ptr, k_ptr, thr_ptr, need_ptr, c, HEADS: tl.constexpr,
+                              PDL: tl.constexpr):
     """Program (row-head) of a keep by scans: the 16-bit threshold digit of the top k of the head's score row and
-    the ties to take at it, picked from the select's counts of its keys down from its largest digit (read from
-    its scores, BLOCK at a time: where the scores crowd, one chunk of PICK_CHUNK counters mostly does; from the
-    counts' top digit down, a pick walked ~16K empty counters, ~50 us)."""
+    the ties to take at it, picked from the select's counts of its keys down from the largest key it counted
+    (where the scores crowd, one chunk of PICK_CHUNK counters mostly does; from the counts' top digit down, a pick
+    walked ~16K empty counters, ~50 us; reading the scores for their largest key took ~10 us)."""
     wait_previous(PDL)
     pid = tl.program_id(0)
-    count = tl.minimum(tl.load(count_ptr + pid // G), c)
-    top = tl.zeros([BLOCK], dtype=tl.int32)
-    for j0 in range(0, count, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        score = tl.load(score_ptr + pid.to(tl.int64) * c + j, mask=j < count, other=0.0)
-        top = tl.maximum(top, tl.where(j < count, (_order_key(score) >> 16).to(tl.int32), 0))
     k = tl.minimum(tl.load(k_ptr + pid // HEADS).to(tl.int64), c)
-    digit, need = _pick_from_top(bins_ptr + pid.to(tl.int64) * BIN_WORDS, tl.max(top, axis=0),
+    digit, need = _pick_from_top(bins_ptr + pid.to(tl.int64) * BIN_WORDS, tl.load(top_ptr + pid),
                                  tl.zeros([], tl.int64), k, 16, PICK_CHUNK)
     tl.store(thr_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + digit.to(tl.int32))
     tl.store(need_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + need.to(tl.int32))
@@ -561,7 +557,7 @@ def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, thr_ptr, need_ptr, ties_ptr
 
 
 def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor,
-                   bins: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   counted: "KeyCounts", width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`keep_top` past what one program holds, with the select's counts of the scores' 16-bit keys: each
     head's threshold picked from them, then three scans over parts of KEEP_SCAN_BLOCK candidates (ties, the
     group's kept, their rows; see :func:`_keep_scan_kernel`), the select's scans over positions without their
@@ -576,8 +572,8 @@ def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Te
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     launch = pdl(indices.device)
     scores, indices, counts = scores.contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous()
-    _counted_threshold_kernel[(b * heads,)](scores, counts, bins, k, thr, need, c, G=group, HEADS=heads,
-                                            BLOCK=KEEP_TOP_BLOCK, num_warps=16, **launch)
+    _counted_threshold_kernel[(b * heads,)](counted.top, counted.bins, k, thr, need, c, HEADS=heads, num_warps=16,
+                                            **launch)
     for phase in (0, 1, 2):
         _keep_scan_kernel[(b * hkv, parts)](
             scores, indices, counts, thr, need, ties, union, out, kept, c, width, parts, PHASE=phase, G=group,
@@ -594,6 +590,15 @@ def _per_budget(scores: torch.Tensor, hkv: int, budget: str) -> torch.Tensor:
     if budget not in ("query_head", "kv_head"):
         raise ValueError(f"budget must be 'query_head' or 'kv_head', got {budget!r}")
     return scores
+
+
+class KeyCounts(NamedTuple):
+    """A select's counts of its exact scores' 16-bit keys, ``bins`` [B, H, BIN_WORDS] int32 a score row, and the
+    largest key it counted, ``top`` [B, H] int32: a keep picks each row's threshold from them, down from ``top``,
+    without reading the scores."""
+
+    bins: torch.Tensor
+    top: torch.Tensor
 
 
 _POSITION_CODES: dict[torch.device, list[tuple[torch.Tensor, ...]]] = {}
@@ -618,16 +623,16 @@ KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_s
 KEEP_CHUNK = 1024  # candidates a program of a keep in parts places (a group of one with the select's counts; 0: one
 # program a row and KV head)
 KEEP_SCAN_BLOCK = 1024  # candidates a program of a keep by scans reads (past the tables above, with the counts)
-KEEP_TOP_BLOCK = 8192  # scores a keep by scans' threshold program reads at a time for their largest key
 
 
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head", key_bits: int = 32, bins: torch.Tensor | None = None,
+    budget: str = "query_head", key_bits: int = 32, bins: KeyCounts | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
     (a program per row and KV head; in parts, up to KEEP_PARTS_TABLE). ``bins``, the select's counts of
-    ``scores``' 16-bit keys (:func:`select_topk`'s fourth result), spare a keep of 16-bit keys its select's rounds
+    ``scores``' 16-bit keys (:func:`select_topk`'s fourth result, a :class:`KeyCounts`), spare a keep of 16-bit
+    keys its select's rounds
     (scores the budget rule sums are not the ones counted: then they are not read); past those tables they give
     each head's threshold, then three scans keep (:func:`_keep_by_scans`: four launches); without them,
     :func:`select_topk` over the candidates' positions and a gather."""
@@ -638,9 +643,9 @@ def keep_top(
     summed = _per_budget(scores, hkv, budget)
     binned = bins is not None and key_bits == 16 and summed is scores
     scores, k_max = summed, min(k_max, c)
-    if binned and bins.shape != (b, scores.shape[1], BIN_WORDS.value):
-        raise ValueError(f"bins must be [{b}, {scores.shape[1]}, {BIN_WORDS.value}] (the select's), got "
-                         f"{tuple(bins.shape)}")
+    if binned and bins.bins.shape != (b, scores.shape[1], BIN_WORDS.value):
+        raise ValueError(f"bins must count [{b}, {scores.shape[1]}, {BIN_WORDS.value}] keys (the select's), got "
+                         f"{tuple(bins.bins.shape)}")
     group = scores.shape[1] // hkv
     chunk = KEEP_CHUNK if binned and group == 1 else 0
     width = max(1, min(group * k_max, c))
@@ -659,20 +664,20 @@ def keep_top(
     chunk = min(chunk, table)
     _keep_top_kernel[(b * hkv, triton.cdiv(c, chunk) if chunk else 1)](
         scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(), k.contiguous(), out,
-        kept, bins if binned else kept, c, width, HKV=hkv, G=group, TABLE=table, DIGIT_BITS=KEEP_DIGIT_BITS,
+        kept, bins.bins if binned else kept, c, width, HKV=hkv, G=group, TABLE=table, DIGIT_BITS=KEEP_DIGIT_BITS,
         KEY_BITS=key_bits, BINS=binned, CHUNK=chunk, num_warps=min(KEEP_WARPS, max(4, table // 512)),
         **pdl(indices.device))
     return out, kept
 
 
 @triton.jit
-def _score_chosen(out_row, score_row, bins_row, q_row, key_row, sq_h, sk_l, first, end, width, G: tl.constexpr,
-                  D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, BINS: tl.constexpr):
+def _score_chosen(out_row, score_row, bins_row, top_row, q_row, key_row, sq_h, sk_l, first, end, width,
+                  G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, BINS: tl.constexpr):
     """Exact ``q . k`` of the chosen tokens a program wrote at places [first, end) of ``out_row``, by each of the
     G queries (``q_row``, ``sq_h`` apart) into the G score rows (``width`` apart): the tokens read back (after a
     barrier: other threads of the program wrote them), their key rows gathered ROWS at a time. BINS: each score
-    also counted by its top 16 bits into the G rows of ``bins_row`` (BIN_WORDS apart), from which the keep picks
-    its threshold."""
+    also counted by its top 16 bits into the G rows of ``bins_row`` (BIN_WORDS apart), the largest of them kept
+    in ``top_row``'s G words (an atomic maximum a row and block), from which the keep picks its threshold."""
     tl.debug_barrier()
     d = tl.arange(0, D_PAD)
     for s0 in range(first, end, ROWS):
@@ -688,13 +693,14 @@ def _score_chosen(out_row, score_row, bins_row, q_row, key_row, sq_h, sk_l, firs
             if BINS:
                 key = (_order_key(score) >> 16).to(tl.int32)
                 tl.atomic_add(bins_row + g * BIN_WORDS + key, 1, mask=ok, sem="relaxed")
+                tl.atomic_max(top_row + g, tl.max(tl.where(ok, key, 0), axis=0), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
 def _scan_kernel(
     class_ptr, summary_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
-    q_ptr, key_ptr, score_ptr, bins_ptr, n, m, stride_cb, stride_ch, stride_mb, out_width, segments, sq_b, sq_h,
-    sk_b, sk_h, sk_l, PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    q_ptr, key_ptr, score_ptr, bins_ptr, top_ptr, n, m, stride_cb, stride_ch, stride_mb, out_width, segments, sq_b,
+    sq_h, sk_b, sk_h, sk_l, PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr,
     HEAD_BYTES: tl.constexpr, SCORE: tl.constexpr, SG: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     SCORE_ROWS: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr,
@@ -794,12 +800,14 @@ def _scan_kernel(
         if SCORE:
             kv, at = (pair % HKV).to(tl.int64), row.to(tl.int64)
             _score_chosen(out_ptr + pair.to(tl.int64) * out_width, score_ptr + pair.to(tl.int64) * SG * out_width,
-                          bins_ptr + pair.to(tl.int64) * SG * BIN_WORDS, q_ptr + at * sq_b + kv * SG * sq_h,
+                          bins_ptr + pair.to(tl.int64) * SG * BIN_WORDS, top_ptr + pair * SG,
+                          q_ptr + at * sq_b + kv * SG * sq_h,
                           key_ptr + at * sk_b + kv * sk_h, sq_h, sk_l, first, chosen_before, out_width, SG, D, D_PAD,
                           SCORE_ROWS, BINS)
 
 
 SCAN_BLOCK = 512  # codes per block of a scan program (default of ``block_n``)
+SCAN_WARPS = 4  # warps per scan program
 SCORE_ROWS = 64  # key rows a scan program gathers at a time to score the tokens it chose (re-ranking's)
 THRESHOLD_WARPS = 8
 
@@ -820,7 +828,7 @@ def select_topk(
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv]; with ``exact``, float32 scores [B, H, W] third, the
     last scan's programs scoring the tokens they write (no launch of their own; past each count not written), and
-    fourth each score row's counts of its 16-bit keys [B, H, BIN_WORDS], from which
+    fourth each score row's counts of its 16-bit keys and the largest of them (a :class:`KeyCounts`), from which
     :func:`keep_top` picks its threshold, or None where they would pass COUNT16_BYTES.
 
     ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 (a view of wider rows
@@ -845,10 +853,11 @@ def select_topk(
     scored_heads = heads if exact is None else exact[0].shape[1]  # a KV group's queries may score its one choice
     binned = exact is not None and _counts16_fit(b * scored_heads)
     sizes = [_counters(m, b * heads, unit, key_bits), b * hkv * width, b * hkv * words,
-             b * scored_heads * BIN_WORDS.value if binned else 0]
-    counted, indices, summary, bins = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
+             b * scored_heads * BIN_WORDS.value if binned else 0, b * scored_heads if binned else 0]
+    counted, indices, summary, bins, tops = torch.zeros(sum(sizes), dtype=torch.int32,
+                                                        device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
-    bins = bins.view(b, scored_heads, BIN_WORDS.value) if binned else None
+    bins = KeyCounts(bins.view(b, scored_heads, BIN_WORDS.value), tops.view(b, scored_heads)) if binned else None
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
@@ -871,23 +880,24 @@ def select_topk(
     for phase in (0, 2) if group == 1 else (0, 1, 2):  # (see _scan_kernel)
         arguments, constants = scored if phase == 2 else plain
         _scan_kernel[(b * hkv, segments)](
-            entries, summary, codes, cand, k, need, ties, union, indices, counts, *arguments[:4],
-            n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments, *arguments[4:],
+            entries, summary, codes, cand, k, need, ties, union, indices, counts, *arguments[:5],
+            n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments, *arguments[5:],
             PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
             BLOCKS=blocks, WORDS=word is not None, PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1,
-            **constants, **pdl(codes.device),
+            num_warps=SCAN_WARPS, **constants, **pdl(codes.device),
         )
     return (indices, counts) if exact is None else (indices, counts, scored[0][2], bins)
 
 
 def _exact_arguments(exact: tuple[torch.Tensor, torch.Tensor] | None, b: int, heads: int, width: int,
-                     bins: torch.Tensor | None) -> tuple[list, dict]:
+                     bins: KeyCounts | None) -> tuple[list, dict]:
     """:func:`_scan_kernel`'s scoring arguments (query, keys, the scores' buffer [B, H, width], the zeroed
-    ``bins`` that count their keys or None, then the strides) and constants for ``exact`` (query [B, H, D], H a
-    multiple of the ``heads`` that choose: each scores its chooser's tokens; keys [B, Hkv, >= N, D]); for none,
+    ``bins`` that count their keys and keep the largest, or None, then the strides) and constants for ``exact``
+    (query [B, H, D], H a multiple of the ``heads`` that choose: each scores its chooser's tokens; keys
+    [B, Hkv, >= N, D]); for none,
     ``bins``' (not read)."""
     if exact is None:
-        return [bins] * 4 + [0] * 5, dict(SCORE=False, SG=1, D=1, D_PAD=16, SCORE_ROWS=16, BINS=False)
+        return [bins] * 5 + [0] * 5, dict(SCORE=False, SG=1, D=1, D_PAD=16, SCORE_ROWS=16, BINS=False)
     query, keys = exact
     if query.shape[0] != b or query.shape[1] % heads or query.shape[-1] != keys.shape[-1]:
         raise ValueError(f"exact scores need a query [{b}, a multiple of {heads}, D] and keys [B, Hkv, N, D], got "
@@ -896,7 +906,7 @@ def _exact_arguments(exact: tuple[torch.Tensor, torch.Tensor] | None, b: int, he
     assert keys.stride(-1) == 1
     scores = torch.empty(b, query.shape[1], width, dtype=torch.float32, device=query.device)
     d = query.shape[-1]
-    return ([query, keys, scores, scores if bins is None else bins, query.stride(0), query.stride(1),
+    return ([query, keys, scores, *((scores, scores) if bins is None else bins), query.stride(0), query.stride(1),
              *keys.stride()[:3]],
             dict(SCORE=True, SG=query.shape[1] // keys.shape[1], D=d, D_PAD=max(16, triton.next_power_of_2(d)),
                  SCORE_ROWS=SCORE_ROWS, BINS=bins is not None))
