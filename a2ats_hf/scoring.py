@@ -20,18 +20,13 @@ import torch
 from . import kernels
 from .encoding import lookup_table
 from .kernels import code_histogram
+from .kernels.reference import group_query
 from .rope import bucket_turns, compose, distance_buckets
 
 if TYPE_CHECKING:
     from .memo import PassMemo
     from .rope import RoPE
     from .store import Store
-
-
-def group_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Each KV group's queries [B, Hq, D] summed, [B, Hkv, D] float32: the group's summed q . k, what the per-KV-head
-    budget rule ranks by, is the summed query's q . k. One kernel: the sum casts as it reads."""
-    return query.unflatten(1, (kv_heads, -1)).sum(2, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -72,10 +67,15 @@ class ScoreInputs:
 
     @functools.cached_property
     def table_query(self) -> torch.Tensor:
-        """The query a lookup-table scorer turns and re-ranking scores with: ``query``, or under the per-KV-head
-        ``budget`` rule the KV group's queries summed (:func:`group_query`: the table, its products and the top-K's
-        sum over the group shrink by the group's size), computed once for both."""
-        return group_query(self.query, self.codes.shape[1]) if self.budget == "kv_head" else self.query
+        """The query a table ranks by and re-ranking scores with: ``query``, or under the per-KV-head ``budget``
+        rule the KV group's queries summed (:func:`group_query`: the table, its products and the top-K's sum over
+        the group shrink by the group's size). The rotated tables sum as they read instead (:meth:`summed`)."""
+        return group_query(self.query, self.codes.shape[1]) if self.summed else self.query
+
+    @property
+    def summed(self) -> bool:
+        """Whether the table ranks by each KV group's summed query (the per-KV-head rule)."""
+        return self.budget == "kv_head"
 
 
 @dataclass
@@ -160,7 +160,8 @@ class WindowedRoPE(Scorer):
     def scores(self, step):
         position = step.position.expand(step.query.shape[0], 1)
         rotation = step.rope.windowed_rotation(position, step.offset, step.query.device)
-        return kernels.rotated_lookup_table(step.table_query, rotation, step.centroids), step.codes, step.histogram
+        lut = kernels.rotated_lookup_table(step.query, rotation, step.centroids, None, step.summed)
+        return lut, step.codes, step.histogram
 
 
 @dataclass
@@ -248,7 +249,7 @@ class DistanceBuckets(Scorer):
         cos, sin, bucket, starts = self.turns(step)
         width = cos.shape[2] * step.centroids.shape[1]  # the table's: buckets * M
         state, move = self.columns(step, bucket, starts, width)
-        lut = kernels.rotated_lookup_table(step.table_query, (cos, sin), step.centroids, move)  # [B, H, width]
+        lut = kernels.rotated_lookup_table(step.query, (cos, sin), step.centroids, move, step.summed)  # [B, H, width]
         return lut, state.buffer[:, :, : step.width], state.histogram[:, :, :width]
 
     def held(self):

@@ -122,17 +122,21 @@ def test_encode_splits_the_centroids_of_few_keys(b, h, d, m, dtype):
     ids=["smollm2-shape", "group12-d80", "mha-partial-rotary", "no-rotation", "seven-buckets", "buckets-partial",
          "row-tiles", "d256"],
 )
-def test_lookup_table_matches_reference(b, hq, hkv, d, m, rot, turns):
+@pytest.mark.parametrize("summed", [False, True], ids=["per-query-head", "summed"])
+def test_lookup_table_matches_reference(b, hq, hkv, d, m, rot, turns, summed):
     """One rotation (windowed RoPE) or several (the distance scorer's buckets: column r * M + m); "row-tiles" has
-    144 (row, head, rotation) triples, three tiles of the kernel's tensor-core product, the last one partial."""
+    144 (row, head, rotation) triples, three tiles of the kernel's tensor-core product, the last one partial; each
+    query head's table, or (the per-KV-head rule's) each KV group's summed query's, summed as the kernel reads."""
     g = torch.Generator().manual_seed(m + hq)
     query = torch.randn(b, hq, d + 3, generator=g)[..., 3:].to(torch.bfloat16)  # strided, as a slice would be
     centroids = torch.randn(hkv, m, d, generator=g)
     rotation = random_rotation(g, b, turns, rot) if rot else None
     if turns > 1:  # a bucket's mean rotation is shorter than a unit one
         rotation = tuple(t * torch.rand(b, 1, turns, 1, generator=g) for t in rotation)
-    expected = reference.rotated_lookup_table(query, rotation, centroids)
-    got = triton_codes.rotated_lookup_table(to(query), rotation and tuple(map(to, rotation)), to(centroids))
+    expected = reference.rotated_lookup_table(query, rotation, centroids, summed=summed)
+    got = triton_codes.rotated_lookup_table(to(query), rotation and tuple(map(to, rotation)), to(centroids),
+                                            summed=summed)
+    assert expected.shape == (b, hkv if summed else hq, turns * m)
     torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -168,10 +172,10 @@ def test_match_reference_on_smollm2(smollm2, austen):
                                        to(torch.zeros_like(out)))
         expected = reference.encode_keys(keys, rotation, whitener, centroids, norms, out)
         assert_nearest(got, expected, keys.float(), rotation, whitener, centroids)
-    for query, rotation, centroids, _ in calls["rotated_lookup_table"]:
-        got = triton_codes.rotated_lookup_table(to(query), tuple(map(to, rotation)), to(centroids))
-        torch.testing.assert_close(got.cpu(), reference.rotated_lookup_table(query, rotation, centroids),
-                                   atol=1e-4, rtol=1e-5)
+    for query, rotation, centroids, _, summed in calls["rotated_lookup_table"]:
+        got = triton_codes.rotated_lookup_table(to(query), tuple(map(to, rotation)), to(centroids), summed=summed)
+        torch.testing.assert_close(got.cpu(), reference.rotated_lookup_table(query, rotation, centroids,
+                                                                             summed=summed), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("b, hkv, n, m, window, buckets", [(2, 3, 300, 7, 16, 5), (1, 2, 40, 5, 16, 2),
@@ -216,10 +220,13 @@ def test_lookup_table_moves_bucket_columns_as_reference(b, hkv, n, m, window, bu
 
 
 @pytest.mark.parametrize("on_device", [False, True])
-def test_lookup_table_with_move_compiles_for_hopper(on_device):
-    """The lookup table with the columns' move in its launch compiles to PTX for sm_90 without a GPU."""
+@pytest.mark.parametrize("group, summed", [(4, 1), (1, 4)], ids=["per-query-head", "summed"])
+def test_lookup_table_with_move_compiles_for_hopper(on_device, group, summed):
+    """The lookup table with the columns' move in its launch compiles to PTX for sm_90 without a GPU, each query
+    head's or each KV group's summed query's."""
     compile_for_hopper("triton_codes", "_lut_kernel",
-                       {"HKV": 8, "G": 1, "D": 128, "D_PAD": 128, "ROT": 128, "BLOCK_R": 16, "BLOCK_M": 64,
-                        "PRECISION": "tf32x3", "MOVE": True, "S_PAD": 16, "N_ON_DEVICE": on_device},
+                       {"HKV": 8, "G": group, "D": 128, "D_PAD": 128, "ROT": 128, "BLOCK_R": 16, "BLOCK_M": 64,
+                        "PRECISION": "tf32x3", "MOVE": True, "S_PAD": 16, "N_ON_DEVICE": on_device,
+                        "SUMMED": summed},
                        {"q_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "c_ptr": "*fp32", "out_ptr": "*fp32",
                         "code_ptr": "*u16", "far_ptr": "*i1", "starts_ptr": "*i64", "n_ptr": "*i64"})

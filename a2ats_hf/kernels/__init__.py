@@ -116,13 +116,13 @@ def encode_keys(
 
 def rotated_lookup_table(
     query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor,
-    move: ColumnMove | None = None,
+    move: ColumnMove | None = None, summed: bool = False,
 ) -> torch.Tensor:
-    """LUT of a turned query against the centroids, and with ``move`` the distance scorer's columns moved on to
-    ``move.n`` tokens (on the host, or on the device in a capture-ready step), in place; see
-    :func:`.reference.rotated_lookup_table` and :func:`.reference.move_bucket_columns`. One Triton launch on a
-    GPU."""
-    return _on(query, "rotated_lookup_table", query, rotation, centroids, move)
+    """LUT of a turned query (``summed``: each KV group's queries summed) against the centroids, and with ``move``
+    the distance scorer's columns moved on to ``move.n`` tokens (on the host, or on the device in a capture-ready
+    step), in place; see :func:`.reference.rotated_lookup_table` and :func:`.reference.move_bucket_columns`. One
+    Triton launch on a GPU."""
+    return _on(query, "rotated_lookup_table", query, rotation, centroids, move, summed)
 
 
 def write_token(

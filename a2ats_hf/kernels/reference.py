@@ -51,14 +51,23 @@ class ColumnMove:
     window: int
 
 
+def group_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Each KV group's queries [B, Hq, D] summed, [B, Hkv, D] float32: the group's summed q . k, what the per-KV-head
+    budget rule ranks by, is the summed query's q . k. One kernel: the sum casts as it reads."""
+    return query.unflatten(1, (kv_heads, -1)).sum(2, dtype=torch.float32)
+
+
 def rotated_lookup_table(
     query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor,
-    move: ColumnMove | None = None,
+    move: ColumnMove | None = None, summed: bool = False,
 ) -> torch.Tensor:
     """LUT [B, Hq, R * M] (float32) of ``query`` [B, Hq, D] turned by each of R rotations (``cos``, ``sin``
     [B, 1, R, D']; None: as it is, R = 1) against each KV head's ``centroids`` [Hkv, M, D]: column ``r * M + m``
-    scores centroid m under rotation r; see :func:`a2ats_hf.encoding.lookup_table`. With ``move``, the distance
-    scorer's columns are moved on too (:func:`move_bucket_columns`; the table does not read them)."""
+    scores centroid m under rotation r; see :func:`a2ats_hf.encoding.lookup_table`. ``summed``: [B, Hkv, R * M],
+    of each KV group's queries summed (:func:`group_query`). With ``move``, the distance scorer's columns are
+    moved on too (:func:`move_bucket_columns`; the table does not read them)."""
+    if summed:
+        query = group_query(query, centroids.shape[0])
     query = query.float()[:, :, None]
     if rotation is not None:  # [B, Hq, R, D] (expanded first: with partial rotary the rest passes through R times)
         query = apply_rope(query.expand(-1, -1, rotation[0].shape[2], -1), *rotation)

@@ -151,11 +151,12 @@ def encode_keys(
 @triton.jit
 def _lut_block(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, h, block, M, R, ROWS, sq_b, sq_h, sr_b, sr_r,
                HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, SUMMED: tl.constexpr):
     """KV head ``h``'s block ``block`` of centroids: the block read once, then for each tile of BLOCK_R (row, query
     head of the group, rotation) triples the turned queries against it as one tensor-core product (PRECISION
     "tf32x3": float32's accuracy from three TF32 products; the CUDA cores' float32 took ~0.7 ms a layer at 12
-    rotations x 4096 centroids)."""
+    rotations x 4096 centroids). Each of the G heads is the sum of SUMMED query heads as it reads them (the
+    per-KV-head rule's summed query, without a launch of its own; rotations are linear)."""
     d = tl.arange(0, D_PAD)
     m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
@@ -165,12 +166,16 @@ def _lut_block(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, h, block, M, R, ROWS, sq
         ok = (rho < ROWS)[:, None]
         b, g, r = rho // (G * R), (rho // R) % G, rho % R
         heads = h * G + g
-        rows = q_ptr + b[:, None] * sq_b + heads[:, None] * sq_h
-        turned = tl.load(rows + d[None, :], mask=ok & (d < D)[None, :], other=0.0).to(tl.float32)
+        turned = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
+        half_turned = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
+        for s in tl.static_range(SUMMED):
+            rows = q_ptr + b[:, None] * sq_b + (heads * SUMMED + s)[:, None] * sq_h
+            turned += tl.load(rows + d[None, :], mask=ok & (d < D)[None, :], other=0.0).to(tl.float32)
+            if ROT > 0:
+                half_turned += _rotate_half(rows, d[None, :], ok, ROT)
         if ROT > 0:
             turn = (b * sr_b + r * sr_r)[:, None]
-            turned = _rotate(turned, _rotate_half(rows, d[None, :], ok, ROT), d[None, :], ok, cos_ptr + turn,
-                             sin_ptr + turn, ROT)
+            turned = _rotate(turned, half_turned, d[None, :], ok, cos_ptr + turn, sin_ptr + turn, ROT)
         lut = tl.dot(turned, tl.trans(c), input_precision=PRECISION)  # [BLOCK_R, BLOCK_M]
         out = out_ptr + ((b[:, None] * HKV * G + heads[:, None]) * R + r[:, None]) * M + m[None, :]
         tl.store(out, lut, mask=ok & m_ok[None, :])
@@ -208,7 +213,7 @@ def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, ROWS, sq_b, sq_h,
                 sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b,
                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MOVE: tl.constexpr,
-                S_PAD: tl.constexpr, N_ON_DEVICE: tl.constexpr, PDL: tl.constexpr):
+                S_PAD: tl.constexpr, N_ON_DEVICE: tl.constexpr, SUMMED: tl.constexpr, PDL: tl.constexpr):
     """Program (KV head, block of centroids): :func:`_lut_block`. MOVE: the programs past the blocks, one a row,
     move the distance scorer's columns (:func:`_move_columns`), which the table does not read."""
     wait_previous(PDL)
@@ -220,19 +225,21 @@ def _lut_kernel(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, M, R, ROWS, sq_b, sq_h,
                           h, sc_b, sc_h, sh_b, sh_h, sk_b, sk_h, sf_b, S_PAD, N_ON_DEVICE)
     if block < blocks:
         _lut_block(q_ptr, cos_ptr, sin_ptr, c_ptr, out_ptr, h, block, M, R, ROWS, sq_b, sq_h, sr_b, sr_r, HKV, G, D,
-                   D_PAD, ROT, BLOCK_R, BLOCK_M, PRECISION)
+                   D_PAD, ROT, BLOCK_R, BLOCK_M, PRECISION, SUMMED)
 
 
 def rotated_lookup_table(
     query: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None, centroids: torch.Tensor,
-    move: ColumnMove | None = None,
+    move: ColumnMove | None = None, summed: bool = False,
 ) -> torch.Tensor:
     """Same contract as :func:`a2ats_hf.kernels.reference.rotated_lookup_table`: query [B, Hq, D], R rotations
-    ``cos``/``sin`` [B, 1, R, D'] (or none), centroids [Hkv, M, D] -> lut [B, Hq, R * M] float32; with ``move``,
-    a program per row and KV head more moves the columns."""
+    ``cos``/``sin`` [B, 1, R, D'] (or none), centroids [Hkv, M, D] -> lut [B, Hq, R * M] float32 (``summed``:
+    [B, Hkv, R * M], of each KV group's queries summed); with ``move``, a program per row and KV head more moves
+    the columns."""
     b, hq, d = query.shape
     hkv, m = centroids.shape[0], centroids.shape[1]
-    group = hq // hkv
+    summed_heads = hq // hkv if summed else 1
+    group, hq = hq // hkv // summed_heads, hq // summed_heads
     query = _unit_stride(query)
     centroids = centroids.float().contiguous()
     if rotation is None:
@@ -252,7 +259,7 @@ def rotated_lookup_table(
     _lut_kernel[(hkv, blocks + (b if move else 0))](
         query, cos, sin, centroids, lut, m, turns, rows, query.stride(0), query.stride(1), *strides, *arguments,
         HKV=hkv, G=group, D=d, D_PAD=d_pad, ROT=rot, BLOCK_R=block_r, BLOCK_M=block_m,
-        PRECISION=_dot_precision(query.device), num_stages=1, **constants, **pdl(query.device),
+        PRECISION=_dot_precision(query.device), SUMMED=summed_heads, num_stages=1, **constants, **pdl(query.device),
     )
     return lut
 
