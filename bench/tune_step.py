@@ -30,7 +30,7 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_topk, "SPLIT_COLUMNS"): [1024, 2048], (triton_topk, "SPLIT_WARPS"): [4, 16],
     (triton_topk, "WIDE_UNIT_TABLE"): [2048, 4096],
     (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEEP_DIGIT_BITS"): [2, 8], (triton_topk, "KEY_SPAN"): [True],
-    (triton_topk, "KEEP_CHUNK"): [2048, 4096], (triton_topk, "SCORE_ROWS"): [32, 128],
+    (triton_topk, "KEEP_CHUNK"): [2048, 4096], (triton_topk, "SCORE_ROWS"): [16, 64],
     (triton_topk, "KEEP_SCAN_BLOCK"): [512, 2048], (triton_topk, "SCAN_WARPS"): [2, 8],
     (triton_topk, "COUNT16_BYTES"): [0],  # the exact scores not counted: the keep goes through the select
     (triton_launch, "PDL"): [True],

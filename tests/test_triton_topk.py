@@ -248,20 +248,26 @@ def test_threshold_compiles_for_hopper(key_bits):
     compile_for_hopper("triton_topk", "_threshold_kernel", constants, pointers)
 
 
-@pytest.mark.parametrize("group, phase, score", [(1, 0, False), (1, 2, False), (4, 0, False), (4, 1, False),
-                                                (4, 2, False), (6, 2, False), (1, 2, 1), (4, 2, 4), (1, 2, 4)])
-def test_scans_compile_for_hopper(group, phase, score):
+@pytest.mark.parametrize("group, phase", [(1, 0), (1, 2), (4, 0), (4, 1), (4, 2), (6, 2)])
+def test_scans_compile_for_hopper(group, phase):
     """The scans over the codes compile to PTX for sm_90 without a GPU, for a group of one head (no union count:
     PHASE 0 counts the tokens above, PHASE 2 adds the ties taken), of four (a word of four bytes) and of six (a
-    word of eight); the last scoring the tokens it writes by ``score`` queries a pair and counting their keys
-    (re-ranking's candidates; a group of one choosing for four: a pool for the query heads)."""
+    word of eight)."""
     g_pad = {1: 1, 4: 4, 6: 8}[group]
     constants = {"PHASE": phase, "HKV": 8, "G": group, "G_PAD": g_pad, "S_PAD": 128, "BLOCK_N": 512, "BLOCKS": 4,
-                 "WORDS": True, "PACKED": g_pad <= 4, "HEAD_BYTES": (1 << 8 * group) - 1, "SCORE": bool(score),
-                 "SG": int(score) or 1, "D": 128, "D_PAD": 128, "SCORE_ROWS": 64, "BINS": bool(score)}
+                 "WORDS": True, "PACKED": g_pad <= 4, "HEAD_BYTES": (1 << 8 * group) - 1}
     pointers = {"class_ptr": {1: "*u8", 4: "*i32", 8: "*i64"}[g_pad], "codes_ptr": "*u16", "cand_ptr": "*i1",
-                "k_ptr": "*i64", "q_ptr": "*fp32", "key_ptr": "*bf16", "score_ptr": "*fp32"}
+                "k_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_scan_kernel", constants, pointers)
+
+
+@pytest.mark.parametrize("group, bins", [(1, True), (4, True), (4, False)])
+def test_scoring_compiles_for_hopper(group, bins):
+    """Re-ranking's scoring of the chosen tokens compiles to PTX for sm_90 without a GPU, by one query or four a
+    KV head (a pool for the query heads), counting the scores' keys or not."""
+    compile_for_hopper("triton_topk", "_score_kernel",
+                       {"G": group, "D": 128, "D_PAD": 128, "ROWS": 32, "BINS": bins},
+                       {"q_ptr": "*bf16", "key_ptr": "*bf16", "score_ptr": "*fp32"})
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head", "pool"])
@@ -271,7 +277,7 @@ def test_scans_compile_for_hopper(group, phase, score):
                          ids=["group3", "mha-wide-table-bf16", "group4-d80-segments"])
 @pytest.mark.parametrize("keep", ["parts", "whole", "scans", "past-COUNT16_BYTES"])
 def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, keep, monkeypatch):
-    """With ``exact``, the select's last scan scores the tokens it writes: the reference's indices and counts, and
+    """With ``exact``, the select scores the tokens it chose: the reference's indices and counts, and
     up to each count their exact q . k by the table's query heads (or the group's summed query; or, as a "pool"
     for the query heads, the group's summed table choosing and each query head scoring) against a store
     buffer wider than the tokens, and counts each score row's 16-bit keys, unless those counts

@@ -671,45 +671,46 @@ def keep_top(
 
 
 @triton.jit
-def _score_chosen(out_row, score_row, bins_row, top_row, q_row, key_row, sq_h, sk_l, first, end, width,
-                  G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, BINS: tl.constexpr):
-    """Exact ``q . k`` of the chosen tokens a program wrote at places [first, end) of ``out_row``, by each of the
-    G queries (``q_row``, ``sq_h`` apart) into the G score rows (``width`` apart): the tokens read back (after a
-    barrier: other threads of the program wrote them), their key rows gathered ROWS at a time. BINS: each score
-    also counted by its top 16 bits into the G rows of ``bins_row`` (BIN_WORDS apart), the largest of them kept
-    in ``top_row``'s G words (an atomic maximum a row and block), from which the keep picks its threshold."""
-    tl.debug_barrier()
-    d = tl.arange(0, D_PAD)
-    for s0 in range(first, end, ROWS):
-        places = s0 + tl.arange(0, ROWS)
-        ok = places < end
-        rows = tl.load(out_row + places, mask=ok, other=0).to(tl.int64)
-        keys = tl.load(key_row + rows[:, None] * sk_l + d[None, :], mask=ok[:, None] & (d < D)[None, :],
-                       other=0.0).to(tl.float32)
+def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, bins_ptr, top_ptr, width, hkv, sq_b, sq_h, sk_b,
+                  sk_h, sk_l, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
+                  BINS: tl.constexpr, PDL: tl.constexpr):
+    """Program (pair, block of ROWS places) after the scans: exact ``q . k`` of the chosen tokens written there, by
+    each of the pair's G queries into its G score rows (``width`` apart), their key rows gathered at once. BINS:
+    each score also counted by its top 16 bits into the G rows of ``bins`` (BIN_WORDS apart), the largest of them
+    kept in ``top``'s G words (an atomic maximum a block), from which the keep picks its threshold. (Scored inside
+    the last scan, each program after its own scan, the same step's scoring took 2.5 ms against 2.0 here: H100,
+    128K x 1, ``rerank=6`` per query head.)"""
+    wait_previous(PDL)
+    pair, first = tl.program_id(0), tl.program_id(1) * ROWS
+    row, kv = (pair // hkv).to(tl.int64), (pair % hkv).to(tl.int64)
+    places = first + tl.arange(0, ROWS)
+    ok = places < tl.load(count_ptr + pair)
+    if first < tl.load(count_ptr + pair):
+        d = tl.arange(0, D_PAD)
+        rows = tl.load(out_ptr + pair.to(tl.int64) * width + places, mask=ok, other=0).to(tl.int64)
+        keys = tl.load(key_ptr + row * sk_b + kv * sk_h + rows[:, None] * sk_l + d[None, :],
+                       mask=ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
         for g in tl.static_range(G):
-            q = tl.load(q_row + g * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
+            head = pair.to(tl.int64) * G + g
+            q = tl.load(q_ptr + row * sq_b + (kv * G + g) * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
             score = tl.sum(keys * q[None, :], axis=1)
-            tl.store(score_row + g * width + places, score, mask=ok)
+            tl.store(score_ptr + head * width + places, score, mask=ok)
             if BINS:
                 key = (_order_key(score) >> 16).to(tl.int32)
-                tl.atomic_add(bins_row + g * BIN_WORDS + key, 1, mask=ok, sem="relaxed")
-                tl.atomic_max(top_row + g, tl.max(tl.where(ok, key, 0), axis=0), sem="relaxed")
+                tl.atomic_add(bins_ptr + head * BIN_WORDS + key, 1, mask=ok, sem="relaxed")
+                tl.atomic_max(top_ptr + head, tl.max(tl.where(ok, key, 0), axis=0), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
 def _scan_kernel(
-    class_ptr, summary_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr,
-    q_ptr, key_ptr, score_ptr, bins_ptr, top_ptr, n, m, stride_cb, stride_ch, stride_mb, out_width, segments, sq_b,
-    sq_h, sk_b, sk_h, sk_l, PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr,
-    HEAD_BYTES: tl.constexpr, SCORE: tl.constexpr, SG: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    SCORE_ROWS: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr,
+    class_ptr, summary_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr, n, m,
+    stride_cb, stride_ch, stride_mb, out_width, segments, PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+    G_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr,
+    PACKED: tl.constexpr, HEAD_BYTES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
-    choice, 2 writes the chosen indices (SCORE: and their exact scores by SG queries a pair, BINS: counted;
-    :func:`_score_chosen`). A
-    group of one head needs no PHASE 1: its choice in a segment is the tokens above its threshold there, which
-    PHASE 0 counts too, and the ties its budget still takes there."""
+    choice, 2 writes the chosen indices. A group of one head needs no PHASE 1: its choice in a segment is the
+    tokens above its threshold there, which PHASE 0 counts too, and the ties its budget still takes there."""
     wait_previous(PDL)
     pair = tl.program_id(0)
     seg = tl.program_id(1)
@@ -741,7 +742,6 @@ def _scan_kernel(
             ties = tl.load(ties_ptr + pair * segments + s, mask=before, other=0)
             chosen += tl.minimum(tl.maximum(tl.sum(need, axis=0) - (tl.cumsum(ties, axis=0) - ties), 0), ties)
         chosen_before += tl.sum(chosen, axis=0)
-    first = chosen_before
     for i in range(BLOCKS):
         tokens = (seg * BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         t_ok = tokens < n
@@ -794,21 +794,14 @@ def _scan_kernel(
             tl.store(union_ptr + pair * segments + seg, chosen_before)
     elif PHASE == 1:
         tl.store(union_ptr + pair * segments + seg, chosen_before)
-    else:
-        if seg == segments - 1:
-            tl.store(count_ptr + pair, chosen_before)
-        if SCORE:
-            kv, at = (pair % HKV).to(tl.int64), row.to(tl.int64)
-            _score_chosen(out_ptr + pair.to(tl.int64) * out_width, score_ptr + pair.to(tl.int64) * SG * out_width,
-                          bins_ptr + pair.to(tl.int64) * SG * BIN_WORDS, top_ptr + pair * SG,
-                          q_ptr + at * sq_b + kv * SG * sq_h,
-                          key_ptr + at * sk_b + kv * sk_h, sq_h, sk_l, first, chosen_before, out_width, SG, D, D_PAD,
-                          SCORE_ROWS, BINS)
+    elif seg == segments - 1:
+        tl.store(count_ptr + pair, chosen_before)
 
 
 SCAN_BLOCK = 512  # codes per block of a scan program (default of ``block_n``)
 SCAN_WARPS = 4  # warps per scan program
-SCORE_ROWS = 64  # key rows a scan program gathers at a time to score the tokens it chose (re-ranking's)
+SCORE_ROWS = 32  # chosen tokens a scoring program gathers and scores (re-ranking's; 64: 45 against 36 us a layer)
+SCORE_WARPS = 4
 THRESHOLD_WARPS = 8
 
 
@@ -826,8 +819,8 @@ def select_topk(
     exact: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
-    entries past each count are 0) and int32 counts [B, Hkv]; with ``exact``, float32 scores [B, H, W] third, the
-    last scan's programs scoring the tokens they write (no launch of their own; past each count not written), and
+    entries past each count are 0) and int32 counts [B, Hkv]; with ``exact``, float32 scores [B, H, W] third, of
+    the chosen tokens, by a launch after the scans (:func:`_score_chosen`; past each count not written), and
     fourth each score row's counts of its 16-bit keys and the largest of them (a :class:`KeyCounts`), from which
     :func:`keep_top` picks its threshold, or None where they would pass COUNT16_BYTES.
 
@@ -875,30 +868,26 @@ def select_topk(
     union = torch.empty(b * hkv, segments, dtype=torch.int32, device=codes.device)
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(g_pad)
     entries = classes.view(word).view(b * hkv, m) if word else classes
-    plain = _exact_arguments(None, b, heads, width, indices)
-    scored = plain if exact is None else _exact_arguments(exact, b, heads, width, bins)
     for phase in (0, 2) if group == 1 else (0, 1, 2):  # (see _scan_kernel)
-        arguments, constants = scored if phase == 2 else plain
         _scan_kernel[(b * hkv, segments)](
-            entries, summary, codes, cand, k, need, ties, union, indices, counts, *arguments[:5],
-            n, m, codes.stride(0), codes.stride(1), cand.stride(0), width, segments, *arguments[5:],
-            PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad, S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n,
-            BLOCKS=blocks, WORDS=word is not None, PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1,
-            num_warps=SCAN_WARPS, **constants, **pdl(codes.device),
+            entries, summary, codes, cand, k, need, ties, union, indices, counts, n, m, codes.stride(0),
+            codes.stride(1), cand.stride(0), width, segments, PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad,
+            S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n, BLOCKS=blocks, WORDS=word is not None,
+            PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1, num_warps=SCAN_WARPS, **pdl(codes.device),
         )
-    return (indices, counts) if exact is None else (indices, counts, scored[0][2], bins)
-
-
-def _exact_arguments(exact: tuple[torch.Tensor, torch.Tensor] | None, b: int, heads: int, width: int,
-                     bins: KeyCounts | None) -> tuple[list, dict]:
-    """:func:`_scan_kernel`'s scoring arguments (query, keys, the scores' buffer [B, H, width], the zeroed
-    ``bins`` that count their keys and keep the largest, or None, then the strides) and constants for ``exact``
-    (query [B, H, D], H a multiple of the ``heads`` that choose: each scores its chooser's tokens; keys
-    [B, Hkv, >= N, D]); for none,
-    ``bins``' (not read)."""
     if exact is None:
-        return [bins] * 5 + [0] * 5, dict(SCORE=False, SG=1, D=1, D_PAD=16, SCORE_ROWS=16, BINS=False)
+        return indices, counts
+    return indices, counts, _score_chosen(exact, indices, counts, heads, bins), bins
+
+
+def _score_chosen(exact: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor, counts: torch.Tensor, heads: int,
+                  bins: KeyCounts | None) -> torch.Tensor:
+    """Exact scores [B, H, W] float32 of the chosen ``indices`` [B, Hkv, W] (up to each of ``counts``; past them
+    not written) by ``exact``'s query [B, H, D] (H a multiple of the ``heads`` that chose: each scores its
+    chooser's tokens) against its keys [B, Hkv, >= N, D], counted into the zeroed ``bins`` where given
+    (:func:`_score_kernel`, a program per SCORE_ROWS places)."""
     query, keys = exact
+    b, hkv, width = indices.shape
     if query.shape[0] != b or query.shape[1] % heads or query.shape[-1] != keys.shape[-1]:
         raise ValueError(f"exact scores need a query [{b}, a multiple of {heads}, D] and keys [B, Hkv, N, D], got "
                          f"{tuple(query.shape)} and {tuple(keys.shape)}")
@@ -906,8 +895,9 @@ def _exact_arguments(exact: tuple[torch.Tensor, torch.Tensor] | None, b: int, he
     assert keys.stride(-1) == 1
     scores = torch.empty(b, query.shape[1], width, dtype=torch.float32, device=query.device)
     d = query.shape[-1]
-    return ([query, keys, scores, *((scores, scores) if bins is None else bins), query.stride(0), query.stride(1),
-             *keys.stride()[:3]],
-            dict(SCORE=True, SG=query.shape[1] // keys.shape[1], D=d, D_PAD=max(16, triton.next_power_of_2(d)),
-                 SCORE_ROWS=SCORE_ROWS, BINS=bins is not None))
-
+    _score_kernel[(b * hkv, triton.cdiv(width, SCORE_ROWS))](
+        indices, counts, query, keys, scores, *((scores, scores) if bins is None else bins), width, hkv,
+        query.stride(0), query.stride(1), *keys.stride()[:3], G=query.shape[1] // hkv, D=d,
+        D_PAD=max(16, triton.next_power_of_2(d)), ROWS=SCORE_ROWS, BINS=bins is not None, num_warps=SCORE_WARPS,
+        **pdl(query.device))
+    return scores
