@@ -75,7 +75,7 @@ def methods_for(budgets: list[float], scorers: list[str], ablations: bool) -> li
     for topk in ordered:
         methods += [Method(s, topk) for s in scorers] + [Method("wrope", topk, "kv_head")] * ("wrope" in scorers)
         methods += [Method("distance", topk, "kv_head", rerank=RERANK["kv_head"])] * ("distance" in scorers)
-        methods += [Method(s, topk, rerank=r) for s in scorers if s in ("wrope", "distance") for r in (2, 4, 6, 8)]
+        methods += [Method(s, topk, rerank=r) for s in scorers if s in ("wrope", "distance") for r in (2, 4, 5, 6, 8)]
         if ablations and topk == 0.03:
             methods += [Method("wrope", topk, codebooks=v) for v in VARIANTS
                         if v not in ("default", "post-RoPE keys", "distance moments")]

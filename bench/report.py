@@ -437,6 +437,7 @@ class Block:
 SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + perplexity, H100 (some cells: CPU)
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
 POOL_CPU = "evaluation/2026-12-06-a769a41-cpu.json"  # re-ranking's pool against each head's picks united, 4K and 8K
+POOL5_CPU = "evaluation/2026-12-07-61a4b0a-cpu.json"  # the pool of 5 x the budget, 4K and 8K
 RERANKED = "evaluation/2026-12-06-9e97ee7-nvidia-h100-80gb-hbm3.json"  # 256 prompts: full, exact top-K, rerank=2-4
 ROW_CACHE = tuple(f"throughput/2026-12-05-17592c7-nvidia-h200{s}.json" for s in ("", "-2"))  # 128K x 1, x 5
 ROW_CACHE_H100 = tuple(f"throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2", "-3"))
@@ -530,9 +531,9 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h100-rerank-pool": Block(tuple(f"throughput/2026-12-06-a769a41-nvidia-h100-80gb-hbm3{s}.json"
                                                for s in ("", "-2", "-3", "-4", "-6")),
                                          lambda f: table(against_wrope(f), AGAINST_WROPE)),
-    "fidelity-rerank-pool-cpu": Block((POOL_CPU, "evaluation/2026-12-06-841b5b9-cpu.json"),  # (its exact top-K)
-                                      lambda f: fidelity_table(f[0]["perplexity"] + [
-                                          r for r in f[1]["perplexity"] if r["method"] == "oracle 0.03"])),
+    "fidelity-rerank-pool-cpu": Block((POOL_CPU, POOL5_CPU, "evaluation/2026-12-06-841b5b9-cpu.json"),  # (exact top-K)
+                                      lambda f: fidelity_table(f[0]["perplexity"] + f[1]["perplexity"] + [
+                                          r for r in f[2]["perplexity"] if r["method"] == "oracle 0.03"])),
     "ruler-reranked": Block((RERANKED,), lambda f: ruler_tables(f[0])),
     "fidelity-kv-head-rerank-cpu": Block(("evaluation/2026-12-06-84e1f49-cpu.json",),
                                          lambda f: fidelity_table(f[0]["perplexity"])),
