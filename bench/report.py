@@ -276,20 +276,27 @@ def throughput_table(runs: list[dict], methods: str = "", per_batch: bool = True
 
 def against_wrope(files: list[dict]) -> list[dict]:
     """Every run's rows, labelled with its commit and group correlation (``bench.throughput --group-correlation``),
-    each with its step over the mean windowed-RoPE step (a method naming neither "distance" nor "rerank") of the
-    runs of the same commit at the same correlation."""
+    each with its step (and, where profiled, its GPU's busy time) over the mean windowed-RoPE one (a method naming
+    neither "distance" nor "rerank") of the runs of the same commit at the same correlation; a variant labelled
+    "<commit>-<what>" (``A2ATS_COMMIT``) against its commit's."""
     def key(f: dict) -> tuple:
-        return f["environment"]["commit"], f.get("group_correlation", 0.0)
+        return f["environment"]["commit"].split("-")[0], f.get("group_correlation", 0.0)
 
-    plain = defaultdict(list)
+    def busy(r: dict) -> float | None:
+        return r.get("gpu_profile", {}).get("busy_ms")
+
+    plain, plain_busy = defaultdict(list), defaultdict(list)
     for f in files:
-        plain[key(f)] += [r["step_ms"] for r in f["runs"]
-                          if "step_ms" in r and not re.search("distance|rerank", r["method"])]
+        runs = [r for r in f["runs"] if "step_ms" in r and not re.search("distance|rerank", r["method"])]
+        plain[key(f)] += [r["step_ms"] for r in runs]
+        plain_busy[key(f)] += [busy(r) for r in runs if busy(r)]
     rows = []
     for f in files:
         mean = sum(plain[key(f)]) / len(plain[key(f)]) if plain[key(f)] else None
-        rows += [{**r, "commit": key(f)[0], "rho": key(f)[1],
-                  "excess": r["step_ms"] / mean - 1 if mean and "step_ms" in r else None} for r in f["runs"]]
+        mean_busy = sum(plain_busy[key(f)]) / len(plain_busy[key(f)]) if plain_busy[key(f)] else None
+        rows += [{**r, "commit": f["environment"]["commit"], "rho": key(f)[1],
+                  "excess": r["step_ms"] / mean - 1 if mean and "step_ms" in r else None, "busy_ms": busy(r),
+                  "busy_excess": busy(r) / mean_busy - 1 if mean_busy and busy(r) else None} for r in f["runs"]]
     return rows
 
 
@@ -340,6 +347,9 @@ CPU_ATTENTION = {"N": kilo("n"), "batch": cell("batch"), "threads": cell("thread
 AGAINST_WROPE = {"commit": cell("commit"), "group correlation": cell("rho", "{:g}"), "method": cell("method"),
                  "ms / step": cell("step_ms", "{:.2f}"), "over windowed RoPE": cell("excess", "{:+.1%}"),
                  "candidates (heads' worth)": cell("candidate_union", "{:.2f}")}
+BUSY_AGAINST_WROPE = {"commit": cell("commit"), "method": cell("method"), "ms / step": cell("step_ms", "{:.2f}"),
+                      "over windowed RoPE": cell("excess", "{:+.1%}"), "GPU busy, ms": cell("busy_ms", "{:.2f}"),
+                      "GPU busy over windowed RoPE": cell("busy_excess", "{:+.1%}")}
 
 
 KEEP = {"version": cell("version"), "N": kilo("n"), "batch": cell("batch"), "candidates": cell("candidates"),
@@ -531,6 +541,9 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h100-rerank-pool": Block(tuple(f"throughput/2026-12-06-a769a41-nvidia-h100-80gb-hbm3{s}.json"
                                                for s in ("", "-2", "-3", "-4", "-6")),
                                          lambda f: table(against_wrope(f), AGAINST_WROPE)),
+    "throughput-h100-rerank-scoring": Block(tuple(f"throughput/2026-12-07-{c}-nvidia-h100-80gb-hbm3{s}.json"
+                                                  for c, s in (("61a4b0a", ""), ("61a4b0a", "-2"), ("b9a4869", ""))),
+                                            lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
     "fidelity-rerank-pool-cpu": Block((POOL_CPU, POOL5_CPU, "evaluation/2026-12-06-841b5b9-cpu.json"),  # (exact top-K)
                                       lambda f: fidelity_table(f[0]["perplexity"] + f[1]["perplexity"] + [
                                           r for r in f[2]["perplexity"] if r["method"] == "oracle 0.03"])),
