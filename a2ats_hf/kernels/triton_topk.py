@@ -499,21 +499,16 @@ def _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, 
 
 
 @triton.jit
-def _counted_threshold_kernel(top_ptr, bins_ptr, k_ptr, thr_ptr, need_ptr, c, blocks, HEADS: tl.constexpr,
-                              BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _counted_threshold_kernel(top_ptr, bins_ptr, k_ptr, thr_ptr, need_ptr, c, HEADS: tl.constexpr,
+                              PDL: tl.constexpr):
     """Program (row-head) of a keep by scans: the 16-bit threshold digit of the top k of the head's score row and
-    the ties to take at it, picked from the select's counts of its keys down from the largest key it counted (the
-    largest of its ``blocks`` blocks', BLOCK at a time; where the scores crowd, one chunk of PICK_CHUNK counters
-    mostly does; from the counts' top digit down, a pick walked ~16K empty counters, ~50 us; reading the scores
-    for their largest key took ~10 us)."""
+    the ties to take at it, picked from the select's counts of its keys down from the largest key it counted
+    (where the scores crowd, one chunk of PICK_CHUNK counters mostly does; from the counts' top digit down, a pick
+    walked ~16K empty counters, ~50 us; reading the scores for their largest key took ~10 us)."""
     wait_previous(PDL)
     pid = tl.program_id(0)
     k = tl.minimum(tl.load(k_ptr + pid // HEADS).to(tl.int64), c)
-    top = tl.full([BLOCK], 0, tl.int32)
-    for b0 in range(0, blocks, BLOCK):
-        j = b0 + tl.arange(0, BLOCK)
-        top = tl.maximum(top, tl.load(top_ptr + pid.to(tl.int64) * blocks + j, mask=j < blocks, other=0))
-    digit, need = _pick_from_top(bins_ptr + pid.to(tl.int64) * BIN_WORDS, tl.max(top, axis=0),
+    digit, need = _pick_from_top(bins_ptr + pid.to(tl.int64) * BIN_WORDS, tl.load(top_ptr + pid),
                                  tl.zeros([], tl.int64), k, 16, PICK_CHUNK)
     tl.store(thr_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + digit.to(tl.int32))
     tl.store(need_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + need.to(tl.int32))
@@ -577,9 +572,8 @@ def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Te
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     launch = pdl(indices.device)
     scores, indices, counts = scores.contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous()
-    blocks = counted.top.shape[-1]
-    _counted_threshold_kernel[(b * heads,)](counted.top, counted.bins, k, thr, need, c, blocks, HEADS=heads,
-                                            BLOCK=min(1024, triton.next_power_of_2(blocks)), num_warps=16, **launch)
+    _counted_threshold_kernel[(b * heads,)](counted.top, counted.bins, k, thr, need, c, HEADS=heads, num_warps=16,
+                                            **launch)
     for phase in (0, 1, 2):
         _keep_scan_kernel[(b * hkv, parts)](
             scores, indices, counts, thr, need, ties, union, out, kept, c, width, parts, PHASE=phase, G=group,
@@ -600,8 +594,8 @@ def _per_budget(scores: torch.Tensor, hkv: int, budget: str) -> torch.Tensor:
 
 class KeyCounts(NamedTuple):
     """A select's counts of its exact scores' 16-bit keys, ``bins`` [B, H, BIN_WORDS] int32 a score row, and the
-    largest key of each block of SCORE_ROWS scores, ``top`` [B, H, blocks] int32 (-1: none): a keep picks each
-    row's threshold from them, down from the largest, without reading the scores."""
+    largest key it counted, ``top`` [B, H] int32: a keep picks each row's threshold from them, down from ``top``,
+    without reading the scores."""
 
     bins: torch.Tensor
     top: torch.Tensor
@@ -682,23 +676,16 @@ def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, bins_ptr, top_p
                   BINS: tl.constexpr, PDL: tl.constexpr):
     """Program (pair, block of ROWS places) after the scans: exact ``q . k`` of the chosen tokens written there, by
     each of the pair's G queries into its G score rows (``width`` apart), their key rows gathered at once. BINS:
-    each score also counted by its top 16 bits into the G rows of ``bins`` (BIN_WORDS apart), the largest of the
-    block's kept in the G rows of ``top`` (a word a block), from which the keep picks its threshold. A block's
-    equal keys are counted by one atomic addition (scores crowd: equal 16-bit keys are common), and no block's
-    maximum is an atomic one (a row's ~700 blocks would take turns at one word). (Scored inside the last scan,
-    each program after its own scan, the same step's scoring took 2.5 ms against 2.0 here: H100, 128K x 1,
-    ``rerank=6`` per query head.)"""
+    each score also counted by its top 16 bits into the G rows of ``bins`` (BIN_WORDS apart), the largest of them
+    kept in ``top``'s G words (an atomic maximum a block), from which the keep picks its threshold. (Scored inside
+    the last scan, each program after its own scan, the same step's scoring took 2.5 ms against 2.0 here: H100,
+    128K x 1, ``rerank=6`` per query head.)"""
     wait_previous(PDL)
-    pair, block = tl.program_id(0), tl.program_id(1)
-    first = block * ROWS
+    pair, first = tl.program_id(0), tl.program_id(1) * ROWS
     row, kv = (pair // hkv).to(tl.int64), (pair % hkv).to(tl.int64)
     places = first + tl.arange(0, ROWS)
     ok = places < tl.load(count_ptr + pair)
-    if first >= tl.load(count_ptr + pair):
-        if BINS:
-            for g in tl.static_range(G):
-                tl.store(top_ptr + (pair.to(tl.int64) * G + g) * tl.num_programs(1) + block, -1)
-    else:
+    if first < tl.load(count_ptr + pair):
         d = tl.arange(0, D_PAD)
         rows = tl.load(out_ptr + pair.to(tl.int64) * width + places, mask=ok, other=0).to(tl.int64)
         keys = tl.load(key_ptr + row * sk_b + kv * sk_h + rows[:, None] * sk_l + d[None, :],
@@ -709,13 +696,9 @@ def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, bins_ptr, top_p
             score = tl.sum(keys * q[None, :], axis=1)
             tl.store(score_ptr + head * width + places, score, mask=ok)
             if BINS:
-                key = tl.where(ok, (_order_key(score) >> 16).to(tl.int32), -1)
-                alike = key[:, None] == key[None, :]  # [i, j]: equal keys, counted by the first of them
-                j = tl.arange(0, ROWS)
-                first_alike = tl.min(tl.where(alike, j[None, :], ROWS), axis=1)
-                tl.atomic_add(bins_ptr + head * BIN_WORDS + key, tl.sum(alike.to(tl.int32), axis=1),
-                              mask=ok & (first_alike == j), sem="relaxed")
-                tl.store(top_ptr + head * tl.num_programs(1) + block, tl.max(key, axis=0))
+                key = (_order_key(score) >> 16).to(tl.int32)
+                tl.atomic_add(bins_ptr + head * BIN_WORDS + key, 1, mask=ok, sem="relaxed")
+                tl.atomic_max(top_ptr + head, tl.max(tl.where(ok, key, 0), axis=0), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
@@ -863,14 +846,11 @@ def select_topk(
     scored_heads = heads if exact is None else exact[0].shape[1]  # a KV group's queries may score its one choice
     binned = exact is not None and _counts16_fit(b * scored_heads)
     sizes = [_counters(m, b * heads, unit, key_bits), b * hkv * width, b * hkv * words,
-             b * scored_heads * BIN_WORDS.value if binned else 0]
-    counted, indices, summary, bins = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
+             b * scored_heads * BIN_WORDS.value if binned else 0, b * scored_heads if binned else 0]
+    counted, indices, summary, bins, tops = torch.zeros(sum(sizes), dtype=torch.int32,
+                                                        device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
-    if binned:  # (each block's largest key: written by every block, so not zeroed)
-        tops = torch.empty(b, scored_heads, triton.cdiv(width, SCORE_ROWS), dtype=torch.int32, device=codes.device)
-        bins = KeyCounts(bins.view(b, scored_heads, BIN_WORDS.value), tops)
-    else:
-        bins = None
+    bins = KeyCounts(bins.view(b, scored_heads, BIN_WORDS.value), tops.view(b, scored_heads)) if binned else None
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
