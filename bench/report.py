@@ -542,7 +542,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                                for s in ("", "-2", "-3", "-4", "-6")),
                                          lambda f: table(against_wrope(f), AGAINST_WROPE)),
     "throughput-h100-rerank-scoring": Block(tuple(f"throughput/2026-12-07-{c}-nvidia-h100-80gb-hbm3{s}.json"
-                                                  for c, s in (("61a4b0a", ""), ("61a4b0a", "-2"), ("b9a4869", ""))),
+                                                  for c, s in (("61a4b0a", ""), ("61a4b0a", "-2"), ("b9a4869", ""),
+                                                               ("53c6d5d", ""))),
                                             lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
     "fidelity-rerank-pool-cpu": Block((POOL_CPU, POOL5_CPU, "evaluation/2026-12-06-841b5b9-cpu.json"),  # (exact top-K)
                                       lambda f: fidelity_table(f[0]["perplexity"] + f[1]["perplexity"] + [
