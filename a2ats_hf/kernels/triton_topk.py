@@ -557,7 +557,7 @@ def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, thr_ptr, need_ptr, ties_ptr
 
 
 def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor,
-                   counted: "KeyCounts", width: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   counted: KeyCounts, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`keep_top` past what one program holds, with the select's counts of the scores' 16-bit keys: each
     head's threshold picked from them, then three scans over parts of KEEP_SCAN_BLOCK candidates (ties, the
     group's kept, their rows; see :func:`_keep_scan_kernel`), the select's scans over positions without their
@@ -632,10 +632,9 @@ def keep_top(
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
     (a program per row and KV head; in parts, up to KEEP_PARTS_TABLE). ``bins``, the select's counts of
     ``scores``' 16-bit keys (:func:`select_topk`'s fourth result, a :class:`KeyCounts`), spare a keep of 16-bit
-    keys its select's rounds
-    (scores the budget rule sums are not the ones counted: then they are not read); past those tables they give
-    each head's threshold, then three scans keep (:func:`_keep_by_scans`: four launches); without them,
-    :func:`select_topk` over the candidates' positions and a gather."""
+    keys its select's rounds (scores the budget rule sums are not the ones counted: then they are not read); past
+    those tables they give each head's threshold, then three scans keep (:func:`_keep_by_scans`: four launches);
+    without them, :func:`select_topk` over the candidates' positions and a gather."""
     check_key_bits(key_bits)
     if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
         raise ValueError(f"triton_topk.KEEP_DIGIT_BITS must be 2, 4 or 8, got {KEEP_DIGIT_BITS!r}")
@@ -801,7 +800,7 @@ def _scan_kernel(
 SCAN_BLOCK = 512  # codes per block of a scan program (default of ``block_n``)
 SCAN_WARPS = 4  # warps per scan program
 SCORE_ROWS = 32  # chosen tokens a scoring program gathers and scores (re-ranking's; 64: 45 against 36 us a layer)
-SCORE_WARPS = 4
+SCORE_WARPS = 4  # warps per scoring program
 THRESHOLD_WARPS = 8
 
 
