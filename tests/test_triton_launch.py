@@ -22,7 +22,7 @@ def test_off_without_a_hopper_gpu(monkeypatch):
 @pytest.mark.parametrize("module,kernel,constants,pointers", [
     ("triton_codes", "_lut_kernel",
      {"HKV": 8, "G": 1, "D": 128, "D_PAD": 128, "ROT": 128, "BLOCK_R": 16, "BLOCK_M": 64, "PRECISION": "tf32x3",
-      "MOVE": False, "S_PAD": 2, "N_ON_DEVICE": False},
+      "MOVE": False, "S_PAD": 2, "N_ON_DEVICE": False, "SUMMED": 1},
      {"q_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "c_ptr": "*fp32", "out_ptr": "*fp32"}),
     ("triton_attention", "_attention_lse_kernel",
      {"HKV": 8, "G": 4, "G_PAD": 16, "D": 128, "D_PAD": 128, "BLOCK_L": 32, "FAR": True},
