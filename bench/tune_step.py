@@ -28,11 +28,10 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_codes, "LUT_BLOCK_M"): [16, 32], (triton_topk, "SCAN_BLOCK"): [256, 1024],
     (triton_topk, "THRESHOLD_WARPS"): [4, 16], (triton_topk, "COUNT_COPIES"): [4, 16],
     (triton_topk, "SPLIT_COLUMNS"): [1024, 2048], (triton_topk, "SPLIT_WARPS"): [4, 16],
-    (triton_topk, "WIDE_UNIT_TABLE"): [2048, 4096],
     (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEEP_DIGIT_BITS"): [2, 8], (triton_topk, "KEY_SPAN"): [True],
-    (triton_topk, "KEEP_CHUNK"): [2048, 4096], (triton_topk, "SCORE_ROWS"): [16, 64],
+    (triton_topk, "SCORE_ROWS"): [16, 64],
     (triton_topk, "KEEP_SCAN_BLOCK"): [512, 2048], (triton_topk, "SCAN_WARPS"): [2, 8],
-    (triton_topk, "COUNT16_BYTES"): [0],  # the exact scores not counted: the keep goes through the select
+    (triton_topk, "COUNT16_BYTES"): [0],  # a wide table's 16-bit keys counted in two rounds of 8 bits
     (triton_launch, "PDL"): [True],
 }
 

@@ -192,14 +192,13 @@ def test_matches_reference_on_smollm2(smollm2, austen):
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
-@pytest.mark.parametrize("split_from", [None, 256], ids=["narrow", "split-select-by-histogram"])
-def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
-    """What exact re-ranking hands the kernel: exact scores (some tied) with -inf past each head's candidates, each
+@pytest.mark.parametrize("split_from", [None, 256], ids=["narrow", "split-select"])
+def test_matches_reference_on_scores_as_a_table(budget, split_from, monkeypatch):
+    """A table of one candidate a column: exact scores (some tied) with -inf past each head's candidates, each
     candidate's position as its code (one arange broadcast over rows and heads: stride 0), every position a
-    candidate, one candidate a code (``unit``); with a table this wide taken as wide, the split select counts each
-    round's digits by a histogram."""
+    candidate; with a table this wide taken as wide, by a split select."""
     if split_from:  # (three splits of 256 columns)
-        monkeypatch.setattr(triton_topk, "WIDE_UNIT_TABLE", split_from)
+        monkeypatch.setattr(triton_topk, "WIDE_TABLE", split_from)
         monkeypatch.setattr(triton_topk, "SPLIT_COLUMNS", split_from)
     g = torch.Generator().manual_seed(5)
     b, hkv, group, c = 2, 2, 3, 700
@@ -212,14 +211,14 @@ def test_matches_reference_on_rerank_inputs(budget, split_from, monkeypatch):
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
     for k in (torch.tensor([90, 133]), torch.tensor([700, 0]), torch.tensor([1, 5])):
         assert_same_selection(to(lut), to(positions), to(torch.ones(b, c, dtype=torch.bool)), to(k), budget,
-                              k_max=int(k.max()), histogram=to(ones), unit=True)
+                              k_max=int(k.max()), histogram=to(ones))
 
 
 @pytest.mark.parametrize("unit,round_,bits", [(False, 0, 8), (False, 1, 8), (False, 3, 8), (True, 0, 8), (True, 3, 8),
                                              (False, 0, 16)])
 def test_digit_counts_compile_for_hopper(unit, round_, bits):
-    """The split select's digit counts, in each way of counting (8-bit digits by atomic additions or a histogram,
-    16-bit ones by atomic additions), compile to PTX for sm_90 without a GPU."""
+    """The split select's digit counts, in each way of counting (8-bit digits by atomic additions or, over
+    re-ranking's scores, a histogram; 16-bit ones by atomic additions), compile to PTX for sm_90 without a GPU."""
     constants = {"ROUND": round_, "HEADS": 8, "GROUP": 1, "S_PAD": 2, "BITS": bits, "COLUMNS": 4096, "COPIES": 1,
                  "UNIT": unit, "SPAN": True, "KEY_BITS": 32 if bits == 8 else 16}
     pointers = {"lut_ptr": "*fp32", "k_ptr": "*i64", "state_ptr": "*i64", "span_ptr": "*i64"}
@@ -261,12 +260,11 @@ def test_scans_compile_for_hopper(group, phase):
     compile_for_hopper("triton_topk", "_scan_kernel", constants, pointers)
 
 
-@pytest.mark.parametrize("group, bins", [(1, True), (4, True), (4, False)])
-def test_scoring_compiles_for_hopper(group, bins):
+@pytest.mark.parametrize("group", [1, 4])
+def test_scoring_compiles_for_hopper(group):
     """Re-ranking's scoring of the chosen tokens compiles to PTX for sm_90 without a GPU, by one query or four a
-    KV head (a pool for the query heads), counting the scores' keys or not."""
-    compile_for_hopper("triton_topk", "_score_kernel",
-                       {"G": group, "D": 128, "D_PAD": 128, "ROWS": 32, "BINS": bins},
+    KV head (a pool for the query heads)."""
+    compile_for_hopper("triton_topk", "_score_kernel", {"G": group, "D": 128, "D_PAD": 128, "ROWS": 32},
                        {"q_ptr": "*bf16", "key_ptr": "*bf16", "score_ptr": "*fp32"})
 
 
@@ -275,26 +273,19 @@ def test_scoring_compiles_for_hopper(group, bins):
                          [(2, 6, 2, 24, 700, 50, torch.float32), (3, 3, 3, 64, 300, 9000, torch.bfloat16),
                           (1, 4, 1, 80, 3000, 20, torch.float16)],
                          ids=["group3", "mha-wide-table-bf16", "group4-d80-segments"])
-@pytest.mark.parametrize("keep", ["parts", "whole", "scans", "past-COUNT16_BYTES"])
+@pytest.mark.parametrize("keep", ["whole", "scans"])
 def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, keep, monkeypatch):
     """With ``exact``, the select scores the tokens it chose: the reference's indices and counts, and
     up to each count their exact q . k by the table's query heads (or the group's summed query; or, as a "pool"
     for the query heads, the group's summed table choosing and each query head scoring) against a store
-    buffer wider than the tokens, and counts each score row's 16-bit keys, unless those counts
-    would pass COUNT16_BYTES; the keep, handed those counts or not, keeps what the reference keeps of those
-    scores (many tied in 16 bits; budgets up to past every count): a group of one head in parts of 64 candidates a
-    program (past KEEP_TABLE, where a group of several heads goes by scans), whole, or every group by scans over
-    parts of 32 candidates (past both tables: thresholds from the counts; without them, through the select)."""
-    binned = keep != "past-COUNT16_BYTES"
-    if not binned:
-        monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
-    monkeypatch.setattr(triton_topk, "KEEP_CHUNK", 64 if keep == "parts" else 0)
-    if keep == "parts":
-        monkeypatch.setattr(triton_topk, "KEEP_TABLE", 96)
-    if keep in ("scans", "past-COUNT16_BYTES"):
+    buffer wider than the tokens; the keep keeps what the reference keeps of those scores (many tied in 16 bits;
+    budgets up to past every count): in one program, or by scans over parts of 32 candidates after a split select
+    of 64 candidates a program (past KEEP_TABLE)."""
+    if keep == "scans":
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", 16)
-        monkeypatch.setattr(triton_topk, "KEEP_PARTS_TABLE", 16)
         monkeypatch.setattr(triton_topk, "KEEP_SCAN_BLOCK", 32)
+        if m < triton_topk.WIDE_TABLE:  # (the wide table's own split select left at its width: interpreter time)
+            monkeypatch.setattr(triton_topk, "SPLIT_COLUMNS", 64)
     g = torch.Generator().manual_seed(d + n)
     lut = torch.randn(b, hq, m, generator=g)
     codes = torch.randint(0, m, (b, hkv, n), generator=g).to(torch.uint16)
@@ -304,11 +295,10 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
     chooser, budget = ("kv_head", "query_head") if budget == "pool" else (budget, budget)  # (select's, keep's rule)
     query, keys = torch.randn(b, heads, d, generator=g), torch.randn(b, hkv, n + 17, d, generator=g).to(dtype)
     to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-    expected, expected_counts, expected_scores, no_bins = reference.select_topk(lut, codes, candidates, k, chooser,
-                                                                                exact=(query, keys))
-    got, counts, scores, bins = triton_topk.select_topk(to(lut), to(codes), to(candidates), to(k), chooser,
-                                                        block_n=64, exact=(to(query), to(keys)))
-    assert no_bins is None and (bins is None) == (not binned)
+    expected, expected_counts, expected_scores = reference.select_topk(lut, codes, candidates, k, chooser,
+                                                                       exact=(query, keys))
+    got, counts, scores = triton_topk.select_topk(to(lut), to(codes), to(candidates), to(k), chooser, block_n=64,
+                                                  exact=(to(query), to(keys)))
     assert torch.equal(counts.cpu().long(), expected_counts.long()) and scores.dtype == torch.float32
     assert scores.shape == (b, heads, got.shape[-1])
     group = heads // hkv
@@ -319,14 +309,9 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
             rows = slice(head * group, (head + 1) * group)
             torch.testing.assert_close(scores[row, rows, :c].cpu(), expected_scores[row, rows, :c], atol=1e-4,
                                        rtol=1e-4)
-            if binned:
-                keys16 = reference.order_keys(scores[row, rows, :c].cpu()) >> 16
-                counted = torch.zeros(group, 1 << 16, dtype=torch.long).scatter_add_(1, keys16, torch.ones_like(keys16))
-                assert torch.equal(bins.bins[row, rows].cpu().long(), counted)
-                assert torch.equal(bins.top[row, rows].cpu().long(), keys16.amax(-1) if c else torch.zeros(group))
     for top in (torch.div(k, 2, rounding_mode="floor"), k, torch.full_like(k, n)):  # (n: past every count)
         kept, kept_counts = reference.keep_top(got.cpu(), counts.cpu(), scores.cpu(), top, int(top.max()), budget, 16)
-        got_kept, got_counts = triton_topk.keep_top(got, counts, scores, to(top), int(top.max()), budget, 16, bins)
+        got_kept, got_counts = triton_topk.keep_top(got, counts, scores, to(top), int(top.max()), budget, 16)
         assert torch.equal(got_counts.cpu().long(), kept_counts.long())
         for row in range(b):
             for head in range(hkv):
@@ -337,19 +322,21 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
 @pytest.mark.parametrize("keep_table,digit_bits,key_bits", [(None, 4, 32), (None, 2, 32), (None, 8, 32), (256, 4, 32),
                                                             (None, 4, 16), (None, 8, 24), (256, 4, 16)],
-                         ids=["in-registers", "2-bit-digits", "8-bit-digits", "as-a-select", "16-bit-keys",
-                              "24-bit-keys", "16-bit-keys-as-a-select"])
+                         ids=["in-registers", "2-bit-digits", "8-bit-digits", "by-scans", "16-bit-keys",
+                              "24-bit-keys", "16-bit-keys-by-scans"])
 @pytest.mark.parametrize("spread", [1.0, 1e-6], ids=["random", "narrow-range"])
 def test_keep_top_matches_reference(budget, keep_table, digit_bits, key_bits, spread, monkeypatch):
     """Re-ranking's keep: exact scores (some tied, garbage past each head's count, which the keep must not use; or
     all within 1e-6 of 1, so only the keys' last digits tell them apart) over candidate rows with padding past the
-    counts; the rows kept,
-    ascending, 0 after them, as the reference keeps them, whether the candidates fit one program's registers or go
-    through the select (past ``KEEP_TABLE``), by digits of any width the register select takes, on keys of any
-    width (16 bits: scores equal in bfloat16 tie, to the lower position)."""
+    counts; the rows kept, ascending, 0 after them, as the reference keeps them, whether the candidates fit one
+    program's registers or go by scans (past ``KEEP_TABLE``: a split select of 256 candidates a program, parts of
+    128), by digits of any width the register select takes, on keys of any width (16 bits: scores equal in
+    bfloat16 tie, to the lower position)."""
     monkeypatch.setattr(triton_topk, "KEEP_DIGIT_BITS", digit_bits)
     if keep_table:
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", keep_table)
+        monkeypatch.setattr(triton_topk, "SPLIT_COLUMNS", 256)
+        monkeypatch.setattr(triton_topk, "KEEP_SCAN_BLOCK", 128)
     g = torch.Generator().manual_seed(6)
     b, hkv, group, c, n = 2, 2, 3, 700, 5000
     counts = torch.tensor([[700, 412], [133, 650]])
@@ -381,25 +368,22 @@ def test_keep_top_rejects_a_digit_width_that_would_skip_bits(monkeypatch):
         triton_topk.keep_top(indices, counts, torch.randn(1, 1, 4), torch.tensor([2]), 2)
 
 
-@pytest.mark.parametrize("digit_bits,group,bins,chunk", [(2, 4, False, 0), (4, 4, False, 0), (8, 4, False, 0),
-                                                        (4, 1, False, 0), (4, 4, True, 0), (4, 1, True, 0),
-                                                        (4, 1, True, 1024)])
-def test_keep_top_compiles_for_hopper(digit_bits, group, bins, chunk):
-    """Re-ranking's keep over the widest table it holds in registers (in parts, twice as wide) compiles to PTX
-    for sm_90 without a GPU, selecting by digits or picking from the select's counts of 16-bit keys."""
+@pytest.mark.parametrize("digit_bits,group", [(2, 4), (4, 4), (8, 4), (4, 1)])
+def test_keep_top_compiles_for_hopper(digit_bits, group):
+    """Re-ranking's keep over the widest table it holds in registers compiles to PTX for sm_90 without a GPU,
+    selecting by digits of each width."""
     compile_for_hopper("triton_topk", "_keep_top_kernel",
-                       {"HKV": 8, "G": group, "TABLE": 16384 if chunk else 8192, "DIGIT_BITS": digit_bits,
-                        "KEY_BITS": 32 if digit_bits < 8 and not bins else 16, "BINS": bins, "CHUNK": chunk},
+                       {"HKV": 8, "G": group, "TABLE": 8192, "DIGIT_BITS": digit_bits,
+                        "KEY_BITS": 32 if digit_bits < 8 else 16},
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})
 
 
 @pytest.mark.parametrize("phase", [0, 1, 2])
 @pytest.mark.parametrize("group", [1, 4, 6])
 def test_keep_by_scans_compiles_for_hopper(phase, group):
-    """The keep by scans' passes (groups of one, four and six heads, 2,048 parts) and its threshold pick compile to
-    PTX for sm_90 without a GPU."""
+    """The keep by scans' passes (groups of one, four and six heads, 2,048 parts; PHASE 0 picking each head's
+    threshold from the split select's 16 sets of counts) compile to PTX for sm_90 without a GPU."""
     compile_for_hopper("triton_topk", "_keep_scan_kernel",
-                       {"PHASE": phase, "G": group, "G_PAD": {1: 1, 4: 4, 6: 8}[group], "P_PAD": 2048, "BLOCK": 1024},
-                       {"score_ptr": "*fp32", "count_ptr": "*i32"})
-    if phase == 0 and group == 1:
-        compile_for_hopper("triton_topk", "_counted_threshold_kernel", {"HEADS": 32}, {"k_ptr": "*i64"})
+                       {"PHASE": phase, "HEADS": 32, "G": group, "G_PAD": {1: 1, 4: 4, 6: 8}[group], "P_PAD": 2048,
+                        "S_PAD": 16, "BLOCK": 1024, "ROUNDS": 2, "BITS": 8, "KEY_BITS": 16},
+                       {"score_ptr": "*fp32", "count_ptr": "*i32", "k_ptr": "*i64", "state_ptr": "*i64"})

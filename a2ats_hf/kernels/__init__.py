@@ -167,12 +167,11 @@ def merge_attention(
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
     budget: str = "query_head", key_bits: int = 32,
-    bins: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep, the candidates with the top exact scores; see :func:`.reference.keep_top`. One Triton
-    launch on a GPU for up to ``KEEP_TABLE`` candidates (``KEEP_PARTS_TABLE`` in parts), which picks its threshold
-    from ``bins`` (the select's counts of the scores' 16-bit keys and the largest) where given."""
-    return _on(indices, "keep_top", indices, counts, scores, k, k_max, budget, key_bits, bins)
+    launch on a GPU for up to ``KEEP_TABLE`` candidates; past it, a split select of each head's threshold and
+    three scans."""
+    return _on(indices, "keep_top", indices, counts, scores, k, k_max, budget, key_bits)
 
 
 def split_rows(
@@ -213,21 +212,17 @@ def select_topk(
     budget: str = "query_head",
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
-    unit: bool = False,
     key_bits: int = 32,
     exact: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Top-K far tokens per (row, KV head) from LUT scores, and with ``exact`` (query, keys) their exact scores
-    and what the keep may use of them (re-ranking's candidates); see :func:`.reference.select_topk` for the
-    contract.
+    (re-ranking's candidates); see :func:`.reference.select_topk` for the contract.
 
     On a GPU with Triton, the fused kernel runs (``histogram`` of the candidates' codes and a host-side bound
-    ``k_max`` on ``k`` spare it a pass over the codes and a device sync; ``unit``, every code held by one
-    candidate, lets it count without atomic additions; the exact scores come from the pass that writes the
-    indices, which counts their 16-bit keys for the keep); indices may then be int32 and padded wider than the
-    largest count.
+    ``k_max`` on ``k`` spare it a pass over the codes and a device sync; the exact scores come from a launch
+    after the pass that writes the indices); indices may then be int32 and padded wider than the largest count.
     """
-    return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max, unit=unit,
+    return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max,
                key_bits=key_bits, exact=exact)
 
 

@@ -141,7 +141,6 @@ def select_topk(
     budget: str = "query_head",
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
-    unit: bool = False,
     key_bits: int = 32,
     exact: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
@@ -155,8 +154,8 @@ def select_topk(
         k: [B] long, the per-row budget (already clamped to the number of candidates).
         budget: "query_head" takes the top ``k`` of every query head and unites them over the KV group;
             "kv_head" takes one top ``k`` per KV head from the group's summed scores.
-        histogram, k_max, unit: what the fast kernel may be given to spare it work (the candidates' code
-            histogram, a host-side bound on ``k``, whether every code is one candidate's); the reference needs none.
+        histogram, k_max: what the fast kernel may be given to spare it work (the candidates' code histogram, a
+            host-side bound on ``k``); the reference needs neither.
         key_bits: the scores ranked by the top ``key_bits`` bits of their float32 order (8, 16, 24 or 32; 16:
             bfloat16's precision, rounded down), scores equal in those bits tying; fewer take the kernel fewer
             rounds (re-ranking's candidates, whose order the exact scores set anyway).
@@ -165,8 +164,7 @@ def select_topk(
 
     Returns:
         indices [B, Hkv, K] (ascending token indices, padded with 0) and counts [B, Hkv]; with ``exact``, their
-        exact scores [B, H, K] third (past each count: -inf here, not written by the kernel) and fourth what
-        :func:`keep_top` may be handed to spare it work (the kernel's counts of the scores' keys; None here).
+        exact scores [B, H, K] third (past each count: -inf here, not written by the kernel).
         Ties are broken towards the lower token index.
     """
     b, hq, m = lut.shape
@@ -192,7 +190,7 @@ def select_topk(
     indices = indices.masked_fill(torch.arange(width, device=lut.device) >= counts[..., None], 0)
     if exact is None:
         return indices, counts
-    return indices, counts, candidate_scores(*exact, indices, counts), None
+    return indices, counts, candidate_scores(*exact, indices, counts)
 
 
 def write_token(
@@ -289,13 +287,12 @@ def scores_within_counts(scores: torch.Tensor, counts: torch.Tensor) -> torch.Te
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
     budget: str = "query_head", key_bits: int = 32,
-    bins: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep: of each (row, KV head)'s candidates ``indices`` [B, Hkv, C] (the first ``counts`` valid,
     ascending), the top ``k`` [B] (``k_max`` >= every k) by ``scores`` [B, Hq or Hkv, C] (:func:`candidate_scores`;
     past the counts not read), per query head and united over the group or, with ``budget="kv_head"``, one top k
     of the group's summed scores; ties to the lower index; scores ranked by their top ``key_bits`` bits as
-    :func:`select_topk` ranks them (``bins``, the select's fourth result, spare the kernel work; not read here).
+    :func:`select_topk` ranks them.
     Returns (rows [B, Hkv, W] ascending, 0 past each count, W at least the largest count; counts [B, Hkv]
     int32)."""
     b, hkv, c = indices.shape

@@ -20,25 +20,19 @@ The result equals :func:`a2ats_hf.kernels.reference.select_topk` exactly.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from .reference import check_key_bits, code_histogram, scores_within_counts
-from .triton_attention import gather_chosen
+from .reference import check_key_bits, code_histogram
 from .triton_launch import pdl, wait_previous
 
 WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
-WIDE_UNIT_TABLE = 8192  # the same for a table of one candidate a column (re-ranking's), whose digits a split
-# counts with a histogram instead of atomic additions
 SPLIT_COLUMNS = 4096  # columns per program of a split select, read as one block
 SPLIT_WARPS = 8  # warps per program of a split select
 RADIX_BITS = 8  # bits of the score key a split select picks per round (but see COUNT16_BYTES)
 COUNT16_BYTES = 8 << 20  # the most bytes of 16-bit digits' counters (256 KB a head) a select zeroes: below it a
-# split select of 16-bit keys counts them in one round, and re-ranking's keep picks from counts of its scores' keys
-BIN_WORDS = tl.constexpr(1 << 16)  # a score row's counts of its 16-bit keys
+# split select of 16-bit keys counts them in one round
 PICK_CHUNK = tl.constexpr(4096)  # 16-bit digits' counters a pick reads at a time, down from the round's largest digit
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 KEY_SPAN = False  # True: a split select first finds each head's key span, counts keys shifted by it (_key_span)
@@ -61,12 +55,15 @@ def _top_bits(key, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
+def _entries(lut_row, hist_row, m0, n, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, UNIT: tl.constexpr = False):
     """Entries [m0, m0 + BLOCK) of a head's table as (candidate counts, score keys), 0 past ``n``; a key keeps its
-    top KEY_BITS bits (the rest 0: scores equal in those bits tie)."""
+    top KEY_BITS bits (the rest 0: scores equal in those bits tie). UNIT: one candidate each (no histogram read)."""
     i = m0 + tl.arange(0, BLOCK)
     ok = i < n
-    count = tl.load(hist_row + i, mask=ok, other=0)
+    if UNIT:
+        count = ok.to(tl.int32)
+    else:
+        count = tl.load(hist_row + i, mask=ok, other=0)
     return count, _top_bits(_order_key(tl.load(lut_row + i, mask=ok, other=0.0)), KEY_BITS)
 
 
@@ -263,12 +260,16 @@ def _digit_count_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr,
     read, and meanwhile the previous round's digit picked (:func:`_split_state`); then the candidates whose shifted
     key's (:func:`_key_span`) leading digits match the prefix counted by their next digit, into the split's own
     COPIES sets of counts (column c into set c % COPIES); 16-bit digits into one set
-    shared by the splits, the largest digit counted kept by an atomic maximum. UNIT (one candidate a column): a
-    histogram of the digits in the program, stored once into its first set."""
+    shared by the splits, the largest digit counted kept by an atomic maximum. UNIT (re-ranking's scores: one
+    candidate a column, up to the KV head's count of them, which ``hist_ptr`` holds instead of a histogram): a
+    histogram of the digits in the program, stored whole into its first set (no zeroed counters)."""
     wait_previous(PDL)
     pid, split, kv, lut_row, hist_row, start, end = _split_program(lut_ptr, hist_ptr, m, hist_stride, HEADS, GROUP,
                                                                    COLUMNS)
-    count, key = _entries(lut_row, hist_row, start, end, COLUMNS, KEY_BITS)  # issued before the pick's: they overlap
+    if UNIT:
+        count, key = _entries(lut_row, hist_row, start, tl.minimum(tl.load(hist_row), end), COLUMNS, KEY_BITS, True)
+    else:  # (issued before the pick's loads: they overlap)
+        count, key = _entries(lut_row, hist_row, start, end, COLUMNS, KEY_BITS)
     shift: tl.constexpr = 32 - BITS * (ROUND + 1)
     if ROUND > 0:
         prefix = _split_state(bins_ptr, state_ptr, k_ptr, pid, split, sets, rows, ROUND, HEADS, S_PAD, BITS,
@@ -321,44 +322,38 @@ def _classify_kernel(lut_ptr, hist_ptr, k_ptr, state_ptr, bins_ptr, span_ptr, ne
                  m, GROUP, G_PAD, COLUMNS)
 
 
-def _split_shape(m: int, rows: int, unit: bool = False, key_bits: int = 32) -> tuple[int, int, int, int] | None:
+def _split_shape(m: int, rows: int, key_bits: int = 32) -> tuple[int, int, int, int] | None:
     """(splits, sets of counters, rounds, bits a round) of a split select over ``rows`` heads' tables of ``m``
-    columns (``unit``: of one candidate each) keyed by ``key_bits`` bits; None for a narrow table (one program per
-    head). 16-bit keys take one round of 16 bits where its counters stay within COUNT16_BYTES (a launch fewer, and
-    its digits spread the atomic additions that a score's few top digits crowd); 32-bit keys take 8 bits a round
-    (two rounds of 16 cost more: the second's digits spread wide below its largest, so its pick reads many
-    chunks)."""
-    if m < (WIDE_UNIT_TABLE if unit else WIDE_TABLE):
+    columns keyed by ``key_bits`` bits; None for a narrow table (one program per head). 16-bit keys take one round
+    of 16 bits where its counters (65,536 words a head) stay within COUNT16_BYTES (a launch fewer, and its digits
+    spread the atomic additions that a score's few top digits crowd); 32-bit keys take 8 bits a round (two rounds
+    of 16 cost more: the second's digits spread wide below its largest, so its pick reads many chunks)."""
+    if m < WIDE_TABLE:
         return None
     splits = triton.cdiv(m, SPLIT_COLUMNS)
-    if not unit and key_bits == 16 and _counts16_fit(rows):
+    if key_bits == 16 and 4 * rows << 16 <= COUNT16_BYTES:
         return splits, 1, 1, 16
     return splits, splits * COUNT_COPIES, key_bits // RADIX_BITS, RADIX_BITS
 
 
-def _counts16_fit(rows: int) -> bool:
-    """Whether ``rows`` heads' counters of 16-bit keys (one int32 a key) stay within COUNT16_BYTES."""
-    return 4 * rows * BIN_WORDS.value <= COUNT16_BYTES
-
-
-def _counters(m: int, rows: int, unit: bool = False, key_bits: int = 32) -> int:
+def _counters(m: int, rows: int, key_bits: int = 32) -> int:
     """The zeroed int32 words a split select needs: each head's key span (two int64), then the digit counters,
     then each round's largest digit a head (0 for a narrow table)."""
-    shape = _split_shape(m, rows, unit, key_bits)
+    shape = _split_shape(m, rows, key_bits)
     return 0 if shape is None else 4 * rows + shape[2] * rows * ((shape[1] << shape[3]) + 1)
 
 
-def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, unit=False, key_bits=32):
+def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad, key_bits=32):
     """Each (row, head)'s threshold key, its ties to take (``need``) and the centroids' classes and summary: one
     program per head over a narrow table; over a wide one (the distance scorer's buckets x centroids, which one
     program per head crossed in ~100 us) a split select: with KEY_SPAN, the head's key span (:func:`_key_span`)
     found first; then 16 or RADIX_BITS of the (shifted) key a round (:func:`_split_shape`), each round's candidates
     counted by programs over SPLIT_COLUMNS columns (into COUNT_COPIES sets of ``counted``'s zeroed counters each,
-    or one set for 16 bits), then the classes by programs as many (``unit``: one candidate a column, each round
-    counted by a histogram). Scores are keyed by their top ``key_bits`` bits."""
+    or one set for 16 bits), then the classes by programs as many. Scores are keyed by their top ``key_bits``
+    bits."""
     rows, m = lut.shape[0] * lut.shape[1], lut.shape[-1]
     common = dict(HEADS=lut.shape[1], GROUP=group, KEY_BITS=key_bits)
-    shape = _split_shape(m, rows, unit, key_bits)
+    shape = _split_shape(m, rows, key_bits)
     if shape is None:
         table = max(triton.next_power_of_2(m), 16)
         _threshold_kernel[(rows,)](lut, histogram, k, need, classes, summary, m, histogram.stride(1), G_PAD=g_pad,
@@ -375,7 +370,7 @@ def _thresholds(lut, histogram, k, need, classes, summary, counted, group, g_pad
                                           num_warps=SPLIT_WARPS, **common, **pdl(lut.device))
     for r in range(rounds):
         _digit_count_kernel[(rows, splits)](lut, histogram, k, state, counted, span, m, histogram.stride(1), sets,
-                                            rows, ROUND=r, COPIES=COUNT_COPIES if bits == RADIX_BITS else 1, UNIT=unit,
+                                            rows, ROUND=r, COPIES=COUNT_COPIES if bits == RADIX_BITS else 1, UNIT=False,
                                             **split)
     _classify_kernel[(rows, splits)](lut, histogram, k, state, counted, span, need, classes, summary, m,
                                      histogram.stride(1), sets, rows, G_PAD=g_pad, **split)
@@ -402,73 +397,18 @@ def _unit_select(key, inside, k, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexp
 
 
 @triton.jit
-def _counted_threshold(bins_row, key, inside, k):
-    """(threshold key, ties to take at it) of the top ``k`` of the candidates' 16-bit ``key`` where ``inside``,
-    picked from the select's counts of those keys (``bins_row``) down from the largest of them."""
-    thr, need = _pick_from_top(bins_row, tl.max(tl.where(inside, key >> 16, 0), axis=0), tl.zeros([], tl.int64),
-                               k.to(tl.int64), 16, PICK_CHUNK)
-    return (thr << 16).to(tl.uint32), need
-
-
-@triton.jit
-def _keep_part(score_row, idx_row, bins_row, out_row, kept_ptr, pid, part, count, k, c, width,
-               TABLE: tl.constexpr, CHUNK: tl.constexpr):
-    """Part ``part`` of the keep of a group of one head (the per-KV-head rule), its threshold picked from the
-    select's counts of the scores' 16-bit keys: candidates [part * CHUNK, part * CHUNK + CHUNK) placed by the kept
-    before them (one sum over the earlier candidates, which the part reads whole anyway for the largest key) and
-    a scan of its own; 0 written over its places past the kept, to ``width``. Of ``count`` candidates the top
-    ``k`` (k or fewer: every one) are kept, so their number is known before any is placed. The running counts of
-    kept candidates above the threshold and of ties ride one int32, 16 bits each (TABLE <= 2**14)."""
-    tl.static_assert(TABLE <= 16384)
-    j = tl.arange(0, TABLE)
-    inside = j < count
-    key = _top_bits(_order_key(tl.load(score_row + j, mask=j < c, other=0.0)), 16)
-    thr, need = _counted_threshold(bins_row, key, inside, k)
-    first = part * CHUNK
-    earlier = tl.where(inside & (j < first), (key > thr).to(tl.int32) + ((key == thr).to(tl.int32) << 16), 0)
-    own = first + tl.arange(0, CHUNK)
-    mine = own < count
-    own_key = _top_bits(_order_key(tl.load(score_row + own, mask=own < c, other=0.0)), 16)
-    row = tl.load(idx_row + own, mask=own < c, other=0)
-    above, tie = mine & (own_key > thr), mine & (own_key == thr)
-    counted = tl.sum(earlier, axis=0) + tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 16), 0)
-    tie = tie & ((counted >> 16) <= need)  # the lower positions first
-    at = (counted & 65535) + tl.minimum(counted >> 16, need).to(tl.int32) - 1
-    tl.store(out_row + at, row, mask=above | tie)
-    total = tl.minimum(k, count)
-    tl.store(out_row + own, tl.zeros([CHUNK], dtype=row.dtype), mask=(own >= total) & (own < width))
-    if part == 0:
-        tl.store(kept_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
-
-
-@triton.jit
-def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, bins_ptr, c, width,
-                     HKV: tl.constexpr, G: tl.constexpr, TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                     KEY_BITS: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c, width, HKV: tl.constexpr,
+                     G: tl.constexpr, TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexpr,
+                     PDL: tl.constexpr):
     """Program (row, KV head) of re-ranking's keep over at most TABLE candidates, in registers (those up to its
-    count): each of the G score rows' top k (:func:`_unit_select`, or with BINS picked from the rows' counts of
-    their 16-bit keys, :func:`_pick_from_top`; ties to the lower position) united, then the kept candidates' rows
-    written in order, 0 after them to ``width``. A group of one (the per-KV-head rule) counts its ties taken and
-    its places in one scan: both running counts packed in an int32 (TABLE < 2**14); with BINS and CHUNK, in parts
-    of CHUNK candidates, a program each (:func:`_keep_part`)."""
+    count): each of the G score rows' top k (:func:`_unit_select`; ties to the lower position) united, then the
+    kept candidates' rows written in order, 0 after them to ``width``. A group of one (the per-KV-head rule) counts
+    its ties taken and its places in one scan: both running counts packed in an int32 (TABLE < 2**14)."""
+    tl.static_assert(TABLE < 16384)
     wait_previous(PDL)
     pid = tl.program_id(0)
     count = tl.minimum(tl.load(count_ptr + pid), c)
     k = tl.minimum(tl.load(k_ptr + pid // HKV).to(tl.int32), c)
-    if CHUNK:  # (a group of one, BINS)
-        at = pid.to(tl.int64)
-        _keep_part(score_ptr + at * c, idx_ptr + at * c, bins_ptr + at * BIN_WORDS, out_ptr + at * width, kept_ptr,
-                   pid, tl.program_id(1), count, k, c, width, TABLE, CHUNK)
-    else:
-        _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, c, width, G, TABLE, DIGIT_BITS,
-                    KEY_BITS, BINS)
-
-
-@triton.jit
-def _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, c, width, G: tl.constexpr,
-                TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr, KEY_BITS: tl.constexpr, BINS: tl.constexpr):
-    """The keep of row-KV head ``pid`` in one program (:func:`_keep_top_kernel`)."""
-    tl.static_assert(TABLE < 16384)
     j = tl.arange(0, TABLE)
     # every load issued at once: what lies past the count (not written) is loaded but not used
     inside = j < count
@@ -477,10 +417,7 @@ def _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, 
     for g in tl.static_range(G):
         key = _top_bits(_order_key(tl.load(score_ptr + (pid * G + g).to(tl.int64) * c + j, mask=j < c, other=0.0)),
                         KEY_BITS)
-        if BINS:  # (KEY_BITS 16)
-            thr, need = _counted_threshold(bins_ptr + (pid * G + g).to(tl.int64) * BIN_WORDS, key, inside, k)
-        else:
-            thr, need = _unit_select(key, inside, k, DIGIT_BITS, KEY_BITS)
+        thr, need = _unit_select(key, inside, k, DIGIT_BITS, KEY_BITS)
         above, tie = inside & (key > thr), inside & (key == thr)
         if G == 1:  # above and ties so far, in one scan; a kept candidate's place is both, the ties capped at need
             counted = tl.cumsum(above.to(tl.int32) + (tie.to(tl.int32) << 14), 0)
@@ -499,30 +436,18 @@ def _keep_whole(score_ptr, idx_ptr, out_ptr, kept_ptr, bins_ptr, pid, count, k, 
 
 
 @triton.jit
-def _counted_threshold_kernel(top_ptr, bins_ptr, k_ptr, thr_ptr, need_ptr, c, HEADS: tl.constexpr,
-                              PDL: tl.constexpr):
-    """Program (row-head) of a keep by scans: the 16-bit threshold digit of the top k of the head's score row and
-    the ties to take at it, picked from the select's counts of its keys down from the largest key it counted
-    (where the scores crowd, one chunk of PICK_CHUNK counters mostly does; from the counts' top digit down, a pick
-    walked ~16K empty counters, ~50 us; reading the scores for their largest key took ~10 us)."""
-    wait_previous(PDL)
-    pid = tl.program_id(0)
-    k = tl.minimum(tl.load(k_ptr + pid // HEADS).to(tl.int64), c)
-    digit, need = _pick_from_top(bins_ptr + pid.to(tl.int64) * BIN_WORDS, tl.load(top_ptr + pid),
-                                 tl.zeros([], tl.int64), k, 16, PICK_CHUNK)
-    tl.store(thr_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + digit.to(tl.int32))
-    tl.store(need_ptr + pid + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + need.to(tl.int32))
-
-
-@triton.jit
-def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, thr_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, kept_ptr, c,
-                      width, parts, PHASE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, P_PAD: tl.constexpr,
-                      BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Program (row-KV head, part of BLOCK candidates) of a keep by scans, the scores' 16-bit keys against each
-    head's threshold digit (:func:`_counted_threshold_kernel`). PHASE 0 counts each head's ties in the part; 1
-    counts the candidates the group keeps there (a tie is kept while fewer than the head's ties to take precede
-    it, so ties go to the lower positions); 2 writes their rows at the part's offset, 0 over its places past the
-    group's total to ``width``, and the total."""
+def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, state_ptr, digits_ptr, ties_ptr, union_ptr, out_ptr,
+                      kept_ptr, c, width, parts, sets, rows, PHASE: tl.constexpr, HEADS: tl.constexpr,
+                      G: tl.constexpr, G_PAD: tl.constexpr, P_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                      BLOCK: tl.constexpr, ROUNDS: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr,
+                      PDL: tl.constexpr):
+    """Program (row-KV head, part of BLOCK candidates) of a keep by scans, the scores' KEY_BITS keys against each
+    head's threshold, whose last digit (of BITS) PHASE 0 picks from the split select's counts
+    (:func:`_split_state`; part 0 keeps it, and the ties to take, for the later phases). PHASE 0 counts each head's
+    ties in the part (a group of one: and its candidates above the threshold, so it needs no PHASE 1); 1 counts the
+    candidates the group keeps there (a tie is kept while fewer than the head's ties to take precede it, so ties go
+    to the lower positions); 2 writes their rows at the part's offset, 0 over its places past the group's total to
+    ``width``, and the total."""
     wait_previous(PDL)
     pair, part = tl.program_id(0), tl.program_id(1)
     g = tl.arange(0, G_PAD)
@@ -530,55 +455,76 @@ def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, thr_ptr, need_ptr, ties_ptr
     j = part * BLOCK + tl.arange(0, BLOCK)
     live = (g < G)[:, None] & (j < tl.minimum(tl.load(count_ptr + pair), c))[None, :]
     score = tl.load(score_ptr + heads[:, None].to(tl.int64) * c + j[None, :], mask=live, other=0.0)
-    digit = (_order_key(score) >> 16).to(tl.int32)
-    thr = tl.load(thr_ptr + heads, mask=g < G, other=0)
-    tie = (live & (digit == thr[:, None])).to(tl.int32)
+    key = (_order_key(score) >> (32 - KEY_BITS)).to(tl.int64)
+    if PHASE == 0:  # (the picks' loads overlap the scores')
+        thr, need = tl.zeros([G_PAD], dtype=tl.int64), tl.zeros([G_PAD], dtype=tl.int64)
+        for h in tl.static_range(G):
+            digit, rest = _split_state(digits_ptr, state_ptr, k_ptr, pair * G + h, part, sets, rows, ROUNDS, HEADS,
+                                       S_PAD, BITS, KEY_BITS)
+            thr, need = tl.where(g == h, digit, thr), tl.where(g == h, rest, need)
+    else:
+        state = state_ptr + 2 * ((ROUNDS - 1) * rows + heads)
+        thr, need = tl.load(state, mask=g < G, other=0), tl.load(state + 1, mask=g < G, other=0)
+    above = live & (key > thr[:, None])
+    tie = (live & (key == thr[:, None])).to(tl.int32)
+    p = tl.arange(0, P_PAD)
     if PHASE == 0:
         tl.store(ties_ptr + (pair * parts + part) * G_PAD + g, tl.sum(tie, axis=1))
+        if G == 1:
+            tl.store(union_ptr + pair * parts + part + tl.arange(0, 1), tl.sum(above.to(tl.int32), axis=1))
     else:
-        p = tl.arange(0, P_PAD)
-        earlier = tl.load(ties_ptr + (pair * parts + p[:, None]) * G_PAD + g[None, :], mask=(p < part)[:, None],
-                          other=0)
-        need = tl.load(need_ptr + heads, mask=g < G, other=0) - tl.sum(earlier, axis=0)
-        taken = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie) < need[:, None])
-        kept = tl.max(((live & (digit > thr[:, None])) | taken).to(tl.int32), axis=0)
+        ties = tl.load(ties_ptr + (pair * parts + p[:, None]) * G_PAD + g[None, :], mask=(p < parts)[:, None],
+                       other=0)
+        earlier = tl.sum(tl.where((p < part)[:, None], ties, 0), axis=0)
+        taken = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie) < (need.to(tl.int32) - earlier)[:, None])
+        kept = tl.max((above | taken).to(tl.int32), axis=0)
         if PHASE == 1:
             tl.store(union_ptr + pair * parts + part, tl.sum(kept, axis=0))
         else:
             unions = tl.load(union_ptr + pair * parts + p, mask=p < parts, other=0)
+            if G == 1:  # above, and the ties its budget still takes there
+                own = tl.sum(ties, axis=1)
+                before = tl.cumsum(own, axis=0) - own
+                unions += tl.minimum(tl.maximum(tl.sum(need.to(tl.int32), axis=0) - before, 0), own)
             total = tl.sum(unions, axis=0)
             slot = tl.sum(tl.where(p < part, unions, 0), axis=0) + tl.cumsum(kept, axis=0) - kept
-            rows = tl.load(idx_ptr + pair.to(tl.int64) * c + j, mask=kept != 0, other=0)
+            rows_kept = tl.load(idx_ptr + pair.to(tl.int64) * c + j, mask=kept != 0, other=0)
             out_row = out_ptr + pair.to(tl.int64) * width
-            tl.store(out_row + slot, rows, mask=kept != 0)
-            tl.store(out_row + j, tl.zeros([BLOCK], dtype=rows.dtype), mask=(j >= total) & (j < width))
+            tl.store(out_row + slot, rows_kept, mask=kept != 0)
+            tl.store(out_row + j, tl.zeros([BLOCK], dtype=rows_kept.dtype), mask=(j >= total) & (j < width))
             if part == 0:
                 tl.store(kept_ptr + pair + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
 
 
-def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor,
-                   counted: KeyCounts, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`keep_top` past what one program holds, with the select's counts of the scores' 16-bit keys: each
-    head's threshold picked from them, then three scans over parts of KEEP_SCAN_BLOCK candidates (ties, the
-    group's kept, their rows; see :func:`_keep_scan_kernel`), the select's scans over positions without their
-    table, classes or gather."""
+def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, width: int,
+                   key_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`keep_top` past what one program holds: each score row's threshold by a split select over its
+    candidates (RADIX_BITS of the key a round, each program of SPLIT_COLUMNS candidates storing its digits'
+    histogram whole: no atomic additions, no zeroed counters), then scans over parts of KEEP_SCAN_BLOCK candidates
+    (ties, the group's kept, their rows; :func:`_keep_scan_kernel`): key_bits / RADIX_BITS + 3 launches (a group of
+    one: + 2). (Before, the scoring counted each score's 16-bit key by an atomic addition into 256 KB a head,
+    zeroed every step, where the scores crowd a few keys.)"""
     b, hkv, c = indices.shape
     heads, group = scores.shape[1], scores.shape[1] // hkv
+    rows, sets, rounds = b * heads, triton.cdiv(c, SPLIT_COLUMNS), key_bits // RADIX_BITS
     g_pad, parts = triton.next_power_of_2(group), triton.cdiv(c, KEEP_SCAN_BLOCK)
-    thr, need = torch.empty(2, b * heads, dtype=torch.int32, device=indices.device)
-    ties = torch.empty(b * hkv, parts, g_pad, dtype=torch.int32, device=indices.device)
-    union = torch.empty(b * hkv, parts, dtype=torch.int32, device=indices.device)
-    out = torch.empty(b, hkv, width, dtype=indices.dtype, device=indices.device)
-    kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
-    launch = pdl(indices.device)
-    scores, indices, counts = scores.contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous()
-    _counted_threshold_kernel[(b * heads,)](counted.top, counted.bins, k, thr, need, c, HEADS=heads, num_warps=16,
-                                            **launch)
-    for phase in (0, 1, 2):
+    device, launch = indices.device, pdl(indices.device)
+    digits = torch.empty(rounds * rows * sets << RADIX_BITS, dtype=torch.int32, device=device)
+    state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=device)
+    ties = torch.empty(b * hkv, parts, g_pad, dtype=torch.int32, device=device)
+    union = torch.empty(b * hkv, parts, dtype=torch.int32, device=device)
+    out = torch.empty(b, hkv, width, dtype=indices.dtype, device=device)
+    kept = torch.empty(b, hkv, dtype=torch.int32, device=device)
+    common = dict(HEADS=heads, S_PAD=triton.next_power_of_2(sets), KEY_BITS=key_bits, **launch)
+    for r in range(rounds):
+        _digit_count_kernel[(rows, sets)](scores, counts, k, state, digits, state, c, 1, sets, rows, ROUND=r,
+                                          GROUP=group, BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, COPIES=1, UNIT=True,
+                                          SPAN=False, num_warps=SPLIT_WARPS, **common)
+    for phase in (0, 2) if group == 1 else (0, 1, 2):
         _keep_scan_kernel[(b * hkv, parts)](
-            scores, indices, counts, thr, need, ties, union, out, kept, c, width, parts, PHASE=phase, G=group,
-            G_PAD=g_pad, P_PAD=triton.next_power_of_2(parts), BLOCK=KEEP_SCAN_BLOCK,
-            num_warps=max(4, min(16, g_pad * KEEP_SCAN_BLOCK // 512)), **launch)
+            scores, indices, counts, k, state, digits, ties, union, out, kept, c, width, parts, sets, rows,
+            PHASE=phase, G=group, G_PAD=g_pad, P_PAD=triton.next_power_of_2(parts), BLOCK=KEEP_SCAN_BLOCK,
+            ROUNDS=rounds, BITS=RADIX_BITS, num_warps=max(4, min(16, g_pad * KEEP_SCAN_BLOCK // 512)), **common)
     return out, kept
 
 
@@ -592,93 +538,45 @@ def _per_budget(scores: torch.Tensor, hkv: int, budget: str) -> torch.Tensor:
     return scores
 
 
-class KeyCounts(NamedTuple):
-    """A select's counts of its exact scores' 16-bit keys, ``bins`` [B, H, BIN_WORDS] int32 a score row, and the
-    largest key it counted, ``top`` [B, H] int32: a keep picks each row's threshold from them, down from ``top``,
-    without reading the scores."""
-
-    bins: torch.Tensor
-    top: torch.Tensor
-
-
-_POSITION_CODES: dict[torch.device, list[tuple[torch.Tensor, ...]]] = {}
-
-
-def _position_codes(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(0, 1, ..., c - 1 as int32; c int32 ones; c True) on ``device``: re-ranking's constant codes, histogram and
-    candidates, as views of buffers kept per device, so a step spends no kernel on them. A buffer outgrown is
-    kept too: a captured graph may still read it."""
-    held = _POSITION_CODES.setdefault(device, [])
-    if not held or held[-1][0].numel() < c:
-        size = max(c, 2 * held[-1][0].numel() if held else 1024)
-        ones = torch.ones(size, dtype=torch.int32, device=device)
-        held.append((torch.arange(size, dtype=torch.int32, device=device), ones, ones.bool()))
-    return tuple(t[:c] for t in held[-1])
-
-
-KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one program's registers (else a select)
-KEEP_PARTS_TABLE = 16384  # the same for a keep in parts (each part holds every score in registers)
+KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one program's registers (else by scans)
 KEEP_WARPS = 16  # keep_top's most warps (16 candidates a thread up to there: no spills at KEEP_TABLE)
 KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_select)
-KEEP_CHUNK = 1024  # candidates a program of a keep in parts places (a group of one with the select's counts; 0: one
-# program a row and KV head)
-KEEP_SCAN_BLOCK = 1024  # candidates a program of a keep by scans reads (past the tables above, with the counts)
+KEEP_SCAN_BLOCK = 1024  # candidates a program of a keep by scans reads
 
 
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head", key_bits: int = 32, bins: KeyCounts | None = None,
+    budget: str = "query_head", key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
-    (a program per row and KV head; in parts, up to KEEP_PARTS_TABLE). ``bins``, the select's counts of
-    ``scores``' 16-bit keys (:func:`select_topk`'s fourth result, a :class:`KeyCounts`), spare a keep of 16-bit
-    keys its select's rounds (scores the budget rule sums are not the ones counted: then they are not read); past
-    those tables they give each head's threshold, then three scans keep (:func:`_keep_by_scans`: four launches);
-    without them, :func:`select_topk` over the candidates' positions and a gather."""
+    (a program per row and KV head); past it, a split select of each score row's threshold and three scans
+    (:func:`_keep_by_scans`)."""
     check_key_bits(key_bits)
     if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
         raise ValueError(f"triton_topk.KEEP_DIGIT_BITS must be 2, 4 or 8, got {KEEP_DIGIT_BITS!r}")
     b, hkv, c = indices.shape
-    summed = _per_budget(scores, hkv, budget)
-    binned = bins is not None and key_bits == 16 and summed is scores
-    scores, k_max = summed, min(k_max, c)
-    if binned and bins.bins.shape != (b, scores.shape[1], BIN_WORDS.value):
-        raise ValueError(f"bins must count [{b}, {scores.shape[1]}, {BIN_WORDS.value}] keys (the select's), got "
-                         f"{tuple(bins.bins.shape)}")
-    group = scores.shape[1] // hkv
-    chunk = KEEP_CHUNK if binned and group == 1 else 0
-    width = max(1, min(group * k_max, c))
-    past_tables = c > (KEEP_PARTS_TABLE if chunk else KEEP_TABLE)
-    if past_tables and binned:
-        return _keep_by_scans(indices, counts, scores.float(), k, bins, width)
-    if past_tables:  # (the select reads every position: -inf past the counts)
-        scores = scores_within_counts(scores, counts)
-        positions, ones, every = (t.expand(b, hkv, c) for t in _position_codes(c, indices.device))
-        chosen, chosen_counts = select_topk(scores, positions, every[:, 0], k, budget, histogram=ones, k_max=k_max,
-                                            unit=True, key_bits=key_bits)
-        return gather_chosen(indices, counts, chosen, chosen_counts)
+    scores = _per_budget(scores, hkv, budget).float().contiguous()
+    indices, counts, k = indices.contiguous(), counts.to(torch.int32).contiguous(), k.contiguous()
+    width = max(1, min(scores.shape[1] // hkv * min(k_max, c), c))
+    if c > KEEP_TABLE:
+        return _keep_by_scans(indices, counts, scores, k, width, key_bits)
     out = torch.empty(b, hkv, width, dtype=indices.dtype, device=indices.device)
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     table = max(16, triton.next_power_of_2(c))
-    chunk = min(chunk, table)
-    _keep_top_kernel[(b * hkv, triton.cdiv(c, chunk) if chunk else 1)](
-        scores.float().contiguous(), indices.contiguous(), counts.to(torch.int32).contiguous(), k.contiguous(), out,
-        kept, bins.bins if binned else kept, c, width, HKV=hkv, G=group, TABLE=table, DIGIT_BITS=KEEP_DIGIT_BITS,
-        KEY_BITS=key_bits, BINS=binned, CHUNK=chunk, num_warps=min(KEEP_WARPS, max(4, table // 512)),
+    _keep_top_kernel[(b * hkv,)](
+        scores, indices, counts, k, out, kept, c, width, HKV=hkv, G=scores.shape[1] // hkv, TABLE=table,
+        DIGIT_BITS=KEEP_DIGIT_BITS, KEY_BITS=key_bits, num_warps=min(KEEP_WARPS, max(4, table // 512)),
         **pdl(indices.device))
     return out, kept
 
 
 @triton.jit
-def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, bins_ptr, top_ptr, width, hkv, sq_b, sq_h, sk_b,
-                  sk_h, sk_l, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
-                  BINS: tl.constexpr, PDL: tl.constexpr):
+def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, width, hkv, sq_b, sq_h, sk_b, sk_h, sk_l,
+                  G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
     """Program (pair, block of ROWS places) after the scans: exact ``q . k`` of the chosen tokens written there, by
-    each of the pair's G queries into its G score rows (``width`` apart), their key rows gathered at once. BINS:
-    each score also counted by its top 16 bits into the G rows of ``bins`` (BIN_WORDS apart), the largest of them
-    kept in ``top``'s G words (an atomic maximum a block), from which the keep picks its threshold. (Scored inside
-    the last scan, each program after its own scan, the same step's scoring took 2.5 ms against 2.0 here: H100,
-    128K x 1, ``rerank=6`` per query head.)"""
+    each of the pair's G queries into its G score rows (``width`` apart), their key rows gathered at once. (Scored
+    inside the last scan, each program after its own scan, the same step's scoring took 2.5 ms against 2.0 here:
+    H100, 128K x 1, ``rerank=6`` per query head.)"""
     wait_previous(PDL)
     pair, first = tl.program_id(0), tl.program_id(1) * ROWS
     row, kv = (pair // hkv).to(tl.int64), (pair % hkv).to(tl.int64)
@@ -690,14 +588,9 @@ def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, bins_ptr, top_p
         keys = tl.load(key_ptr + row * sk_b + kv * sk_h + rows[:, None] * sk_l + d[None, :],
                        mask=ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
         for g in tl.static_range(G):
-            head = pair.to(tl.int64) * G + g
             q = tl.load(q_ptr + row * sq_b + (kv * G + g) * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
-            score = tl.sum(keys * q[None, :], axis=1)
-            tl.store(score_ptr + head * width + places, score, mask=ok)
-            if BINS:
-                key = (_order_key(score) >> 16).to(tl.int32)
-                tl.atomic_add(bins_ptr + head * BIN_WORDS + key, 1, mask=ok, sem="relaxed")
-                tl.atomic_max(top_ptr + head, tl.max(tl.where(ok, key, 0), axis=0), sem="relaxed")
+            tl.store(score_ptr + (pair.to(tl.int64) * G + g) * width + places, tl.sum(keys * q[None, :], axis=1),
+                     mask=ok)
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
@@ -813,21 +706,17 @@ def select_topk(
     histogram: torch.Tensor | None = None,
     k_max: int | None = None,
     block_n: int | None = None,
-    unit: bool = False,
     key_bits: int = 32,
     exact: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv]; with ``exact``, float32 scores [B, H, W] third, of
-    the chosen tokens, by a launch after the scans (:func:`_score_chosen`; past each count not written), and
-    fourth each score row's counts of its 16-bit keys and the largest of them (a :class:`KeyCounts`), from which
-    :func:`keep_top` picks its threshold, or None where they would pass COUNT16_BYTES.
+    the chosen tokens, by a launch after the scans (:func:`_score_chosen`; past each count not written).
 
     ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 (a view of wider rows
     is fine) counts each KV head's
     candidate codes (:func:`code_histogram`), computed here when not given (a cache keeps it up to date instead);
-    ``k_max`` bounds ``k`` from the host, read from ``k`` (a device sync) when not given; ``unit`` says every
-    count of ``histogram`` is 1 (re-ranking's candidates, each its own code).
+    ``k_max`` bounds ``k`` from the host, read from ``k`` (a device sync) when not given.
     """
     check_key_bits(key_bits)
     b, hkv, n = codes.shape
@@ -842,14 +731,9 @@ def select_topk(
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
     heads = lut.shape[1]
-    scored_heads = heads if exact is None else exact[0].shape[1]  # a KV group's queries may score its one choice
-    binned = exact is not None and _counts16_fit(b * scored_heads)
-    sizes = [_counters(m, b * heads, unit, key_bits), b * hkv * width, b * hkv * words,
-             b * scored_heads * BIN_WORDS.value if binned else 0, b * scored_heads if binned else 0]
-    counted, indices, summary, bins, tops = torch.zeros(sum(sizes), dtype=torch.int32,
-                                                        device=codes.device).split(sizes)
+    sizes = [_counters(m, b * heads, key_bits), b * hkv * width, b * hkv * words]
+    counted, indices, summary = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
-    bins = KeyCounts(bins.view(b, scored_heads, BIN_WORDS.value), tops.view(b, scored_heads)) if binned else None
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
@@ -860,7 +744,7 @@ def select_topk(
     histogram = histogram.to(torch.int32)
     if histogram.stride(-1) != 1 or histogram.stride(0) != hkv * histogram.stride(1):  # rows of one stride
         histogram = histogram.contiguous()
-    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad, unit, key_bits)
+    _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad, key_bits)
     blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
     segments = triton.cdiv(n, block_n * blocks)
     ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
@@ -876,15 +760,15 @@ def select_topk(
         )
     if exact is None:
         return indices, counts
-    return indices, counts, _score_chosen(exact, indices, counts, heads, bins), bins
+    return indices, counts, _score_chosen(exact, indices, counts, heads)
 
 
-def _score_chosen(exact: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor, counts: torch.Tensor, heads: int,
-                  bins: KeyCounts | None) -> torch.Tensor:
+def _score_chosen(exact: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor, counts: torch.Tensor,
+                  heads: int) -> torch.Tensor:
     """Exact scores [B, H, W] float32 of the chosen ``indices`` [B, Hkv, W] (up to each of ``counts``; past them
     not written) by ``exact``'s query [B, H, D] (H a multiple of the ``heads`` that chose: each scores its
-    chooser's tokens) against its keys [B, Hkv, >= N, D], counted into the zeroed ``bins`` where given
-    (:func:`_score_kernel`, a program per SCORE_ROWS places)."""
+    chooser's tokens) against its keys [B, Hkv, >= N, D] (:func:`_score_kernel`, a program per SCORE_ROWS
+    places)."""
     query, keys = exact
     b, hkv, width = indices.shape
     if query.shape[0] != b or query.shape[1] % heads or query.shape[-1] != keys.shape[-1]:
@@ -895,8 +779,7 @@ def _score_chosen(exact: tuple[torch.Tensor, torch.Tensor], indices: torch.Tenso
     scores = torch.empty(b, query.shape[1], width, dtype=torch.float32, device=query.device)
     d = query.shape[-1]
     _score_kernel[(b * hkv, triton.cdiv(width, SCORE_ROWS))](
-        indices, counts, query, keys, scores, *((scores, scores) if bins is None else bins), width, hkv,
-        query.stride(0), query.stride(1), *keys.stride()[:3], G=query.shape[1] // hkv, D=d,
-        D_PAD=max(16, triton.next_power_of_2(d)), ROWS=SCORE_ROWS, BINS=bins is not None, num_warps=SCORE_WARPS,
-        **pdl(query.device))
+        indices, counts, query, keys, scores, width, hkv, query.stride(0), query.stride(1), *keys.stride()[:3],
+        G=query.shape[1] // hkv, D=d, D_PAD=max(16, triton.next_power_of_2(d)), ROWS=SCORE_ROWS,
+        num_warps=SCORE_WARPS, **pdl(query.device))
     return scores
