@@ -44,6 +44,8 @@ RERANKED_ROWS = {  # the README's re-ranking rows, beside full attention and the
     "distance 0.03 (rerank 3)": "A2ATS, distance buckets, `rerank=3`",
     "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2`",
     "distance 0.03": "A2ATS, distance buckets, no re-ranking"}
+POOL_ROWS = {"oracle 0.03": "exact top-K (oracle)",
+             "distance 0.03 (rerank 6)": "A2ATS, distance buckets, the pool of `rerank=6` (the default)"}
 
 
 def parse(method: str) -> tuple[str, float, str] | None:
@@ -217,8 +219,8 @@ def headline_accuracy(suite: dict) -> str:
     return "\n".join(out)
 
 
-def oracle_table(run: dict) -> str:
-    """RERANKED_ROWS's methods of a run that holds the exact top-K: mean score, its share of the exact top-K's and the
+def oracle_table(run: dict, rows: dict[str, str] = RERANKED_ROWS) -> str:
+    """``rows``' methods of a run that holds the exact top-K: mean score, its share of the exact top-K's and the
     paired difference from it with its standard error, at each length."""
     summary, lengths = run["summary"], lengths_of(run["summary"])
     out = ["| method (3%) | " + " | ".join(f"{n // 1024}K: mean (of the exact top-K's), difference ± s.e."
@@ -233,7 +235,7 @@ def oracle_table(run: dict) -> str:
         diff, se = summary["vs_oracle"][key]
         return f"{summary['mean'][key]:.3f} ({summary['mean'][key] / oracle:.0%}), {diff:+.3f} ± {se:.3f}"
 
-    out += [f"| {label} | " + " | ".join(cell(m, n) for n in lengths) + " |" for m, label in RERANKED_ROWS.items()
+    out += [f"| {label} | " + " | ".join(cell(m, n) for n in lengths) + " |" for m, label in rows.items()
             if any(f"{m} | {n}" in summary["mean"] for n in lengths)]
     return "\n".join(out)
 
@@ -448,6 +450,7 @@ SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + pe
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
 POOL_CPU = "evaluation/2026-12-06-a769a41-cpu.json"  # re-ranking's pool against each head's picks united, 4K and 8K
 POOL5_CPU = "evaluation/2026-12-07-61a4b0a-cpu.json"  # the pool of 5 x the budget, 4K and 8K
+POOL_RULER_CPU = "evaluation/2026-12-07-c2c2525-cpu.json"  # RULER-style, 4K, 64 prompts: the pool of 6, exact top-K
 RERANKED = "evaluation/2026-12-06-9e97ee7-nvidia-h100-80gb-hbm3.json"  # 256 prompts: full, exact top-K, rerank=2-4
 ROW_CACHE = tuple(f"throughput/2026-12-05-17592c7-nvidia-h200{s}.json" for s in ("", "-2"))  # 128K x 1, x 5
 ROW_CACHE_H100 = tuple(f"throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2", "-3"))
@@ -463,6 +466,7 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "speed": Block(H200, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
     "accuracy": Block((DEFAULTS,), lambda f: headline_accuracy(f[0])),
     "accuracy-reranked": Block((RERANKED,), lambda f: oracle_table(f[0])),
+    "accuracy-pool-cpu": Block((POOL_RULER_CPU,), lambda f: oracle_table(f[0], POOL_ROWS)),
     "accuracy-1024": Block((SUITE,), lambda f: headline_accuracy(f[0])),
     "fidelity-defaults": Block((DEFAULTS,), lambda f: fidelity_table(f[0]["perplexity"])),
     "throughput-h200": Block(H200, lambda f: throughput_table(runs(f))),
