@@ -10,7 +10,10 @@
    show its launch; its launch settings are tuned on the captured step by ``bench/tune_step.py``).
 4. Re-ranking's keep (``keep_top``, one program per (row, KV head) over 2 x 3% of N candidates) beside its parts
    alone: the radix select, and the scores' load (the launch and read it cannot go below): where its time goes.
-5. One decode step of one Llama-3.1-8B-shaped layer (32 query / 8 KV heads, head dim 128, 4096 centroids), its time
+5. Re-ranking's select and keep as a decode step runs them (the pool of R x 3% by the table, scored exactly, then
+   the budget kept), per query head (the default) and per KV head, on random keys and on crowded ones (the exact
+   scores of a head share a few 16-bit keys, as real keys' do): the kernels' GPU time, by kernel.
+6. One decode step of one Llama-3.1-8B-shaped layer (32 query / 8 KV heads, head dim 128, 4096 centroids), its time
    split by phase (each phase timed alone, with syncs) and the real overlapped step; beside it, sdpa over the full
    K/V on the GPU (DynamicCache) and the offloaded-cache way (copy the layer's K/V to the GPU, then sdpa).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,13 +41,14 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from a2ats_hf import A2ATSCache, Codebooks, kernels
 from a2ats_hf import step as step_module
+from a2ats_hf.cache import RERANK
 from a2ats_hf.codebooks import fingerprint
 from a2ats_hf.kernels import code_histogram, cpu_attention, reference, triton_topk
 from a2ats_hf.kernels.triton_topk import _order_key, _top_bits, _unit_select
 from a2ats_hf.rope import RoPE
 from a2ats_hf.store import DeviceKVStore, KVStore, hugetlb_pool, meminfo
 from bench.common import cuda_time, environment, gpu_profile, results_path, wall_time
-from bench.report import CPU_ATTENTION, DECODE_LAYER, DEVICE_ATTENTION, KEEP, TOPK, table
+from bench.report import CPU_ATTENTION, DECODE_LAYER, DEVICE_ATTENTION, KEEP, RERANK_STEP, TOPK, table
 
 HKV, GROUP, D, M = 8, 4, 128, 4096
 LLAMA8B = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -191,6 +196,35 @@ def bench_keep(n: int, b: int) -> dict:
             **{f"keep_top_{bits}_bit_keys_us": keep_us(most, digits, bits) for bits in (16, 32)
                if bits != step_module.KEEP_KEY_BITS},
             "select_us": sum(kernel_us(part(True)).values()), "floor_us": sum(kernel_us(part(False)).values())}
+
+
+def bench_rerank(n: int, b: int, rule: str, crowded: bool) -> dict:
+    """Re-ranking's select (R x 3% a KV head from the table, scored exactly) and keep (3%), as ``step._select``
+    calls them, at N tokens with the last 1,024 local; ``crowded`` keys share a direction (the exact scores of a head
+    then crowd a few 16-bit keys, as real keys' do), else they are random. Each kernel's GPU time."""
+    g = torch.Generator(device="cuda").manual_seed(n + b)
+    rerank, far_max = RERANK[rule], n - 1024
+    k_max = math.ceil(0.03 * far_max)
+    codes = torch.randint(0, M, (b, HKV, n), device="cuda", generator=g).to(torch.uint16)
+    keys = torch.randn(b, HKV, n, D, device="cuda", generator=g)
+    keys = (0.05 * keys + 1 if crowded else keys).to(torch.bfloat16)
+    query = torch.randn(b, HKV * GROUP, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    far = torch.zeros(b, n, dtype=torch.bool, device="cuda")
+    far[:, :far_max] = True
+    budget = torch.full((b,), k_max, device="cuda")
+    lut = torch.randn(b, HKV, M, device="cuda", generator=g)  # the group's summed table: the pool's
+    histogram = code_histogram(codes, far, M)
+    exact = query.view(b, HKV, GROUP, D).sum(2) if rule == "kv_head" else query
+
+    def step() -> None:
+        indices, counts, scores = kernels.select_topk(
+            lut, codes, far, budget * rerank, "kv_head", histogram=histogram, k_max=k_max * rerank,
+            key_bits=step_module.CANDIDATE_KEY_BITS, exact=(exact, keys))
+        kernels.keep_top(indices, counts, scores, budget, k_max, rule, step_module.KEEP_KEY_BITS)
+
+    spent = kernel_us(step)
+    return {"n": n, "batch": b, "rule": rule, "rerank": rerank, "keys": "crowded" if crowded else "random",
+            "gpu_us": round(sum(spent.values()), 1), "kernels_us": spent}
 
 
 def random_store(b: int, n: int, dtype=torch.bfloat16, pinned: bool = False) -> KVStore:
@@ -368,8 +402,8 @@ def decode_layer(n: int, b: int, profile: bool = False, scoring: str = "wrope", 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
-    parser.add_argument("--parts", default="topk,cpu,attention,keep,decode",
-                        help="comma-separated subset of topk,cpu,attention,keep,decode")
+    parser.add_argument("--parts", default="topk,cpu,attention,keep,rerank,decode",
+                        help="comma-separated subset of topk,cpu,attention,keep,rerank,decode")
     parser.add_argument("--scoring", default="wrope", help="comma-separated scorers for the decode step")
     parser.add_argument("--offload", default="cpu", help="comma-separated offload modes for the decode step (cpu,none)")
     parser.add_argument("--profile", action="store_true", help="profile the host side of the first decode step")
@@ -397,7 +431,7 @@ def main() -> None:
     lengths = args.lengths or ([32768] if args.quick else [32768, 131072, 524288])
     batches = args.batches or ([1, 4] if args.quick else [1, 4, 16])
     results = {"environment": environment(), "quick": args.quick, "bandwidth": bw, "topk": [], "cpu_attention": [],
-               "device_attention": [], "keep": [], "decode_layer": []}
+               "device_attention": [], "keep": [], "rerank": [], "decode_layer": []}
     for n in lengths if "topk" in parts else []:
         for b in batches:
             results["topk"].append(bench_topk(n, b, bw["hbm_gbs"]))
@@ -422,6 +456,10 @@ def main() -> None:
         for b in batches if 2 * int(0.03 * n) <= triton_topk.KEEP_TABLE else []:  # in one program's registers
             results["keep"].append(bench_keep(n, b))
             print(results["keep"][-1], flush=True)
+    for n in lengths if "rerank" in parts else []:
+        for b, rule, crowded in itertools.product(batches, RERANK, (False, True)):
+            results["rerank"].append(bench_rerank(n, b, rule, crowded))
+            print(results["rerank"][-1], flush=True)
     for n in ([32768] if args.quick else [32768, 131072]) if "decode" in parts else []:
         for b in [1, 4]:
             for scoring in args.scoring.split(","):
@@ -432,7 +470,7 @@ def main() -> None:
     out = args.out or results_path("kernels")
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}\n")
-    for part, columns in (("keep", KEEP), ("topk", TOPK), ("cpu_attention", CPU_ATTENTION),
+    for part, columns in (("keep", KEEP), ("rerank", RERANK_STEP), ("topk", TOPK), ("cpu_attention", CPU_ATTENTION),
                           ("device_attention", DEVICE_ATTENTION), ("decode_layer", DECODE_LAYER)):
         if results[part]:
             print(f"{part}:\n{table(results[part], columns)}\n")

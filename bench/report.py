@@ -357,6 +357,10 @@ BUSY_AGAINST_WROPE = {"commit": cell("commit"), "method": cell("method"), "ms / 
 KEEP = {"version": cell("version"), "N": kilo("n"), "batch": cell("batch"), "candidates": cell("candidates"),
         "keep_top (16 warps)": cell("keep_top_us", "{:.1f} us"), "at 8 warps": cell("keep_top_8_warps_us", "{:.1f} us"),
         "its radix select alone": cell("select_us", "{:.1f} us"), "load floor": cell("floor_us", "{:.1f} us")}
+RERANK_STEP = {"N": kilo("n"), "batch": cell("batch"), "rule": cell("rule"), "R": cell("rerank"), "keys": cell("keys"),
+               "select + keep (GPU)": cell("gpu_us", "{:.1f} us"),
+               "largest kernels": lambda r: ", ".join(f"{name.strip('_')} {us:.0f}" for name, us in
+                                                      sorted(r["kernels_us"].items(), key=lambda kv: -kv[1])[:3])}
 KEEP_SELECTS = {"version": cell("version"), "batch": cell("batch"), "candidates": cell("candidates"),
                 "keep_top": cell("keep_top_us", "{:.1f} us"), "8 warps": cell("keep_top_8_warps_us", "{:.1f} us"),
                 "2-bit digits": cell("keep_top_2_bit_digits_us", "{:.1f} us"),
