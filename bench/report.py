@@ -219,6 +219,15 @@ def headline_accuracy(suite: dict) -> str:
     return "\n".join(out)
 
 
+def joined(runs: list[dict]) -> dict:
+    """Runs of the suite at different lengths as one run's summary (their means, prompts and differences)."""
+    summary = {}
+    for run in runs:
+        for key, value in run["summary"].items():
+            summary[key] = {**summary.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"summary": summary}
+
+
 def oracle_table(run: dict, rows: dict[str, str] = RERANKED_ROWS) -> str:
     """``rows``' methods of a run that holds the exact top-K: mean score, its share of the exact top-K's and the
     paired difference from it with its standard error, at each length."""
@@ -454,7 +463,8 @@ SUITE = "evaluation/2026-11-25-353302f-nvidia-h100-80gb-hbm3.json"  # RULER + pe
 DEFAULTS = "evaluation/2026-12-04-00a485c-nvidia-h200.json"  # 3%, calibrate's 4096 centroids, H200
 POOL_CPU = "evaluation/2026-12-06-a769a41-cpu.json"  # re-ranking's pool against each head's picks united, 4K and 8K
 POOL5_CPU = "evaluation/2026-12-07-61a4b0a-cpu.json"  # the pool of 5 x the budget, 4K and 8K
-POOL_RULER_CPU = "evaluation/2026-12-07-c2c2525-cpu.json"  # RULER-style, 4K, 64 prompts: the pool of 6, exact top-K
+POOL_RULER_CPU = ("evaluation/2026-12-07-c2c2525-cpu.json",  # RULER-style, 64 prompts: the pool of 6, exact top-K; 4K
+                  "evaluation/2026-12-07-d37e73a-cpu.json")  # 8K
 RERANKED = "evaluation/2026-12-06-9e97ee7-nvidia-h100-80gb-hbm3.json"  # 256 prompts: full, exact top-K, rerank=2-4
 ROW_CACHE = tuple(f"throughput/2026-12-05-17592c7-nvidia-h200{s}.json" for s in ("", "-2"))  # 128K x 1, x 5
 ROW_CACHE_H100 = tuple(f"throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2", "-3"))
@@ -470,7 +480,7 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "speed": Block(H200, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
     "accuracy": Block((DEFAULTS,), lambda f: headline_accuracy(f[0])),
     "accuracy-reranked": Block((RERANKED,), lambda f: oracle_table(f[0])),
-    "accuracy-pool-cpu": Block((POOL_RULER_CPU,), lambda f: oracle_table(f[0], POOL_ROWS)),
+    "accuracy-pool-cpu": Block(POOL_RULER_CPU, lambda f: oracle_table(joined(f), POOL_ROWS)),
     "accuracy-1024": Block((SUITE,), lambda f: headline_accuracy(f[0])),
     "fidelity-defaults": Block((DEFAULTS,), lambda f: fidelity_table(f[0]["perplexity"])),
     "throughput-h200": Block(H200, lambda f: throughput_table(runs(f))),
