@@ -214,7 +214,7 @@ def bench_rerank(n: int, b: int, rule: str, crowded: bool) -> dict:
     budget = torch.full((b,), k_max, device="cuda")
     lut = torch.randn(b, HKV, M, device="cuda", generator=g)  # the group's summed table: the pool's
     histogram = code_histogram(codes, far, M)
-    exact = query.view(b, HKV, GROUP, D).sum(2) if rule == "kv_head" else query
+    exact = reference.group_query(query, HKV) if rule == "kv_head" else query  # as the step sums it: float32
 
     def step() -> None:
         indices, counts, scores = kernels.select_topk(
