@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import torch
 
+from a2ats_hf import step
 from a2ats_hf.cache import A2ATSCache
 from a2ats_hf.kernels import reference
 
@@ -85,9 +86,11 @@ class FidelityProbe:
         if ranked_by == "kv_head":
             lut = per_group(lut)
         approx = lut.gather(-1, codes.long().repeat_interleave(group, dim=1))
-        hit = top(approx, far[:, None], min(k * rerank, n))
+        bits = step.CANDIDATE_KEY_BITS if rerank > 1 else layer.scorer.key_bits
+        hit = top(approx, far[:, None], min(k * rerank, n), bits)
         if rerank > 1:
-            hit = top(per_group(logits) if cache.budget == "kv_head" else logits, far[:, None] & hit, k)
+            hit = top(per_group(logits) if cache.budget == "kv_head" else logits, far[:, None] & hit, k,
+                      step.KEEP_KEY_BITS)
         self.values["recall"][layer.layer_idx].append(hit.gather(-1, exact).float().mean().item())
         rows = hit.view(b, hkv, group, n).any(2)  # what each KV head reads: its group's union
         if self.picks is not None:
@@ -103,7 +106,9 @@ class FidelityProbe:
         return result
 
 
-def top(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """[..., N] bool: the ``k`` highest ``scores`` [..., N] among the ``allowed`` ones (fewer where fewer are)."""
-    picked = scores.masked_fill(~allowed, float("-inf")).topk(k, dim=-1).indices
+def top(scores: torch.Tensor, allowed: torch.Tensor, k: int, key_bits: int = 32) -> torch.Tensor:
+    """[..., N] bool: the ``k`` highest ``scores`` [..., N] among the ``allowed`` ones (fewer where fewer are), as
+    the step's kernels rank them: by the top ``key_bits`` bits of their float32 order, ties to the lower index."""
+    keys = reference.order_keys(scores.masked_fill(~allowed, float("-inf"))) >> (32 - key_bits)
+    picked = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picked, True) & allowed

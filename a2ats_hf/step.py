@@ -176,7 +176,8 @@ def _select(
     inputs = layer.score_inputs(query, position_ids, scaling, masks.far, layer.table_rule)
     lut, codes, histogram = layer.scorer.scores(inputs)
     if rerank == 1:
-        return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max)
+        return kernels.select_topk(lut, codes, masks.far, masks.budget, rule, histogram=histogram, k_max=k_max,
+                                   key_bits=layer.scorer.key_bits)
     # scored exactly where the select writes them, by each query head (or the group's summed query), which then
     # keeps its budget's best (or the group keeps one budget by the sum)
     indices, counts, scores = kernels.select_topk(

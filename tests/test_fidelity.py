@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from a2ats_eval.fidelity import FidelityProbe
-from a2ats_hf import A2ATSCache, cache_argument
+from a2ats_hf import A2ATSCache, cache_argument, step
+from a2ats_hf.scoring import SCORERS
 
 from conftest import ids_of
 
@@ -38,12 +40,37 @@ def test_oracle_beats_random_and_window(tiny):
     assert window["output_error"]["mean"] > 1e-3
 
 
-def test_rerank_moves_recall_towards_the_exact_top_k(tiny):
+def test_rerank_moves_recall_towards_the_exact_top_k(tiny, monkeypatch):
     """Re-ranking (the K/V on the device) measures what it attends: recall and mass grow with R, and R covering
-    every far token gives the oracle's recall of 1 and its mass."""
+    every far token, kept by full float32 keys, gives the oracle's recall of 1 and its mass."""
+    monkeypatch.setattr(step, "KEEP_KEY_BITS", 32)  # the default 16 ties scores equal in bfloat16 (to lower indices)
     model, books = tiny
     oracle = probe_run(model, books, topk=0.05, scoring="oracle", offload="none")
     runs = [probe_run(model, books, topk=0.05, offload="none", rerank=r) for r in (1, 3, 40)]
     recalls, masses = ([run[m]["mean"] for run in runs] for m in ("recall", "mass"))
     assert recalls[0] < recalls[1] <= recalls[2] == 1.0 and masses[0] < masses[2]
     assert abs(masses[2] - oracle["mass"]["mean"]) < 1e-6
+
+
+@pytest.mark.parametrize("rerank", [1, 3])
+def test_probe_picks_what_the_step_attends(tiny, rerank, monkeypatch):
+    """The probe re-derives each step's far pick as the kernels rank it (by the step's key bits, ties to the lower
+    index): at 8-bit keys, where ties are common, its rows are the step's own, with and without re-ranking."""
+    for name in ("CANDIDATE_KEY_BITS", "KEEP_KEY_BITS"):
+        monkeypatch.setattr(step, name, 8)
+    monkeypatch.setattr(SCORERS["distance"], "key_bits", 8)
+    picks, original = [], step._select
+    monkeypatch.setattr(step, "_select", lambda *args: picks.append(original(*args)) or picks[-1])
+    model, books = tiny
+    cache = A2ATSCache(books, topk=0.05, offload="none", dense_below=0, rerank=rerank)
+    with FidelityProbe(cache, every=1, keep_picks=True) as probe, torch.no_grad():
+        model.generate(ids_of(1, 300), **cache_argument(model, cache), max_new_tokens=3, min_new_tokens=3,
+                       do_sample=False)
+    layers = sorted(probe.picks)
+    probed = [probe.picks[layer][i] for i in range(len(probe.picks[layers[0]])) for layer in layers]
+    assert len(picks) == len(probed) > 0  # (both in the steps' order: a decode pass, layer by layer)
+    for rows, (indices, counts) in zip(probed, picks):
+        got = torch.zeros_like(rows)
+        for head in range(rows.shape[1]):
+            got[0, head, indices[0, head, : int(counts[0, head])].long().cpu()] = True
+        assert torch.equal(got, rows)

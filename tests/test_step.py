@@ -8,6 +8,7 @@ import torch
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels, step
 from a2ats_hf.cache import RERANK, A2ATSLayer
+from a2ats_hf.scoring import SCORERS
 from a2ats_hf.step import bucket_width
 from a2ats_hf.store import kv_bytes
 
@@ -107,6 +108,33 @@ def test_rerank_pools_a_kv_groups_candidates_by_its_summed_table(tiny, monkeypat
             expected = sorted(set(pool[kept.flatten()].tolist()))
             got = indices[row, head, : int(counts[row, head])].tolist()
             assert got == expected
+
+
+@pytest.mark.parametrize("scoring", ["wrope", "distance"])
+def test_selection_ranks_by_the_top_key_bits(tiny, scoring, monkeypatch):
+    """Without re-ranking, the step picks the far tokens by their table scores' top ``Scorer.key_bits`` bits, ties
+    to the lower index (as the reference at those bits picks them). At 8 bits ties are common, so the pick differs
+    from a float32 ranking's: the setting reaches the kernels."""
+    monkeypatch.setattr(SCORERS[scoring], "key_bits", 8)
+    seen, original = [], step._select
+    monkeypatch.setattr(step, "_select", lambda *args: seen.append((*args, original(*args))) or seen[-1][-1])
+    model, books = tiny
+    cache = A2ATSCache(books, topk=0.1, offload="none", dense_below=0, scoring=scoring, rerank=1)
+    greedy(model, ids_of(2, 150, seed=5), cache, new=2)
+    differs = False
+    for layer, query, position_ids, masks, _, (indices, counts) in seen:
+        lut, codes, _ = layer.scorer.scores(layer.score_inputs(query, position_ids, 1.0, masks.far, "query_head"))
+        for bits in (8, 32):
+            expected, expected_counts = kernels.reference.select_topk(lut, codes, masks.far, masks.budget,
+                                                                      key_bits=bits)
+            width = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+            same = torch.equal(counts.long().cpu(), expected_counts.cpu()) and torch.equal(
+                indices.long().masked_fill(~width, 0)[..., : expected.shape[-1]].cpu(), expected.cpu())
+            if bits == 8:
+                assert same, f"layer {layer.layer_idx}: not the reference's pick at 8 bits"
+            else:
+                differs |= not same
+    assert seen and differs
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the hand-off between a GPU and the CPU needs a GPU")
