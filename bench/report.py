@@ -40,6 +40,7 @@ HEADLINE = {  # the README's accuracy rows: method -> label
     "quest 0.03": "Quest (16-token pages)", "window": "sinks + window only (StreamingLLM)"}
 RERANKED_ROWS = {  # the README's re-ranking rows, beside full attention and the exact top-K on the same prompts
     "full": "full attention", "oracle 0.03": "exact top-K (oracle)",
+    "distance 0.03 (rerank 6)": "A2ATS, distance buckets, the pool of `rerank=6` a KV group (the default)",
     "distance 0.03 (rerank 4)": "A2ATS, distance buckets, `rerank=4`, each head's own picks united (before a769a41)",
     "distance 0.03 (rerank 3)": "A2ATS, distance buckets, `rerank=3`",
     "distance 0.03 (rerank 2)": "A2ATS, distance buckets, `rerank=2`",
@@ -465,7 +466,8 @@ POOL_CPU = "evaluation/2026-12-06-a769a41-cpu.json"  # re-ranking's pool against
 POOL5_CPU = "evaluation/2026-12-07-61a4b0a-cpu.json"  # the pool of 5 x the budget, 4K and 8K
 POOL_RULER_CPU = ("evaluation/2026-12-07-c2c2525-cpu.json",  # RULER-style, 64 prompts: the pool of 6, exact top-K; 4K
                   "evaluation/2026-12-07-d37e73a-cpu.json")  # 8K
-RERANKED = "evaluation/2026-12-06-9e97ee7-nvidia-h100-80gb-hbm3.json"  # 256 prompts: full, exact top-K, rerank=2-4
+RERANKED = ("evaluation/2026-12-06-9e97ee7-nvidia-h100-80gb-hbm3.json",  # 256 prompts: full, exact top-K, rerank=2-4
+            "evaluation/2026-12-07-66e6c0a-nvidia-h100-80gb-hbm3.json")  # the same prompts: the pool of 6, exact top-K
 ROW_CACHE = tuple(f"throughput/2026-12-05-17592c7-nvidia-h200{s}.json" for s in ("", "-2"))  # 128K x 1, x 5
 ROW_CACHE_H100 = tuple(f"throughput/2026-12-05-c3491b8-nvidia-h100-80gb-hbm3{s}.json" for s in ("", "-2", "-3"))
 SCORING_COST = "throughput/2026-12-04-00a485c-nvidia-h200.json"  # 128K x 1 and x 7: the scorers, re-ranking
@@ -479,7 +481,7 @@ MULTI_GPU_H100 = "multi-gpu/2026-11-25-e2b5eb2-nvidia-h100-80gb-hbm3.json"  # on
 BLOCKS = {  # table name in the markdown -> its results files; a newer run replaces one by editing its line
     "speed": Block(H200, lambda f: throughput_table(runs(f), r"^(full|StaticCache)|graphs")),
     "accuracy": Block((DEFAULTS,), lambda f: headline_accuracy(f[0])),
-    "accuracy-reranked": Block((RERANKED,), lambda f: oracle_table(f[0])),
+    "accuracy-reranked": Block(RERANKED, lambda f: oracle_table(joined(f))),
     "accuracy-pool-cpu": Block(POOL_RULER_CPU, lambda f: oracle_table(joined(f), POOL_ROWS)),
     "accuracy-1024": Block((SUITE,), lambda f: headline_accuracy(f[0])),
     "fidelity-defaults": Block((DEFAULTS,), lambda f: fidelity_table(f[0]["perplexity"])),
@@ -563,10 +565,19 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                                   for c, s in (("61a4b0a", ""), ("61a4b0a", "-2"), ("b9a4869", ""),
                                                                ("53c6d5d", ""))),
                                             lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
+    "kernels-rerank": Block(("kernels/2026-12-07-66e6c0a-nvidia-h100-80gb-hbm3.json",),
+                            lambda f: table(f[0]["rerank"], RERANK_STEP)),
+    "throughput-h100-key-bits": Block(tuple(f"throughput/2026-12-07-b92767d-nvidia-h100-80gb-hbm3{s}.json"
+                                            for s in ("", "-3", "-4", "-5", "-6", "-7", "-8")),
+                                      lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
+    "fidelity-key-bits-cpu": Block(tuple(f"evaluation/2026-12-07-b92767d-cpu-keybits{b}.json" for b in (32, 16)),
+                                   lambda f: fidelity_table([{**r, "method": f"{r['method']}, {b}-bit keys"}
+                                                             for b, run in zip((32, 16), f)
+                                                             for r in run["perplexity"]])),
     "fidelity-rerank-pool-cpu": Block((POOL_CPU, POOL5_CPU, "evaluation/2026-12-06-841b5b9-cpu.json"),  # (exact top-K)
                                       lambda f: fidelity_table(f[0]["perplexity"] + f[1]["perplexity"] + [
                                           r for r in f[2]["perplexity"] if r["method"] == "oracle 0.03"])),
-    "ruler-reranked": Block((RERANKED,), lambda f: ruler_tables(f[0])),
+    "ruler-reranked": Block(RERANKED[:1], lambda f: ruler_tables(f[0])),
     "fidelity-kv-head-rerank-cpu": Block(("evaluation/2026-12-06-84e1f49-cpu.json",),
                                          lambda f: fidelity_table(f[0]["perplexity"])),
     "fidelity-rerank3-cpu": Block(("evaluation/2026-12-06-841b5b9-cpu.json",),

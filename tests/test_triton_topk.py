@@ -33,10 +33,9 @@ def assert_same_selection(lut, codes, candidates, k, budget, **kwargs):
 
 
 def count_digits(bits: int, monkeypatch) -> int:
-    """Split selects of 16-bit keys count ``bits`` of the key a round: 16 (the default, within COUNT16_BYTES) or 8
-    (past it). Returns the key width for a test of ``bits``: 16, or 32 where 8-bit digits are tested."""
-    if bits == 8:
-        monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0)
+    """Split selects of 16-bit keys count ``bits`` of the key a round: 16 (within COUNT16_BYTES) or 8 (past it).
+    Returns the key width for a test of ``bits``: 16, or 32 where 8-bit digits are tested."""
+    monkeypatch.setattr(triton_topk, "COUNT16_BYTES", 0 if bits == 8 else 1 << 30)
     return 16 if bits == 16 else 32
 
 
