@@ -568,7 +568,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "kernels-rerank": Block(("kernels/2026-12-07-66e6c0a-nvidia-h100-80gb-hbm3.json",),
                             lambda f: table(f[0]["rerank"], RERANK_STEP)),
     "throughput-h100-key-bits": Block(tuple(f"throughput/2026-12-07-b92767d-nvidia-h100-80gb-hbm3{s}.json"
-                                            for s in ("", "-3", "-4", "-5", "-6", "-7", "-8")),
+                                            for s in ("", "-3", "-4", "-5", "-6", "-7", "-8"))
+                                      + ("throughput/2026-12-07-69b4a80-nvidia-h100-80gb-hbm3.json",),
                                       lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
     "fidelity-key-bits-cpu": Block(tuple(f"evaluation/2026-12-07-b92767d-cpu-keybits{b}.json" for b in (32, 16)),
                                    lambda f: fidelity_table([{**r, "method": f"{r['method']}, {b}-bit keys"}
