@@ -194,14 +194,19 @@ def release(device: torch.device) -> None:
         torch._C._host_emptyCache()
 
 
-def commit() -> str | None:
-    """The short commit of the tree: A2ATS_COMMIT where the tree was copied without its history (a lent GPU), else
-    git's; None where neither says."""
+def commit(tree: Path = Path(__file__).parent) -> str | None:
+    """The short commit of ``tree`` (the benchmarks' own): A2ATS_COMMIT where the tree was copied without its
+    history (a lent GPU), else git's, with "-dirty" where tracked files differ from it (the result is then of no
+    commit exactly, as a copy whose history stops at an older commit); None where neither says."""
     if os.environ.get("A2ATS_COMMIT"):
         return os.environ["A2ATS_COMMIT"]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=tree).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or None
+        head = git("rev-parse", "--short", "HEAD")
+        return (head + "-dirty" * bool(git("status", "--porcelain", "--untracked-files=no"))) if head else None
     except OSError:
         return None
 
