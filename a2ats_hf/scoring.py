@@ -85,7 +85,8 @@ class Scorer:
     top-K the layer's histogram of the candidates' codes, which the layer then keeps up to date.
 
     ``key_bits``: the top-K ranks its scores by their float32 order's top ``key_bits`` bits, ties to the lower
-    token index (32: exactly; 16: bfloat16's precision, which a wide table's split select takes in one round).
+    token index (32: exactly; 16: bfloat16's precision, which a wide table's split select takes in half the
+    rounds).
 
     ``reranks``: exact ``q . k`` re-ranking of R x the budget sharpens its choice, so the cache re-ranks by default
     where a layer's K/V is on the device (the codebooks' scorers; baselines and ablations stay as published).
@@ -194,7 +195,7 @@ class DistanceBuckets(Scorer):
     rotation: str = "mean"
     name = "distance"
     keys = "pre_rope"
-    key_bits = 16  # its table is buckets x centroids wide (~70K columns at 128K): one round of 16 bits, not four of 8
+    key_bits = 16  # its table is buckets x centroids wide (~70K columns at 128K): two rounds of 8 bits, not four
     reranks = True
 
     def __post_init__(self):
