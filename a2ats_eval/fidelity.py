@@ -109,6 +109,5 @@ class FidelityProbe:
 def top(scores: torch.Tensor, allowed: torch.Tensor, k: int, key_bits: int = 32) -> torch.Tensor:
     """[..., N] bool: the ``k`` highest ``scores`` [..., N] among the ``allowed`` ones (fewer where fewer are), as
     the step's kernels rank them: by the top ``key_bits`` bits of their float32 order, ties to the lower index."""
-    keys = reference.order_keys(scores.masked_fill(~allowed, float("-inf"))) >> (32 - key_bits)
-    picked = torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k]
+    picked = reference.ranked(scores.masked_fill(~allowed, float("-inf")), key_bits)[..., :k]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picked, True) & allowed

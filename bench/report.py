@@ -572,9 +572,9 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                       + ("throughput/2026-12-07-69b4a80-nvidia-h100-80gb-hbm3.json",),
                                       lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
     "fidelity-key-bits-cpu": Block(tuple(f"evaluation/2026-12-07-b92767d-cpu-keybits{b}.json" for b in (32, 16)),
-                                   lambda f: fidelity_table([{**r, "method": f"{r['method']}, {b}-bit keys"}
-                                                             for b, run in zip((32, 16), f)
-                                                             for r in run["perplexity"]])),
+                                   lambda f: fidelity_table([{**r, "method": f"{r['method']}, "
+                                                                            f"{run['selection_key_bits']}-bit keys"}
+                                                             for run in f for r in run["perplexity"]])),
     "fidelity-rerank-pool-cpu": Block((POOL_CPU, POOL5_CPU, "evaluation/2026-12-06-841b5b9-cpu.json"),  # (exact top-K)
                                       lambda f: fidelity_table(f[0]["perplexity"] + f[1]["perplexity"] + [
                                           r for r in f[2]["perplexity"] if r["method"] == "oracle 0.03"])),

@@ -72,6 +72,16 @@ def compile_for_hopper(module: str, kernel: str, constants: dict, pointers: dict
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def record_selects(monkeypatch) -> list[tuple]:
+    """Every far-token selection the decode steps make from now on, as ``step._select``'s arguments (layer,
+    query, position ids, masks, scaling) and its result (indices, counts), in the steps' order."""
+    from a2ats_hf import step
+
+    seen, original = [], step._select
+    monkeypatch.setattr(step, "_select", lambda *args: seen.append((*args, original(*args))) or seen[-1][-1])
+    return seen
+
+
 def tiny_config(**overrides) -> LlamaConfig:
     values = dict(
         vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,

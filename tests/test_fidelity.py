@@ -9,7 +9,7 @@ from a2ats_eval.fidelity import FidelityProbe
 from a2ats_hf import A2ATSCache, cache_argument, step
 from a2ats_hf.scoring import SCORERS
 
-from conftest import ids_of
+from conftest import ids_of, record_selects
 
 
 def probe_run(model, books, **cache_kwargs) -> dict:
@@ -59,8 +59,7 @@ def test_probe_picks_what_the_step_attends(tiny, rerank, monkeypatch):
     for name in ("CANDIDATE_KEY_BITS", "KEEP_KEY_BITS"):
         monkeypatch.setattr(step, name, 8)
     monkeypatch.setattr(SCORERS["distance"], "key_bits", 8)
-    picks, original = [], step._select
-    monkeypatch.setattr(step, "_select", lambda *args: picks.append(original(*args)) or picks[-1])
+    seen = record_selects(monkeypatch)
     model, books = tiny
     cache = A2ATSCache(books, topk=0.05, offload="none", dense_below=0, rerank=rerank)
     with FidelityProbe(cache, every=1, keep_picks=True) as probe, torch.no_grad():
@@ -68,8 +67,8 @@ def test_probe_picks_what_the_step_attends(tiny, rerank, monkeypatch):
                        do_sample=False)
     layers = sorted(probe.picks)
     probed = [probe.picks[layer][i] for i in range(len(probe.picks[layers[0]])) for layer in layers]
-    assert len(picks) == len(probed) > 0  # (both in the steps' order: a decode pass, layer by layer)
-    for rows, (indices, counts) in zip(probed, picks):
+    assert len(seen) == len(probed) > 0  # (both in the steps' order: a decode pass, layer by layer)
+    for rows, (*_, (indices, counts)) in zip(probed, seen):
         got = torch.zeros_like(rows)
         for head in range(rows.shape[1]):
             got[0, head, indices[0, head, : int(counts[0, head])].long().cpu()] = True

@@ -12,7 +12,7 @@ from a2ats_hf.scoring import SCORERS
 from a2ats_hf.step import bucket_width
 from a2ats_hf.store import kv_bytes
 
-from conftest import DEVICE, ids_of
+from conftest import DEVICE, ids_of, record_selects
 
 
 def greedy(model, ids, cache, new):
@@ -86,8 +86,7 @@ def test_rerank_pools_a_kv_groups_candidates_by_its_summed_table(tiny, monkeypat
     the union of each head's own R x k, which holds no more of their exact top-K and costs a table a head)."""
     monkeypatch.setattr(step, "KEEP_KEY_BITS", 32)  # full float32 keys: the order below, no ties in bfloat16
     monkeypatch.setattr(step, "CANDIDATE_KEY_BITS", 32)
-    seen, original = [], step._select
-    monkeypatch.setattr(step, "_select", lambda *args: seen.append((*args, original(*args))) or seen[-1][-1])
+    seen = record_selects(monkeypatch)
     model, books = tiny
     rerank = 3
     cache = A2ATSCache(books, topk=0.05, offload="none", dense_below=0, scoring="wrope", rerank=rerank)
@@ -116,8 +115,7 @@ def test_selection_ranks_by_the_top_key_bits(tiny, scoring, monkeypatch):
     to the lower index (as the reference at those bits picks them). At 8 bits ties are common, so the pick differs
     from a float32 ranking's: the setting reaches the kernels."""
     monkeypatch.setattr(SCORERS[scoring], "key_bits", 8)
-    seen, original = [], step._select
-    monkeypatch.setattr(step, "_select", lambda *args: seen.append((*args, original(*args))) or seen[-1][-1])
+    seen = record_selects(monkeypatch)
     model, books = tiny
     cache = A2ATSCache(books, topk=0.1, offload="none", dense_below=0, scoring=scoring, rerank=1)
     greedy(model, ids_of(2, 150, seed=5), cache, new=2)

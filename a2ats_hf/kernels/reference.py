@@ -133,6 +133,15 @@ def order_keys(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -1 - bits, bits + 2**31)
 
 
+def ranked(scores: torch.Tensor, key_bits: int = 32) -> torch.Tensor:
+    """Indices ordering ``scores`` [..., N] from the highest, as the kernels rank them: by the top ``key_bits``
+    bits of their float32 order (scores equal in those bits tie), ties to the lower index."""
+    check_key_bits(key_bits)
+    if key_bits < 32:
+        scores = order_keys(scores) >> (32 - key_bits)
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
 def select_topk(
     lut: torch.Tensor,
     codes: torch.Tensor,
@@ -176,11 +185,8 @@ def select_topk(
         raise ValueError(f"budget must be 'query_head' or 'kv_head', got {budget!r}")
     heads = lut.shape[1]
     code_idx = codes.long().repeat_interleave(heads // hkv, dim=1)  # [B, heads, N]
-    check_key_bits(key_bits)
     scores = lut.gather(-1, code_idx).masked_fill(~candidates[:, None, :], float("-inf"))
-    if key_bits < 32:
-        scores = order_keys(scores) >> (32 - key_bits)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    order = ranked(scores, key_bits)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=lut.device).expand_as(order))
     chosen = (rank < k.view(b, 1, 1)) & candidates[:, None, :]
     chosen = chosen.view(b, hkv, heads // hkv, n).any(2)
