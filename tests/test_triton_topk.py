@@ -254,7 +254,7 @@ def test_scans_compile_for_hopper(group):
     of one head (a word of one byte), of four (four bytes, counted packed) and of six (a word of eight)."""
     g_pad = {1: 1, 4: 4, 6: 8}[group]
     constants = {"HKV": 8, "G": group, "G_PAD": g_pad, "BLOCK_N": 512, "WORDS": True, "PACKED": g_pad <= 4,
-                 "HEAD_BYTES": (1 << 8 * group) - 1, "LOOK": 32}
+                 "HEAD_BYTES": (1 << 8 * group) - 1, "LOOK": 128}
     pointers = {"class_ptr": {1: "*u8", 4: "*i32", 8: "*i64"}[g_pad], "codes_ptr": "*u16", "cand_ptr": "*i1",
                 "k_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_scan_kernel", constants, pointers)
@@ -407,9 +407,9 @@ def test_look_back_sums_earlier_parts_as_they_stand(look):
 @pytest.mark.parametrize("group", [1, 4, 6])
 def test_keep_by_scans_compiles_for_hopper(group):
     """The keep by scans' one pass (groups of one, four and six heads; each program picking its heads' thresholds
-    from the split select's 16 sets of counts, its two look-backs reading 32 parts at once) compiles to PTX for
+    from the split select's 16 sets of counts, its two look-backs reading 128 parts at once) compiles to PTX for
     sm_90 without a GPU, its atomics relaxed."""
     compile_for_hopper("triton_topk", "_keep_scan_kernel",
                        {"HEADS": 32, "G": group, "G_PAD": {1: 1, 4: 4, 6: 8}[group], "S_PAD": 16, "BLOCK": 1024,
-                        "ROUNDS": 2, "BITS": 8, "KEY_BITS": 16, "LOOK": 32},
+                        "ROUNDS": 2, "BITS": 8, "KEY_BITS": 16, "LOOK": 128},
                        {"score_ptr": "*fp32", "count_ptr": "*i32", "k_ptr": "*i64", "state_ptr": "*i64"})

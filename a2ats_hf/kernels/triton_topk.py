@@ -37,6 +37,7 @@ COUNT16_BYTES = 2 << 20  # the most bytes of 16-bit digits' counters (256 KB a h
 PICK_CHUNK = tl.constexpr(4096)  # 16-bit digits' counters a pick reads at a time, down from the round's largest digit
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 KEY_SPAN = False  # True: a split select first finds each head's key span, counts keys shifted by it (_key_span)
+LOOK_BACK = 128  # earlier parts a scan's look-back reads at once (:func:`_prefix`; 128K tokens: 256 parts a pair)
 
 
 @triton.jit
@@ -557,7 +558,6 @@ KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one progra
 KEEP_WARPS = 16  # keep_top's most warps (16 candidates a thread up to there: no spills at KEEP_TABLE)
 KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_select)
 KEEP_SCAN_BLOCK = 1024  # candidates a program of a keep by scans reads
-LOOK_BACK = 32  # earlier parts a look-back reads at once (:func:`_prefix`)
 
 
 def keep_top(
