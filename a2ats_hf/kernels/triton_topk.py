@@ -565,7 +565,7 @@ def keep_top(
     budget: str = "query_head", key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
-    (a program per row and KV head); past it, a split select of each score row's threshold and three scans
+    (a program per row and KV head); past it, a split select of each score row's threshold and one scan
     (:func:`_keep_by_scans`)."""
     check_key_bits(key_bits)
     if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
