@@ -571,6 +571,9 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
                                             for s in ("", "-3", "-4", "-5", "-6", "-7", "-8"))
                                       + ("throughput/2026-12-07-69b4a80-nvidia-h100-80gb-hbm3.json",),
                                       lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
+    "throughput-h100-look-back": Block(tuple(f"throughput/2026-12-07-{c}-nvidia-h100-80gb-hbm3{s}.json"
+                                             for c in ("7c0d321", "d6283eb") for s in ("", "-2")),
+                                       lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
     "fidelity-key-bits-cpu": Block(tuple(f"evaluation/2026-12-07-b92767d-cpu-keybits{b}.json" for b in (32, 16)),
                                    lambda f: fidelity_table([{**r, "method": f"{r['method']}, "
                                                                             f"{run['selection_key_bits']}-bit keys"}
