@@ -1,8 +1,8 @@
 """The captured decode step's launch settings, tuned on the step itself: Llama-3.1-8B's architecture (random bf16
 weights) at 128K, A2ATS offload="none" in CUDA graphs, each setting changed alone from the defaults and timed right
 after a run of the defaults (the machine drifts more than most settings gain), then the best value of each together
-at every batch that fits; ms per step (a kernel timed alone is bound by its Python launch, so only the captured step
-can rank them).
+at every batch that fits; ms per step, the GPU's busy time (its kernels summed) beside it (a kernel timed alone is
+bound by its Python launch, so only the captured step can rank them).
 
     python -m bench.tune_step [--batch 1] [--budget kv_head] [--scoring distance] [--group-correlation 0.9]
                               [--settings COUNT_COPIES ...]
@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from a2ats_hf import A2ATSCache
+from a2ats_hf import A2ATSCache, step
 from a2ats_hf.kernels import triton_attention, triton_codes, triton_launch, triton_topk
 from bench.common import build, correlate_groups, environment, random_codebooks, release, results_path
 from bench.throughput import arguments, measure
@@ -30,9 +30,9 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_topk, "SPLIT_COLUMNS"): [1024, 2048], (triton_topk, "SPLIT_WARPS"): [4, 16],
     (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEEP_DIGIT_BITS"): [2, 8], (triton_topk, "KEY_SPAN"): [True],
     (triton_topk, "SCORE_ROWS"): [16, 64],
-    (triton_topk, "KEEP_SCAN_BLOCK"): [512, 2048], (triton_topk, "SCAN_WARPS"): [2, 8],
+    (triton_topk, "KEEP_SCAN_BLOCK"): [2048, 4096], (triton_topk, "SCAN_WARPS"): [2, 8],
     (triton_topk, "COUNT16_BYTES"): [0],  # a wide table's 16-bit keys counted in two rounds of 8 bits
-    (triton_launch, "PDL"): [True],
+    (triton_launch, "PDL"): [True], (step, "PIECE_LAYERS"): [8, 16],
 }
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or results_path("tune-step")
-    run_args = arguments().parse_args(["--steps", str(args.steps), "--split-steps", "0"])
+    run_args = arguments().parse_args(["--steps", str(args.steps), "--split-steps", "0", "--gpu-profile", "1"])
     model = build([0])
     correlate_groups(model, args.group_correlation)
     model.set_attn_implementation("a2ats")
@@ -66,11 +66,12 @@ def main() -> None:
         make = lambda: A2ATSCache(books, topk=0.03, budget=args.budget, offload="none",  # noqa: E731
                                   scoring=args.scoring, rerank=args.rerank, max_length=n + args.steps + 8)
         try:
-            ms = measure(model, method, make, batch, n, run_args)["step_ms"]
+            row = measure(model, method, make, batch, n, run_args)
         finally:
             release(model.device)  # the cache and its graphs' memory pool, before the next
-        results["rows"].append({"batch": batch, "setting": label, "step_ms": ms})
-        print(f"batch {batch:2d}  {label:40s} {ms:7.2f} ms", flush=True)
+        ms, busy = row["step_ms"], row.get("gpu_profile", {}).get("busy_ms")
+        results["rows"].append({"batch": batch, "setting": label, "step_ms": ms, "busy_ms": busy})
+        print(f"batch {batch:2d}  {label:40s} {ms:7.2f} ms, GPU busy {busy} ms", flush=True)
         out.write_text(json.dumps(results, indent=1))  # after every row: an interrupted run keeps what it measured
         return ms
 

@@ -327,8 +327,8 @@ def test_keep_top_matches_reference(budget, keep_table, digit_bits, key_bits, pa
     all within 1e-6 of 1, so only the keys' last digits tell them apart) over candidate rows with padding past the
     counts; the rows kept, ascending, 0 after them, as the reference keeps them, whether the candidates fit one
     program's registers or go by scans (past ``KEEP_TABLE``: a split select and scans over parts of 128, or of 16:
-    44 parts, more than a pick reads at once), by digits of any width the register select takes, on keys of any width (16 bits: scores equal in
-    bfloat16 tie, to the lower position)."""
+    44 parts, more than a pick reads at once), by digits of any width the register select takes, on keys of any
+    width (16 bits: scores equal in bfloat16 tie, to the lower position)."""
     monkeypatch.setattr(triton_topk, "KEEP_DIGIT_BITS", digit_bits)
     if keep_table:
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", keep_table)
