@@ -278,11 +278,13 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
     up to each count their exact q . k by the table's query heads (or the group's summed query; or, as a "pool"
     for the query heads, the group's summed table choosing and each query head scoring) against a store
     buffer wider than the tokens; the keep keeps what the reference keeps of those scores (many tied in 16 bits;
-    budgets up to past every count): in one program, or by a split select and scans over parts of 32 candidates
-    (past KEEP_TABLE)."""
+    budgets up to past every count): in one program, or by scans over parts of 32 candidates after a split select
+    of 64 candidates a program (past KEEP_TABLE)."""
     if keep == "scans":
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", 16)
         monkeypatch.setattr(triton_topk, "KEEP_SCAN_BLOCK", 32)
+        if m < triton_topk.WIDE_TABLE:  # (the wide table's own split select left at its width: interpreter time)
+            monkeypatch.setattr(triton_topk, "SPLIT_COLUMNS", 64)
     g = torch.Generator().manual_seed(d + n)
     lut = torch.randn(b, hq, m, generator=g)
     codes = torch.randint(0, m, (b, hkv, n), generator=g).to(torch.uint16)
@@ -317,22 +319,23 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
-@pytest.mark.parametrize("keep_table,digit_bits,key_bits,part", [
-    (None, 4, 32, 0), (None, 2, 32, 0), (None, 8, 32, 0), (256, 4, 32, 128), (None, 4, 16, 0), (None, 8, 24, 0),
-    (256, 4, 16, 128), (256, 4, 16, 16)], ids=["in-registers", "2-bit-digits", "8-bit-digits", "by-scans",
-                                               "16-bit-keys", "24-bit-keys", "16-bit-keys-by-scans", "44-parts"])
+@pytest.mark.parametrize("keep_table,digit_bits,key_bits", [(None, 4, 32), (None, 2, 32), (None, 8, 32), (256, 4, 32),
+                                                            (None, 4, 16), (None, 8, 24), (256, 4, 16)],
+                         ids=["in-registers", "2-bit-digits", "8-bit-digits", "by-scans", "16-bit-keys",
+                              "24-bit-keys", "16-bit-keys-by-scans"])
 @pytest.mark.parametrize("spread", [1.0, 1e-6], ids=["random", "narrow-range"])
-def test_keep_top_matches_reference(budget, keep_table, digit_bits, key_bits, part, spread, monkeypatch):
+def test_keep_top_matches_reference(budget, keep_table, digit_bits, key_bits, spread, monkeypatch):
     """Re-ranking's keep: exact scores (some tied, garbage past each head's count, which the keep must not use; or
     all within 1e-6 of 1, so only the keys' last digits tell them apart) over candidate rows with padding past the
     counts; the rows kept, ascending, 0 after them, as the reference keeps them, whether the candidates fit one
-    program's registers or go by scans (past ``KEEP_TABLE``: a split select and scans over parts of 128, or of 16:
-    44 parts, more than a pick reads at once), by digits of any width the register select takes, on keys of any
-    width (16 bits: scores equal in bfloat16 tie, to the lower position)."""
+    program's registers or go by scans (past ``KEEP_TABLE``: a split select of 256 candidates a program, parts of
+    128), by digits of any width the register select takes, on keys of any width (16 bits: scores equal in
+    bfloat16 tie, to the lower position)."""
     monkeypatch.setattr(triton_topk, "KEEP_DIGIT_BITS", digit_bits)
     if keep_table:
         monkeypatch.setattr(triton_topk, "KEEP_TABLE", keep_table)
-        monkeypatch.setattr(triton_topk, "KEEP_SCAN_BLOCK", part)
+        monkeypatch.setattr(triton_topk, "SPLIT_COLUMNS", 256)
+        monkeypatch.setattr(triton_topk, "KEEP_SCAN_BLOCK", 128)
     g = torch.Generator().manual_seed(6)
     b, hkv, group, c, n = 2, 2, 3, 700, 5000
     counts = torch.tensor([[700, 412], [133, 650]])
@@ -374,12 +377,12 @@ def test_keep_top_compiles_for_hopper(digit_bits, group):
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})
 
 
-@pytest.mark.parametrize("phase", [1, 2])
+@pytest.mark.parametrize("phase", [0, 1, 2])
 @pytest.mark.parametrize("group", [1, 4, 6])
 def test_keep_by_scans_compiles_for_hopper(phase, group):
-    """The keep by scans' passes (groups of one, four and six heads, 2,048 parts; PHASE 1 picking each head's
-    threshold from the split select's counts of each part) compile to PTX for sm_90 without a GPU."""
+    """The keep by scans' passes (groups of one, four and six heads, 2,048 parts; PHASE 0 picking each head's
+    threshold from the split select's 16 sets of counts) compile to PTX for sm_90 without a GPU."""
     compile_for_hopper("triton_topk", "_keep_scan_kernel",
                        {"PHASE": phase, "HEADS": 32, "G": group, "G_PAD": {1: 1, 4: 4, 6: 8}[group], "P_PAD": 2048,
-                        "BLOCK": 1024, "ROUNDS": 2, "BITS": 8, "KEY_BITS": 16},
+                        "S_PAD": 16, "BLOCK": 1024, "ROUNDS": 2, "BITS": 8, "KEY_BITS": 16},
                        {"score_ptr": "*fp32", "count_ptr": "*i32", "k_ptr": "*i64", "state_ptr": "*i64"})

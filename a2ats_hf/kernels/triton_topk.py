@@ -34,7 +34,6 @@ RADIX_BITS = 8  # bits of the score key a split select picks per round (but see 
 COUNT16_BYTES = 2 << 20  # the most bytes of 16-bit digits' counters (256 KB a head) a select zeroes: below it a
 # split select of 16-bit keys counts them in one round (8 rows: a round saved, v83), past it in two rounds of 8 bits
 # (32 rows, the distance table of Llama-3.1-8B's query heads: 0.12 ms a step faster at 128K x 1 on an H100, v93)
-PICK_SETS = tl.constexpr(32)  # sets of 8-bit digits' counters a pick reads at a time
 PICK_CHUNK = tl.constexpr(4096)  # 16-bit digits' counters a pick reads at a time, down from the round's largest digit
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 KEY_SPAN = False  # True: a split select first finds each head's key span, counts keys shifted by it (_key_span)
@@ -156,16 +155,11 @@ def _next_digit(counts, d, prefix, rest, BITS: tl.constexpr):
 
 @triton.jit
 def _pick_digit(bins_ptr, pid, sets, prefix, rest, S_PAD: tl.constexpr, BITS: tl.constexpr):
-    """:func:`_next_digit` of a split select's round: the head's counts summed over its ``sets`` of counters, read
-    PICK_SETS sets at a time (a keep's parts at 1M tokens are hundreds)."""
-    chunk: tl.constexpr = S_PAD if S_PAD < PICK_SETS else PICK_SETS
-    d = tl.arange(0, 1 << BITS)
-    total = tl.zeros([1 << BITS], dtype=tl.int32)
-    for first in range(0, sets, chunk):
-        s = first + tl.arange(0, chunk)
-        total += tl.sum(tl.load(bins_ptr + (pid.to(tl.int64) * sets + s[:, None]) * (1 << BITS) + d[None, :],
-                                mask=(s < sets)[:, None], other=0), axis=0)
-    return _next_digit(total.to(tl.int64), d, prefix, rest, BITS)
+    """:func:`_next_digit` of a split select's round: the head's counts summed over its ``sets`` of counters."""
+    s, d = tl.arange(0, S_PAD), tl.arange(0, 1 << BITS)
+    counts = tl.load(bins_ptr + (pid.to(tl.int64) * sets + s[:, None]) * (1 << BITS) + d[None, :],
+                     mask=(s < sets)[:, None], other=0)
+    return _next_digit(tl.sum(counts, axis=0).to(tl.int64), d, prefix, rest, BITS)
 
 
 @triton.jit
@@ -443,16 +437,17 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
 
 
 @triton.jit
-def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, state_ptr, digits_ptr, union_ptr, out_ptr, kept_ptr, c,
-                      width, parts, rows, PHASE: tl.constexpr, HEADS: tl.constexpr, G: tl.constexpr,
-                      G_PAD: tl.constexpr, P_PAD: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.constexpr,
-                      BITS: tl.constexpr, KEY_BITS: tl.constexpr, PDL: tl.constexpr):
+def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, state_ptr, digits_ptr, ties_ptr, union_ptr, out_ptr,
+                      kept_ptr, c, width, parts, sets, rows, PHASE: tl.constexpr, HEADS: tl.constexpr,
+                      G: tl.constexpr, G_PAD: tl.constexpr, P_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                      BLOCK: tl.constexpr, ROUNDS: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr,
+                      PDL: tl.constexpr):
     """Program (row-KV head, part of BLOCK candidates) of a keep by scans, the scores' KEY_BITS keys against each
-    head's threshold, whose last digit (of BITS) PHASE 1 picks from the split select's counts (:func:`_split_state`;
-    part 0 keeps it, and the ties to take, for PHASE 2). The split select counted each part apart, so a head's ties
-    in the parts before are its last round's counts of the threshold's last digit there: a tie is kept while fewer
-    than the head's ties to take precede it (ties go to the lower positions). PHASE 1 counts the candidates the
-    group keeps in the part; 2 writes their rows at the part's offset, 0 over its places past the group's total to
+    head's threshold, whose last digit (of BITS) PHASE 0 picks from the split select's counts
+    (:func:`_split_state`; part 0 keeps it, and the ties to take, for the later phases). PHASE 0 counts each head's
+    ties in the part (a group of one: and its candidates above the threshold, so it needs no PHASE 1); 1 counts the
+    candidates the group keeps there (a tie is kept while fewer than the head's ties to take precede it, so ties go
+    to the lower positions); 2 writes their rows at the part's offset, 0 over its places past the group's total to
     ``width``, and the total."""
     wait_previous(PDL)
     pair, part = tl.program_id(0), tl.program_id(1)
@@ -462,67 +457,76 @@ def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, state_ptr, digits_pt
     live = (g < G)[:, None] & (j < tl.minimum(tl.load(count_ptr + pair), c))[None, :]
     score = tl.load(score_ptr + heads[:, None].to(tl.int64) * c + j[None, :], mask=live, other=0.0)
     key = (_order_key(score) >> (32 - KEY_BITS)).to(tl.int64)
-    if PHASE == 1:  # (the picks' loads overlap the scores')
+    if PHASE == 0:  # (the picks' loads overlap the scores')
         thr, need = tl.zeros([G_PAD], dtype=tl.int64), tl.zeros([G_PAD], dtype=tl.int64)
         for h in tl.static_range(G):
-            digit, rest = _split_state(digits_ptr, state_ptr, k_ptr, pair * G + h, part, parts, rows, ROUNDS, HEADS,
-                                       P_PAD, BITS, KEY_BITS)
+            digit, rest = _split_state(digits_ptr, state_ptr, k_ptr, pair * G + h, part, sets, rows, ROUNDS, HEADS,
+                                       S_PAD, BITS, KEY_BITS)
             thr, need = tl.where(g == h, digit, thr), tl.where(g == h, rest, need)
     else:
         state = state_ptr + 2 * ((ROUNDS - 1) * rows + heads)
         thr, need = tl.load(state, mask=g < G, other=0), tl.load(state + 1, mask=g < G, other=0)
-    p = tl.arange(0, P_PAD)
-    last_round = digits_ptr + ((ROUNDS - 1) * rows + heads).to(tl.int64) * parts * (1 << BITS)
-    ties = tl.load(last_round[None, :] + p[:, None] * (1 << BITS) + (thr & ((1 << BITS) - 1))[None, :],
-                   mask=(p < part)[:, None] & (g < G)[None, :], other=0)
-    earlier = tl.sum(ties, axis=0)
     above = live & (key > thr[:, None])
     tie = (live & (key == thr[:, None])).to(tl.int32)
-    taken = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie) < (need.to(tl.int32) - earlier)[:, None])
-    kept = tl.max((above | taken).to(tl.int32), axis=0)
-    if PHASE == 1:
-        tl.store(union_ptr + pair * parts + part, tl.sum(kept, axis=0))
+    p = tl.arange(0, P_PAD)
+    if PHASE == 0:
+        tl.store(ties_ptr + (pair * parts + part) * G_PAD + g, tl.sum(tie, axis=1))
+        if G == 1:
+            tl.store(union_ptr + pair * parts + part + tl.arange(0, 1), tl.sum(above.to(tl.int32), axis=1))
     else:
-        unions = tl.load(union_ptr + pair * parts + p, mask=p < parts, other=0)
-        total = tl.sum(unions, axis=0)
-        slot = tl.sum(tl.where(p < part, unions, 0), axis=0) + tl.cumsum(kept, axis=0) - kept
-        rows_kept = tl.load(idx_ptr + pair.to(tl.int64) * c + j, mask=kept != 0, other=0)
-        out_row = out_ptr + pair.to(tl.int64) * width
-        tl.store(out_row + slot, rows_kept, mask=kept != 0)
-        tl.store(out_row + j, tl.zeros([BLOCK], dtype=rows_kept.dtype), mask=(j >= total) & (j < width))
-        if part == 0:
-            tl.store(kept_ptr + pair + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
+        ties = tl.load(ties_ptr + (pair * parts + p[:, None]) * G_PAD + g[None, :], mask=(p < parts)[:, None],
+                       other=0)
+        earlier = tl.sum(tl.where((p < part)[:, None], ties, 0), axis=0)
+        taken = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie) < (need.to(tl.int32) - earlier)[:, None])
+        kept = tl.max((above | taken).to(tl.int32), axis=0)
+        if PHASE == 1:
+            tl.store(union_ptr + pair * parts + part, tl.sum(kept, axis=0))
+        else:
+            unions = tl.load(union_ptr + pair * parts + p, mask=p < parts, other=0)
+            if G == 1:  # above, and the ties its budget still takes there
+                own = tl.sum(ties, axis=1)
+                before = tl.cumsum(own, axis=0) - own
+                unions += tl.minimum(tl.maximum(tl.sum(need.to(tl.int32), axis=0) - before, 0), own)
+            total = tl.sum(unions, axis=0)
+            slot = tl.sum(tl.where(p < part, unions, 0), axis=0) + tl.cumsum(kept, axis=0) - kept
+            rows_kept = tl.load(idx_ptr + pair.to(tl.int64) * c + j, mask=kept != 0, other=0)
+            out_row = out_ptr + pair.to(tl.int64) * width
+            tl.store(out_row + slot, rows_kept, mask=kept != 0)
+            tl.store(out_row + j, tl.zeros([BLOCK], dtype=rows_kept.dtype), mask=(j >= total) & (j < width))
+            if part == 0:
+                tl.store(kept_ptr + pair + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
 
 
 def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, width: int,
                    key_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`keep_top` past what one program holds: each score row's threshold by a split select over its
-    candidates (RADIX_BITS of the key a round, each program of KEEP_SCAN_BLOCK candidates storing its digits'
-    histogram whole: no atomic additions, no zeroed counters), then two scans over the same parts (the group's
-    kept, their rows; :func:`_keep_scan_kernel`), which find each head's ties in earlier parts in the last round's
-    counts: key_bits / RADIX_BITS + 2 launches. (Before, the scoring counted each score's 16-bit key by an atomic
-    addition into 256 KB a head, zeroed every step; where the scores crowd a few keys, as real keys' do, those
-    queued: this is 30% faster there, at 128K and batch 1 on an H100, and within 4% on scores that do not crowd.)"""
+    candidates (RADIX_BITS of the key a round, each program of SPLIT_COLUMNS candidates storing its digits'
+    histogram whole: no atomic additions, no zeroed counters), then scans over parts of KEEP_SCAN_BLOCK candidates
+    (ties, the group's kept, their rows; :func:`_keep_scan_kernel`): key_bits / RADIX_BITS + 3 launches (a group of
+    one: + 2). (Before, the scoring counted each score's 16-bit key by an atomic addition into 256 KB a head,
+    zeroed every step; where the scores crowd a few keys, as real keys' do, those queued: this is 30% faster there,
+    at 128K and batch 1 on an H100, and within 4% on scores that do not crowd.)"""
     b, hkv, c = indices.shape
     heads, group = scores.shape[1], scores.shape[1] // hkv
-    rows, parts, rounds = b * heads, triton.cdiv(c, KEEP_SCAN_BLOCK), key_bits // RADIX_BITS
-    g_pad, p_pad = triton.next_power_of_2(group), triton.next_power_of_2(parts)
+    rows, sets, rounds = b * heads, triton.cdiv(c, SPLIT_COLUMNS), key_bits // RADIX_BITS
+    g_pad, parts = triton.next_power_of_2(group), triton.cdiv(c, KEEP_SCAN_BLOCK)
     device, launch = indices.device, pdl(indices.device)
-    digits = torch.empty(rounds * rows * parts << RADIX_BITS, dtype=torch.int32, device=device)
+    digits = torch.empty(rounds * rows * sets << RADIX_BITS, dtype=torch.int32, device=device)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=device)
+    ties = torch.empty(b * hkv, parts, g_pad, dtype=torch.int32, device=device)
     union = torch.empty(b * hkv, parts, dtype=torch.int32, device=device)
     out = torch.empty(b, hkv, width, dtype=indices.dtype, device=device)
     kept = torch.empty(b, hkv, dtype=torch.int32, device=device)
-    common = dict(HEADS=heads, KEY_BITS=key_bits, **launch)
+    common = dict(HEADS=heads, S_PAD=triton.next_power_of_2(sets), KEY_BITS=key_bits, **launch)
     for r in range(rounds):
-        _digit_count_kernel[(rows, parts)](scores, counts, k, state, digits, state, c, 1, parts, rows, ROUND=r,
-                                           GROUP=group, S_PAD=p_pad, BITS=RADIX_BITS, COLUMNS=KEEP_SCAN_BLOCK,
-                                           COPIES=1, UNIT=True, SPAN=False, num_warps=SPLIT_WARPS, **common)
-    for phase in (1, 2):
+        _digit_count_kernel[(rows, sets)](scores, counts, k, state, digits, state, c, 1, sets, rows, ROUND=r,
+                                          GROUP=group, BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, COPIES=1, UNIT=True,
+                                          SPAN=False, num_warps=SPLIT_WARPS, **common)
+    for phase in (0, 2) if group == 1 else (0, 1, 2):
         _keep_scan_kernel[(b * hkv, parts)](
-            scores, indices, counts, k, state, digits, union, out, kept, c, width, parts, rows, PHASE=phase,
-            G=group, G_PAD=g_pad, P_PAD=p_pad, BLOCK=KEEP_SCAN_BLOCK, ROUNDS=rounds, BITS=RADIX_BITS,
-            num_warps=max(4, min(16, g_pad * KEEP_SCAN_BLOCK // 512)), **common)
+            scores, indices, counts, k, state, digits, ties, union, out, kept, c, width, parts, sets, rows,
+            PHASE=phase, G=group, G_PAD=g_pad, P_PAD=triton.next_power_of_2(parts), BLOCK=KEEP_SCAN_BLOCK,
+            ROUNDS=rounds, BITS=RADIX_BITS, num_warps=max(4, min(16, g_pad * KEEP_SCAN_BLOCK // 512)), **common)
     return out, kept
 
 
@@ -539,7 +543,7 @@ def _per_budget(scores: torch.Tensor, hkv: int, budget: str) -> torch.Tensor:
 KEEP_TABLE = 8192  # candidates up to which re-ranking's keep runs in one program's registers (else by scans)
 KEEP_WARPS = 16  # keep_top's most warps (16 candidates a thread up to there: no spills at KEEP_TABLE)
 KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_select)
-KEEP_SCAN_BLOCK = 1024  # candidates a program of a keep by scans reads (and of its split select: one part each)
+KEEP_SCAN_BLOCK = 1024  # candidates a program of a keep by scans reads
 
 
 def keep_top(
@@ -547,7 +551,7 @@ def keep_top(
     budget: str = "query_head", key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
-    (a program per row and KV head); past it, a split select of each score row's threshold and two scans
+    (a program per row and KV head); past it, a split select of each score row's threshold and three scans
     (:func:`_keep_by_scans`)."""
     check_key_bits(key_bits)
     if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
