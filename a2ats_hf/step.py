@@ -36,7 +36,6 @@ def key_validity(attention_mask: torch.Tensor | None, batch: int, length: int, d
 
 
 BUCKET = BLOCK_SIZE  # width granularity: a new graph every 4096 tokens
-PIECE_LAYERS = 0  # a captured step's graph ends a piece every this many A2ATS layers (0: one graph; see new_piece)
 CANDIDATE_KEY_BITS = 16  # re-ranking's candidates ranked by their scores' top 16 bits (bfloat16's precision): the
 # exact scores order them after, and a split select of 16-bit keys takes 1 round where 32 bits take 4
 KEEP_KEY_BITS = 16  # the keep ranks the candidates' exact scores by their top 16 bits too: it picks its threshold
@@ -69,11 +68,6 @@ class StaticStep:
             work()
         else:
             self.breaks(work)
-
-    def new_piece(self) -> None:
-        """While the step is captured, end its graph piece here (see PIECE_LAYERS)."""
-        if self.breaks is not None:
-            self.breaks(lambda: None)
 
     def validity(self) -> torch.Tensor:
         """[B, width] bool: the keys a decode token may see (not padding, already stored)."""
@@ -142,8 +136,6 @@ def decode_attention(
     candidates and budget. Returns [B, Hq, D] (float32).
     """
     cache, hkv = layer.cache, key.shape[1]
-    if cache.static is not None and PIECE_LAYERS and layer.book and layer.book % PIECE_LAYERS == 0:
-        cache.static.new_piece()
     layer.advance(key, value, masks.far)
     if not layer.store.resident:
         out, selected = _offloaded(layer, query, position_ids, masks, scaling)

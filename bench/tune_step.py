@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from a2ats_hf import A2ATSCache, step
+from a2ats_hf import A2ATSCache
 from a2ats_hf.kernels import triton_attention, triton_codes, triton_launch, triton_topk
 from bench.common import build, correlate_groups, environment, random_codebooks, release, results_path
 from bench.throughput import arguments, measure
@@ -30,9 +30,9 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_topk, "SPLIT_COLUMNS"): [1024, 2048], (triton_topk, "SPLIT_WARPS"): [4, 16],
     (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEEP_DIGIT_BITS"): [2, 8], (triton_topk, "KEY_SPAN"): [True],
     (triton_topk, "SCORE_ROWS"): [16, 64],
-    (triton_topk, "KEEP_SCAN_BLOCK"): [2048, 4096], (triton_topk, "SCAN_WARPS"): [2, 8],
+    (triton_topk, "KEEP_SCAN_BLOCK"): [512, 2048], (triton_topk, "SCAN_WARPS"): [2, 8],
     (triton_topk, "COUNT16_BYTES"): [0],  # a wide table's 16-bit keys counted in two rounds of 8 bits
-    (triton_launch, "PDL"): [True], (step, "PIECE_LAYERS"): [8, 16],
+    (triton_launch, "PDL"): [True],
 }
 
 
