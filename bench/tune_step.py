@@ -31,6 +31,7 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEEP_DIGIT_BITS"): [2, 8], (triton_topk, "KEY_SPAN"): [True],
     (triton_topk, "SCORE_ROWS"): [16, 64],
     (triton_topk, "KEEP_SCAN_BLOCK"): [512, 2048], (triton_topk, "SCAN_WARPS"): [2, 8],
+    (triton_topk, "LOOK_BACK"): [32, 512],
     (triton_topk, "COUNT16_BYTES"): [0],  # a wide table's 16-bit keys counted in two rounds of 8 bits
     (triton_launch, "PDL"): [True],
 }

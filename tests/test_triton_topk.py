@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from a2ats_hf import A2ATSCache, cache_argument, kernels
 from a2ats_hf.kernels import code_histogram, reference, triton_topk
@@ -44,7 +46,7 @@ def count_digits(bits: int, monkeypatch) -> int:
     "b, hq, hkv, n, m",
     [(3, 6, 2, 67, 3), (2, 9, 3, 700, 50), (1, 4, 4, 130, 1000), (2, 12, 2, 333, 17), (1, 12, 1, 150, 9),
      (1, 2, 1, 9000, 7), (3, 4, 2, 6000, 20000), (2, 4, 1, 3000, 40000)],
-    ids=["many-ties", "group3", "mha-big-M", "group6", "group12-bytes", "segments-of-2-blocks", "wide-table",
+    ids=["many-ties", "group3", "mha-big-M", "group6", "group12-bytes", "parts-past-a-look-back", "wide-table",
          "wide-sparse"],
 )
 def test_matches_reference_on_random_inputs(budget, b, hq, hkv, n, m):
@@ -246,14 +248,13 @@ def test_threshold_compiles_for_hopper(key_bits):
     compile_for_hopper("triton_topk", "_threshold_kernel", constants, pointers)
 
 
-@pytest.mark.parametrize("group, phase", [(1, 0), (1, 2), (4, 0), (4, 1), (4, 2), (6, 2)])
-def test_scans_compile_for_hopper(group, phase):
-    """The scans over the codes compile to PTX for sm_90 without a GPU, for a group of one head (no union count:
-    PHASE 0 counts the tokens above, PHASE 2 adds the ties taken), of four (a word of four bytes) and of six (a
-    word of eight)."""
+@pytest.mark.parametrize("group", [1, 4, 6])
+def test_scans_compile_for_hopper(group):
+    """The one-pass scan over the codes compiles to PTX for sm_90 without a GPU, its atomics relaxed, for a group
+    of one head (a word of one byte), of four (four bytes, counted packed) and of six (a word of eight)."""
     g_pad = {1: 1, 4: 4, 6: 8}[group]
-    constants = {"PHASE": phase, "HKV": 8, "G": group, "G_PAD": g_pad, "S_PAD": 128, "BLOCK_N": 512, "BLOCKS": 4,
-                 "WORDS": True, "PACKED": g_pad <= 4, "HEAD_BYTES": (1 << 8 * group) - 1}
+    constants = {"HKV": 8, "G": group, "G_PAD": g_pad, "BLOCK_N": 512, "WORDS": True, "PACKED": g_pad <= 4,
+                 "HEAD_BYTES": (1 << 8 * group) - 1, **triton_topk._windows(g_pad, 4)}
     pointers = {"class_ptr": {1: "*u8", 4: "*i32", 8: "*i64"}[g_pad], "codes_ptr": "*u16", "cand_ptr": "*i1",
                 "k_ptr": "*i64"}
     compile_for_hopper("triton_topk", "_scan_kernel", constants, pointers)
@@ -377,12 +378,39 @@ def test_keep_top_compiles_for_hopper(digit_bits, group):
                        {"score_ptr": "*fp32", "k_ptr": "*i64"})
 
 
-@pytest.mark.parametrize("phase", [0, 1, 2])
+@triton.jit
+def _look_back_probe(state_ptr, own_ptr, part, WORDS: tl.constexpr, LOOK: tl.constexpr):
+    w = tl.arange(0, WORDS)
+    tl.store(own_ptr + w, triton_topk._prefix(state_ptr, part, tl.load(own_ptr + w), WORDS, LOOK, LOOK * WORDS))
+
+
+@pytest.mark.parametrize("look", [4, 32])
+def test_look_back_sums_earlier_parts_as_they_stand(look):
+    """The scans' look-back, with the earlier parts caught mid-flight: some have published only their own counts
+    (flag 1), some their inclusive sums (flag 2), each word on its own. It returns the sum of every earlier part's
+    counts, read back to each word's nearest inclusive sum across windows of ``look`` parts, and publishes this
+    part's inclusive sums."""
+    g = torch.Generator().manual_seed(3)
+    parts, words = 11, 2
+    counts = torch.randint(0, 1000, (parts, words), generator=g, dtype=torch.int32)
+    inclusive = counts.cumsum(0).to(torch.int32)
+    flags = torch.ones(parts, words, dtype=torch.int32)
+    flags[0], flags[5, 0], flags[8, 1] = 2, 2, 2
+    state = torch.where(flags == 2, inclusive, counts) * 4 + flags
+    state = torch.cat([state, torch.zeros(1, words, dtype=torch.int32)]).to(KERNEL_DEVICE)
+    own = torch.tensor([7, 9], dtype=torch.int32, device=KERNEL_DEVICE)
+    _look_back_probe[(1,)](state, own, parts, WORDS=words, LOOK=look)
+    assert own.cpu().tolist() == inclusive[-1].tolist()
+    assert state[parts].cpu().tolist() == [((int(inclusive[-1, i]) + o) << 2) | 2 for i, o in enumerate((7, 9))]
+
+
 @pytest.mark.parametrize("group", [1, 4, 6])
-def test_keep_by_scans_compiles_for_hopper(phase, group):
-    """The keep by scans' passes (groups of one, four and six heads, 2,048 parts; PHASE 0 picking each head's
-    threshold from the split select's 16 sets of counts) compile to PTX for sm_90 without a GPU."""
+def test_keep_by_scans_compiles_for_hopper(group):
+    """The keep by scans' one pass (groups of one, four and six heads; each program picking its heads' thresholds
+    from the split select's 16 sets of counts, its two look-backs' windows a word a thread at least) compiles to PTX for
+    sm_90 without a GPU, its atomics relaxed."""
+    g_pad = {1: 1, 4: 4, 6: 8}[group]
     compile_for_hopper("triton_topk", "_keep_scan_kernel",
-                       {"PHASE": phase, "HEADS": 32, "G": group, "G_PAD": {1: 1, 4: 4, 6: 8}[group], "P_PAD": 2048,
-                        "S_PAD": 16, "BLOCK": 1024, "ROUNDS": 2, "BITS": 8, "KEY_BITS": 16},
+                       {"HEADS": 32, "G": group, "G_PAD": g_pad, "S_PAD": 16, "BLOCK": 1024, "ROUNDS": 2, "BITS": 8,
+                        "KEY_BITS": 16, **triton_topk._windows(g_pad, 4)},
                        {"score_ptr": "*fp32", "count_ptr": "*i32", "k_ptr": "*i64", "state_ptr": "*i64"})

@@ -170,7 +170,7 @@ def keep_top(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-ranking's keep, the candidates with the top exact scores; see :func:`.reference.keep_top`. One Triton
     launch on a GPU for up to ``KEEP_TABLE`` candidates; past it, a split select of each head's threshold and
-    three scans."""
+    one scan."""
     return _on(indices, "keep_top", indices, counts, scores, k, k_max, budget, key_bits)
 
 

@@ -1,4 +1,4 @@
-"""Triton top-K selection over codes, exact and parallel over (row, KV head, segment of tokens).
+"""Triton top-K selection over codes, exact and parallel over (row, KV head, part of the tokens).
 
 Scores take only ``M`` distinct values per head (one per centroid), so the K-th largest score comes from the
 histogram of the candidates' codes and the LUT alone, without touching the codes: a radix select on the scores'
@@ -6,15 +6,15 @@ order-preserving integer keys, weighted by the histogram (2 bits per round in on
 columns or more, as the distance scorer's, 8 bits per round, or 16-bit keys in one round below COUNT16_BYTES of
 counters, each round counted by programs over 4096 columns), which also classes every centroid as above,
 equal to or below that threshold for the head (one byte each, the KV group's bytes side by side in one word), and
-ORs the classes over the KV group into 2 bits per centroid (above / tied for some head). Then three passes over
-segments of the codes, each fully parallel: a token looks up its 2 bits (a table of 1 KB per 4096 centroids, so a
-warp's lookups touch at most 8 cache lines where the class words could touch 32) and only a token tied for some head
-reads its class word. The passes count each head's ties per segment; count the tokens the KV group unites per
-segment (a tie is taken while fewer than the head's remaining budget of ties precede it, so ties go to the lowest
-token indices); write the chosen indices compacted and ascending at each segment's offset (a group of one head skips
-the second pass: the first counts its tokens above the threshold too, and the ties its budget takes follow from the
-tie counts). For groups of up to 4 heads the words are counted with bit operations (one 16-bit counter per head in a
-64-bit lane) and unpacked to a [group, block] tile only in the block where a head's budget runs out.
+ORs the classes over the KV group into 2 bits per centroid (above / tied for some head). Then one pass over parts
+of the codes, a program a part: a token looks up its 2 bits (a table of 1 KB per 4096 centroids, so a warp's lookups
+touch at most 8 cache lines where the class words could touch 32) and only a token tied for some head reads its
+class word; the part counts each head's ties, finds those of the parts before it by decoupled look-back (each part
+publishes its counts, then their sums with the earlier parts'; :func:`_prefix`), unites the KV group's choice (a
+tie is taken while fewer than the head's remaining budget of ties precede it, so ties go to the lowest token
+indices), finds the choices before it the same way and writes its chosen indices compacted and ascending there.
+For groups of up to 4 heads the words are counted with bit operations (one 16-bit counter per head in a 64-bit
+lane) and unpacked to a [group, block] tile only in the part where a head's budget runs out.
 The result equals :func:`a2ats_hf.kernels.reference.select_topk` exactly.
 """
 
@@ -37,6 +37,7 @@ COUNT16_BYTES = 2 << 20  # the most bytes of 16-bit digits' counters (256 KB a h
 PICK_CHUNK = tl.constexpr(4096)  # 16-bit digits' counters a pick reads at a time, down from the round's largest digit
 COUNT_COPIES = 1  # sets of digit counters per split (1: the timed default; more spread equal digits' atomics)
 KEY_SPAN = False  # True: a split select first finds each head's key span, counts keys shifted by it (_key_span)
+LOOK_BACK = 128  # earlier parts a scan's look-back reads at once (:func:`_prefix`; 128K tokens: 256 parts a pair)
 
 
 @triton.jit
@@ -437,75 +438,102 @@ def _keep_top_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, out_ptr, kept_ptr, c,
 
 
 @triton.jit
-def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, state_ptr, digits_ptr, ties_ptr, union_ptr, out_ptr,
-                      kept_ptr, c, width, parts, sets, rows, PHASE: tl.constexpr, HEADS: tl.constexpr,
-                      G: tl.constexpr, G_PAD: tl.constexpr, P_PAD: tl.constexpr, S_PAD: tl.constexpr,
-                      BLOCK: tl.constexpr, ROUNDS: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr,
+def _prefix(state_ptr, part, own, WORDS: tl.constexpr, LOOK: tl.constexpr, THREADS: tl.constexpr):
+    """Decoupled look-back over a pair's parts: part ``part``'s ``own`` [WORDS] counts published (count << 2 | 1,
+    or | 2 for part 0, whose counts are their own inclusive sum); the earlier parts' sums found (returned: the
+    exclusive prefix) by reading the LOOK parts before at once, back to the nearest whose inclusive sum is
+    published (| 2), again while a word between is unpublished (0); then this part's inclusive sum published. The
+    words start 0, and programs take parts in the order they started (:func:`_ticket`): a part waits only on parts
+    already running, whatever the grid's size. The window holds at least a word for each of the program's THREADS:
+    a smaller one would hold a word in several threads, each reading it at its own moment while its part
+    publishes, and the window's reductions could mix their copies (an inclusive sum added to the aggregates it
+    holds: v94's crash)."""
+    tl.static_assert(LOOK * WORDS >= THREADS)
+    w, r = tl.arange(0, WORDS), tl.arange(0, LOOK)
+    first = (part == 0).to(tl.int32)
+    tl.atomic_xchg(state_ptr + part * WORDS + w, (own << 2) | (1 + first), sem="relaxed")
+    total = tl.zeros([WORDS], dtype=tl.int32)
+    done = tl.zeros([WORDS], dtype=tl.int32) + first
+    end = part
+    while tl.min(done, axis=0) == 0:
+        q = end - 1 - r  # the nearest first; before part 0, inclusive sums of 0
+        word = tl.load(state_ptr + q[:, None] * WORDS + w[None, :], mask=(q >= 0)[:, None], other=2, volatile=True)
+        flag = word & 3
+        stop = tl.min(tl.where(flag == 2, r[:, None], LOOK), axis=0)  # the nearest inclusive sum (LOOK: none)
+        upto = r[:, None] <= stop[None, :]
+        ready = (done != 0) | (tl.min(tl.where(upto, flag, 1), axis=0) > 0)
+        if tl.min(ready.to(tl.int32), axis=0) > 0:
+            total += tl.where(done != 0, 0, tl.sum(tl.where(upto, word >> 2, 0), axis=0))
+            done = tl.where(stop < LOOK, 1, done)
+            end -= LOOK
+    if part > 0:
+        tl.atomic_xchg(state_ptr + part * WORDS + w, ((total + own) << 2) | 2, sem="relaxed")
+    return total
+
+
+@triton.jit
+def _ticket(ticket_ptr, parts):
+    """(pair, part) of a program of a look-back scan, in the order the programs started (a zeroed counter's
+    increments), so the parts a program waits on (:func:`_prefix`) have all started."""
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
+    return ticket // parts, ticket % parts
+
+
+def _windows(g_pad: int, warps: int) -> dict:
+    """A scan's look-back windows (:func:`_prefix`): LOOK parts of ``g_pad`` tie words, LOOK_ONE of one word of
+    choices; LOOK_BACK each, widened to a word per thread of a program of ``warps`` warps."""
+    threads = 32 * warps
+    return dict(LOOK=max(LOOK_BACK, threads // g_pad), LOOK_ONE=max(LOOK_BACK, threads), THREADS=threads)
+
+
+@triton.jit
+def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, state_ptr, digits_ptr, scan_ptr, out_ptr, kept_ptr, c,
+                      width, parts, sets, rows, HEADS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                      S_PAD: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.constexpr, BITS: tl.constexpr,
+                      KEY_BITS: tl.constexpr, LOOK: tl.constexpr, LOOK_ONE: tl.constexpr, THREADS: tl.constexpr,
                       PDL: tl.constexpr):
-    """Program (row-KV head, part of BLOCK candidates) of a keep by scans, the scores' KEY_BITS keys against each
-    head's threshold, whose last digit (of BITS) PHASE 0 picks from the split select's counts
-    (:func:`_split_state`; part 0 keeps it, and the ties to take, for the later phases). PHASE 0 counts each head's
-    ties in the part (a group of one: and its candidates above the threshold, so it needs no PHASE 1); 1 counts the
-    candidates the group keeps there (a tie is kept while fewer than the head's ties to take precede it, so ties go
-    to the lower positions); 2 writes their rows at the part's offset, 0 over its places past the group's total to
-    ``width``, and the total."""
+    """Program (row-KV head, part of BLOCK candidates, in ticket order: :func:`_ticket`) of a keep by scans, in one
+    pass: the scores' KEY_BITS keys against each head's threshold, whose last digit (of BITS) it picks from the
+    split select's counts (:func:`_split_state`); the ties of each head in earlier parts by look-back
+    (:func:`_prefix`; a tie is kept while fewer than the head's ties to take precede it, so ties go to the lower
+    positions), then the group's kept candidates before the part, by look-back too; their rows written at that
+    offset into the zeroed ``out_ptr`` (so 0 past the total), and the last part writes the total."""
     wait_previous(PDL)
-    pair, part = tl.program_id(0), tl.program_id(1)
+    pair, part = _ticket(scan_ptr, parts)
+    ties_state = scan_ptr + 1 + pair.to(tl.int64) * parts * (G_PAD + 1)
     g = tl.arange(0, G_PAD)
-    heads = pair * G + g
     j = part * BLOCK + tl.arange(0, BLOCK)
     live = (g < G)[:, None] & (j < tl.minimum(tl.load(count_ptr + pair), c))[None, :]
-    score = tl.load(score_ptr + heads[:, None].to(tl.int64) * c + j[None, :], mask=live, other=0.0)
+    score = tl.load(score_ptr + (pair * G + g)[:, None].to(tl.int64) * c + j[None, :], mask=live, other=0.0)
     key = (_order_key(score) >> (32 - KEY_BITS)).to(tl.int64)
-    if PHASE == 0:  # (the picks' loads overlap the scores')
-        thr, need = tl.zeros([G_PAD], dtype=tl.int64), tl.zeros([G_PAD], dtype=tl.int64)
-        for h in tl.static_range(G):
-            digit, rest = _split_state(digits_ptr, state_ptr, k_ptr, pair * G + h, part, sets, rows, ROUNDS, HEADS,
-                                       S_PAD, BITS, KEY_BITS)
-            thr, need = tl.where(g == h, digit, thr), tl.where(g == h, rest, need)
-    else:
-        state = state_ptr + 2 * ((ROUNDS - 1) * rows + heads)
-        thr, need = tl.load(state, mask=g < G, other=0), tl.load(state + 1, mask=g < G, other=0)
+    thr, need = tl.zeros([G_PAD], dtype=tl.int64), tl.zeros([G_PAD], dtype=tl.int64)
+    for h in tl.static_range(G):  # (the picks' loads overlap the scores')
+        digit, rest = _split_state(digits_ptr, state_ptr, k_ptr, pair * G + h, part, sets, rows, ROUNDS, HEADS,
+                                   S_PAD, BITS, KEY_BITS)
+        thr, need = tl.where(g == h, digit, thr), tl.where(g == h, rest, need)
     above = live & (key > thr[:, None])
     tie = (live & (key == thr[:, None])).to(tl.int32)
-    p = tl.arange(0, P_PAD)
-    if PHASE == 0:
-        tl.store(ties_ptr + (pair * parts + part) * G_PAD + g, tl.sum(tie, axis=1))
-        if G == 1:
-            tl.store(union_ptr + pair * parts + part + tl.arange(0, 1), tl.sum(above.to(tl.int32), axis=1))
-    else:
-        ties = tl.load(ties_ptr + (pair * parts + p[:, None]) * G_PAD + g[None, :], mask=(p < parts)[:, None],
-                       other=0)
-        earlier = tl.sum(tl.where((p < part)[:, None], ties, 0), axis=0)
-        taken = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie) < (need.to(tl.int32) - earlier)[:, None])
-        kept = tl.max((above | taken).to(tl.int32), axis=0)
-        if PHASE == 1:
-            tl.store(union_ptr + pair * parts + part, tl.sum(kept, axis=0))
-        else:
-            unions = tl.load(union_ptr + pair * parts + p, mask=p < parts, other=0)
-            if G == 1:  # above, and the ties its budget still takes there
-                own = tl.sum(ties, axis=1)
-                before = tl.cumsum(own, axis=0) - own
-                unions += tl.minimum(tl.maximum(tl.sum(need.to(tl.int32), axis=0) - before, 0), own)
-            total = tl.sum(unions, axis=0)
-            slot = tl.sum(tl.where(p < part, unions, 0), axis=0) + tl.cumsum(kept, axis=0) - kept
-            rows_kept = tl.load(idx_ptr + pair.to(tl.int64) * c + j, mask=kept != 0, other=0)
-            out_row = out_ptr + pair.to(tl.int64) * width
-            tl.store(out_row + slot, rows_kept, mask=kept != 0)
-            tl.store(out_row + j, tl.zeros([BLOCK], dtype=rows_kept.dtype), mask=(j >= total) & (j < width))
-            if part == 0:
-                tl.store(kept_ptr + pair + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + total)
+    earlier = _prefix(ties_state, part, tl.sum(tie, axis=1), G_PAD, LOOK, THREADS)
+    taken = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie) < (need.to(tl.int32) - earlier)[:, None])
+    kept = tl.max((above | taken).to(tl.int32), axis=0)
+    own = tl.sum(kept, axis=0)
+    before = tl.sum(_prefix(ties_state + parts * G_PAD, part, own + tl.zeros([1], dtype=tl.int32), 1, LOOK_ONE,
+                            THREADS), axis=0)
+    rows_kept = tl.load(idx_ptr + pair.to(tl.int64) * c + j, mask=kept != 0, other=0)
+    tl.store(out_ptr + pair.to(tl.int64) * width + before + tl.cumsum(kept, axis=0) - kept, rows_kept, mask=kept != 0)
+    if part == parts - 1:
+        tl.store(kept_ptr + pair + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + before + own)
 
 
 def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, width: int,
                    key_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`keep_top` past what one program holds: each score row's threshold by a split select over its
     candidates (RADIX_BITS of the key a round, each program of SPLIT_COLUMNS candidates storing its digits'
-    histogram whole: no atomic additions, no zeroed counters), then scans over parts of KEEP_SCAN_BLOCK candidates
-    (ties, the group's kept, their rows; :func:`_keep_scan_kernel`): key_bits / RADIX_BITS + 3 launches (a group of
-    one: + 2). (Before, the scoring counted each score's 16-bit key by an atomic addition into 256 KB a head,
-    zeroed every step; where the scores crowd a few keys, as real keys' do, those queued: this is 30% faster there,
-    at 128K and batch 1 on an H100, and within 4% on scores that do not crowd.)"""
+    histogram whole: no atomic additions, no zeroed counters), then one pass over parts of KEEP_SCAN_BLOCK
+    candidates (:func:`_keep_scan_kernel`): key_bits / RADIX_BITS + 1 launches. (Before, the scoring counted each
+    score's 16-bit key by an atomic addition into 256 KB a head, zeroed every step; where the scores crowd a few
+    keys, as real keys' do, those queued: this is 30% faster there, at 128K and batch 1 on an H100, and within 4%
+    on scores that do not crowd.)"""
     b, hkv, c = indices.shape
     heads, group = scores.shape[1], scores.shape[1] // hkv
     rows, sets, rounds = b * heads, triton.cdiv(c, SPLIT_COLUMNS), key_bits // RADIX_BITS
@@ -513,21 +541,21 @@ def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Te
     device, launch = indices.device, pdl(indices.device)
     digits = torch.empty(rounds * rows * sets << RADIX_BITS, dtype=torch.int32, device=device)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=device)
-    ties = torch.empty(b * hkv, parts, g_pad, dtype=torch.int32, device=device)
-    union = torch.empty(b * hkv, parts, dtype=torch.int32, device=device)
-    out = torch.empty(b, hkv, width, dtype=indices.dtype, device=device)
+    scan_words = 1 + b * hkv * parts * (g_pad + 1)  # the ticket, then each pair's look-back words
+    scan, out = torch.zeros(scan_words + b * hkv * width, dtype=torch.int32, device=device).split(
+        [scan_words, b * hkv * width])
     kept = torch.empty(b, hkv, dtype=torch.int32, device=device)
     common = dict(HEADS=heads, S_PAD=triton.next_power_of_2(sets), KEY_BITS=key_bits, **launch)
     for r in range(rounds):
         _digit_count_kernel[(rows, sets)](scores, counts, k, state, digits, state, c, 1, sets, rows, ROUND=r,
                                           GROUP=group, BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, COPIES=1, UNIT=True,
                                           SPAN=False, num_warps=SPLIT_WARPS, **common)
-    for phase in (0, 2) if group == 1 else (0, 1, 2):
-        _keep_scan_kernel[(b * hkv, parts)](
-            scores, indices, counts, k, state, digits, ties, union, out, kept, c, width, parts, sets, rows,
-            PHASE=phase, G=group, G_PAD=g_pad, P_PAD=triton.next_power_of_2(parts), BLOCK=KEEP_SCAN_BLOCK,
-            ROUNDS=rounds, BITS=RADIX_BITS, num_warps=max(4, min(16, g_pad * KEEP_SCAN_BLOCK // 512)), **common)
-    return out, kept
+    warps = max(4, min(16, g_pad * KEEP_SCAN_BLOCK // 512))
+    _keep_scan_kernel[(b * hkv * parts,)](
+        scores, indices, counts, k, state, digits, scan, out, kept, c, width, parts, sets, rows, G=group,
+        G_PAD=g_pad, BLOCK=KEEP_SCAN_BLOCK, ROUNDS=rounds, BITS=RADIX_BITS, **_windows(g_pad, warps),
+        num_warps=warps, **common)
+    return out.view(b, hkv, width).to(indices.dtype), kept
 
 
 def _per_budget(scores: torch.Tensor, hkv: int, budget: str) -> torch.Tensor:
@@ -551,7 +579,7 @@ def keep_top(
     budget: str = "query_head", key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
-    (a program per row and KV head); past it, a split select of each score row's threshold and three scans
+    (a program per row and KV head); past it, a split select of each score row's threshold and one scan
     (:func:`_keep_by_scans`)."""
     check_key_bits(key_bits)
     if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
@@ -595,104 +623,78 @@ def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, width, hkv, sq_
                      mask=ok)
 
 
-@triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "segments"])  # they change every decode step
+@triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "parts"])  # they change every decode step
 def _scan_kernel(
-    class_ptr, summary_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, ties_ptr, union_ptr, out_ptr, count_ptr, n, m,
-    stride_cb, stride_ch, stride_mb, out_width, segments, PHASE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-    G_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr,
-    PACKED: tl.constexpr, HEAD_BYTES: tl.constexpr, PDL: tl.constexpr,
+    class_ptr, summary_ptr, codes_ptr, cand_ptr, k_ptr, need_ptr, scan_ptr, out_ptr, count_ptr, n, m, stride_cb,
+    stride_ch, stride_mb, out_width, parts, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PACKED: tl.constexpr, HEAD_BYTES: tl.constexpr, LOOK: tl.constexpr,
+    LOOK_ONE: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Program (pair, segment of BLOCKS x BLOCK_N tokens). PHASE 0 counts ties per head, 1 counts the united
-    choice, 2 writes the chosen indices. A group of one head needs no PHASE 1: its choice in a segment is the
-    tokens above its threshold there, which PHASE 0 counts too, and the ties its budget still takes there."""
+    """Program (pair, part of BLOCK_N tokens, in ticket order: :func:`_ticket`), one pass: each head's ties in
+    the part counted, those in earlier parts found by look-back (:func:`_prefix`), the group's choice in the part
+    (a tie is taken while fewer than the head's remaining budget of ties precede it, so ties go to the lowest token
+    indices) counted, the choices before the part found by look-back too, and the chosen indices written at that
+    offset into the zeroed ``out_ptr``; the last part writes the count."""
     wait_previous(PDL)
-    pair = tl.program_id(0)
-    seg = tl.program_id(1)
+    pair, part = _ticket(scan_ptr, parts)
     row = pair // HKV
     g = tl.arange(0, G_PAD)
     g_ok = g < G
-    heads = pair * G + g
     k = tl.load(k_ptr + row).to(tl.int32)
-    need = tl.load(need_ptr + heads, mask=g_ok, other=0)
+    need = tl.load(need_ptr + pair * G + g, mask=g_ok, other=0)
     active = g_ok & ((g * 0 + k) > 0)
-    if WORDS:
-        class_rows = class_ptr + pair.to(tl.int64) * m
+    class_rows = class_ptr + pair.to(tl.int64) * m * (1 if WORDS else G_PAD)
+    tokens = part * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_ok = tokens < n
+    code = tl.load(codes_ptr + row.to(tl.int64) * stride_cb + (pair % HKV).to(tl.int64) * stride_ch + tokens,
+                   mask=t_ok, other=0).to(tl.int32)
+    cand = (tl.load(cand_ptr + row.to(tl.int64) * stride_mb + tokens, mask=t_ok, other=0) != 0) & t_ok
+    if WORDS:  # the summary first; the group's class word only for tokens tied for some head, others stand for it
+        # with byte 0 (2: above for some head, so united; 0: below for every head)
+        looked = cand & ((tokens * 0 + k) > 0)
+        flags = (tl.load(summary_ptr + pair.to(tl.int64) * tl.cdiv(m, 16) + (code >> 4), mask=looked, other=0)
+                 >> ((code & 15) * 2)) & 3
+        word = tl.load(class_rows + code, mask=looked & ((flags & 1) != 0), other=0).to(tl.int64)
+        word = tl.where((flags & 1) != 0, word, flags & 2)
+    if PACKED:  # byte g of the token's word is head g's class; counted without unpacking to a tile
+        word = word & HEAD_BYTES
+        tie_bits = word & 0x01010101
+        lanes = (tie_bits & 1) | (((tie_bits >> 8) & 1) << 16)  # one 16-bit counter per head
+        lanes |= (((tie_bits >> 16) & 1) << 32) | (((tie_bits >> 24) & 1) << 48)
+        here = ((tl.sum(lanes, axis=0) >> (16 * g).to(tl.int64)) & 0xFFFF).to(tl.int32)
     else:
-        class_rows = class_ptr + pair.to(tl.int64) * m * G_PAD
-    summary_row = summary_ptr + pair.to(tl.int64) * tl.cdiv(m, 16)
-    codes_row = codes_ptr + row.to(tl.int64) * stride_cb + (pair % HKV).to(tl.int64) * stride_ch
-    cand_row = cand_ptr + row.to(tl.int64) * stride_mb
-
-    s = tl.arange(0, S_PAD)
-    before = s < seg
-    ties_seen = tl.zeros([G_PAD], dtype=tl.int32)
-    chosen_before = tl.sum(tl.zeros([1], dtype=tl.int32), axis=0)
-    if PHASE > 0:  # ties of each head in the earlier segments
-        earlier = tl.load(ties_ptr + (pair * segments + s[:, None]) * G_PAD + g[None, :], mask=before[:, None], other=0)
-        ties_seen += tl.sum(earlier, axis=0)
-    if PHASE == 2:  # where this segment's indices start
-        chosen = tl.load(union_ptr + pair * segments + s, mask=before, other=0)
-        if G == 1:  # PHASE 0 counted each segment's tokens above: add the ties the budget took there
-            ties = tl.load(ties_ptr + pair * segments + s, mask=before, other=0)
-            chosen += tl.minimum(tl.maximum(tl.sum(need, axis=0) - (tl.cumsum(ties, axis=0) - ties), 0), ties)
-        chosen_before += tl.sum(chosen, axis=0)
-    for i in range(BLOCKS):
-        tokens = (seg * BLOCKS + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        t_ok = tokens < n
-        code = tl.load(codes_row + tokens, mask=t_ok, other=0).to(tl.int32)
-        cand = (tl.load(cand_row + tokens, mask=t_ok, other=0) != 0) & t_ok
-        if WORDS:  # the summary first; the group's class word only for tokens tied for some head, others stand
-            # for it with byte 0 (2: above for some head, so united; 0: below for every head)
-            looked = cand & ((tokens * 0 + k) > 0)
-            flags = (tl.load(summary_row + (code >> 4), mask=looked, other=0) >> ((code & 15) * 2)) & 3
-            word = tl.load(class_rows + code, mask=looked & ((flags & 1) != 0), other=0).to(tl.int64)
-            word = tl.where((flags & 1) != 0, word, flags & 2)
-        if PACKED:  # byte g of the token's word is head g's class; counted without unpacking to a tile
-            word = word & HEAD_BYTES
-            tie_bits = word & 0x01010101
-            lanes = (tie_bits & 1) | (((tie_bits >> 8) & 1) << 16)  # one 16-bit counter per head
-            lanes |= (((tie_bits >> 16) & 1) << 32) | (((tie_bits >> 24) & 1) << 48)
-            here = ((tl.sum(lanes, axis=0) >> (16 * g).to(tl.int64)) & 0xFFFF).to(tl.int32)
+        live = active[:, None] & cand[None, :]
+        if WORDS:
+            category = tl.where(live, (word[None, :] >> (8 * g[:, None]).to(word.dtype)) & 0xFF, 0)
         else:
-            live = active[:, None] & cand[None, :]
-            if WORDS:
-                category = tl.where(live, (word[None, :] >> (8 * g[:, None]).to(word.dtype)) & 0xFF, 0)
-            else:
-                category = tl.load(class_rows + code[None, :] * G_PAD + g[:, None], mask=live, other=0)
-            here = tl.sum((category == 1).to(tl.int32), axis=1)
-        if PHASE > 0:
-            # Ties are all taken while the head's budget lasts past this block, none once it ran out before it;
-            # only the block where it runs out ranks them (a scan over a [group, block] tile).
-            if tl.max(((ties_seen < need) & (ties_seen + here > need)).to(tl.int32), axis=0) > 0:
-                if PACKED:
-                    category = tl.where(active[:, None], (word[None, :] >> (8 * g[:, None]).to(tl.int64)) & 0xFF, 0)
-                tie = (category == 1).to(tl.int32)
-                take_ties = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie + ties_seen[:, None]) < need[:, None])
-                union = tl.max(((category == 2) | take_ties).to(tl.int32), axis=0)
-            elif PACKED:
-                byte = tl.full([G_PAD], 1, tl.int64) << (8 * g).to(tl.int64)
-                taken = tl.sum(tl.where(g_ok & (ties_seen < need), byte, 0), axis=0)  # heads whose ties are all in
-                union = (((word & 0x02020202) != 0) | ((tie_bits & taken) != 0)).to(tl.int32)
-            else:
-                union = tl.max(((category == 2) | ((category == 1) & (ties_seen < need)[:, None])).to(tl.int32), axis=0)
-            if PHASE == 2:
-                slot = tl.cumsum(union, axis=0) - union + chosen_before
-                tl.store(out_ptr + pair.to(tl.int64) * out_width + slot, tokens, mask=union != 0)
-            chosen_before += tl.sum(union, axis=0)
-        elif G == 1:  # the tokens above the threshold
-            chosen_before += tl.sum(((word & 2) != 0).to(tl.int32), axis=0)
-        ties_seen += here
-    if PHASE == 0:
-        tl.store(ties_ptr + (pair * segments + seg) * G_PAD + g, ties_seen)
-        if G == 1:
-            tl.store(union_ptr + pair * segments + seg, chosen_before)
-    elif PHASE == 1:
-        tl.store(union_ptr + pair * segments + seg, chosen_before)
-    elif seg == segments - 1:
-        tl.store(count_ptr + pair, chosen_before)
+            category = tl.load(class_rows + code[None, :] * G_PAD + g[:, None], mask=live, other=0)
+        here = tl.sum((category == 1).to(tl.int32), axis=1)
+    ties_state = scan_ptr + 1 + pair.to(tl.int64) * parts * (G_PAD + 1)
+    ties_seen = _prefix(ties_state, part, here, G_PAD, LOOK, THREADS)
+    # Ties are all taken while the head's budget lasts past this part, none once it ran out before it; only the
+    # part where it runs out ranks them (a scan over a [group, block] tile).
+    if tl.max(((ties_seen < need) & (ties_seen + here > need)).to(tl.int32), axis=0) > 0:
+        if PACKED:
+            category = tl.where(active[:, None], (word[None, :] >> (8 * g[:, None]).to(tl.int64)) & 0xFF, 0)
+        tie = (category == 1).to(tl.int32)
+        take_ties = (tie != 0) & ((tl.cumsum(tie, axis=1) - tie + ties_seen[:, None]) < need[:, None])
+        union = tl.max(((category == 2) | take_ties).to(tl.int32), axis=0)
+    elif PACKED:
+        byte = tl.full([G_PAD], 1, tl.int64) << (8 * g).to(tl.int64)
+        taken = tl.sum(tl.where(g_ok & (ties_seen < need), byte, 0), axis=0)  # heads whose ties are all in
+        union = (((word & 0x02020202) != 0) | ((tie_bits & taken) != 0)).to(tl.int32)
+    else:
+        union = tl.max(((category == 2) | ((category == 1) & (ties_seen < need)[:, None])).to(tl.int32), axis=0)
+    own = tl.sum(union, axis=0)
+    before = tl.sum(_prefix(ties_state + parts * G_PAD, part, own + tl.zeros([1], dtype=tl.int32), 1, LOOK_ONE,
+                            THREADS), axis=0)
+    slot = tl.cumsum(union, axis=0) - union + before
+    tl.store(out_ptr + pair.to(tl.int64) * out_width + slot, tokens, mask=union != 0)
+    if part == parts - 1:
+        tl.store(count_ptr + pair + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + before + own)
 
 
-SCAN_BLOCK = 512  # codes per block of a scan program (default of ``block_n``)
+SCAN_BLOCK = 512  # codes a scan program reads (default of ``block_n``)
 SCAN_WARPS = 4  # warps per scan program
 SCORE_ROWS = 32  # chosen tokens a scoring program gathers and scores (re-ranking's; 64: 45 against 36 us a layer)
 SCORE_WARPS = 4  # warps per scoring program
@@ -732,34 +734,27 @@ def select_topk(
         k_max = int(k.max()) if k.numel() else 0
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
-    heads = lut.shape[1]
-    sizes = [_counters(m, b * heads, key_bits), b * hkv * width, b * hkv * words]
-    counted, indices, summary = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
+    heads, g_pad, parts = lut.shape[1], triton.next_power_of_2(group), triton.cdiv(n, block_n)
+    sizes = [_counters(m, b * heads, key_bits), b * hkv * width, b * hkv * words, 1 + b * hkv * parts * (g_pad + 1)]
+    counted, indices, summary, scan = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     cand = candidates if candidates.stride(-1) == 1 else candidates.contiguous()  # bool, read as such
-    g_pad = triton.next_power_of_2(group)
     need = torch.empty(b, heads, dtype=torch.int32, device=codes.device)
     classes = torch.empty(b * hkv, m, g_pad, dtype=torch.uint8, device=codes.device)  # padding bytes: masked
     histogram = histogram.to(torch.int32)
     if histogram.stride(-1) != 1 or histogram.stride(0) != hkv * histogram.stride(1):  # rows of one stride
         histogram = histogram.contiguous()
     _thresholds(lut, histogram, k.contiguous(), need, classes, summary, counted, group, g_pad, key_bits)
-    blocks = max(1, min(8, triton.cdiv(n, block_n * 128)))  # at most ~128 segments per pair
-    segments = triton.cdiv(n, block_n * blocks)
-    ties = torch.empty(b * hkv, segments, g_pad, dtype=torch.int32, device=codes.device)
-    union = torch.empty(b * hkv, segments, dtype=torch.int32, device=codes.device)
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(g_pad)
     entries = classes.view(word).view(b * hkv, m) if word else classes
-    for phase in (0, 2) if group == 1 else (0, 1, 2):  # (see _scan_kernel)
-        _scan_kernel[(b * hkv, segments)](
-            entries, summary, codes, cand, k, need, ties, union, indices, counts, n, m, codes.stride(0),
-            codes.stride(1), cand.stride(0), width, segments, PHASE=phase, HKV=hkv, G=group, G_PAD=g_pad,
-            S_PAD=triton.next_power_of_2(segments), BLOCK_N=block_n, BLOCKS=blocks, WORDS=word is not None,
-            PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1, num_warps=SCAN_WARPS, **pdl(codes.device),
-        )
+    _scan_kernel[(b * hkv * parts,)](
+        entries, summary, codes, cand, k, need, scan, indices, counts, n, m, codes.stride(0), codes.stride(1),
+        cand.stride(0), width, parts, HKV=hkv, G=group, G_PAD=g_pad, BLOCK_N=block_n, WORDS=word is not None,
+        PACKED=g_pad <= 4, HEAD_BYTES=(1 << 8 * group) - 1, **_windows(g_pad, SCAN_WARPS), num_warps=SCAN_WARPS,
+        **pdl(codes.device))
     if exact is None:
         return indices, counts
     return indices, counts, _score_chosen(exact, indices, counts, heads)
