@@ -574,9 +574,8 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h100-look-back": Block(tuple(f"throughput/2026-12-07-{c}-nvidia-h100-80gb-hbm3{s}.json"
                                              for c in ("7c0d321", "d6283eb") for s in ("", "-2")),
                                        lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
-    "throughput-h100-keep-two-scans": Block(tuple(f"throughput/2026-12-07-{n}.json"
-                                                  for n in ("7c0d321-nvidia-h100-80gb-hbm3-3",
-                                                            "437194d-nvidia-h100-80gb-hbm3")),
+    "throughput-h100-keep-two-scans": Block(("throughput/2026-12-07-7c0d321-nvidia-h100-80gb-hbm3-3.json",
+                                             "throughput/2026-12-07-437194d-nvidia-h100-80gb-hbm3.json"),
                                             lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
     "throughput-h100-look-back-landed": Block(tuple(f"throughput/2026-12-07-{c}-nvidia-h100-80gb-hbm3.json"
                                                     for c in ("e9d18a9", "12a7ad0")),
