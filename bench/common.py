@@ -18,7 +18,7 @@ import torch
 import transformers
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from a2ats_hf import Codebooks
@@ -172,6 +172,56 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
                                  for name, _ in rows],
             "idle_ms": round(sum(idle.values()), 3),
             "idle_before_ms": [[name[:200], round(ms, 4), calls[name]] for name, ms in gaps]}
+
+
+def step_timeline(step, device: torch.device, steps: int = 4, top: int = 8) -> dict:
+    """Where a synced step's wall time goes (``steps`` of them, each alone: synced before and after): the host's
+    time before the GPU's first kernel (``head``), the GPU's span from it to its last kernel's end (its busy time
+    and the idle gaps inside), and the host's time after it to the sync's return (``tail``), in ms a step; and the
+    ``top`` host calls (runtime calls and operators, by name) by their time in the head and in the tail, where the
+    GPU idles. Back-to-back steps (:func:`gpu_profile`) hide both ends under the previous step's kernels."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            sync(device)
+            with record_function("synced step"):
+                step()
+                sync(device)
+    events = prof.events()
+    marks = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "synced step")
+    gpu = sorted((e.time_range.start, e.time_range.end) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name != "synced step"]
+    parts = {"wall": 0.0, "head": 0.0, "gpu_span": 0.0, "busy": 0.0, "tail": 0.0}
+    in_head: dict = {}
+    in_tail: dict = {}
+    for start, end in marks:
+        spans = [(a, b) for a, b in gpu if start <= a < end]
+        if not spans:
+            continue
+        first, last = spans[0][0], max(b for _, b in spans)
+        busy, reach = 0.0, first
+        for a, b in spans:  # the union of the kernels' intervals (PDL may overlap them)
+            busy += max(0.0, b - max(a, reach))
+            reach = max(reach, b)
+        for key, value in (("wall", end - start), ("head", first - start), ("gpu_span", last - first),
+                           ("busy", busy), ("tail", end - last)):
+            parts[key] += value / 1e3 / len(marks)
+        for e in host:
+            a, b = e.time_range.start, e.time_range.end
+            for window, (lo, hi) in ((in_head, (start, first)), (in_tail, (last, end))):
+                overlap = min(b, hi) - max(a, lo)
+                if overlap > 0:
+                    window[e.name] = window.get(e.name, 0.0) + overlap / 1e3 / len(marks)
+    result = {key: round(value, 3) for key, value in parts.items()}
+    result["idle_in_span"] = round(parts["gpu_span"] - parts["busy"], 3)
+    for key, window in (("head_calls", in_head), ("tail_calls", in_tail)):
+        result[key] = [[name[:120], round(ms, 3)] for name, ms in sorted(window.items(), key=lambda kv: -kv[1])[:top]]
+    print(f"  synced step {result['wall']:.2f} ms: host before the GPU {result['head']:.2f}, GPU span "
+          f"{result['gpu_span']:.2f} (busy {result['busy']:.2f}, idle {result['idle_in_span']:.2f}), host after "
+          f"{result['tail']:.2f}")
+    for key in ("head_calls", "tail_calls"):
+        print(f"  {key.split('_')[0]}: " + "; ".join(f"{name[:60]} {ms:.3f}" for name, ms in result[key]))
+    return result
 
 
 def hits_since(cache, counted: tuple[int, int]) -> float:

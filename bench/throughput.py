@@ -50,6 +50,7 @@ from bench.common import (
     random_codebooks,
     release,
     results_path,
+    step_timeline,
     sync,
     texts,
 )
@@ -102,9 +103,10 @@ def kv_budget(device: torch.device, config, batch: int, n: int) -> int | None:
 
 
 def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_steps: int, profile: bool = False,
-           kernel_profile: int = 0, fresh_tokens: bool = False) -> dict:
+           kernel_profile: int = 0, fresh_tokens: bool = False, timeline: int = 0) -> dict:
     """Median seconds per decode step over ``steps`` after ``warmup``, and (for A2ATS) the split of a step and, with
-    ``profile``, the host's time by function (with ``kernel_profile``, the GPU's top that many kernels). Every step
+    ``profile``, the host's time by function (with ``kernel_profile``, the GPU's top that many kernels; with
+    ``timeline``, where that many synced steps' wall time goes: :func:`bench.common.step_timeline`). Every step
     decodes one token at one position (so a step's picks repeat the last step's almost exactly), or with
     ``fresh_tokens`` a new random token (so they barely do)."""
     device = model.device
@@ -162,6 +164,8 @@ def decode(model, cache, batch: int, n: int, steps: int, warmup: int, split_step
         result["host_profile"] = host_profile(step)
     if kernel_profile and device.type == "cuda":
         result["gpu_profile"] = gpu_profile(step, device, top=kernel_profile)
+    if timeline and device.type == "cuda":
+        result["timeline"] = step_timeline(step, device, steps=timeline)
     return result
 
 
@@ -200,7 +204,7 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
         resident = "graphs" in method and "offload=none" in method  # (a replay of such a step calls no kernel)
         warmup = args.warmup + ROW_CACHE_WARMUP * ("row cache" in method)
         row.update(decode(model, cache, batch, n, steps, warmup, 0 if resident else args.split_steps,
-                          args.profile, args.gpu_profile, args.fresh_tokens))
+                          args.profile, args.gpu_profile, args.fresh_tokens, args.timeline))
     finally:
         release_decoding(model)
         model.__dict__.pop("forward", None)
@@ -293,6 +297,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="profile the host side of each method's decode steps")
     parser.add_argument("--gpu-profile", type=int, nargs="?", const=12, default=0, metavar="TOP",
                         help="the GPU's busy share of a step and its TOP kernels (default 12)")
+    parser.add_argument("--timeline", type=int, nargs="?", const=4, default=0, metavar="STEPS",
+                        help="where STEPS synced steps' wall time goes: the host before the GPU's first kernel, the "
+                             "GPU's span, the host after it (default 4)")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
     parser.add_argument("--group-correlation", type=float, default=0.0, metavar="RHO",
                         help="a KV group's query heads correlate by RHO (random weights: 0), as a trained model's "
@@ -350,9 +357,9 @@ def main() -> None:
                "cpu_available_gib": round((available_memory() or 0) / 2**30, 1),
                "cpu_copy_gbs": bandwidths()["cpu_copy_gbs"], "runs": []}
     out = args.out or results_path("throughput-tiny" if args.tiny else "throughput")
-    # tokens held
+    # tokens held (past max_length, gpu_share=1 would fall back to the CPU attention)
     steps_total = (args.warmup + ROW_CACHE_WARMUP + args.steps + args.split_steps + 2 + 4 * args.profile
-                   + 8 * bool(args.gpu_profile))  # past max_length, gpu_share=1 would fall back to the CPU attention
+                   + 8 * bool(args.gpu_profile) + args.timeline)
     for n, forced in [(n, batch) for n in args.contexts for batch in args.batch or [None]]:
         per_row = kv_bytes_per_row(config, n)
         if device.type == "cuda":
