@@ -639,12 +639,16 @@ def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, digits_ptr, wid
     pair, first = tl.program_id(0), tl.program_id(1) * ROWS
     row, kv = (pair // hkv).to(tl.int64), (pair % hkv).to(tl.int64)
     places = first + tl.arange(0, ROWS)
-    ok = places < tl.load(count_ptr + pair)
-    if first < tl.load(count_ptr + pair):
-        d = tl.arange(0, D_PAD)
-        rows = tl.load(out_ptr + pair.to(tl.int64) * width + places, mask=ok, other=0).to(tl.int64)
-        keys = tl.load(key_ptr + row * sk_b + kv * sk_h + rows[:, None] * sk_l + d[None, :],
-                       mask=ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+    count = tl.load(count_ptr + pair)
+    # the rows are read up to the width, not the count (0 past it: the keys of token 0, not used), so neither
+    # read waits on the count's
+    d = tl.arange(0, D_PAD)
+    inside = places < width
+    rows = tl.load(out_ptr + pair.to(tl.int64) * width + places, mask=inside, other=0).to(tl.int64)
+    keys = tl.load(key_ptr + row * sk_b + kv * sk_h + rows[:, None] * sk_l + d[None, :],
+                   mask=inside[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+    ok = places < count
+    if first < count:
         for g in tl.static_range(G):
             q = tl.load(q_ptr + row * sq_b + (kv * G + g) * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
             score = tl.sum(keys * q[None, :], axis=1)
@@ -813,8 +817,8 @@ def _score_chosen(exact: tuple[torch.Tensor, torch.Tensor], indices: torch.Tenso
     """Exact scores [B, H, W] float32 of the chosen ``indices`` [B, Hkv, W] (up to each of ``counts``; past them
     not written) by ``exact``'s query [B, H, D] (H a multiple of the ``heads`` that chose: each scores its
     chooser's tokens) against its keys [B, Hkv, >= N, D] (:func:`_score_kernel`, a program per SCORE_ROWS
-    places); with ``digits`` (a keep by scans' zeroed counters, :func:`_keep_words`), the keep's first round
-    counted too."""
+    places; ``indices`` 0 past each count, as the select leaves them); with ``digits`` (a keep by scans' zeroed
+    counters, :func:`_keep_words`), the keep's first round counted too."""
     query, keys = exact
     b, hkv, width = indices.shape
     if query.shape[0] != b or query.shape[1] % heads or query.shape[-1] != keys.shape[-1]:
