@@ -261,12 +261,10 @@ def test_scans_compile_for_hopper(group):
 
 
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("count", [False, True], ids=["scores", "scores-and-first-digits"])
-def test_scoring_compiles_for_hopper(group, count):
+def test_scoring_compiles_for_hopper(group):
     """Re-ranking's scoring of the chosen tokens compiles to PTX for sm_90 without a GPU, by one query or four a
-    KV head (a pool for the query heads), counting the keep's first digits or not (relaxed atomics)."""
-    compile_for_hopper("triton_topk", "_score_kernel", {"G": group, "D": 128, "D_PAD": 128, "ROWS": 32,
-                                                        "COUNT": count, "BITS": 8, "COLUMNS": 4096},
+    KV head (a pool for the query heads)."""
+    compile_for_hopper("triton_topk", "_score_kernel", {"G": group, "D": 128, "D_PAD": 128, "ROWS": 32},
                        {"q_ptr": "*bf16", "key_ptr": "*bf16", "score_ptr": "*fp32"})
 
 
@@ -319,41 +317,6 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
             for head in range(hkv):
                 c = int(got_counts[row, head])
                 assert torch.equal(got_kept[row, head, :c].cpu().long(), kept[row, head, :c].long())
-    # the select and the keep at once: by scans the scoring counts the keep's first round
-    keep = reference.Keep(k, int(k.max()), budget, 16)
-    kept, kept_counts = reference.select_topk(lut, codes, candidates, k, chooser, exact=(query, keys), keep=keep)
-    got_kept, got_counts = triton_topk.select_topk(to(lut), to(codes), to(candidates), to(k), chooser, block_n=64,
-                                                   exact=(to(query), to(keys)),
-                                                   keep=reference.Keep(to(k), keep.k_max, budget, 16))
-    assert torch.equal(got_counts.cpu().long(), kept_counts.long())
-    for row in range(b):
-        for head in range(hkv):
-            c = int(got_counts[row, head])
-            assert torch.equal(got_kept[row, head, :c].cpu().long(), kept[row, head, :c].long())
-
-
-def test_scoring_counts_the_keeps_first_digit(monkeypatch):
-    """With counters, the scoring adds each score row's histogram of its scores' first RADIX_BITS key bits (up to
-    each pair's count, over splits of SPLIT_COLUMNS places) to what they held: the keep's first round."""
-    monkeypatch.setattr(triton_topk, "SPLIT_COLUMNS", 64)
-    g = torch.Generator().manual_seed(11)
-    b, hkv, group, d, n, width = 2, 3, 2, 40, 500, 150
-    counts = torch.tensor([[150, 97, 0], [33, 150, 64]], dtype=torch.int32)
-    indices = torch.randint(0, n, (b, hkv, width), generator=g, dtype=torch.int32)
-    query, keys = torch.randn(b, hkv * group, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
-    sets, bins = -(-width // 64), 1 << triton_topk.RADIX_BITS
-    digits = torch.randint(0, 5, (b * hkv * group * sets * bins,), generator=g, dtype=torch.int32)
-    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-    got = to(digits.clone())
-    scores = triton_topk._score_chosen((to(query), to(keys)), to(indices), to(counts), hkv, got).cpu()
-    added = (got.cpu() - digits).view(b, hkv * group, sets, bins).sum(2)
-    for row in range(b):
-        for head in range(hkv * group):
-            c = int(counts[row, head // group])
-            bits = scores[row, head, :c].view(torch.int32).long()
-            key = torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
-            expected = torch.bincount(key >> (32 - triton_topk.RADIX_BITS), minlength=bins)
-            assert torch.equal(added[row, head].long(), expected)
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])

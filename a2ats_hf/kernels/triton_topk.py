@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import Keep, check_key_bits, code_histogram
+from .reference import check_key_bits, code_histogram
 from .triton_launch import pdl, wait_previous
 
 WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
@@ -525,41 +525,28 @@ def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, state_ptr, digits_pt
         tl.store(kept_ptr + pair + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + before + own)
 
 
-def _keep_words(b: int, hkv: int, rows: int, c: int, width: int, key_bits: int) -> tuple[int, int, int]:
-    """int32 words of a keep by scans (:func:`_keep_by_scans`) over ``rows`` score rows of ``c`` candidates a
-    (row, KV head), kept ``width`` wide: the split select's digit counters, the scan's ticket and look-back
-    words, the kept rows."""
-    sets, parts = triton.cdiv(c, SPLIT_COLUMNS), triton.cdiv(c, KEEP_SCAN_BLOCK)
-    g_pad = triton.next_power_of_2(rows // (b * hkv))
-    return key_bits // RADIX_BITS * rows * sets << RADIX_BITS, 1 + b * hkv * parts * (g_pad + 1), b * hkv * width
-
-
 def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, width: int,
-                   key_bits: int, zeroed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   key_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`keep_top` past what one program holds: each score row's threshold by a split select over its
     candidates (RADIX_BITS of the key a round, each program of SPLIT_COLUMNS candidates storing its digits'
     histogram whole: no atomic additions, no zeroed counters), then one pass over parts of KEEP_SCAN_BLOCK
     candidates (:func:`_keep_scan_kernel`): key_bits / RADIX_BITS + 1 launches. (Before, the scoring counted each
     score's 16-bit key by an atomic addition into 256 KB a head, zeroed every step; where the scores crowd a few
     keys, as real keys' do, those queued: this is 30% faster there, at 128K and batch 1 on an H100, and within 4%
-    on scores that do not crowd.) ``zeroed``: the keep's buffers (:func:`_keep_words`) zeroed, the first round's
-    counts already made by the scoring (a block's histogram added a split: :func:`_score_kernel`), whose launch
-    then goes."""
+    on scores that do not crowd.)"""
     b, hkv, c = indices.shape
     heads, group = scores.shape[1], scores.shape[1] // hkv
     rows, sets, rounds = b * heads, triton.cdiv(c, SPLIT_COLUMNS), key_bits // RADIX_BITS
     g_pad, parts = triton.next_power_of_2(group), triton.cdiv(c, KEEP_SCAN_BLOCK)
     device, launch = indices.device, pdl(indices.device)
-    words = _keep_words(b, hkv, rows, c, width, key_bits)
-    if zeroed is None:
-        digits = torch.empty(words[0], dtype=torch.int32, device=device)
-        scan, out = torch.zeros(sum(words[1:]), dtype=torch.int32, device=device).split(words[1:])
-    else:
-        digits, scan, out = zeroed.split(words)
+    digits = torch.empty(rounds * rows * sets << RADIX_BITS, dtype=torch.int32, device=device)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=device)
+    scan_words = 1 + b * hkv * parts * (g_pad + 1)  # the ticket, then each pair's look-back words
+    scan, out = torch.zeros(scan_words + b * hkv * width, dtype=torch.int32, device=device).split(
+        [scan_words, b * hkv * width])
     kept = torch.empty(b, hkv, dtype=torch.int32, device=device)
     common = dict(HEADS=heads, S_PAD=triton.next_power_of_2(sets), KEY_BITS=key_bits, **launch)
-    for r in range(0 if zeroed is None else 1, rounds):
+    for r in range(rounds):
         _digit_count_kernel[(rows, sets)](scores, counts, k, state, digits, state, c, 1, sets, rows, ROUND=r,
                                           GROUP=group, BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, COPIES=1, UNIT=True,
                                           SPAN=False, num_warps=SPLIT_WARPS, **common)
@@ -587,34 +574,22 @@ KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_s
 KEEP_SCAN_BLOCK = 1024  # candidates a program of a keep by scans reads
 
 
-def _keep_width(rows_per_kv: int, k_max: int, c: int) -> int:
-    """Places a keep writes a (row, KV head): its score rows' budgets united, at most the ``c`` candidates."""
-    return max(1, min(rows_per_kv * min(k_max, c), c))
-
-
-def _counted_first(keep: Keep, exact: tuple[torch.Tensor, torch.Tensor], hkv: int, c: int) -> bool:
-    """Whether the scoring of ``c`` candidates a (row, KV head) counts ``keep``'s first round: where the keep goes
-    by scans (past KEEP_TABLE) over the scoring's own rows (not summed over a group first)."""
-    return c > KEEP_TABLE and (keep.budget != "kv_head" or exact[0].shape[1] == hkv)
-
-
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head", key_bits: int = 32, zeroed: torch.Tensor | None = None,
+    budget: str = "query_head", key_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
     (a program per row and KV head); past it, a split select of each score row's threshold and one scan
-    (:func:`_keep_by_scans`; ``zeroed``: its buffers, zeroed and the first round counted, by :func:`select_topk`'s
-    scoring)."""
+    (:func:`_keep_by_scans`)."""
     check_key_bits(key_bits)
     if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
         raise ValueError(f"triton_topk.KEEP_DIGIT_BITS must be 2, 4 or 8, got {KEEP_DIGIT_BITS!r}")
     b, hkv, c = indices.shape
     scores = _per_budget(scores, hkv, budget).float().contiguous()
     indices, counts, k = indices.contiguous(), counts.to(torch.int32).contiguous(), k.contiguous()
-    width = _keep_width(scores.shape[1] // hkv, k_max, c)
+    width = max(1, min(scores.shape[1] // hkv * min(k_max, c), c))
     if c > KEEP_TABLE:
-        return _keep_by_scans(indices, counts, scores, k, width, key_bits, zeroed)
+        return _keep_by_scans(indices, counts, scores, k, width, key_bits)
     out = torch.empty(b, hkv, width, dtype=indices.dtype, device=indices.device)
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     table = max(16, triton.next_power_of_2(c))
@@ -626,39 +601,26 @@ def keep_top(
 
 
 @triton.jit
-def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, digits_ptr, width, hkv, sets, sq_b, sq_h, sk_b, sk_h,
-                  sk_l, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
-                  COUNT: tl.constexpr, BITS: tl.constexpr, COLUMNS: tl.constexpr, PDL: tl.constexpr):
+def _score_kernel(out_ptr, count_ptr, q_ptr, key_ptr, score_ptr, width, hkv, sq_b, sq_h, sk_b, sk_h, sk_l,
+                  G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
     """Program (pair, block of ROWS places) after the scans: exact ``q . k`` of the chosen tokens written there, by
     each of the pair's G queries into its G score rows (``width`` apart), their key rows gathered at once. (Scored
     inside the last scan, each program after its own scan, the same step's scoring took 2.5 ms against 2.0 here:
-    H100, 128K x 1, ``rerank=6`` per query head.) COUNT: each score row's first BITS-bit digits of its scores' keys
-    also counted, the keep's first round (:func:`_keep_by_scans`): the block's histogram added into the row's
-    zeroed counters of its split of COLUMNS places (the rounds sum the splits)."""
+    H100, 128K x 1, ``rerank=6`` per query head.)"""
     wait_previous(PDL)
     pair, first = tl.program_id(0), tl.program_id(1) * ROWS
     row, kv = (pair // hkv).to(tl.int64), (pair % hkv).to(tl.int64)
     places = first + tl.arange(0, ROWS)
-    count = tl.load(count_ptr + pair)
-    # the rows are read up to the width, not the count (0 past it: the keys of token 0, not used), so neither
-    # read waits on the count's
-    d = tl.arange(0, D_PAD)
-    inside = places < width
-    rows = tl.load(out_ptr + pair.to(tl.int64) * width + places, mask=inside, other=0).to(tl.int64)
-    keys = tl.load(key_ptr + row * sk_b + kv * sk_h + rows[:, None] * sk_l + d[None, :],
-                   mask=inside[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-    ok = places < count
-    if first < count:
+    ok = places < tl.load(count_ptr + pair)
+    if first < tl.load(count_ptr + pair):
+        d = tl.arange(0, D_PAD)
+        rows = tl.load(out_ptr + pair.to(tl.int64) * width + places, mask=ok, other=0).to(tl.int64)
+        keys = tl.load(key_ptr + row * sk_b + kv * sk_h + rows[:, None] * sk_l + d[None, :],
+                       mask=ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
         for g in tl.static_range(G):
             q = tl.load(q_ptr + row * sq_b + (kv * G + g) * sq_h + d, mask=d < D, other=0.0).to(tl.float32)
-            score = tl.sum(keys * q[None, :], axis=1)
-            tl.store(score_ptr + (pair.to(tl.int64) * G + g) * width + places, score, mask=ok)
-            if COUNT:  # (bins from 1 << BITS on: the places past the count)
-                digit = (_order_key(score) >> (32 - BITS)).to(tl.int32)
-                bins = tl.arange(0, 2 << BITS)
-                counts = tl.histogram(tl.where(ok, digit, 1 << BITS), 2 << BITS)
-                own = digits_ptr + ((pair.to(tl.int64) * G + g) * sets + first // COLUMNS) * (1 << BITS)
-                tl.atomic_add(own + bins, counts, mask=(bins < (1 << BITS)) & (counts > 0), sem="relaxed")
+            tl.store(score_ptr + (pair.to(tl.int64) * G + g) * width + places, tl.sum(keys * q[None, :], axis=1),
+                     mask=ok)
 
 
 @triton.jit(do_not_specialize=["n", "stride_mb", "out_width", "parts"])  # they change every decode step
@@ -750,13 +712,10 @@ def select_topk(
     block_n: int | None = None,
     key_bits: int = 32,
     exact: tuple[torch.Tensor, torch.Tensor] | None = None,
-    keep: Keep | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv]; with ``exact``, float32 scores [B, H, W] third, of
-    the chosen tokens, by a launch after the scans (:func:`_score_chosen`; past each count not written); with
-    ``keep`` too, :func:`keep_top` of those, whose first round the scoring counts where it goes by scans (into
-    counters zeroed with the select's own).
+    the chosen tokens, by a launch after the scans (:func:`_score_chosen`; past each count not written).
 
     ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 (a view of wider rows
     is fine) counts each KV head's
@@ -776,15 +735,8 @@ def select_topk(
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
     heads, g_pad, parts = lut.shape[1], triton.next_power_of_2(group), triton.cdiv(n, block_n)
-    if keep is not None and exact is None:
-        raise ValueError("select_topk's keep needs exact scores: pass exact=(query, keys) too")
-    fused = keep is not None and _counted_first(keep, exact, hkv, width)
-    keep_words = _keep_words(b, hkv, b * exact[0].shape[1], width, _keep_width(exact[0].shape[1] // hkv, keep.k_max,
-                                                                               width), keep.key_bits) if fused else ()
-    sizes = [_counters(m, b * heads, key_bits), b * hkv * width, b * hkv * words, 1 + b * hkv * parts * (g_pad + 1),
-             sum(keep_words)]
-    counted, indices, summary, scan, zeroed = torch.zeros(sum(sizes), dtype=torch.int32,
-                                                          device=codes.device).split(sizes)
+    sizes = [_counters(m, b * heads, key_bits), b * hkv * width, b * hkv * words, 1 + b * hkv * parts * (g_pad + 1)]
+    counted, indices, summary, scan = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
@@ -805,20 +757,15 @@ def select_topk(
         **pdl(codes.device))
     if exact is None:
         return indices, counts
-    scores = _score_chosen(exact, indices, counts, heads, zeroed[: keep_words[0]] if fused else None)
-    if keep is None:
-        return indices, counts, scores
-    return keep_top(indices, counts, scores, keep.k, keep.k_max, keep.budget, keep.key_bits,
-                    zeroed if fused else None)
+    return indices, counts, _score_chosen(exact, indices, counts, heads)
 
 
 def _score_chosen(exact: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor, counts: torch.Tensor,
-                  heads: int, digits: torch.Tensor | None = None) -> torch.Tensor:
+                  heads: int) -> torch.Tensor:
     """Exact scores [B, H, W] float32 of the chosen ``indices`` [B, Hkv, W] (up to each of ``counts``; past them
     not written) by ``exact``'s query [B, H, D] (H a multiple of the ``heads`` that chose: each scores its
     chooser's tokens) against its keys [B, Hkv, >= N, D] (:func:`_score_kernel`, a program per SCORE_ROWS
-    places; ``indices`` 0 past each count, as the select leaves them); with ``digits`` (a keep by scans' zeroed
-    counters, :func:`_keep_words`), the keep's first round counted too."""
+    places)."""
     query, keys = exact
     b, hkv, width = indices.shape
     if query.shape[0] != b or query.shape[1] % heads or query.shape[-1] != keys.shape[-1]:
@@ -829,9 +776,7 @@ def _score_chosen(exact: tuple[torch.Tensor, torch.Tensor], indices: torch.Tenso
     scores = torch.empty(b, query.shape[1], width, dtype=torch.float32, device=query.device)
     d = query.shape[-1]
     _score_kernel[(b * hkv, triton.cdiv(width, SCORE_ROWS))](
-        indices, counts, query, keys, scores, scores if digits is None else digits, width, hkv,
-        triton.cdiv(width, SPLIT_COLUMNS), query.stride(0), query.stride(1), *keys.stride()[:3],
+        indices, counts, query, keys, scores, width, hkv, query.stride(0), query.stride(1), *keys.stride()[:3],
         G=query.shape[1] // hkv, D=d, D_PAD=max(16, triton.next_power_of_2(d)), ROWS=SCORE_ROWS,
-        COUNT=digits is not None, BITS=RADIX_BITS, COLUMNS=SPLIT_COLUMNS, num_warps=SCORE_WARPS,
-        **pdl(query.device))
+        num_warps=SCORE_WARPS, **pdl(query.device))
     return scores
