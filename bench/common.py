@@ -194,10 +194,9 @@ def step_timeline(step, device: torch.device, steps: int = 4, top: int = 8) -> d
     parts = {"wall": 0.0, "head": 0.0, "gpu_span": 0.0, "busy": 0.0, "tail": 0.0}
     in_head: dict = {}
     in_tail: dict = {}
-    for start, end in marks:
-        spans = [(a, b) for a, b in gpu if start <= a < end]
-        if not spans:
-            continue
+    launched = [(start, end, spans) for start, end in marks  # (a step without kernels has no head or tail)
+                if (spans := [(a, b) for a, b in gpu if start <= a < end])]
+    for start, end, spans in launched:
         first, last = spans[0][0], max(b for _, b in spans)
         busy, reach = 0.0, first
         for a, b in spans:  # the union of the kernels' intervals (PDL may overlap them)
@@ -205,13 +204,13 @@ def step_timeline(step, device: torch.device, steps: int = 4, top: int = 8) -> d
             reach = max(reach, b)
         for key, value in (("wall", end - start), ("head", first - start), ("gpu_span", last - first),
                            ("busy", busy), ("tail", end - last)):
-            parts[key] += value / 1e3 / len(marks)
+            parts[key] += value / 1e3 / len(launched)
         for e in host:
             a, b = e.time_range.start, e.time_range.end
             for window, (lo, hi) in ((in_head, (start, first)), (in_tail, (last, end))):
                 overlap = min(b, hi) - max(a, lo)
                 if overlap > 0:
-                    window[e.name] = window.get(e.name, 0.0) + overlap / 1e3 / len(marks)
+                    window[e.name] = window.get(e.name, 0.0) + overlap / 1e3 / len(launched)
     result = {key: round(value, 3) for key, value in parts.items()}
     result["idle_in_span"] = round(parts["gpu_span"] - parts["busy"], 3)
     for key, window in (("head_calls", in_head), ("tail_calls", in_tail)):
