@@ -187,39 +187,48 @@ def step_timeline(step, device: torch.device, steps: int = 4, top: int = 8) -> d
                 step()
                 sync(device)
     events = prof.events()
-    marks = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "synced step")
-    gpu = sorted((e.time_range.start, e.time_range.end) for e in events
-                 if e.device_type == torch.autograd.DeviceType.CUDA)
-    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name != "synced step"]
-    parts = {"wall": 0.0, "head": 0.0, "gpu_span": 0.0, "busy": 0.0, "tail": 0.0}
-    in_head: dict = {}
-    in_tail: dict = {}
-    launched = [(start, end, spans) for start, end in marks  # (a step without kernels has no head or tail)
-                if (spans := [(a, b) for a, b in gpu if start <= a < end])]
-    for start, end, spans in launched:
-        first, last = spans[0][0], max(b for _, b in spans)
-        busy, reach = 0.0, first
-        for a, b in spans:  # the union of the kernels' intervals (PDL may overlap them)
-            busy += max(0.0, b - max(a, reach))
-            reach = max(reach, b)
-        for key, value in (("wall", end - start), ("head", first - start), ("gpu_span", last - first),
-                           ("busy", busy), ("tail", end - last)):
-            parts[key] += value / 1e3 / len(launched)
-        for e in host:
-            a, b = e.time_range.start, e.time_range.end
-            for window, (lo, hi) in ((in_head, (start, first)), (in_tail, (last, end))):
-                overlap = min(b, hi) - max(a, lo)
-                if overlap > 0:
-                    window[e.name] = window.get(e.name, 0.0) + overlap / 1e3 / len(launched)
-    result = {key: round(value, 3) for key, value in parts.items()}
-    result["idle_in_span"] = round(parts["gpu_span"] - parts["busy"], 3)
-    for key, window in (("head_calls", in_head), ("tail_calls", in_tail)):
-        result[key] = [[name[:120], round(ms, 3)] for name, ms in sorted(window.items(), key=lambda kv: -kv[1])[:top]]
+    result = split_steps_in_time(
+        marks=[(e.time_range.start, e.time_range.end) for e in events if e.name == "synced step"],
+        kernels=[(e.time_range.start, e.time_range.end) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA],
+        host=[(e.name, e.time_range.start, e.time_range.end) for e in events
+              if e.device_type == torch.autograd.DeviceType.CPU and e.name != "synced step"], top=top)
     print(f"  synced step {result['wall']:.2f} ms: host before the GPU {result['head']:.2f}, GPU span "
           f"{result['gpu_span']:.2f} (busy {result['busy']:.2f}, idle {result['idle_in_span']:.2f}), host after "
           f"{result['tail']:.2f}")
     for key in ("head_calls", "tail_calls"):
         print(f"  {key.split('_')[0]}: " + "; ".join(f"{name[:60]} {ms:.3f}" for name, ms in result[key]))
+    return result
+
+
+def split_steps_in_time(marks: list, kernels: list, host: list, top: int = 8) -> dict:
+    """:func:`step_timeline`'s arithmetic, in ms a step from intervals in us: each step's (start, end) in ``marks``,
+    the GPU's kernels' (start, end), the host calls' (name, start, end). A step without kernels counts for nothing
+    (it has no head or tail); busy is the union of a step's kernel intervals (PDL may overlap them)."""
+    kernels = sorted(kernels)
+    parts = {"wall": 0.0, "head": 0.0, "gpu_span": 0.0, "busy": 0.0, "tail": 0.0}
+    in_head: dict = {}
+    in_tail: dict = {}
+    launched = [(start, end, spans) for start, end in sorted(marks)
+                if (spans := [(a, b) for a, b in kernels if start <= a < end])]
+    for start, end, spans in launched:
+        first, last = spans[0][0], max(b for _, b in spans)
+        busy, reach = 0.0, first
+        for a, b in spans:
+            busy += max(0.0, b - max(a, reach))
+            reach = max(reach, b)
+        for key, value in (("wall", end - start), ("head", first - start), ("gpu_span", last - first),
+                           ("busy", busy), ("tail", end - last)):
+            parts[key] += value / 1e3 / len(launched)
+        for name, a, b in host:
+            for window, (lo, hi) in ((in_head, (start, first)), (in_tail, (last, end))):
+                overlap = min(b, hi) - max(a, lo)
+                if overlap > 0:
+                    window[name] = window.get(name, 0.0) + overlap / 1e3 / len(launched)
+    result = {key: round(value, 3) for key, value in parts.items()}
+    result["idle_in_span"] = round(parts["gpu_span"] - parts["busy"], 3)
+    for key, window in (("head_calls", in_head), ("tail_calls", in_tail)):
+        result[key] = [[name[:120], round(ms, 3)] for name, ms in sorted(window.items(), key=lambda kv: -kv[1])[:top]]
     return result
 
 

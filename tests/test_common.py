@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from bench.common import commit, correlate_groups
+from bench.common import commit, correlate_groups, split_steps_in_time
 
 from conftest import tiny_config
 
@@ -50,3 +50,21 @@ def test_commit_says_dirty_where_tracked_files_changed(tmp_path, monkeypatch):
     assert commit(tmp_path) == f"{head}-dirty"
     monkeypatch.setenv("A2ATS_COMMIT", "abc1234")
     assert commit(tmp_path) == "abc1234"
+
+
+def test_split_steps_in_time_averages_the_steps_with_kernels():
+    """Two steps of 1 ms (us in, ms out): overlapping kernels count once in busy, the gap between them is idle in
+    the span, host calls count where they overlap the head or the tail; a step without kernels is left out."""
+    marks = [(0, 1000), (2000, 3000), (5000, 5100)]  # the third launched nothing
+    kernels = [(300, 500), (450, 600), (700, 900),  # step one: busy 500 of a 600 span
+               (2100, 2800)]  # step two: busy 700
+    host = [("cudaLaunchKernel", 0, 250), ("aten::mm", 200, 400), ("cudaDeviceSynchronize", 850, 1000),
+            ("cudaLaunchKernel", 2000, 2100), ("cudaDeviceSynchronize", 2700, 3000)]
+    t = split_steps_in_time(marks, kernels, host)
+    assert t["wall"] == 1.0
+    assert t["head"] == pytest.approx((0.3 + 0.1) / 2) and t["tail"] == pytest.approx((0.1 + 0.2) / 2)
+    assert t["gpu_span"] == pytest.approx((0.6 + 0.7) / 2) and t["busy"] == pytest.approx((0.5 + 0.7) / 2)
+    assert t["idle_in_span"] == pytest.approx(0.05)
+    assert t["head"] + t["gpu_span"] + t["tail"] == pytest.approx(t["wall"])
+    assert dict(t["head_calls"]) == pytest.approx({"cudaLaunchKernel": (0.25 + 0.1) / 2, "aten::mm": 0.05})
+    assert dict(t["tail_calls"]) == pytest.approx({"cudaDeviceSynchronize": (0.1 + 0.2) / 2})
