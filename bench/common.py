@@ -4,6 +4,7 @@ environment record every results file carries."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import os
@@ -52,6 +53,14 @@ def build(gpus: list[int], dtype: torch.dtype = torch.bfloat16) -> AutoModelForC
         value.fill_(1.0) if param.dim() == 1 else value.normal_(0.0, 0.02)  # norms at 1, matrices small
         set_module_tensor_to_device(model, name, device, value=value)
     return dispatch_model(model, device_map).eval()
+
+
+def group_correlation_argument(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' ``--group-correlation RHO`` (:func:`correlate_groups`), one definition for all of them."""
+    parser.add_argument("--group-correlation", type=float, default=0.0, metavar="RHO",
+                        help="a KV group's query heads correlate by RHO (random weights: 0), as a trained model's "
+                             "heads overlap in what they pick (bench.common.correlate_groups; 0.9 holds SmolLM2's "
+                             "re-ranking candidates a KV head)")
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ from bench.common import (
     correlate_groups,
     environment,
     gpu_profile,
+    group_correlation_argument,
     hits_since,
     random_codebooks,
     release,
@@ -301,9 +302,7 @@ def arguments() -> argparse.ArgumentParser:
                         help="where STEPS synced steps' wall time goes: the host before the GPU's first kernel, the "
                              "GPU's span, the host after it (default 4)")
     parser.add_argument("--tiny", action="store_true", help="a small random model on any device (smoke run)")
-    parser.add_argument("--group-correlation", type=float, default=0.0, metavar="RHO",
-                        help="a KV group's query heads correlate by RHO (random weights: 0), as a trained model's "
-                             "heads overlap in what they pick (bench.common.correlate_groups)")
+    group_correlation_argument(parser)
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="pinned CPU blocks from CUDA's allocator, not on huge pages (an ablation)")
     parser.add_argument("--gpu-share", type=float, nargs="+", default=[0.0],

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from a2ats_hf import A2ATSCache
 from a2ats_hf.kernels import triton_attention, triton_codes, triton_launch, triton_topk
-from bench.common import build, correlate_groups, environment, random_codebooks, release, results_path
+from bench.common import (
+    build,
+    correlate_groups,
+    environment,
+    group_correlation_argument,
+    random_codebooks,
+    release,
+    results_path,
+)
 from bench.throughput import arguments, measure
 
 SETTINGS = {  # (module, constant): values to try; the module's own value is the default
@@ -44,9 +52,7 @@ def main() -> None:
     parser.add_argument("--budget", default="kv_head", choices=["kv_head", "query_head"])
     parser.add_argument("--scoring", default="distance", choices=["distance", "wrope"])
     parser.add_argument("--rerank", type=int, default=1)
-    parser.add_argument("--group-correlation", type=float, default=0.0, metavar="RHO",
-                        help="a KV group's query heads correlate by RHO (bench.common.correlate_groups; 0.9 holds "
-                             "SmolLM2's re-ranking candidates a KV head)")
+    group_correlation_argument(parser)
     parser.add_argument("--settings", nargs="+", choices=sorted(name for _, name in SETTINGS),
                         help="try only these constants (default: all)")
     parser.add_argument("--steps", type=int, default=16)
