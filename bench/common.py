@@ -196,12 +196,12 @@ def step_timeline(step, device: torch.device, steps: int = 4, top: int = 8) -> d
                 step()
                 sync(device)
     events = prof.events()
-    result = split_steps_in_time(
-        marks=[(e.time_range.start, e.time_range.end) for e in events if e.name == "synced step"],
+    on_host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    result = split_steps_in_time(  # (the profiler mirrors the step's range on the GPU: not a kernel)
+        marks=[(e.time_range.start, e.time_range.end) for e in on_host if e.name == "synced step"],
         kernels=[(e.time_range.start, e.time_range.end) for e in events
-                 if e.device_type == torch.autograd.DeviceType.CUDA],
-        host=[(e.name, e.time_range.start, e.time_range.end) for e in events
-              if e.device_type == torch.autograd.DeviceType.CPU and e.name != "synced step"], top=top)
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "synced step"],
+        host=[(e.name, e.time_range.start, e.time_range.end) for e in on_host if e.name != "synced step"], top=top)
     print(f"  synced step {result['wall']:.2f} ms: host before the GPU {result['head']:.2f}, GPU span "
           f"{result['gpu_span']:.2f} (busy {result['busy']:.2f}, idle {result['idle_in_span']:.2f}), host after "
           f"{result['tail']:.2f}")
