@@ -364,6 +364,12 @@ BUSY_AGAINST_WROPE = {"commit": cell("commit"), "method": cell("method"), "ms / 
                       "GPU busy over windowed RoPE": cell("busy_excess", "{:+.1%}")}
 
 
+TIMELINE = {"commit": cell("commit"), "method": cell("method"), "ms / step": cell("step_ms", "{:.2f}"),
+            "synced step, profiled": cell("wall", "{:.2f}"), "host before the GPU": cell("head", "{:.2f}"),
+            "GPU span": cell("gpu_span", "{:.2f}"), "GPU busy": cell("busy", "{:.2f}"),
+            "GPU idle in the span": cell("idle_in_span", "{:.2f}"), "host after": cell("tail", "{:.2f}")}
+
+
 KEEP = {"version": cell("version"), "N": kilo("n"), "batch": cell("batch"), "candidates": cell("candidates"),
         "keep_top (16 warps)": cell("keep_top_us", "{:.1f} us"), "at 8 warps": cell("keep_top_8_warps_us", "{:.1f} us"),
         "its radix select alone": cell("select_us", "{:.1f} us"), "load floor": cell("floor_us", "{:.1f} us")}
@@ -580,6 +586,12 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h100-look-back-landed": Block(tuple(f"throughput/2026-12-07-{c}-nvidia-h100-80gb-hbm3.json"
                                                     for c in ("e9d18a9", "12a7ad0")),
                                               lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
+    "throughput-h100-keep-first": Block(tuple(f"throughput/2026-12-07-{c}-nvidia-h100-80gb-hbm3.json"
+                                              for c in ("1fb5cd5", "dc75591")),
+                                        lambda f: table(against_wrope(f), BUSY_AGAINST_WROPE)),
+    "throughput-h100-timeline": Block(("throughput/2026-12-07-0996a20-nvidia-h100-80gb-hbm3.json",),
+                                      lambda f: table([{**r, **r["timeline"], "commit": f[0]["environment"]["commit"]}
+                                                       for r in runs(f)], TIMELINE)),
     "fidelity-key-bits-cpu": Block(tuple(f"evaluation/2026-12-07-b92767d-cpu-keybits{b}.json" for b in (32, 16)),
                                    lambda f: fidelity_table([{**r, "method": f"{r['method']}, "
                                                                             f"{run['selection_key_bits']}-bit keys"}
