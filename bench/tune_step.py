@@ -37,7 +37,7 @@ SETTINGS = {  # (module, constant): values to try; the module's own value is the
     (triton_topk, "THRESHOLD_WARPS"): [4, 16], (triton_topk, "COUNT_COPIES"): [4, 16],
     (triton_topk, "SPLIT_COLUMNS"): [1024, 2048], (triton_topk, "SPLIT_WARPS"): [4, 16],
     (triton_topk, "KEEP_WARPS"): [8], (triton_topk, "KEEP_DIGIT_BITS"): [2, 8], (triton_topk, "KEY_SPAN"): [True],
-    (triton_topk, "SCORE_ROWS"): [16, 64],
+    (triton_topk, "SCORE_ROWS"): [16, 64], (triton_topk, "SCORE_WARPS"): [2, 8],
     (triton_topk, "KEEP_SCAN_BLOCK"): [512, 2048], (triton_topk, "SCAN_WARPS"): [2, 8],
     (triton_topk, "LOOK_BACK"): [32, 512],
     (triton_topk, "COUNT16_BYTES"): [0],  # a wide table's 16-bit keys counted in two rounds of 8 bits
