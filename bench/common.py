@@ -153,7 +153,7 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
             step()
         sync(device)
         wall = time.perf_counter() - start
-    each, spans, idle = {}, [], {}  # each kernel's launches' device us; (start, end, name) of every launch
+    each, spans = {}, []  # each kernel's launches' device us; (start, end, name) of every launch
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             each.setdefault(event.name, []).append(event.device_time_total)
@@ -161,9 +161,7 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
     kernels = {name: sum(times) / 1e3 / steps for name, times in each.items()}
     calls = {name: len(times) // steps for name, times in each.items()}
     launches = len(spans) // steps
-    spans.sort()
-    for (_, end, _), (begin, _, name) in zip(spans, spans[1:]):  # (an end past the next start: overlapping, PDL)
-        idle[name] = idle.get(name, 0.0) + max(0.0, begin - end) / 1e3 / steps
+    idle = {name: us / 1e3 / steps for name, us in idle_before(spans).items()}
     busy = sum(kernels.values())
     rows = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     gaps = sorted(idle.items(), key=lambda kv: -kv[1])[:top]
@@ -181,6 +179,18 @@ def gpu_profile(step, device: torch.device, steps: int = 8, top: int | None = 12
                                  for name, _ in rows],
             "idle_ms": round(sum(idle.values()), 3),
             "idle_before_ms": [[name[:200], round(ms, 4), calls[name]] for name, ms in gaps]}
+
+
+def idle_before(spans: list) -> dict:
+    """The GPU's idle time before each kernel, from the latest end of the kernels started before it (an end past
+    the next start, as under PDL, leaves no gap), summed by the name of the kernel after the gap; ``spans`` are
+    (start, end, name) in any order, in the unit returned."""
+    idle, reach = {}, None
+    for begin, end, name in sorted(spans):
+        if reach is not None:
+            idle[name] = idle.get(name, 0.0) + max(0.0, begin - reach)
+        reach = end if reach is None else max(reach, end)
+    return idle
 
 
 def step_timeline(step, device: torch.device, steps: int = 4, top: int = 8) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from bench.common import commit, correlate_groups, split_steps_in_time
+from bench.common import commit, correlate_groups, idle_before, split_steps_in_time
 
 from conftest import tiny_config
 
@@ -68,3 +68,10 @@ def test_split_steps_in_time_averages_the_steps_with_kernels():
     assert t["head"] + t["gpu_span"] + t["tail"] == pytest.approx(t["wall"])
     assert dict(t["head_calls"]) == pytest.approx({"cudaLaunchKernel": (0.25 + 0.1) / 2, "aten::mm": 0.05})
     assert dict(t["tail_calls"]) == pytest.approx({"cudaDeviceSynchronize": (0.1 + 0.2) / 2})
+
+
+def test_idle_before_counts_gaps_from_the_latest_end():
+    """A kernel that ends before one started earlier (nested, or overlapping under PDL) leaves no gap after it: the
+    next gap runs from the latest end."""
+    spans = [(700, 800, "c"), (0, 500, "a"), (100, 200, "b"), (550, 600, "b")]  # given out of order
+    assert idle_before(spans) == {"b": 50, "c": 100}
