@@ -180,11 +180,11 @@ def _select(
                                    key_bits=layer.scorer.key_bits)
     # scored exactly where the select writes them, by each query head (or the group's summed query), which then
     # keeps its budget's best (or the group keeps one budget by the sum)
-    indices, counts, scores = kernels.select_topk(
+    return kernels.select_topk(
         lut, codes, masks.far, masks.candidates, "kv_head", histogram=histogram,
         k_max=min(k_max * rerank, far_max), key_bits=CANDIDATE_KEY_BITS,
-        exact=(inputs.table_query if rule == "kv_head" else query, layer.store.keys))
-    return kernels.keep_top(indices, counts, scores, masks.budget, k_max, rule, KEEP_KEY_BITS)
+        exact=(inputs.table_query if rule == "kv_head" else query, layer.store.keys),
+        keep=kernels.Keep(masks.budget, k_max, rule, KEEP_KEY_BITS))
 
 
 def _offloaded(

@@ -217,10 +217,9 @@ def bench_rerank(n: int, b: int, rule: str, crowded: bool) -> dict:
     exact = reference.group_query(query, HKV) if rule == "kv_head" else query  # as the step sums it: float32
 
     def step() -> None:
-        indices, counts, scores = kernels.select_topk(
-            lut, codes, far, budget * rerank, "kv_head", histogram=histogram, k_max=k_max * rerank,
-            key_bits=step_module.CANDIDATE_KEY_BITS, exact=(exact, keys))
-        kernels.keep_top(indices, counts, scores, budget, k_max, rule, step_module.KEEP_KEY_BITS)
+        kernels.select_topk(lut, codes, far, budget * rerank, "kv_head", histogram=histogram, k_max=k_max * rerank,
+                            key_bits=step_module.CANDIDATE_KEY_BITS, exact=(exact, keys),
+                            keep=kernels.Keep(budget, k_max, rule, step_module.KEEP_KEY_BITS))
 
     spent = kernel_us(step)
     return {"n": n, "batch": b, "rule": rule, "rerank": rerank, "keys": "crowded" if crowded else "random",

@@ -222,20 +222,24 @@ def measure(model, method: str, make_cache, batch: int, n: int, args) -> dict:
 
 def candidate_union(model, cache: A2ATSCache, batch: int, n: int) -> float:
     """Re-ranking's candidates a (row, KV head) holds over the device layers, in heads' worth of R x the budget (a
-    group of query heads unites its picks): one more decode step, eager, with the keep watched."""
-    seen, keep = [], kernels.keep_top
+    group of query heads unites its picks): one more decode step, eager, each select's pool watched before its
+    keep."""
+    seen, select = [], kernels.select_topk
 
-    def watched(indices, counts, scores, k, *rest):
-        seen.append(float(counts.float().mean() / (cache.rerank * k.float().mean())))
-        return keep(indices, counts, scores, k, *rest)
+    def watched(*args, keep=None, **kwargs):
+        if keep is None:
+            return select(*args, **kwargs)
+        indices, counts, scores = select(*args, **kwargs)
+        seen.append(float(counts.float().mean() / (cache.rerank * keep.k.float().mean())))
+        return kernels.keep_top(indices, counts, scores, keep.k, keep.k_max, keep.budget, keep.key_bits)
 
-    kernels.keep_top = watched
+    kernels.select_topk = watched
     try:
         with torch.no_grad():
             model(torch.full((batch, 1), 7, device=model.device), use_cache=True,
                   position_ids=torch.full((batch, 1), n, device=model.device), **cache_argument(model, cache))
     finally:
-        kernels.keep_top = keep
+        kernels.select_topk = select
     return round(sum(seen) / max(len(seen), 1), 3)
 
 

@@ -156,6 +156,14 @@ def test_watchers_see_every_kernel_call_by_name():
     assert seen == ["merge_attention"]
 
 
+def test_select_topk_keeps_only_after_exact_scores():
+    """A keep without exact scores has nothing to rank: a clear error, not a keep of the LUT's order."""
+    lut, codes = torch.randn(1, 2, 8), torch.randint(0, 8, (1, 2, 20))
+    with pytest.raises(ValueError, match="keep needs exact scores"):
+        kernels.select_topk(lut, codes, torch.ones(1, 20, dtype=torch.bool), torch.tensor([4]),
+                            keep=kernels.Keep(torch.tensor([2]), 2))
+
+
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])
 def test_keep_top_keeps_the_exact_top_k_of_the_candidates(budget):
     """Re-ranking's keep of candidates scored exactly, against a loop over rows and heads: each query head's top k

@@ -317,6 +317,18 @@ def test_select_scores_its_choice_exactly(budget, b, hq, hkv, d, n, m, dtype, ke
             for head in range(hkv):
                 c = int(got_counts[row, head])
                 assert torch.equal(got_kept[row, head, :c].cpu().long(), kept[row, head, :c].long())
+    # the select and the keep at once (by scans, the keep's zeroed words come with the select's)
+    top = torch.div(k + 1, 2, rounding_mode="floor")
+    keep = reference.Keep(top, int(top.max()), budget, 16)
+    kept, kept_counts = reference.select_topk(lut, codes, candidates, k, chooser, exact=(query, keys), keep=keep)
+    got_kept, got_counts = triton_topk.select_topk(to(lut), to(codes), to(candidates), to(k), chooser, block_n=64,
+                                                   exact=(to(query), to(keys)),
+                                                   keep=reference.Keep(to(top), keep.k_max, budget, 16))
+    assert torch.equal(got_counts.cpu().long(), kept_counts.long())
+    for row in range(b):
+        for head in range(hkv):
+            c = int(got_counts[row, head])
+            assert torch.equal(got_kept[row, head, :c].cpu().long(), kept[row, head, :c].long())
 
 
 @pytest.mark.parametrize("budget", ["query_head", "kv_head"])

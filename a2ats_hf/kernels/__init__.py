@@ -23,7 +23,7 @@ import torch
 
 from . import cpu_attention, reference
 from .cpu_attention import output_buffers
-from .reference import ColumnMove, FarRows, code_histogram
+from .reference import ColumnMove, FarRows, Keep, code_histogram
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 FUSED_ENCODE_TOKENS = 16  # new keys per row up to which one Triton program per key encodes (a prompt: the matmul)
@@ -214,18 +214,21 @@ def select_topk(
     k_max: int | None = None,
     key_bits: int = 32,
     exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep: Keep | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Top-K far tokens per (row, KV head) from LUT scores, and with ``exact`` (query, keys) their exact scores
-    (re-ranking's candidates); see :func:`.reference.select_topk` for the contract.
+    (re-ranking's candidates), or with ``keep`` too what re-ranking keeps of them; see
+    :func:`.reference.select_topk` for the contract.
 
     On a GPU with Triton, the fused kernel runs (``histogram`` of the candidates' codes and a host-side bound
     ``k_max`` on ``k`` spare it a pass over the codes and a device sync; the exact scores come from a launch
-    after the pass that writes the indices); indices may then be int32 and padded wider than the largest count.
+    after the pass that writes the indices, and a keep's zeroed words come with the select's own); indices may
+    then be int32 and padded wider than the largest count.
     """
     return _on(codes, "select_topk", lut, codes, candidates, k, budget, histogram=histogram, k_max=k_max,
-               key_bits=key_bits, exact=exact)
+               key_bits=key_bits, exact=exact, keep=keep)
 
 
-__all__ = ["Backend", "ColumnMove", "FarRows", "attention_with_lse", "backend", "code_histogram",
+__all__ = ["Backend", "ColumnMove", "FarRows", "Keep", "attention_with_lse", "backend", "code_histogram",
            "count_leaving", "encode_keys", "keep_top", "merge_attention", "output_buffers", "rotated_lookup_table",
            "select_topk", "sparse_attention", "split_rows", "fill_rows", "watching", "write_token"]

@@ -142,6 +142,18 @@ def ranked(scores: torch.Tensor, key_bits: int = 32) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
+@dataclass(frozen=True)
+class Keep:
+    """Re-ranking's keep after a select's exact scores (:func:`keep_top`): the top ``k`` [B] (``k_max`` >= every
+    k) of the candidates, per query head and united over the KV group or, under ``budget="kv_head"``, of the
+    group's summed scores, ranked by their top ``key_bits`` bits."""
+
+    k: torch.Tensor
+    k_max: int
+    budget: str = "query_head"
+    key_bits: int = 32
+
+
 def select_topk(
     lut: torch.Tensor,
     codes: torch.Tensor,
@@ -152,6 +164,7 @@ def select_topk(
     k_max: int | None = None,
     key_bits: int = 32,
     exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep: Keep | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Choose far tokens to attend from approximate scores ``lut[h, codes[j]]``.
 
@@ -170,12 +183,16 @@ def select_topk(
             rounds (re-ranking's candidates, whose order the exact scores set anyway).
         exact: (query [B, H, D], keys [B, Hkv, >= N, D]): re-ranking's candidates, scored exactly too (H: the
             lut's heads; :func:`candidate_scores`).
+        keep: with ``exact``, re-ranking's keep of the candidates by those scores (:class:`Keep`, :func:`keep_top`),
+            whose rows and counts are then returned instead (the kernel zeroes the keep's words with its own).
 
     Returns:
         indices [B, Hkv, K] (ascending token indices, padded with 0) and counts [B, Hkv]; with ``exact``, their
         exact scores [B, H, K] third (past each count: -inf here, not written by the kernel).
         Ties are broken towards the lower token index.
     """
+    if keep is not None and exact is None:
+        raise ValueError("select_topk's keep needs exact scores: pass exact=(query, keys) too")
     b, hq, m = lut.shape
     hkv, n = codes.shape[1], codes.shape[2]
     group = hq // hkv
@@ -196,7 +213,10 @@ def select_topk(
     indices = indices.masked_fill(torch.arange(width, device=lut.device) >= counts[..., None], 0)
     if exact is None:
         return indices, counts
-    return indices, counts, candidate_scores(*exact, indices, counts)
+    scores = candidate_scores(*exact, indices, counts)
+    if keep is None:
+        return indices, counts, scores
+    return keep_top(indices, counts, scores, keep.k, keep.k_max, keep.budget, keep.key_bits)
 
 
 def write_token(

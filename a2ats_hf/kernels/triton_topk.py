@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_key_bits, code_histogram
+from .reference import Keep, check_key_bits, code_histogram
 from .triton_launch import pdl, wait_previous
 
 WIDE_TABLE = 8192  # columns from which a table's threshold is a split select (see _thresholds)
@@ -525,25 +525,35 @@ def _keep_scan_kernel(score_ptr, idx_ptr, count_ptr, k_ptr, state_ptr, digits_pt
         tl.store(kept_ptr + pair + tl.arange(0, 1), tl.zeros([1], dtype=tl.int32) + before + own)
 
 
+def _keep_words(b: int, hkv: int, group: int, c: int, width: int) -> tuple[int, int]:
+    """The zeroed int32 words of a keep by scans (:func:`_keep_by_scans`) over ``group`` score rows a (row, KV
+    head) of ``c`` candidates, kept ``width`` wide: the scan's ticket and each pair's look-back words, the kept
+    rows (0 past each total)."""
+    parts = triton.cdiv(c, KEEP_SCAN_BLOCK)
+    return 1 + b * hkv * parts * (triton.next_power_of_2(group) + 1), b * hkv * width
+
+
 def _keep_by_scans(indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, width: int,
-                   key_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   key_bits: int, zeroed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`keep_top` past what one program holds: each score row's threshold by a split select over its
     candidates (RADIX_BITS of the key a round, each program of SPLIT_COLUMNS candidates storing its digits'
     histogram whole: no atomic additions, no zeroed counters), then one pass over parts of KEEP_SCAN_BLOCK
     candidates (:func:`_keep_scan_kernel`): key_bits / RADIX_BITS + 1 launches. (Before, the scoring counted each
     score's 16-bit key by an atomic addition into 256 KB a head, zeroed every step; where the scores crowd a few
     keys, as real keys' do, those queued: this is 30% faster there, at 128K and batch 1 on an H100, and within 4%
-    on scores that do not crowd.)"""
+    on scores that do not crowd.) ``zeroed``: the keep's zeroed words (:func:`_keep_words`), where the select
+    zeroed them with its own (a memset fewer)."""
     b, hkv, c = indices.shape
     heads, group = scores.shape[1], scores.shape[1] // hkv
     rows, sets, rounds = b * heads, triton.cdiv(c, SPLIT_COLUMNS), key_bits // RADIX_BITS
     g_pad, parts = triton.next_power_of_2(group), triton.cdiv(c, KEEP_SCAN_BLOCK)
     device, launch = indices.device, pdl(indices.device)
     digits = torch.empty(rounds * rows * sets << RADIX_BITS, dtype=torch.int32, device=device)
+    words = _keep_words(b, hkv, group, c, width)
+    if zeroed is None:
+        zeroed = torch.zeros(sum(words), dtype=torch.int32, device=device)
+    scan, out = zeroed.split(words)
     state = torch.empty(rounds, rows, 2, dtype=torch.int64, device=device)
-    scan_words = 1 + b * hkv * parts * (g_pad + 1)  # the ticket, then each pair's look-back words
-    scan, out = torch.zeros(scan_words + b * hkv * width, dtype=torch.int32, device=device).split(
-        [scan_words, b * hkv * width])
     kept = torch.empty(b, hkv, dtype=torch.int32, device=device)
     common = dict(HEADS=heads, S_PAD=triton.next_power_of_2(sets), KEY_BITS=key_bits, **launch)
     for r in range(rounds):
@@ -574,22 +584,27 @@ KEEP_DIGIT_BITS = 4  # bits a round of keep_top's select (2, 4 or 8; see _unit_s
 KEEP_SCAN_BLOCK = 1024  # candidates a program of a keep by scans reads
 
 
+def _keep_width(rows_per_kv: int, k_max: int, c: int) -> int:
+    """Places a keep writes a (row, KV head): its score rows' budgets united, at most the ``c`` candidates."""
+    return max(1, min(rows_per_kv * min(k_max, c), c))
+
+
 def keep_top(
     indices: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, k: torch.Tensor, k_max: int,
-    budget: str = "query_head", key_bits: int = 32,
+    budget: str = "query_head", key_bits: int = 32, zeroed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`a2ats_hf.kernels.reference.keep_top`: one launch over up to KEEP_TABLE candidates
     (a program per row and KV head); past it, a split select of each score row's threshold and one scan
-    (:func:`_keep_by_scans`)."""
+    (:func:`_keep_by_scans`; ``zeroed``: its zeroed words, from :func:`select_topk`'s own)."""
     check_key_bits(key_bits)
     if KEEP_DIGIT_BITS not in (2, 4, 8):  # (a width not dividing the key's bits would skip its last digits)
         raise ValueError(f"triton_topk.KEEP_DIGIT_BITS must be 2, 4 or 8, got {KEEP_DIGIT_BITS!r}")
     b, hkv, c = indices.shape
     scores = _per_budget(scores, hkv, budget).float().contiguous()
     indices, counts, k = indices.contiguous(), counts.to(torch.int32).contiguous(), k.contiguous()
-    width = max(1, min(scores.shape[1] // hkv * min(k_max, c), c))
+    width = _keep_width(scores.shape[1] // hkv, k_max, c)
     if c > KEEP_TABLE:
-        return _keep_by_scans(indices, counts, scores, k, width, key_bits)
+        return _keep_by_scans(indices, counts, scores, k, width, key_bits, zeroed)
     out = torch.empty(b, hkv, width, dtype=indices.dtype, device=indices.device)
     kept = torch.empty(b, hkv, dtype=torch.int32, device=indices.device)
     table = max(16, triton.next_power_of_2(c))
@@ -712,10 +727,13 @@ def select_topk(
     block_n: int | None = None,
     key_bits: int = 32,
     exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep: Keep | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Same contract as the torch reference, with int32 indices [B, Hkv, W] (W = an upper bound on the counts,
     entries past each count are 0) and int32 counts [B, Hkv]; with ``exact``, float32 scores [B, H, W] third, of
-    the chosen tokens, by a launch after the scans (:func:`_score_chosen`; past each count not written).
+    the chosen tokens, by a launch after the scans (:func:`_score_chosen`; past each count not written); with
+    ``keep`` too, :func:`keep_top` of those (a keep by scans takes its zeroed words from the select's: a memset
+    fewer).
 
     ``codes`` may be a view [B, Hkv, N] of a longer buffer; ``histogram`` [B, Hkv, M] int32 (a view of wider rows
     is fine) counts each KV head's
@@ -735,8 +753,15 @@ def select_topk(
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
     heads, g_pad, parts = lut.shape[1], triton.next_power_of_2(group), triton.cdiv(n, block_n)
-    sizes = [_counters(m, b * heads, key_bits), b * hkv * width, b * hkv * words, 1 + b * hkv * parts * (g_pad + 1)]
-    counted, indices, summary, scan = torch.zeros(sum(sizes), dtype=torch.int32, device=codes.device).split(sizes)
+    if keep is not None and exact is None:
+        raise ValueError("select_topk's keep needs exact scores: pass exact=(query, keys) too")
+    fused = keep is not None and width > KEEP_TABLE  # the keep goes by scans, over the kept score rows
+    kept_rows = 0 if keep is None else (1 if keep.budget == "kv_head" else exact[0].shape[1] // hkv)
+    keep_words = _keep_words(b, hkv, kept_rows, width, _keep_width(kept_rows, keep.k_max, width)) if fused else ()
+    sizes = [_counters(m, b * heads, key_bits), b * hkv * width, b * hkv * words, 1 + b * hkv * parts * (g_pad + 1),
+             sum(keep_words)]
+    counted, indices, summary, scan, zeroed = torch.zeros(sum(sizes), dtype=torch.int32,
+                                                          device=codes.device).split(sizes)
     indices, summary = indices.view(b, hkv, width), summary.view(b * hkv, words)
     counts = torch.empty(b, hkv, dtype=torch.int32, device=codes.device)
     if codes.stride(-1) != 1:
@@ -757,7 +782,11 @@ def select_topk(
         **pdl(codes.device))
     if exact is None:
         return indices, counts
-    return indices, counts, _score_chosen(exact, indices, counts, heads)
+    scores = _score_chosen(exact, indices, counts, heads)
+    if keep is None:
+        return indices, counts, scores
+    return keep_top(indices, counts, scores, keep.k, keep.k_max, keep.budget, keep.key_bits,
+                    zeroed if fused else None)
 
 
 def _score_chosen(exact: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor, counts: torch.Tensor,
