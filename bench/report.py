@@ -370,6 +370,10 @@ TIMELINE = {"commit": cell("commit"), "method": cell("method"), "ms / step": cel
             "GPU idle in the span": cell("idle_in_span", "{:.2f}"), "host after": cell("tail", "{:.2f}")}
 
 
+STEP_KERNELS = {"commit": cell("commit"), "method": cell("method"), "ms / step": cell("step_ms", "{:.2f}"),
+                "GPU busy, ms": cell("busy_ms", "{:.2f}"), "kernels a step": cell("kernels_per_step")}
+
+
 KEEP = {"version": cell("version"), "N": kilo("n"), "batch": cell("batch"), "candidates": cell("candidates"),
         "keep_top (16 warps)": cell("keep_top_us", "{:.1f} us"), "at 8 warps": cell("keep_top_8_warps_us", "{:.1f} us"),
         "its radix select alone": cell("select_us", "{:.1f} us"), "load floor": cell("floor_us", "{:.1f} us")}
@@ -592,6 +596,13 @@ BLOCKS = {  # table name in the markdown -> its results files; a newer run repla
     "throughput-h100-timeline": Block(("throughput/2026-12-07-0996a20-nvidia-h100-80gb-hbm3.json",),
                                       lambda f: table([{**r, **r["timeline"], "commit": f[0]["environment"]["commit"]}
                                                        for r in runs(f)], TIMELINE)),
+    "throughput-h100-keep-words": Block(tuple(f"throughput/2026-12-08-{c}-nvidia-h100-80gb-hbm3{s}.json"
+                                              for c, s in (("9b2b40f", ""), ("90eb454", ""), ("9b2b40f", "-2"),
+                                                           ("90eb454", "-2"), ("90eb454", "-3"), ("90eb454", "-4"),
+                                                           ("90eb454", "-5"))),
+                                        lambda f: table([{**r["gpu_profile"], **r,
+                                                          "commit": run["environment"]["commit"]}
+                                                         for run in f for r in run["runs"]], STEP_KERNELS)),
     "fidelity-key-bits-cpu": Block(tuple(f"evaluation/2026-12-07-b92767d-cpu-keybits{b}.json" for b in (32, 16)),
                                    lambda f: fidelity_table([{**r, "method": f"{r['method']}, "
                                                                             f"{run['selection_key_bits']}-bit keys"}
