@@ -741,6 +741,8 @@ def select_topk(
     ``k_max`` bounds ``k`` from the host, read from ``k`` (a device sync) when not given.
     """
     check_key_bits(key_bits)
+    if keep is not None and exact is None:
+        raise ValueError("select_topk's keep needs exact scores: pass exact=(query, keys) too")
     b, hkv, n = codes.shape
     block_n = block_n or SCAN_BLOCK
     lut = _per_budget(lut, hkv, budget).float().contiguous()
@@ -753,11 +755,11 @@ def select_topk(
     width = max(1, min(group * k_max, n))
     words = triton.cdiv(m, 16)  # the summary's int32 words per pair
     heads, g_pad, parts = lut.shape[1], triton.next_power_of_2(group), triton.cdiv(n, block_n)
-    if keep is not None and exact is None:
-        raise ValueError("select_topk's keep needs exact scores: pass exact=(query, keys) too")
-    fused = keep is not None and width > KEEP_TABLE  # the keep goes by scans, over the kept score rows
-    kept_rows = 0 if keep is None else (1 if keep.budget == "kv_head" else exact[0].shape[1] // hkv)
-    keep_words = _keep_words(b, hkv, kept_rows, width, _keep_width(kept_rows, keep.k_max, width)) if fused else ()
+    by_scans = keep is not None and width > KEEP_TABLE  # the keep then goes by scans: its zeroed words come here
+    keep_words = ()
+    if by_scans:  # over its score rows a KV head, as keep_top ranks them (:func:`_per_budget`)
+        kept_rows = 1 if keep.budget == "kv_head" else exact[0].shape[1] // hkv
+        keep_words = _keep_words(b, hkv, kept_rows, width, _keep_width(kept_rows, keep.k_max, width))
     sizes = [_counters(m, b * heads, key_bits), b * hkv * width, b * hkv * words, 1 + b * hkv * parts * (g_pad + 1),
              sum(keep_words)]
     counted, indices, summary, scan, zeroed = torch.zeros(sum(sizes), dtype=torch.int32,
@@ -786,7 +788,7 @@ def select_topk(
     if keep is None:
         return indices, counts, scores
     return keep_top(indices, counts, scores, keep.k, keep.k_max, keep.budget, keep.key_bits,
-                    zeroed if fused else None)
+                    zeroed if by_scans else None)
 
 
 def _score_chosen(exact: tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor, counts: torch.Tensor,
